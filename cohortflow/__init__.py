@@ -1,0 +1,1 @@
+"""Cohortflow: DICOM to trusted research data, as one event-driven system."""

@@ -1,0 +1,1 @@
+"""What two or more Cohortflow services share: contracts, settings and adapters."""

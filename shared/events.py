@@ -1,0 +1,192 @@
+"""The versioned event envelope and the payloads every service agrees on.
+
+Every Kafka message is an `Envelope` serialized as JSON:
+`{id, type, version, time, source, correlation_id, cohort_id, job_id, payload}`.
+`type` names the payload model (`StageRequested`, ...); `version` is that payload's schema version.
+Consumers accept unknown extra fields so that producers can add fields without breaking them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.topics import Stage
+
+ENVELOPE_VERSION = 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Payload(BaseModel):
+    """Base of every event payload; unknown fields are kept so producers can add fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+P = TypeVar("P", bound=Payload)
+
+
+class Envelope(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    type: str
+    version: int = ENVELOPE_VERSION
+    time: datetime = Field(default_factory=utcnow)
+    source: str
+    correlation_id: uuid.UUID | None = None
+    cohort_id: uuid.UUID | None = None
+    job_id: uuid.UUID | None = None
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def wrap(
+        cls,
+        payload: Payload,
+        *,
+        source: str,
+        cohort_id: uuid.UUID | None = None,
+        job_id: uuid.UUID | None = None,
+        correlation_id: uuid.UUID | None = None,
+    ) -> Envelope:
+        return cls(
+            type=type(payload).__name__,
+            source=source,
+            cohort_id=cohort_id,
+            job_id=job_id,
+            correlation_id=correlation_id,
+            payload=payload.model_dump(mode="json"),
+        )
+
+    def open(self, model: type[P]) -> P:
+        """The payload as its model; raises `ValueError` when the type does not match."""
+        if self.type != model.__name__:
+            raise ValueError(f"expected a {model.__name__} event, got {self.type}")
+        return model.model_validate(self.payload)
+
+
+# --- pipeline -------------------------------------------------------------------------------
+
+
+class CohortRef(BaseModel):
+    """What a stage needs to know about the cohort it works for."""
+
+    model_config = ConfigDict(extra="allow")
+    id: uuid.UUID
+    name: str
+    source_path: str
+    anonymization_enabled: bool = False
+
+
+class SlipStep(BaseModel):
+    """One stage still to run in a pipeline run (the routing slip)."""
+
+    stage: Stage
+    job_id: uuid.UUID
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class StageRequested(Payload):
+    """A stage run was asked for. `slip` lists the stages to run after this one, in order."""
+
+    stage: Stage
+    cohort: CohortRef
+    config: dict[str, Any] = Field(default_factory=dict)
+    slip: list[SlipStep] = Field(default_factory=list)
+    # scope: limit the run to these studies (incremental "new study" runs); empty = whole cohort
+    study_instance_uids: list[str] = Field(default_factory=list)
+    # where the previous stage left its output (object prefix), when it matters to this stage
+    input_prefix: str | None = None
+
+
+class WorkItem(Payload):
+    """One unit of a run's work, shared among a stage's replicas through a consumer group."""
+
+    stage: Stage
+    cohort: CohortRef
+    item_key: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+    attempt: int = 1
+
+
+class ItemError(BaseModel):
+    item: str
+    message: str
+
+
+class StageCompleted(Payload):
+    stage: Stage
+    cohort: CohortRef
+    items_total: int
+    items_done: int
+    items_failed: int
+    summary: dict[str, Any] = Field(default_factory=dict)
+    output_prefix: str | None = None
+    slip: list[SlipStep] = Field(default_factory=list)
+
+
+class StageFailed(Payload):
+    stage: Stage
+    cohort: CohortRef
+    error: str
+    items_total: int = 0
+    items_done: int = 0
+    items_failed: int = 0
+    errors: list[ItemError] = Field(default_factory=list)
+    slip: list[SlipStep] = Field(default_factory=list)
+
+
+JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+
+
+class JobProgress(Payload):
+    """Throttled progress of a run, from its workers to the gateway."""
+
+    stage: Stage
+    status: JobStatus = "running"
+    items_total: int = 0
+    items_done: int = 0
+    items_failed: int = 0
+    errors: list[ItemError] = Field(default_factory=list)
+    summary: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobControl(Payload):
+    action: Literal["cancel"]
+    reason: str = ""
+
+
+# --- ingest from other systems ------------------------------------------------------------------
+
+
+class StudyReceived(Payload):
+    """A hospital system (PACS router, Orthanc, RIS) says a new study is available.
+
+    `location` is a local folder under an allowed root or an `s3://bucket/prefix` holding the study's
+    DICOM files. The gateway matches it to a cohort by `cohort` (name or id) or by its ingest rules
+    and runs the pipeline for that study only.
+    """
+
+    study_instance_uid: str
+    location: str
+    cohort: str | None = None
+    patient_id: str | None = None
+    accession_number: str | None = None
+    modalities: list[str] = Field(default_factory=list)
+    run_pipeline: bool = True
+
+
+class DeadLetter(Payload):
+    """A message that failed after bounded retries, with the error, for a person to look at."""
+
+    topic: str
+    error: str
+    attempts: int
+    original: dict[str, Any]

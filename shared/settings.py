@@ -1,0 +1,83 @@
+"""The one settings object. Every value comes from a `COHORTFLOW_*` environment variable.
+
+The local stack (`cohortflow stack up`) writes these variables into `<home>/stack.env` and exports them
+to the services it starts, so a service, a test and the CLI all read configuration the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "cohortflow"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COHORTFLOW_", extra="ignore")
+
+    # where the local stack keeps its state (databases, broker, objects, logs, pid files)
+    home: Path = Field(default_factory=default_home)
+
+    # Postgres: one database, one schema per service
+    database_url: str = "postgresql://cohortflow@127.0.0.1:5432/cohortflow"
+    db_pool_min: int = 1
+    db_pool_max: int = 8
+
+    # Kafka protocol
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    # Real Kafka needs >= 6000; the local broker wants short timeouts so group joins are quick.
+    kafka_session_timeout_ms: int = 10000
+    kafka_heartbeat_interval_ms: int = 3000
+    kafka_max_poll_interval_ms: int = 900000
+    kafka_partitions: int = 4
+
+    # S3-compatible object storage (MinIO in production)
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_access_key: str = "cohortflow"
+    s3_secret_key: SecretStr = SecretStr("cohortflow-secret")
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    data_bucket: str = "cohortflow"
+    audit_bucket: str = "cohortflow-audit"
+
+    # gateway
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    api_token: SecretStr | None = None
+    # local source folders a cohort may name; anything else (but s3://) is refused
+    data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+
+    # every service serves /healthz /readyz /metrics on this port (the gateway on gateway_port)
+    service_host: str = "127.0.0.1"
+    service_port: int = 0
+
+    # project secret: keys pseudonyms and new UIDs, encrypts pseudonym maps. Keep it in a Secret.
+    project_secret: SecretStr = SecretStr("")
+
+    # processing
+    item_max_attempts: int = 3
+    progress_interval_s: float = 1.0
+    outbox_poll_interval_s: float = 0.5
+
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [Path(p).expanduser() for p in value.split(os.pathsep) if p.strip()]
+        return value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
