@@ -55,7 +55,9 @@ class StackSummary(BaseModel):
     image_types: list[str] = Field(default_factory=list)  # union of ImageType values in the stack
     echo_times: list[float] = Field(default_factory=list)  # distinct TE in the whole series
     inversion_times: list[float] = Field(default_factory=list)
-    b_values: list[float] = Field(default_factory=list)  # distinct b-values (standard or private tags)
+    b_values: list[float] = Field(
+        default_factory=list
+    )  # distinct b-values (standard or private tags)
     n_diffusion_directions: int = 0  # distinct non-zero gradient directions
 
     header: dict[str, Any] = Field(default_factory=dict)

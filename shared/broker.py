@@ -1,0 +1,58 @@
+"""The Kafka broker every service uses, and the subscriber options that make delivery safe.
+
+Delivery is at least once: offsets are committed only after a handler returned (never auto-commit
+before processing). A handler that raises is nacked: the partition is rewound and the message comes
+back; handlers therefore bound their own retries and dead-letter what keeps failing (`shared.stage`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka.abc import ConsumerRebalanceListener
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+
+from shared.settings import Settings, get_settings
+
+
+def make_broker(settings: Settings | None = None, service: str = "cohortflow") -> KafkaBroker:
+    settings = settings or get_settings()
+    return KafkaBroker(
+        settings.kafka_bootstrap.split(","),
+        client_id=f"cohortflow-{service}",
+        # a restarted broker costs time, never data: keep retrying the connection
+        request_timeout_ms=30000,
+        retry_backoff_ms=250,
+        graceful_timeout=30.0,
+        enable_idempotence=False,  # the local broker has no idempotent producer
+        acks="all",
+    )
+
+
+def subscriber_kwargs(
+    settings: Settings | None = None,
+    group: str | None = None,
+    *,
+    from_beginning: bool = True,
+    listener: ConsumerRebalanceListener | None = None,
+) -> dict[str, Any]:
+    """Options for `broker.subscriber(topic, **subscriber_kwargs(...))`.
+
+    A group shares a topic's partitions among replicas; `group=None` gives every process all
+    messages (for broadcast topics such as job control).
+    """
+    settings = settings or get_settings()
+    options: dict[str, Any] = {
+        "auto_offset_reset": "earliest" if from_beginning else "latest",
+        "session_timeout_ms": settings.kafka_session_timeout_ms,
+        "heartbeat_interval_ms": settings.kafka_heartbeat_interval_ms,
+        "max_poll_interval_ms": settings.kafka_max_poll_interval_ms,
+        "max_poll_records": 1,
+    }
+    if group is not None:
+        options["group_id"] = group
+        options["ack_policy"] = AckPolicy.NACK_ON_ERROR
+        if listener is not None:
+            options["listener"] = listener
+    return options

@@ -1,0 +1,115 @@
+"""Postgres access: the asyncpg pool and per-schema migrations.
+
+One database, one schema per service. A service owns its schema and migrates it at start-up with
+`migrate(pool, schema, migrations_dir)`: numbered `NNN_name.sql` files applied in order, each in its
+own transaction, under an advisory lock so that replicas starting together do not race. Every schema
+also gets the standard transactional outbox table (see `shared.outbox`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+_MIGRATION_NAME = re.compile(r"^(\d{3,})_[\w-]+\.sql$")
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+# every schema's outbox: rows written in the same transaction as the state change they announce
+OUTBOX_DDL = """
+CREATE TABLE IF NOT EXISTS {schema}.outbox (
+    seq        bigserial PRIMARY KEY,
+    id         uuid NOT NULL UNIQUE,
+    topic      text NOT NULL,
+    key        text,
+    envelope   jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    sent_at    timestamptz
+);
+CREATE INDEX IF NOT EXISTS outbox_unsent ON {schema}.outbox (seq) WHERE sent_at IS NULL;
+"""
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for typename in ("json", "jsonb"):
+        await conn.set_type_codec(
+            typename, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+async def create_pool(settings: Settings | None = None, **overrides: Any) -> asyncpg.Pool:
+    """A connection pool with json/jsonb mapped to Python dicts and lists."""
+    settings = settings or get_settings()
+    options: dict[str, Any] = {
+        "dsn": settings.database_url,
+        "min_size": settings.db_pool_min,
+        "max_size": settings.db_pool_max,
+        "init": _init_connection,
+        "command_timeout": 120,
+    }
+    options.update(overrides)
+    pool = await asyncpg.create_pool(**options)
+    assert pool is not None
+    return pool
+
+
+def _lock_id(schema: str) -> int:
+    digest = hashlib.sha256(f"cohortflow-migrate:{schema}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def migration_files(migrations_dir: Path) -> list[tuple[str, Path]]:
+    """The `NNN_name.sql` files of a folder, in order; anything else there is an error."""
+    found: list[tuple[str, Path]] = []
+    for path in sorted(migrations_dir.glob("*.sql")):
+        if not _MIGRATION_NAME.match(path.name):
+            raise ValueError(f"migration file name must look like 001_name.sql: {path}")
+        found.append((path.stem, path))
+    return found
+
+
+async def migrate(pool: asyncpg.Pool, schema: str, migrations_dir: Path | None) -> list[str]:
+    """Create `schema`, its outbox, and apply the pending migrations; returns the ones applied."""
+    if not _SCHEMA_NAME.match(schema):
+        raise ValueError(f"bad schema name {schema!r}")
+    applied: list[str] = []
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", _lock_id(schema))
+        try:
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            await conn.execute(
+                f"""CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
+                        name text PRIMARY KEY,
+                        applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
+            await conn.execute(OUTBOX_DDL.format(schema=schema))
+            done = {
+                r["name"] for r in await conn.fetch(f"SELECT name FROM {schema}.schema_migrations")
+            }
+            for name, path in migration_files(migrations_dir) if migrations_dir else []:
+                if name in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(path.read_text())
+                    await conn.execute(
+                        f"INSERT INTO {schema}.schema_migrations (name) VALUES ($1)", name
+                    )
+                applied.append(name)
+                log.info("migration applied", extra={"schema": schema, "migration": name})
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _lock_id(schema))
+    return applied
+
+
+async def relation_exists(conn: asyncpg.Connection, qualified_name: str) -> bool:
+    """Whether a table or view exists (views of other services may not be there yet)."""
+    return bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", qualified_name))

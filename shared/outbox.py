@@ -1,0 +1,126 @@
+"""Transactional outbox: events written in the same transaction as the state they announce.
+
+`enqueue` inserts into `<schema>.outbox` on the caller's connection, inside its transaction; the
+`OutboxRelay` of the owning service publishes unsent rows in order and marks them sent. A crash
+between "row written" and "event sent" loses nothing: the relay sends the row after restart, and
+consumers are idempotent, so the rare duplicate is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+import asyncpg
+from faststream.kafka import KafkaBroker
+
+from shared.events import Envelope
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+_BATCH = 200
+
+
+def _channel(schema: str) -> str:
+    return f"cohortflow_outbox_{schema}"
+
+
+async def enqueue(
+    conn: asyncpg.Connection,
+    schema: str,
+    topic: str,
+    envelope: Envelope,
+    key: str | None = None,
+) -> None:
+    """Add an event to the schema's outbox; call inside the transaction of the state change."""
+    await conn.execute(
+        f"INSERT INTO {schema}.outbox (id, topic, key, envelope) VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT (id) DO NOTHING",
+        envelope.id,
+        topic,
+        key,
+        envelope.model_dump(mode="json"),
+    )
+    await conn.execute("SELECT pg_notify($1, '')", _channel(schema))
+
+
+class OutboxRelay:
+    """Publishes a schema's unsent outbox rows, in order, at least once."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        schema: str,
+        broker: KafkaBroker,
+        settings: Settings | None = None,
+    ) -> None:
+        self._pool = pool
+        self._schema = schema
+        self._broker = broker
+        self._interval = (settings or get_settings()).outbox_poll_interval_s
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listener: asyncpg.Connection | None = None
+
+    async def start(self) -> None:
+        self._listener = await self._pool.acquire()
+        await self._listener.add_listener(_channel(self._schema), self._on_notify)
+        self._task = asyncio.create_task(self._run(), name=f"outbox-relay-{self._schema}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.remove_listener(_channel(self._schema), self._on_notify)
+            await self._pool.release(self._listener)
+            self._listener = None
+
+    def _on_notify(self, *_: Any) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                sent = await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # broker or database away: retry after a pause
+                log.warning("outbox relay could not publish; retrying", exc_info=True)
+                await asyncio.sleep(1.0)
+                continue
+            if sent:
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+
+    async def flush(self) -> int:
+        """Publish one batch of unsent rows; returns how many were sent."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"SELECT seq, topic, key, envelope FROM {self._schema}.outbox"
+                " WHERE sent_at IS NULL ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+                _BATCH,
+            )
+            for row in rows:
+                envelope = row["envelope"]
+                await self._broker.publish(
+                    json.dumps(envelope).encode(),
+                    topic=row["topic"],
+                    key=row["key"].encode() if row["key"] else None,
+                    headers={"content-type": "application/json", "type": envelope.get("type", "")},
+                )
+            if rows:
+                await conn.execute(
+                    f"UPDATE {self._schema}.outbox SET sent_at = now() WHERE seq = ANY($1::bigint[])",
+                    [r["seq"] for r in rows],
+                )
+            return len(rows)

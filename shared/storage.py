@@ -1,0 +1,160 @@
+"""Object storage on the `minio` client (MinIO in production, any S3 server in tests).
+
+Keys follow DESIGN.md §4: `raw/<cohort>/...` (identified zone, never modified), `anon/<cohort>/...`
+(de-identified zone), `export/<cohort>/<job>/...`; audit exports live in their own bucket.
+Every object written carries its SHA-256 in the `sha256` metadata field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from minio import Minio
+from minio.error import S3Error
+
+from shared.settings import Settings, get_settings
+
+_MULTIPART = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    sha256: str | None = None
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/prefix` -> (bucket, prefix without leading slash)."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri}")
+    bucket, _, prefix = uri[5:].partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI without a bucket: {uri}")
+    return bucket, prefix.strip("/")
+
+
+class ObjectStore:
+    def __init__(self, settings: Settings | None = None) -> None:
+        settings = settings or get_settings()
+        self.settings = settings
+        self.bucket = settings.data_bucket
+        self.audit_bucket = settings.audit_bucket
+        self.client = Minio(
+            settings.s3_endpoint,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key.get_secret_value(),
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+        )
+
+    def ensure_buckets(self) -> None:
+        for bucket in (self.bucket, self.audit_bucket):
+            if not self.client.bucket_exists(bucket):
+                try:
+                    self.client.make_bucket(bucket)
+                except S3Error as exc:  # another replica made it first
+                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        bucket: str | None = None,
+        metadata: dict[str, str] | None = None,
+        content_type: str = "application/octet-stream",
+    ) -> str:
+        """Store `data` under `key`; returns its SHA-256 (also stored as metadata)."""
+        digest = sha256_hex(data)
+        meta = {"sha256": digest, **(metadata or {})}
+        self.client.put_object(
+            bucket or self.bucket,
+            key,
+            io.BytesIO(data),
+            len(data),
+            content_type=content_type,
+            metadata=meta,  # type: ignore[arg-type]
+            part_size=_MULTIPART,
+        )
+        return digest
+
+    def put_file(
+        self,
+        key: str,
+        path: Path,
+        bucket: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> str:
+        """Upload a file (multipart when large); returns its SHA-256."""
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+        self.client.fput_object(
+            bucket or self.bucket,
+            key,
+            str(path),
+            metadata={"sha256": digest, **(metadata or {})},  # type: ignore[arg-type]
+            part_size=_MULTIPART,
+        )
+        return digest
+
+    def get_bytes(self, key: str, bucket: str | None = None) -> bytes:
+        response = self.client.get_object(bucket or self.bucket, key)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def get_range(self, key: str, offset: int, length: int, bucket: str | None = None) -> bytes:
+        response = self.client.get_object(bucket or self.bucket, key, offset=offset, length=length)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def download(self, key: str, path: Path, bucket: str | None = None) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.client.fget_object(bucket or self.bucket, key, str(path))
+
+    def stat(self, key: str, bucket: str | None = None) -> ObjectInfo | None:
+        """The object's size, etag and stored SHA-256, or None when it does not exist."""
+        try:
+            st = self.client.stat_object(bucket or self.bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                return None
+            raise
+        meta = {k.lower(): v for k, v in (st.metadata or {}).items()}
+        sha = meta.get("x-amz-meta-sha256") or meta.get("sha256")
+        return ObjectInfo(key=key, size=st.size or 0, etag=st.etag or "", sha256=sha)
+
+    def exists(self, key: str, bucket: str | None = None) -> bool:
+        return self.stat(key, bucket) is not None
+
+    def list(self, prefix: str, bucket: str | None = None) -> Iterator[ObjectInfo]:
+        """Every object under `prefix`, recursively, in key order (pages are followed)."""
+        for obj in self.client.list_objects(bucket or self.bucket, prefix=prefix, recursive=True):
+            if obj.is_dir or obj.object_name is None:
+                continue
+            yield ObjectInfo(key=obj.object_name, size=obj.size or 0, etag=obj.etag or "")
+
+    def delete(self, key: str, bucket: str | None = None) -> None:
+        self.client.remove_object(bucket or self.bucket, key)
+
+    def presigned_get(self, key: str, expires: timedelta = timedelta(hours=1)) -> str:
+        return self.client.presigned_get_object(self.bucket, key, expires=expires)
