@@ -8,6 +8,7 @@ Consumers accept unknown extra fields so that producers can add fields without b
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -64,7 +65,7 @@ class Envelope(BaseModel):
             payload=payload.model_dump(mode="json"),
         )
 
-    def open(self, model: type[P]) -> P:
+    def open(self, model: builtins.type[P]) -> P:
         """The payload as its model; raises `ValueError` when the type does not match."""
         if self.type != model.__name__:
             raise ValueError(f"expected a {model.__name__} event, got {self.type}")

@@ -106,7 +106,7 @@ class ObjectStore:
             bucket or self.bucket,
             key,
             str(path),
-            metadata={"sha256": digest, **(metadata or {})},  # type: ignore[arg-type]
+            metadata={"sha256": digest, **(metadata or {})},
             part_size=_MULTIPART,
         )
         return digest

@@ -1,0 +1,145 @@
+"""Hosting a stage service: the wiring every stage shares, so each service's `app.py` stays small.
+
+`serve_stage(plugin)` migrates the plugin's schema, subscribes the stage runtime to its topics with
+commit-after-processing, starts the outbox relay and a small HTTP server for `/healthz`, `/readyz`
+and `/metrics`, and runs until SIGTERM or SIGINT, then drains and stops in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import uvicorn
+from fastapi import FastAPI
+from faststream.kafka import KafkaBroker
+from faststream.kafka.message import KafkaMessage
+from pydantic import ValidationError
+
+from shared import topics
+from shared.broker import make_broker, subscriber_kwargs
+from shared.db import create_pool, migrate
+from shared.events import DeadLetter, Envelope
+from shared.observability import configure_logging, health_router
+from shared.outbox import OutboxRelay
+from shared.settings import Settings, get_settings
+from shared.stage import StagePlugin, StageRuntime
+from shared.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Envelope], Awaitable[None]]
+
+
+def envelope_handler(
+    broker: KafkaBroker, service: str, dlq_topic: str, handle: Handler
+) -> Callable[[KafkaMessage], Awaitable[None]]:
+    """Wrap a handler of envelopes: a message that is not a valid envelope is dead-lettered and
+    acknowledged (retrying it cannot help), anything else the handler raises is retried."""
+
+    async def consume(message: KafkaMessage) -> None:
+        try:
+            envelope = Envelope.model_validate_json(message.body)
+        except ValidationError as exc:
+            topic = str(getattr(message.raw_message, "topic", "?"))
+            log.error("undecodable message dead-lettered", extra={"topic": topic})
+            letter = DeadLetter(
+                topic=topic,
+                error=f"not a valid envelope: {exc.errors()[:3]}",
+                attempts=1,
+                original={"raw": message.body[:4096].decode("utf-8", "replace")},
+            )
+            await broker.publish(
+                Envelope.wrap(letter, source=service).model_dump_json().encode(), topic=dlq_topic
+            )
+            return
+        await handle(envelope)
+
+    return consume
+
+
+async def run_health_server(
+    settings: Settings, ready: Callable[[], Awaitable[bool]], stop: asyncio.Event
+) -> None:
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    app.include_router(health_router(ready))
+    config = uvicorn.Config(
+        app,
+        host=settings.service_host,
+        port=settings.service_port,
+        log_level="warning",
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    # the service owns the signals: run uvicorn's loop without its signal capture
+    task = asyncio.create_task(server._serve())
+    await stop.wait()
+    server.should_exit = True
+    await task
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+async def database_ready(pool: asyncpg.Pool) -> bool:
+    async with pool.acquire() as conn:
+        return bool(await conn.fetchval("SELECT true"))
+
+
+async def serve_stage(plugin: StagePlugin, migrations_dir: Path | None) -> None:
+    """Run one stage service until SIGTERM."""
+    settings = get_settings()
+    configure_logging(plugin.service, settings)
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+
+    pool = await create_pool(settings)
+    runtime = StageRuntime(plugin, pool, settings)
+    await migrate(pool, plugin.schema, None)
+    await runtime.migrate()
+    await migrate(pool, plugin.schema, migrations_dir)
+    await asyncio.to_thread(ObjectStore(settings).ensure_buckets)
+
+    broker = make_broker(settings, plugin.service)
+    stage = plugin.stage
+    dlq = topics.dlq(stage)
+    subscriptions: list[tuple[str, str | None, Handler]] = [
+        (
+            topics.requested(stage),
+            topics.consumer_group(plugin.service, "requested"),
+            runtime.handle_requested,
+        ),
+        (topics.items(stage), topics.consumer_group(plugin.service, "items"), runtime.handle_item),
+        (topics.JOBS_CONTROL, None, runtime.handle_control),
+    ]
+    for topic, group, handle in subscriptions:
+        options: dict[str, Any] = subscriber_kwargs(
+            settings, group, from_beginning=group is not None
+        )
+        broker.subscriber(topic, **options)(envelope_handler(broker, plugin.service, dlq, handle))
+
+    relay = OutboxRelay(pool, plugin.schema, broker, settings)
+
+    async def ready() -> bool:
+        return await database_ready(pool) and bool(await broker.ping(timeout=2.0))
+
+    health = asyncio.create_task(run_health_server(settings, ready, stop))
+    await broker.start()
+    await relay.start()
+    log.info("service started", extra={"service": plugin.service, "stage": stage.value})
+    await stop.wait()
+    log.info("service stopping", extra={"service": plugin.service})
+    await broker.stop()
+    await relay.stop()
+    await health
+    await pool.close()

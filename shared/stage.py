@@ -1,0 +1,604 @@
+"""The stage runtime: how every stage service turns a request into items, items into results, and
+the last result into the completion event that starts the next stage.
+
+A stage service supplies a `StagePlugin` (plan / process / finalize); this module supplies the
+event discipline of DESIGN.md §3 once, for all four stages:
+
+- `StageRequested` -> `plan()` -> run row + item rows + `WorkItem` events, in one transaction.
+- `WorkItem` -> `process()` -> item marked done or failed and the run's counters moved, in one
+  transaction (a row-level fan-in counter, never memory). Attempts are counted before processing,
+  so an item that kills its worker is retried a bounded number of times, then dead-lettered.
+- The item that completes the run enqueues a finalize item; `finalize()` then runs once, and the run
+  ends with `StageCompleted` (or `StageFailed`) and, when the routing slip has more stages, the next
+  stage's `StageRequested` — all through the outbox.
+- Cancellation is honoured between items and between files (`ItemContext.check_cancelled`).
+- Every handler is idempotent: a redelivered message finds its row done and is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import asyncpg
+
+from shared import topics
+from shared.db import relation_exists
+from shared.events import (
+    CohortRef,
+    DeadLetter,
+    Envelope,
+    ItemError,
+    JobControl,
+    JobProgress,
+    StageCompleted,
+    StageFailed,
+    StageRequested,
+    WorkItem,
+)
+from shared.observability import ITEM_SECONDS, ITEMS_PROCESSED, RUNS_ACTIVE
+from shared.outbox import enqueue
+from shared.settings import Settings, get_settings
+from shared.topics import Stage
+
+log = logging.getLogger(__name__)
+
+FINALIZE_KEY = "__finalize__"
+_MAX_ERRORS_KEPT = 200
+
+RUNTIME_DDL = """
+CREATE TABLE IF NOT EXISTS {schema}.runs (
+    job_id           uuid PRIMARY KEY,
+    cohort_id        uuid NOT NULL,
+    stage            text NOT NULL,
+    request          jsonb NOT NULL,
+    status           text NOT NULL,
+    items_total      integer NOT NULL DEFAULT 0,
+    items_done       integer NOT NULL DEFAULT 0,
+    items_failed     integer NOT NULL DEFAULT 0,
+    errors           jsonb NOT NULL DEFAULT '[]',
+    summary          jsonb NOT NULL DEFAULT '{{}}',
+    last_progress_at timestamptz,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    finished_at      timestamptz
+);
+CREATE TABLE IF NOT EXISTS {schema}.run_items (
+    job_id     uuid NOT NULL REFERENCES {schema}.runs (job_id) ON DELETE CASCADE,
+    item_key   text NOT NULL,
+    status     text NOT NULL DEFAULT 'pending',
+    attempts   integer NOT NULL DEFAULT 0,
+    error      text,
+    result     jsonb,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job_id, item_key)
+);
+"""
+
+
+class ItemCancelled(Exception):
+    """Raised inside `process` when the job was cancelled; the item stops where it is."""
+
+
+@dataclass
+class PlannedItem:
+    """One work item a plan produces. `partition_key` keeps related items on one partition."""
+
+    key: str
+    data: dict[str, Any] = field(default_factory=dict)
+    partition_key: str | None = None
+
+
+@dataclass
+class ItemResult:
+    """What processing one item produced: counts to add to the run summary, per-file errors."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    errors: list[ItemError] = field(default_factory=list)
+    # an item whose every unit failed is a failed item (its errors say why)
+    failed: bool = False
+
+
+@dataclass
+class RunInfo:
+    job_id: uuid.UUID
+    cohort: CohortRef
+    stage: Stage
+    config: dict[str, Any]
+    request: StageRequested
+    items_total: int
+    items_done: int
+    items_failed: int
+    summary: dict[str, Any]
+
+
+@dataclass
+class ItemContext:
+    """What `process` gets besides the item: the pool, the settings, and the cancel check."""
+
+    pool: asyncpg.Pool
+    settings: Settings
+    job_id: uuid.UUID
+    is_cancelled: Callable[[], Awaitable[bool]]
+
+    async def check_cancelled(self) -> None:
+        if await self.is_cancelled():
+            raise ItemCancelled(str(self.job_id))
+
+
+class StagePlugin(Protocol):
+    stage: Stage
+    service: str
+    schema: str
+
+    async def plan(
+        self, pool: asyncpg.Pool, request: StageRequested, job_id: uuid.UUID
+    ) -> list[PlannedItem]:
+        """The run's work items. Must be idempotent (a redelivered request plans again)."""
+        ...
+
+    async def process(self, ctx: ItemContext, item: WorkItem) -> ItemResult:
+        """Do one item's work, idempotently (upserts keyed by natural ids)."""
+        ...
+
+    async def finalize(self, pool: asyncpg.Pool, run: RunInfo) -> tuple[dict[str, Any], str | None]:
+        """After the last item: the run summary and the output prefix for the next stage."""
+        ...
+
+
+def _add_counts(summary: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
+    merged = dict(summary)
+    for k, v in counts.items():
+        merged[k] = int(merged.get(k, 0)) + int(v)
+    return merged
+
+
+class StageRuntime:
+    """Runs one stage plugin's handlers with the event discipline of DESIGN.md §3."""
+
+    def __init__(
+        self, plugin: StagePlugin, pool: asyncpg.Pool, settings: Settings | None = None
+    ) -> None:
+        self.plugin = plugin
+        self.pool = pool
+        self.settings = settings or get_settings()
+        self.schema = plugin.schema
+        self._cancelled: set[uuid.UUID] = set()
+
+    async def migrate(self) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(RUNTIME_DDL.format(schema=self.schema))
+
+    # --- events out -------------------------------------------------------------------------
+
+    def _wrap(
+        self, payload: Any, run_cohort: uuid.UUID, job_id: uuid.UUID, corr: uuid.UUID | None
+    ) -> Envelope:
+        return Envelope.wrap(
+            payload,
+            source=self.plugin.service,
+            cohort_id=run_cohort,
+            job_id=job_id,
+            correlation_id=corr,
+        )
+
+    async def _progress(
+        self,
+        conn: asyncpg.Connection,
+        row: asyncpg.Record,
+        status: str = "running",
+        force: bool = False,
+    ) -> None:
+        """Enqueue a progress event unless one went out less than `progress_interval_s` ago."""
+        if not force:
+            due = await conn.fetchval(
+                f"UPDATE {self.schema}.runs SET last_progress_at = now() WHERE job_id = $1 AND"
+                " (last_progress_at IS NULL OR last_progress_at < now() - make_interval(secs => $2))"
+                " RETURNING true",
+                row["job_id"],
+                self.settings.progress_interval_s,
+            )
+            if not due:
+                return
+        payload = JobProgress(
+            stage=self.plugin.stage,
+            status=status,  # type: ignore[arg-type]
+            items_total=row["items_total"],
+            items_done=row["items_done"],
+            items_failed=row["items_failed"],
+            errors=[ItemError(**e) for e in row["errors"][-20:]],
+            summary=row["summary"],
+        )
+        env = self._wrap(payload, row["cohort_id"], row["job_id"], row["job_id"])
+        await enqueue(conn, self.schema, topics.JOBS_PROGRESS, env, key=str(row["job_id"]))
+
+    async def _publish_item(
+        self,
+        conn: asyncpg.Connection,
+        request: StageRequested,
+        job_id: uuid.UUID,
+        item: PlannedItem,
+    ) -> None:
+        payload = WorkItem(
+            stage=self.plugin.stage,
+            cohort=request.cohort,
+            item_key=item.key,
+            config=request.config,
+            data=item.data,
+        )
+        env = self._wrap(payload, request.cohort.id, job_id, job_id)
+        await enqueue(
+            conn,
+            self.schema,
+            topics.items(self.plugin.stage),
+            env,
+            key=item.partition_key or item.key,
+        )
+
+    # --- requested ----------------------------------------------------------------------------
+
+    async def handle_requested(self, envelope: Envelope) -> None:
+        request: StageRequested = envelope.open(StageRequested)
+        if request.stage != self.plugin.stage:
+            return
+        job_id = envelope.job_id or envelope.id
+        async with self.pool.acquire() as conn:
+            status = await conn.fetchval(
+                f"SELECT status FROM {self.schema}.runs WHERE job_id = $1", job_id
+            )
+        if status not in (None, "planning"):
+            log.info("run already planned", extra={"job_id": str(job_id), "status": status})
+            return
+        if await self.is_cancelled(job_id):
+            await self._mark_cancelled(job_id, request)
+            return
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                f"INSERT INTO {self.schema}.runs (job_id, cohort_id, stage, request, status)"
+                " VALUES ($1, $2, $3, $4, 'planning') ON CONFLICT (job_id) DO NOTHING",
+                job_id,
+                request.cohort.id,
+                self.plugin.stage.value,
+                request.model_dump(mode="json"),
+            )
+        log.info("planning run", extra={"job_id": str(job_id), "stage": self.plugin.stage.value})
+        try:
+            planned = await self.plugin.plan(self.pool, request, job_id)
+        except Exception as exc:
+            log.exception("planning failed", extra={"job_id": str(job_id)})
+            await self._fail_run(job_id, request, f"planning failed: {exc}")
+            return
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.executemany(
+                f"INSERT INTO {self.schema}.run_items (job_id, item_key) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                [(job_id, p.key) for p in planned],
+            )
+            row = await conn.fetchrow(
+                f"UPDATE {self.schema}.runs SET status = 'running', items_total = $2, updated_at = now()"
+                " WHERE job_id = $1 AND status = 'planning' RETURNING *",
+                job_id,
+                len(planned),
+            )
+            if row is None:  # planned concurrently by a redelivery
+                return
+            for p in planned:
+                await self._publish_item(conn, request, job_id, p)
+            await self._progress(conn, row, force=True)
+            if not planned:
+                await self._enqueue_finalize(conn, request, job_id)
+        RUNS_ACTIVE.labels(self.plugin.stage.value).inc()
+        log.info("run planned", extra={"job_id": str(job_id), "items": len(planned)})
+
+    # --- items ----------------------------------------------------------------------------------
+
+    async def handle_item(self, envelope: Envelope) -> None:
+        item: WorkItem = envelope.open(WorkItem)
+        if item.stage != self.plugin.stage:
+            return
+        job_id = envelope.job_id
+        assert job_id is not None, "work items always carry their job id"
+        if item.item_key == FINALIZE_KEY:
+            await self._finalize(job_id)
+            return
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                f"UPDATE {self.schema}.run_items SET attempts = attempts + 1, updated_at = now()"
+                " WHERE job_id = $1 AND item_key = $2 AND status = 'pending' RETURNING attempts",
+                job_id,
+                item.item_key,
+            )
+            run_status = await conn.fetchval(
+                f"SELECT status FROM {self.schema}.runs WHERE job_id = $1", job_id
+            )
+        if row is None or run_status != "running":
+            return  # already done (redelivery), unknown, or the run ended
+        if await self.is_cancelled(job_id):
+            await self._end_item(job_id, item, "cancelled", ItemResult(), None)
+            return
+        attempts = row["attempts"]
+        if attempts > self.settings.item_max_attempts:
+            await self._dead_letter(job_id, item, f"gave up after {attempts - 1} attempts")
+            return
+        ctx = ItemContext(self.pool, self.settings, job_id, lambda: self.is_cancelled(job_id))
+        started = time.monotonic()
+        while True:
+            try:
+                result = await self.plugin.process(ctx, item)
+            except ItemCancelled:
+                await self._end_item(job_id, item, "cancelled", ItemResult(), None)
+                return
+            except Exception as exc:
+                log.warning(
+                    "item failed",
+                    extra={
+                        "job_id": str(job_id),
+                        "item": item.item_key,
+                        "attempt": attempts,
+                        "error": str(exc),
+                    },
+                    exc_info=True,
+                )
+                if attempts >= self.settings.item_max_attempts:
+                    await self._dead_letter(job_id, item, f"{type(exc).__name__}: {exc}")
+                    return
+                async with self.pool.acquire() as conn:
+                    attempts = await conn.fetchval(
+                        f"UPDATE {self.schema}.run_items SET attempts = attempts + 1"
+                        " WHERE job_id = $1 AND item_key = $2 RETURNING attempts",
+                        job_id,
+                        item.item_key,
+                    )
+                await asyncio.sleep(min(2.0 ** (attempts - 1), 10.0))
+                continue
+            break
+        ITEM_SECONDS.labels(self.plugin.stage.value).observe(time.monotonic() - started)
+        await self._end_item(job_id, item, "failed" if result.failed else "done", result, None)
+
+    async def _dead_letter(self, job_id: uuid.UUID, item: WorkItem, error: str) -> None:
+        letter = DeadLetter(
+            topic=topics.items(self.plugin.stage),
+            error=error,
+            attempts=self.settings.item_max_attempts,
+            original=item.model_dump(mode="json"),
+        )
+        env = self._wrap(letter, item.cohort.id, job_id, job_id)
+        await self._end_item(
+            job_id,
+            item,
+            "failed",
+            ItemResult(errors=[ItemError(item=item.item_key, message=error)], failed=True),
+            (topics.dlq(self.plugin.stage), env),
+        )
+
+    async def _end_item(
+        self,
+        job_id: uuid.UUID,
+        item: WorkItem,
+        status: str,
+        result: ItemResult,
+        extra_event: tuple[str, Envelope] | None,
+    ) -> None:
+        """Mark the item, move the run's counters, and, for the last item, schedule finalize."""
+        failed = status == "failed"
+        ITEMS_PROCESSED.labels(self.plugin.stage.value, status).inc()
+        errors = [e.model_dump() for e in result.errors]
+        async with self.pool.acquire() as conn, conn.transaction():
+            changed = await conn.fetchval(
+                f"UPDATE {self.schema}.run_items SET status = $3, error = $4, result = $5, updated_at = now()"
+                " WHERE job_id = $1 AND item_key = $2 AND status = 'pending' RETURNING true",
+                job_id,
+                item.item_key,
+                status,
+                "; ".join(e["message"] for e in errors)[:2000] or None,
+                {"counts": result.counts},
+            )
+            if not changed:
+                return
+            current = await conn.fetchrow(
+                f"SELECT summary, errors FROM {self.schema}.runs WHERE job_id = $1 FOR UPDATE",
+                job_id,
+            )
+            summary = _add_counts(current["summary"], result.counts)
+            kept = (current["errors"] + errors)[:_MAX_ERRORS_KEPT]
+            row = await conn.fetchrow(
+                f"UPDATE {self.schema}.runs SET items_done = items_done + $2, items_failed = items_failed + $3,"
+                " summary = $4, errors = $5, updated_at = now() WHERE job_id = $1 RETURNING *",
+                job_id,
+                0 if failed else 1,
+                1 if failed else 0,
+                summary,
+                kept,
+            )
+            if extra_event is not None:
+                await enqueue(conn, self.schema, extra_event[0], extra_event[1], key=item.item_key)
+            last = row["items_done"] + row["items_failed"] >= row["items_total"]
+            if row["status"] == "running":
+                await self._progress(conn, row, force=last)
+            if last and row["status"] == "running":
+                request = StageRequested.model_validate(row["request"])
+                await self._enqueue_finalize(conn, request, job_id)
+
+    async def _enqueue_finalize(
+        self, conn: asyncpg.Connection, request: StageRequested, job_id: uuid.UUID
+    ) -> None:
+        await self._publish_item(
+            conn, request, job_id, PlannedItem(key=FINALIZE_KEY, partition_key=str(job_id))
+        )
+
+    # --- finalize ---------------------------------------------------------------------------------
+
+    async def _finalize(self, job_id: uuid.UUID) -> None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(f"SELECT * FROM {self.schema}.runs WHERE job_id = $1", job_id)
+        if row is None or row["status"] != "running":
+            return
+        request = StageRequested.model_validate(row["request"])
+        run = RunInfo(
+            job_id=job_id,
+            cohort=request.cohort,
+            stage=self.plugin.stage,
+            config=request.config,
+            request=request,
+            items_total=row["items_total"],
+            items_done=row["items_done"],
+            items_failed=row["items_failed"],
+            summary=row["summary"],
+        )
+        try:
+            extra_summary, output_prefix = await self.plugin.finalize(self.pool, run)
+        except Exception as exc:
+            log.exception("finalize failed", extra={"job_id": str(job_id)})
+            await self._fail_run(job_id, request, f"finalize failed: {exc}")
+            return
+        all_failed = run.items_total > 0 and run.items_failed >= run.items_total
+        summary = {**row["summary"], **extra_summary}
+        async with self.pool.acquire() as conn, conn.transaction():
+            ended = await conn.fetchrow(
+                f"UPDATE {self.schema}.runs SET status = $2, summary = $3, finished_at = now(), updated_at = now()"
+                " WHERE job_id = $1 AND status = 'running' RETURNING *",
+                job_id,
+                "failed" if all_failed else "completed",
+                summary,
+            )
+            if ended is None:
+                return
+            errors = [ItemError(**e) for e in ended["errors"]]
+            if all_failed:
+                await self._enqueue_failed(
+                    conn, request, job_id, "every item failed", ended, errors
+                )
+            else:
+                done = StageCompleted(
+                    stage=self.plugin.stage,
+                    cohort=request.cohort,
+                    items_total=ended["items_total"],
+                    items_done=ended["items_done"],
+                    items_failed=ended["items_failed"],
+                    summary=summary,
+                    output_prefix=output_prefix,
+                    slip=request.slip,
+                )
+                env = self._wrap(done, request.cohort.id, job_id, job_id)
+                await enqueue(
+                    conn,
+                    self.schema,
+                    topics.completed(self.plugin.stage),
+                    env,
+                    key=str(request.cohort.id),
+                )
+                await self._progress(conn, ended, status="completed", force=True)
+                await self._advance_slip(conn, request, output_prefix)
+        RUNS_ACTIVE.labels(self.plugin.stage.value).dec()
+        log.info(
+            "run ended",
+            extra={"job_id": str(job_id), "status": ended["status"], "summary": summary},
+        )
+
+    async def _advance_slip(
+        self, conn: asyncpg.Connection, request: StageRequested, output_prefix: str | None
+    ) -> None:
+        """Request the next stage of the routing slip, if any."""
+        if not request.slip:
+            return
+        step, rest = request.slip[0], request.slip[1:]
+        nxt = StageRequested(
+            stage=step.stage,
+            cohort=request.cohort,
+            config=step.config,
+            slip=rest,
+            study_instance_uids=request.study_instance_uids,
+            input_prefix=output_prefix or request.input_prefix,
+        )
+        env = Envelope.wrap(
+            nxt, source=self.plugin.service, cohort_id=request.cohort.id, job_id=step.job_id
+        )
+        await enqueue(
+            conn, self.schema, topics.requested(step.stage), env, key=str(request.cohort.id)
+        )
+
+    async def _enqueue_failed(
+        self,
+        conn: asyncpg.Connection,
+        request: StageRequested,
+        job_id: uuid.UUID,
+        error: str,
+        row: asyncpg.Record | None,
+        errors: list[ItemError],
+    ) -> None:
+        failed = StageFailed(
+            stage=self.plugin.stage,
+            cohort=request.cohort,
+            error=error,
+            items_total=row["items_total"] if row else 0,
+            items_done=row["items_done"] if row else 0,
+            items_failed=row["items_failed"] if row else 0,
+            errors=errors[:50],
+            slip=request.slip,
+        )
+        env = self._wrap(failed, request.cohort.id, job_id, job_id)
+        await enqueue(
+            conn, self.schema, topics.failed(self.plugin.stage), env, key=str(request.cohort.id)
+        )
+
+    async def _fail_run(self, job_id: uuid.UUID, request: StageRequested, error: str) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"UPDATE {self.schema}.runs SET status = 'failed', finished_at = now(), updated_at = now(),"
+                " errors = errors || $2::jsonb WHERE job_id = $1 AND status IN ('planning', 'running') RETURNING *",
+                job_id,
+                [{"item": "run", "message": error}],
+            )
+            if row is None:
+                return
+            await self._enqueue_failed(
+                conn, request, job_id, error, row, [ItemError(item="run", message=error)]
+            )
+
+    # --- cancellation -----------------------------------------------------------------------------
+
+    async def handle_control(self, envelope: Envelope) -> None:
+        control: JobControl = envelope.open(JobControl)
+        if control.action == "cancel" and envelope.job_id is not None:
+            self._cancelled.add(envelope.job_id)
+            async with self.pool.acquire() as conn:
+                await conn.execute(
+                    f"UPDATE {self.schema}.runs SET status = 'cancelled', finished_at = now(), updated_at = now()"
+                    " WHERE job_id = $1 AND status IN ('planning', 'running')",
+                    envelope.job_id,
+                )
+
+    async def is_cancelled(self, job_id: uuid.UUID) -> bool:
+        """Cancelled by a control event seen here, or in the gateway's published view."""
+        if job_id in self._cancelled:
+            return True
+        async with self.pool.acquire() as conn:
+            status = await conn.fetchval(
+                f"SELECT status FROM {self.schema}.runs WHERE job_id = $1", job_id
+            )
+            if status == "cancelled":
+                self._cancelled.add(job_id)
+                return True
+            if await relation_exists(conn, "gateway.job_control_v"):
+                cancelled = await conn.fetchval(
+                    "SELECT cancelled FROM gateway.job_control_v WHERE job_id = $1", job_id
+                )
+                if cancelled:
+                    self._cancelled.add(job_id)
+                    return True
+        return False
+
+    async def _mark_cancelled(self, job_id: uuid.UUID, request: StageRequested) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                f"INSERT INTO {self.schema}.runs (job_id, cohort_id, stage, request, status, finished_at)"
+                " VALUES ($1, $2, $3, $4, 'cancelled', now()) ON CONFLICT (job_id) DO NOTHING",
+                job_id,
+                request.cohort.id,
+                self.plugin.stage.value,
+                request.model_dump(mode="json"),
+            )
