@@ -1,0 +1,268 @@
+"""Naming a whole export: targets per stack, derivatives, SyMRI grouping, `run-` numbers, sessions.
+
+Names are decided for all stacks of a run at once (`plan_names`), because `run-` numbers depend on
+the other stacks: when two stacks of a subject/session would get the same name they are numbered
+`run-1`, `run-2`, ... by acquisition time (then series number, then stack key), so the same input
+always gives the same names whatever order the stacks arrive in. Stacks that belong together
+(magnitude and phase, echoes, inversions, a GRE field map's magnitudes and phase difference) are
+numbered as one family so their run numbers line up.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
+from importlib import resources
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+from services.exporter.bids.entities import (
+    EntityValue,
+    Layout,
+    bids_path,
+    load_entity_table,
+    ordered_entities,
+    sanitize_label,
+)
+from services.exporter.bids.stack import ExportStack
+
+DERIVATIVES = PurePosixPath("derivatives")
+
+
+@dataclass(frozen=True)
+class NamingRules:
+    """The naming tables of `naming.json`: valid raw suffixes, run families, derived constructs."""
+
+    raw_suffixes: Mapping[str, frozenset[str]]
+    run_families: Mapping[str, str]  # suffix -> family name
+    split_entities: frozenset[str]
+    derived_constructs: Mapping[str, Mapping[str, str]]
+    provenance: Mapping[str, Mapping[str, Any]]
+
+    def is_standard(self, datatype: str, suffix: str) -> bool:
+        """True when BIDS defines `suffix` for raw data of `datatype`."""
+        return suffix in self.raw_suffixes.get(datatype, frozenset())
+
+
+@lru_cache(maxsize=1)
+def load_naming_rules() -> NamingRules:
+    raw = json.loads(resources.files(__package__).joinpath("naming.json").read_text("utf-8"))
+    families = {s: name for name, suffixes in raw["run_families"].items() for s in suffixes}
+    return NamingRules(
+        raw_suffixes={k: frozenset(v) for k, v in raw["raw_suffixes"].items()},
+        run_families=families,
+        split_entities=frozenset(raw["split_entities"]),
+        derived_constructs=raw["derived_constructs"],
+        provenance=raw["provenance"],
+    )
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a stack goes: dataset `root` (`""` or `derivatives/<pipeline>`), datatype, suffix, entities."""
+
+    root: PurePosixPath
+    datatype: str
+    suffix: str
+    entities: tuple[tuple[str, str], ...]  # ordered (key, formatted value), without run
+
+    @property
+    def pipeline(self) -> str | None:
+        """The derivative pipeline name, or `None` for raw data."""
+        parts = self.root.parts
+        return parts[1] if len(parts) >= 2 and parts[0] == DERIVATIVES.name else None
+
+    def path(self, layout: Layout, run: int | None = None) -> PurePosixPath:
+        entities: dict[str, EntityValue] = dict(self.entities)
+        if run is not None:
+            entities["run"] = run
+        relative = bids_path(entities, self.suffix, datatype=self.datatype, layout=layout)
+        return relative if layout == "flat" else self.root / relative
+
+
+def stack_target(
+    stack: ExportStack, *, group_symri: bool = False, rules: NamingRules | None = None
+) -> Target:
+    """The target of one stack, before run numbering.
+
+    Derived constructs (ADC, FA, Trace, CBF, QSM, MinIP, ...) go to `derivatives/<pipeline>/`;
+    processed SWI (provenance SWIRecon without a `part-`) too; SyMRI goes to `derivatives/symri/`
+    when grouped and otherwise stays raw with `rec-synthetic`; EPIMix gets `acq-epimix`.
+    """
+    rules = rules or load_naming_rules()
+    entities: dict[str, EntityValue] = {
+        load_entity_table().spec(k).key: v for k, v in stack.entities.items() if k not in ("run",)
+    }
+    entities.pop("run", None)
+    entities["sub"] = stack.subject
+    if stack.session:
+        entities["ses"] = stack.session
+    else:
+        entities.pop("ses", None)
+    root = PurePosixPath("")
+    datatype, suffix = stack.datatype, stack.suffix
+
+    derived = next(
+        (rules.derived_constructs[c] for c in stack.constructs if c in rules.derived_constructs),
+        None,
+    )
+    branch = rules.provenance.get(stack.provenance or "", {})
+    if (
+        derived is None
+        and branch.get("derived_unless_entity")
+        and branch["derived_unless_entity"] not in entities
+    ):
+        derived = branch
+    if derived is not None:
+        root = DERIVATIVES / derived["pipeline"]
+        datatype, suffix = derived["datatype"], derived["suffix"]
+        if derived.get("desc"):
+            entities["desc"] = derived["desc"]
+    elif branch.get("group_pipeline") and group_symri:
+        root = DERIVATIVES / branch["group_pipeline"]
+    else:
+        for key, value in branch.get("raw_entities", {}).items():
+            entities.setdefault(key, value)
+    if not sanitize_label(stack.subject):
+        raise ValueError(
+            f"stack {stack.key}: subject label {stack.subject!r} has no letters or digits"
+        )
+    return Target(root, datatype, suffix, tuple(ordered_entities(entities)))
+
+
+@dataclass
+class _Planned:
+    stack: ExportStack
+    target: Target
+    order: tuple[Any, ...] = field(default=())
+
+
+def _order_key(stack: ExportStack) -> tuple[Any, ...]:
+    when = stack.acquired_at or datetime.max
+    number = stack.summary.series_number if stack.summary.series_number is not None else 1 << 30
+    return (when, number, stack.summary.series_instance_uid, stack.summary.stack_key)
+
+
+def plan_names(
+    stacks: Sequence[ExportStack], *, layout: Layout = "bids", group_symri: bool = False
+) -> dict[str, PurePosixPath]:
+    """Base path (no extension) of every stack, by `ExportStack.key`, relative to the dataset root.
+
+    Deterministic: the result does not depend on the order of `stacks`.
+    """
+    rules = load_naming_rules()
+    planned = [
+        _Planned(s, stack_target(s, group_symri=group_symri, rules=rules), _order_key(s))
+        for s in stacks
+    ]
+    keys = [p.stack.key for p in planned]
+    if len(keys) != len(set(keys)):
+        raise ValueError("two stacks share a key (SeriesInstanceUID|stack_key)")
+
+    by_name: dict[PurePosixPath, list[_Planned]] = defaultdict(list)
+    for p in planned:
+        by_name[p.target.path(layout)].append(p)
+
+    def family(p: _Planned) -> tuple[Any, ...]:
+        t = p.target
+        kept = tuple((k, v) for k, v in t.entities if k not in rules.split_entities)
+        return (t.root, t.datatype, rules.run_families.get(t.suffix, t.suffix), kept)
+
+    families: dict[tuple[Any, ...], list[PurePosixPath]] = defaultdict(list)
+    for name, members in by_name.items():
+        families[family(members[0])].append(name)
+
+    result: dict[str, PurePosixPath] = {}
+    for names in families.values():
+        numbered = any(len(by_name[n]) > 1 for n in names)
+        for name in names:
+            members = sorted(by_name[name], key=lambda p: p.order)
+            for index, p in enumerate(members, start=1):
+                result[p.stack.key] = p.target.path(layout, index if numbered else None)
+    return result
+
+
+def select_stacks(
+    stacks: Iterable[ExportStack],
+    *,
+    include_intents: Iterable[str] | None = None,
+    include_provenance: Iterable[str] | None = None,
+) -> list[ExportStack]:
+    """The stacks an export keeps (`includeIntents`, `includeProvenance`).
+
+    Stacks of the vendor branches (SyMRI, SWIRecon, EPIMix) are kept only when their provenance is
+    listed; other provenances (RawRecon, DTIRecon, ...) follow the intent filter alone. Localizers
+    and excluded stacks are never exported. `None` means "no filter".
+    """
+    intents = set(include_intents) if include_intents is not None else None
+    provenances = set(include_provenance) if include_provenance is not None else None
+    branches = set(load_naming_rules().provenance)
+    kept = []
+    for stack in stacks:
+        if stack.intent in ("localizer", "excluded"):
+            continue
+        if intents is not None and (stack.intent or stack.datatype) not in intents:
+            continue
+        if (
+            provenances is not None
+            and stack.provenance in branches
+            and stack.provenance not in provenances
+        ):
+            continue
+        kept.append(stack)
+    return kept
+
+
+@dataclass(frozen=True)
+class StudyVisit:
+    """One study of a subject: its (shifted) date or a timepoint label given by anonymization."""
+
+    subject: str
+    study_instance_uid: str
+    study_date: str | None = None  # DICOM DA, already shifted when dates were shifted
+    study_time: str | None = None
+    timepoint: str | None = None  # e.g. "baseline", "m12": used as is when present
+
+
+def assign_sessions(
+    visits: Iterable[StudyVisit], *, style: Literal["date", "timepoint"] = "date"
+) -> dict[str, str]:
+    """Session label per StudyInstanceUID.
+
+    `date`: the study's (shifted) date `YYYYMMDD`; two studies on one day get `...a`, `...b` by
+    time. `timepoint`: the anonymizer's timepoint label when given, else `1`, `2`, ... in date
+    order within the subject. Studies without a date are ordered after dated ones, by UID.
+    """
+    by_subject: dict[str, list[StudyVisit]] = defaultdict(list)
+    for visit in visits:
+        by_subject[visit.subject].append(visit)
+    labels: dict[str, str] = {}
+    for subject_visits in by_subject.values():
+        ordered = sorted(
+            {v.study_instance_uid: v for v in subject_visits}.values(),
+            key=lambda v: (
+                v.study_date is None,
+                v.study_date or "",
+                v.study_time or "",
+                v.study_instance_uid,
+            ),
+        )
+        if style == "timepoint":
+            for index, visit in enumerate(ordered, start=1):
+                labels[visit.study_instance_uid] = sanitize_label(visit.timepoint or "") or str(
+                    index
+                )
+            continue
+        same_day: dict[str, list[StudyVisit]] = defaultdict(list)
+        for visit in ordered:
+            same_day[sanitize_label(visit.study_date or "") or "nodate"].append(visit)
+        for day, day_visits in same_day.items():
+            for index, visit in enumerate(day_visits):
+                tail = chr(ord("a") + index) if len(day_visits) > 1 and index < 26 else ""
+                tail = tail or (str(index + 1) if len(day_visits) > 1 else "")
+                labels[visit.study_instance_uid] = day + tail
+    return labels
