@@ -104,6 +104,8 @@ class StageRequested(Payload):
     study_instance_uids: list[str] = Field(default_factory=list)
     # where the previous stage left its output (object prefix), when it matters to this stage
     input_prefix: str | None = None
+    # read this location instead of the cohort's source_path (a new study's folder or s3:// prefix)
+    location: str | None = None
 
 
 class WorkItem(Payload):

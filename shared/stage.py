@@ -513,6 +513,7 @@ class StageRuntime:
             slip=rest,
             study_instance_uids=request.study_instance_uids,
             input_prefix=output_prefix or request.input_prefix,
+            location=request.location,
         )
         env = Envelope.wrap(
             nxt, source=self.plugin.service, cohort_id=request.cohort.id, job_id=step.job_id
