@@ -1,0 +1,255 @@
+"""Stage configuration, validated with the user's own key names (seed/cohort-operations.txt).
+
+Dotted keys are nested objects: `{"patient_id": {"strategy": "folder"}}`; the literal dotted form
+`{"patient_id.strategy": "folder"}` is accepted too and expanded. Unknown keys and bad values are
+refused (`StageConfigError`, a 422 for the API). The validated config is handed on in two forms:
+`public_config` (defaults filled, secrets removed: what the gateway stores and shows) and
+`event_config` (what the stage service receives: secrets sealed, see `sealing`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from services.gateway.cohorts.sealing import seal
+from services.gateway.cohorts.source_path import LocationError, normalize_location
+from shared.topics import Stage
+
+
+class StageConfigError(ValueError):
+    """Bad stage config; `errors` lists `{loc, msg, type}` like FastAPI's own 422 details."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+        self.errors = errors
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- anonymization ---------------------------------------------------------------------------
+
+AnonymizeCategory = Literal[
+    "patient",
+    "clinical_trial",
+    "healthcare_provider",
+    "institution",
+    "time_and_date",
+    "descriptors",
+    "device",
+    "private",
+]
+ALL_ANONYMIZE_CATEGORIES: tuple[AnonymizeCategory, ...] = get_args(AnonymizeCategory)
+
+
+class PatientIdConfig(_Config):
+    strategy: Literal["folder", "hash", "sequential", "csv", "none"] = "hash"
+    # the original-ID -> pseudonym table for strategy "csv" (a location like a cohort source)
+    csv_path: str | None = None
+
+    @model_validator(mode="after")
+    def _csv_needs_a_table(self) -> PatientIdConfig:
+        if self.strategy == "csv" and not self.csv_path:
+            raise ValueError("strategy 'csv' needs patient_id.csv_path (the mapping table)")
+        if self.strategy != "csv" and self.csv_path:
+            raise ValueError("patient_id.csv_path is only used with strategy 'csv'")
+        return self
+
+
+class StudyDatesConfig(_Config):
+    enabled: bool = True  # shift dates by a per-subject offset
+
+
+class AuditExportConfig(_Config):
+    format: Literal["encrypted_excel", "csv"] = "encrypted_excel"
+    # encrypts the audit export; required, never defaulted, never stored or returned in clear
+    password: SecretStr = Field(min_length=8)
+
+
+class AnonymizationConfig(_Config):
+    patient_id: PatientIdConfig = PatientIdConfig()
+    study_dates: StudyDatesConfig = StudyDatesConfig()
+    audit_export: AuditExportConfig
+    anonymize_categories: list[AnonymizeCategory] = Field(
+        default_factory=lambda: list(ALL_ANONYMIZE_CATEGORIES), min_length=1
+    )
+
+
+# --- extraction ------------------------------------------------------------------------------
+
+
+class ExtractionConfig(_Config):
+    # None: the extractor sizes its pools for the machine it runs on
+    process_pool_workers: int | None = Field(default=None, ge=1, le=128)
+    scan_thread_workers: int | None = Field(default=None, ge=1, le=256)
+    folder_thread_workers: int | None = Field(default=None, ge=1, le=256)
+
+
+# --- sorting ---------------------------------------------------------------------------------
+
+
+Modality = Literal["MR", "CT", "PT"]
+
+
+class SortingConfig(_Config):
+    profile: Literal["standard", "research"] = "standard"
+    selectedModalities: list[Modality] = Field(
+        default_factory=lambda: list(get_args(Modality)), min_length=1
+    )
+    # default: skip what is classified already, unless forceReprocess asks for everything
+    skipClassified: bool = True
+    forceReprocess: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_skip(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "skipClassified" not in data and data.get("forceReprocess"):
+            return {**data, "skipClassified": False}
+        return data
+
+    @model_validator(mode="after")
+    def _not_both(self) -> SortingConfig:
+        if self.skipClassified and self.forceReprocess:
+            raise ValueError("skipClassified and forceReprocess contradict each other")
+        return self
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+OutputMode = Literal["dcm", "nii", "nii.gz"]
+Intent = Literal["anat", "dwi", "func", "fmap", "perf"]
+Provenance = Literal["SyMRI", "SWIRecon", "EPIMix"]
+
+
+def _default_output_modes() -> list[OutputMode]:
+    return ["nii.gz"]
+
+
+class ExportConfig(_Config):
+    outputModes: list[OutputMode] = Field(default_factory=_default_output_modes, min_length=1)
+    layout: Literal["bids", "flat"] = "bids"
+    includeIntents: list[Intent] = Field(
+        default_factory=lambda: list(get_args(Intent)), min_length=1
+    )
+    includeProvenance: list[Provenance] = Field(default_factory=lambda: list(get_args(Provenance)))
+    groupSyMRI: bool = False
+    # also copy the export here: a folder under an allowed data root, or s3://bucket/prefix
+    destination: str | None = None
+
+
+StageConfig = AnonymizationConfig | ExtractionConfig | SortingConfig | ExportConfig
+
+CONFIG_MODELS: dict[Stage, type[_Config]] = {
+    Stage.anonymization: AnonymizationConfig,
+    Stage.extraction: ExtractionConfig,
+    Stage.sorting: SortingConfig,
+    Stage.export: ExportConfig,
+}
+
+
+def expand_dotted_keys(raw: Mapping[str, Any], where: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`{"a.b": 1}` -> `{"a": {"b": 1}}`, recursively; a key given twice is an error."""
+    expanded: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or not key:
+            raise StageConfigError([_error((*where, str(key)), "keys must be non-empty strings")])
+        parts = key.split(".")
+        if isinstance(value, Mapping):
+            value = expand_dotted_keys(value, (*where, *parts))
+        node = expanded
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise StageConfigError([_error((*where, *parts[: depth + 1]), "given twice")])
+            node = child
+        last = parts[-1]
+        if last in node:
+            if isinstance(node[last], dict) and isinstance(value, dict):
+                _merge(node[last], value, (*where, *parts))
+                continue
+            raise StageConfigError([_error((*where, *parts), "given twice")])
+        node[last] = value
+    return expanded
+
+
+def _merge(into: dict[str, Any], extra: dict[str, Any], where: tuple[str, ...]) -> None:
+    for key, value in extra.items():
+        if key in into and isinstance(into[key], dict) and isinstance(value, dict):
+            _merge(into[key], value, (*where, key))
+        elif key in into:
+            raise StageConfigError([_error((*where, key), "given twice")])
+        else:
+            into[key] = value
+
+
+def _error(loc: Sequence[str | int], msg: str, kind: str = "value_error") -> dict[str, Any]:
+    return {"loc": ["config", *loc], "msg": msg, "type": kind}
+
+
+def validate_stage_config(
+    stage: Stage, raw: Mapping[str, Any] | None, data_roots: Sequence[Path] = ()
+) -> StageConfig:
+    """The user's config for `stage` as its model, or `StageConfigError` saying what is wrong."""
+    if raw is not None and not isinstance(raw, Mapping):
+        raise StageConfigError([_error((), "config must be a JSON object")])
+    model = CONFIG_MODELS[Stage(stage)]
+    try:
+        config = model.model_validate(expand_dotted_keys(raw or {}))
+    except ValidationError as exc:
+        raise StageConfigError(
+            [
+                _error(
+                    e["loc"],
+                    e["msg"].replace("Extra inputs are not permitted", "unknown key"),
+                    e["type"],
+                )
+                for e in exc.errors(include_url=False, include_input=False)
+            ]
+        ) from exc
+    _check_locations(config, data_roots)
+    return config  # type: ignore[return-value]
+
+
+def _check_locations(config: _Config, data_roots: Sequence[Path]) -> None:
+    try:
+        if isinstance(config, ExportConfig) and config.destination:
+            normalize_location(config.destination, data_roots, must_exist=False)
+        if isinstance(config, AnonymizationConfig) and config.patient_id.csv_path:
+            csv_path = config.patient_id.csv_path
+            if not csv_path.startswith("s3://"):
+                parent = str(Path(csv_path).parent)
+                normalize_location(parent, data_roots, must_exist=True)
+                if not Path(csv_path).resolve().is_file():
+                    raise LocationError(f"{csv_path!r} is not a file")
+            else:
+                normalize_location(csv_path, data_roots)
+    except LocationError as exc:
+        field = "destination" if isinstance(config, ExportConfig) else "patient_id.csv_path"
+        raise StageConfigError([_error(tuple(field.split(".")), str(exc))]) from exc
+
+
+def public_config(config: StageConfig) -> dict[str, Any]:
+    """The config as the gateway stores and shows it: defaults filled in, secrets left out."""
+    data = config.model_dump(mode="json")
+    if isinstance(config, AnonymizationConfig):
+        data["audit_export"].pop("password", None)
+    return data
+
+
+def event_config(config: StageConfig, project_secret: str) -> dict[str, Any]:
+    """The config as the stage service receives it: secrets sealed (`audit_export.password_sealed`).
+
+    Raises `sealing.SealingError` when there is a secret to pass but no project secret to seal it.
+    """
+    data = public_config(config)
+    if isinstance(config, AnonymizationConfig):
+        data["audit_export"]["password_sealed"] = seal(
+            config.audit_export.password.get_secret_value(), project_secret
+        )
+    return data

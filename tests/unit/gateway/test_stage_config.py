@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.gateway.cohorts.sealing import SealingError, seal, unseal
+from services.gateway.cohorts.stage_config import (
+    StageConfigError,
+    event_config,
+    expand_dotted_keys,
+    public_config,
+    validate_stage_config,
+)
+from shared.topics import Stage
+
+AUDIT = {"audit_export": {"format": "csv", "password": "correct horse"}}
+
+
+def test_dotted_keys_are_nested_objects() -> None:
+    assert expand_dotted_keys({"patient_id.strategy": "folder", "a": {"b.c": 1}}) == {
+        "patient_id": {"strategy": "folder"},
+        "a": {"b": {"c": 1}},
+    }
+    assert expand_dotted_keys({"a.b": 1, "a": {"c": 2}}) == {"a": {"b": 1, "c": 2}}
+    with pytest.raises(StageConfigError, match="given twice"):
+        expand_dotted_keys({"a.b": 1, "a": {"b": 2}})
+
+
+@pytest.mark.parametrize(
+    ("stage", "raw", "check"),
+    [
+        (Stage.extraction, {}, {"process_pool_workers": None}),
+        (Stage.extraction, {"process_pool_workers": 4}, {"process_pool_workers": 4}),
+        (Stage.sorting, {}, {"profile": "standard", "skipClassified": True}),
+        (Stage.sorting, {"forceReprocess": True}, {"skipClassified": False}),
+        (Stage.sorting, {"selectedModalities": ["MR"]}, {"selectedModalities": ["MR"]}),
+        (Stage.export, {"layout": "flat", "outputModes": ["dcm", "nii"]}, {"layout": "flat"}),
+        (Stage.export, {}, {"includeIntents": ["anat", "dwi", "func", "fmap", "perf"]}),
+        (
+            Stage.anonymization,
+            {"patient_id.strategy": "folder", **AUDIT},
+            {"patient_id": {"strategy": "folder", "csv_path": None}},
+        ),
+    ],
+)
+def test_valid_configs(stage: Stage, raw: dict[str, Any], check: dict[str, Any]) -> None:
+    config = public_config(validate_stage_config(stage, raw))
+    for key, value in check.items():
+        assert config[key] == value
+
+
+@pytest.mark.parametrize(
+    ("stage", "raw", "where"),
+    [
+        (Stage.extraction, {"threads": 4}, "config.threads: unknown key"),
+        (Stage.extraction, {"process_pool_workers": 0}, "config.process_pool_workers"),
+        (Stage.extraction, {"scan_thread_workers": "many"}, "config.scan_thread_workers"),
+        (Stage.sorting, {"profile": "fast"}, "config.profile"),
+        (Stage.sorting, {"selectedModalities": ["US"]}, "config.selectedModalities.0"),
+        (Stage.sorting, {"selectedModalities": []}, "config.selectedModalities"),
+        (Stage.sorting, {"skipClassified": True, "forceReprocess": True}, "contradict"),
+        (Stage.export, {"outputModes": ["mp4"]}, "config.outputModes.0"),
+        (Stage.export, {"includeIntents": ["anat", "beh"]}, "config.includeIntents.1"),
+        (Stage.export, {"includeProvenance": ["Other"]}, "config.includeProvenance.0"),
+        (Stage.export, {"destination": "/etc"}, "config.destination: '/etc' is outside"),
+        (Stage.anonymization, {}, "config.audit_export: Field required"),
+        (Stage.anonymization, {"audit_export": {"format": "csv"}}, "audit_export.password"),
+        (Stage.anonymization, {"audit_export.password": "short"}, "audit_export.password"),
+        (Stage.anonymization, {"patient_id": {"strategy": "random"}, **AUDIT}, "strategy"),
+        (Stage.anonymization, {"patient_id.strategy": "csv", **AUDIT}, "csv_path"),
+        (Stage.anonymization, {"anonymize_categories": ["all"], **AUDIT}, "categories.0"),
+        (Stage.anonymization, {"study_dates": {"enabled": "sometimes"}, **AUDIT}, "enabled"),
+    ],
+)
+def test_bad_configs_say_where(stage: Stage, raw: dict[str, Any], where: str) -> None:
+    with pytest.raises(StageConfigError) as caught:
+        validate_stage_config(stage, raw, [Path("/nonexistent-root")])
+    assert where in str(caught.value)
+    assert all(error["loc"][0] == "config" for error in caught.value.errors)
+
+
+def test_the_audit_password_is_never_public_and_travels_sealed() -> None:
+    config = validate_stage_config(Stage.anonymization, AUDIT)
+    public = public_config(config)
+    assert "password" not in public["audit_export"]
+    assert "correct horse" not in repr(public) and "correct horse" not in repr(config)
+    sent = event_config(config, "project-secret")
+    token = sent["audit_export"]["password_sealed"]
+    assert "correct horse" not in token
+    assert unseal(token, "project-secret") == "correct horse"
+    with pytest.raises(SealingError):
+        unseal(token, "another-secret")
+    with pytest.raises(SealingError, match="PROJECT_SECRET"):
+        event_config(config, "")
+    assert seal("x", "k") != seal("x", "k")  # fresh IV every time
+
+
+def test_export_destination_under_a_root(tmp_path: Path) -> None:
+    config = validate_stage_config(
+        Stage.export, {"destination": str(tmp_path / "out" / "bids")}, [tmp_path]
+    )
+    assert public_config(config)["destination"] == str(tmp_path / "out" / "bids")
