@@ -1,0 +1,105 @@
+"""The per-file work of extraction, run in worker processes: read, hash, ingest, parse.
+
+A batch of files goes to one worker process; inside it a few threads read (and, for a cohort
+source, copy into the raw zone) while the process parses, so reading and parsing overlap and the
+parent process only writes the catalog. Content decides what a file is, never its name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.extractor.catalog import Rejection, parse_instance
+from shared.settings import get_settings
+from shared.sources import ObjectSource, Source, open_source
+from shared.storage import ObjectStore
+
+_stores: dict[str, ObjectStore] = {}  # one client per worker process
+
+
+def _store() -> ObjectStore:
+    if "store" not in _stores:
+        _stores["store"] = ObjectStore(get_settings())
+    return _stores["store"]
+
+
+@dataclass
+class FileBatch:
+    """Files of one work item, for one worker process."""
+
+    location: str  # the cohort source (local folder or s3://) or `zone:<prefix>` of our bucket
+    ingest_prefix: str | None  # copy each file to `<ingest_prefix>/<key>` (the raw zone), or not
+    files: list[tuple[str, int, int]]  # (key, size, mtime_ns)
+    read_threads: int = 4
+
+
+@dataclass
+class FileOutcome:
+    key: str
+    size: int
+    mtime_ns: int
+    sha256: str | None = None
+    object_key: str | None = None
+    record: Any = None  # InstanceRecord when catalogued
+    rejection: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def open_location(location: str) -> Source:
+    if location.startswith("zone:"):
+        store = _store()
+        return ObjectSource(store, store.bucket, location[5:])
+    return open_source(location, get_settings())
+
+
+def _zone_key(location: str, key: str) -> str | None:
+    if location.startswith("zone:"):
+        prefix = location[5:].strip("/")
+        return f"{prefix}/{key}" if prefix else key
+    return None
+
+
+def _fetch(
+    source: Source, batch: FileBatch, key: str
+) -> tuple[bytes | None, str | None, str | None, str | None]:
+    """(bytes, sha256, object key, error) for one file, ingesting it when asked."""
+    try:
+        data = source.read(key)
+    except OSError as exc:
+        return None, None, None, f"unreadable: {exc.strerror or exc}"
+    except Exception as exc:
+        return None, None, None, f"unreadable: {exc}"
+    digest = hashlib.sha256(data).hexdigest()
+    object_key = _zone_key(batch.location, key)
+    if batch.ingest_prefix is not None:
+        object_key = f"{batch.ingest_prefix}/{key}"
+        store = _store()
+        info = store.stat(object_key)
+        if info is None or info.sha256 != digest:  # resume: an identical copy is not sent again
+            store.put_bytes(object_key, data)
+    return data, digest, object_key, None
+
+
+def extract_batch(batch: FileBatch) -> list[FileOutcome]:
+    """Read, hash, ingest and parse every file of the batch (in a worker process)."""
+    source = open_location(batch.location)
+    outcomes: list[FileOutcome] = []
+    with ThreadPoolExecutor(max_workers=max(1, batch.read_threads)) as readers:
+        fetched = readers.map(lambda f: _fetch(source, batch, f[0]), batch.files)
+        for (key, size, mtime), (data, digest, object_key, error) in zip(
+            batch.files, fetched, strict=True
+        ):
+            outcome = FileOutcome(key, size, mtime, digest, object_key)
+            if error is not None or data is None:
+                outcome.rejection = error or "unreadable"
+            else:
+                parsed = parse_instance(data, key)
+                if isinstance(parsed, Rejection):
+                    outcome.rejection = parsed.reason
+                else:
+                    outcome.record = parsed
+            outcomes.append(outcome)
+    return outcomes

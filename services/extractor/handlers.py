@@ -1,0 +1,490 @@
+"""Extraction as a stage plugin: plan the files, catalogue each batch, build stacks at the end.
+
+- plan: list the source (or the de-identified zone after anonymization), skip files already
+  recorded with the same size and mtime (resume re-reads nothing catalogued), and cut the rest into
+  items of files that share a folder (a study's files usually do), keyed by folder.
+- process: worker processes read, hash, ingest into the raw zone and parse; this process bulk-loads
+  the rows with COPY into staging tables and upserts them, so a redelivered item writes nothing twice
+  (one row per SOP Instance UID within the cohort).
+- finalize: rebuild the stacks of every series that gained instances, one series at a time (memory
+  stays flat), and report the cohort's counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import asyncpg
+
+from services.extractor.catalog import InstanceRecord, build_stacks
+from services.extractor.files import FileBatch, FileOutcome, extract_batch, open_location
+from shared.events import ItemError, StageRequested, WorkItem
+from shared.observability import FILES_PROCESSED
+from shared.settings import get_settings
+from shared.sources import open_source
+from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
+from shared.topics import Stage
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+DEFAULT_BATCH_FILES = 64
+
+
+def _workers(config: dict[str, Any], key: str, default: int) -> int:
+    value = config.get(key, default)
+    try:
+        return max(1, min(64, int(value)))
+    except (TypeError, ValueError):
+        return default
+
+
+def _batches(files: list[tuple[str, int, int]], size: int) -> list[list[tuple[str, int, int]]]:
+    """Files grouped by folder, each folder cut into runs of at most `size` files."""
+    by_folder: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
+    for f in files:
+        by_folder[str(PurePosixPath(f[0]).parent)].append(f)
+    out: list[list[tuple[str, int, int]]] = []
+    for folder in sorted(by_folder):
+        group = by_folder[folder]
+        out.extend(group[i : i + size] for i in range(0, len(group), size))
+    return out
+
+
+class ExtractorPlugin:
+    stage = Stage.extraction
+    service = "extractor"
+    schema = "catalog"
+
+    def __init__(self) -> None:
+        self._executors: dict[int, ProcessPoolExecutor] = {}
+
+    def _executor(self, workers: int) -> ProcessPoolExecutor:
+        if workers not in self._executors:
+            self._executors[workers] = ProcessPoolExecutor(max_workers=workers)
+        return self._executors[workers]
+
+    # --- plan -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _location(request: StageRequested) -> tuple[str, str | None]:
+        """(where to read, raw-zone prefix to ingest into or None)."""
+        if request.input_prefix:  # de-identified zone written by the anonymizer
+            return f"zone:{request.input_prefix}", None
+        location = request.location or request.cohort.source_path
+        return location, f"raw/{request.cohort.id}"
+
+    async def plan(
+        self, pool: asyncpg.Pool, request: StageRequested, job_id: uuid.UUID
+    ) -> list[PlannedItem]:
+        location, ingest = self._location(request)
+        folder_workers = _workers(request.config, "folder_thread_workers", 4)
+        if location.startswith("zone:"):
+            source = open_location(location)
+        else:
+            source = open_source(location, get_settings(), folder_workers)
+        listed = await asyncio.to_thread(lambda: list(source.list()))
+        async with pool.acquire() as conn:
+            seen = {
+                (r["source_key"]): (r["size"], r["mtime_ns"])
+                for r in await conn.fetch(
+                    "SELECT source_key, size, mtime_ns FROM catalog.source_file WHERE cohort_id = $1",
+                    request.cohort.id,
+                )
+            }
+        todo = [
+            (f.key, f.size, f.mtime_ns) for f in listed if seen.get(f.key) != (f.size, f.mtime_ns)
+        ]
+        size = _workers(request.config, "batch_files", DEFAULT_BATCH_FILES)
+        items = []
+        for i, files in enumerate(_batches(todo, size)):
+            folder = str(PurePosixPath(files[0][0]).parent)
+            items.append(
+                PlannedItem(
+                    key=f"{i:06d}:{folder}"[:512],
+                    data={"location": location, "ingest": ingest, "files": files},
+                    partition_key=folder,
+                )
+            )
+        log.info(
+            "extraction planned",
+            extra={
+                "files": len(listed),
+                "already_catalogued": len(listed) - len(todo),
+                "items": len(items),
+            },
+        )
+        return items
+
+    # --- process ----------------------------------------------------------------------------------
+
+    async def process(self, ctx: ItemContext, item: WorkItem) -> ItemResult:
+        files = [tuple(f) for f in item.data["files"]]
+        workers = _workers(item.config, "process_pool_workers", os.cpu_count() or 2)
+        threads = _workers(item.config, "scan_thread_workers", 4)
+        parts = max(1, min(workers, len(files)))
+        chunks = [files[i::parts] for i in range(parts)]
+        loop = asyncio.get_running_loop()
+        executor = self._executor(workers)
+        futures = [
+            loop.run_in_executor(
+                executor,
+                extract_batch,
+                FileBatch(item.data["location"], item.data["ingest"], chunk, threads),  # type: ignore[arg-type]
+            )
+            for chunk in chunks
+        ]
+        outcomes = [o for part in await asyncio.gather(*futures) for o in part]
+        await ctx.check_cancelled()
+        return await self._load(ctx.pool, item.cohort.id, ctx.job_id, outcomes)
+
+    async def _load(
+        self,
+        pool: asyncpg.Pool,
+        cohort_id: uuid.UUID,
+        job_id: uuid.UUID,
+        outcomes: list[FileOutcome],
+    ) -> ItemResult:
+        catalogued = [o for o in outcomes if o.record is not None]
+        rejected = [o for o in outcomes if o.record is None]
+        subjects: dict[str, tuple[Any, ...]] = {}
+        studies: dict[str, tuple[Any, ...]] = {}
+        series: dict[str, tuple[Any, ...]] = {}
+        instances: dict[str, tuple[Any, ...]] = {}
+        details: dict[str, list[tuple[Any, ...]]] = {"mr": [], "ct": [], "pet": []}
+        duplicates: list[FileOutcome] = []
+        for o in catalogued:
+            rec: InstanceRecord = o.record
+            rows = rec.catalog_rows()
+            if rows["instance"]["sop_instance_uid"] in instances:
+                duplicates.append(o)
+                continue
+            subj, study, ser, inst = (
+                rows["subject"],
+                rows["study"],
+                rows["series"],
+                rows["instance"],
+            )
+            subjects.setdefault(
+                subj["subject_id"],
+                (
+                    cohort_id,
+                    subj["subject_id"],
+                    subj.get("patient_sex"),
+                    subj.get("patient_age"),
+                    subj.get("attributes", {}),
+                ),
+            )
+            studies.setdefault(
+                study["study_instance_uid"],
+                (
+                    cohort_id,
+                    study["study_instance_uid"],
+                    subj["subject_id"],
+                    study.get("study_date"),
+                    study.get("study_time"),
+                    study.get("accession_number"),
+                    study.get("study_description"),
+                    study.get("attributes", {}),
+                ),
+            )
+            series.setdefault(
+                ser["series_instance_uid"],
+                (
+                    cohort_id,
+                    ser["series_instance_uid"],
+                    study["study_instance_uid"],
+                    subj["subject_id"],
+                    ser.get("modality"),
+                    ser.get("series_number"),
+                    ser.get("series_description"),
+                    ser.get("protocol_name"),
+                    ser.get("manufacturer"),
+                    ser.get("manufacturer_model"),
+                    ser.get("attributes", {}),
+                ),
+            )
+            instances[inst["sop_instance_uid"]] = (
+                cohort_id,
+                inst["sop_instance_uid"],
+                ser["series_instance_uid"],
+                study["study_instance_uid"],
+                inst["sop_class_uid"],
+                inst.get("instance_number"),
+                inst.get("n_frames") or 1,
+                inst.get("transfer_syntax_uid"),
+                o.key,
+                o.object_key,
+                o.sha256,
+                o.size,
+                job_id,
+                rec.to_row(),
+                rec.header,
+            )
+            for kind in ("mr", "ct", "pet"):
+                detail = rows.get(kind)
+                if detail:
+                    details[kind].append((cohort_id, inst["sop_instance_uid"], detail))
+
+        async with pool.acquire() as conn, conn.transaction():
+            await _upsert(
+                conn,
+                "catalog.subject",
+                ["cohort_id", "subject_id", "patient_sex", "patient_age", "attributes"],
+                list(subjects.values()),
+                ["cohort_id", "subject_id"],
+            )
+            await _upsert(
+                conn,
+                "catalog.study",
+                [
+                    "cohort_id",
+                    "study_instance_uid",
+                    "subject_id",
+                    "study_date",
+                    "study_time",
+                    "accession_number",
+                    "study_description",
+                    "attributes",
+                ],
+                list(studies.values()),
+                ["cohort_id", "study_instance_uid"],
+            )
+            await _upsert(
+                conn,
+                "catalog.series",
+                [
+                    "cohort_id",
+                    "series_instance_uid",
+                    "study_instance_uid",
+                    "subject_id",
+                    "modality",
+                    "series_number",
+                    "series_description",
+                    "protocol_name",
+                    "manufacturer",
+                    "manufacturer_model",
+                    "attributes",
+                ],
+                list(series.values()),
+                ["cohort_id", "series_instance_uid"],
+            )
+            inserted = await _upsert(
+                conn,
+                "catalog.instance",
+                [
+                    "cohort_id",
+                    "sop_instance_uid",
+                    "series_instance_uid",
+                    "study_instance_uid",
+                    "sop_class_uid",
+                    "instance_number",
+                    "n_frames",
+                    "transfer_syntax_uid",
+                    "source_key",
+                    "object_key",
+                    "sha256",
+                    "size",
+                    "job_id",
+                    "record",
+                    "header",
+                ],
+                list(instances.values()),
+                ["cohort_id", "sop_instance_uid"],
+            )
+            for kind, rows in details.items():
+                await _insert_detail(conn, kind, rows)
+            if series:
+                await conn.execute(
+                    "UPDATE catalog.series SET stacks_dirty = true WHERE cohort_id = $1 AND series_instance_uid = ANY($2::text[])",
+                    cohort_id,
+                    list(series),
+                )
+            reasons = [(o, o.rejection or "") for o in rejected]
+            reasons += [(o, "duplicate SOP Instance UID in this cohort") for o in duplicates]
+            await conn.executemany(
+                "INSERT INTO catalog.rejected_file (cohort_id, source_key, reason, size, sha256, job_id)"
+                " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (cohort_id, source_key) DO UPDATE"
+                " SET reason = EXCLUDED.reason, size = EXCLUDED.size, sha256 = EXCLUDED.sha256, job_id = EXCLUDED.job_id",
+                [(cohort_id, o.key, reason, o.size, o.sha256, job_id) for o, reason in reasons],
+            )
+            await conn.executemany(
+                "INSERT INTO catalog.source_file (cohort_id, source_key, size, mtime_ns, sha256, status, sop_instance_uid, job_id)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (cohort_id, source_key) DO UPDATE SET"
+                " size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns, sha256 = EXCLUDED.sha256, status = EXCLUDED.status,"
+                " sop_instance_uid = EXCLUDED.sop_instance_uid, job_id = EXCLUDED.job_id, updated_at = now()",
+                [
+                    (
+                        cohort_id,
+                        o.key,
+                        o.size,
+                        o.mtime_ns,
+                        o.sha256,
+                        "catalogued"
+                        if o.record is not None and o not in duplicates
+                        else "rejected",
+                        o.record.sop_instance_uid if o.record is not None else None,
+                        job_id,
+                    )
+                    for o in outcomes
+                ],
+            )
+        FILES_PROCESSED.labels("extraction", "catalogued").inc(len(instances))
+        FILES_PROCESSED.labels("extraction", "rejected").inc(len(reasons))
+        return ItemResult(
+            counts={
+                "files": len(outcomes),
+                "catalogued_files": len(instances),
+                "new_instances": inserted,
+                "rejected_files": len(reasons),
+            },
+            errors=[ItemError(item=o.key, message=reason) for o, reason in reasons][:50],
+        )
+
+    # --- finalize ---------------------------------------------------------------------------------
+
+    async def finalize(self, pool: asyncpg.Pool, run: RunInfo) -> tuple[dict[str, Any], str | None]:
+        cohort_id = run.cohort.id
+        async with pool.acquire() as conn:
+            dirty = [
+                r["series_instance_uid"]
+                for r in await conn.fetch(
+                    "SELECT series_instance_uid FROM catalog.series WHERE cohort_id = $1 AND stacks_dirty ORDER BY 1",
+                    cohort_id,
+                )
+            ]
+        for uid in dirty:
+            await self._rebuild_stacks(pool, cohort_id, uid)
+        async with pool.acquire() as conn:
+            counts = await conn.fetchrow(
+                """SELECT
+                    (SELECT count(*) FROM catalog.subject WHERE cohort_id = $1) AS subjects,
+                    (SELECT count(*) FROM catalog.study WHERE cohort_id = $1) AS studies,
+                    (SELECT count(*) FROM catalog.series WHERE cohort_id = $1) AS series,
+                    (SELECT count(*) FROM catalog.instance WHERE cohort_id = $1) AS instances,
+                    (SELECT count(*) FROM catalog.series_stack WHERE cohort_id = $1) AS stacks,
+                    (SELECT count(*) FROM catalog.rejected_file WHERE cohort_id = $1) AS rejected""",
+                cohort_id,
+            )
+        summary = {k: int(v) for k, v in dict(counts).items()}
+        # the gateway's cohort metrics: a session is a study
+        summary["sessions"] = summary["studies"]
+        return summary, None
+
+    async def _rebuild_stacks(
+        self, pool: asyncpg.Pool, cohort_id: uuid.UUID, series_uid: str
+    ) -> None:
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT record, header FROM catalog.instance WHERE cohort_id = $1 AND series_instance_uid = $2",
+                cohort_id,
+                series_uid,
+            )
+        records = [InstanceRecord.from_row(r["record"], header=r["header"]) for r in rows]
+        stacks = await asyncio.to_thread(build_stacks, records)
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "DELETE FROM catalog.series_stack WHERE cohort_id = $1 AND series_instance_uid = $2",
+                cohort_id,
+                series_uid,
+            )
+            await conn.executemany(
+                "INSERT INTO catalog.series_stack (cohort_id, series_instance_uid, stack_key, n_instances, n_frames,"
+                " summary, sop_instance_uids) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                [
+                    (
+                        cohort_id,
+                        series_uid,
+                        s.stack_key,
+                        s.n_instances,
+                        s.n_frames,
+                        s.model_copy(update={"cohort_id": cohort_id}).model_dump(mode="json"),
+                        sorted(getattr(s, "sop_instance_uids", []) or []),
+                    )
+                    for s in stacks
+                ],
+            )
+            await conn.execute(
+                "UPDATE catalog.series SET stacks_dirty = false WHERE cohort_id = $1 AND series_instance_uid = $2",
+                cohort_id,
+                series_uid,
+            )
+
+
+async def _upsert(
+    conn: asyncpg.Connection,
+    table: str,
+    columns: list[str],
+    rows: list[tuple[Any, ...]],
+    key: list[str],
+) -> int:
+    """Bulk insert through COPY into a staging table; existing natural keys are left alone."""
+    if not rows:
+        return 0
+    stage = "_stage_" + table.replace(".", "_")
+    await conn.execute(
+        f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    )
+    await conn.copy_records_to_table(stage, records=rows, columns=columns)
+    cols = ", ".join(columns)
+    status = await conn.execute(
+        f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage} ON CONFLICT ({', '.join(key)}) DO NOTHING"
+    )
+    return int(status.split()[-1])
+
+
+_DETAIL_COLUMNS = {
+    "mr": [
+        "repetition_time",
+        "echo_time",
+        "inversion_time",
+        "flip_angle",
+        "echo_train_length",
+        "echo_number",
+        "scanning_sequence",
+        "sequence_variant",
+        "scan_options",
+        "mr_acquisition_type",
+        "sequence_name",
+        "b_value",
+        "magnetic_field_strength",
+        "pixel_bandwidth",
+    ],
+    "ct": [
+        "kvp",
+        "convolution_kernel",
+        "slice_thickness",
+        "exposure",
+        "xray_tube_current",
+        "contrast_bolus_agent",
+    ],
+    "pet": [
+        "radiopharmaceutical",
+        "units",
+        "corrected_image",
+        "decay_correction",
+        "frame_reference_time",
+        "actual_frame_duration",
+    ],
+}
+
+
+async def _insert_detail(conn: asyncpg.Connection, kind: str, rows: list[tuple[Any, ...]]) -> None:
+    if not rows:
+        return
+    columns = _DETAIL_COLUMNS[kind]
+    records = [(c, uid, *[detail.get(col) for col in columns]) for c, uid, detail in rows]
+    await _upsert(
+        conn,
+        f"catalog.{kind}_detail",
+        ["cohort_id", "sop_instance_uid", *columns],
+        records,
+        ["cohort_id", "sop_instance_uid"],
+    )
