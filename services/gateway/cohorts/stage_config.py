@@ -3,8 +3,9 @@
 Dotted keys are nested objects: `{"patient_id": {"strategy": "folder"}}`; the literal dotted form
 `{"patient_id.strategy": "folder"}` is accepted too and expanded. Unknown keys and bad values are
 refused (`StageConfigError`, a 422 for the API). The validated config is handed on in two forms:
-`public_config` (defaults filled, secrets removed: what the gateway stores and shows) and
-`event_config` (what the stage service receives: secrets sealed, see `sealing`).
+`public_config` (defaults filled, secrets redacted: what the gateway stores and shows) and
+`event_config` (what the stage service receives: secrets sealed with `shared.secrets`, so that the
+audit password is never in clear in a gateway table, the outbox included, nor on the bus).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from services.gateway.cohorts.sealing import seal
-from services.gateway.cohorts.source_path import LocationError, normalize_location
+from shared.secrets import redact_config, seal_config
+from shared.settings import Settings
+from shared.sources import SourceError, check_location
 from shared.topics import Stage
 
 
@@ -193,9 +195,13 @@ def _error(loc: Sequence[str | int], msg: str, kind: str = "value_error") -> dic
 
 
 def validate_stage_config(
-    stage: Stage, raw: Mapping[str, Any] | None, data_roots: Sequence[Path] = ()
+    stage: Stage, raw: Mapping[str, Any] | None, settings: Settings
 ) -> StageConfig:
-    """The user's config for `stage` as its model, or `StageConfigError` saying what is wrong."""
+    """The user's config for `stage` as its model, or `StageConfigError` saying what is wrong.
+
+    Locations in the config (export `destination`, `patient_id.csv_path`) are checked against the
+    allowed data roots of `settings`, like a cohort's source_path.
+    """
     if raw is not None and not isinstance(raw, Mapping):
         raise StageConfigError([_error((), "config must be a JSON object")])
     model = CONFIG_MODELS[Stage(stage)]
@@ -212,44 +218,51 @@ def validate_stage_config(
                 for e in exc.errors(include_url=False, include_input=False)
             ]
         ) from exc
-    _check_locations(config, data_roots)
+    _check_locations(config, settings)
     return config  # type: ignore[return-value]
 
 
-def _check_locations(config: _Config, data_roots: Sequence[Path]) -> None:
+def check_destination(destination: str, settings: Settings) -> str:
+    """A folder an export may be copied to: s3:// or under a data root; it need not exist yet."""
+    if destination.startswith("s3://") or "://" in destination:
+        return check_location(destination, settings)
+    path = Path(destination).expanduser()
+    if not path.is_absolute():
+        raise SourceError(f"destination must be an absolute path: {destination!r}")
+    resolved = path.resolve()
+    existing = next(p for p in (resolved, *resolved.parents) if p.exists())
+    check_location(str(existing), settings)  # inside a root, and a folder
+    return str(resolved)
+
+
+def _check_locations(config: _Config, settings: Settings) -> None:
     try:
         if isinstance(config, ExportConfig) and config.destination:
-            normalize_location(config.destination, data_roots, must_exist=False)
+            check_destination(config.destination, settings)
         if isinstance(config, AnonymizationConfig) and config.patient_id.csv_path:
             csv_path = config.patient_id.csv_path
-            if not csv_path.startswith("s3://"):
-                parent = str(Path(csv_path).parent)
-                normalize_location(parent, data_roots, must_exist=True)
-                if not Path(csv_path).resolve().is_file():
-                    raise LocationError(f"{csv_path!r} is not a file")
+            if csv_path.startswith("s3://"):
+                check_location(csv_path, settings)
             else:
-                normalize_location(csv_path, data_roots)
-    except LocationError as exc:
+                check_location(str(Path(csv_path).expanduser().resolve().parent), settings)
+                if not Path(csv_path).expanduser().resolve().is_file():
+                    raise SourceError(f"{csv_path!r} is not a file")
+    except SourceError as exc:
         field = "destination" if isinstance(config, ExportConfig) else "patient_id.csv_path"
         raise StageConfigError([_error(tuple(field.split(".")), str(exc))]) from exc
 
 
 def public_config(config: StageConfig) -> dict[str, Any]:
-    """The config as the gateway stores and shows it: defaults filled in, secrets left out."""
+    """The config as the gateway stores and shows it: defaults filled in, secrets as `"***"`."""
+    return dict(redact_config(config.model_dump(mode="json")))
+
+
+def event_config(config: StageConfig, settings: Settings) -> dict[str, Any]:
+    """The config as the stage service receives it: secrets sealed (`sealed:v1:...`).
+
+    Raises `shared.secrets.SecretError` when there is a secret to pass but no project secret.
+    """
     data = config.model_dump(mode="json")
     if isinstance(config, AnonymizationConfig):
-        data["audit_export"].pop("password", None)
-    return data
-
-
-def event_config(config: StageConfig, project_secret: str) -> dict[str, Any]:
-    """The config as the stage service receives it: secrets sealed (`audit_export.password_sealed`).
-
-    Raises `sealing.SealingError` when there is a secret to pass but no project secret to seal it.
-    """
-    data = public_config(config)
-    if isinstance(config, AnonymizationConfig):
-        data["audit_export"]["password_sealed"] = seal(
-            config.audit_export.password.get_secret_value(), project_secret
-        )
-    return data
+        data["audit_export"]["password"] = config.audit_export.password.get_secret_value()
+    return dict(seal_config(data, settings))

@@ -4,8 +4,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
-from services.gateway.cohorts.sealing import SealingError, seal, unseal
 from services.gateway.cohorts.stage_config import (
     StageConfigError,
     event_config,
@@ -13,8 +13,13 @@ from services.gateway.cohorts.stage_config import (
     public_config,
     validate_stage_config,
 )
+from shared.secrets import SecretError, unseal
+from shared.settings import Settings
 from shared.topics import Stage
 
+SETTINGS = Settings(
+    data_roots=[Path("/nonexistent-root")], project_secret=SecretStr("project-secret")
+)
 AUDIT = {"audit_export": {"format": "csv", "password": "correct horse"}}
 
 
@@ -46,7 +51,7 @@ def test_dotted_keys_are_nested_objects() -> None:
     ],
 )
 def test_valid_configs(stage: Stage, raw: dict[str, Any], check: dict[str, Any]) -> None:
-    config = public_config(validate_stage_config(stage, raw))
+    config = public_config(validate_stage_config(stage, raw, SETTINGS))
     for key, value in check.items():
         assert config[key] == value
 
@@ -64,7 +69,7 @@ def test_valid_configs(stage: Stage, raw: dict[str, Any], check: dict[str, Any])
         (Stage.export, {"outputModes": ["mp4"]}, "config.outputModes.0"),
         (Stage.export, {"includeIntents": ["anat", "beh"]}, "config.includeIntents.1"),
         (Stage.export, {"includeProvenance": ["Other"]}, "config.includeProvenance.0"),
-        (Stage.export, {"destination": "/etc"}, "config.destination: '/etc' is outside"),
+        (Stage.export, {"destination": "/etc"}, "'/etc' is outside the allowed data roots"),
         (Stage.anonymization, {}, "config.audit_export: Field required"),
         (Stage.anonymization, {"audit_export": {"format": "csv"}}, "audit_export.password"),
         (Stage.anonymization, {"audit_export.password": "short"}, "audit_export.password"),
@@ -76,29 +81,40 @@ def test_valid_configs(stage: Stage, raw: dict[str, Any], check: dict[str, Any])
 )
 def test_bad_configs_say_where(stage: Stage, raw: dict[str, Any], where: str) -> None:
     with pytest.raises(StageConfigError) as caught:
-        validate_stage_config(stage, raw, [Path("/nonexistent-root")])
+        validate_stage_config(stage, raw, SETTINGS)
     assert where in str(caught.value)
     assert all(error["loc"][0] == "config" for error in caught.value.errors)
 
 
 def test_the_audit_password_is_never_public_and_travels_sealed() -> None:
-    config = validate_stage_config(Stage.anonymization, AUDIT)
+    config = validate_stage_config(Stage.anonymization, AUDIT, SETTINGS)
     public = public_config(config)
-    assert "password" not in public["audit_export"]
+    assert public["audit_export"]["password"] == "***"
     assert "correct horse" not in repr(public) and "correct horse" not in repr(config)
-    sent = event_config(config, "project-secret")
-    token = sent["audit_export"]["password_sealed"]
+    sent = event_config(config, SETTINGS)
+    token = sent["audit_export"]["password"]
     assert "correct horse" not in token
-    assert unseal(token, "project-secret") == "correct horse"
-    with pytest.raises(SealingError):
-        unseal(token, "another-secret")
-    with pytest.raises(SealingError, match="PROJECT_SECRET"):
-        event_config(config, "")
-    assert seal("x", "k") != seal("x", "k")  # fresh IV every time
+    assert unseal(token, SETTINGS) == "correct horse"
+    with pytest.raises(SecretError):
+        unseal(token, Settings(project_secret=SecretStr("another-secret")))
+    with pytest.raises(SecretError, match="PROJECT_SECRET"):
+        event_config(config, Settings(project_secret=SecretStr("")))
 
 
 def test_export_destination_under_a_root(tmp_path: Path) -> None:
-    config = validate_stage_config(
-        Stage.export, {"destination": str(tmp_path / "out" / "bids")}, [tmp_path]
-    )
-    assert public_config(config)["destination"] == str(tmp_path / "out" / "bids")
+    settings = Settings(data_roots=[tmp_path])
+    target = str(tmp_path / "out" / "bids")
+    config = validate_stage_config(Stage.export, {"destination": target}, settings)
+    assert public_config(config)["destination"] == target
+    with pytest.raises(StageConfigError, match="outside the allowed data roots"):
+        validate_stage_config(Stage.export, {"destination": f"{tmp_path}/../x"}, settings)
+
+
+def test_csv_strategy_needs_an_existing_table_under_a_root(tmp_path: Path) -> None:
+    settings = Settings(data_roots=[tmp_path])
+    table = tmp_path / "ids.csv"
+    raw = {"patient_id": {"strategy": "csv", "csv_path": str(table)}, **AUDIT}
+    with pytest.raises(StageConfigError, match="is not a file"):
+        validate_stage_config(Stage.anonymization, raw, settings)
+    table.write_text("original,pseudonym\n")
+    validate_stage_config(Stage.anonymization, raw, settings)
