@@ -1,0 +1,71 @@
+"""The de-identification core: DICOM PS3.15 Annex E as data, applied without any I/O.
+
+`load_profile(options)` compiles Table E.1-1; `anonymize(ds, ctx)` de-identifies one dataset;
+`verify(output, identifiers)` searches the written output for anything the input identified.
+"""
+
+from services.anonymizer.profile.dates import (
+    age_string,
+    date_offset_days,
+    shift_da,
+    shift_dt,
+    timepoint_label,
+)
+from services.anonymizer.profile.engine import (
+    AnonymizationContext,
+    AnonymizationResult,
+    anonymize,
+    dicom_bytes,
+)
+from services.anonymizer.profile.identifiers import IdentifierSet
+from services.anonymizer.profile.options import (
+    CATEGORIES,
+    ConfigError,
+    PatientIdOptions,
+    ProfileOptions,
+)
+from services.anonymizer.profile.pseudonyms import (
+    MemoryPseudonymStore,
+    PseudonymCollision,
+    PseudonymError,
+    PseudonymStore,
+    pseudonymize_patient_id,
+    read_mapping,
+    subject_key,
+)
+from services.anonymizer.profile.quarantine import Quarantine, burned_in_risk
+from services.anonymizer.profile.table import Profile, Rule, load_profile
+from services.anonymizer.profile.uids import new_uid
+from services.anonymizer.profile.verify import Finding, verify
+
+__all__ = [
+    "CATEGORIES",
+    "AnonymizationContext",
+    "AnonymizationResult",
+    "ConfigError",
+    "Finding",
+    "IdentifierSet",
+    "MemoryPseudonymStore",
+    "PatientIdOptions",
+    "Profile",
+    "ProfileOptions",
+    "PseudonymCollision",
+    "PseudonymError",
+    "PseudonymStore",
+    "Quarantine",
+    "Rule",
+    "age_string",
+    "anonymize",
+    "burned_in_risk",
+    "date_offset_days",
+    "dicom_bytes",
+    "load_profile",
+    "new_uid",
+    "pseudonymize_patient_id",
+    "read_mapping",
+    "shift_da",
+    "shift_dt",
+    "subject_key",
+    "timepoint_label",
+    "verify",
+]
