@@ -88,7 +88,9 @@ class GatewayClient:
                 detail = response.json().get("detail")
             except ValueError:
                 detail = response.text
-            raise RunError(f"{response.request.method} {response.request.url.path}: {response.status_code} {detail}")
+            raise RunError(
+                f"{response.request.method} {response.request.url.path}: {response.status_code} {detail}"
+            )
         return response.json() if response.content else None
 
     def find_cohort(self, name: str) -> dict[str, Any] | None:
@@ -117,7 +119,11 @@ class GatewayClient:
 
     def run_stage(self, cohort_id: str, stage: Stage, config: dict[str, Any]) -> dict[str, Any]:
         return dict(
-            self._check(self.http.post(f"/api/cohorts/{cohort_id}/stages/{stage.value}/run", json={"config": config}))
+            self._check(
+                self.http.post(
+                    f"/api/cohorts/{cohort_id}/stages/{stage.value}/run", json={"config": config}
+                )
+            )
         )
 
     def job(self, job_id: str) -> dict[str, Any]:
@@ -154,7 +160,9 @@ def _stage_configs(options: RunOptions) -> dict[str, dict[str, Any]]:
     return configs
 
 
-def _watch(client: GatewayClient, jobs: list[dict[str, Any]], console: Console, options: RunOptions) -> list[dict[str, Any]]:
+def _watch(
+    client: GatewayClient, jobs: list[dict[str, Any]], console: Console, options: RunOptions
+) -> list[dict[str, Any]]:
     """Poll the jobs until each is terminal, one progress bar per stage."""
     deadline = time.monotonic() + options.timeout_s
     states = {j["id"]: j for j in jobs}
@@ -192,7 +200,9 @@ def _summary_table(cohort: dict[str, Any], jobs: list[dict[str, Any]]) -> Table:
         table.add_column(col)
     for job in jobs:
         summary = job.get("summary") or {}
-        brief = ", ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, int | float | str))
+        brief = ", ".join(
+            f"{k}={v}" for k, v in summary.items() if isinstance(v, int | float | str)
+        )
         table.add_row(
             job["stage"],
             job["status"],
@@ -203,7 +213,9 @@ def _summary_table(cohort: dict[str, Any], jobs: list[dict[str, Any]]) -> Table:
     return table
 
 
-def run(options: RunOptions, gateway_url: str, token: str | None, console: Console) -> tuple[int, dict[str, Any]]:
+def run(
+    options: RunOptions, gateway_url: str, token: str | None, console: Console
+) -> tuple[int, dict[str, Any]]:
     """Run the job; returns the exit code and the `--json` document."""
     source = options.source.expanduser().resolve()
     if not source.is_dir():
@@ -213,7 +225,9 @@ def run(options: RunOptions, gateway_url: str, token: str | None, console: Conso
     cohort = client.find_cohort(options.name)
     if cohort is None:
         cohort = client.create_cohort(options.name, source, options.anonymize)
-        console.print(f"created cohort [bold]{options.name}[/] ({cohort['id']})") if not options.as_json else None
+        console.print(
+            f"created cohort [bold]{options.name}[/] ({cohort['id']})"
+        ) if not options.as_json else None
     elif not options.as_json:
         console.print(f"reusing cohort [bold]{options.name}[/] ({cohort['id']})")
     cohort_id = cohort["id"]
@@ -231,7 +245,9 @@ def run(options: RunOptions, gateway_url: str, token: str | None, console: Conso
                 break
 
     if options.out is not None:
-        exports = [j for j in finished if j["stage"] == Stage.export.value and j["status"] == "completed"]
+        exports = [
+            j for j in finished if j["stage"] == Stage.export.value and j["status"] == "completed"
+        ]
         for job in exports:
             files = client.export_files(cohort_id, job["id"])
             for f in files:
@@ -269,5 +285,7 @@ def run(options: RunOptions, gateway_url: str, token: str | None, console: Conso
         console.print(_summary_table(cohort, finished))
         for job in finished:
             for err in (job.get("errors") or [])[:10]:
-                console.print(f"  [yellow]{job['stage']}[/] {err.get('item')}: {err.get('message')}")
+                console.print(
+                    f"  [yellow]{job['stage']}[/] {err.get('item')}: {err.get('message')}"
+                )
     return (1 if failed else 0), doc

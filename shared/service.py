@@ -24,12 +24,12 @@ from pydantic import ValidationError
 
 from shared import topics
 from shared.broker import make_broker, subscriber_kwargs
-from shared.db import create_pool, migrate
+from shared.db import create_pool
 from shared.events import DeadLetter, Envelope
 from shared.observability import configure_logging, health_router
 from shared.outbox import OutboxRelay
 from shared.settings import Settings, get_settings
-from shared.stage import StagePlugin, StageRuntime
+from shared.stage import StagePlugin, StageRuntime, migrate_stage_schema
 from shared.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,7 @@ async def serve_stage(plugin: StagePlugin, migrations_dir: Path | None) -> None:
 
     pool = await create_pool(settings)
     runtime = StageRuntime(plugin, pool, settings)
-    await migrate(pool, plugin.schema, None)
-    await runtime.migrate()
-    await migrate(pool, plugin.schema, migrations_dir)
+    await migrate_stage_schema(pool, plugin.schema, migrations_dir)
     await asyncio.to_thread(ObjectStore(settings).ensure_buckets)
 
     broker = make_broker(settings, plugin.service)

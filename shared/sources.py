@@ -50,7 +50,9 @@ def check_location(location: str, settings: Settings | None = None) -> str:
     roots = [Path(r).expanduser().resolve() for r in settings.data_roots]
     if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
         allowed = ", ".join(str(r) for r in roots) or "none configured (set COHORTFLOW_DATA_ROOTS)"
-        raise SourceError(f"source_path {str(resolved)!r} is outside the allowed data roots: {allowed}")
+        raise SourceError(
+            f"source_path {str(resolved)!r} is outside the allowed data roots: {allowed}"
+        )
     if not resolved.exists():
         raise SourceError(f"source_path {str(resolved)!r} does not exist")
     if not resolved.is_dir():

@@ -23,12 +23,13 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import asyncpg
 
 from shared import topics
-from shared.db import relation_exists
+from shared.db import migrate, relation_exists
 from shared.events import (
     CohortRef,
     DeadLetter,
@@ -79,6 +80,16 @@ CREATE TABLE IF NOT EXISTS {schema}.run_items (
     PRIMARY KEY (job_id, item_key)
 );
 """
+
+
+async def migrate_stage_schema(
+    pool: asyncpg.Pool, schema: str, migrations_dir: Path | None
+) -> list[str]:
+    """Create a stage's schema with the runtime tables, then apply the stage's own migrations."""
+    await migrate(pool, schema, None)
+    async with pool.acquire() as conn:
+        await conn.execute(RUNTIME_DDL.format(schema=schema))
+    return await migrate(pool, schema, migrations_dir)
 
 
 class ItemCancelled(Exception):
@@ -169,10 +180,6 @@ class StageRuntime:
         self.settings = settings or get_settings()
         self.schema = plugin.schema
         self._cancelled: set[uuid.UUID] = set()
-
-    async def migrate(self) -> None:
-        async with self.pool.acquire() as conn:
-            await conn.execute(RUNTIME_DDL.format(schema=self.schema))
 
     # --- events out -------------------------------------------------------------------------
 

@@ -1,0 +1,45 @@
+"""`cohortflow migrate`: apply every service's schema migrations once (the Kubernetes migration Job).
+
+Services also migrate their own schema at start-up; both paths call the same functions, under the
+same advisory locks, so running this while services start is safe.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from shared.db import create_pool, migrate
+from shared.settings import Settings, get_settings
+from shared.stage import migrate_stage_schema
+
+# schema -> (migrations folder module, has a stage runtime)
+SCHEMAS: dict[str, tuple[str, bool]] = {
+    "gateway": ("services.gateway", False),
+    "anonymizer": ("services.anonymizer", True),
+    "catalog": ("services.extractor", True),
+    "sorting": ("services.sorter", True),
+    "export": ("services.exporter", True),
+}
+
+
+def _migrations_dir(module: str) -> Path | None:
+    package = importlib.import_module(module)
+    folder = Path(package.__file__ or "").parent / "migrations"
+    return folder if folder.is_dir() else None
+
+
+async def migrate_all(settings: Settings | None = None) -> dict[str, list[str]]:
+    settings = settings or get_settings()
+    pool = await create_pool(settings, min_size=1, max_size=2)
+    applied: dict[str, list[str]] = {}
+    try:
+        for schema, (module, runtime) in SCHEMAS.items():
+            folder = _migrations_dir(module)
+            if runtime:
+                applied[schema] = await migrate_stage_schema(pool, schema, folder)
+            else:
+                applied[schema] = await migrate(pool, schema, folder)
+    finally:
+        await pool.close()
+    return applied
