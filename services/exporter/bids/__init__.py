@@ -1,0 +1,46 @@
+"""The BIDS core of the exporter: naming, planning, sidecars and dataset files (no Kafka, SQL or S3)."""
+
+from services.exporter.bids.dataset import ExportedStack, dataset_description, write_dataset_files
+from services.exporter.bids.entities import (
+    bids_name,
+    bids_path,
+    load_entity_table,
+    parse_bids_name,
+    sanitize_label,
+)
+from services.exporter.bids.fieldmaps import ScanRecord, link_fieldmaps
+from services.exporter.bids.outputs import OutputName, name_outputs
+from services.exporter.bids.plan import (
+    StudyVisit,
+    Target,
+    assign_sessions,
+    plan_names,
+    select_stacks,
+    stack_target,
+)
+from services.exporter.bids.sidecar import build_sidecar, missing_required
+from services.exporter.bids.stack import ExportStack
+
+__all__ = [
+    "ExportStack",
+    "ExportedStack",
+    "OutputName",
+    "ScanRecord",
+    "StudyVisit",
+    "Target",
+    "assign_sessions",
+    "bids_name",
+    "bids_path",
+    "build_sidecar",
+    "dataset_description",
+    "link_fieldmaps",
+    "load_entity_table",
+    "missing_required",
+    "name_outputs",
+    "parse_bids_name",
+    "plan_names",
+    "sanitize_label",
+    "select_stacks",
+    "stack_target",
+    "write_dataset_files",
+]

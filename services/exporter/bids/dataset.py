@@ -1,0 +1,296 @@
+"""Dataset-level files: `dataset_description.json`, `participants.tsv/json`, `sessions.tsv`,
+`scans.tsv`, `README`, `.bidsignore`, derivative descriptions, and the field-map links in sidecars.
+
+Everything here is computed from the exported stacks and written once, after the last stack, so a
+re-run over the same stacks rewrites the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from services.exporter.bids.entities import load_entity_table, parse_bids_name, sanitize_label
+from services.exporter.bids.fieldmaps import ScanRecord, link_fieldmaps
+from services.exporter.bids.plan import DERIVATIVES, load_naming_rules
+from services.exporter.bids.sidecar import slice_normal
+from services.exporter.bids.stack import ExportStack, parse_dicom_datetime
+
+
+@dataclass
+class ExportedStack:
+    """What one stack became: its NIfTI images and every file written, relative to the root."""
+
+    stack: ExportStack
+    base: PurePosixPath
+    images: list[PurePosixPath] = field(default_factory=list)  # .nii / .nii.gz
+    files: list[PurePosixPath] = field(default_factory=list)
+    tool: str | None = None
+    tool_version: str | None = None
+    skipped: list[str] = field(default_factory=list)  # images not exported, with the reason
+    warnings: list[str] = field(default_factory=list)
+
+
+def cohortflow_version() -> str:
+    try:
+        return metadata.version("cohortflow")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def format_acq_time(date: str | None, time: str | None) -> str:
+    """BIDS `acq_time` (`YYYY-MM-DDThh:mm:ss`) from a DICOM DA and TM; `n/a` without a date."""
+    if not (date or "").strip():
+        return "n/a"
+    moment = parse_dicom_datetime(date, time)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") if moment else "n/a"
+
+
+def dataset_description(
+    name: str,
+    *,
+    dcm2niix_version: str | None,
+    dataset_type: str = "raw",
+    tools: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """`dataset_description.json`: Name, BIDSVersion, DatasetType and GeneratedBy with versions."""
+    generated = [
+        {
+            "Name": "Cohortflow",
+            "Version": cohortflow_version(),
+            "Description": "DICOM de-identification, cataloguing, classification and BIDS export",
+        }
+    ]
+    if dcm2niix_version:
+        generated.append({"Name": "dcm2niix", "Version": dcm2niix_version})
+    for tool, version in sorted((tools or {}).items()):
+        if tool != "dcm2niix":
+            generated.append({"Name": tool, "Version": version})
+    description: dict[str, Any] = {
+        "Name": name,
+        "BIDSVersion": load_entity_table().bids_version,
+        "DatasetType": dataset_type,
+        "GeneratedBy": generated,
+    }
+    if dataset_type == "derivative":
+        description["SourceDatasets"] = [{"URL": "../../"}]
+    return description
+
+
+PARTICIPANTS_JSON: dict[str, Any] = {
+    "age": {
+        "Description": "age of the participant at the first exported study, from PatientAge (0010,1010)",
+        "Units": "year",
+    },
+    "sex": {
+        "Description": "sex of the participant as recorded in PatientSex (0010,0040)",
+        "Levels": {"M": "male", "F": "female", "O": "other"},
+    },
+}
+
+
+def _header_value(header: Mapping[str, Any], tag: str) -> Any:
+    values = header.get(tag, {}).get("Value") or []
+    return values[0] if values else None
+
+
+def participant_info(stack: ExportStack) -> dict[str, str]:
+    """`age` and `sex` from the stack's header (kept only if anonymization kept them)."""
+    header = stack.summary.header
+    info = {"age": "n/a", "sex": "n/a"}
+    sex = _header_value(header, "00100040")
+    if isinstance(sex, str) and sex.strip().upper() in ("M", "F", "O"):
+        info["sex"] = sex.strip().upper()
+    age = _header_value(header, "00101010")  # AS: nnnD/W/M/Y
+    if isinstance(age, str) and len(age) == 4 and age[:3].isdigit():
+        scale = {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}.get(age[3].upper())
+        if scale:
+            years = int(age[:3]) / scale
+            info["age"] = str(int(years)) if age[3].upper() == "Y" else f"{years:.2f}"
+    return info
+
+
+def tsv(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    return "\n".join("\t".join(r) for r in [list(header), *rows]) + "\n"
+
+
+def _scan_record(root: Path, exported: ExportedStack, image: PurePosixPath) -> ScanRecord:
+    entities, suffix, _ = parse_bids_name(image.name)
+    sidecar_path = root / str(image).replace(".nii.gz", ".json").replace(".nii", ".json")
+    phase_axis = None
+    if sidecar_path.is_file():
+        direction = json.loads(sidecar_path.read_text("utf-8")).get("PhaseEncodingDirection")
+        phase_axis = direction[0] if isinstance(direction, str) and direction else None
+    return ScanRecord(
+        path=image,
+        subject=entities["sub"],
+        session=entities.get("ses"),
+        datatype=image.parent.name,
+        suffix=suffix,
+        entities=entities,
+        acquired_at=exported.stack.acquired_at,
+        slice_normal=slice_normal(exported.stack.summary.image_orientation),
+        phase_axis=phase_axis,
+    )
+
+
+def _update_sidecar(root: Path, image: PurePosixPath, additions: Mapping[str, Any]) -> None:
+    path = root / str(image).replace(".nii.gz", ".json").replace(".nii", ".json")
+    sidecar = json.loads(path.read_text("utf-8")) if path.is_file() else {}
+    sidecar.update(additions)
+    path.write_text(json.dumps(sidecar, indent=2) + "\n", "utf-8")
+
+
+def _is_raw(path: PurePosixPath) -> bool:
+    return path.parts[0] not in (DERIVATIVES.name, "sourcedata")
+
+
+def write_dataset_files(
+    root: Path,
+    exports: Sequence[ExportedStack],
+    *,
+    name: str,
+    dcm2niix_version: str | None,
+    layout: str = "bids",
+    readme: str | None = None,
+) -> list[Path]:
+    """Write the dataset-level files for `exports` under `root`; returns the files written.
+
+    For the `flat` layout only `dataset_description.json` and `README` are written (a flat folder
+    is not a BIDS dataset and is not validated).
+    """
+    written: list[Path] = []
+
+    def put(relative: str | PurePosixPath, text: str) -> None:
+        path = root / str(relative)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, "utf-8")
+        written.append(path)
+
+    tools = {e.tool: e.tool_version for e in exports if e.tool and e.tool_version}
+    put(
+        "dataset_description.json",
+        json.dumps(
+            dataset_description(name, dcm2niix_version=dcm2niix_version, tools=tools), indent=2
+        )
+        + "\n",
+    )
+    put("README", readme or _readme(name, exports, layout))
+    if layout == "flat":
+        return written
+
+    raw = [(e, image) for e in exports for image in e.images if _is_raw(image)]
+    links = link_fieldmaps([_scan_record(root, e, image) for e, image in raw])
+    for image, additions in sorted(links.items()):
+        _update_sidecar(root, image, additions)
+
+    subjects: dict[str, dict[str, str]] = {}
+    sessions: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    scans: dict[PurePosixPath, list[tuple[str, str]]] = defaultdict(list)
+    for exported in sorted(exports, key=lambda e: str(e.base)):
+        stack = exported.stack
+        subject = sanitize_label(stack.subject)
+        info = participant_info(stack)
+        known = subjects.setdefault(subject, info)
+        for column, value in info.items():
+            if known[column] == "n/a":
+                known[column] = value
+        acq_time = format_acq_time(
+            stack.acquisition_date or stack.summary.study_date,
+            stack.acquisition_time or stack.summary.acquisition_time,
+        )
+        for image in exported.images:
+            if not _is_raw(image):
+                continue
+            session_dir = image.parent.parent
+            scans[session_dir].append((image.relative_to(session_dir).as_posix(), acq_time))
+            if stack.session:
+                sessions[subject][sanitize_label(stack.session)].append(acq_time)
+
+    put(
+        "participants.tsv",
+        tsv(
+            ["participant_id", "age", "sex"],
+            [[f"sub-{s}", i["age"], i["sex"]] for s, i in sorted(subjects.items())],
+        ),
+    )
+    put("participants.json", json.dumps(PARTICIPANTS_JSON, indent=2) + "\n")
+    for subject, by_session in sorted(sessions.items()):
+        session_rows = []
+        for session, times in sorted(by_session.items()):
+            known_times = sorted(t for t in times if t != "n/a")
+            session_rows.append([f"ses-{session}", known_times[0] if known_times else "n/a"])
+        put(
+            f"sub-{subject}/sub-{subject}_sessions.tsv",
+            tsv(["session_id", "acq_time"], session_rows),
+        )
+    for session_dir, scan_rows in sorted(scans.items()):
+        prefix = "_".join(session_dir.parts)
+        put(session_dir / f"{prefix}_scans.tsv", tsv(["filename", "acq_time"], sorted(scan_rows)))
+
+    for pipeline in sorted(
+        {e.base.parts[1] for e in exports if e.base.parts[0] == DERIVATIVES.name}
+    ):
+        description = dataset_description(
+            f"{name} ({pipeline})",
+            dcm2niix_version=dcm2niix_version,
+            dataset_type="derivative",
+            tools=tools,
+        )
+        put(
+            DERIVATIVES / pipeline / "dataset_description.json",
+            json.dumps(description, indent=2) + "\n",
+        )
+    put(".bidsignore", bidsignore(exports))
+    return written
+
+
+def bidsignore(exports: Sequence[ExportedStack]) -> str:
+    """Patterns for the raw files BIDS has no name for yet (e.g. `swi`, CT), so validation stays clean."""
+    rules = load_naming_rules()
+    patterns: set[str] = set()
+    for exported in exports:
+        for image in exported.images:
+            if not _is_raw(image):
+                continue
+            datatype = image.parent.name
+            _, suffix, _ = parse_bids_name(image.name)
+            if datatype not in rules.raw_suffixes:
+                patterns.add(f"**/{datatype}/")
+            elif not rules.is_standard(datatype, suffix):
+                patterns.add(f"*_{suffix}.*")
+    return "".join(f"{p}\n" for p in sorted(patterns))
+
+
+def _readme(name: str, exports: Sequence[ExportedStack], layout: str) -> str:
+    subjects = sorted({sanitize_label(e.stack.subject) for e in exports})
+    pipelines = sorted({e.base.parts[1] for e in exports if e.base.parts[0] == DERIVATIVES.name})
+    lines = [
+        f"# {name}",
+        "",
+        f"Exported by Cohortflow {cohortflow_version()} from DICOM ({layout} layout): "
+        f"{len(subjects)} subject(s), {len(exports)} series stack(s).",
+        "Images were converted with dcm2niix (dicom2nifti where dcm2niix failed; the sidecar's "
+        "ConversionSoftware says which). Dates are as stored after de-identification: when study "
+        "dates were shifted, acq_time values are shifted by the same per-subject offset.",
+    ]
+    if pipelines:
+        lines += [
+            "",
+            "Scanner-generated maps are kept apart under "
+            + ", ".join(f"derivatives/{p}/" for p in pipelines)
+            + ".",
+        ]
+    if any(e.base.parts[0] == "sourcedata" for e in exports) or any(
+        f.parts[0] == "sourcedata" for e in exports for f in e.files
+    ):
+        lines += [
+            "",
+            "sourcedata/dicom/ holds the DICOM instances of each exported stack (de-identified when the cohort was anonymized).",
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,156 @@
+"""Exporting one stack into a dataset folder: convert, name each image, write sidecars, copy DICOM.
+
+One call per work item. It never touches other stacks' files, so items run in parallel and one
+failing stack (the caller catches `ConverterError`) fails only its own item.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from services.exporter.bids.dataset import ExportedStack
+from services.exporter.bids.entities import Layout, parse_bids_name
+from services.exporter.bids.outputs import name_outputs
+from services.exporter.bids.sidecar import build_sidecar, missing_required
+from services.exporter.bids.stack import ExportStack
+from services.exporter.convert.stack import convert_stack, copy_dicom_stack
+
+OutputMode = Literal["dcm", "nii", "nii.gz"]
+OverwritePolicy = Literal["skip", "overwrite"]
+
+
+def dicom_folder(base: PurePosixPath, layout: Layout) -> PurePosixPath:
+    """Where DICOM copies of a stack go: `sourcedata/dicom/<bids path>/` in BIDS, `<name>/` when flat."""
+    return PurePosixPath("sourcedata", "dicom") / base if layout == "bids" else base
+
+
+def _gzip_copy(source: Path, target: Path) -> None:
+    with source.open("rb") as raw, gzip.open(target, "wb", compresslevel=6) as packed:
+        shutil.copyfileobj(raw, packed, 1 << 20)
+
+
+def export_stack(
+    stack: ExportStack,
+    base: PurePosixPath,
+    root: Path,
+    *,
+    output_modes: Sequence[OutputMode] = ("nii.gz",),
+    layout: Layout = "bids",
+    overwrite: OverwritePolicy = "overwrite",
+    timeout_s: float = 600.0,
+) -> ExportedStack:
+    """Write the stack under `root` at its planned `base` path (from `plan_names`).
+
+    NIfTI modes convert once (`.nii.gz` and `.nii` both requested: one conversion, one extra gzip);
+    the DICOM mode copies the instances. With `overwrite="skip"` a stack whose first output already
+    exists is left as it is (and reported with no files).
+    """
+    result = ExportedStack(stack=stack, base=base)
+    nifti_modes = [m for m in output_modes if m in ("nii", "nii.gz")]
+    if overwrite == "skip":
+        probe = (
+            root / f"{base}.{nifti_modes[0]}"
+            if nifti_modes
+            else root / dicom_folder(base, layout) / "00001.dcm"
+        )
+        if probe.exists():
+            result.skipped.append("already exported (overwrite policy: skip)")
+            return result
+    if nifti_modes:
+        _export_nifti(stack, base, root, nifti_modes, timeout_s, result)
+    if "dcm" in output_modes:
+        folder = dicom_folder(base, layout)
+        if (root / folder).exists():
+            shutil.rmtree(root / folder)
+        for path in copy_dicom_stack(stack.files, root / folder):
+            result.files.append(PurePosixPath(path.relative_to(root).as_posix()))
+    return result
+
+
+def _export_nifti(
+    stack: ExportStack,
+    base: PurePosixPath,
+    root: Path,
+    modes: Sequence[str],
+    timeout_s: float,
+    result: ExportedStack,
+) -> None:
+    compress = "nii" not in modes
+    target_dir = root / str(base.parent)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=target_dir))
+    try:
+        converted = convert_stack(stack.files, scratch, "image", compress, timeout_s)
+        result.tool, result.tool_version = converted.tool, converted.tool_version
+        result.warnings += converted.warnings
+        if converted.fallback_reason:
+            result.warnings.append(f"converted with {converted.tool}: {converted.fallback_reason}")
+        names = name_outputs(base, [image.tokens for image in converted.images])
+        for image, named in zip(converted.images, names, strict=True):
+            if named.base is None:
+                result.skipped.append(f"image{image.postfix or ' (main)'}: {named.reason}")
+                continue
+            _place_image(stack, image.files(), named.base, root, modes, result)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _place_image(
+    stack: ExportStack,
+    files: Sequence[tuple[str, Path]],
+    name: PurePosixPath,
+    root: Path,
+    modes: Sequence[str],
+    result: ExportedStack,
+) -> None:
+    entities, suffix, _ = parse_bids_name(name.name)
+    for kind, path in files:
+        if kind == "nii":
+            for mode in modes:
+                target = root / f"{name}.{mode}"
+                if mode == "nii.gz" and path.name.endswith(".nii"):
+                    _gzip_copy(path, target)
+                else:
+                    shutil.copyfile(path, target)
+                relative = PurePosixPath(f"{name}.{mode}")
+                result.images.append(relative)
+                result.files.append(relative)
+        elif kind == "json":
+            converted = json.loads(path.read_text("utf-8"))
+            sidecar = build_sidecar(
+                converted,
+                datatype=name.parent.name or stack.datatype,
+                suffix=suffix,
+                entities=entities,
+                task_name=stack.task_name,
+            )
+            missing = missing_required(sidecar, suffix)
+            if missing:
+                result.warnings.append(f"{name.name}: sidecar lacks required {', '.join(missing)}")
+            (root / f"{name}.json").write_text(json.dumps(sidecar, indent=2) + "\n", "utf-8")
+            result.files.append(PurePosixPath(f"{name}.json"))
+        else:
+            shutil.copyfile(path, root / f"{name}.{kind}")
+            result.files.append(PurePosixPath(f"{name}.{kind}"))
+    if suffix == "asl":
+        _write_aslcontext(stack, name, root, result)
+
+
+def _write_aslcontext(
+    stack: ExportStack, name: PurePosixPath, root: Path, result: ExportedStack
+) -> None:
+    """`<base>_aslcontext.tsv`: one `volume_type` per volume (control, label, m0scan, deltam, cbf)."""
+    if not stack.aslcontext:
+        result.warnings.append(f"{name.name}: volume types unknown, aslcontext.tsv not written")
+        return
+    target = name.with_name(name.name.removesuffix("_asl") + "_aslcontext.tsv")
+    (root / str(target)).write_text(
+        "volume_type\n" + "".join(f"{v}\n" for v in stack.aslcontext), "utf-8"
+    )
+    result.files.append(target)
