@@ -531,6 +531,20 @@ def test_deployment_is_locked_down_and_reads_config_and_secret(service: str) -> 
     assert sources == {("configMapRef", "cohortflow-config"), ("secretRef", "cohortflow-secrets")}
 
 
+def test_every_pod_meets_the_restricted_pod_security_profile() -> None:
+    namespace = one("Namespace", kustomization()["namespace"])
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    templates = [doc["spec"]["template"]["spec"] for doc in of_kind("Deployment") + of_kind("Job")]
+    assert len(templates) == len(SERVICES) + 1
+    for pod in templates:
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for c in pod["containers"]:
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+            assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_services_and_disruption_budgets_select_the_pods(service: str) -> None:
     pod_labels = deployment(service)["spec"]["template"]["metadata"]["labels"]
