@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from shared.broker import ensure_topics
 from shared.db import create_pool, migrate
 from shared.settings import Settings, get_settings
 from shared.stage import migrate_stage_schema
@@ -42,4 +43,5 @@ async def migrate_all(settings: Settings | None = None) -> dict[str, list[str]]:
                 applied[schema] = await migrate(pool, schema, folder)
     finally:
         await pool.close()
+    applied["topics"] = await ensure_topics(settings)
     return applied

@@ -56,3 +56,38 @@ def subscriber_kwargs(
         if listener is not None:
             options["listener"] = listener
     return options
+
+
+async def ensure_topics(settings: Settings | None = None, timeout_s: float = 60.0) -> list[str]:
+    """Create every topic of the registry that does not exist yet; returns the ones created.
+
+    Production Kafka usually has topic auto-creation off; the migration Job and the local stack
+    both call this so every topic exists with `kafka_partitions` partitions before consumers join.
+    """
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from shared.topics import all_topics
+
+    settings = settings or get_settings()
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap.split(","),
+        request_timeout_ms=int(timeout_s * 1000),
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in all_topics() if t not in existing]
+        if missing:
+            await admin.create_topics(
+                [
+                    NewTopic(
+                        t,
+                        num_partitions=settings.kafka_partitions,
+                        replication_factor=settings.kafka_replication_factor,
+                    )
+                    for t in missing
+                ]
+            )
+        return missing
+    finally:
+        await admin.close()

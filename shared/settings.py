@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     kafka_heartbeat_interval_ms: int = 3000
     kafka_max_poll_interval_ms: int = 900000
     kafka_partitions: int = 4
+    kafka_replication_factor: int = 1
 
     # S3-compatible object storage (MinIO in production)
     s3_endpoint: str = "127.0.0.1:9000"
@@ -68,6 +69,12 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = False
+
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, value: object) -> object:
+        # compose passes COHORTFLOW_API_TOKEN="" when none is configured: that means no auth
+        return None if value in ("", None) else value
 
     @field_validator("data_roots", mode="before")
     @classmethod
