@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from shared.secrets import redact_config, seal_config
+from shared.secrets import SECRET_KEYS, redact_config, seal_config
 from shared.settings import Settings
 from shared.sources import SourceError, check_location
 from shared.topics import Stage
@@ -266,3 +266,30 @@ def event_config(config: StageConfig, settings: Settings) -> dict[str, Any]:
     if isinstance(config, AnonymizationConfig):
         data["audit_export"]["password"] = config.audit_export.password.get_secret_value()
     return dict(seal_config(data, settings))
+
+
+def without_secrets(config: Any) -> Any:
+    """A stored (redacted) config with its secret keys left out altogether."""
+    if isinstance(config, dict):
+        return {k: without_secrets(v) for k, v in config.items() if k not in SECRET_KEYS}
+    if isinstance(config, list):
+        return [without_secrets(v) for v in config]
+    return config
+
+
+def scoped_run_config(stage: Stage, previous: dict[str, Any] | None) -> dict[str, Any]:
+    """The config of a scoped "new study" run: the cohort's last config for the stage, or defaults.
+
+    A scoped run has no user at hand to type a secret, so secrets are left out (the anonymizer then
+    records the study's audit rows without writing a new encrypted audit export).
+    """
+    if previous is not None:
+        return dict(without_secrets(previous))
+    if stage is Stage.anonymization:
+        return {
+            "patient_id": PatientIdConfig().model_dump(mode="json"),
+            "study_dates": StudyDatesConfig().model_dump(mode="json"),
+            "audit_export": {"format": "encrypted_excel"},
+            "anonymize_categories": list(ALL_ANONYMIZE_CATEGORIES),
+        }
+    return CONFIG_MODELS[stage]().model_dump(mode="json")

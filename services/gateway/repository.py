@@ -1,0 +1,373 @@
+"""The gateway's tables, read and written on a caller's connection (and so in its transaction).
+
+Lock order, everywhere: the cohort row first (`lock_cohort`), then its jobs. Starting runs, applying
+events and cancelling all serialise per cohort this way, so a check ("nothing is running") and the
+write that relies on it cannot interleave with another writer.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import asyncpg
+
+from services.gateway.cohorts.progress import StageSnapshot, cohort_progress
+from services.gateway.cohorts.stage_order import StageState
+from shared.topics import Stage
+
+MAX_ERRORS_KEPT = 200
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+ACTIVE = frozenset({"pending", "running"})
+
+COHORT_FIELDS = ("name", "source_path", "description", "owner", "tags", "anonymization_enabled")
+
+
+# --- cohorts ---------------------------------------------------------------------------------
+
+
+async def insert_cohort(conn: asyncpg.Connection, values: dict[str, Any]) -> asyncpg.Record:
+    """Insert a cohort; raises `asyncpg.UniqueViolationError` when the name is taken."""
+    row = await conn.fetchrow(
+        "INSERT INTO gateway.cohorts (id, name, source_path, description, owner, tags,"
+        " anonymization_enabled) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+        uuid.uuid4(),
+        *(values[f] for f in COHORT_FIELDS),
+    )
+    assert row is not None
+    return row
+
+
+async def get_cohort(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM gateway.cohorts WHERE id = $1", cohort_id)
+
+
+async def lock_cohort(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM gateway.cohorts WHERE id = $1 FOR UPDATE", cohort_id)
+
+
+async def find_cohort(conn: asyncpg.Connection, ref: str) -> asyncpg.Record | None:
+    """A cohort by id (when `ref` is a UUID) or by name (any case)."""
+    try:
+        return await get_cohort(conn, uuid.UUID(ref))
+    except ValueError:
+        return await conn.fetchrow(
+            "SELECT * FROM gateway.cohorts WHERE lower(name) = lower($1)", ref.strip()
+        )
+
+
+async def list_cohorts(conn: asyncpg.Connection, status: str | None) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT * FROM gateway.cohorts WHERE $1::text IS NULL OR status = $1 ORDER BY created_at",
+        status,
+    )
+
+
+async def update_cohort(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, values: dict[str, Any]
+) -> asyncpg.Record:
+    """Set the given cohort fields; raises `asyncpg.UniqueViolationError` on a taken name."""
+    fields = [f for f in COHORT_FIELDS if f in values]
+    assignments = ", ".join(f"{f} = ${i}" for i, f in enumerate(fields, start=2))
+    row = await conn.fetchrow(
+        f"UPDATE gateway.cohorts SET {assignments}{', ' if fields else ''}updated_at = now()"
+        " WHERE id = $1 RETURNING *",
+        cohort_id,
+        *(values[f] for f in fields),
+    )
+    assert row is not None
+    return row
+
+
+async def delete_cohort(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> None:
+    await conn.execute("DELETE FROM gateway.cohorts WHERE id = $1", cohort_id)
+
+
+async def set_cohort_totals(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, summary: dict[str, Any], *, exact: bool
+) -> None:
+    """Cohort metrics from an extraction summary: exact on completion, never lower on progress."""
+
+    def count(*keys: str) -> int | None:
+        for key in keys:
+            value = summary.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return int(value)
+        return None
+
+    values = {
+        "total_subjects": count("subjects"),
+        "total_sessions": count("sessions", "studies"),
+        "total_series": count("series"),
+        "total_instances": count("instances"),
+    }
+    given = {k: v for k, v in values.items() if v is not None}
+    if not given:
+        return
+    if exact:
+        sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(given, start=2))
+    else:
+        sets = ", ".join(f"{k} = GREATEST({k}, ${i})" for i, k in enumerate(given, start=2))
+    await conn.execute(
+        f"UPDATE gateway.cohorts SET {sets}, updated_at = now() WHERE id = $1",
+        cohort_id,
+        *given.values(),
+    )
+
+
+# --- stage states and cohort status -------------------------------------------------------------
+
+
+async def latest_stage_jobs(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID
+) -> dict[Stage, asyncpg.Record]:
+    """Each stage's latest whole-cohort job (scoped study runs do not set a stage's state)."""
+    rows = await conn.fetch(
+        "SELECT DISTINCT ON (stage) * FROM gateway.jobs WHERE cohort_id = $1 AND NOT scoped"
+        " ORDER BY stage, created_at DESC, position DESC",
+        cohort_id,
+    )
+    return {Stage(r["stage"]): r for r in rows}
+
+
+def stage_states(jobs: dict[Stage, asyncpg.Record]) -> dict[Stage, StageState]:
+    return {stage: StageState(job["status"]) for stage, job in jobs.items()}
+
+
+async def refresh_cohort_status(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> None:
+    """Recompute the cohort's status and completion percentage from its jobs."""
+    cohort = await get_cohort(conn, cohort_id)
+    if cohort is None:
+        return
+    jobs = await latest_stage_jobs(conn, cohort_id)
+    snapshots = {
+        stage: StageSnapshot(StageState(job["status"]), float(job["progress"]))
+        for stage, job in jobs.items()
+    }
+    scoped = await conn.fetch(
+        "SELECT status FROM gateway.jobs WHERE cohort_id = $1 AND scoped"
+        " AND status IN ('pending', 'running')",
+        cohort_id,
+    )
+    result = cohort_progress(
+        cohort["anonymization_enabled"], snapshots, [StageState(r["status"]) for r in scoped]
+    )
+    await conn.execute(
+        "UPDATE gateway.cohorts SET status = $2, completion_percentage = $3, updated_at = now()"
+        " WHERE id = $1 AND (status <> $2 OR completion_percentage <> $3)",
+        cohort_id,
+        result.status.value,
+        result.completion_percentage,
+    )
+
+
+# --- runs and jobs ---------------------------------------------------------------------------
+
+
+async def insert_run(
+    conn: asyncpg.Connection,
+    cohort_id: uuid.UUID,
+    kind: str,
+    study_instance_uids: Sequence[str] = (),
+    location: str | None = None,
+) -> uuid.UUID:
+    run_id = uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO gateway.pipeline_runs (id, cohort_id, kind, study_instance_uids, location)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        run_id,
+        cohort_id,
+        kind,
+        list(study_instance_uids),
+        location,
+    )
+    return run_id
+
+
+async def insert_job(
+    conn: asyncpg.Connection,
+    *,
+    job_id: uuid.UUID,
+    cohort_id: uuid.UUID,
+    run_id: uuid.UUID,
+    position: int,
+    stage: Stage,
+    scoped: bool,
+    config: dict[str, Any],
+) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        "INSERT INTO gateway.jobs (id, cohort_id, run_id, position, stage, scoped, config)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+        job_id,
+        cohort_id,
+        run_id,
+        position,
+        stage.value,
+        scoped,
+        config,
+    )
+    assert row is not None
+    await record_transition(conn, row, None, "pending", "requested")
+    return row
+
+
+async def get_job(
+    conn: asyncpg.Connection, job_id: uuid.UUID, *, for_update: bool = False
+) -> asyncpg.Record | None:
+    lock = " FOR UPDATE" if for_update else ""
+    return await conn.fetchrow(f"SELECT * FROM gateway.jobs WHERE id = $1{lock}", job_id)
+
+
+async def list_jobs(
+    conn: asyncpg.Connection,
+    *,
+    cohort_id: uuid.UUID | None,
+    status: str | None,
+    stage: str | None,
+    limit: int,
+    offset: int,
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT * FROM gateway.jobs WHERE ($1::uuid IS NULL OR cohort_id = $1)"
+        " AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR stage = $3)"
+        " ORDER BY created_at DESC, position DESC LIMIT $4 OFFSET $5",
+        cohort_id,
+        status,
+        stage,
+        limit,
+        offset,
+    )
+
+
+async def later_jobs_of_run(conn: asyncpg.Connection, job: asyncpg.Record) -> list[asyncpg.Record]:
+    """The jobs after `job` in its run that have not ended (the rest of its routing slip)."""
+    return await conn.fetch(
+        "SELECT * FROM gateway.jobs WHERE run_id = $1 AND position > $2"
+        " AND status IN ('pending', 'running') ORDER BY position FOR UPDATE",
+        job["run_id"],
+        job["position"],
+    )
+
+
+async def job_events(conn: asyncpg.Connection, job_id: uuid.UUID) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT * FROM gateway.job_events WHERE job_id = $1 ORDER BY seq", job_id
+    )
+
+
+async def record_transition(
+    conn: asyncpg.Connection,
+    job: asyncpg.Record,
+    from_status: str | None,
+    to_status: str,
+    reason: str | None,
+    event_id: uuid.UUID | None = None,
+) -> None:
+    await conn.execute(
+        "INSERT INTO gateway.job_events (job_id, cohort_id, from_status, to_status, reason,"
+        " event_id) VALUES ($1, $2, $3, $4, $5, $6)",
+        job["id"],
+        job["cohort_id"],
+        from_status,
+        to_status,
+        reason,
+        event_id,
+    )
+
+
+def merge_errors(
+    kept: Iterable[dict[str, Any]], new: Iterable[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Errors so far plus new ones, without repeats, the most recent `MAX_ERRORS_KEPT`."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for error in [*kept, *new]:
+        item, message = str(error.get("item", "")), str(error.get("message", ""))
+        merged.pop((item, message), None)
+        merged[(item, message)] = {"item": item, "message": message}
+    return list(merged.values())[-MAX_ERRORS_KEPT:]
+
+
+async def set_job_state(
+    conn: asyncpg.Connection,
+    job: asyncpg.Record,
+    *,
+    status: str | None = None,
+    reason: str | None = None,
+    event_id: uuid.UUID | None = None,
+    **values: Any,
+) -> asyncpg.Record:
+    """Update a job's columns; a status change also stamps its times and logs the transition."""
+    changes = dict(values)
+    if status is not None and status != job["status"]:
+        changes["status"] = status
+        changes["status_reason"] = reason
+        if status == "running" or (status in TERMINAL and job["started_at"] is None):
+            changes.setdefault("started_at", _NOW)
+        if status in TERMINAL:
+            changes["finished_at"] = _NOW
+    if not changes:
+        return job
+    columns = list(changes)
+    params: list[Any] = []
+    sets = []
+    for column in columns:
+        if changes[column] is _NOW:
+            sets.append(f"{column} = now()")
+        else:
+            params.append(changes[column])
+            sets.append(f"{column} = ${len(params) + 1}")
+    row = await conn.fetchrow(
+        f"UPDATE gateway.jobs SET {', '.join(sets)}, updated_at = now() WHERE id = $1 RETURNING *",
+        job["id"],
+        *params,
+    )
+    assert row is not None
+    if "status" in changes:
+        await record_transition(conn, job, job["status"], changes["status"], reason, event_id)
+    return row
+
+
+class _Now:
+    """Marker: let Postgres stamp the column with its transaction time."""
+
+
+_NOW = _Now()
+
+
+# --- inbox, received studies --------------------------------------------------------------------
+
+
+async def claim_event(conn: asyncpg.Connection, event_id: uuid.UUID, event_type: str) -> bool:
+    """True the first time an event is seen; False for a redelivery (already applied)."""
+    inserted = await conn.fetchval(
+        "INSERT INTO gateway.inbox (event_id, type) VALUES ($1, $2)"
+        " ON CONFLICT (event_id) DO NOTHING RETURNING true",
+        event_id,
+        event_type,
+    )
+    return bool(inserted)
+
+
+async def record_received_study(
+    conn: asyncpg.Connection,
+    *,
+    event_id: uuid.UUID | None,
+    cohort_id: uuid.UUID | None,
+    study_instance_uid: str,
+    location: str,
+    origin: str,
+    run_id: uuid.UUID | None,
+    refused_reason: str | None,
+) -> None:
+    await conn.execute(
+        "INSERT INTO gateway.received_studies (event_id, cohort_id, study_instance_uid, location,"
+        " origin, run_id, refused_reason) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        event_id,
+        cohort_id,
+        study_instance_uid,
+        location,
+        origin,
+        run_id,
+        refused_reason,
+    )
