@@ -49,6 +49,8 @@ def _search(ds: Dataset, matcher: Matcher, where: str, out: list[Finding]) -> No
         text = _text_of(elem)
         if not text:
             continue
+        if elem.VR == "UI" and label.endswith("ClassUID"):
+            continue  # kinds of objects (also vendor-private classes), kept by design
         if elem.VR == "UI" and text.strip().rstrip("\x00") in matcher.uids:
             out.append(Finding(f"{where}{label}", "uid", label))
             continue

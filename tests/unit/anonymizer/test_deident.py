@@ -1,0 +1,254 @@
+"""De-identification of real scanner files: nothing identifying survives, markers are written."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom import Dataset
+
+from services.anonymizer.profile import (
+    CATEGORIES,
+    IdentifierSet,
+    ProfileOptions,
+    date_offset_days,
+    new_uid,
+    verify,
+)
+from services.anonymizer.profile.uids import is_well_known
+
+from .conftest import SECRET, dicom_files, run
+
+# independent of the table: attributes whose values name or locate a person, place or device
+IDENTIFYING = [
+    "PatientName",
+    "PatientID",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "PatientMotherBirthName",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "OperatorsName",
+    "PhysiciansOfRecord",
+    "RequestingPhysician",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "StationName",
+    "DeviceSerialNumber",
+    "AccessionNumber",
+    "StudyID",
+    "RequestedProcedureID",
+    "AdmissionID",
+    "PerformedProcedureStepID",
+]
+
+
+def brute_force_terms(ds: Dataset) -> tuple[set[bytes], set[bytes]]:
+    """Every identifying string (whole, >= 3 chars, and name parts) and every non-standard UID."""
+    values: set[bytes] = set()
+    uids: set[bytes] = set()
+    classes: set[bytes] = set()
+    for elem in ds.iterall():
+        if elem.VR == "UI" and elem.value:
+            for v in elem.value if elem.VM > 1 else [elem.value]:
+                if (elem.keyword or "").endswith("ClassUID"):
+                    classes.add(str(v).encode())
+                elif not is_well_known(str(v)):
+                    uids.add(str(v).encode())
+        if elem.keyword in IDENTIFYING and elem.value:
+            text = str(elem.value)
+            # whole values; names also by component (institution words like RESEARCH are not)
+            parts = text.replace("^", " ").split() if elem.VR == "PN" else []
+            for part in [text, *parts]:
+                if len(part.strip()) >= 3:
+                    values.add(part.strip().encode("latin-1"))
+    return values, uids - classes
+
+
+def leaked(term: bytes, data: bytes) -> bool:
+    """Whole-token, case-insensitive search of the raw file bytes (pixel data included)."""
+    pattern = rb"(?<![A-Za-z0-9])" + re.escape(term) + rb"(?![A-Za-z0-9])"
+    return re.search(pattern, data, re.IGNORECASE) is not None
+
+
+def uid_leaked(uid: bytes, data: bytes) -> bool:
+    return re.search(rb"(?<![0-9.])" + re.escape(uid) + rb"(?![0-9.])", data) is not None
+
+
+def test_nothing_identifying_survives_in_the_ge_deident_series(deident_files: list[Path]) -> None:
+    assert len(deident_files) > 100
+    for path in deident_files[::15]:
+        original = pydicom.dcmread(path)
+        values, uids = brute_force_terms(original)
+        assert values and uids
+        result, data = run(path)
+        assert verify(data, result.identifiers, "anon/c1/subTEST01/x.dcm") == []
+        for v in values:
+            assert not leaked(v, data), f"{path.name}: an identifying value survived"
+        for uid in uids:
+            assert not uid_leaked(uid, data), f"{path.name}: an original UID survived"
+        assert original.StudyDate.encode() not in data
+
+
+def test_markers_written(deident_files: list[Path]) -> None:
+    result, data = run(deident_files[0])
+    out = pydicom.dcmread(io.BytesIO(data))
+    assert out.PatientIdentityRemoved == "YES"
+    assert out.LongitudinalTemporalInformationModified == "MODIFIED"
+    codes = [item.CodeValue for item in out.DeidentificationMethodCodeSequence]
+    assert codes == ["113100", "113105", "113107", "113111"]
+    assert any("PS3.15 2025b" in v for v in out.DeidentificationMethod)
+    assert out.PatientID == "subTEST01"
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
+    assert (
+        out.file_meta.TransferSyntaxUID
+        == pydicom.dcmread(deident_files[0]).file_meta.TransferSyntaxUID
+    )
+
+
+def test_dates_shift_by_the_subject_offset(deident_files: list[Path]) -> None:
+    original = pydicom.dcmread(deident_files[0])
+    _, data = run(deident_files[0])
+    out = pydicom.dcmread(io.BytesIO(data))
+    offset = date_offset_days(SECRET, "subTEST01")
+    from datetime import date, timedelta
+
+    o = original.StudyDate
+    expected = date(int(o[:4]), int(o[4:6]), int(o[6:8])) + timedelta(days=offset)
+    assert out.StudyDate == expected.strftime("%Y%m%d")
+    assert out.StudyTime == original.StudyTime  # whole days: times never move
+    assert out.SeriesDate == out.StudyDate if original.SeriesDate == o else True
+
+
+def test_same_patient_same_uids_and_offset_across_runs(deident_files: list[Path]) -> None:
+    first, _ = run(deident_files[3])
+    second, _ = run(deident_files[3])
+    a, b = first.dataset, second.dataset
+    assert a.StudyInstanceUID == b.StudyInstanceUID and a.SOPInstanceUID == b.SOPInstanceUID
+    assert a.StudyDate == b.StudyDate and a.PatientID == b.PatientID
+    original = pydicom.dcmread(deident_files[3])
+    assert a.StudyInstanceUID == new_uid(SECRET, original.StudyInstanceUID)
+    assert a.StudyInstanceUID.startswith("2.25.") and len(a.StudyInstanceUID) <= 64
+    other, _ = run(deident_files[4])
+    assert other.dataset.StudyInstanceUID == a.StudyInstanceUID  # same study, other file
+    assert other.dataset.SOPInstanceUID != a.SOPInstanceUID
+
+
+def test_time_and_date_off_keeps_dates_and_declares_it(deident_files: list[Path]) -> None:
+    opts = ProfileOptions(categories=frozenset(CATEGORIES) - {"time_and_date"})
+    original = pydicom.dcmread(deident_files[0])
+    result, data = run(deident_files[0], opts)
+    out = pydicom.dcmread(io.BytesIO(data))
+    assert out.StudyDate == original.StudyDate
+    codes = [item.CodeValue for item in out.DeidentificationMethodCodeSequence]
+    assert "113106" in codes and "113107" not in codes
+    assert out.LongitudinalTemporalInformationModified == "UNMODIFIED"
+    assert out.PatientID != original.PatientID
+
+
+def test_dates_removed_without_shift(deident_files: list[Path]) -> None:
+    _, data = run(deident_files[0], ProfileOptions(shift_dates=False))
+    out = pydicom.dcmread(io.BytesIO(data))
+    assert out.StudyDate == ""  # Type 2: emptied, not removed
+    assert "SeriesDate" not in out  # Type 3: removed
+    assert out.LongitudinalTemporalInformationModified == "REMOVED"
+
+
+def test_patient_category_off_is_not_claimed_as_basic_profile(deident_files: list[Path]) -> None:
+    opts = ProfileOptions(categories=frozenset(CATEGORIES) - {"patient"}, shift_dates=True)
+    original = pydicom.dcmread(deident_files[0])
+    _, data = run(deident_files[0], opts)
+    out = pydicom.dcmread(io.BytesIO(data))
+    assert out.PatientIdentityRemoved == "NO"
+    assert "113100" not in [i.CodeValue for i in out.DeidentificationMethodCodeSequence]
+    assert out.PatientName == original.PatientName
+
+
+def test_private_removed_unless_safe(deident_files: list[Path]) -> None:
+    _, data = run(deident_files[0], ProfileOptions(shift_dates=True, retain_safe_private=False))
+    out = pydicom.dcmread(io.BytesIO(data))
+    assert not [e for e in out if e.tag.is_private]
+    _, data = run(deident_files[0])
+    kept = pydicom.dcmread(io.BytesIO(data))
+    creators = {str(e.value) for e in kept if e.tag.is_private_creator}
+    assert creators and creators <= {
+        "GEMS_ACQU_01",
+        "GEMS_PARM_01",
+        "GEMS_RELA_01",
+        "GEMS_SERS_01",
+        "GEMS_IMAG_01",
+    }
+
+
+@pytest.mark.parametrize(
+    "folder",
+    [
+        "dcm_qa_nih/In/20180918Si/mr_0003",
+        "dcm_qa_enh/In/Siemens/XA10",
+        "dcm_qa_philips_dwi/In/enh/DICOM",
+        "dcm_qa_fmap/In/Philips/fmap",
+        "dcm_qa_pdt2/In/Siemens/VE11",
+        "dcm_qa_ct/In/GE",
+        "dcm_qa_ts/In",
+    ],
+)
+def test_other_vendors_verify_clean(dicom_root: Path, folder: str) -> None:
+    files = dicom_files(dicom_root / folder)
+    assert files
+    for path in files[:3]:
+        original = pydicom.dcmread(path)
+        values, uids = brute_force_terms(original)
+        result, data = run(path)
+        assert verify(data, result.identifiers) == []
+        for uid in uids:
+            assert not uid_leaked(uid, data), f"{path.name}: an original UID survived"
+        for v in values:
+            assert not leaked(v, data), f"{path.name}: an identifying value survived"
+
+
+def test_verify_finds_a_planted_identifier(deident_files: list[Path]) -> None:
+    result, data = run(deident_files[0])
+    out = pydicom.dcmread(io.BytesIO(data))
+    original = pydicom.dcmread(deident_files[0])
+    out.add_new(0x00091001, "LO", str(original.PatientName).replace("^", " "))
+    out.ImageComments = f"see {original.StudyInstanceUID}"
+    findings = verify(out, result.identifiers, f"anon/{original.PatientID}/x.dcm")
+    kinds = {(f.location, f.kind) for f in findings}
+    assert ("ImageComments", "uid") in kinds
+    assert ("object key", "value") in kinds
+    assert any(f.location.startswith("(0009,1001)") for f in findings)
+    assert all(original.PatientID not in f.detail for f in findings)
+
+
+def test_identifier_set_ignores_short_and_neutral_values() -> None:
+    ids = IdentifierSet()
+    ids.add_value("M")
+    ids.add_value("ANONYMOUS")
+    ids.add_value("DOE^JOHN")
+    assert ids.values == {"DOE JOHN", "DOE", "JOHN"} and ids.short_values == 1
+    matcher = ids.matcher()
+    assert matcher.in_text("T1 JOHNSON") == []
+    assert matcher.in_text("scan of john") == [("value", "john")]
+
+
+def test_burned_in_objects_are_quarantined(deident_files: list[Path]) -> None:
+    ds = pydicom.dcmread(deident_files[0])
+    ds.BurnedInAnnotation = "YES"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    path_free = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    from services.anonymizer.profile import burned_in_risk
+
+    verdict = burned_in_risk(path_free)
+    assert verdict is not None and "BurnedInAnnotation" in verdict.reason
+    path_free.BurnedInAnnotation = "NO"
+    path_free.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    assert burned_in_risk(path_free) is not None
+    assert burned_in_risk(pydicom.dcmread(deident_files[0])) is None
