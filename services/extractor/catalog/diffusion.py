@@ -1,0 +1,90 @@
+"""Diffusion b-value and gradient direction of a classic (single-frame) image.
+
+The standard places them in DiffusionBValue (0018,9087) and DiffusionGradientOrientation (0018,9089);
+many scanners write them only in private tags: Siemens (0019,100C)/(0019,100E) or, on newer software,
+only inside the CSA image header (0029,1010); GE (0043,1039) and (0019,10BB-10BD); Philips (2001,1003)
+and (2005,10B0-10B2). The first source that has a value wins, in that order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from .private_tags import read_private
+
+# GE adds multiples of 1e9 to the b-value in (0043,1039) on some software versions
+GE_B_VALUE_MODULUS = 1_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Diffusion:
+    b_value: float | None = None
+    gradient: tuple[float, ...] = ()
+    source: str | None = None  # "standard", "siemens", "siemens-csa", "ge", "philips"
+
+
+def read_diffusion(
+    ds: Dataset,
+    creators: dict[tuple[int, str], int],
+    standard_b: float | None,
+    standard_gradient: list[float],
+    siemens_csa_wanted: bool,
+) -> Diffusion:
+    """Find b-value and gradient for one image. `siemens_csa_wanted` allows parsing the CSA header (it
+    costs a little, so the caller asks only for Siemens images that look like diffusion)."""
+    if standard_b is not None:
+        return Diffusion(standard_b, tuple(standard_gradient), "standard")
+    siemens_b = _first_number(read_private(ds, "siemens_b_value", creators))
+    if siemens_b is not None:
+        gradient = _numbers(read_private(ds, "siemens_gradient", creators))
+        return Diffusion(siemens_b, tuple(gradient), "siemens")
+    ge_b = _first_number(read_private(ds, "ge_b_value", creators))
+    if ge_b is not None:
+        gradient = [
+            _first_number(read_private(ds, name, creators)) for name in ("ge_gradient_x", "ge_gradient_y", "ge_gradient_z")
+        ]
+        vector = tuple(g for g in gradient if g is not None) if all(g is not None for g in gradient) else ()
+        return Diffusion(float(ge_b % GE_B_VALUE_MODULUS), vector, "ge")
+    philips_b = _first_number(read_private(ds, "philips_b_value", creators))
+    if philips_b is not None:
+        gradient = [
+            _first_number(read_private(ds, name, creators))
+            for name in ("philips_gradient_rl", "philips_gradient_ap", "philips_gradient_fh")
+        ]
+        vector = tuple(g for g in gradient if g is not None) if all(g is not None for g in gradient) else ()
+        return Diffusion(philips_b, vector, "philips")
+    if siemens_csa_wanted:
+        return _siemens_csa(ds, creators)
+    return Diffusion()
+
+
+def _siemens_csa(ds: Dataset, creators: dict[tuple[int, str], int]) -> Diffusion:
+    blob = read_private(ds, "siemens_csa_image", creators)
+    if not isinstance(blob, bytes):
+        return Diffusion()
+    from nibabel.nicom import csareader
+
+    try:
+        csa = csareader.read(blob)
+    except (csareader.CSAReadError, ValueError, IndexError):
+        return Diffusion()
+    tags = csa.get("tags", {})
+    b_items = tags.get("B_value", {}).get("items") or []
+    if not b_items:
+        return Diffusion()
+    gradient = tags.get("DiffusionGradientDirection", {}).get("items") or []
+    return Diffusion(float(b_items[0]), tuple(float(g) for g in gradient[:3]), "siemens-csa")
+
+
+def _numbers(values: Any) -> list[float]:
+    if not isinstance(values, list):
+        return []
+    return [float(v) for v in values if isinstance(v, int | float)]
+
+
+def _first_number(values: Any) -> float | None:
+    numbers = _numbers(values)
+    return numbers[0] if numbers else None
