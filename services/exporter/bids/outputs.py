@@ -55,8 +55,8 @@ def name_outputs(base: PurePosixPath, images: Sequence[Mapping[str, str]]) -> li
         tokens = images[index]
         own = dict(entities)
         own_suffix = suffix
-        if suffix == "fieldmap" and "fieldmap" not in tokens:
-            own_suffix = "magnitude"
+        if suffix == "fieldmap":  # a B0 map in Hz and its magnitude: the suffix tells them apart
+            own_suffix = "fieldmap" if "fieldmap" in tokens else "magnitude"
         elif (
             suffix in _MAGNITUDE_SUFFIXES
             and tokens.get("echo") in ("1", "2")

@@ -142,9 +142,13 @@ class _Planned:
 
 
 def _order_key(stack: ExportStack) -> tuple[Any, ...]:
-    when = stack.acquired_at or datetime.max
+    """Acquisition day, then time of day (stacks without a time last in their day), then series."""
+    when = stack.acquired_at
+    has_time = bool((stack.acquisition_time or stack.summary.acquisition_time or "").strip())
+    day = when.date() if when is not None else datetime.max.date()
+    clock = when.time() if when is not None and has_time else datetime.max.time()
     number = stack.summary.series_number if stack.summary.series_number is not None else 1 << 30
-    return (when, number, stack.summary.series_instance_uid, stack.summary.stack_key)
+    return (day, clock, number, stack.summary.series_instance_uid, stack.summary.stack_key)
 
 
 def plan_names(

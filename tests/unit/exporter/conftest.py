@@ -1,80 +1,13 @@
-"""Helpers for the exporter tests: real DICOM stacks from the team's data, described as the service would."""
+"""Fixtures of the exporter tests."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
-
-import pydicom
 import pytest
 
-from services.exporter.bids.stack import ExportStack
-from shared.catalog import StackSummary
-
-
-def dicom_files(folder: Path, echo: int | None = None) -> list[Path]:
-    """The DICOM files of a folder (recursively), optionally only those of one EchoNumbers value."""
-    found = []
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file() or path.suffix.lower() in (".txt", ".md", ".json"):
-            continue
-        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        if "SOPClassUID" not in header:
-            continue
-        if echo is not None and int(header.get("EchoNumbers", 1)) != echo:
-            continue
-        found.append(path)
-    return found
-
-
-def summary_of(files: list[Path], stack_key: str) -> StackSummary:
-    """A `StackSummary` of real files, from the first instance's header (as the extractor keeps it)."""
-    header = pydicom.dcmread(files[0], stop_before_pixels=True, force=True)
-    return StackSummary(
-        subject_id=str(header.get("PatientID", "anon")),
-        study_instance_uid=str(header.StudyInstanceUID),
-        series_instance_uid=str(header.SeriesInstanceUID),
-        stack_key=stack_key,
-        modality=str(header.get("Modality", "")),
-        manufacturer=str(header.get("Manufacturer", "")),
-        series_number=int(header.get("SeriesNumber", 0) or 0),
-        series_description=str(header.get("SeriesDescription", "")),
-        study_date=str(header.get("StudyDate", "")) or None,
-        acquisition_time=str(header.get("AcquisitionTime", "")) or None,
-        n_instances=len(files),
-        image_orientation=[float(v) for v in header.get("ImageOrientationPatient", [])],
-        header=header.to_json_dict(bulk_data_threshold=1, bulk_data_element_handler=lambda _: ""),
-    )
-
-
-StackFactory = Callable[..., ExportStack]
+from tests.unit.exporter.stacks import StackFactory, real_stack
 
 
 @pytest.fixture
 def make_stack() -> StackFactory:
     """Build an `ExportStack` from a real folder with a hand-given classification."""
-
-    def build(
-        folder: Path,
-        datatype: str,
-        suffix: str,
-        *,
-        subject: str = "01",
-        session: str | None = "1",
-        echo: int | None = None,
-        **fields: Any,
-    ) -> ExportStack:
-        files = dicom_files(folder, echo)
-        summary = summary_of(files, f"MR|ECHO={echo or 1}|{suffix}")
-        return ExportStack(
-            subject=subject,
-            session=session,
-            datatype=datatype,
-            suffix=suffix,
-            files=files,
-            summary=summary,
-            **fields,
-        )
-
-    return build
+    return real_stack

@@ -1,48 +1,170 @@
-"""A small real BIDS dataset built from the shared DICOM and checked by the BIDS validator."""
+"""A small real BIDS dataset built from the shared DICOM, with hand-given classifications, checked by
+the BIDS validator: zero errors, field maps linked, dataset files complete."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from services.exporter.bids import plan_names, write_dataset_files
+import pytest
+
+from services.exporter.bids import ExportedStack, plan_names, write_dataset_files
 from services.exporter.convert.dcm2niix import dcm2niix_version
 from services.exporter.convert.export import export_stack
 from services.exporter.validate import run_bids_validator
-from tests.unit.exporter.conftest import StackFactory
+from tests.unit.exporter.stacks import StackFactory, real_stack
 
 
-def test_real_dataset_is_validator_clean(
-    dicom_root: Path, make_stack: StackFactory, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def dataset(
+    dicom_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, list[ExportedStack]]:
+    make = real_stack
+
     pdt2 = dicom_root / "dcm_qa_pdt2" / "In" / "Siemens" / "VE11"
-    fmap = dicom_root / "dcm_qa_fmap" / "In" / "Siemens"
+    fmap = dicom_root / "dcm_qa_fmap" / "In"
+    nih = dicom_root / "dcm_qa_nih" / "In"
     stacks = [
-        make_stack(pdt2, "anat", "PDw", echo=1),
-        make_stack(pdt2, "anat", "T2w", echo=2),
-        make_stack(fmap / "2_gre_field_magph", "fmap", "magnitude1", echo=1),
-        make_stack(fmap / "2_gre_field_magph", "fmap", "magnitude2", echo=2),
-        make_stack(fmap / "3_gre_field_magph", "fmap", "phasediff"),
-        make_stack(
-            dicom_root / "dcm_qa_nih" / "In" / "20180918GE" / "mr_0004",
+        # sub-01: PD + T2 (one dual-echo series, one stack per echo), a Siemens GRE field map, two BOLD runs
+        make(pdt2, "anat", "PDw", echo=1),
+        make(pdt2, "anat", "T2w", echo=2),
+        make(fmap / "Siemens" / "2_gre_field_magph", "fmap", "magnitude1", echo=1),
+        make(fmap / "Siemens" / "2_gre_field_magph", "fmap", "magnitude2", echo=2),
+        make(fmap / "Siemens" / "3_gre_field_magph", "fmap", "phasediff"),
+        make(nih / "20180918GE" / "mr_0004", "func", "bold", entities={"task": "rest"}),
+        make(nih / "20180918GE" / "mr_0005", "func", "bold", entities={"task": "rest"}),
+        # sub-02: a Philips B0 map in Hz (dcm2niix splits it into magnitude + fieldmap) and an EPI run
+        make(fmap / "Philips" / "fmap", "fmap", "fieldmap", subject="02"),
+        make(
+            nih / "20180918Si" / "mr_0003",
             "func",
             "bold",
-            entities={"task": "rest"},
+            subject="02",
+            entities={"task": "motor"},
+            task_name="finger tapping",
         ),
-        make_stack(
-            dicom_root / "dcm_qa_nih" / "In" / "20180918GE" / "mr_0005",
-            "func",
-            "bold",
-            entities={"task": "rest"},
+        # sub-03: spin-echo EPI with opposite phase encoding, and a derived map kept apart
+        make(nih / "20180918Si" / "mr_0003", "fmap", "epi", subject="03", entities={"dir": "AP"}),
+        make(nih / "20180918Si" / "mr_0004", "fmap", "epi", subject="03", entities={"dir": "PA"}),
+        make(
+            nih / "20180918GE" / "mr_0006", "func", "bold", subject="03", entities={"task": "rest"}
         ),
+        # phase encoded left-right: an AP/PA field cannot correct it
+        make(nih / "20180918Si" / "mr_0005", "func", "bold", subject="03", entities={"task": "lr"}),
     ]
+    root = tmp_path_factory.mktemp("bids")
     plan = plan_names(stacks)
-    exports = [export_stack(s, plan[s.key], tmp_path) for s in stacks]
-    write_dataset_files(
-        tmp_path, exports, name="Cohortflow test", dcm2niix_version=dcm2niix_version()
+    exports = [export_stack(s, plan[s.key], root, output_modes=("nii.gz", "dcm")) for s in stacks]
+    write_dataset_files(root, exports, name="Cohortflow test", dcm2niix_version=dcm2niix_version())
+    return root, exports
+
+
+def read_json(path: Path) -> dict[str, object]:
+    data: dict[str, object] = json.loads(path.read_text())
+    return data
+
+
+def test_validator_finds_no_errors(dataset: tuple[Path, list[ExportedStack]]) -> None:
+    root, _ = dataset
+    report = run_bids_validator(root)
+    assert report.errors == 0, [
+        (i.code, i.location, i.message[:120]) for i in report.issues if i.severity == "error"
+    ]
+    assert sorted(report.summary["subjects"]) == ["01", "02", "03"]
+    assert set(report.summary["dataTypes"]) == {"anat", "fmap", "func"}
+
+
+def test_every_stack_was_exported(dataset: tuple[Path, list[ExportedStack]]) -> None:
+    root, exports = dataset
+    images = sorted(str(i) for e in exports for i in e.images)
+    assert images == [
+        "sub-01/ses-1/anat/sub-01_ses-1_PDw.nii.gz",
+        "sub-01/ses-1/anat/sub-01_ses-1_T2w.nii.gz",
+        "sub-01/ses-1/fmap/sub-01_ses-1_magnitude1.nii.gz",
+        "sub-01/ses-1/fmap/sub-01_ses-1_magnitude2.nii.gz",
+        "sub-01/ses-1/fmap/sub-01_ses-1_phasediff.nii.gz",
+        "sub-01/ses-1/func/sub-01_ses-1_task-rest_run-1_bold.nii.gz",
+        "sub-01/ses-1/func/sub-01_ses-1_task-rest_run-2_bold.nii.gz",
+        "sub-02/ses-1/fmap/sub-02_ses-1_fieldmap.nii.gz",
+        "sub-02/ses-1/fmap/sub-02_ses-1_magnitude.nii.gz",
+        "sub-02/ses-1/func/sub-02_ses-1_task-motor_bold.nii.gz",
+        "sub-03/ses-1/fmap/sub-03_ses-1_dir-AP_epi.nii.gz",
+        "sub-03/ses-1/fmap/sub-03_ses-1_dir-PA_epi.nii.gz",
+        "sub-03/ses-1/func/sub-03_ses-1_task-lr_bold.nii.gz",
+        "sub-03/ses-1/func/sub-03_ses-1_task-rest_bold.nii.gz",
+    ]
+    assert all(e.tool == "dcm2niix" and not e.skipped for e in exports)
+    dicom = sorted(root.glob("sourcedata/dicom/sub-01/ses-1/anat/sub-01_ses-1_PDw/*.dcm"))
+    assert len(dicom) == len(exports[0].stack.files) and dicom[0].name == "00001.dcm"
+
+
+def test_field_maps_point_at_the_scans_they_correct(
+    dataset: tuple[Path, list[ExportedStack]],
+) -> None:
+    root, _ = dataset
+    fmap = root / "sub-01" / "ses-1" / "fmap"
+    phasediff = read_json(fmap / "sub-01_ses-1_phasediff.json")
+    assert phasediff["IntendedFor"] == [
+        "bids::sub-01/ses-1/func/sub-01_ses-1_task-rest_run-1_bold.nii.gz",
+        "bids::sub-01/ses-1/func/sub-01_ses-1_task-rest_run-2_bold.nii.gz",
+    ]
+    assert phasediff["EchoTime1"] == pytest.approx(0.00519) and phasediff[
+        "EchoTime2"
+    ] == pytest.approx(0.00765)
+    identifier = phasediff["B0FieldIdentifier"]
+    assert read_json(fmap / "sub-01_ses-1_magnitude1.json")["B0FieldIdentifier"] == identifier
+    assert "IntendedFor" not in read_json(fmap / "sub-01_ses-1_magnitude1.json")
+    bold = read_json(root / "sub-01" / "ses-1" / "func" / "sub-01_ses-1_task-rest_run-1_bold.json")
+    assert bold["B0FieldSource"] == identifier and bold["TaskName"] == "rest"
+
+    fieldmap = read_json(root / "sub-02" / "ses-1" / "fmap" / "sub-02_ses-1_fieldmap.json")
+    assert fieldmap["Units"] == "Hz"
+    assert fieldmap["IntendedFor"] == [
+        "bids::sub-02/ses-1/func/sub-02_ses-1_task-motor_bold.nii.gz"
+    ]
+    motor = read_json(root / "sub-02" / "ses-1" / "func" / "sub-02_ses-1_task-motor_bold.json")
+    assert motor["TaskName"] == "finger tapping"
+
+    # AP/PA spin-echo EPI: same phase-encoding axis as the target, one field for both
+    ap = read_json(root / "sub-03" / "ses-1" / "fmap" / "sub-03_ses-1_dir-AP_epi.json")
+    pa = read_json(root / "sub-03" / "ses-1" / "fmap" / "sub-03_ses-1_dir-PA_epi.json")
+    assert ap["B0FieldIdentifier"] == pa["B0FieldIdentifier"]
+    assert ap["PhaseEncodingDirection"] == "j-" and pa["PhaseEncodingDirection"] == "j"
+    assert (
+        ap["IntendedFor"]
+        == pa["IntendedFor"]
+        == ["bids::sub-03/ses-1/func/sub-03_ses-1_task-rest_bold.nii.gz"]
     )
-    for e in exports:
-        print(e.base, e.images, e.skipped, e.warnings)
-    report = run_bids_validator(tmp_path)
-    print(json.dumps(report.as_json(), indent=1)[:6000])
-    assert report.errors == 0, report.error_codes
+    lr = read_json(root / "sub-03" / "ses-1" / "func" / "sub-03_ses-1_task-lr_bold.json")
+    assert lr["PhaseEncodingDirection"] in ("i", "i-") and "B0FieldSource" not in lr
+
+
+def test_dataset_files(dataset: tuple[Path, list[ExportedStack]]) -> None:
+    root, _ = dataset
+    description = read_json(root / "dataset_description.json")
+    assert description["BIDSVersion"] == "1.11.1" and description["DatasetType"] == "raw"
+    generated = {g["Name"]: g["Version"] for g in description["GeneratedBy"]}  # type: ignore[attr-defined]
+    assert generated["dcm2niix"] == dcm2niix_version() and "Cohortflow" in generated
+    participants = (root / "participants.tsv").read_text().splitlines()
+    assert participants[0] == "participant_id\tage\tsex" and [
+        r.split("\t")[0] for r in participants[1:]
+    ] == ["sub-01", "sub-02", "sub-03"]
+    scans = (root / "sub-01" / "ses-1" / "sub-01_ses-1_scans.tsv").read_text().splitlines()
+    assert scans[0] == "filename\tacq_time"
+    assert "func/sub-01_ses-1_task-rest_run-1_bold.nii.gz\t2018-09-18T11:48:15" in scans
+    assert len(scans) == 8
+    sessions = (root / "sub-01" / "sub-01_sessions.tsv").read_text().splitlines()
+    assert sessions[1].startswith("ses-1\t")
+    assert (root / "README").read_text().startswith("# Cohortflow test")
+
+
+def test_skip_policy_leaves_existing_output(
+    dataset: tuple[Path, list[ExportedStack]], make_stack: StackFactory
+) -> None:
+    root, exports = dataset
+    first = exports[0]
+    target = root / f"{first.base}.nii.gz"
+    before = target.stat().st_mtime_ns
+    again = export_stack(first.stack, first.base, root, overwrite="skip")
+    assert again.files == [] and again.skipped == ["already exported (overwrite policy: skip)"]
+    assert target.stat().st_mtime_ns == before
