@@ -84,7 +84,8 @@ class Profile:
 
 @lru_cache(maxsize=1)
 def _table() -> dict[str, Any]:
-    return json.loads(TABLE_FILE.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+    doc: dict[str, Any] = json.loads(TABLE_FILE.read_text(encoding="utf-8"))
+    return doc
 
 
 @lru_cache(maxsize=1)

@@ -10,6 +10,7 @@ import pytest
 
 from services.anonymizer.audit import (
     AuditPasswordError,
+    AuditRow,
     SubjectRow,
     audit_rows,
     decrypt_audit,
@@ -19,17 +20,18 @@ from services.anonymizer.audit import (
 from .conftest import run
 
 PASSWORD = "correct horse battery"
+Rows = tuple[list[SubjectRow], list[AuditRow], str]
 
 
 @pytest.fixture
-def rows(deident_files: list[Path]) -> tuple[list[SubjectRow], list[object], str]:
+def rows(deident_files: list[Path]) -> Rows:
     result, _ = run(deident_files[0])
     files = [audit_rows(result, "anon/c1/subTEST01/a.dcm")]
     subjects = [SubjectRow(result.original_patient_id, "subTEST01", -42)]
     return subjects, files, result.original_patient_id
 
 
-def test_csv_audit_roundtrip_and_wrong_password(rows) -> None:  # type: ignore[no-untyped-def]
+def test_csv_audit_roundtrip_and_wrong_password(rows: Rows) -> None:
     subjects, files, original = rows
     data = write_audit(subjects, files, "csv", PASSWORD)
     assert original.encode() not in data
@@ -40,7 +42,7 @@ def test_csv_audit_roundtrip_and_wrong_password(rows) -> None:  # type: ignore[n
         decrypt_audit(data, "wrong password!")
 
 
-def test_excel_audit_opens_with_the_password(rows) -> None:  # type: ignore[no-untyped-def]
+def test_excel_audit_opens_with_the_password(rows: Rows) -> None:
     subjects, files, original = rows
     data = write_audit(subjects, files, "encrypted_excel", PASSWORD)
     assert data.startswith(b"\xd0\xcf\x11\xe0")  # an encrypted OOXML package (OLE container)
@@ -51,7 +53,7 @@ def test_excel_audit_opens_with_the_password(rows) -> None:  # type: ignore[no-u
         decrypt_audit(data, "wrong password!")
 
 
-def test_password_is_required(rows) -> None:  # type: ignore[no-untyped-def]
+def test_password_is_required(rows: Rows) -> None:
     subjects, files, _ = rows
     with pytest.raises(AuditPasswordError):
         write_audit(subjects, files, "csv", "")

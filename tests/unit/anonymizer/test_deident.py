@@ -98,7 +98,7 @@ def test_nothing_identifying_survives_in_the_ge_deident_series(deident_files: li
 
 
 def test_markers_written(deident_files: list[Path]) -> None:
-    result, data = run(deident_files[0])
+    _, data = run(deident_files[0])
     out = pydicom.dcmread(io.BytesIO(data))
     assert out.PatientIdentityRemoved == "YES"
     assert out.LongitudinalTemporalInformationModified == "MODIFIED"
@@ -144,7 +144,7 @@ def test_same_patient_same_uids_and_offset_across_runs(deident_files: list[Path]
 def test_time_and_date_off_keeps_dates_and_declares_it(deident_files: list[Path]) -> None:
     opts = ProfileOptions(categories=frozenset(CATEGORIES) - {"time_and_date"})
     original = pydicom.dcmread(deident_files[0])
-    result, data = run(deident_files[0], opts)
+    _, data = run(deident_files[0], opts)
     out = pydicom.dcmread(io.BytesIO(data))
     assert out.StudyDate == original.StudyDate
     codes = [item.CodeValue for item in out.DeidentificationMethodCodeSequence]
