@@ -201,7 +201,7 @@ async def start_study_run(
     planned = []
     for stage in applicable_stages(cohort["anonymization_enabled"]):
         previous = latest[stage]["config"] if stage in latest else None
-        config = scoped_run_config(stage, previous)
+        config = scoped_run_config(previous)
         planned.append(_PlannedJob(stage, uuid.uuid4(), config, config))
     return await _write_run(
         conn, cohort, "study", planned, study_instance_uids=[study_instance_uid], location=location

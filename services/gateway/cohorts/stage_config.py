@@ -2,14 +2,16 @@
 
 Dotted keys are nested objects: `{"patient_id": {"strategy": "folder"}}`; the literal dotted form
 `{"patient_id.strategy": "folder"}` is accepted too and expanded. Unknown keys and bad values are
-refused (`StageConfigError`, a 422 for the API). The validated config is handed on in two forms:
-`public_config` (defaults filled, secrets redacted: what the gateway stores and shows) and
+refused (`StageConfigError`, a 422 for the API). Only what the user set is handed on (defaults are
+the stage service's own), in two forms:
+`public_config` (secrets redacted: what the gateway stores and shows) and
 `event_config` (what the stage service receives: secrets sealed with `shared.secrets`, so that the
 audit password is never in clear in a gateway table, the outbox included, nor on the bus).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -50,21 +52,44 @@ ALL_ANONYMIZE_CATEGORIES: tuple[AnonymizeCategory, ...] = get_args(AnonymizeCate
 
 
 class PatientIdConfig(_Config):
+    """How pseudonyms are derived (the anonymizer's `PatientIdOptions` documents each key)."""
+
     strategy: Literal["folder", "hash", "sequential", "csv", "none"] = "hash"
-    # the original-ID -> pseudonym table for strategy "csv" (a location like a cohort source)
-    csv_path: str | None = None
+    prefix: str | None = Field(default=None, min_length=1, max_length=32, pattern=r"^[A-Za-z0-9]+$")
+    hash_bits: int | None = Field(default=None, ge=64, le=160)
+    digits: int | None = Field(default=None, ge=1, le=12)
+    folder_regex: str | None = Field(default=None, min_length=1, max_length=500)
+    folder_depth: int | None = Field(default=None, ge=0, le=64)
+    folder_fallback: str | None = Field(default=None, min_length=1, max_length=200)
+    # strategy "csv": the mapping table's text, columns `original,pseudonym`
+    csv: str | None = Field(default=None, min_length=1, max_length=10_000_000)
+    unmapped: Literal["error", "hash"] | None = None
 
     @model_validator(mode="after")
     def _csv_needs_a_table(self) -> PatientIdConfig:
-        if self.strategy == "csv" and not self.csv_path:
-            raise ValueError("strategy 'csv' needs patient_id.csv_path (the mapping table)")
-        if self.strategy != "csv" and self.csv_path:
-            raise ValueError("patient_id.csv_path is only used with strategy 'csv'")
+        if self.strategy == "csv" and not self.csv:
+            raise ValueError("strategy 'csv' needs patient_id.csv (the mapping table's text)")
+        if self.folder_regex is not None:
+            try:
+                compiled = re.compile(self.folder_regex)
+            except re.error as exc:
+                raise ValueError(f"folder_regex is not a regular expression: {exc}") from exc
+            if compiled.groups != 1:
+                raise ValueError("patient_id.folder_regex needs exactly one capture group")
         return self
 
 
 class StudyDatesConfig(_Config):
-    enabled: bool = True  # shift dates by a per-subject offset
+    enabled: bool = False  # shift dates by a per-subject offset
+    offset_range_days: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> StudyDatesConfig:
+        if self.offset_range_days is not None:
+            low, high = self.offset_range_days
+            if low > high or low == high == 0:
+                raise ValueError("offset_range_days must be [min, max], min <= max, not [0, 0]")
+        return self
 
 
 class AuditExportConfig(_Config):
@@ -80,6 +105,14 @@ class AnonymizationConfig(_Config):
     anonymize_categories: list[AnonymizeCategory] = Field(
         default_factory=lambda: list(ALL_ANONYMIZE_CATEGORIES), min_length=1
     )
+    # PS3.15 option switches (DESIGN.md §8)
+    clean_descriptors: bool | None = None
+    retain_patient_characteristics: bool | None = None
+    retain_device_identity: bool | None = None
+    retain_institution_identity: bool | None = None
+    retain_safe_private: bool | None = None
+    retain_uids: bool | None = None
+    quarantine_burned_in: bool | None = None
 
 
 # --- extraction ------------------------------------------------------------------------------
@@ -236,25 +269,21 @@ def check_destination(destination: str, settings: Settings) -> str:
 
 
 def _check_locations(config: _Config, settings: Settings) -> None:
-    try:
-        if isinstance(config, ExportConfig) and config.destination:
+    if isinstance(config, ExportConfig) and config.destination:
+        try:
             check_destination(config.destination, settings)
-        if isinstance(config, AnonymizationConfig) and config.patient_id.csv_path:
-            csv_path = config.patient_id.csv_path
-            if csv_path.startswith("s3://"):
-                check_location(csv_path, settings)
-            else:
-                check_location(str(Path(csv_path).expanduser().resolve().parent), settings)
-                if not Path(csv_path).expanduser().resolve().is_file():
-                    raise SourceError(f"{csv_path!r} is not a file")
-    except SourceError as exc:
-        field = "destination" if isinstance(config, ExportConfig) else "patient_id.csv_path"
-        raise StageConfigError([_error(tuple(field.split(".")), str(exc))]) from exc
+        except SourceError as exc:
+            raise StageConfigError([_error(("destination",), str(exc))]) from exc
+
+
+def _given(config: StageConfig) -> dict[str, Any]:
+    """What the user set: defaults stay the stage service's, so the two can never disagree."""
+    return config.model_dump(mode="json", exclude_unset=True)
 
 
 def public_config(config: StageConfig) -> dict[str, Any]:
-    """The config as the gateway stores and shows it: defaults filled in, secrets as `"***"`."""
-    return dict(redact_config(config.model_dump(mode="json")))
+    """The config as the gateway stores and shows it: as given, secrets as `"***"`."""
+    return dict(redact_config(_given(config)))
 
 
 def event_config(config: StageConfig, settings: Settings) -> dict[str, Any]:
@@ -262,7 +291,7 @@ def event_config(config: StageConfig, settings: Settings) -> dict[str, Any]:
 
     Raises `shared.secrets.SecretError` when there is a secret to pass but no project secret.
     """
-    data = config.model_dump(mode="json")
+    data = _given(config)
     if isinstance(config, AnonymizationConfig):
         data["audit_export"]["password"] = config.audit_export.password.get_secret_value()
     return dict(seal_config(data, settings))
@@ -277,19 +306,10 @@ def without_secrets(config: Any) -> Any:
     return config
 
 
-def scoped_run_config(stage: Stage, previous: dict[str, Any] | None) -> dict[str, Any]:
-    """The config of a scoped "new study" run: the cohort's last config for the stage, or defaults.
+def scoped_run_config(previous: dict[str, Any] | None) -> dict[str, Any]:
+    """The config of a scoped "new study" run: the cohort's last config for the stage, or none.
 
     A scoped run has no user at hand to type a secret, so secrets are left out (the anonymizer then
     records the study's audit rows without writing a new encrypted audit export).
     """
-    if previous is not None:
-        return dict(without_secrets(previous))
-    if stage is Stage.anonymization:
-        return {
-            "patient_id": PatientIdConfig().model_dump(mode="json"),
-            "study_dates": StudyDatesConfig().model_dump(mode="json"),
-            "audit_export": {"format": "encrypted_excel"},
-            "anonymize_categories": list(ALL_ANONYMIZE_CATEGORIES),
-        }
-    return CONFIG_MODELS[stage]().model_dump(mode="json")
+    return dict(without_secrets(previous)) if previous is not None else {}

@@ -11,6 +11,7 @@ from services.gateway.cohorts.stage_config import (
     event_config,
     expand_dotted_keys,
     public_config,
+    scoped_run_config,
     validate_stage_config,
 )
 from shared.secrets import SecretError, unseal
@@ -34,26 +35,56 @@ def test_dotted_keys_are_nested_objects() -> None:
 
 
 @pytest.mark.parametrize(
-    ("stage", "raw", "check"),
+    ("stage", "raw", "expected"),
     [
-        (Stage.extraction, {}, {"process_pool_workers": None}),
+        # only what the user set travels: defaults are the stage service's own
+        (Stage.extraction, {}, {}),
         (Stage.extraction, {"process_pool_workers": 4}, {"process_pool_workers": 4}),
-        (Stage.sorting, {}, {"profile": "standard", "skipClassified": True}),
-        (Stage.sorting, {"forceReprocess": True}, {"skipClassified": False}),
+        (Stage.sorting, {"profile": "research"}, {"profile": "research"}),
+        (
+            Stage.sorting,
+            {"forceReprocess": True},
+            {"forceReprocess": True, "skipClassified": False},
+        ),
         (Stage.sorting, {"selectedModalities": ["MR"]}, {"selectedModalities": ["MR"]}),
-        (Stage.export, {"layout": "flat", "outputModes": ["dcm", "nii"]}, {"layout": "flat"}),
-        (Stage.export, {}, {"includeIntents": ["anat", "dwi", "func", "fmap", "perf"]}),
+        (
+            Stage.export,
+            {"layout": "flat", "outputModes": ["dcm", "nii"]},
+            {"layout": "flat", "outputModes": ["dcm", "nii"]},
+        ),
         (
             Stage.anonymization,
-            {"patient_id.strategy": "folder", **AUDIT},
-            {"patient_id": {"strategy": "folder", "csv_path": None}},
+            {"patient_id.strategy": "folder", "patient_id.folder_regex": "^(P\\d+)$", **AUDIT},
+            {
+                "patient_id": {"strategy": "folder", "folder_regex": "^(P\\d+)$"},
+                "audit_export": {"format": "csv", "password": "***"},
+            },
+        ),
+        (
+            Stage.anonymization,
+            {"study_dates": {"enabled": True, "offset_range_days": [-100, -10]}, **AUDIT},
+            {
+                "study_dates": {"enabled": True, "offset_range_days": [-100, -10]},
+                "audit_export": {"format": "csv", "password": "***"},
+            },
+        ),
+        (
+            Stage.anonymization,
+            {
+                "retain_safe_private": False,
+                "patient_id": {"strategy": "csv", "csv": "a,b"},
+                **AUDIT,
+            },
+            {
+                "retain_safe_private": False,
+                "patient_id": {"strategy": "csv", "csv": "a,b"},
+                "audit_export": {"format": "csv", "password": "***"},
+            },
         ),
     ],
 )
-def test_valid_configs(stage: Stage, raw: dict[str, Any], check: dict[str, Any]) -> None:
-    config = public_config(validate_stage_config(stage, raw, SETTINGS))
-    for key, value in check.items():
-        assert config[key] == value
+def test_valid_configs(stage: Stage, raw: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert public_config(validate_stage_config(stage, raw, SETTINGS)) == expected
 
 
 @pytest.mark.parametrize(
@@ -74,7 +105,12 @@ def test_valid_configs(stage: Stage, raw: dict[str, Any], check: dict[str, Any])
         (Stage.anonymization, {"audit_export": {"format": "csv"}}, "audit_export.password"),
         (Stage.anonymization, {"audit_export.password": "short"}, "audit_export.password"),
         (Stage.anonymization, {"patient_id": {"strategy": "random"}, **AUDIT}, "strategy"),
-        (Stage.anonymization, {"patient_id.strategy": "csv", **AUDIT}, "csv_path"),
+        (Stage.anonymization, {"patient_id.strategy": "csv", **AUDIT}, "patient_id.csv"),
+        (Stage.anonymization, {"patient_id.hash_bits": 32, **AUDIT}, "patient_id.hash_bits"),
+        (Stage.anonymization, {"patient_id.folder_regex": "P\\d+", **AUDIT}, "capture group"),
+        (Stage.anonymization, {"patient_id.folder_regex": "(", **AUDIT}, "not a regular"),
+        (Stage.anonymization, {"study_dates.offset_range_days": [5, 1], **AUDIT}, "min <= max"),
+        (Stage.anonymization, {"retain_uids": "maybe", **AUDIT}, "config.retain_uids"),
         (Stage.anonymization, {"anonymize_categories": ["all"], **AUDIT}, "categories.0"),
         (Stage.anonymization, {"study_dates": {"enabled": "sometimes"}, **AUDIT}, "enabled"),
     ],
@@ -110,11 +146,8 @@ def test_export_destination_under_a_root(tmp_path: Path) -> None:
         validate_stage_config(Stage.export, {"destination": f"{tmp_path}/../x"}, settings)
 
 
-def test_csv_strategy_needs_an_existing_table_under_a_root(tmp_path: Path) -> None:
-    settings = Settings(data_roots=[tmp_path])
-    table = tmp_path / "ids.csv"
-    raw = {"patient_id": {"strategy": "csv", "csv_path": str(table)}, **AUDIT}
-    with pytest.raises(StageConfigError, match="is not a file"):
-        validate_stage_config(Stage.anonymization, raw, settings)
-    table.write_text("original,pseudonym\n")
-    validate_stage_config(Stage.anonymization, raw, settings)
+def test_scoped_runs_reuse_the_last_config_without_its_secrets() -> None:
+    stored = public_config(validate_stage_config(Stage.anonymization, AUDIT, SETTINGS))
+    assert scoped_run_config(stored) == {"audit_export": {"format": "csv"}}
+    assert scoped_run_config(None) == {}
+    assert scoped_run_config({"layout": "flat"}) == {"layout": "flat"}

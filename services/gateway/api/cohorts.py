@@ -1,0 +1,159 @@
+"""Cohorts, and starting stage runs and pipelines on them."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import asyncpg
+from fastapi import APIRouter, Query, Response, status
+
+from services.gateway import repository as repo
+from services.gateway import runs
+from services.gateway.api.dependencies import Context
+from services.gateway.api.schemas import (
+    CohortCreate,
+    CohortOut,
+    CohortPatch,
+    CohortStatusName,
+    JobOut,
+    PipelineRequest,
+    RunOut,
+    StageRunRequest,
+)
+from services.gateway.errors import Conflict, Invalid, NotFound
+from shared.settings import Settings
+from shared.sources import SourceError, check_location
+from shared.topics import Stage
+
+router = APIRouter(prefix="/cohorts", tags=["cohorts"])
+
+
+def _source_path(value: str, settings: Settings) -> str:
+    try:
+        return check_location(value, settings)
+    except SourceError as exc:
+        raise Invalid(str(exc)) from exc
+
+
+async def _cohort_out(conn: asyncpg.Connection, cohort: asyncpg.Record) -> CohortOut:
+    return CohortOut.from_rows(cohort, await repo.latest_stage_jobs(conn, cohort["id"]))
+
+
+def _name_taken(name: str) -> Conflict:
+    return Conflict(f"a cohort named {name!r} already exists (names are unique, ignoring case)")
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=CohortOut)
+async def create_cohort(body: CohortCreate, ctx: Context) -> CohortOut:
+    values = body.model_dump()
+    values["source_path"] = _source_path(body.source_path, ctx.settings)
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        try:
+            cohort = await repo.insert_cohort(conn, values)
+        except asyncpg.UniqueViolationError as exc:
+            raise _name_taken(body.name) from exc
+        return await _cohort_out(conn, cohort)
+
+
+@router.get("", response_model=list[CohortOut])
+async def list_cohorts(ctx: Context, status: CohortStatusName | None = None) -> list[CohortOut]:
+    async with ctx.pool.acquire() as conn:
+        return [await _cohort_out(conn, c) for c in await repo.list_cohorts(conn, status)]
+
+
+async def _existing(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> asyncpg.Record:
+    cohort = await repo.get_cohort(conn, cohort_id)
+    if cohort is None:
+        raise NotFound(f"no cohort with id {cohort_id}")
+    return cohort
+
+
+@router.get("/{cohort_id}", response_model=CohortOut)
+async def get_cohort(cohort_id: uuid.UUID, ctx: Context) -> CohortOut:
+    async with ctx.pool.acquire() as conn:
+        return await _cohort_out(conn, await _existing(conn, cohort_id))
+
+
+@router.patch("/{cohort_id}", response_model=CohortOut)
+async def update_cohort(cohort_id: uuid.UUID, body: CohortPatch, ctx: Context) -> CohortOut:
+    values: dict[str, Any] = body.model_dump(exclude_unset=True)
+    for field, value in values.items():
+        if value is None:
+            raise Invalid(f"{field} may not be null; leave it out to keep its value")
+    if "source_path" in values:
+        values["source_path"] = _source_path(values["source_path"], ctx.settings)
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        cohort = await repo.lock_cohort(conn, cohort_id)
+        if cohort is None:
+            raise NotFound(f"no cohort with id {cohort_id}")
+        changing = [
+            f
+            for f in ("source_path", "anonymization_enabled")
+            if f in values and values[f] != cohort[f]
+        ]
+        if changing and cohort["status"] == "in_progress":
+            raise Conflict(
+                f"cannot change {' and '.join(changing)} while the cohort is in progress;"
+                " wait for its jobs to end or cancel them"
+            )
+        try:
+            cohort = await repo.update_cohort(conn, cohort_id, values)
+        except asyncpg.UniqueViolationError as exc:
+            raise _name_taken(values["name"]) from exc
+        if "anonymization_enabled" in changing:
+            await repo.refresh_cohort_status(conn, cohort_id)
+            cohort = await _existing(conn, cohort_id)
+        return await _cohort_out(conn, cohort)
+
+
+@router.delete("/{cohort_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_cohort(cohort_id: uuid.UUID, ctx: Context) -> Response:
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        cohort = await repo.lock_cohort(conn, cohort_id)
+        if cohort is None:
+            raise NotFound(f"no cohort with id {cohort_id}")
+        if cohort["status"] == "in_progress":
+            raise Conflict("the cohort is in progress; cancel its jobs before deleting it")
+        await repo.delete_cohort(conn, cohort_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/{cohort_id}/stages/{stage}/run", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut
+)
+async def run_stage(
+    cohort_id: uuid.UUID, stage: Stage, ctx: Context, body: StageRunRequest | None = None
+) -> JobOut:
+    """Run one stage on the whole cohort; the previous stage must be completed (409 otherwise)."""
+    started = await runs.start_stage(
+        ctx.pool, ctx.settings, cohort_id, stage, (body or StageRunRequest()).config
+    )
+    return JobOut.from_row(started.jobs[0])
+
+
+@router.post("/{cohort_id}/pipeline", status_code=status.HTTP_202_ACCEPTED, response_model=RunOut)
+async def run_pipeline(
+    cohort_id: uuid.UUID, ctx: Context, body: PipelineRequest | None = None
+) -> RunOut:
+    """Run every remaining stage in order (anonymization only when the cohort enables it)."""
+    started = await runs.start_pipeline(
+        ctx.pool, ctx.settings, cohort_id, (body or PipelineRequest()).configs()
+    )
+    return RunOut(
+        run_id=started.run_id,
+        cohort_id=cohort_id,
+        jobs=[JobOut.from_row(j) for j in started.jobs],
+    )
+
+
+@router.get("/{cohort_id}/jobs", response_model=list[JobOut])
+async def cohort_jobs(
+    cohort_id: uuid.UUID, ctx: Context, limit: int = Query(100, ge=1, le=1000)
+) -> list[JobOut]:
+    async with ctx.pool.acquire() as conn:
+        await _existing(conn, cohort_id)
+        rows = await repo.list_jobs(
+            conn, cohort_id=cohort_id, status=None, stage=None, limit=limit, offset=0
+        )
+    return [JobOut.from_row(r) for r in rows]

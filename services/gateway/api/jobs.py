@@ -1,0 +1,63 @@
+"""Jobs: one stage run each; their progress, errors, transitions, and cancelling them."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Query
+
+from services.gateway import repository as repo
+from services.gateway import runs
+from services.gateway.api.dependencies import Context
+from services.gateway.api.schemas import JobEventOut, JobOut, JobStatusName
+from services.gateway.errors import NotFound
+from shared.topics import Stage
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+@router.get("", response_model=list[JobOut])
+async def list_jobs(
+    ctx: Context,
+    cohort_id: uuid.UUID | None = None,
+    status: JobStatusName | None = None,
+    stage: Stage | None = None,
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+) -> list[JobOut]:
+    """Newest first."""
+    async with ctx.pool.acquire() as conn:
+        rows = await repo.list_jobs(
+            conn,
+            cohort_id=cohort_id,
+            status=status,
+            stage=stage.value if stage else None,
+            limit=limit,
+            offset=offset,
+        )
+    return [JobOut.from_row(r) for r in rows]
+
+
+@router.get("/{job_id}", response_model=JobOut)
+async def get_job(job_id: uuid.UUID, ctx: Context) -> JobOut:
+    async with ctx.pool.acquire() as conn:
+        job = await repo.get_job(conn, job_id)
+    if job is None:
+        raise NotFound(f"no job with id {job_id}")
+    return JobOut.from_row(job)
+
+
+@router.get("/{job_id}/events", response_model=list[JobEventOut])
+async def job_events(job_id: uuid.UUID, ctx: Context) -> list[JobEventOut]:
+    """The job's status transitions, oldest first, with what caused each."""
+    async with ctx.pool.acquire() as conn:
+        if await repo.get_job(conn, job_id) is None:
+            raise NotFound(f"no job with id {job_id}")
+        rows = await repo.job_events(conn, job_id)
+    return [JobEventOut(**{k: r[k] for k in JobEventOut.model_fields}) for r in rows]
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+async def cancel_job(job_id: uuid.UUID, ctx: Context) -> JobOut:
+    """Cancel the job (and the later jobs of its run): the workers stop between items."""
+    return JobOut.from_row(await runs.cancel_job(ctx.pool, job_id))

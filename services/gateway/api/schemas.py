@@ -1,0 +1,223 @@
+"""The JSON shapes of the public HTTP API (DESIGN.md §5); field names are the user's vocabulary."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import asyncpg
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from services.gateway.cohorts.stage_order import StageState, applicable_stages
+from shared.topics import Stage
+
+CohortName = Annotated[
+    str,
+    StringConstraints(
+        strip_whitespace=True, min_length=1, max_length=128, pattern=r"^[^/\\\x00-\x1f]+$"
+    ),
+]
+Tag = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+CohortStatusName = Literal["idle", "in_progress", "completed"]
+JobStatusName = Literal["pending", "running", "completed", "failed", "cancelled"]
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _not_a_uuid(name: str | None) -> str | None:
+    if name is not None:
+        try:
+            uuid.UUID(name)
+        except ValueError:
+            return name
+        raise ValueError("a cohort name may not look like an id (a UUID)")
+    return name
+
+
+class CohortCreate(_Input):
+    name: CohortName
+    source_path: str = Field(min_length=1, max_length=4096)
+    description: str = Field(default="", max_length=10000)
+    owner: str = Field(default="", max_length=256)
+    tags: list[Tag] = Field(default_factory=list, max_length=100)
+    anonymization_enabled: bool = False
+
+    _name = field_validator("name")(_not_a_uuid)
+
+
+class CohortPatch(_Input):
+    name: CohortName | None = None
+    source_path: str | None = Field(default=None, min_length=1, max_length=4096)
+    description: str | None = Field(default=None, max_length=10000)
+    owner: str | None = Field(default=None, max_length=256)
+    tags: list[Tag] | None = Field(default=None, max_length=100)
+    anonymization_enabled: bool | None = None
+
+    _name = field_validator("name")(_not_a_uuid)
+
+
+class StageOut(BaseModel):
+    stage: Stage
+    state: StageState = StageState.not_started
+    job_id: uuid.UUID | None = None
+    progress: float = 0.0
+
+
+class CohortOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    source_path: str
+    description: str
+    owner: str
+    tags: list[str]
+    anonymization_enabled: bool
+    status: CohortStatusName
+    total_subjects: int
+    total_sessions: int
+    total_series: int
+    total_instances: int
+    completion_percentage: float
+    created_at: datetime
+    updated_at: datetime
+    stages: list[StageOut]
+
+    @classmethod
+    def from_rows(
+        cls, cohort: asyncpg.Record, stage_jobs: dict[Stage, asyncpg.Record]
+    ) -> CohortOut:
+        stages = []
+        for stage in applicable_stages(cohort["anonymization_enabled"]):
+            job = stage_jobs.get(stage)
+            stages.append(
+                StageOut(stage=stage)
+                if job is None
+                else StageOut(
+                    stage=stage,
+                    state=StageState(job["status"]),
+                    job_id=job["id"],
+                    progress=job["progress"],
+                )
+            )
+        return cls(**{k: cohort[k] for k in cls.model_fields if k != "stages"}, stages=stages)
+
+
+class StageRunRequest(_Input):
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class PipelineRequest(_Input):
+    """Per-stage configs; a stage left out runs with its defaults."""
+
+    anonymization: dict[str, Any] | None = None
+    extraction: dict[str, Any] | None = None
+    sorting: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None
+
+    def configs(self) -> dict[Stage, dict[str, Any] | None]:
+        return {stage: getattr(self, stage.value) for stage in Stage}
+
+
+class JobError(BaseModel):
+    item: str
+    message: str
+
+
+class JobOut(BaseModel):
+    id: uuid.UUID
+    cohort_id: uuid.UUID
+    run_id: uuid.UUID
+    stage: Stage
+    status: JobStatusName
+    status_reason: str | None
+    scoped: bool
+    progress: float
+    items_total: int
+    items_done: int
+    items_failed: int
+    errors: list[JobError]
+    summary: dict[str, Any]
+    config: dict[str, Any] = Field(description="the stage config, defaults filled, secrets as ***")
+    output_prefix: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, job: asyncpg.Record) -> JobOut:
+        return cls(**{k: job[k] for k in cls.model_fields})
+
+
+class JobEventOut(BaseModel):
+    from_status: JobStatusName | None
+    to_status: JobStatusName
+    reason: str | None
+    event_id: uuid.UUID | None
+    at: datetime
+
+
+class RunOut(BaseModel):
+    run_id: uuid.UUID
+    cohort_id: uuid.UUID
+    jobs: list[JobOut]
+
+
+class StackOut(BaseModel):
+    stack_key: str
+    n_instances: int | None
+    n_frames: int | None = None
+    base: str | None = None
+    technique: str | None = None
+    modifiers: list[str] | None = None
+    constructs: list[str] | None = None
+    provenance: str | None = None
+    acceleration: list[str] | None = None
+    post_contrast: bool | None = None
+    localizer: bool | None = None
+    spinal_cord: bool | None = None
+    intent: str | None = None
+    bids_datatype: str | None = None
+    bids_suffix: str | None = None
+    entities: dict[str, Any] | None = None
+    confidence: float | None = None
+    review_required: bool | None = None
+    review_reasons: list[str] | None = None
+
+
+class SeriesOut(BaseModel):
+    series_instance_uid: str
+    description: str | None
+    modality: str | None
+    series_number: int | None
+    subject_id: str | None
+    study_instance_uid: str | None
+    n_instances: int | None
+    stacks: list[StackOut]
+
+
+class ExportFileOut(BaseModel):
+    path: str
+    kind: str | None
+    size: int | None
+    sha256: str | None
+    series_instance_uid: str | None
+    stack_key: str | None
+    source_sop_instance_uids: list[str] | None
+    download_url: str
+
+
+class ExportOut(BaseModel):
+    cohort_id: uuid.UUID
+    job_id: uuid.UUID
+    status: JobStatusName
+    files: list[ExportFileOut]
+
+
+class StudyAcceptedOut(BaseModel):
+    cohort_id: uuid.UUID
+    study_instance_uid: str
+    location: str
+    run_id: uuid.UUID | None
+    jobs: list[JobOut]

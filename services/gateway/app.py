@@ -1,0 +1,183 @@
+"""The gateway process: HTTP API and web page (FastAPI), Kafka consumers (FastStream) and the
+outbox relay, in one process.
+
+`app_factory(settings)` builds the app; its lifespan opens the pool, applies the migrations, starts
+the broker with the gateway's subscribers and the outbox relay, and stops them in reverse order.
+`main()` serves it with uvicorn on `gateway_host:gateway_port`; SIGTERM stops it gracefully.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import asyncpg
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from faststream.kafka import KafkaBroker
+from faststream.kafka.message import KafkaMessage
+from pydantic import ValidationError
+
+from services.gateway import handlers
+from services.gateway.api import api_router, install_error_handlers
+from services.gateway.api.auth import token_middleware
+from services.gateway.api.dependencies import GatewayContext
+from shared import topics
+from shared.broker import make_broker, subscriber_kwargs
+from shared.db import create_pool, migrate
+from shared.events import Envelope
+from shared.observability import HTTP_REQUESTS, configure_logging, health_router
+from shared.outbox import OutboxRelay
+from shared.settings import Settings, get_settings
+from shared.storage import ObjectStore
+from shared.topics import STAGE_ORDER
+
+log = logging.getLogger(__name__)
+
+SERVICE = "gateway"
+SCHEMA = "gateway"
+HERE = Path(__file__).resolve().parent
+MIGRATIONS = HERE / "migrations"
+WEB = HERE / "web"
+
+# what the gateway follows: run outcomes and progress, and "new study" notices
+EVENT_TOPICS = [
+    topics.JOBS_PROGRESS,
+    *(topics.completed(s) for s in STAGE_ORDER),
+    *(topics.failed(s) for s in STAGE_ORDER),
+]
+
+
+def _consumer(
+    handle: Callable[[Envelope], Awaitable[None]],
+) -> Callable[[KafkaMessage], Awaitable[None]]:
+    """Decode the envelope, then handle it; a message that is no envelope is logged and skipped
+    (retrying cannot fix it), an error while handling is raised so the message comes back."""
+
+    async def consume(message: KafkaMessage) -> None:
+        try:
+            envelope = Envelope.model_validate_json(message.body)
+        except ValidationError as exc:
+            log.error(
+                "undecodable message skipped",
+                extra={
+                    "topic": getattr(message.raw_message, "topic", "?"),
+                    "error": str(exc)[:500],
+                },
+            )
+            return
+        await handle(envelope)
+
+    return consume
+
+
+def subscribe(
+    broker: KafkaBroker, pool_ref: Callable[[], asyncpg.Pool], settings: Settings
+) -> None:
+    """Attach the gateway's consumers: one group for run events, one for received studies."""
+
+    async def on_event(envelope: Envelope) -> None:
+        await handlers.on_event(pool_ref(), settings, envelope)
+
+    broker.subscriber(
+        *EVENT_TOPICS, **subscriber_kwargs(settings, topics.consumer_group(SERVICE, "events"))
+    )(_consumer(on_event))
+    broker.subscriber(
+        topics.STUDIES_RECEIVED,
+        **subscriber_kwargs(settings, topics.consumer_group(SERVICE, "studies")),
+    )(_consumer(on_event))
+
+
+def app_factory(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    broker = make_broker(settings, SERVICE)
+    resources: dict[str, asyncpg.Pool] = {}
+
+    def pool_ref() -> asyncpg.Pool:
+        return resources["pool"]
+
+    subscribe(broker, pool_ref, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = await create_pool(settings)
+        resources["pool"] = pool
+        try:
+            await migrate(pool, SCHEMA, MIGRATIONS)
+            app.state.gateway = GatewayContext(settings, pool, ObjectStore(settings))
+            relay = OutboxRelay(pool, SCHEMA, broker, settings)
+            await broker.start()
+            await relay.start()
+            log.info("gateway started", extra={"port": settings.gateway_port})
+            try:
+                yield
+            finally:
+                log.info("gateway stopping")
+                await relay.stop()
+                await broker.stop()
+        finally:
+            await pool.close()
+
+    async def ready() -> bool:
+        pool = resources.get("pool")
+        if pool is None:
+            return False
+        async with pool.acquire() as conn:
+            if not await conn.fetchval("SELECT true"):
+                return False
+        return bool(await broker.ping(timeout=2.0))
+
+    app = FastAPI(
+        title="Cohortflow gateway",
+        summary="Cohorts, stage runs and jobs, catalog and exports of the Cohortflow pipeline",
+        version="1",
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.middleware("http")(token_middleware(settings))
+    app.middleware("http")(_count_requests)
+    app.include_router(health_router(ready))
+    app.include_router(api_router())
+    app.mount("/static", StaticFiles(directory=WEB), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def web_page() -> FileResponse:
+        return FileResponse(WEB / "index.html")
+
+    return app
+
+
+async def _count_requests(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    response = await call_next(request)
+    route = request.scope.get("route")
+    HTTP_REQUESTS.labels(
+        request.method, getattr(route, "path", "unmatched"), str(response.status_code)
+    ).inc()
+    return response
+
+
+def main() -> None:
+    """Serve the gateway until SIGTERM/SIGINT (uvicorn then runs the lifespan's shutdown)."""
+    settings = get_settings()
+    configure_logging(SERVICE, settings)
+    uvicorn.run(
+        app_factory(settings),
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        log_config=None,
+        proxy_headers=True,
+        timeout_graceful_shutdown=30,
+    )
+
+
+if __name__ == "__main__":
+    main()
