@@ -1,0 +1,491 @@
+"""Stack fingerprints: the flat, typed features the classifier reads, built from a `StackSummary`.
+
+A fingerprint keeps the raw values (for evidence and review) and a set of namespaced feature tokens
+(`features`) that rules match against with set operations only:
+
+    it:<ImageType/FrameType value>      ss:<ScanningSequence>   sv:<SequenceVariant>
+    so:<ScanOptions>                    seq:<sequence-name root> seqdim:<2d|3d>   psd:<GE/Philips name>
+    acq:<MRAcquisitionType>             ac:<AcquisitionContrast> eps:<EchoPulseSequence>
+    ir:<InversionRecovery>              epi:<EchoPlanarPulseSequence> cic:<ComplexImageComponent>
+    pat:<ParallelAcquisitionTechnique>  pf:yes  fatsup:<SpectrallySelectedSuppression>
+    vendor:<name>  kind:<object kind>   mod:<Modality>  txt:<word>  body:<word>
+    phys:<derived physics fact>         ct:<CT fact>   pet:<PET fact>
+
+Physics facts (`phys:multi_echo`, `phys:b_high`, `phys:many_volumes`, ...) are computed here once so
+that the rule packs stay declarative. See `FINGERPRINT_VERSION` for when stored fingerprints go stale.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from services.sorter.rules.header import (
+    Flat,
+    all_float,
+    all_str,
+    first_float,
+    first_str,
+    flatten_header,
+    tag_key,
+    to_float,
+)
+from services.sorter.rules.text import tokenize
+from services.sorter.rules.vocabulary import vocabulary
+from shared.catalog import StackSummary
+
+FINGERPRINT_SCHEMA = 1
+
+
+def fingerprint_version() -> str:
+    """Schema of the record plus the version of the vocabulary it was built with."""
+    return f"fp{FINGERPRINT_SCHEMA}.{vocabulary().version}"
+
+
+# tags read by keyword, resolved once
+_K = {
+    name: tag_key(name)
+    for name in (
+        [
+            "Modality",
+            "SOPClassUID",
+            "Manufacturer",
+            "ManufacturerModelName",
+            "SeriesDescription",
+            "ProtocolName",
+            "SequenceName",
+            "PulseSequenceName",
+            "ImageType",
+            "FrameType",
+            "ScanningSequence",
+            "SequenceVariant",
+            "ScanOptions",
+            "MRAcquisitionType",
+            "RepetitionTime",
+            "EchoTime",
+            "EffectiveEchoTime",
+            "InversionTime",
+            "FlipAngle",
+            "EchoTrainLength",
+            "EchoNumbers",
+            "MagneticFieldStrength",
+            "AcquisitionContrast",
+            "EchoPulseSequence",
+            "InversionRecovery",
+            "EchoPlanarPulseSequence",
+            "ComplexImageComponent",
+            "ParallelAcquisitionTechnique",
+            "ParallelAcquisition",
+            "PartialFourier",
+            "SpectrallySelectedSuppression",
+            "MagnetizationTransfer",
+            "TimeOfFlightContrast",
+            "PhaseContrast",
+            "AngioFlag",
+            "DiffusionBValue",
+            "DiffusionDirectionality",
+            "ContrastBolusAgent",
+            "ContrastBolusIngredient",
+            "ContrastBolusVolume",
+            "ContrastBolusStartTime",
+            "ContrastBolusAgentSequence",
+            "BodyPartExamined",
+            "ImageOrientationPatient",
+            "PixelSpacing",
+            "Rows",
+            "Columns",
+            "SliceThickness",
+            "NumberOfTemporalPositions",
+            "KVP",
+            "ConvolutionKernel",
+            "FilterType",
+            "ExposureTime",
+            "XRayTubeCurrent",
+            "ScanOptions",
+            "Radiopharmaceutical",
+            "RadionuclideTotalDose",
+            "CorrectedImage",
+            "AttenuationCorrectionMethod",
+            "Units",
+            "DecayCorrection",
+            "ReconstructionMethod",
+            "SeriesType",
+            "InPlanePhaseEncodingDirection",
+            "SmallestImagePixelValue",
+            "PixelRepresentation",
+            "ImageComments",
+            "StudyDescription",
+            "NumberOfFrames",
+            "ParallelReductionFactorInPlane",
+            "MultibandFactor",
+            "ParallelReductionFactorOutOfPlane",
+        ]
+    )
+    if name not in {"MultibandFactor"}
+}
+_RADIOPHARM_SEQ_CODE = tag_key("RadiopharmaceuticalInformationSequence")
+_SEQ_NAME = re.compile(r"^\*?([a-z_]+)(\d+d)?(\d*)(.*)$")
+_NON_WORD = re.compile(r"[^a-z0-9]+")
+
+
+@dataclass(slots=True)
+class Fingerprint:
+    """The classification features of one stack (flat; every field has a fixed type)."""
+
+    stack_key: str
+    series_instance_uid: str = ""
+    kind: str = "unknown"  # object kind from SOP class / modality: mr, enhanced_mr, ct, pet, ...
+    modality: str = ""
+    vendor: str = "unknown"
+    manufacturer: str = ""
+    model: str = ""
+    description: str = ""
+    protocol: str = ""
+    sequence_name: str = ""  # SequenceName / PulseSequenceName / vendor private name, raw
+    text_tokens: frozenset[str] = frozenset()
+    image_type: frozenset[str] = frozenset()
+    scanning_sequence: frozenset[str] = frozenset()
+    sequence_variant: frozenset[str] = frozenset()
+    scan_options: frozenset[str] = frozenset()
+    mr_acquisition_type: str = ""
+    acquisition_contrast: str = ""
+    echo_pulse_sequence: str = ""
+    inversion_recovery: str = ""
+    complex_component: str = ""
+    parallel_technique: str = ""
+    tr: float | None = None
+    te: float | None = None
+    ti: float | None = None
+    flip_angle: float | None = None
+    etl: float | None = None
+    echo_number: int | None = None
+    field_strength: float | None = None
+    echo_times: tuple[float, ...] = ()
+    inversion_times: tuple[float, ...] = ()
+    b_values: tuple[float, ...] = ()
+    n_diffusion_directions: int = 0
+    n_volumes: int = 0
+    n_slices: int = 0
+    n_instances: int = 0
+    orientation: str = ""  # AX, SAG, COR, OBL
+    fov_mm: float | None = None
+    aspect: float | None = None
+    slice_thickness: float | None = None
+    contrast_agent: str = ""
+    body_part: str = ""
+    kvp: float | None = None
+    ct_kernel: str = ""
+    pet_tracer: str = ""
+    pet_units: str = ""
+    pet_corrections: frozenset[str] = frozenset()
+    features: frozenset[str] = field(default_factory=frozenset)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (sets as sorted lists) for the `sorting.stack_fingerprint` row."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, frozenset):
+                out[key] = sorted(value)
+            elif isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+
+def orientation_label(iop: list[float]) -> str:
+    """AX/SAG/COR from ImageOrientationPatient (0020,0037): the axis of the slice normal.
+
+    OBL when the normal is more than ~30 degrees off every axis.
+    """
+    if len(iop) != 6:
+        return ""
+    rx, ry, rz, cx, cy, cz = iop
+    normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
+    axis = max(range(3), key=lambda i: abs(normal[i]))
+    if abs(normal[axis]) < 0.85:
+        return "OBL"
+    return ("SAG", "COR", "AX")[axis]
+
+
+def _words(values: Iterable[str]) -> frozenset[str]:
+    return frozenset(v.strip().lower() for v in values if v and v.strip())
+
+
+@lru_cache(maxsize=8192)
+def _sequence_tokens(name: str) -> tuple[str, ...]:
+    """Siemens-style sequence names: '*tfl3d1_16ns' -> seq:tfl seqdim:3d; '*ep_b1000#12' -> seq:ep_b."""
+    out: list[str] = []
+    lowered = name.strip().lower()
+    if not lowered:
+        return ()
+    match = _SEQ_NAME.match(lowered)
+    if match:
+        root, dim, _, rest = match.groups()
+        out.append(f"seq:{root.strip('_')}")
+        if dim:
+            out.append(f"seqdim:{dim}")
+        # suffix parts: '*fl3d1r_t70' -> seqsfx:r, seqsfx:t (TOF ramp); '*tfl3d1_16ns' -> seqsfx:ns
+        for part in re.split(r"[_#]", rest):
+            letters = part.strip("0123456789")
+            if letters.isalpha():
+                out.append(f"seqsfx:{letters}")
+    out.append(f"seqname:{_NON_WORD.sub('', lowered)}")
+    return tuple(out)
+
+
+def _private(flat: Flat, vendor: str, meaning: str) -> list[Any]:
+    for owner, key in vocabulary().private.get(meaning, []):
+        if owner == vendor and key in flat:
+            return flat[key]
+    return []
+
+
+def _ge_b_value(raw: Any) -> float | None:
+    """GE (0043,1039) first value is b; large values carry a 1e9 offset (dcm2niix nii_dicom.cpp)."""
+    value = to_float(raw)
+    if value is None:
+        return None
+    return value % 1_000_000_000 if value >= 1_000_000_000 else value
+
+
+def _b_values(stack: StackSummary, flat: Flat, vendor: str) -> tuple[float, ...]:
+    found = set(stack.b_values)
+    standard = first_float(flat, _K["DiffusionBValue"])
+    if standard is not None:
+        found.add(standard)
+    private = _private(flat, vendor, "b_value")
+    if private:
+        value = _ge_b_value(private[0]) if vendor == "ge" else to_float(private[0])
+        if value is not None:
+            found.add(value)
+    return tuple(sorted(found))
+
+
+def _physics(fp: Fingerprint) -> list[str]:
+    """Physics facts as feature tokens. Thresholds are conventional MR values, not vendor ones."""
+    facts: list[str] = []
+    b = fp.b_values
+    b_max = max(b) if b else 0.0
+    if b_max >= 50:
+        facts.append("phys:b_nonzero")
+    if b_max >= 400:
+        facts.append("phys:b_high")
+    if b and b_max < 50:
+        facts.append("phys:b_zero_only")
+    if fp.n_diffusion_directions >= 6:
+        facts.append("phys:dti_dirs")
+    if len(fp.echo_times) >= 2:
+        facts.append("phys:multi_echo")
+    if len(fp.echo_times) >= 3:
+        facts.append("phys:many_echoes")
+    if len(fp.inversion_times) >= 2:
+        facts.append("phys:multi_ti")
+    if fp.n_volumes >= 10:
+        facts.append("phys:many_volumes")
+    if fp.n_volumes >= 2:
+        facts.append("phys:dynamic")
+    tr, te, ti, fa = fp.tr, fp.te, fp.ti, fp.flip_angle
+    if ti is not None and ti > 0:
+        facts.append("phys:ti")
+        if ti >= 1500:
+            facts.append("phys:ti_long")  # fluid nulling (FLAIR) range at 1.5-3 T
+        elif ti <= 250:
+            facts.append("phys:ti_short")  # fat nulling (STIR) range
+        else:
+            facts.append("phys:ti_mid")  # T1 preparation (MPRAGE 800-1100, IR-SPGR 300-600)
+    if tr is not None and te is not None:
+        if tr >= 1500 and te >= 60:
+            facts.append("phys:long_tr_long_te")  # T2-weighted spin echo
+        if tr >= 1500 and te <= 40:
+            facts.append("phys:long_tr_short_te")  # proton density (SE) or EPI/3D-TSE
+        if tr <= 900 and te <= 30:
+            facts.append("phys:short_tr_short_te")  # T1-weighted SE / spoiled GRE
+        if te >= 15 and tr >= 20:
+            facts.append("phys:te_long_gre")  # T2* range for GRE
+    if fa is not None:
+        if fa <= 20:
+            facts.append("phys:fa_low")
+        if fa >= 60:
+            facts.append("phys:fa_high")
+    if fp.slice_thickness is not None and fp.slice_thickness <= 1.5:
+        facts.append("phys:thin")
+    if fp.n_slices and fp.n_slices <= 5 and fp.n_volumes <= 1:
+        facts.append("phys:few_slices")
+    return facts
+
+
+def _orientation(stack: StackSummary, flat: Flat) -> str:
+    iop = [float(v) for v in stack.image_orientation] or all_float(
+        flat, _K["ImageOrientationPatient"]
+    )
+    return orientation_label(iop)
+
+
+def fingerprint(stack: StackSummary) -> Fingerprint:
+    """Build the fingerprint of one stack from its summary and representative header."""
+    vocab = vocabulary()
+    flat = flatten_header(stack.header)
+    modality = (stack.modality or first_str(flat, _K["Modality"])).upper()
+    sop = stack.sop_class_uid or first_str(flat, _K["SOPClassUID"])
+    kind = vocab.sop_kinds.get(sop) or vocab.modality_kinds.get(modality, "unknown")
+    manufacturer = stack.manufacturer or first_str(flat, _K["Manufacturer"])
+    vendor = vocab.vendor(manufacturer)
+    description = stack.series_description or first_str(flat, _K["SeriesDescription"])
+    protocol = stack.protocol_name or first_str(flat, _K["ProtocolName"])
+
+    seq_names = [first_str(flat, _K["SequenceName"]), first_str(flat, _K["PulseSequenceName"])]
+    for values in (_private(flat, vendor, "sequence_name"),):
+        seq_names.extend(str(v) for v in values[:1])
+    seq_names = [s for s in seq_names if s]
+
+    image_type = _words(
+        [
+            *(part for joined in stack.image_types for part in joined.split("\\")),
+            *all_str(flat, _K["ImageType"]),
+            *all_str(flat, _K["FrameType"]),
+        ]
+    )
+    echo_times = tuple(sorted({round(t, 3) for t in stack.echo_times}))
+    te = to_float(stack.constants.get("TE"))
+    if te is None:
+        te = first_float(flat, _K["EchoTime"]) or first_float(flat, _K["EffectiveEchoTime"])
+    ti = to_float(stack.constants.get("TI"))
+    if ti is None:
+        ti = first_float(flat, _K["InversionTime"])
+    rows = stack.rows or first_float(flat, _K["Rows"])
+    cols = stack.columns or first_float(flat, _K["Columns"])
+    spacing = [float(v) for v in stack.pixel_spacing] or all_float(flat, _K["PixelSpacing"])
+    fov = rows * spacing[0] if rows and spacing else None
+    aspect = (rows / cols) if rows and cols else None
+
+    agent = first_str(flat, _K["ContrastBolusAgent"]) or first_str(
+        flat, _K["ContrastBolusIngredient"]
+    )
+    if not agent and _K["ContrastBolusAgentSequence"] in stack.header:
+        agent = "contrast agent (coded)"
+    tracer = first_str(flat, _K["Radiopharmaceutical"])
+    if not tracer and _RADIOPHARM_SEQ_CODE in stack.header:
+        items = stack.header[_RADIOPHARM_SEQ_CODE].get("Value") or [{}]
+        tracer = first_str(flatten_header(items[0]), _K["Radiopharmaceutical"])
+
+    echo_number = to_float(stack.constants.get("ECHO")) or first_float(flat, _K["EchoNumbers"])
+    fp = Fingerprint(
+        stack_key=stack.stack_key,
+        series_instance_uid=stack.series_instance_uid,
+        kind=kind,
+        modality=modality,
+        vendor=vendor,
+        manufacturer=manufacturer,
+        model=stack.manufacturer_model or first_str(flat, _K["ManufacturerModelName"]),
+        description=description,
+        protocol=protocol,
+        sequence_name=" ".join(seq_names),
+        text_tokens=tokenize(description) | tokenize(protocol),
+        image_type=image_type,
+        scanning_sequence=_words(all_str(flat, _K["ScanningSequence"])),
+        sequence_variant=_words(all_str(flat, _K["SequenceVariant"])),
+        scan_options=_words(all_str(flat, _K["ScanOptions"])),
+        mr_acquisition_type=first_str(flat, _K["MRAcquisitionType"]).upper(),
+        acquisition_contrast=first_str(flat, _K["AcquisitionContrast"]).upper(),
+        echo_pulse_sequence=first_str(flat, _K["EchoPulseSequence"]).upper(),
+        inversion_recovery=first_str(flat, _K["InversionRecovery"]).upper(),
+        complex_component=(
+            str(stack.constants.get("PART", "")) or first_str(flat, _K["ComplexImageComponent"])
+        ).upper(),
+        parallel_technique=first_str(flat, _K["ParallelAcquisitionTechnique"]).upper(),
+        tr=first_float(flat, _K["RepetitionTime"]),
+        te=te,
+        ti=ti,
+        flip_angle=to_float(stack.constants.get("FA")) or first_float(flat, _K["FlipAngle"]),
+        etl=first_float(flat, _K["EchoTrainLength"]),
+        echo_number=int(echo_number) if echo_number is not None else None,
+        field_strength=first_float(flat, _K["MagneticFieldStrength"]),
+        echo_times=echo_times,
+        inversion_times=tuple(sorted({round(t, 1) for t in stack.inversion_times})),
+        n_diffusion_directions=stack.n_diffusion_directions,
+        n_volumes=stack.n_volumes,
+        n_slices=stack.n_slices,
+        n_instances=stack.n_instances,
+        orientation=str(stack.constants.get("ORIENT", "")) or _orientation(stack, flat),
+        fov_mm=fov,
+        aspect=aspect,
+        slice_thickness=stack.slice_thickness or first_float(flat, _K["SliceThickness"]),
+        contrast_agent=agent,
+        body_part=first_str(flat, _K["BodyPartExamined"]),
+        kvp=first_float(flat, _K["KVP"]),
+        ct_kernel=" ".join(all_str(flat, _K["ConvolutionKernel"])),
+        pet_tracer=tracer,
+        pet_units=first_str(flat, _K["Units"]),
+        pet_corrections=_words(all_str(flat, _K["CorrectedImage"])),
+    )
+    fp.b_values = _b_values(stack, flat, vendor)
+    if fp.field_strength is not None and fp.field_strength > 100:
+        fp.field_strength = fp.field_strength / 10000.0  # stored in gauss by some scanners
+    fp.features = frozenset(_features(fp, flat))
+    return fp
+
+
+def _features(fp: Fingerprint, flat: Flat) -> Iterator[str]:
+    yield f"kind:{fp.kind}"
+    yield f"mod:{fp.modality.lower()}"
+    yield f"vendor:{fp.vendor}"
+    yield from (f"it:{v}" for v in fp.image_type)
+    yield from (f"ss:{v}" for v in fp.scanning_sequence)
+    yield from (f"sv:{v}" for v in fp.sequence_variant)
+    yield from (f"so:{v}" for v in fp.scan_options)
+    for name in fp.sequence_name.split():
+        yield from _sequence_tokens(name)
+    for name, prefix in (
+        (fp.mr_acquisition_type, "acq"),
+        (fp.acquisition_contrast, "ac"),
+        (fp.echo_pulse_sequence, "eps"),
+        (fp.inversion_recovery, "ir"),
+        (fp.complex_component, "cic"),
+        (fp.parallel_technique, "pat"),
+        (fp.orientation, "orient"),
+    ):
+        if name:
+            yield f"{prefix}:{name.lower()}"
+    for key, prefix in (
+        ("EchoPlanarPulseSequence", "epi"),
+        ("PartialFourier", "pf"),
+        ("SpectrallySelectedSuppression", "fatsup"),
+        ("MagnetizationTransfer", "mt"),
+        ("TimeOfFlightContrast", "tof"),
+        ("PhaseContrast", "pc"),
+        ("AngioFlag", "angio"),
+        ("ParallelAcquisition", "pa"),
+        ("DiffusionDirectionality", "diffdir"),
+    ):
+        value = first_str(flat, _K[key]).lower()
+        if value:
+            yield f"{prefix}:{value}"
+    for kind_value in _private(flat, fp.vendor, "image_kind")[:1]:
+        yield f"vimg:{str(kind_value).strip().lower()}"
+    if fp.vendor == "ge" and tag_key("0043,1030") in flat:
+        yield f"gevas:{str(flat[tag_key('0043,1030')][0]).strip()}"
+    smallest = first_float(flat, _K["SmallestImagePixelValue"])
+    if smallest is not None and smallest < 0:
+        yield "phys:signed_values"  # a magnitude image is never negative
+    yield from (f"txt:{t}" for t in fp.text_tokens)
+    yield from (f"body:{t}" for t in tokenize(fp.body_part))
+    if fp.contrast_agent:
+        yield "contrast:agent"
+    if fp.kvp is not None:
+        yield "ct:kvp"
+    yield from (f"ctk:{t}" for t in tokenize(fp.ct_kernel))
+    yield from (f"ctscan:{t}" for t in fp.scan_options if fp.modality == "CT")
+    if fp.pet_tracer:
+        yield from (f"tracer:{t}" for t in tokenize(fp.pet_tracer))
+    yield from (f"petcorr:{t}" for t in fp.pet_corrections)
+    if fp.pet_units:
+        yield f"petunits:{fp.pet_units.lower()}"
+    yield from _physics(fp)
+
+
+def fingerprint_batch(stacks: Iterable[StackSummary]) -> list[Fingerprint]:
+    """Fingerprints of many stacks. Text, vendor and sequence-name parsing are cached per distinct
+    string, so a cohort's repeated protocols cost a dictionary lookup after their first stack."""
+    return [fingerprint(stack) for stack in stacks]
