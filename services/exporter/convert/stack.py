@@ -71,12 +71,11 @@ def link_inputs(files: Sequence[Path], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for index, source in enumerate(files):
         target = folder / f"{index:06d}.dcm"
-        source = Path(source).resolve()
         try:
             os.link(source, target)
-        except OSError:
+        except OSError:  # another file system, or links not allowed
             try:
-                target.symlink_to(source)
+                target.symlink_to(Path(source).resolve())
             except OSError:
                 shutil.copyfile(source, target)
 

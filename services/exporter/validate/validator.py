@@ -118,12 +118,16 @@ def parse_report(output: dict[str, Any], duration_s: float = 0.0) -> ValidatorRe
 
 
 def run_bids_validator(
-    dataset_dir: Path, *, timeout_s: float = 600.0, ignore_nifti_headers: bool = False
+    dataset_dir: Path,
+    *,
+    timeout_s: float = 600.0,
+    recursive: bool = True,
+    ignore_nifti_headers: bool = False,
 ) -> ValidatorReport:
     """Validate `dataset_dir`; raises `ValidatorError` if the validator fails to run or times out.
 
-    All TSV rows are checked (`--max-rows -1`). Derivative datasets under `derivatives/` are not
-    validated (they are opaque to the raw validation).
+    All TSV rows are checked (`--max-rows -1`). With `recursive` the derivative datasets under
+    `derivatives/` (scanner maps, grouped SyMRI) are validated too (`-r`).
     """
     import time
 
@@ -140,6 +144,8 @@ def run_bids_validator(
     ]
     if ignore_nifti_headers:
         args.insert(-1, "--ignoreNiftiHeaders")
+    if recursive:
+        args.insert(-1, "--recursive")
     env = dict(os.environ)
     env.setdefault("DENO_DIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "cohortflow-deno"))
     env["NO_COLOR"] = "1"

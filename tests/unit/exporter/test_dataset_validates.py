@@ -168,3 +168,59 @@ def test_skip_policy_leaves_existing_output(
     again = export_stack(first.stack, first.base, root, overwrite="skip")
     assert again.files == [] and again.skipped == ["already exported (overwrite policy: skip)"]
     assert target.stat().st_mtime_ns == before
+
+
+def test_flat_layout_derivatives_and_both_nifti_modes(dicom_root: Path, tmp_path: Path) -> None:
+    pdt2 = dicom_root / "dcm_qa_pdt2" / "In" / "Siemens" / "VE11"
+    stacks = [
+        real_stack(pdt2, "anat", "T2w", echo=2, session=None),
+        # hand-classified as the scanner's ADC map: exported apart, as a derivative
+        real_stack(pdt2, "dwi", "dwi", echo=1, session=None, constructs=["ADC"]),
+    ]
+    for layout in ("bids", "flat"):
+        root = tmp_path / layout
+        plan = plan_names(stacks, layout=layout)
+        exports = [
+            export_stack(s, plan[s.key], root, output_modes=("nii", "nii.gz"), layout=layout)
+            for s in stacks
+        ]
+        write_dataset_files(
+            root, exports, name="t", dcm2niix_version=dcm2niix_version(), layout=layout
+        )
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        if layout == "flat":
+            assert files == [
+                "README",
+                "dataset_description.json",
+                "sub-01_ADC.json",
+                "sub-01_ADC.nii",
+                "sub-01_ADC.nii.gz",
+                "sub-01_T2w.json",
+                "sub-01_T2w.nii",
+                "sub-01_T2w.nii.gz",
+            ]
+            continue
+        assert "derivatives/scanner/sub-01/dwi/sub-01_ADC.nii.gz" in files
+        assert "sub-01/sub-01_scans.tsv" in files
+        derivative = read_json(root / "derivatives" / "scanner" / "dataset_description.json")
+        assert derivative["DatasetType"] == "derivative"
+        report = run_bids_validator(root, recursive=True)
+        assert report.errors == 0, report.error_codes
+
+
+def test_validator_reports_errors(
+    dataset: tuple[Path, list[ExportedStack]], tmp_path: Path
+) -> None:
+    import shutil
+
+    root, _ = dataset
+    broken = tmp_path / "broken"
+    shutil.copytree(root, broken, ignore=shutil.ignore_patterns("sourcedata"))
+    (broken / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_PDw.nii.gz").rename(
+        broken / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_bogus_PDw.nii.gz"
+    )
+    (broken / "dataset_description.json").write_text("{}")
+    report = run_bids_validator(broken)
+    assert report.errors >= 2 and not report.valid
+    assert {i.code for i in report.issues if i.severity == "error"} == set(report.error_codes)
+    assert any("bogus" in i.location for i in report.issues)
