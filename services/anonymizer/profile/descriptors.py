@@ -29,4 +29,4 @@ def clean_text(text: str, matcher: Matcher | None) -> str:
         out = pattern.sub(" ", out)
     if matcher is not None and matcher.text is not None:
         out = matcher.text.sub(" ", out)
-    return re.sub(r"\s{2,}", " ", out).strip(" _-")
+    return re.sub(r"\s{2,}", " ", out).strip(" _-^")

@@ -104,7 +104,8 @@ class Matcher:
         self.uids = frozenset(ids.uids)
         self.text = _alternation(ids.values, r"(?<![A-Za-z0-9])(", r")(?![A-Za-z0-9])", re.I)
         self.uid_text = _alternation(ids.uids, r"(?<![0-9.])(", r")(?![0-9.])")
-        self.dates = _alternation(ids.dates, r"(?<![0-9])(", r")(?![0-9])")
+        # a date alone, or starting a DT (date then at least HHMM); never inside a longer number
+        self.dates = _alternation(ids.dates, r"(?<![0-9.])(", r")(?:(?![0-9])|(?=[0-9]{4}))")
 
     def in_text(self, text: str) -> list[tuple[str, str]]:
         """(kind, matched text) for every hit in `text`."""
