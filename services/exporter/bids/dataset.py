@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from services.exporter.bids.entities import load_entity_table, parse_bids_name, sanitize_label
-from services.exporter.bids.fieldmaps import ScanRecord, link_fieldmaps
+from services.exporter.bids.fieldmaps import ScanRecord, link_fieldmaps, link_m0scans
 from services.exporter.bids.plan import DERIVATIVES, load_naming_rules
 from services.exporter.bids.sidecar import slice_normal
 from services.exporter.bids.stack import ExportStack, parse_dicom_datetime
@@ -185,7 +185,10 @@ def write_dataset_files(
         return written
 
     raw = [(e, image) for e in exports for image in e.images if _is_raw(image)]
-    links = link_fieldmaps([_scan_record(root, e, image) for e, image in raw])
+    records = [_scan_record(root, e, image) for e, image in raw]
+    links = link_fieldmaps(records)
+    for image, additions in link_m0scans(records).items():
+        links.setdefault(image, {}).update(additions)
     for image, additions in sorted(links.items()):
         _update_sidecar(root, image, additions)
 

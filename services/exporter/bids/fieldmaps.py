@@ -147,3 +147,33 @@ def link_fieldmaps(records: Sequence[ScanRecord]) -> dict[PurePosixPath, dict[st
                 entry["IntendedFor"] = uris
             additions[member.path] = entry
     return additions
+
+
+def link_m0scans(records: Sequence[ScanRecord]) -> dict[PurePosixPath, dict[str, Any]]:
+    """`IntendedFor` (REQUIRED in BIDS) of each `perf/*_m0scan`: the ASL series of its session it
+    calibrates — those sharing its `acq-`/`run-` when any do, else the one acquired closest in time."""
+    additions: dict[PurePosixPath, dict[str, Any]] = {}
+    asl = [r for r in records if r.datatype == "perf" and r.suffix == "asl"]
+    m0scans = [r for r in records if r.datatype == "perf" and r.suffix == "m0scan"]
+    for m0 in sorted(m0scans, key=lambda r: r.path):
+        same_session = [
+            a for a in asl if a.subject == m0.subject and (a.session or "") == (m0.session or "")
+        ]
+        matching = [
+            a
+            for a in same_session
+            if all(a.entities.get(k) == m0.entities.get(k) for k in ("acq", "run"))
+        ]
+        if not matching and same_session:
+            matching = [min(same_session, key=lambda a: (_time_gap(a, m0), str(a.path)))]
+        if matching:
+            additions[m0.path] = {
+                "IntendedFor": [bids_uri(a.path) for a in sorted(matching, key=lambda a: a.path)]
+            }
+    return additions
+
+
+def _time_gap(a: ScanRecord, b: ScanRecord) -> float:
+    if a.acquired_at is None or b.acquired_at is None:
+        return float("inf")
+    return abs((a.acquired_at - b.acquired_at).total_seconds())

@@ -127,6 +127,14 @@ def stack_target(
     else:
         for key, value in branch.get("raw_entities", {}).items():
             entities.setdefault(key, value)
+    if datatype == "func" and not sanitize_label(entities.get("task", "")):
+        # BIDS requires task- on functional data: the sorter's label, else the protocol's name
+        entities["task"] = (
+            sanitize_label(stack.task_name or "")
+            or sanitize_label(stack.summary.protocol_name)
+            or sanitize_label(stack.summary.series_description)
+            or "unknown"
+        )
     if not sanitize_label(stack.subject):
         raise ValueError(
             f"stack {stack.key}: subject label {stack.subject!r} has no letters or digits"

@@ -31,7 +31,7 @@ SIDECAR_KEYS = (
 )
 
 CASES = [
-    # (input folder, reference base name per produced post-fix)
+    # (input folder or file, reference base name per produced post-fix); Ref/ is the set's own
     (
         "dcm_qa_pdt2/In/Siemens/VE11",
         {
@@ -40,8 +40,22 @@ CASES = [
         },
     ),
     ("dcm_qa_fmap/In/Siemens/3_gre_field_magph", {"_e2_ph": "Si_3_gre_field_magph_e2_ph"}),
+    (
+        "dcm_qa_fmap/In/GE/2_3db0maps",
+        {"": "GE_2_3db0maps_patient", "_fieldmaphz": "GE_2_3db0maps_patient_fieldmaphz"},
+    ),
+    (
+        "dcm_qa_enh/In/Philips/IM_0027_fMAP.dcm",
+        {
+            "_e1": "Philips_WIP_B0_NS_801_e1",
+            "_e2_fieldmaphz": "Philips_WIP_B0_NS_801_e2_fieldmaphz",
+        },
+    ),
+    ("dcm_qa_enh/In/Siemens/XA10", {"": "Siemens_REST1_w_SMS_PF7-8_6"}),
     ("dcm_qa_nih/In/20180918GE/mr_0004", {"": "DCM2NIIX_regression_test_4"}),
     ("dcm_qa_nih/In/20180918Si/mr_0003", {"": "EPI_PE=AP_3"}),
+    # one Siemens EPI image in nine transfer syntaxes (JPEG lossless, JPEG-LS, JPEG 2000, RLE, ...)
+    *((f"dcm_qa_ts/In/{n}.dcm", {"": str(n)}) for n in range(1, 10)),
 ]
 
 
@@ -87,14 +101,15 @@ def assert_sidecar_matches(ours: dict[str, Any], reference: dict[str, Any]) -> i
 @pytest.mark.parametrize(
     ("folder", "expected"),
     CASES,
-    ids=[c[0].split("/")[0] + ":" + c[0].split("/")[-1] for c in CASES],
+    ids=[c[0].split("/")[0].removeprefix("dcm_qa_") + ":" + c[0].split("/")[-1] for c in CASES],
 )
 def test_conversion_matches_reference(
     dicom_root: Path, tmp_path: Path, folder: str, expected: dict[str, str]
 ) -> None:
     source = dicom_root / folder
-    reference = source.parents[len(Path(folder).parts) - 2] / "Ref"
-    result = convert_stack(dicom_files(source), tmp_path, "stack", compress=True, timeout_s=120)
+    reference = dicom_root / Path(folder).parts[0] / "Ref"
+    files = [source] if source.is_file() else dicom_files(source)
+    result = convert_stack(files, tmp_path, "stack", compress=True, timeout_s=120)
 
     assert result.tool == "dcm2niix"
     assert result.tool_version.startswith("v1.0.")

@@ -283,6 +283,15 @@ def test_derivatives_and_vendor_branches(
     assert str(path) == expected
 
 
+def test_functional_runs_always_get_a_task() -> None:
+    named = stack("bold", "func", series=1, task_name="n-back 2")
+    from_protocol = stack("bold", "func", series=2)
+    from_protocol.summary.protocol_name = "Resting State (eyes open)"
+    plan = plan_names([named, from_protocol])
+    assert plan[named.key].name == "sub-01_ses-1_task-nback2_bold"
+    assert plan[from_protocol.key].name == "sub-01_ses-1_task-RestingStateeyesopen_bold"
+
+
 def test_flat_layout_numbers_runs_too() -> None:
     plan = plan_names(
         [stack("T1w", series=1, time="1000"), stack("T1w", series=2, time="0900")], layout="flat"
