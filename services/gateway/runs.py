@@ -138,8 +138,6 @@ async def start_stage(
     raw_config: Mapping[str, Any] | None,
 ) -> RunStarted:
     """Run one stage on the whole cohort (409 out of order, 422 bad config)."""
-    config = validate_stage_config(stage, raw_config, settings)
-    planned = _plan(stage, config, settings)
     async with pool.acquire() as conn, conn.transaction():
         cohort = await _locked_cohort(conn, cohort_id)
         states = repo.stage_states(await repo.latest_stage_jobs(conn, cohort_id))
@@ -147,7 +145,8 @@ async def start_stage(
             check_stage_run(stage, cohort["anonymization_enabled"], states)
         except StageOrderError as exc:
             raise Conflict(str(exc)) from exc
-        return await _write_run(conn, cohort, "stage", [planned])
+        config = validate_stage_config(stage, raw_config, settings)
+        return await _write_run(conn, cohort, "stage", [_plan(stage, config, settings)])
 
 
 async def start_pipeline(

@@ -1,0 +1,879 @@
+"""The gateway against the real Postgres, Kafka-protocol broker and S3 server of the test stack.
+
+Drives the public HTTP API (DESIGN.md §5) and the event discipline: run requests land on their
+topics with the right routing slip, progress/completion/failure events move jobs and cohort metrics,
+cancel publishes control and flips `gateway.job_control_v`, new studies start scoped runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from pydantic import SecretStr
+
+from services.gateway.api.dependencies import GatewayContext
+from services.gateway.app import MIGRATIONS, app_factory
+from shared import topics
+from shared.db import create_pool, migrate
+from shared.events import (
+    CohortRef,
+    Envelope,
+    ItemError,
+    JobProgress,
+    Payload,
+    StageCompleted,
+    StageFailed,
+    StudyReceived,
+)
+from shared.secrets import unseal
+from shared.settings import Settings
+from shared.storage import ObjectStore
+from shared.topics import Stage
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+
+TOKEN = "gateway-test-token"
+PASSWORD = "audit-password-4-tests"
+T = TypeVar("T")
+
+
+async def eventually(probe: Callable[[], Awaitable[T | None]], timeout: float = 20.0) -> T:
+    """Poll until `probe` returns something truthy (events travel through the broker)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data-root")
+    for name in ("study-a", "study-b", "new-study"):
+        (root / name).mkdir()
+    (root / "file.dcm").write_bytes(b"DICM")
+    return root
+
+
+@pytest.fixture(scope="module")
+def settings(stack: Any, data_root: Path) -> Settings:
+    return Settings(
+        data_roots=[data_root], api_token=SecretStr(TOKEN), project_secret=SecretStr("gw-secret")
+    )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The gateway app with its lifespan running (migrations, broker consumers, outbox relay)."""
+    app = app_factory(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport,
+            base_url="http://gateway",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        ) as client:
+            yield client
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def db(settings: Settings, api: httpx.AsyncClient) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(settings, min_size=1, max_size=2)
+    yield pool
+    await pool.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
+    kafka = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await kafka.start()
+    yield kafka
+    await kafka.stop()
+
+
+async def publish(
+    producer: AIOKafkaProducer, topic: str, envelope: Envelope, key: str | None = None
+) -> None:
+    await producer.send_and_wait(
+        topic, envelope.model_dump_json().encode(), key=key.encode() if key else None
+    )
+
+
+async def find_on_topic(
+    settings: Settings, topic: str, match: Callable[[Envelope], bool], timeout: float = 20.0
+) -> Envelope:
+    """The first envelope on `topic` (from the beginning) that `match`es."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for record in records:
+                    envelope = Envelope.model_validate_json(record.value)
+                    if match(envelope):
+                        return envelope
+        raise AssertionError(f"no matching event on {topic}")
+    finally:
+        await consumer.stop()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def new_cohort(
+    api: httpx.AsyncClient, data_root: Path, *, anonymization: bool = False, **extra: Any
+) -> dict[str, Any]:
+    body = {
+        "name": unique("cohort"),
+        "source_path": str(data_root / "study-a"),
+        "description": "integration test",
+        "owner": "tests",
+        "tags": ["it"],
+        "anonymization_enabled": anonymization,
+        **extra,
+    }
+    response = await api.post("/api/cohorts", json=body)
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def event(payload: Payload, cohort_id: str, job_id: str, source: str = "test") -> Envelope:
+    return Envelope.wrap(
+        payload, source=source, cohort_id=uuid.UUID(cohort_id), job_id=uuid.UUID(job_id)
+    )
+
+
+def ref(cohort: dict[str, Any]) -> CohortRef:
+    return CohortRef(id=cohort["id"], name=cohort["name"], source_path=cohort["source_path"])
+
+
+# --- open routes, auth, OpenAPI -------------------------------------------------------------------
+
+
+async def test_health_page_and_openapi_are_served(api: httpx.AsyncClient) -> None:
+    anonymous = {"Authorization": ""}
+    for path in ("/healthz", "/readyz", "/metrics", "/", "/static/app.js", "/static/style.css"):
+        response = await api.get(path, headers=anonymous)
+        assert response.status_code == 200, path
+    assert (await api.get("/readyz")).json() == {"status": "ready"}
+    assert "<html" in (await api.get("/", headers=anonymous)).text.lower()
+    spec = (await api.get("/api/openapi.json")).json()
+    for path in (
+        "/api/cohorts",
+        "/api/cohorts/{cohort_id}",
+        "/api/cohorts/{cohort_id}/stages/{stage}/run",
+        "/api/cohorts/{cohort_id}/pipeline",
+        "/api/cohorts/{cohort_id}/series",
+        "/api/cohorts/{cohort_id}/exports/{job_id}",
+        "/api/cohorts/{cohort_id}/exports/{job_id}/files/{path}",
+        "/api/jobs",
+        "/api/jobs/{job_id}",
+        "/api/jobs/{job_id}/cancel",
+        "/api/studies",
+    ):
+        assert path in spec["paths"], path
+
+
+@pytest.mark.parametrize(
+    "header", [None, "Bearer wrong-token", f"Basic {TOKEN}", "Bearer", f"Bearer {TOKEN}x"]
+)
+async def test_api_needs_the_token(api: httpx.AsyncClient, header: str | None) -> None:
+    headers = {"Authorization": header or ""}
+    for method, path in (
+        ("GET", "/api/cohorts"),
+        ("GET", "/api/openapi.json"),
+        ("POST", "/api/studies"),
+        ("GET", "/api/no-such-route"),
+    ):
+        response = await api.request(method, path, headers=headers)
+        assert response.status_code == 401, (method, path)
+        assert "token" in response.json()["detail"]
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+# --- cohorts ----------------------------------------------------------------------------------------
+
+
+async def test_cohort_create_read_update_delete(api: httpx.AsyncClient, data_root: Path) -> None:
+    cohort = await new_cohort(api, data_root, anonymization=True)
+    assert cohort["status"] == "idle"
+    assert cohort["source_path"] == str(data_root / "study-a")
+    assert cohort["tags"] == ["it"]
+    assert cohort["completion_percentage"] == 0
+    for metric in ("total_subjects", "total_sessions", "total_series"):
+        assert cohort[metric] == 0
+    assert [(s["stage"], s["state"], s["job_id"]) for s in cohort["stages"]] == [
+        ("anonymization", "not_started", None),
+        ("extraction", "not_started", None),
+        ("sorting", "not_started", None),
+        ("export", "not_started", None),
+    ]
+    assert cohort["created_at"] and cohort["updated_at"]
+
+    listed = (await api.get("/api/cohorts")).json()
+    assert cohort["id"] in [c["id"] for c in listed]
+    assert cohort["id"] in [c["id"] for c in (await api.get("/api/cohorts?status=idle")).json()]
+    assert (await api.get("/api/cohorts?status=busy")).status_code == 422
+    assert (await api.get(f"/api/cohorts/{cohort['id']}")).json()["name"] == cohort["name"]
+
+    patched = await api.patch(
+        f"/api/cohorts/{cohort['id']}",
+        json={"description": "new words", "tags": ["a", "b"], "anonymization_enabled": False},
+    )
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["description"] == "new words"
+    assert [s["stage"] for s in patched.json()["stages"]] == ["extraction", "sorting", "export"]
+    assert (
+        await api.patch(f"/api/cohorts/{cohort['id']}", json={"owner": None})
+    ).status_code == 422
+    assert (await api.patch(f"/api/cohorts/{cohort['id']}", json={"colour": 1})).status_code == 422
+
+    other = await new_cohort(api, data_root)
+    clash = await api.patch(f"/api/cohorts/{other['id']}", json={"name": cohort["name"].upper()})
+    assert clash.status_code == 409
+    assert "already exists" in clash.json()["detail"]
+
+    assert (await api.delete(f"/api/cohorts/{cohort['id']}")).status_code == 204
+    assert (await api.get(f"/api/cohorts/{cohort['id']}")).status_code == 404
+    assert (await api.delete(f"/api/cohorts/{cohort['id']}")).status_code == 404
+
+
+async def test_duplicate_names_conflict(api: httpx.AsyncClient, data_root: Path) -> None:
+    cohort = await new_cohort(api, data_root)
+    again = await api.post(
+        "/api/cohorts",
+        json={"name": cohort["name"].upper(), "source_path": str(data_root / "study-b")},
+    )
+    assert again.status_code == 409
+    assert cohort["name"].upper() in again.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("source_path", "message"),
+    [
+        ("relative/path", "absolute"),
+        ("/etc", "outside the allowed data roots"),
+        ("{root}/../", "outside the allowed data roots"),
+        ("{root}/study-a/../../", "outside the allowed data roots"),
+        ("{root}/missing", "does not exist"),
+        ("{root}/file.dcm", "not a directory"),
+        ("ftp://host/data", "s3://"),
+        ("s3://", "bucket"),
+    ],
+)
+async def test_bad_source_paths_are_refused(
+    api: httpx.AsyncClient, data_root: Path, source_path: str, message: str
+) -> None:
+    response = await api.post(
+        "/api/cohorts",
+        json={"name": unique("bad"), "source_path": source_path.format(root=data_root)},
+    )
+    assert response.status_code == 422, response.text
+    assert message in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"name": "x"},
+        {"name": "", "source_path": "s3://bucket/x"},
+        {"name": "a/b", "source_path": "s3://bucket/x"},
+        {"name": str(uuid.uuid4()), "source_path": "s3://bucket/x"},
+        {"name": "ok", "source_path": "s3://bucket/x", "tags": "not-a-list"},
+        {"name": "ok", "source_path": "s3://bucket/x", "anonymization_enabled": "perhaps"},
+        {"name": "ok", "source_path": "s3://bucket/x", "unknown": 1},
+    ],
+)
+async def test_malformed_cohorts_are_422(api: httpx.AsyncClient, body: dict[str, Any]) -> None:
+    response = await api.post("/api/cohorts", json=body)
+    assert response.status_code == 422
+    assert "detail" in response.json()
+
+
+async def test_s3_sources_and_unknown_ids(api: httpx.AsyncClient) -> None:
+    response = await api.post(
+        "/api/cohorts", json={"name": unique("s3"), "source_path": "s3://pacs-export/2024/ms"}
+    )
+    assert response.status_code == 201
+    assert response.json()["source_path"] == "s3://pacs-export/2024/ms"
+    missing = uuid.uuid4()
+    assert (await api.get(f"/api/cohorts/{missing}")).status_code == 404
+    assert (await api.get("/api/cohorts/not-a-uuid")).status_code == 422
+    assert (await api.get(f"/api/jobs/{missing}")).status_code == 404
+    assert (await api.post(f"/api/jobs/{missing}/cancel")).status_code == 404
+    assert (await api.post(f"/api/cohorts/{missing}/pipeline", json={})).status_code == 404
+    run = await api.post(f"/api/cohorts/{missing}/stages/extraction/run", json={"config": {}})
+    assert run.status_code == 404
+    assert (await api.get(f"/api/cohorts/{missing}/series")).status_code == 404
+
+
+# --- stage runs ---------------------------------------------------------------------------------------
+
+
+async def test_stage_order_and_config_are_enforced(
+    api: httpx.AsyncClient, data_root: Path, settings: Settings
+) -> None:
+    cohort = await new_cohort(api, data_root)
+    base = f"/api/cohorts/{cohort['id']}/stages"
+
+    early = await api.post(f"{base}/sorting/run", json={"config": {}})
+    assert early.status_code == 409
+    assert "sorting needs extraction completed first" in early.json()["detail"]
+    anon = await api.post(f"{base}/anonymization/run", json={"config": {}})
+    assert anon.status_code == 409
+    assert "anonymization is not enabled" in anon.json()["detail"]
+    assert (await api.post(f"{base}/tagging/run", json={"config": {}})).status_code == 422
+
+    bad = await api.post(f"{base}/extraction/run", json={"config": {"threads": 4}})
+    assert bad.status_code == 422
+    assert bad.json()["detail"][0]["loc"] == ["config", "threads"]
+    bad = await api.post(f"{base}/extraction/run", json={"config": {"process_pool_workers": 0}})
+    assert bad.status_code == 422
+
+    started = await api.post(f"{base}/extraction/run", json={"config": {"process_pool_workers": 2}})
+    assert started.status_code == 202, started.text
+    job = started.json()
+    assert (job["stage"], job["status"], job["cohort_id"]) == (
+        "extraction",
+        "pending",
+        cohort["id"],
+    )
+    assert job["config"] == {"process_pool_workers": 2}
+    again = await api.post(f"{base}/extraction/run", json={"config": {}})
+    assert again.status_code == 409
+    assert "already pending" in again.json()["detail"]
+    assert (await api.post(f"/api/cohorts/{cohort['id']}/pipeline", json={})).status_code == 409
+    busy = await api.delete(f"/api/cohorts/{cohort['id']}")
+    assert busy.status_code == 409
+    moved = await api.patch(
+        f"/api/cohorts/{cohort['id']}", json={"source_path": str(data_root / "study-b")}
+    )
+    assert moved.status_code == 409
+
+    requested = await find_on_topic(
+        settings, topics.requested(Stage.extraction), lambda e: str(e.job_id) == job["id"]
+    )
+    assert requested.type == "StageRequested"
+    assert str(requested.cohort_id) == cohort["id"]
+    assert requested.payload["slip"] == []
+    assert requested.payload["config"] == {"process_pool_workers": 2}
+    assert requested.payload["cohort"]["source_path"] == cohort["source_path"]
+
+    state = (await api.get(f"/api/cohorts/{cohort['id']}")).json()
+    assert state["status"] == "in_progress"
+    assert state["stages"][0] == {
+        "stage": "extraction",
+        "state": "pending",
+        "job_id": job["id"],
+        "progress": 0.0,
+    }
+
+
+async def test_pipeline_request_carries_the_routing_slip_and_sealed_secrets(
+    api: httpx.AsyncClient, data_root: Path, settings: Settings, db: asyncpg.Pool
+) -> None:
+    cohort = await new_cohort(api, data_root, anonymization=True)
+    url = f"/api/cohorts/{cohort['id']}/pipeline"
+    missing = await api.post(url, json={})
+    assert missing.status_code == 422
+    assert missing.json()["detail"][0]["loc"][:3] == ["body", "anonymization", "audit_export"]
+    assert (await api.post(url, json={"sorting": {"profile": "fast"}})).status_code == 422
+    assert (await api.post(url, json={"qc": {}})).status_code == 422
+
+    body = {
+        "anonymization": {
+            "patient_id.strategy": "sequential",
+            "audit_export": {"format": "encrypted_excel", "password": PASSWORD},
+        },
+        "sorting": {"profile": "research", "selectedModalities": ["MR"]},
+        "export": {"layout": "bids", "outputModes": ["nii.gz"]},
+    }
+    response = await api.post(url, json=body)
+    assert response.status_code == 202, response.text
+    run = response.json()
+    jobs = run["jobs"]
+    assert [j["stage"] for j in jobs] == ["anonymization", "extraction", "sorting", "export"]
+    assert {j["status"] for j in jobs} == {"pending"}
+    assert jobs[0]["config"]["audit_export"]["password"] == "***"
+
+    requested = await find_on_topic(
+        settings, topics.requested(Stage.anonymization), lambda e: str(e.job_id) == jobs[0]["id"]
+    )
+    assert str(requested.correlation_id) == run["run_id"]
+    payload = requested.payload
+    assert payload["stage"] == "anonymization"
+    assert payload["config"]["patient_id"] == {"strategy": "sequential"}
+    sealed = payload["config"]["audit_export"]["password"]
+    assert sealed.startswith("sealed:v1:") and PASSWORD not in sealed
+    assert unseal(sealed, settings) == PASSWORD
+    assert [(s["stage"], s["job_id"]) for s in payload["slip"]] == [
+        (j["stage"], j["id"]) for j in jobs[1:]
+    ]
+    assert payload["slip"][1]["config"] == {"profile": "research", "selectedModalities": ["MR"]}
+    assert payload["slip"][2]["config"] == {"layout": "bids", "outputModes": ["nii.gz"]}
+
+    # the password is nowhere in clear in the gateway's tables, outbox included
+    async with db.acquire() as conn:
+        for table in ("cohorts", "jobs", "job_events", "outbox", "pipeline_runs"):
+            dump = await conn.fetchval(f"SELECT string_agg(t::text, '') FROM gateway.{table} t")
+            assert PASSWORD not in (dump or ""), table
+    listed = await api.get(f"/api/jobs?cohort_id={cohort['id']}")
+    assert PASSWORD not in listed.text
+
+
+# --- events from the stages -----------------------------------------------------------------------
+
+
+async def job(api: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
+    return dict((await api.get(f"/api/jobs/{job_id}")).json())
+
+
+async def test_events_move_jobs_and_cohort_metrics(
+    api: httpx.AsyncClient, data_root: Path, producer: AIOKafkaProducer
+) -> None:
+    cohort = await new_cohort(api, data_root)
+    jobs = (await api.post(f"/api/cohorts/{cohort['id']}/pipeline", json={})).json()["jobs"]
+    extraction, sorting, export = (j["id"] for j in jobs)
+
+    progress = JobProgress(
+        stage=Stage.extraction,
+        items_total=4,
+        items_done=2,
+        errors=[ItemError(item="study-1/x.dcm", message="not DICOM")],
+        summary={"subjects": 1, "studies": 1, "series": 3},
+    )
+    await publish(producer, topics.JOBS_PROGRESS, event(progress, cohort["id"], extraction))
+
+    async def running() -> dict[str, Any] | None:
+        found = await job(api, extraction)
+        return found if found["status"] == "running" else None
+
+    found = await eventually(running)
+    assert (found["progress"], found["items_total"], found["items_done"]) == (50.0, 4, 2)
+    assert found["errors"] == [{"item": "study-1/x.dcm", "message": "not DICOM"}]
+    assert found["started_at"] is not None and found["finished_at"] is None
+    state = (await api.get(f"/api/cohorts/{cohort['id']}")).json()
+    assert state["status"] == "in_progress"
+    assert state["completion_percentage"] == pytest.approx(16.7)
+    assert (state["total_subjects"], state["total_series"]) == (1, 3)
+
+    summary = {"subjects": 2, "studies": 3, "series": 10, "instances": 120, "rejected": 1}
+    done = StageCompleted(
+        stage=Stage.extraction,
+        cohort=ref(cohort),
+        items_total=4,
+        items_done=4,
+        items_failed=0,
+        summary=summary,
+        output_prefix=None,
+    )
+    completed_event = event(done, cohort["id"], extraction)
+    await publish(producer, topics.completed(Stage.extraction), completed_event)
+
+    async def completed() -> dict[str, Any] | None:
+        found = await job(api, extraction)
+        return found if found["status"] == "completed" else None
+
+    found = await eventually(completed)
+    assert found["progress"] == 100.0 and found["finished_at"] is not None
+    assert found["summary"]["instances"] == 120
+    state = (await api.get(f"/api/cohorts/{cohort['id']}")).json()
+    assert (state["total_subjects"], state["total_sessions"], state["total_series"]) == (2, 3, 10)
+    assert state["completion_percentage"] == pytest.approx(33.3)
+    assert state["status"] == "in_progress"
+    assert (await job(api, sorting))["status"] == "pending"  # until its own first progress
+
+    # a redelivered completion changes nothing
+    await publish(producer, topics.completed(Stage.extraction), completed_event)
+    late = JobProgress(stage=Stage.extraction, items_total=4, items_done=1)
+    await publish(producer, topics.JOBS_PROGRESS, event(late, cohort["id"], extraction))
+
+    await publish(
+        producer,
+        topics.JOBS_PROGRESS,
+        event(JobProgress(stage=Stage.sorting, items_total=10), cohort["id"], sorting),
+    )
+
+    async def sorting_running() -> bool:
+        return (await job(api, sorting))["status"] == "running"
+
+    await eventually(sorting_running)
+    failure = StageFailed(
+        stage=Stage.sorting,
+        cohort=ref(cohort),
+        error="every item failed",
+        items_total=10,
+        items_failed=10,
+        errors=[ItemError(item="stack-1", message="no rules matched")],
+    )
+    await publish(producer, topics.failed(Stage.sorting), event(failure, cohort["id"], sorting))
+
+    async def sorting_failed() -> dict[str, Any] | None:
+        found = await job(api, sorting)
+        return found if found["status"] == "failed" else None
+
+    found = await eventually(sorting_failed)
+    assert found["status_reason"] == "every item failed"
+    assert found["errors"] == [{"item": "stack-1", "message": "no rules matched"}]
+    cancelled = await job(api, export)
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["status_reason"] == "sorting failed: every item failed"
+    state = (await api.get(f"/api/cohorts/{cohort['id']}")).json()
+    assert state["status"] == "idle"
+    assert [s["state"] for s in state["stages"]] == ["completed", "failed", "cancelled"]
+
+    events = (await api.get(f"/api/jobs/{extraction}/events")).json()
+    assert [(e["from_status"], e["to_status"]) for e in events] == [
+        (None, "pending"),
+        ("pending", "running"),
+        ("running", "completed"),
+    ]
+    assert (await job(api, extraction))["items_done"] == 4  # late progress did not go back
+    filtered = (await api.get(f"/api/jobs?cohort_id={cohort['id']}&status=failed")).json()
+    assert [j["id"] for j in filtered] == [sorting]
+    assert (await api.get("/api/jobs?status=lost")).status_code == 422
+
+    # the pipeline resumes from the failed stage
+    again = (await api.post(f"/api/cohorts/{cohort['id']}/pipeline", json={})).json()
+    assert [j["stage"] for j in again["jobs"]] == ["sorting", "export"]
+
+
+async def test_cancel_publishes_control_and_flips_the_view(
+    api: httpx.AsyncClient,
+    data_root: Path,
+    settings: Settings,
+    db: asyncpg.Pool,
+    producer: AIOKafkaProducer,
+) -> None:
+    cohort = await new_cohort(api, data_root)
+    jobs = (await api.post(f"/api/cohorts/{cohort['id']}/pipeline", json={})).json()["jobs"]
+    first = jobs[0]["id"]
+    await publish(
+        producer,
+        topics.JOBS_PROGRESS,
+        event(
+            JobProgress(stage=Stage.extraction, items_total=8, items_done=1), cohort["id"], first
+        ),
+    )
+
+    async def running() -> bool:
+        return (await job(api, first))["status"] == "running"
+
+    await eventually(running)
+    async with db.acquire() as conn:
+        view = await conn.fetchval(
+            "SELECT cancelled FROM gateway.job_control_v WHERE job_id = $1", uuid.UUID(first)
+        )
+    assert view is False
+
+    response = await api.post(f"/api/jobs/{first}/cancel")
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "cancelled"
+    assert response.json()["finished_at"] is not None
+    assert [(await job(api, j["id"]))["status"] for j in jobs] == ["cancelled"] * 3
+    assert (await api.post(f"/api/jobs/{first}/cancel")).status_code == 409
+
+    control = await find_on_topic(settings, topics.JOBS_CONTROL, lambda e: str(e.job_id) == first)
+    assert control.type == "JobControl" and control.payload["action"] == "cancel"
+    async with db.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT job_id, cancelled FROM gateway.job_control_v WHERE job_id = ANY($1::uuid[])",
+            [uuid.UUID(j["id"]) for j in jobs],
+        )
+    assert {r["cancelled"] for r in rows} == {True} and len(rows) == 3
+    state = (await api.get(f"/api/cohorts/{cohort['id']}")).json()
+    assert state["status"] == "idle"
+
+    # a completion arriving after the cancel keeps the job cancelled
+    late = StageCompleted(
+        stage=Stage.extraction, cohort=ref(cohort), items_total=8, items_done=8, items_failed=0
+    )
+    await publish(producer, topics.completed(Stage.extraction), event(late, cohort["id"], first))
+
+    async def counted() -> bool:
+        return (await job(api, first))["items_done"] == 8
+
+    await eventually(counted)
+    assert (await job(api, first))["status"] == "cancelled"
+
+
+# --- new studies ----------------------------------------------------------------------------------------
+
+
+async def test_post_study_starts_a_scoped_run(
+    api: httpx.AsyncClient, data_root: Path, settings: Settings
+) -> None:
+    cohort = await new_cohort(api, data_root)
+    body = {
+        "study_instance_uid": "1.2.826.0.1.3680043.8.498.1",
+        "location": str(data_root / "new-study"),
+        "cohort": cohort["name"],
+    }
+    response = await api.post("/api/studies", json=body)
+    assert response.status_code == 202, response.text
+    accepted = response.json()
+    assert accepted["cohort_id"] == cohort["id"]
+    assert [j["stage"] for j in accepted["jobs"]] == ["extraction", "sorting", "export"]
+    assert all(j["scoped"] for j in accepted["jobs"])
+
+    requested = await find_on_topic(
+        settings,
+        topics.requested(Stage.extraction),
+        lambda e: str(e.job_id) == accepted["jobs"][0]["id"],
+    )
+    assert requested.payload["study_instance_uids"] == [body["study_instance_uid"]]
+    assert requested.payload["location"] == body["location"]
+    assert len(requested.payload["slip"]) == 2
+
+    state = (await api.get(f"/api/cohorts/{cohort['id']}")).json()
+    assert state["status"] == "in_progress"  # busy, but its stages are not changed by a study
+    assert {s["state"] for s in state["stages"]} == {"not_started"}
+
+    by_id = await api.post("/api/studies", json={**body, "cohort": cohort["id"]})
+    assert by_id.status_code == 202
+    no_run = await api.post("/api/studies", json={**body, "run_pipeline": False})
+    assert no_run.status_code == 202 and no_run.json()["jobs"] == []
+
+    unknown = await api.post("/api/studies", json={**body, "cohort": unique("nobody")})
+    assert unknown.status_code == 404
+    anonymous = await api.post("/api/studies", json={**body, "cohort": None})
+    assert anonymous.status_code == 422
+    outside = await api.post("/api/studies", json={**body, "location": "/etc"})
+    assert outside.status_code == 422
+    assert "outside" in outside.json()["detail"]
+    assert (await api.post("/api/studies", json={"location": "/x"})).status_code == 422
+
+
+async def test_studies_received_on_kafka_start_a_scoped_run(
+    api: httpx.AsyncClient, data_root: Path, producer: AIOKafkaProducer, db: asyncpg.Pool
+) -> None:
+    cohort = await new_cohort(api, data_root)
+    study = StudyReceived(
+        study_instance_uid="1.2.826.0.1.3680043.8.498.2",
+        location=str(data_root / "new-study"),
+        cohort=cohort["name"],
+    )
+    envelope = Envelope.wrap(study, source="orthanc")
+    await publish(producer, topics.STUDIES_RECEIVED, envelope, key=study.study_instance_uid)
+    await publish(producer, topics.STUDIES_RECEIVED, envelope, key=study.study_instance_uid)
+    refused = Envelope.wrap(
+        StudyReceived(study_instance_uid="1.2.3", location="/etc", cohort=cohort["name"]),
+        source="orthanc",
+    )
+    await publish(producer, topics.STUDIES_RECEIVED, refused)
+
+    async def scoped_jobs() -> list[dict[str, Any]] | None:
+        found = (await api.get(f"/api/jobs?cohort_id={cohort['id']}")).json()
+        return found or None
+
+    found = await eventually(scoped_jobs)
+    assert sorted(j["stage"] for j in found) == ["export", "extraction", "sorting"]
+
+    async def refusal_recorded() -> asyncpg.Record | None:
+        async with db.acquire() as conn:
+            return await conn.fetchrow(
+                "SELECT * FROM gateway.received_studies WHERE event_id = $1", refused.id
+            )
+
+    row = await eventually(refusal_recorded)
+    assert "outside" in row["refused_reason"]
+    async with db.acquire() as conn:
+        accepted = await conn.fetchval(
+            "SELECT count(*) FROM gateway.received_studies WHERE event_id = $1", envelope.id
+        )
+    assert accepted == 1  # the redelivery was recognised
+    assert len((await api.get(f"/api/jobs?cohort_id={cohort['id']}")).json()) == 3
+
+
+# --- catalog and exports, against the published views of the other services -------------------
+
+
+CONTRACT_VIEWS = """
+CREATE SCHEMA catalog;
+CREATE SCHEMA sorting;
+CREATE SCHEMA export;
+CREATE TABLE catalog.series_v (cohort_id uuid, subject_id text, study_instance_uid text,
+    series_instance_uid text, series_number int, series_description text, modality text,
+    n_instances int);
+CREATE TABLE catalog.stack_v (cohort_id uuid, series_instance_uid text, stack_key text,
+    n_instances int, n_frames int);
+"""
+CLASSIFICATION_VIEW = """
+CREATE TABLE sorting.classification_v (cohort_id uuid, series_instance_uid text, stack_key text,
+    base text, technique text, modifiers text[], constructs text[], provenance text,
+    acceleration text[], post_contrast bool, localizer bool, spinal_cord bool, intent text,
+    bids_datatype text, bids_suffix text, entities jsonb, confidence float8, review_required bool,
+    review_reasons text[]);
+CREATE TABLE export.manifest_v (cohort_id uuid, job_id uuid, path text, object_key text, kind text,
+    size bigint, sha256 text, series_instance_uid text, stack_key text,
+    source_sop_instance_uids text[]);
+"""
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def catalog_api(
+    settings: Settings, api: httpx.AsyncClient
+) -> AsyncIterator[tuple[httpx.AsyncClient, asyncpg.Pool, Settings]]:
+    """The gateway's routes on a database of their own, where the other services' views are
+    stand-ins with the agreed columns (so the real services' schemas are left alone)."""
+    name = f"gw_views_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(settings.database_url)
+    await admin.execute(f"CREATE DATABASE {name}")
+    await admin.close()
+    own = settings.model_copy(
+        update={"database_url": settings.database_url.rsplit("/", 1)[0] + "/" + name}
+    )
+    pool = await create_pool(own, min_size=1, max_size=2)
+    await migrate(pool, "gateway", MIGRATIONS)
+    app = app_factory(own)
+    store = ObjectStore(own)
+    await asyncio.to_thread(store.ensure_buckets)
+    app.state.gateway = GatewayContext(own, pool, store)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://gateway",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as client:
+        yield client, pool, own
+    await pool.close()
+
+
+async def test_series_with_stacks_and_classification(
+    catalog_api: tuple[httpx.AsyncClient, asyncpg.Pool, Settings], data_root: Path
+) -> None:
+    api, pool, _ = catalog_api
+    cohort = await new_cohort(api, data_root)
+    url = f"/api/cohorts/{cohort['id']}/series"
+    assert (await api.get(url)).json() == []  # no catalog yet: nothing, not an error
+
+    cid = uuid.UUID(cohort["id"])
+    async with pool.acquire() as conn:
+        await conn.execute(CONTRACT_VIEWS)
+        await conn.executemany(
+            "INSERT INTO catalog.series_v VALUES ($1, 'sub-1', '1.1', $2, $3, $4, 'MR', $5)",
+            [(cid, "1.1.1", 1, "t1_mprage", 176), (cid, "1.1.2", 2, "ep2d_diff", 60)],
+        )
+        await conn.executemany(
+            "INSERT INTO catalog.stack_v VALUES ($1, $2, $3, $4, $5)",
+            [
+                (cid, "1.1.1", "MR|TE=2.46|TI=900|FA=9|ECHO=1|PART=M|ORIENT=SAG", 176, 176),
+                (cid, "1.1.2", "MR|TE=89|ECHO=1|PART=M|ORIENT=AX", 60, 60),
+            ],
+        )
+    series = (await api.get(url)).json()
+    assert [s["series_instance_uid"] for s in series] == ["1.1.1", "1.1.2"]
+    assert series[0]["description"] == "t1_mprage" and series[0]["modality"] == "MR"
+    stack = series[0]["stacks"][0]
+    assert stack["stack_key"].startswith("MR|TE=2.46") and stack["n_instances"] == 176
+    assert stack["base"] is None and stack["bids_suffix"] is None  # not sorted yet
+
+    async with pool.acquire() as conn:
+        await conn.execute(CLASSIFICATION_VIEW)
+        await conn.execute(
+            "INSERT INTO sorting.classification_v VALUES ($1, '1.1.1', $2, 'T1w', 'MPRAGE',"
+            " '{}', '{}', 'raw', '{GRAPPA}', false, false, false, 'anat', 'anat', 'T1w',"
+            " '{\"acq\": \"mprage\"}', 0.97, false, '{}')",
+            cid,
+            "MR|TE=2.46|TI=900|FA=9|ECHO=1|PART=M|ORIENT=SAG",
+        )
+    series = (await api.get(url)).json()
+    stack = series[0]["stacks"][0]
+    assert (stack["base"], stack["technique"], stack["bids_suffix"]) == ("T1w", "MPRAGE", "T1w")
+    assert stack["acceleration"] == ["GRAPPA"] and stack["confidence"] == pytest.approx(0.97)
+    assert stack["entities"] == {"acq": "mprage"} and stack["review_required"] is False
+    assert series[1]["stacks"][0]["base"] is None
+    assert len((await api.get(f"{url}?limit=1&offset=1")).json()) == 1
+    assert (await api.get(f"{url}?limit=0")).status_code == 422
+
+
+async def test_export_listing_and_download(
+    catalog_api: tuple[httpx.AsyncClient, asyncpg.Pool, Settings], data_root: Path
+) -> None:
+    api, pool, own = catalog_api
+    cohort = await new_cohort(api, data_root)
+    jobs = (await api.post(f"/api/cohorts/{cohort['id']}/pipeline", json={})).json()["jobs"]
+    export_job = jobs[-1]["id"]
+    url = f"/api/cohorts/{cohort['id']}/exports/{export_job}"
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT to_regclass('export.manifest_v') IS NOT NULL"):
+            await conn.execute(CONTRACT_VIEWS + CLASSIFICATION_VIEW)
+
+    listing = (await api.get(url)).json()
+    assert listing["files"] == [] and listing["status"] == "pending"
+
+    store = ObjectStore(own)
+    content = json.dumps({"Name": "test", "BIDSVersion": "1.9.0"}).encode() * 1000
+    key = f"export/{cohort['id']}/{export_job}/dataset_description.json"
+    digest = await asyncio.to_thread(store.put_bytes, key, content)
+    nifti_key = f"export/{cohort['id']}/{export_job}/sub-1/anat/sub-1_T1w.nii.gz"
+    await asyncio.to_thread(store.put_bytes, nifti_key, b"\x1f\x8b" + b"\0" * 100)
+    async with pool.acquire() as conn:
+        await conn.executemany(
+            "INSERT INTO export.manifest_v VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            [
+                (
+                    uuid.UUID(cohort["id"]),
+                    uuid.UUID(export_job),
+                    "dataset_description.json",
+                    key,
+                    "metadata",
+                    len(content),
+                    digest,
+                    None,
+                    None,
+                    None,
+                ),
+                (
+                    uuid.UUID(cohort["id"]),
+                    uuid.UUID(export_job),
+                    "sub-1/anat/sub-1_T1w.nii.gz",
+                    nifti_key,
+                    "nifti",
+                    102,
+                    None,
+                    "1.1.1",
+                    "MR|ECHO=1",
+                    ["1.1.1.1", "1.1.1.2"],
+                ),
+            ],
+        )
+    files = (await api.get(url)).json()["files"]
+    assert [f["path"] for f in files] == ["dataset_description.json", "sub-1/anat/sub-1_T1w.nii.gz"]
+    assert files[1]["source_sop_instance_uids"] == ["1.1.1.1", "1.1.1.2"]
+
+    download = await api.get(files[0]["download_url"])
+    assert download.status_code == 200
+    assert download.content == content
+    assert download.headers["x-checksum-sha256"] == digest
+    nifti = await api.get(f"{url}/files/sub-1/anat/sub-1_T1w.nii.gz")
+    assert nifti.status_code == 200 and nifti.content.startswith(b"\x1f\x8b")
+    assert nifti.headers["content-type"] == "application/gzip"
+
+    assert (await api.get(f"{url}/files/../../etc/passwd")).status_code == 404
+    assert (await api.get(f"{url}/files/sub-1/missing.nii.gz")).status_code == 404
+    not_export = f"/api/cohorts/{cohort['id']}/exports/{jobs[0]['id']}"
+    assert (await api.get(not_export)).status_code == 404
+    assert (await api.get(f"/api/cohorts/{uuid.uuid4()}/exports/{export_job}")).status_code == 404
