@@ -264,7 +264,7 @@ def bidsignore(exports: Sequence[ExportedStack]) -> str:
             datatype = image.parent.name
             _, suffix, _ = parse_bids_name(image.name)
             if datatype not in rules.raw_suffixes:
-                patterns.add(f"**/{datatype}/")
+                patterns.add(f"**/{datatype}")  # the folder itself: the validator skips its files
             elif not rules.is_standard(datatype, suffix):
                 patterns.add(f"*_{suffix}.*")
     return "".join(f"{p}\n" for p in sorted(patterns))

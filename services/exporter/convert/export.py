@@ -31,7 +31,13 @@ def dicom_folder(base: PurePosixPath, layout: Layout) -> PurePosixPath:
 
 
 def _gzip_copy(source: Path, target: Path) -> None:
-    with source.open("rb") as raw, gzip.open(target, "wb", compresslevel=6) as packed:
+    """Gzip with an empty name and zero time in the header: same bytes on every run, and no stale
+    file name for the validator to flag (GZIP_HEADER_FILENAME)."""
+    with (
+        source.open("rb") as raw,
+        target.open("wb") as sink,
+        gzip.GzipFile(filename="", mode="wb", compresslevel=6, fileobj=sink, mtime=0) as packed,
+    ):
         shutil.copyfileobj(raw, packed, 1 << 20)
 
 
@@ -92,11 +98,21 @@ def _export_nifti(
         if converted.fallback_reason:
             result.warnings.append(f"converted with {converted.tool}: {converted.fallback_reason}")
         names = name_outputs(base, [image.tokens for image in converted.images])
+        # dcm2niix writes one sidecar for a resliced CT (_Tilt/_Eq): it stays with the original,
+        # which is dropped; the resliced image borrows it
+        dropped_sidecars = [
+            i.json
+            for i, n in zip(converted.images, names, strict=True)
+            if n.base is None and i.json
+        ]
         for image, named in zip(converted.images, names, strict=True):
             if named.base is None:
                 result.skipped.append(f"image{image.postfix or ' (main)'}: {named.reason}")
                 continue
-            _place_image(stack, image.files(), named.base, root, modes, result)
+            files = image.files()
+            if image.json is None and len(dropped_sidecars) == 1:
+                files.append(("json", dropped_sidecars[0]))
+            _place_image(stack, files, named.base, root, modes, result)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -176,6 +176,14 @@ def test_flat_layout_derivatives_and_both_nifti_modes(dicom_root: Path, tmp_path
         real_stack(pdt2, "anat", "T2w", echo=2, session=None),
         # hand-classified as the scanner's ADC map: exported apart, as a derivative
         real_stack(pdt2, "dwi", "dwi", echo=1, session=None, constructs=["ADC"]),
+        # CT has no BIDS datatype yet: its own folder, listed in .bidsignore; gantry tilt resliced
+        real_stack(
+            dicom_root / "dcm_qa_ct" / "In" / "GE",
+            "ct",
+            "ct",
+            session=None,
+            entities={"acq": "axial"},
+        ),
     ]
     for layout in ("bids", "flat"):
         root = tmp_path / layout
@@ -198,14 +206,22 @@ def test_flat_layout_derivatives_and_both_nifti_modes(dicom_root: Path, tmp_path
                 "sub-01_T2w.json",
                 "sub-01_T2w.nii",
                 "sub-01_T2w.nii.gz",
+                "sub-01_acq-axial_ct.json",
+                "sub-01_acq-axial_ct.nii",
+                "sub-01_acq-axial_ct.nii.gz",
             ]
             continue
         assert "derivatives/scanner/sub-01/dwi/sub-01_ADC.nii.gz" in files
         assert "sub-01/sub-01_scans.tsv" in files
+        assert "sub-01/ct/sub-01_acq-axial_ct.nii.gz" in files
+        assert (root / ".bidsignore").read_text() == "**/ct\n"
+        ct = next(e for e in exports if e.stack.datatype == "ct")
+        assert ct.skipped == ["image (main): superseded by its resliced twin (_Eq/_Tilt)"]
         derivative = read_json(root / "derivatives" / "scanner" / "dataset_description.json")
         assert derivative["DatasetType"] == "derivative"
         report = run_bids_validator(root, recursive=True)
         assert report.errors == 0, report.error_codes
+        assert "GZIP_HEADER_FILENAME" not in report.warning_codes
 
 
 def test_validator_reports_errors(
