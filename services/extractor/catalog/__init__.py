@@ -18,7 +18,14 @@ from .records import (
     SubjectRecord,
 )
 from .sniff import Sniff, sniff
-from .stacks import StackBuilder, build_stacks, format_number, orientation_label, stack_constants, stack_key
+from .stacks import (
+    StackBuilder,
+    build_stacks,
+    format_number,
+    orientation_label,
+    stack_constants,
+    stack_key,
+)
 
 __all__ = [
     "CTDetail",

@@ -44,7 +44,9 @@ def attribute_rules() -> dict[str, tuple[AttributeRule, ...]]:
     for record, table in doc["records"].items():
         built = []
         for name, spec in table.items():
-            paths = tuple(tuple(_keyword_key(k) for k in keyword.split("/")) for keyword in spec["from"])
+            paths = tuple(
+                tuple(_keyword_key(k) for k in keyword.split("/")) for keyword in spec["from"]
+            )
             built.append(AttributeRule(name, paths, spec["type"]))
         rules[record] = tuple(built)
     return rules
@@ -100,7 +102,9 @@ class HeaderView:
         return cls(**self.values(record))
 
 
-def merge_macros(target: dict[str, Any], group_item: dict[str, Any], *, override: bool = False) -> None:
+def merge_macros(
+    target: dict[str, Any], group_item: dict[str, Any], *, override: bool = False
+) -> None:
     """Copy the attributes of each macro (a one-item sequence) of a functional-groups item into `target`."""
     for macro in group_item.values():
         items = macro.get("Value") if macro.get("vr") == "SQ" else None

@@ -43,18 +43,13 @@ def read_diffusion(
         return Diffusion(siemens_b, tuple(gradient), "siemens")
     ge_b = _first_number(read_private(ds, "ge_b_value", creators))
     if ge_b is not None:
-        gradient = [
-            _first_number(read_private(ds, name, creators)) for name in ("ge_gradient_x", "ge_gradient_y", "ge_gradient_z")
-        ]
-        vector = tuple(g for g in gradient if g is not None) if all(g is not None for g in gradient) else ()
+        vector = _vector(ds, creators, ("ge_gradient_x", "ge_gradient_y", "ge_gradient_z"))
         return Diffusion(float(ge_b % GE_B_VALUE_MODULUS), vector, "ge")
     philips_b = _first_number(read_private(ds, "philips_b_value", creators))
     if philips_b is not None:
-        gradient = [
-            _first_number(read_private(ds, name, creators))
-            for name in ("philips_gradient_rl", "philips_gradient_ap", "philips_gradient_fh")
-        ]
-        vector = tuple(g for g in gradient if g is not None) if all(g is not None for g in gradient) else ()
+        vector = _vector(
+            ds, creators, ("philips_gradient_rl", "philips_gradient_ap", "philips_gradient_fh")
+        )
         return Diffusion(philips_b, vector, "philips")
     if siemens_csa_wanted:
         return _siemens_csa(ds, creators)
@@ -77,6 +72,14 @@ def _siemens_csa(ds: Dataset, creators: dict[tuple[int, str], int]) -> Diffusion
         return Diffusion()
     gradient = tags.get("DiffusionGradientDirection", {}).get("items") or []
     return Diffusion(float(b_items[0]), tuple(float(g) for g in gradient[:3]), "siemens-csa")
+
+
+def _vector(
+    ds: Dataset, creators: dict[tuple[int, str], int], names: tuple[str, ...]
+) -> tuple[float, ...]:
+    """A gradient stored as one private attribute per component; () unless every component is there."""
+    components = [_first_number(read_private(ds, name, creators)) for name in names]
+    return tuple(c for c in components if c is not None) if None not in components else ()
 
 
 def _numbers(values: Any) -> list[float]:

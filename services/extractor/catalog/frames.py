@@ -44,21 +44,27 @@ NOMINAL_TRIGGER_DELAY = "00209153"
 FRAME_REFERENCE_TIME = "00541300"
 
 
-def enhanced_frames(header: dict[str, Any], modality: str | None, hints: VendorImageHints) -> list[FrameRecord]:
+def enhanced_frames(
+    header: dict[str, Any], modality: str | None, hints: VendorImageHints
+) -> list[FrameRecord]:
     """One record per item of the Per-frame Functional Groups Sequence of a full (all-frames) header."""
     shared: dict[str, Any] = {}
     shared_items = header.get(SHARED_FUNCTIONAL_GROUPS, {}).get("Value") or []
     if shared_items:
         merge_macros(shared, shared_items[0])
     frames = []
-    for number, item in enumerate(header.get(PER_FRAME_FUNCTIONAL_GROUPS, {}).get("Value") or [], start=1):
+    for number, item in enumerate(
+        header.get(PER_FRAME_FUNCTIONAL_GROUPS, {}).get("Value") or [], start=1
+    ):
         values = dict(shared)
         merge_macros(values, item, override=True)
         frames.append(_enhanced_frame(number, values, modality, hints))
     return frames
 
 
-def _enhanced_frame(number: int, values: dict[str, Any], modality: str | None, hints: VendorImageHints) -> FrameRecord:
+def _enhanced_frame(
+    number: int, values: dict[str, Any], modality: str | None, hints: VendorImageHints
+) -> FrameRecord:
     frame_type = _get(values, FRAME_TYPE, "strs") or []
     gradient: list[float] = []
     gradient_items = (values.get(DIFFUSION_GRADIENT_SEQUENCE) or {}).get("Value") or []

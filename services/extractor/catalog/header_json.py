@@ -30,12 +30,23 @@ from pydicom.sequence import Sequence
 PER_FRAME_FUNCTIONAL_GROUPS = 0x52009230
 MAX_VALUE_BYTES = 4096
 
-TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
+TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
 # text VRs restricted to the default repertoire: decoded without the character-set machinery
 ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI"})
 # VRs that hold one value: a backslash in them is text, not a separator (PS3.5 6.2)
 SINGLE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UR"})
-NUMBER_FORMATS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "UV": "Q", "SV": "q"}
+NUMBER_FORMATS = {
+    "US": "H",
+    "SS": "h",
+    "UL": "L",
+    "SL": "l",
+    "FL": "f",
+    "FD": "d",
+    "UV": "Q",
+    "SV": "q",
+}
 NUMBER_SIZES = {vr: struct.calcsize("<" + fmt) for vr, fmt in NUMBER_FORMATS.items()}
 _BACKSLASH = {0x5C}
 _TAG_KEYS: dict[int, str] = {}
@@ -51,7 +62,7 @@ def tag_key(tag: int) -> str:
 
 def dataset_encodings(ds: Dataset) -> list[str]:
     """Python codecs for the data set's Specific Character Set (0008,0005)."""
-    charset = ds.get(0x00080005)
+    charset = ds.get_item(0x00080005)
     value = charset.value if charset is not None else None
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace").strip(" \x00").split("\\")
@@ -77,10 +88,16 @@ def dataset_to_json(
     pixel_rep = _pixel_representation(ds)
     out: dict[str, Any] = {}
     # Dataset.items() yields the stored (possibly still raw) elements without converting them
-    for tag, elem in ds.items():
+    keys = _TAG_KEYS
+    for base_tag, elem in ds.items():
+        tag = int(
+            base_tag
+        )  # plain int: BaseTag comparisons run in Python and cost more than the rest
         if tag & 0xFFFF == 0 or tag >> 16 == 0x0002 or tag > 0xFFFC0000:
             continue
-        key = tag_key(tag)
+        key = keys.get(tag)
+        if key is None:
+            key = keys[tag] = f"{tag:08X}"
         vr = elem.VR
         if vr is None or vr == "UN" or len(vr) > 2:
             vr = _resolve_vr(tag, elem, pixel_rep)
@@ -93,7 +110,10 @@ def dataset_to_json(
                 "vr": "SQ",
                 "Value": [
                     dataset_to_json(
-                        item, max_value_bytes=max_value_bytes, keep_all_frames=keep_all_frames, encodings=encodings
+                        item,
+                        max_value_bytes=max_value_bytes,
+                        keep_all_frames=keep_all_frames,
+                        encodings=encodings,
                     )
                     for item in items
                 ],
@@ -106,7 +126,7 @@ def dataset_to_json(
 
 
 def _pixel_representation(ds: Dataset) -> int:
-    elem = ds.get(0x00280103)
+    elem = ds.get_item(0x00280103)
     if elem is None or not elem.value:
         return 0
     value = elem.value
@@ -133,7 +153,9 @@ def _resolve_vr(tag: int, elem: RawDataElement | DataElement, pixel_rep: int) ->
     return vr
 
 
-def _raw_json(elem: RawDataElement, vr: str, encodings: list[str], max_value_bytes: int) -> dict[str, Any]:
+def _raw_json(
+    elem: RawDataElement, vr: str, encodings: list[str], max_value_bytes: int
+) -> dict[str, Any]:
     raw = elem.value
     if not raw or len(raw) > max_value_bytes:
         return {"vr": vr}
@@ -147,7 +169,10 @@ def _raw_json(elem: RawDataElement, vr: str, encodings: list[str], max_value_byt
     if fmt is not None:
         count = len(raw) // NUMBER_SIZES[vr]
         endian = "<" if elem.is_little_endian else ">"
-        return {"vr": vr, "Value": list(struct.unpack(f"{endian}{count}{fmt}", raw[: count * NUMBER_SIZES[vr]]))}
+        return {
+            "vr": vr,
+            "Value": list(struct.unpack(f"{endian}{count}{fmt}", raw[: count * NUMBER_SIZES[vr]])),
+        }
     if vr == "PN":
         names = [_person_name(v) for v in _decode(raw, encodings).split("\\")]
         return {"vr": vr, "Value": names} if any(names) else {"vr": vr}
@@ -155,7 +180,10 @@ def _raw_json(elem: RawDataElement, vr: str, encodings: list[str], max_value_byt
         endian = "<" if elem.is_little_endian else ">"
         count = len(raw) // 4
         pairs = struct.unpack(f"{endian}{count * 2}H", raw[: count * 4])
-        return {"vr": vr, "Value": [f"{pairs[i]:04X}{pairs[i + 1]:04X}" for i in range(0, len(pairs), 2)]}
+        return {
+            "vr": vr,
+            "Value": [f"{pairs[i]:04X}{pairs[i + 1]:04X}" for i in range(0, len(pairs), 2)],
+        }
     return {"vr": vr, "InlineBinary": base64.b64encode(raw).decode("ascii")}
 
 
@@ -187,7 +215,9 @@ def _number(text: str, vr: str) -> float | int | str | None:
         return text
     if number != number or number in (float("inf"), float("-inf")):
         return text
-    if vr == "IS" or (number.is_integer() and "." not in text and "e" not in text and "E" not in text):
+    if vr == "IS" or (
+        number.is_integer() and "." not in text and "e" not in text and "E" not in text
+    ):
         return int(number)
     return number
 
@@ -197,7 +227,11 @@ def _person_name(text: str) -> dict[str, str] | None:
     if not text:
         return None
     name = {
-        label: group for label, group in zip(("Alphabetic", "Ideographic", "Phonetic"), text.split("=")) if group
+        label: group
+        for label, group in zip(
+            ("Alphabetic", "Ideographic", "Phonetic"), text.split("=")[:3], strict=False
+        )
+        if group
     }
     return name or None
 

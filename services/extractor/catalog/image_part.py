@@ -23,7 +23,9 @@ class ImagePartTable:
     complex_tokens: dict[str, str]
     complex_image_component: dict[str, str]
     ge_image_type: dict[int, str]
-    ge_b0map_sequences: tuple[str, ...]  # GE pulse sequence names containing one of these are B0 maps
+    ge_b0map_sequences: tuple[
+        str, ...
+    ]  # GE pulse sequence names containing one of these are B0 maps
     ge_b0map_vas_collapse: dict[int, str]
     default_mr_part: str
 
@@ -31,7 +33,9 @@ class ImagePartTable:
 @lru_cache(maxsize=1)
 def image_part_table() -> ImagePartTable:
     """Load `data/image_parts.json` (once)."""
-    doc = json.loads(resources.files(__package__).joinpath("data/image_parts.json").read_text(encoding="utf-8"))
+    doc = json.loads(
+        resources.files(__package__).joinpath("data/image_parts.json").read_text(encoding="utf-8")
+    )
     return ImagePartTable(
         derived_map_tokens=dict(doc["derived_map_tokens"]),
         complex_tokens=dict(doc["complex_tokens"]),

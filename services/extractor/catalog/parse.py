@@ -24,13 +24,25 @@ from .frames import enhanced_frames
 from .header_json import MAX_VALUE_BYTES, dataset_to_json
 from .image_part import VendorImageHints, image_part
 from .private_tags import private_creators, read_private
-from .records import CTDetail, FrameRecord, InstanceRecord, MRDetail, PETDetail, Rejection, SeriesRecord, StudyRecord, SubjectRecord
+from .records import (
+    CTDetail,
+    FrameRecord,
+    InstanceRecord,
+    MRDetail,
+    PETDetail,
+    Rejection,
+    SeriesRecord,
+    StudyRecord,
+    SubjectRecord,
+)
 from .sniff import SNIFF_BYTES, pixel_data_truncation, sniff
 from .sop_class import DICOMDIR_SOP_CLASS, sop_class_table
 
 # files up to this size are read in one call (faster than pydicom's many small reads); larger ones are
 # streamed so that gigabyte multi-frame objects never sit in memory for a header
 READ_WHOLE_LIMIT = 16 * 1024 * 1024
+# a header value claiming more than this (and far more than the content) is a broken length, not a cut file
+IMPLAUSIBLE_HEADER_VALUE = 16 * 1024 * 1024
 PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00009, 0x7FE00008)
 DIRECTORY_RECORD_SEQUENCE = 0x00041220
 TRANSFER_SYNTAX_BY_ENCODING = {
@@ -61,14 +73,24 @@ def parse_instance(
         return _parse(fh, size, source_key, max_value_bytes)
 
 
-def _parse(fp: BinaryIO, size: int, source_key: str, max_value_bytes: int) -> InstanceRecord | Rejection:
+def _parse(
+    fp: BinaryIO, size: int, source_key: str, max_value_bytes: int
+) -> InstanceRecord | Rejection:
     verdict = sniff(fp.read(SNIFF_BYTES))
     if not verdict.is_dicom:
         return Rejection(source_key, verdict.reason, size)
     fp.seek(0)
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=verdict.kind == "stream")
-    except (InvalidDicomError, OSError, EOFError, struct.error, ValueError, KeyError, TypeError) as exc:
+    except (
+        InvalidDicomError,
+        OSError,
+        EOFError,
+        struct.error,
+        ValueError,
+        KeyError,
+        TypeError,
+    ) as exc:
         return Rejection(source_key, _read_error_reason(exc), size)
     stop = fp.tell()
     try:
@@ -94,34 +116,57 @@ def _catalogue(
     cut = _cut_header(ds, size)
     if cut is not None:
         return Rejection(source_key, cut, size)
-    sop_class_uid = _uid(ds.get(0x00080016)) or media_class
-    sop_instance_uid = _uid(ds.get(0x00080018)) or (_uid(meta.get(0x00020003)) if meta is not None else None)
-    if not sop_class_uid or not sop_instance_uid:
-        return Rejection(source_key, "corrupt: no SOP Class UID or SOP Instance UID in the data set", size)
-    sop_class = sop_class_table().lookup(sop_class_uid)
     has_pixels = stop < size and _tag_at(fp, stop, ds) in PIXEL_DATA_TAGS
-    unlisted_image = sop_class_uid not in sop_class_table().non_image_names and has_pixels and 0x00280010 in ds
+    if stop < size and not has_pixels:
+        return Rejection(
+            source_key, f"corrupt: no parseable element at byte {stop} of {size}", size
+        )
+    sop_class_uid = _uid(ds.get_item(0x00080016)) or media_class
+    sop_instance_uid = _uid(ds.get_item(0x00080018)) or (
+        _uid(meta.get(0x00020003)) if meta is not None else None
+    )
+    if not sop_class_uid or not sop_instance_uid:
+        return Rejection(
+            source_key, "corrupt: no SOP Class UID or SOP Instance UID in the data set", size
+        )
+    sop_class = sop_class_table().lookup(sop_class_uid)
+    unlisted_image = (
+        sop_class_uid not in sop_class_table().non_image_names and has_pixels and 0x00280010 in ds
+    )
     if not sop_class.is_image and not (unlisted_image and sop_class.name == sop_class_uid):
-        return _rejection(ds, source_key, f"non-image SOP class: {sop_class.name}", size, sop_class_uid)
+        return _rejection(
+            ds, source_key, f"non-image SOP class: {sop_class.name}", size, sop_class_uid
+        )
     if not has_pixels:
-        return _rejection(ds, source_key, "truncated: image without Pixel Data (7FE0,0010)", size, sop_class_uid)
+        return _rejection(
+            ds, source_key, "truncated: image without Pixel Data (7FE0,0010)", size, sop_class_uid
+        )
     implicit, little = ds.original_encoding
     truncation = pixel_data_truncation(fp, stop, size, little is not False, implicit is True)
     if truncation is not None:
         return _rejection(ds, source_key, truncation, size, sop_class_uid)
 
-    full = dataset_to_json(ds, max_value_bytes=max_value_bytes, keep_all_frames=sop_class.functional_groups)
+    full = dataset_to_json(
+        ds, max_value_bytes=max_value_bytes, keep_all_frames=sop_class.functional_groups
+    )
     header = full
     if PER_FRAME_FUNCTIONAL_GROUPS in full:
         header = dict(full)
-        header[PER_FRAME_FUNCTIONAL_GROUPS] = {"vr": "SQ", "Value": full[PER_FRAME_FUNCTIONAL_GROUPS]["Value"][:1]}
+        header[PER_FRAME_FUNCTIONAL_GROUPS] = {
+            "vr": "SQ",
+            "Value": full[PER_FRAME_FUNCTIONAL_GROUPS]["Value"][:1],
+        }
     view = HeaderView(full)
     series = view.fill(SeriesRecord, "series")
     instance_values = view.values("instance")
     modality = series.modality
     creators = private_creators(ds)
     hints = _vendor_hints(ds, creators)
-    mr = _mr_detail(view, ds, creators, instance_values.get("image_type", []), series) if modality == "MR" else None
+    mr = (
+        _mr_detail(view, ds, creators, instance_values.get("image_type", []), series)
+        if modality == "MR"
+        else None
+    )
     ct = view.fill(CTDetail, "ct") if modality == "CT" else None
     pet = view.fill(PETDetail, "pet") if modality == "PT" else None
     if sop_class.functional_groups and PER_FRAME_FUNCTIONAL_GROUPS in full:
@@ -135,6 +180,10 @@ def _catalogue(
     instance_values.pop("sop_instance_uid", None)
     instance_values.pop("sop_class_uid", None)
     instance_values.setdefault("number_of_frames", max(len(frames), 1))
+    if "MOSAIC" in instance_values.get("image_type", []) and creators:
+        instance_values["mosaic_slices"] = _int(
+            read_private(ds, "siemens_images_in_mosaic", creators)
+        )
     return InstanceRecord(
         source_key=source_key,
         size=size,
@@ -170,9 +219,12 @@ def _cut_header(ds: Dataset, size: int) -> str | None:
     for elem in ds.values():
         if isinstance(elem, RawDataElement) and (last is None or elem.value_tell > last.value_tell):
             last = elem
-    if last is not None and last.length != 0xFFFFFFFF and last.value_tell + last.length > size:
-        return f"truncated: element ({last.tag >> 16:04X},{last.tag & 0xFFFF:04X}) runs past the end at byte {size}"
-    return None
+    if last is None or last.length == 0xFFFFFFFF or last.value_tell + last.length <= size:
+        return None
+    tag = f"({last.tag >> 16:04X},{last.tag & 0xFFFF:04X})"
+    if last.length > max(16 * size, IMPLAUSIBLE_HEADER_VALUE):
+        return f"corrupt: element {tag} declares {last.length} bytes in {size} bytes of content"
+    return f"truncated: element {tag} runs past the end at byte {size}"
 
 
 def _tag_at(fp: BinaryIO, offset: int, ds: Dataset) -> int:
@@ -185,16 +237,18 @@ def _tag_at(fp: BinaryIO, offset: int, ds: Dataset) -> int:
     return group << 16 | element
 
 
-def _rejection(ds: Dataset, source_key: str, reason: str, size: int, sop_class_uid: str | None) -> Rejection:
+def _rejection(
+    ds: Dataset, source_key: str, reason: str, size: int, sop_class_uid: str | None
+) -> Rejection:
     return Rejection(
         source_key,
         reason,
         size,
         sop_class_uid=sop_class_uid,
-        sop_instance_uid=_uid(ds.get(0x00080018)),
-        series_instance_uid=_uid(ds.get(0x0020000E)),
-        study_instance_uid=_uid(ds.get(0x0020000D)),
-        patient_id=_uid(ds.get(0x00100020)),
+        sop_instance_uid=_uid(ds.get_item(0x00080018)),
+        series_instance_uid=_uid(ds.get_item(0x0020000E)),
+        study_instance_uid=_uid(ds.get_item(0x0020000D)),
+        patient_id=_uid(ds.get_item(0x00100020)),
     )
 
 
@@ -207,9 +261,13 @@ def _vendor_hints(ds: Dataset, creators: dict[tuple[int, str], int]) -> VendorIm
     philips_type = read_private(ds, "philips_image_type_mr", creators)
     return VendorImageHints(
         ge_image_type=_int(ge_type),
-        ge_pulse_sequence=str(ge_sequence[0]) if isinstance(ge_sequence, list) and ge_sequence else None,
+        ge_pulse_sequence=str(ge_sequence[0])
+        if isinstance(ge_sequence, list) and ge_sequence
+        else None,
         ge_vas_collapse=_int(ge_vas),
-        philips_image_type=str(philips_type[0]) if isinstance(philips_type, list) and philips_type else None,
+        philips_image_type=str(philips_type[0])
+        if isinstance(philips_type, list) and philips_type
+        else None,
     )
 
 
@@ -220,13 +278,23 @@ def _int(values: Any) -> int | None:
 
 
 def _mr_detail(
-    view: HeaderView, ds: Dataset, creators: dict[tuple[int, str], int], image_type: list[str], series: SeriesRecord
+    view: HeaderView,
+    ds: Dataset,
+    creators: dict[tuple[int, str], int],
+    image_type: list[str],
+    series: SeriesRecord,
 ) -> MRDetail:
     mr = view.fill(MRDetail, "mr")
     siemens = (series.manufacturer or "").upper().startswith("SIEMENS")
-    looks_diffusion = "DIFFUSION" in (t.upper() for t in image_type) or "ep_b" in (mr.sequence_name or "")
+    looks_diffusion = "DIFFUSION" in (t.upper() for t in image_type) or "ep_b" in (
+        mr.sequence_name or ""
+    )
     diffusion = read_diffusion(
-        ds, creators, mr.diffusion_b_value, mr.diffusion_gradient_orientation, siemens and looks_diffusion
+        ds,
+        creators,
+        mr.diffusion_b_value,
+        mr.diffusion_gradient_orientation,
+        siemens and looks_diffusion,
     )
     mr.b_value = diffusion.b_value
     mr.gradient_direction = list(diffusion.gradient)
@@ -237,7 +305,11 @@ def _mr_detail(
 
 
 def _classic_frame(
-    values: dict[str, Any], mr: MRDetail | None, pet: PETDetail | None, hints: VendorImageHints, modality: str | None
+    values: dict[str, Any],
+    mr: MRDetail | None,
+    pet: PETDetail | None,
+    hints: VendorImageHints,
+    modality: str | None,
 ) -> FrameRecord:
     image_type = values.get("image_type", [])
     return FrameRecord(

@@ -31,10 +31,14 @@ class PrivateTag:
 @lru_cache(maxsize=1)
 def private_tag_table() -> dict[str, PrivateTag]:
     """Load `data/private_tags.json` (once), by name."""
-    text = resources.files(__package__).joinpath("data/private_tags.json").read_text(encoding="utf-8")
+    text = (
+        resources.files(__package__).joinpath("data/private_tags.json").read_text(encoding="utf-8")
+    )
     rows = json.loads(text)["tags"]
     return {
-        row["name"]: PrivateTag(row["name"], int(row["group"], 16), row["creator"], int(row["element"], 16), row["vr"])
+        row["name"]: PrivateTag(
+            row["name"], int(row["group"], 16), row["creator"], int(row["element"], 16), row["vr"]
+        )
         for row in rows
     }
 
@@ -42,7 +46,8 @@ def private_tag_table() -> dict[str, PrivateTag]:
 def private_creators(ds: Dataset) -> dict[tuple[int, str], int]:
     """(group, creator) -> block number for every private creator element (gggg,0010-00FF) of `ds`."""
     blocks: dict[tuple[int, str], int] = {}
-    for tag, elem in ds.items():
+    for base_tag, elem in ds.items():
+        tag = int(base_tag)
         group = tag >> 16
         if not group & 1 or not 0x10 <= tag & 0xFFFF <= 0xFF:
             continue
@@ -57,13 +62,15 @@ def private_creators(ds: Dataset) -> dict[tuple[int, str], int]:
     return blocks
 
 
-def read_private(ds: Dataset, name: str, creators: dict[tuple[int, str], int]) -> list[Any] | bytes | None:
+def read_private(
+    ds: Dataset, name: str, creators: dict[tuple[int, str], int]
+) -> list[Any] | bytes | None:
     """The values of private attribute `name`, decoded by the table's VR (bytes for OB/UN), or None."""
     spec = private_tag_table()[name]
     block = creators.get((spec.group, spec.creator))
     if block is None:
         return None
-    elem = ds.get(spec.group << 16 | block << 8 | spec.element)
+    elem = ds.get_item(spec.group << 16 | block << 8 | spec.element)  # raw: no pydicom conversion
     if elem is None:
         return None
     value = elem.value
@@ -71,7 +78,9 @@ def read_private(ds: Dataset, name: str, creators: dict[tuple[int, str], int]) -
         # already converted by pydicom (explicit VR it knew): normalise to a list
         if value is None or value == "":
             return None
-        return list(value) if isinstance(value, list | tuple) or hasattr(value, "append") else [value]
+        return (
+            list(value) if isinstance(value, list | tuple) or hasattr(value, "append") else [value]
+        )
     if spec.vr in ("OB", "UN"):
         return value
     if spec.vr in _BINARY_FORMATS:
@@ -79,7 +88,9 @@ def read_private(ds: Dataset, name: str, creators: dict[tuple[int, str], int]) -
         size = struct.calcsize("<" + fmt)
         endian = "<" if getattr(elem, "is_little_endian", True) else ">"
         count = len(value) // size
-        return list(struct.unpack(f"{endian}{count}{fmt}", value[: count * size])) if count else None
+        return (
+            list(struct.unpack(f"{endian}{count}{fmt}", value[: count * size])) if count else None
+        )
     text = value.decode("latin-1").strip(" \x00")
     if not text:
         return None

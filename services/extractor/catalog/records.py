@@ -17,7 +17,9 @@ from typing import Any, ClassVar
 class SubjectRecord:
     """The patient (Patient Module, PS3.3 C.7.1.1) as the catalog knows them."""
 
-    patient_id: str | None = None  # (0010,0020) PatientID: the subject key; a pseudonym after anonymization
+    patient_id: str | None = (
+        None  # (0010,0020) PatientID: the subject key; a pseudonym after anonymization
+    )
     issuer_of_patient_id: str | None = None  # (0010,0021) assigning authority of PatientID
     patient_sex: str | None = None  # (0010,0040) M, F or O
     patient_birth_date: str | None = None  # (0010,0030) DA
@@ -57,7 +59,9 @@ class SeriesRecord:
     software_versions: list[str] = field(default_factory=list)  # (0018,1020)
     magnetic_field_strength: float | None = None  # (0018,0087) tesla (some scanners write gauss)
     body_part_examined: str | None = None  # (0018,0015)
-    frame_of_reference_uid: str | None = None  # (0020,0052) the patient coordinate system shared by images
+    frame_of_reference_uid: str | None = (
+        None  # (0020,0052) the patient coordinate system shared by images
+    )
     contrast_bolus_agent: str | None = None  # (0018,0010) set when contrast was given
 
 
@@ -72,8 +76,12 @@ class MRDetail:
     echo_train_length: int | None = None  # (0018,0091)
     echo_numbers: int | None = None  # (0018,0086) which echo of a multi-echo acquisition
     scanning_sequence: list[str] = field(default_factory=list)  # (0018,0020) SE, IR, GR, EP, RM
-    sequence_variant: list[str] = field(default_factory=list)  # (0018,0021) SK, MTC, SS, TRSS, SP, MP, OSP
-    scan_options: list[str] = field(default_factory=list)  # (0018,0022) PER, RG, CG, PPG, FC, PFF, SAT...
+    sequence_variant: list[str] = field(
+        default_factory=list
+    )  # (0018,0021) SK, MTC, SS, TRSS, SP, MP, OSP
+    scan_options: list[str] = field(
+        default_factory=list
+    )  # (0018,0022) PER, RG, CG, PPG, FC, PFF, SAT...
     mr_acquisition_type: str | None = None  # (0018,0023) 2D or 3D
     sequence_name: str | None = None  # (0018,0024) vendor name, e.g. Siemens "*tfl3d1_16ns"
     pulse_sequence_name: str | None = None  # (0018,9005) enhanced MR
@@ -90,7 +98,9 @@ class MRDetail:
     parallel_acquisition: str | None = None  # (0018,9077) YES/NO
     parallel_acquisition_technique: str | None = None  # (0018,9078) GRAPPA, SENSE, ...
     parallel_reduction_factor_in_plane: float | None = None  # (0018,9069)
-    parallel_reduction_factor_out_of_plane: float | None = None  # (0018,9155) SMS / multiband factor
+    parallel_reduction_factor_out_of_plane: float | None = (
+        None  # (0018,9155) SMS / multiband factor
+    )
     diffusion_b_value: float | None = None  # (0018,9087) standard b-value, s/mm²
     diffusion_directionality: str | None = None  # (0018,9075) DIRECTIONAL, ISOTROPIC, NONE, BMATRIX
     diffusion_gradient_orientation: list[float] = field(default_factory=list)  # (0018,9089)
@@ -98,7 +108,9 @@ class MRDetail:
     angio_flag: str | None = None  # (0018,0025) Y when an angiographic acquisition
     receive_coil_name: str | None = None  # (0018,1250)
     transmit_coil_name: str | None = None  # (0018,1251)
-    trigger_time: float | None = None  # (0018,1060) ms after the R wave: per slice, never a stack constant
+    trigger_time: float | None = (
+        None  # (0018,1060) ms after the R wave: per slice, never a stack constant
+    )
     temporal_position_identifier: int | None = None  # (0020,0100)
     # read from vendor private tags when the standard ones are absent (see data/private_tags.json)
     b_value: float | None = None  # the b-value used for stacks and summaries
@@ -135,8 +147,12 @@ class PETDetail:
     radiopharmaceutical_start_time: str | None = None  # (0018,1072) TM
     radiopharmaceutical_start_datetime: str | None = None  # (0018,1078) DT
     units: str | None = None  # (0054,1001) BQML, CNTS, GML (SUV), ...
-    series_type: list[str] = field(default_factory=list)  # (0054,1000) STATIC/DYNAMIC/GATED/WHOLE BODY
-    corrected_image: list[str] = field(default_factory=list)  # (0028,0051) ATTN, DECY, SCAT, NORM, ...
+    series_type: list[str] = field(
+        default_factory=list
+    )  # (0054,1000) STATIC/DYNAMIC/GATED/WHOLE BODY
+    corrected_image: list[str] = field(
+        default_factory=list
+    )  # (0028,0051) ATTN, DECY, SCAT, NORM, ...
     decay_correction: str | None = None  # (0054,1102) NONE, START, ADMIN
     decay_factor: float | None = None  # (0054,1321)
     attenuation_correction_method: str | None = None  # (0054,1101)
@@ -164,12 +180,16 @@ class FrameRecord:
     echo_number: int | None = None
     inversion_time: float | None = None  # ms
     flip_angle: float | None = None  # degrees
-    image_type: list[str] = field(default_factory=list)  # ImageType, or FrameType (0008,9007) per frame
+    image_type: list[str] = field(
+        default_factory=list
+    )  # ImageType, or FrameType (0008,9007) per frame
     part: str | None = None  # M, P, R, I or a derived-map label (see data/image_parts.json)
     b_value: float | None = None  # s/mm²
     gradient: list[float] = field(default_factory=list)  # unit diffusion gradient direction
     position: list[float] = field(default_factory=list)  # ImagePositionPatient, mm
-    orientation: list[float] = field(default_factory=list)  # ImageOrientationPatient direction cosines
+    orientation: list[float] = field(
+        default_factory=list
+    )  # ImageOrientationPatient direction cosines
     temporal_position: int | None = None  # TemporalPositionIndex (0020,9128) or identifier
     stack_id: str | None = None  # StackID (0020,9056): the vendor's own stack label
     in_stack_position: int | None = None  # InStackPositionNumber (0020,9057)
@@ -224,7 +244,9 @@ class InstanceRecord:
     spacing_between_slices: float | None = None  # (0018,0088) mm
     image_type: list[str] = field(default_factory=list)  # (0008,0008) ORIGINAL/DERIVED\PRIMARY\...
     image_position: list[float] = field(default_factory=list)  # (0020,0032) mm, first voxel centre
-    image_orientation: list[float] = field(default_factory=list)  # (0020,0037) row and column cosines
+    image_orientation: list[float] = field(
+        default_factory=list
+    )  # (0020,0037) row and column cosines
     slice_location: float | None = None  # (0020,1041) mm, per slice
     acquisition_date: str | None = None  # (0008,0022) DA
     acquisition_time: str | None = None  # (0008,0032) TM
@@ -232,11 +254,14 @@ class InstanceRecord:
     content_date: str | None = None  # (0008,0023) DA
     content_time: str | None = None  # (0008,0033) TM
     burned_in_annotation: str | None = None  # (0028,0301) YES when text is burned into pixels
+    mosaic_slices: int | None = None  # Siemens MOSAIC: slices tiled in the image, (0019,100A)
     mr: MRDetail | None = None
     ct: CTDetail | None = None
     pet: PETDetail | None = None
     frames: list[FrameRecord] = field(default_factory=list)
-    header: dict[str, Any] = field(default_factory=dict)  # DICOM JSON, bulk data and extra frames left out
+    header: dict[str, Any] = field(
+        default_factory=dict
+    )  # DICOM JSON, bulk data and extra frames left out
 
     NESTED: ClassVar[dict[str, type]] = {
         "subject": SubjectRecord,
@@ -261,9 +286,15 @@ class InstanceRecord:
                 continue
             value = getattr(self, f.name)
             if f.name in self.DETAILS:
-                row[f.name] = None if value is None else {d.name: _plain(getattr(value, d.name)) for d in fields(value)}
+                row[f.name] = (
+                    None
+                    if value is None
+                    else {d.name: _plain(getattr(value, d.name)) for d in fields(value)}
+                )
             elif f.name == "frames":
-                row["frames"] = [{d.name: _plain(getattr(fr, d.name)) for d in fields(fr)} for fr in value]
+                row["frames"] = [
+                    {d.name: _plain(getattr(fr, d.name)) for d in fields(fr)} for fr in value
+                ]
             else:
                 row[f.name] = _plain(value)
         return row
@@ -298,4 +329,6 @@ def _plain(value: Any) -> Any:
 
 def _build(kind: type, data: dict[str, Any]) -> Any:
     names = {f.name for f in fields(kind)}
-    return kind(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items() if k in names})
+    return kind(
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items() if k in names}
+    )

@@ -56,7 +56,11 @@ def sniff(head: bytes) -> Sniff:
         return Sniff("part10")
     if _starts_with_element(head):
         return Sniff("stream")
-    if len(head) < PREAMBLE_LENGTH + 4 and head.startswith(b"\x00" * min(len(head), PREAMBLE_LENGTH)) and head:
+    if (
+        len(head) < PREAMBLE_LENGTH + 4
+        and head.startswith(b"\x00" * min(len(head), PREAMBLE_LENGTH))
+        and head
+    ):
         return Sniff("none", "truncated: ends inside the 128-byte preamble")
     return Sniff("none", NOT_DICOM)
 
@@ -66,7 +70,7 @@ def _starts_with_element(head: bytes) -> bool:
     if len(head) < 8:
         return False
     for endian in ("<", ">"):
-        group, element = struct.unpack(f"{endian}HH", head[:4])
+        group, _element = struct.unpack(f"{endian}HH", head[:4])
         if group not in _START_GROUPS:
             continue
         vr = head[4:6]
@@ -82,7 +86,9 @@ def _starts_with_element(head: bytes) -> bool:
     return False
 
 
-def pixel_data_truncation(fp: BinaryIO, offset: int, size: int, little_endian: bool, implicit: bool) -> str | None:
+def pixel_data_truncation(
+    fp: BinaryIO, offset: int, size: int, little_endian: bool, implicit: bool
+) -> str | None:
     """Why the pixel data element at `offset` is incomplete, or None when it is whole.
 
     `size` is the total content length. Native pixel data must fit its declared length; encapsulated pixel
@@ -106,7 +112,9 @@ def pixel_data_truncation(fp: BinaryIO, offset: int, size: int, little_endian: b
         value_at = offset + 8
     if length != _UNDEFINED:
         if value_at + length > size:
-            return f"truncated: Pixel Data declares {length} bytes, {max(size - value_at, 0)} present"
+            return (
+                f"truncated: Pixel Data declares {length} bytes, {max(size - value_at, 0)} present"
+            )
         return None
     position = value_at
     while True:

@@ -25,7 +25,9 @@ class SopClass:
     uid: str
     name: str
     is_image: bool
-    functional_groups: bool  # per-frame values in the Functional Groups Sequences (Enhanced objects)
+    functional_groups: (
+        bool  # per-frame values in the Functional Groups Sequences (Enhanced objects)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +50,14 @@ class SopClassTable:
 @lru_cache(maxsize=1)
 def sop_class_table() -> SopClassTable:
     """Load `data/sop_classes.json` (once)."""
-    text = resources.files(__package__).joinpath("data/sop_classes.json").read_text(encoding="utf-8")
+    text = (
+        resources.files(__package__).joinpath("data/sop_classes.json").read_text(encoding="utf-8")
+    )
     doc = json.loads(text)
     image = {
-        row["uid"]: SopClass(row["uid"], row["name"], True, bool(row["functional_groups"])) for row in doc["image"]
+        row["uid"]: SopClass(row["uid"], row["name"], True, bool(row["functional_groups"]))
+        for row in doc["image"]
     }
-    return SopClassTable(version=int(doc["version"]), image=image, non_image_names=dict(doc["non_image_names"]))
+    return SopClassTable(
+        version=int(doc["version"]), image=image, non_image_names=dict(doc["non_image_names"])
+    )

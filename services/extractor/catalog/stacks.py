@@ -84,7 +84,7 @@ def stack_constants(instance: InstanceRecord, frame: FrameRecord) -> dict[str, A
 
 
 def stack_key(constants: dict[str, Any]) -> str:
-    """"MR|TE=2.46|TI=900|FA=9|ECHO=1|PART=M|ORIENT=AX" from `stack_constants` output."""
+    """ "MR|TE=2.46|TI=900|FA=9|ECHO=1|PART=M|ORIENT=AX" from `stack_constants` output."""
     parts = [str(constants["MOD"])]
     for name, value in constants.items():
         if name == "MOD":
@@ -108,7 +108,9 @@ class _Stack:
 
     constants: dict[str, Any]
     sop_uids: set[str] = field(default_factory=set)
-    frame_ids: set[tuple[str, int]] = field(default_factory=set)  # (SOP instance, frame): adds are idempotent
+    frame_ids: set[tuple[str, int]] = field(
+        default_factory=set
+    )  # (SOP instance, frame): adds are idempotent
     n_frames: int = 0
     positions: set[tuple[float, ...]] = field(default_factory=set)
     image_types: set[str] = field(default_factory=set)
@@ -157,7 +159,9 @@ class StackBuilder:
             self.add(instance)
 
     @staticmethod
-    def _add_frame(series: _Series, stack: _Stack, instance: InstanceRecord, frame: FrameRecord) -> None:
+    def _add_frame(
+        series: _Series, stack: _Stack, instance: InstanceRecord, frame: FrameRecord
+    ) -> None:
         sop_uid = instance.sop_instance_uid or instance.source_key
         if (sop_uid, frame.frame) in stack.frame_ids:
             return  # the same object seen twice (a copy in another folder, a re-delivery)
@@ -213,7 +217,7 @@ def _summary(key: str, stack: _Stack, series: _Series) -> StackSummary:
     instance = stack.representative_instance
     frame = stack.representative_frame
     assert instance is not None and frame is not None  # a stack exists only once a frame was added
-    n_slices = len(stack.positions) or 1
+    n_positions = len(stack.positions) or 1
     show_b = series.diffusion_weighted or series.standard_b
     acquisition_times = sorted(stack.acquisition_times)
     return StackSummary(
@@ -233,8 +237,8 @@ def _summary(key: str, stack: _Stack, series: _Series) -> StackSummary:
         acquisition_time=acquisition_times[0] if acquisition_times else None,
         n_instances=len(stack.sop_uids),
         n_frames=stack.n_frames,
-        n_slices=len(stack.positions),
-        n_volumes=max(stack.n_frames // n_slices, 1),
+        n_slices=len(stack.positions) * (instance.mosaic_slices or 1),
+        n_volumes=max(stack.n_frames // n_positions, 1),
         rows=instance.rows,
         columns=instance.columns,
         pixel_spacing=list(instance.pixel_spacing),

@@ -1,0 +1,1 @@
+"""Extraction benchmarks: the pure core against a bare pydicom baseline measured in the same run."""
