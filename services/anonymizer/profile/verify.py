@@ -15,6 +15,9 @@ from pydicom.dataelem import DataElement
 from services.anonymizer.profile.identifiers import IdentifierSet, Matcher
 
 SKIP_BULK = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # pixel data: not text
+NUMERIC_VRS = frozenset(
+    {"US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "OF", "OD", "OL", "OV", "AT"}
+)
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,13 @@ def _text_of(elem: DataElement) -> str | None:
 
 
 def _search(ds: Dataset, matcher: Matcher, where: str, out: list[Finding]) -> None:
-    for elem in ds:
-        if elem.tag in SKIP_BULK:
+    for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset converts every element)
+        if tag in SKIP_BULK:
             continue
+        raw = ds.get_item(tag)
+        if getattr(raw, "VR", None) in NUMERIC_VRS:
+            continue  # binary numbers: no text to leak, no need to convert them
+        elem = ds[tag]
         label = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
         if elem.VR == "SQ":
             for i, item in enumerate(elem.value or []):
