@@ -262,14 +262,29 @@ async def on_study_received(pool: asyncpg.Pool, settings: Settings, envelope: En
 
 
 async def on_event(pool: asyncpg.Pool, settings: Settings, envelope: Envelope) -> None:
-    """Dispatch a consumed envelope by its type; unknown types are skipped (newer producers)."""
-    if envelope.type == JobProgress.__name__:
-        await apply_progress(pool, envelope)
-    elif envelope.type == StageCompleted.__name__:
-        await apply_completed(pool, envelope)
-    elif envelope.type == StageFailed.__name__:
-        await apply_failed(pool, envelope)
-    elif envelope.type == StudyReceived.__name__:
-        await on_study_received(pool, settings, envelope)
-    else:
-        log.info("event type not for the gateway", extra={"type": envelope.type})
+    """Dispatch a consumed envelope by its type; unknown types are skipped (newer producers).
+
+    An event that can never apply (a payload that does not validate, values the tables refuse) is
+    logged and skipped rather than redelivered forever; anything else (the database away) raises,
+    so the message comes back.
+    """
+    try:
+        if envelope.type == JobProgress.__name__:
+            await apply_progress(pool, envelope)
+        elif envelope.type == StageCompleted.__name__:
+            await apply_completed(pool, envelope)
+        elif envelope.type == StageFailed.__name__:
+            await apply_failed(pool, envelope)
+        elif envelope.type == StudyReceived.__name__:
+            await on_study_received(pool, settings, envelope)
+        else:
+            log.info("event type not for the gateway", extra={"type": envelope.type})
+    except (
+        ValidationError,
+        asyncpg.DataError,
+        asyncpg.IntegrityConstraintViolationError,
+    ) as exc:
+        log.error(
+            "event skipped: it cannot be applied",
+            extra={"event_id": str(envelope.id), "type": envelope.type, "error": str(exc)[:500]},
+        )

@@ -123,12 +123,23 @@ async def latest_stage_jobs(
     conn: asyncpg.Connection, cohort_id: uuid.UUID
 ) -> dict[Stage, asyncpg.Record]:
     """Each stage's latest whole-cohort job (scoped study runs do not set a stage's state)."""
+    return (await latest_stage_jobs_of(conn, [cohort_id])).get(cohort_id, {})
+
+
+async def latest_stage_jobs_of(
+    conn: asyncpg.Connection, cohort_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, dict[Stage, asyncpg.Record]]:
+    """`latest_stage_jobs` of several cohorts in one query."""
     rows = await conn.fetch(
-        "SELECT DISTINCT ON (stage) * FROM gateway.jobs WHERE cohort_id = $1 AND NOT scoped"
-        " ORDER BY stage, created_at DESC, position DESC",
-        cohort_id,
+        "SELECT DISTINCT ON (cohort_id, stage) * FROM gateway.jobs"
+        " WHERE cohort_id = ANY($1::uuid[]) AND NOT scoped"
+        " ORDER BY cohort_id, stage, created_at DESC, position DESC",
+        list(cohort_ids),
     )
-    return {Stage(r["stage"]): r for r in rows}
+    found: dict[uuid.UUID, dict[Stage, asyncpg.Record]] = {}
+    for row in rows:
+        found.setdefault(row["cohort_id"], {})[Stage(row["stage"])] = row
+    return found
 
 
 def stage_states(jobs: dict[Stage, asyncpg.Record]) -> dict[Stage, StageState]:

@@ -59,7 +59,9 @@ async def create_cohort(body: CohortCreate, ctx: Context) -> CohortOut:
 @router.get("", response_model=list[CohortOut])
 async def list_cohorts(ctx: Context, status: CohortStatusName | None = None) -> list[CohortOut]:
     async with ctx.pool.acquire() as conn:
-        return [await _cohort_out(conn, c) for c in await repo.list_cohorts(conn, status)]
+        cohorts = await repo.list_cohorts(conn, status)
+        jobs = await repo.latest_stage_jobs_of(conn, [c["id"] for c in cohorts])
+    return [CohortOut.from_rows(c, jobs.get(c["id"], {})) for c in cohorts]
 
 
 async def _existing(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> asyncpg.Record:

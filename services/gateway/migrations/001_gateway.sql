@@ -16,7 +16,7 @@ CREATE TABLE gateway.cohorts (
     total_sessions        integer NOT NULL DEFAULT 0,
     total_series          integer NOT NULL DEFAULT 0,
     total_instances       bigint NOT NULL DEFAULT 0,
-    completion_percentage real NOT NULL DEFAULT 0,
+    completion_percentage double precision NOT NULL DEFAULT 0,
     created_at            timestamptz NOT NULL DEFAULT now(),
     updated_at            timestamptz NOT NULL DEFAULT now()
 );
@@ -45,7 +45,7 @@ CREATE TABLE gateway.jobs (
                         CHECK (status IN ('pending', 'running', 'completed', 'failed', 'cancelled')),
     status_reason       text,
     config              jsonb NOT NULL DEFAULT '{}',
-    progress            real NOT NULL DEFAULT 0,
+    progress            double precision NOT NULL DEFAULT 0,
     items_total         integer NOT NULL DEFAULT 0,
     items_done          integer NOT NULL DEFAULT 0,
     items_failed        integer NOT NULL DEFAULT 0,
