@@ -11,6 +11,7 @@ import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -195,7 +196,10 @@ def write_dataset_files(
     subjects: dict[str, dict[str, str]] = {}
     sessions: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     scans: dict[PurePosixPath, list[tuple[str, str]]] = defaultdict(list)
-    for exported in sorted(exports, key=lambda e: str(e.base)):
+    # earliest acquisition first, so that age is the age at the first exported study
+    for exported in sorted(
+        exports, key=lambda e: (e.stack.acquired_at or datetime.max, str(e.base))
+    ):
         stack = exported.stack
         subject = sanitize_label(stack.subject)
         info = participant_info(stack)

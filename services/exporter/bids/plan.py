@@ -159,12 +159,27 @@ def _order_key(stack: ExportStack) -> tuple[Any, ...]:
     return (day, clock, number, stack.summary.series_instance_uid, stack.summary.stack_key)
 
 
+def naming_problems(stacks: Iterable[ExportStack], *, group_symri: bool = False) -> dict[str, str]:
+    """Why some stacks cannot be named (unknown entity, empty subject label, bad index), by key.
+
+    The service fails those items and plans the others: one bad classification never stops a run.
+    """
+    problems: dict[str, str] = {}
+    for stack in stacks:
+        try:
+            stack_target(stack, group_symri=group_symri).path("bids")
+        except ValueError as error:
+            problems[stack.key] = str(error)
+    return problems
+
+
 def plan_names(
     stacks: Sequence[ExportStack], *, layout: Layout = "bids", group_symri: bool = False
 ) -> dict[str, PurePosixPath]:
     """Base path (no extension) of every stack, by `ExportStack.key`, relative to the dataset root.
 
-    Deterministic: the result does not depend on the order of `stacks`.
+    Deterministic: the result does not depend on the order of `stacks`. Raises `ValueError` when a
+    stack cannot be named; `naming_problems` finds those stacks beforehand.
     """
     rules = load_naming_rules()
     planned = [

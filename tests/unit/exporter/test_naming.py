@@ -16,6 +16,7 @@ from services.exporter.bids import (
     bids_path,
     load_entity_table,
     name_outputs,
+    naming_problems,
     parse_bids_name,
     plan_names,
     sanitize_label,
@@ -210,6 +211,34 @@ def test_echoes_and_parts_of_one_series_do_not_collide() -> None:
         "sub-01_ses-1_echo-2_part-mag_MEGRE",
         "sub-01_ses-1_echo-2_part-phase_MEGRE",
     ]
+
+
+def test_pepolar_pairs_share_run_numbers() -> None:
+    stacks = [
+        stack("epi", "fmap", series=s, time=t, entities={"dir": d})
+        for s, t, d in ((2, "1000", "AP"), (3, "1001", "PA"), (6, "1100", "AP"), (7, "1101", "PA"))
+    ]
+    names = sorted(v.name for v in plan_names(stacks).values())
+    assert names == [
+        "sub-01_ses-1_dir-AP_run-1_epi",
+        "sub-01_ses-1_dir-AP_run-2_epi",
+        "sub-01_ses-1_dir-PA_run-1_epi",
+        "sub-01_ses-1_dir-PA_run-2_epi",
+    ]
+
+
+def test_stacks_that_cannot_be_named_are_reported_not_fatal() -> None:
+    good = stack("T1w", series=1)
+    bad_entity = stack("T1w", series=2, entities={"mb": "4"})
+    bad_subject = stack("T1w", series=3, subject="++")
+    bad_echo = stack("MEGRE", series=4, entities={"echo": "first"})
+    problems = naming_problems([good, bad_entity, bad_subject, bad_echo])
+    assert set(problems) == {bad_entity.key, bad_subject.key, bad_echo.key}
+    assert "unknown BIDS entity 'mb'" in problems[bad_entity.key]
+    assert "echo- needs a non-negative integer" in problems[bad_echo.key]
+    with pytest.raises(ValueError):
+        plan_names([good, bad_entity])
+    assert list(plan_names([good])) == [good.key]
 
 
 def test_subjects_and_sessions_are_numbered_apart() -> None:
