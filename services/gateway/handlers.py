@@ -172,8 +172,9 @@ async def receive_study(
 ) -> StudyAccepted:
     """Add a study to its cohort and run the pipeline for that study only.
 
-    Raises `Invalid` (no cohort named, bad location) or `NotFound` (no such cohort); the refusal is
-    recorded in `gateway.received_studies` either way.
+    The cohort is `study.cohort` (a name or an id), or else the one cohort whose source_path
+    contains the study's location. Raises `Invalid` (no cohort found that way, bad location) or
+    `NotFound` (no such cohort); a refusal is recorded in `gateway.received_studies` too.
     """
     async with pool.acquire() as conn, conn.transaction():
         if event_id is not None and not await repo.claim_event(conn, event_id, "StudyReceived"):
@@ -220,17 +221,26 @@ async def _study_target(
 ) -> tuple[asyncpg.Record, str]:
     if not study.study_instance_uid.strip():
         raise Invalid("study_instance_uid is empty")
-    if not study.cohort:
-        raise Invalid("no cohort given: name the cohort (its name or id) the study belongs to")
-    found = await repo.find_cohort(conn, study.cohort)
-    if found is None:
-        raise NotFound(f"no cohort named or numbered {study.cohort!r}")
-    cohort = await repo.lock_cohort(conn, found["id"])
-    assert cohort is not None
     try:
         location = check_location(study.location, settings)
     except SourceError as exc:
         raise Invalid(f"location: {exc}") from exc
+    if study.cohort:
+        found = await repo.find_cohort(conn, study.cohort)
+        if found is None:
+            raise NotFound(f"no cohort named or numbered {study.cohort!r}")
+    else:
+        # the ingest rule: a study dropped inside a cohort's source folder belongs to that cohort
+        containing = await repo.cohorts_containing(conn, location)
+        if len(containing) != 1:
+            raise Invalid(
+                "no cohort given and "
+                + ("none" if not containing else f"{len(containing)} cohorts")
+                + " have a source_path containing the location: name the cohort (name or id)"
+            )
+        found = containing[0]
+    cohort = await repo.lock_cohort(conn, found["id"])
+    assert cohort is not None
     return cohort, location
 
 

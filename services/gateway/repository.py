@@ -57,6 +57,16 @@ async def find_cohort(conn: asyncpg.Connection, ref: str) -> asyncpg.Record | No
         )
 
 
+async def cohorts_containing(conn: asyncpg.Connection, location: str) -> list[asyncpg.Record]:
+    """Cohorts whose source_path is `location` or one of its parent folders (or S3 prefixes)."""
+    return await conn.fetch(
+        "SELECT * FROM gateway.cohorts WHERE source_path = $1"
+        " OR left($1, length(rtrim(source_path, '/')) + 1) = rtrim(source_path, '/') || '/'"
+        " ORDER BY created_at",
+        location,
+    )
+
+
 async def list_cohorts(conn: asyncpg.Connection, status: str | None) -> list[asyncpg.Record]:
     return await conn.fetch(
         "SELECT * FROM gateway.cohorts WHERE $1::text IS NULL OR status = $1 ORDER BY created_at",

@@ -661,6 +661,17 @@ async def test_post_study_starts_a_scoped_run(
     assert unknown.status_code == 404
     anonymous = await api.post("/api/studies", json={**body, "cohort": None})
     assert anonymous.status_code == 422
+    assert "source_path containing the location" in anonymous.json()["detail"]
+
+    # without a cohort name, the cohort whose source folder holds the study takes it
+    (data_root / "study-b" / "incoming" / "1.2.3").mkdir(parents=True)
+    owner = await new_cohort(api, data_root, source_path=str(data_root / "study-b"))
+    dropped = await api.post(
+        "/api/studies",
+        json={"study_instance_uid": "1.2.3", "location": str(data_root / "study-b/incoming/1.2.3")},
+    )
+    assert dropped.status_code == 202, dropped.text
+    assert dropped.json()["cohort_id"] == owner["id"]
     outside = await api.post("/api/studies", json={**body, "location": "/etc"})
     assert outside.status_code == 422
     assert "outside" in outside.json()["detail"]
