@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 _LABEL = re.compile(r"[^A-Za-z0-9]+")
 _PART = {"Phase": "phase", "Real": "real", "Imaginary": "imag", "Magnitude": "mag"}
-_PART_SUFFIXES = {"swi", "MEGRE", "MP2RAGE", "bold", "T2starw", "T1w", "dwi", "UNIT1"}
+_PART_SUFFIXES = {"swi", "MEGRE", "MP2RAGE", "bold", "T2starw", "T1w", "dwi", "UNIT1", "IRT1"}
 _ECHO_SUFFIXES = {
     "bold",
     "sbref",
@@ -38,11 +38,22 @@ _ECHO_SUFFIXES = {
 _DIR_WORDS = {"ap": "AP", "pa": "PA", "lr": "LR", "rl": "RL", "si": "SI", "is": "IS"}
 _DIR_SUFFIXES = {"epi", "dwi", "bold", "sbref", "asl", "m0scan"}
 _DERIVED = frozenset({"it:derived", "it:secondary"})
+_AGENT_WORD = re.compile(r"[A-Za-z][A-Za-z0-9]*")
+_UNITS = {"ml", "mg", "mmol", "cc", "l", "kg", "iv", "i", "v"}
 
 
 def sanitize_label(text: str, limit: int = 24) -> str:
     """A BIDS label: letters and digits only (`"REST1 w SMS"` -> `"REST1wSMS"`)."""
     return _LABEL.sub("", text)[:limit]
+
+
+def agent_label(agent: str) -> str:
+    """ContrastBolusAgent (0018,0010) as a `ce-` label: the first word that is not a dose or unit
+    ("11 ml Omniscan" -> "omniscan", "ISOVUE300/100" -> "isovue300")."""
+    for word in _AGENT_WORD.findall(agent):
+        if word.lower() not in _UNITS:
+            return word.lower()
+    return ""
 
 
 def match_bids(fp: Fingerprint, result: Classification, table: tuple[BidsEntry, ...]) -> BidsEntry:
@@ -132,8 +143,8 @@ def bids_entities(
                 entities["dir"] = label
                 break
     if result.post_contrast:
-        agent = sanitize_label(fp.contrast_agent.split("/")[0]).lower() if fp.contrast_agent else ""
-        entities["ce"] = agent or "gadolinium" if fp.modality == "MR" else agent or "contrast"
+        fallback = "gadolinium" if fp.modality == "MR" else "contrast"
+        entities["ce"] = agent_label(fp.contrast_agent) or fallback
     if suffix == "ct" and result.kernel:
         entities["rec"] = result.kernel
     if suffix == "pet":

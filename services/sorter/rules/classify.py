@@ -121,16 +121,37 @@ def _vote(fp: Fingerprint, rules: RulePack) -> tuple[dict[str, dict[str, float]]
     return scores, evidence
 
 
-def _decide_one(values: dict[str, float] | None, prior: float) -> tuple[str | None, float, float]:
-    """(winner, confidence, runner-up/winner ratio) of a one-valued axis."""
+def _decide_one(
+    values: dict[str, float] | None, prior: float, lineage: dict[str, tuple[str, ...]] | None = None
+) -> tuple[str | None, float, float, str | None]:
+    """(winner, confidence, runner-up/winner ratio, runner-up) of a one-valued axis.
+
+    With a family `lineage`, a value's score includes its ancestors' votes, and only values outside
+    the winner's line (neither ancestor nor descendant) count as competitors; ties go to the more
+    specific value.
+    """
     if not values:
-        return None, 0.0, 0.0
-    ranked = sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))
+        return None, 0.0, 0.0, None
+    if lineage:
+        scores = {
+            v: s + sum(values.get(a, 0.0) for a in lineage.get(v, ())) for v, s in values.items()
+        }
+        depth = {v: len(lineage.get(v, ())) for v in values}
+    else:
+        scores, depth = values, {}
+    ranked = sorted(scores.items(), key=lambda kv: (-kv[1], -depth.get(kv[0], 0), kv[0]))
     top_value, top = ranked[0]
-    second = ranked[1][1] if len(ranked) > 1 else 0.0
     if top <= 0:
-        return None, 0.0, 0.0
-    return top_value, top / (top + max(second, 0.0) + prior), max(second, 0.0) / top
+        return None, 0.0, 0.0, None
+    line = set(lineage.get(top_value, ())) if lineage else set()
+    rivals = [
+        (v, s)
+        for v, s in ranked[1:]
+        if v not in line and not (lineage and top_value in lineage.get(v, ()))
+    ]
+    runner, second = rivals[0] if rivals else (None, 0.0)
+    second = max(second, 0.0)
+    return top_value, top / (top + second + prior), second / top, runner
 
 
 def _flag(value: str | None) -> bool | None:
@@ -166,12 +187,13 @@ def classify(fp: Fingerprint, rules: RulePack) -> Classification:
     conf: dict[str, float] = {}
     conflicts: list[str] = []
     for axis in ONE_AXES:
-        value, confidence, ratio = _decide_one(scores.get(axis), policy.prior)
+        value, confidence, ratio, runner = _decide_one(
+            scores.get(axis), policy.prior, rules.lineage.get(axis)
+        )
         if value is None:
             continue
         conf[axis] = confidence
         if ratio >= policy.conflict_ratio:
-            runner = sorted(scores[axis].items(), key=lambda kv: -kv[1])[1][0]
             conflicts.append(f"{axis}: {value} vs {runner}")
         if axis in ("post_contrast", "localizer", "spinal_cord"):
             flag = _flag(value)

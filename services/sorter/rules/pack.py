@@ -150,6 +150,7 @@ class PackFile(_Strict):
     disable: list[str] = Field(default_factory=list)
     rules: list[RuleSpec] = Field(default_factory=list)
     kernels: dict[str, list[str]] = Field(default_factory=dict)
+    hierarchy: dict[str, dict[str, str]] = Field(default_factory=dict)  # axis -> child -> parent
     bids: list[BidsEntry] = Field(default_factory=list)
 
 
@@ -194,6 +195,7 @@ class RulePack:
     index: dict[str, tuple[CompiledRule, ...]]  # anchor token -> rules
     unanchored: tuple[CompiledRule, ...]
     kernels: dict[str, str]  # kernel word -> class
+    lineage: dict[str, dict[str, tuple[str, ...]]]  # axis -> value -> its ancestors, nearest first
     bids: tuple[BidsEntry, ...]
 
 
@@ -226,6 +228,7 @@ def _merged(profile: str, seen: tuple[str, ...] = ()) -> PackFile:
         policy=pack.policy or parent.policy,
         rules=[*rules, *pack.rules],
         kernels={**parent.kernels, **pack.kernels},
+        hierarchy={**parent.hierarchy, **pack.hierarchy},
         bids=pack.bids or parent.bids,
     )
 
@@ -280,6 +283,21 @@ def compile_pack(pack: PackFile) -> RulePack:
         else:
             unanchored.append(rule)
     kernels = {word.lower(): cls for cls, words in pack.kernels.items() for word in words}
+    lineage: dict[str, dict[str, tuple[str, ...]]] = {}
+    for axis, parents in pack.hierarchy.items():
+        if axis not in ONE_AXES:
+            raise ValueError(f"hierarchy on {axis!r}: only one-valued axes have families")
+        chains: dict[str, tuple[str, ...]] = {}
+        for child in parents:
+            chain: list[str] = []
+            node = child
+            while node in parents:
+                node = parents[node]
+                if node in chain or node == child:
+                    raise ValueError(f"hierarchy of {axis!r} has a loop at {child!r}")
+                chain.append(node)
+            chains[child] = tuple(chain)
+        lineage[axis] = chains
     return RulePack(
         profile=pack.profile,
         version=pack.version,
@@ -289,6 +307,7 @@ def compile_pack(pack: PackFile) -> RulePack:
         index={k: tuple(v) for k, v in index.items()},
         unanchored=tuple(unanchored),
         kernels=kernels,
+        lineage=lineage,
         bids=tuple(pack.bids),
     )
 

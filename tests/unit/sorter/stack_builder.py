@@ -133,6 +133,11 @@ def _stack_from_classic(series: list[Dataset], files: list[Dataset]) -> StackSum
     constants = {
         "TE": float(te) if te not in (None, "") else None,
         "ECHO": int(rep.get("EchoNumbers") or 0) or None,
+        # GE private image kind (see _classic_key): keeps B0 map and magnitude stacks apart
+        "GE_KIND": ".".join(
+            str(rep[tag].value) for tag in ((0x0043, 0x102F), (0x0043, 0x1030)) if tag in rep
+        )
+        or None,
     }
     return _summary(
         rep, series, files, constants, n_slices, n_volumes, b_values, len(directions), image_types
