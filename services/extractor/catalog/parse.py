@@ -8,6 +8,7 @@ classic Siemens XA "interoperability" files keep key attributes far into it.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import struct
@@ -45,6 +46,7 @@ READ_WHOLE_LIMIT = 16 * 1024 * 1024
 IMPLAUSIBLE_HEADER_VALUE = 16 * 1024 * 1024
 PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00009, 0x7FE00008)
 DIRECTORY_RECORD_SEQUENCE = 0x00041220
+DEFLATED_TRANSFER_SYNTAXES = frozenset({"1.2.840.10008.1.2.1.99"})
 TRANSFER_SYNTAX_BY_ENCODING = {
     (True, True): "1.2.840.10008.1.2",
     (False, True): "1.2.840.10008.1.2.1",
@@ -116,7 +118,15 @@ def _catalogue(
     cut = _cut_header(ds, size)
     if cut is not None:
         return Rejection(source_key, cut, size)
-    has_pixels = stop < size and _tag_at(fp, stop, ds) in PIXEL_DATA_TAGS
+    transfer_syntax = _uid(meta.get(0x00020010)) if meta is not None else None
+    deflated = transfer_syntax in DEFLATED_TRANSFER_SYNTAXES
+    if deflated:
+        # pydicom inflated the data set into a buffer of its own: positions in `fp` mean nothing here
+        fp.seek(0)
+        has_pixels = any(tag in pydicom.dcmread(fp, defer_size=256) for tag in PIXEL_DATA_TAGS)
+        stop = size
+    else:
+        has_pixels = stop < size and _tag_at(fp, stop, ds) in PIXEL_DATA_TAGS
     if stop < size and not has_pixels:
         return Rejection(
             source_key, f"corrupt: no parseable element at byte {stop} of {size}", size
@@ -142,9 +152,10 @@ def _catalogue(
             ds, source_key, "truncated: image without Pixel Data (7FE0,0010)", size, sop_class_uid
         )
     implicit, little = ds.original_encoding
-    truncation = pixel_data_truncation(fp, stop, size, little is not False, implicit is True)
-    if truncation is not None:
-        return _rejection(ds, source_key, truncation, size, sop_class_uid)
+    if not deflated:
+        truncation = pixel_data_truncation(fp, stop, size, little is not False)
+        if truncation is not None:
+            return _rejection(ds, source_key, truncation, size, sop_class_uid)
 
     full = dataset_to_json(
         ds, max_value_bytes=max_value_bytes, keep_all_frames=sop_class.functional_groups
@@ -172,10 +183,12 @@ def _catalogue(
     if sop_class.functional_groups and PER_FRAME_FUNCTIONAL_GROUPS in full:
         frames = enhanced_frames(full, modality, hints)
     else:
-        frames = [_classic_frame(instance_values, mr, pet, hints, modality)]
-    if meta is not None and meta.get(0x00020010) is not None:
-        transfer_syntax = _uid(meta.get(0x00020010))
-    else:
+        # a classic multi-frame object (US/NM/XA cine, multi-frame secondary capture) repeats its one
+        # set of values for every frame
+        first = _classic_frame(instance_values, mr, pet, hints, modality)
+        count = max(int(instance_values.get("number_of_frames") or 1), 1)
+        frames = [first] + [dataclasses.replace(first, frame=n) for n in range(2, count + 1)]
+    if transfer_syntax is None:
         transfer_syntax = TRANSFER_SYNTAX_BY_ENCODING.get((bool(implicit), little is not False))
     instance_values.pop("sop_instance_uid", None)
     instance_values.pop("sop_class_uid", None)

@@ -28,6 +28,7 @@ _EXPLICIT_VRS = frozenset(
     b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
 )
 _LONG_LENGTH_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_PIXEL_VRS = frozenset(b"OB OD OF OL OV OW UN".split())
 _START_GROUPS = (0x0002, 0x0008)
 _ITEM = 0xFFFEE000
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
@@ -86,20 +87,20 @@ def _starts_with_element(head: bytes) -> bool:
     return False
 
 
-def pixel_data_truncation(
-    fp: BinaryIO, offset: int, size: int, little_endian: bool, implicit: bool
-) -> str | None:
+def pixel_data_truncation(fp: BinaryIO, offset: int, size: int, little_endian: bool) -> str | None:
     """Why the pixel data element at `offset` is incomplete, or None when it is whole.
 
     `size` is the total content length. Native pixel data must fit its declared length; encapsulated pixel
-    data (undefined length) is walked item by item up to its Sequence Delimitation Item.
+    data (undefined length) is walked item by item up to its Sequence Delimitation Item. Whether the
+    element header carries a VR is read from the bytes: some writers encode implicit VR under an explicit
+    transfer syntax.
     """
     end = "<" if little_endian else ">"
     fp.seek(offset)
     header = fp.read(12)
     if len(header) < 8:
         return f"truncated: Pixel Data element header cut at byte {offset + len(header)}"
-    if implicit:
+    if header[4:6] not in _PIXEL_VRS:
         (length,) = struct.unpack(f"{end}L", header[4:8])
         value_at = offset + 8
     elif header[4:6] in _LONG_LENGTH_VRS:
