@@ -1,6 +1,11 @@
 """The BIDS core of the exporter: naming, planning, sidecars and dataset files (no Kafka, SQL or S3)."""
 
-from services.exporter.bids.dataset import ExportedStack, dataset_description, write_dataset_files
+from services.exporter.bids.dataset import (
+    ExportedStack,
+    dataset_description,
+    dataset_files,
+    write_dataset_files,
+)
 from services.exporter.bids.entities import (
     bids_name,
     bids_path,
@@ -34,6 +39,7 @@ __all__ = [
     "bids_path",
     "build_sidecar",
     "dataset_description",
+    "dataset_files",
     "link_fieldmaps",
     "load_entity_table",
     "missing_required",

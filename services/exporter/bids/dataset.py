@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from pydantic import BaseModel, Field
 
 from services.exporter.bids.entities import load_entity_table, parse_bids_name, sanitize_label
 from services.exporter.bids.fieldmaps import ScanRecord, link_fieldmaps, link_m0scans
@@ -23,18 +24,19 @@ from services.exporter.bids.sidecar import slice_normal
 from services.exporter.bids.stack import ExportStack, parse_dicom_datetime
 
 
-@dataclass
-class ExportedStack:
-    """What one stack became: its NIfTI images and every file written, relative to the root."""
+class ExportedStack(BaseModel):
+    """What one stack became, relative to the dataset root: JSON-serializable, so an item's result
+    can be stored and the dataset files computed later, on another replica, without the files."""
 
     stack: ExportStack
     base: PurePosixPath
-    images: list[PurePosixPath] = field(default_factory=list)  # .nii / .nii.gz
-    files: list[PurePosixPath] = field(default_factory=list)
+    images: list[PurePosixPath] = Field(default_factory=list)  # .nii / .nii.gz
+    files: list[PurePosixPath] = Field(default_factory=list)
+    sidecars: dict[str, dict[str, Any]] = Field(default_factory=dict)  # sidecar path -> content
     tool: str | None = None
     tool_version: str | None = None
-    skipped: list[str] = field(default_factory=list)  # images not exported, with the reason
-    warnings: list[str] = field(default_factory=list)
+    skipped: list[str] = Field(default_factory=list)  # images not exported, with the reason
+    warnings: list[str] = Field(default_factory=list)
 
 
 def cohortflow_version() -> str:
@@ -120,13 +122,15 @@ def tsv(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join("\t".join(r) for r in [list(header), *rows]) + "\n"
 
 
-def _scan_record(root: Path, exported: ExportedStack, image: PurePosixPath) -> ScanRecord:
+def sidecar_path(image: PurePosixPath) -> PurePosixPath:
+    """The JSON sidecar of a NIfTI path."""
+    return image.with_name(image.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+
+
+def _scan_record(exported: ExportedStack, image: PurePosixPath) -> ScanRecord:
     entities, suffix, _ = parse_bids_name(image.name)
-    sidecar_path = root / str(image).replace(".nii.gz", ".json").replace(".nii", ".json")
-    phase_axis = None
-    if sidecar_path.is_file():
-        direction = json.loads(sidecar_path.read_text("utf-8")).get("PhaseEncodingDirection")
-        phase_axis = direction[0] if isinstance(direction, str) and direction else None
+    sidecar = exported.sidecars.get(str(sidecar_path(image)), {})
+    direction = sidecar.get("PhaseEncodingDirection")
     return ScanRecord(
         path=image,
         subject=entities["sub"],
@@ -136,42 +140,32 @@ def _scan_record(root: Path, exported: ExportedStack, image: PurePosixPath) -> S
         entities=entities,
         acquired_at=exported.stack.acquired_at,
         slice_normal=slice_normal(exported.stack.summary.image_orientation),
-        phase_axis=phase_axis,
+        phase_axis=direction[0] if isinstance(direction, str) and direction else None,
     )
-
-
-def _update_sidecar(root: Path, image: PurePosixPath, additions: Mapping[str, Any]) -> None:
-    path = root / str(image).replace(".nii.gz", ".json").replace(".nii", ".json")
-    sidecar = json.loads(path.read_text("utf-8")) if path.is_file() else {}
-    sidecar.update(additions)
-    path.write_text(json.dumps(sidecar, indent=2) + "\n", "utf-8")
 
 
 def _is_raw(path: PurePosixPath) -> bool:
     return path.parts[0] not in (DERIVATIVES.name, "sourcedata")
 
 
-def write_dataset_files(
-    root: Path,
+def dataset_files(
     exports: Sequence[ExportedStack],
     *,
     name: str,
     dcm2niix_version: str | None,
     layout: str = "bids",
     readme: str | None = None,
-) -> list[Path]:
-    """Write the dataset-level files for `exports` under `root`; returns the files written.
+) -> dict[PurePosixPath, str]:
+    """The dataset-level files of an export, by path relative to the root, with their text.
 
-    For the `flat` layout only `dataset_description.json` and `README` are written (a flat folder
-    is not a BIDS dataset and is not validated).
+    Includes the sidecars that field-map and M0 links change. Pure: computed from the
+    `ExportedStack` records alone. For the `flat` layout only `dataset_description.json` and
+    `README` (a flat folder is not a BIDS dataset and is not validated).
     """
-    written: list[Path] = []
+    files: dict[PurePosixPath, str] = {}
 
     def put(relative: str | PurePosixPath, text: str) -> None:
-        path = root / str(relative)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, "utf-8")
-        written.append(path)
+        files[PurePosixPath(str(relative))] = text
 
     tools = {e.tool: e.tool_version for e in exports if e.tool and e.tool_version}
     put(
@@ -183,15 +177,17 @@ def write_dataset_files(
     )
     put("README", readme or _readme(name, exports, layout))
     if layout == "flat":
-        return written
+        return files
 
     raw = [(e, image) for e in exports for image in e.images if _is_raw(image)]
-    records = [_scan_record(root, e, image) for e, image in raw]
+    records = [_scan_record(e, image) for e, image in raw]
     links = link_fieldmaps(records)
     for image, additions in link_m0scans(records).items():
         links.setdefault(image, {}).update(additions)
+    sidecars = {path: content for e in exports for path, content in e.sidecars.items()}
     for image, additions in sorted(links.items()):
-        _update_sidecar(root, image, additions)
+        path = sidecar_path(image)
+        put(path, json.dumps({**sidecars.get(str(path), {}), **additions}, indent=2) + "\n")
 
     subjects: dict[str, dict[str, str]] = {}
     sessions: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
@@ -254,6 +250,28 @@ def write_dataset_files(
             json.dumps(description, indent=2) + "\n",
         )
     put(".bidsignore", bidsignore(exports))
+    return files
+
+
+def write_dataset_files(
+    root: Path,
+    exports: Sequence[ExportedStack],
+    *,
+    name: str,
+    dcm2niix_version: str | None,
+    layout: str = "bids",
+    readme: str | None = None,
+) -> list[Path]:
+    """Write `dataset_files(...)` under `root`; returns the files written."""
+    written = []
+    texts = dataset_files(
+        exports, name=name, dcm2niix_version=dcm2niix_version, layout=layout, readme=readme
+    )
+    for relative, text in texts.items():
+        path = root / str(relative)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, "utf-8")
+        written.append(path)
     return written
 
 

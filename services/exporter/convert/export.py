@@ -151,6 +151,7 @@ def _place_image(
                 result.warnings.append(f"{name.name}: sidecar lacks required {', '.join(missing)}")
             (root / f"{name}.json").write_text(json.dumps(sidecar, indent=2) + "\n", "utf-8")
             result.files.append(PurePosixPath(f"{name}.json"))
+            result.sidecars[f"{name}.json"] = sidecar
         else:
             shutil.copyfile(path, root / f"{name}.{kind}")
             result.files.append(PurePosixPath(f"{name}.{kind}"))

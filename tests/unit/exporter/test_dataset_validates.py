@@ -4,11 +4,11 @@ the BIDS validator: zero errors, field maps linked, dataset files complete."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
-from services.exporter.bids import ExportedStack, plan_names, write_dataset_files
+from services.exporter.bids import ExportedStack, dataset_files, plan_names, write_dataset_files
 from services.exporter.convert.dcm2niix import dcm2niix_version
 from services.exporter.convert.export import export_stack
 from services.exporter.validate import run_bids_validator
@@ -240,3 +240,13 @@ def test_validator_reports_errors(
     assert report.errors >= 2 and not report.valid
     assert {i.code for i in report.issues if i.severity == "error"} == set(report.error_codes)
     assert any("bogus" in i.location for i in report.issues)
+
+
+def test_dataset_files_from_stored_records(dataset: tuple[Path, list[ExportedStack]]) -> None:
+    """Item results stored as JSON are enough to compute the dataset files (on another replica)."""
+    root, exports = dataset
+    stored = [ExportedStack.model_validate_json(e.model_dump_json()) for e in exports]
+    texts = dataset_files(stored, name="Cohortflow test", dcm2niix_version=dcm2niix_version())
+    assert PurePosixPath("sub-01/ses-1/fmap/sub-01_ses-1_phasediff.json") in texts
+    for relative, text in texts.items():
+        assert (root / str(relative)).read_text() == text, relative
