@@ -33,6 +33,7 @@ class ExportedStack(BaseModel):
     images: list[PurePosixPath] = Field(default_factory=list)  # .nii / .nii.gz
     files: list[PurePosixPath] = Field(default_factory=list)
     sidecars: dict[str, dict[str, Any]] = Field(default_factory=dict)  # sidecar path -> content
+    sources: dict[str, str] = Field(default_factory=dict)  # DICOM copy -> the local file it copies
     tool: str | None = None
     tool_version: str | None = None
     skipped: list[str] = Field(default_factory=list)  # images not exported, with the reason

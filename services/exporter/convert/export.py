@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -74,8 +75,10 @@ def export_stack(
         folder = dicom_folder(base, layout)
         if (root / folder).exists():
             shutil.rmtree(root / folder)
-        for path in copy_dicom_stack(stack.files, root / folder):
-            result.files.append(PurePosixPath(path.relative_to(root).as_posix()))
+        for source, path in copy_dicom_stack(stack.files, root / folder):
+            relative = PurePosixPath(path.relative_to(root).as_posix())
+            result.files.append(relative)
+            result.sources[str(relative)] = str(source)
     return result
 
 
@@ -128,12 +131,16 @@ def _place_image(
     entities, suffix, _ = parse_bids_name(name.name)
     for kind, path in files:
         if kind == "nii":
-            for mode in modes:
+            produced = "nii.gz" if path.name.endswith(".nii.gz") else "nii"
+            # the converter's own format last: it is moved (same file system), not copied
+            for mode in sorted(modes, key=lambda m: m == produced):
                 target = root / f"{name}.{mode}"
-                if mode == "nii.gz" and path.name.endswith(".nii"):
-                    _gzip_copy(path, target)
+                if mode == produced:
+                    os.replace(path, target)
                 else:
-                    shutil.copyfile(path, target)
+                    _gzip_copy(
+                        path, target
+                    )  # only .nii -> .nii.gz: nii alone converts uncompressed
                 relative = PurePosixPath(f"{name}.{mode}")
                 result.images.append(relative)
                 result.files.append(relative)

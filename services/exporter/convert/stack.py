@@ -208,8 +208,10 @@ def convert_stack(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def copy_dicom_stack(files: Sequence[Path], out_dir: Path) -> list[Path]:
+def copy_dicom_stack(files: Sequence[Path], out_dir: Path) -> list[tuple[Path, Path]]:
     """DICOM output mode: copy the stack's instances to `out_dir/00001.dcm`, `00002.dcm`, ...
+
+    Returns `(source, copy)` pairs, for the export's file manifest.
 
     Order is InstanceNumber (0020,0013), then SOPInstanceUID (0008,0018), then the source path, so
     the same stack always gets the same numbering.
@@ -235,5 +237,5 @@ def copy_dicom_stack(files: Sequence[Path], out_dir: Path) -> list[Path]:
     for index, source in enumerate(sorted(files, key=order), start=1):
         target = out_dir / f"{index:05d}.dcm"
         shutil.copyfile(source, target)
-        written.append(target)
+        written.append((Path(source), target))
     return written

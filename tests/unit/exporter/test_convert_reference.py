@@ -203,7 +203,9 @@ def test_dicom_copy_is_numbered_by_instance_number(dicom_root: Path, tmp_path: P
     import pydicom
 
     files = dicom_files(dicom_root / "dcm_qa_fmap" / "In" / "Siemens" / "3_gre_field_magph")
-    written = copy_dicom_stack(list(reversed(files)), tmp_path / "copy")
+    pairs = copy_dicom_stack(list(reversed(files)), tmp_path / "copy")
+    written = [copy for _, copy in pairs]
     assert [p.name for p in written] == [f"{i:05d}.dcm" for i in range(1, len(files) + 1)]
+    assert all(source.read_bytes() == copy.read_bytes() for source, copy in pairs)
     numbers = [int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber) for p in written]
     assert numbers == sorted(numbers)

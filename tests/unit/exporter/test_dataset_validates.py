@@ -96,6 +96,9 @@ def test_every_stack_was_exported(dataset: tuple[Path, list[ExportedStack]]) -> 
     assert all(e.tool == "dcm2niix" and not e.skipped for e in exports)
     dicom = sorted(root.glob("sourcedata/dicom/sub-01/ses-1/anat/sub-01_ses-1_PDw/*.dcm"))
     assert len(dicom) == len(exports[0].stack.files) and dicom[0].name == "00001.dcm"
+    manifest = exports[0].sources
+    assert sorted(manifest) == [str(p.relative_to(root)) for p in dicom]
+    assert sorted(manifest.values()) == sorted(str(f) for f in exports[0].stack.files)
 
 
 def test_field_maps_point_at_the_scans_they_correct(
