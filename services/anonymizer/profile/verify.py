@@ -13,6 +13,7 @@ from pydicom import Dataset, dcmread
 from pydicom.dataelem import DataElement
 
 from services.anonymizer.profile.identifiers import IdentifierSet, Matcher
+from services.anonymizer.profile.vendor_headers import unpack_gzip_block
 
 SKIP_BULK = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # pixel data: not text
 NUMERIC_VRS = frozenset(
@@ -34,7 +35,8 @@ def _text_of(elem: DataElement) -> str | None:
     if value is None:
         return None
     if isinstance(value, bytes):
-        return value.decode("latin-1")
+        inner = unpack_gzip_block(value)  # GE protocol block: search what it compresses
+        return value.decode("latin-1") + ("\n" + inner.decode("latin-1") if inner else "")
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
         return "\\".join(str(v) for v in value)
     return str(value)

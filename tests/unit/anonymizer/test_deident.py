@@ -275,3 +275,24 @@ def test_descriptors_cleaned_not_removed(dicom_root: Path) -> None:
     assert ("StudyDescription", "cleaned") in result.actions
     _, data = run(path, ProfileOptions(shift_dates=True, clean_descriptors=False))
     assert "SeriesDescription" not in pydicom.dcmread(io.BytesIO(data))  # Basic Profile: X
+
+
+def test_ge_protocol_block_is_cleaned_inside_and_searched(dicom_root: Path) -> None:
+    from services.anonymizer.profile.vendor_headers import pack_gzip_block, unpack_gzip_block
+
+    path = dicom_files(dicom_root / "dcm_qa_nih/In/20180918GE/mr_0005")[0]
+    original = pydicom.dcmread(path)
+    inner = unpack_gzip_block(original[0x0025101B].value)
+    assert inner is not None and b"PDGMUID" in inner
+    uid = re.search(rb'PDGMUID "([0-9.]+)"', inner)
+    assert uid is not None
+    result, data = run(path)
+    out = pydicom.dcmread(io.BytesIO(data))
+    cleaned = unpack_gzip_block(out[0x0025101B].value)
+    assert cleaned is not None and b"SLICEORDER" in cleaned  # still readable by dcm2niix
+    assert uid.group(1) not in cleaned and len(cleaned) == len(inner)
+    assert verify(out, result.identifiers) == []
+    planted = cleaned + b'NOTES "' + str(original.PatientName).encode() + b'"\n'
+    out[0x0025101B].value = pack_gzip_block(planted)
+    assert {f.location for f in verify(out, result.identifiers)} == {"(0025,101B)"}
+    assert "PrimaryReceiverSuiteAndHost" not in str(out) and (0x0025, 0x101A) not in out
