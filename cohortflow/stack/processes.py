@@ -1,0 +1,151 @@
+"""Long-running child processes of the local stack: start detached, track by pid file, stop.
+
+Every process runs in its own session (process group), so stopping it also stops whatever it spawned
+(uvicorn workers, dcm2niix conversions). A pid file is trusted only while the pid is alive, is not a
+zombie, and still runs the program that was recorded for it: pids are reused by the kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import httpx
+
+
+def free_port(preferred: int | None = None) -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on; `preferred` when it is still free."""
+    if preferred:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", preferred))
+                return preferred
+            except OSError:
+                pass
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.3) -> bool:
+    """True when something accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def pid_alive(pid: int | None, program: str | None = None) -> bool:
+    """True when `pid` runs, is not a zombie and (if given) its command line mentions `program`."""
+    if not pid or pid <= 0:
+        return False
+    proc = Path(f"/proc/{pid}")
+    try:
+        stat = (proc / "stat").read_text()
+    except OSError:
+        return False
+    # the state letter follows the parenthesised command name, which may itself contain spaces
+    if stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] in ("Z", "X"):
+        return False
+    if program:
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return False
+        return program in cmdline
+    return True
+
+
+def read_pid(pid_file: Path) -> int | None:
+    """The pid recorded in `pid_file` (first line, as Postgres' postmaster.pid also has it)."""
+    try:
+        first = pid_file.read_text().splitlines()[0].strip()
+        return int(first)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def spawn(
+    argv: Sequence[str],
+    log_file: Path,
+    env: Mapping[str, str],
+    pid_file: Path | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start `argv` detached in a new session, stdout and stderr appended to `log_file`."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {' '.join(argv)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,
+        )
+    if pid_file is not None:
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{proc.pid}\n")
+    return proc
+
+
+def signal_group(pid: int, sig: int) -> None:
+    """Send `sig` to the process group led by `pid` (our children lead their own), else to `pid`."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop(
+    pid: int,
+    program: str | None = None,
+    timeout: float = 10.0,
+    handle: subprocess.Popen[bytes] | None = None,
+) -> bool:
+    """SIGTERM the process group, SIGKILL it after `timeout` seconds; True if it had to be killed."""
+    if not pid_alive(pid, program):
+        return False
+    signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if handle is not None:
+            handle.poll()
+        if not pid_alive(pid, program):
+            return False
+        time.sleep(0.05)
+    signal_group(pid, signal.SIGKILL)
+    if handle is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            handle.wait(5)
+    return True
+
+
+def log_tail(log_file: Path, lines: int = 40) -> str:
+    """The last `lines` lines of a log file, for error messages."""
+    try:
+        text = log_file.read_text(errors="replace")
+    except OSError:
+        return f"(no log at {log_file})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def http_ready(url: str, timeout: float = 1.0) -> bool:
+    """True when GET `url` answers 2xx."""
+    try:
+        return httpx.get(url, timeout=timeout).is_success
+    except httpx.HTTPError:
+        return False
