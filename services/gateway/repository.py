@@ -252,7 +252,7 @@ async def list_jobs(
     return await conn.fetch(
         "SELECT * FROM gateway.jobs WHERE ($1::uuid IS NULL OR cohort_id = $1)"
         " AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR stage = $3)"
-        " ORDER BY created_at DESC, position DESC LIMIT $4 OFFSET $5",
+        " ORDER BY created_at DESC, position LIMIT $4 OFFSET $5",
         cohort_id,
         status,
         stage,

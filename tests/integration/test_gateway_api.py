@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +21,9 @@ import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
+import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from fastapi import FastAPI
 from pydantic import SecretStr
 
 from services.gateway.api.dependencies import GatewayContext
@@ -77,17 +81,21 @@ def settings(stack: Any, data_root: Path) -> Settings:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+async def gateway(settings: Settings) -> AsyncIterator[FastAPI]:
     """The gateway app with its lifespan running (migrations, broker consumers, outbox relay)."""
     app = app_factory(settings)
     async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport,
-            base_url="http://gateway",
-            headers={"Authorization": f"Bearer {TOKEN}"},
-        ) as client:
-            yield client
+        yield app
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def api(gateway: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=gateway),
+        base_url="http://gateway",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as client:
+        yield client
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -913,3 +921,87 @@ async def test_poison_events_are_skipped_not_retried_forever(
         return (await job(api, first["id"]))["status"] == "completed"
 
     await eventually(completed)
+
+
+# --- the web page, in a real browser ------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def served(gateway: FastAPI) -> AsyncIterator[str]:
+    """The same running app behind a real HTTP server, for the browser."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(gateway, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    await task
+
+
+@pytest.mark.e2e
+async def test_web_page_creates_a_cohort_and_follows_its_jobs(
+    served: str, data_root: Path, api: httpx.AsyncClient
+) -> None:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    from playwright.async_api import async_playwright, expect
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-background-networking",
+            ],
+        )
+        page = await browser.new_page()
+        problems: list[str] = []
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+        try:
+            await page.goto(served + "/")
+            await expect(page.locator("#token-view")).to_be_visible()
+            await page.fill("#token-input", TOKEN)
+            await page.click("#token-form button")
+            await expect(page.locator("#list-view")).to_be_visible()
+
+            name = unique("web")
+            await page.fill("#cohort-form [name=name]", name)
+            await page.fill("#cohort-form [name=source_path]", "/etc")
+            await page.click("#cohort-form button")
+            await expect(page.locator("#notice")).to_contain_text("outside the allowed data roots")
+            await page.fill("#cohort-form [name=source_path]", str(data_root / "study-a"))
+            await page.fill("#cohort-form [name=tags]", "web, test")
+            await page.click("#cohort-form button")
+            await expect(page.locator("#cohort-name")).to_have_text(name)
+            await expect(page.locator("#stage-table tbody tr")).to_have_count(3)
+
+            await page.click("#pipeline-box summary")
+            await page.fill("#pipeline-config", '{"sorting": {"profile": "research"}}')
+            await page.click("#pipeline-form button")
+            await expect(page.locator("#notice")).to_contain_text("extraction")
+            await expect(page.locator("#job-table tbody tr")).to_have_count(3)
+            await expect(page.locator("#cohort-status")).to_have_text("in progress")
+
+            await page.locator("#job-table tbody tr").first.get_by_role("button").click()
+            await expect(page.locator("#job-table .badge.cancelled")).to_have_count(3)
+            await expect(page.locator("#cohort-status")).to_have_text("idle")
+
+            await page.click("#load-series")
+            await expect(page.locator("#no-series")).to_be_visible()
+            await page.click("#home-link")
+            await expect(page.locator("#cohort-table")).to_contain_text(name)
+        finally:
+            await browser.close()
+    assert problems == []
+    cohorts = (await api.get("/api/cohorts")).json()
+    created = next(c for c in cohorts if c["name"] == name)
+    assert created["tags"] == ["web", "test"]

@@ -25,7 +25,7 @@ async def list_jobs(
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0),
 ) -> list[JobOut]:
-    """Newest first."""
+    """Newest runs first, the jobs of a run in stage order."""
     async with ctx.pool.acquire() as conn:
         rows = await repo.list_jobs(
             conn,

@@ -306,7 +306,7 @@ function renderJobs(jobs) {
       ? null
       : el("button", { class: "danger", onclick: () => cancelJob(j.id) }, "Cancel");
     const status = el("td", {}, badge(j.status), j.scoped ? el("span", { class: "muted" }, " study") : null);
-    if (j.status_reason && j.status !== "completed") {
+    if (j.status_reason && (j.status === "failed" || j.status === "cancelled")) {
       status.append(el("div", { class: "muted" }, j.status_reason));
     }
     rows.push(
