@@ -61,3 +61,6 @@ class StackSummary(BaseModel):
     n_diffusion_directions: int = 0  # distinct non-zero gradient directions
 
     header: dict[str, Any] = Field(default_factory=dict)
+
+    # the stack's members; kept out of the serialized summary (the catalog stores them in a column)
+    sop_instance_uids: list[str] = Field(default_factory=list, exclude=True)

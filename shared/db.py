@@ -39,11 +39,26 @@ CREATE INDEX IF NOT EXISTS outbox_unsent ON {schema}.outbox (seq) WHERE sent_at 
 """
 
 
+def _jsonb_encode(value: Any) -> bytes:
+    return b"\x01" + json.dumps(value, separators=(",", ":")).encode()
+
+
+def _jsonb_decode(data: bytes) -> Any:
+    return json.loads(data[1:])  # binary jsonb is a version byte, then the JSON text
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    for typename in ("json", "jsonb"):
-        await conn.set_type_codec(
-            typename, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-        )
+    # binary codecs, so that COPY (which is binary in asyncpg) can load json columns too
+    await conn.set_type_codec(
+        "jsonb", encoder=_jsonb_encode, decoder=_jsonb_decode, schema="pg_catalog", format="binary"
+    )
+    await conn.set_type_codec(
+        "json",
+        encoder=lambda v: json.dumps(v, separators=(",", ":")).encode(),
+        decoder=json.loads,
+        schema="pg_catalog",
+        format="binary",
+    )
 
 
 async def create_pool(settings: Settings | None = None, **overrides: Any) -> asyncpg.Pool:

@@ -19,7 +19,7 @@ import asyncpg
 import uvicorn
 from fastapi import FastAPI
 from faststream.kafka import KafkaBroker
-from faststream.kafka.message import KafkaMessage
+from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
 from shared import topics
@@ -135,9 +135,16 @@ async def serve_stage(plugin: StagePlugin, migrations_dir: Path | None) -> None:
     await broker.start()
     await relay.start()
     log.info("service started", extra={"service": plugin.service, "stage": stage.value})
-    await stop.wait()
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({stopping, health}, return_when=asyncio.FIRST_COMPLETED)
+    if health.done() and health.exception() is not None:
+        stop.set()
+        log.error("health server failed; stopping", exc_info=health.exception())
     log.info("service stopping", extra={"service": plugin.service})
     await broker.stop()
     await relay.stop()
-    await health
+    with contextlib.suppress(Exception):
+        await health
     await pool.close()
+    if health.exception() is not None:
+        raise SystemExit(f"{plugin.service}: health server failed: {health.exception()}")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import uuid
@@ -137,7 +138,7 @@ class ExtractorPlugin:
             loop.run_in_executor(
                 executor,
                 extract_batch,
-                FileBatch(item.data["location"], item.data["ingest"], chunk, threads),  # type: ignore[arg-type]
+                FileBatch(item.data["location"], item.data["ingest"], chunk, threads),
             )
             for chunk in chunks
         ]
@@ -162,76 +163,75 @@ class ExtractorPlugin:
         duplicates: list[FileOutcome] = []
         for o in catalogued:
             rec: InstanceRecord = o.record
-            rows = rec.catalog_rows()
-            if rows["instance"]["sop_instance_uid"] in instances:
+            uid = rec.sop_instance_uid or ""
+            if uid in instances:
                 duplicates.append(o)
                 continue
-            subj, study, ser, inst = (
-                rows["subject"],
-                rows["study"],
-                rows["series"],
-                rows["instance"],
-            )
+            subject_id = rec.subject.patient_id or ""
+            study_uid = rec.study.study_instance_uid or ""
+            series_uid = rec.series.series_instance_uid or ""
             subjects.setdefault(
-                subj["subject_id"],
+                subject_id,
                 (
                     cohort_id,
-                    subj["subject_id"],
-                    subj.get("patient_sex"),
-                    subj.get("patient_age"),
-                    subj.get("attributes", {}),
+                    subject_id,
+                    rec.subject.patient_sex,
+                    rec.subject.patient_age,
+                    _attributes(rec.subject),
                 ),
             )
             studies.setdefault(
-                study["study_instance_uid"],
+                study_uid,
                 (
                     cohort_id,
-                    study["study_instance_uid"],
-                    subj["subject_id"],
-                    study.get("study_date"),
-                    study.get("study_time"),
-                    study.get("accession_number"),
-                    study.get("study_description"),
-                    study.get("attributes", {}),
+                    study_uid,
+                    subject_id,
+                    rec.study.study_date,
+                    rec.study.study_time,
+                    rec.study.accession_number,
+                    rec.study.study_description,
+                    _attributes(rec.study),
                 ),
             )
             series.setdefault(
-                ser["series_instance_uid"],
+                series_uid,
                 (
                     cohort_id,
-                    ser["series_instance_uid"],
-                    study["study_instance_uid"],
-                    subj["subject_id"],
-                    ser.get("modality"),
-                    ser.get("series_number"),
-                    ser.get("series_description"),
-                    ser.get("protocol_name"),
-                    ser.get("manufacturer"),
-                    ser.get("manufacturer_model"),
-                    ser.get("attributes", {}),
+                    series_uid,
+                    study_uid,
+                    subject_id,
+                    rec.series.modality,
+                    rec.series.series_number,
+                    rec.series.series_description,
+                    rec.series.protocol_name,
+                    rec.series.manufacturer,
+                    rec.series.manufacturer_model,
+                    _attributes(rec.series),
                 ),
             )
-            instances[inst["sop_instance_uid"]] = (
+            row = rec.to_row()
+            row.pop("header", None)
+            instances[uid] = (
                 cohort_id,
-                inst["sop_instance_uid"],
-                ser["series_instance_uid"],
-                study["study_instance_uid"],
-                inst["sop_class_uid"],
-                inst.get("instance_number"),
-                inst.get("n_frames") or 1,
-                inst.get("transfer_syntax_uid"),
+                uid,
+                series_uid,
+                study_uid,
+                rec.sop_class_uid or "",
+                rec.instance_number,
+                rec.number_of_frames or 1,
+                rec.transfer_syntax_uid,
                 o.key,
                 o.object_key,
                 o.sha256,
                 o.size,
                 job_id,
-                rec.to_row(),
+                row,
                 rec.header,
             )
             for kind in ("mr", "ct", "pet"):
-                detail = rows.get(kind)
-                if detail:
-                    details[kind].append((cohort_id, inst["sop_instance_uid"], detail))
+                detail = getattr(rec, kind)
+                if detail is not None:
+                    details[kind].append((cohort_id, uid, _attributes(detail)))
 
         async with pool.acquire() as conn, conn.transaction():
             await _upsert(
@@ -387,7 +387,7 @@ class ExtractorPlugin:
                 cohort_id,
                 series_uid,
             )
-        records = [InstanceRecord.from_row(r["record"], header=r["header"]) for r in rows]
+        records = [InstanceRecord.from_row({**r["record"], "header": r["header"]}) for r in rows]
         stacks = await asyncio.to_thread(build_stacks, records)
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute(
@@ -447,7 +447,7 @@ _DETAIL_COLUMNS = {
         "inversion_time",
         "flip_angle",
         "echo_train_length",
-        "echo_number",
+        "echo_numbers",
         "scanning_sequence",
         "sequence_variant",
         "scan_options",
@@ -476,11 +476,23 @@ _DETAIL_COLUMNS = {
 }
 
 
+def _attributes(record: Any) -> dict[str, Any]:
+    """A record dataclass as a JSON-ready dict (lists kept as lists)."""
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+
+
+def _column(value: Any) -> Any:
+    """Multi-valued DICOM attributes (lists) go into text columns backslash-joined, as DICOM does."""
+    if isinstance(value, list):
+        return "\\".join(str(v) for v in value) if value else None
+    return value
+
+
 async def _insert_detail(conn: asyncpg.Connection, kind: str, rows: list[tuple[Any, ...]]) -> None:
     if not rows:
         return
     columns = _DETAIL_COLUMNS[kind]
-    records = [(c, uid, *[detail.get(col) for col in columns]) for c, uid, detail in rows]
+    records = [(c, uid, *[_column(detail.get(col)) for col in columns]) for c, uid, detail in rows]
     await _upsert(
         conn,
         f"catalog.{kind}_detail",

@@ -62,7 +62,7 @@ CREATE INDEX IF NOT EXISTS instance_series ON catalog.instance (cohort_id, serie
 CREATE TABLE IF NOT EXISTS catalog.mr_detail (
     cohort_id uuid NOT NULL, sop_instance_uid text NOT NULL,
     repetition_time float8, echo_time float8, inversion_time float8, flip_angle float8,
-    echo_train_length integer, echo_number integer, scanning_sequence text, sequence_variant text,
+    echo_train_length integer, echo_numbers integer, scanning_sequence text, sequence_variant text,
     scan_options text, mr_acquisition_type text, sequence_name text, b_value float8,
     magnetic_field_strength float8, pixel_bandwidth float8,
     PRIMARY KEY (cohort_id, sop_instance_uid)
