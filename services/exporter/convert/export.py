@@ -173,6 +173,18 @@ def _write_aslcontext(
     if not stack.aslcontext:
         result.warnings.append(f"{name.name}: volume types unknown, aslcontext.tsv not written")
         return
+    image = next((p for p in result.images if p.name.startswith(name.name + ".")), None)
+    if image is not None:
+        import nibabel as nib
+
+        shape = nib.load(root / str(image)).shape  # type: ignore[attr-defined]
+        volumes = shape[3] if len(shape) > 3 else 1
+        if volumes != len(stack.aslcontext):
+            result.warnings.append(
+                f"{name.name}: {len(stack.aslcontext)} volume types for {volumes} volumes, "
+                "aslcontext.tsv not written"
+            )
+            return
     target = name.with_name(name.name.removesuffix("_asl") + "_aslcontext.tsv")
     (root / str(target)).write_text(
         "volume_type\n" + "".join(f"{v}\n" for v in stack.aslcontext), "utf-8"

@@ -271,6 +271,11 @@ def test_asl_gets_its_context_and_reports_what_dicom_cannot_tell(
     volumes = image.shape[3]
     assert any("aslcontext.tsv not written" in w for w in exported.warnings)
 
+    wrong = export_stack(
+        probe.model_copy(update={"aslcontext": ["control"]}), plan[probe.key], tmp_path / "wrong"
+    )
+    assert any(f"1 volume types for {volumes} volumes" in w for w in wrong.warnings)
+
     types = ["control", "label"] * (volumes // 2)
     labelled = probe.model_copy(update={"aslcontext": types})
     exported = export_stack(labelled, plan[probe.key], tmp_path / "again")
