@@ -296,3 +296,75 @@ def test_ge_protocol_block_is_cleaned_inside_and_searched(dicom_root: Path) -> N
     out[0x0025101B].value = pack_gzip_block(planted)
     assert {f.location for f in verify(out, result.identifiers)} == {"(0025,101B)"}
     assert "PrimaryReceiverSuiteAndHost" not in str(out) and (0x0025, 0x101A) not in out
+
+
+def test_references_stay_consistent_at_every_depth(dicom_root: Path) -> None:
+    """A presentation state's image references (nested two levels down) get the same new UIDs as
+    the images themselves."""
+    path = dicom_root / "dcm_qa_philips_dwi/In/enh/DICOM/PS_0002"
+
+    def refs(ds: Dataset) -> list[str]:
+        kept = (
+            "ReferencedSeriesSequence",
+            "SoftcopyVOILUTSequence",
+            "DisplayedAreaSelectionSequence",
+        )
+        return [
+            str(e.value)
+            for keyword in kept
+            for item in ds[keyword].value
+            for e in item.iterall()
+            if e.keyword == "ReferencedSOPInstanceUID"
+        ]
+
+    original = pydicom.dcmread(path)
+    assert len(refs(original)) > 400
+    result, data = run(path)
+    out = pydicom.dcmread(io.BytesIO(data))
+    assert refs(out) == [new_uid(SECRET, r) for r in refs(original)]
+    assert verify(data, result.identifiers) == []
+
+
+def test_functional_groups_dates_and_uids(dicom_root: Path) -> None:
+    path = dicom_files(dicom_root / "dcm_qa_enh/In/Philips")[0]
+    original = pydicom.dcmread(path)
+    before = [str(e.value) for e in original.iterall() if e.keyword == "FrameAcquisitionDateTime"]
+    assert len(before) > 10  # one per frame, inside PerFrameFunctionalGroupsSequence
+    _, data = run(path)
+    out = pydicom.dcmread(io.BytesIO(data))
+    after = [str(e.value) for e in out.iterall() if e.keyword == "FrameAcquisitionDateTime"]
+    offset = date_offset_days(SECRET, "subTEST01")
+    from services.anonymizer.profile import shift_dt
+
+    assert after == [shift_dt(v, offset) for v in before]
+    nested = [e for e in out.iterall() if e.keyword == "ReferencedSOPInstanceUID"]
+    assert nested and all(str(e.value).startswith("2.25.") for e in nested)
+
+
+def test_retain_uids_keeps_and_declares(deident_files: list[Path]) -> None:
+    original = pydicom.dcmread(deident_files[0])
+    result, data = run(deident_files[0], ProfileOptions(shift_dates=True, retain_uids=True))
+    out = pydicom.dcmread(io.BytesIO(data))
+    assert out.SOPInstanceUID == original.SOPInstanceUID
+    assert "113110" in [i.CodeValue for i in out.DeidentificationMethodCodeSequence]
+    assert not result.identifiers.uids and verify(data, result.identifiers) == []
+
+
+def test_timepoint_label_and_patient_characteristics(deident_files: list[Path]) -> None:
+    opts = ProfileOptions(shift_dates=True, retain_patient_characteristics=True)
+    ds = pydicom.dcmread(deident_files[0])
+    ds.PatientBirthDate = "19800101"
+    ds.PatientSex = "F"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    from services.anonymizer.profile import AnonymizationContext, anonymize, load_profile
+
+    offset = date_offset_days(SECRET, "subTEST01")
+    ctx = AnonymizationContext(load_profile(opts), SECRET, "subTEST01", offset, "M06")
+    result = anonymize(pydicom.dcmread(io.BytesIO(buffer.getvalue())), ctx)
+    out = result.dataset
+    assert out.ClinicalTrialTimePointID == "M06"
+    assert out.PatientSex == "F" and out.PatientAge == "044Y"  # 1980-01-01 -> 2024-04-25
+    assert not out.PatientBirthDate  # birth date still emptied (Z)
+    assert "113108" in [i.CodeValue for i in out.DeidentificationMethodCodeSequence]
+    assert len(out.StudyDate) == 8 and out.StudyDate != ds.StudyDate
