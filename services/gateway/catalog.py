@@ -15,6 +15,12 @@ import asyncpg
 
 from shared.db import relation_exists
 
+# the views, as their owners publish them (module constants: integration tests point them elsewhere)
+SERIES_VIEW = "catalog.series_v"
+STACK_VIEW = "catalog.stack_v"
+CLASSIFICATION_VIEW = "sorting.classification_v"
+MANIFEST_VIEW = "export.manifest_v"
+
 CLASSIFICATION_FIELDS = (
     "base",
     "technique",
@@ -39,11 +45,11 @@ async def cohort_series(
     conn: asyncpg.Connection, cohort_id: uuid.UUID, *, limit: int, offset: int
 ) -> list[dict[str, Any]]:
     """The cohort's series in study/series order, each with its stacks and their classification."""
-    if not await relation_exists(conn, "catalog.series_v"):
+    if not await relation_exists(conn, SERIES_VIEW):
         return []
     series_rows = await conn.fetch(
         "SELECT subject_id, study_instance_uid, series_instance_uid, series_number,"
-        " series_description, modality, n_instances FROM catalog.series_v WHERE cohort_id = $1"
+        f" series_description, modality, n_instances FROM {SERIES_VIEW} WHERE cohort_id = $1"
         " ORDER BY subject_id, study_instance_uid, series_number NULLS LAST, series_instance_uid"
         " LIMIT $2 OFFSET $3",
         cohort_id,
@@ -52,9 +58,9 @@ async def cohort_series(
     )
     uids = [r["series_instance_uid"] for r in series_rows]
     stacks: dict[str, list[dict[str, Any]]] = {uid: [] for uid in uids}
-    if uids and await relation_exists(conn, "catalog.stack_v"):
+    if uids and await relation_exists(conn, STACK_VIEW):
         for row in await conn.fetch(
-            "SELECT series_instance_uid, stack_key, n_instances, n_frames FROM catalog.stack_v"
+            f"SELECT series_instance_uid, stack_key, n_instances, n_frames FROM {STACK_VIEW}"
             " WHERE cohort_id = $1 AND series_instance_uid = ANY($2::text[]) ORDER BY stack_key",
             cohort_id,
             uids,
@@ -67,12 +73,12 @@ async def cohort_series(
                     **dict.fromkeys(CLASSIFICATION_FIELDS),
                 }
             )
-    present = await _columns(conn, "sorting", "classification_v")
+    present = await _columns(conn, CLASSIFICATION_VIEW)
     if uids and {"series_instance_uid", "stack_key"} <= present:
         fields = [f for f in CLASSIFICATION_FIELDS if f in present]
         columns = ", ".join(["series_instance_uid", "stack_key", *fields])
         for row in await conn.fetch(
-            f"SELECT {columns} FROM sorting.classification_v"
+            f"SELECT {columns} FROM {CLASSIFICATION_VIEW}"
             " WHERE cohort_id = $1 AND series_instance_uid = ANY($2::text[])",
             cohort_id,
             uids,
@@ -95,13 +101,14 @@ async def cohort_series(
     ]
 
 
-async def _columns(conn: asyncpg.Connection, schema: str, view: str) -> set[str]:
+async def _columns(conn: asyncpg.Connection, view: str) -> set[str]:
     """The columns a view has (none when it does not exist), so an older view cannot break us."""
+    schema, _, name = view.partition(".")
     rows = await conn.fetch(
         "SELECT column_name FROM information_schema.columns"
         " WHERE table_schema = $1 AND table_name = $2",
         schema,
-        view,
+        name,
     )
     return {r["column_name"] for r in rows}
 
@@ -115,10 +122,10 @@ async def export_manifest(
     conn: asyncpg.Connection, cohort_id: uuid.UUID, job_id: uuid.UUID
 ) -> list[asyncpg.Record]:
     """The files an export job wrote, in path order (none when the exporter's view is absent)."""
-    if not await relation_exists(conn, "export.manifest_v"):
+    if not await relation_exists(conn, MANIFEST_VIEW):
         return []
     return await conn.fetch(
-        f"SELECT {MANIFEST_COLUMNS} FROM export.manifest_v WHERE cohort_id = $1 AND job_id = $2"
+        f"SELECT {MANIFEST_COLUMNS} FROM {MANIFEST_VIEW} WHERE cohort_id = $1 AND job_id = $2"
         " ORDER BY path",
         cohort_id,
         job_id,
@@ -129,10 +136,10 @@ async def export_file(
     conn: asyncpg.Connection, cohort_id: uuid.UUID, job_id: uuid.UUID, path: str
 ) -> asyncpg.Record | None:
     """One manifest row by its path in the export: only listed files can be downloaded."""
-    if not await relation_exists(conn, "export.manifest_v"):
+    if not await relation_exists(conn, MANIFEST_VIEW):
         return None
     return await conn.fetchrow(
-        f"SELECT {MANIFEST_COLUMNS} FROM export.manifest_v"
+        f"SELECT {MANIFEST_COLUMNS} FROM {MANIFEST_VIEW}"
         " WHERE cohort_id = $1 AND job_id = $2 AND path = $3",
         cohort_id,
         job_id,

@@ -17,7 +17,7 @@ import asyncpg
 from pydantic import ValidationError
 
 from services.gateway import repository as repo
-from services.gateway.cohorts.progress import job_progress
+from services.gateway.cohorts.progress import job_progress, merge_job_errors
 from services.gateway.errors import Invalid, NotFound
 from services.gateway.runs import RunStarted, start_study_run
 from shared.events import Envelope, JobProgress, StageCompleted, StageFailed, StudyReceived
@@ -69,7 +69,7 @@ async def apply_progress(pool: asyncpg.Pool, envelope: Envelope) -> None:
             progress=job_progress(
                 counts["items_total"], counts["items_done"], counts["items_failed"]
             ),
-            errors=repo.merge_errors(job["errors"], [e.model_dump() for e in progress.errors]),
+            errors=merge_job_errors(job["errors"], [e.model_dump() for e in progress.errors]),
             summary={**job["summary"], **progress.summary},
             **counts,
         )
@@ -130,7 +130,7 @@ async def apply_failed(pool: asyncpg.Pool, envelope: Envelope) -> None:
             status=status,
             reason=failure.error,
             event_id=envelope.id,
-            errors=repo.merge_errors(job["errors"], [e.model_dump() for e in failure.errors]),
+            errors=merge_job_errors(job["errors"], [e.model_dump() for e in failure.errors]),
             progress=job_progress(
                 counts["items_total"], counts["items_done"], counts["items_failed"]
             ),

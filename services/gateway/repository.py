@@ -8,7 +8,7 @@ write that relies on it cannot interleave with another writer.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -17,7 +17,6 @@ from services.gateway.cohorts.progress import StageSnapshot, cohort_progress
 from services.gateway.cohorts.stage_order import StageState
 from shared.topics import Stage
 
-MAX_ERRORS_KEPT = 200
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 ACTIVE = frozenset({"pending", "running"})
 
@@ -295,18 +294,6 @@ async def record_transition(
         reason,
         event_id,
     )
-
-
-def merge_errors(
-    kept: Iterable[dict[str, Any]], new: Iterable[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """Errors so far plus new ones, without repeats, the most recent `MAX_ERRORS_KEPT`."""
-    merged: dict[tuple[str, str], dict[str, Any]] = {}
-    for error in [*kept, *new]:
-        item, message = str(error.get("item", "")), str(error.get("message", ""))
-        merged.pop((item, message), None)
-        merged[(item, message)] = {"item": item, "message": message}
-    return list(merged.values())[-MAX_ERRORS_KEPT:]
 
 
 async def set_job_state(

@@ -26,10 +26,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from fastapi import FastAPI
 from pydantic import SecretStr
 
-from services.gateway.api.dependencies import GatewayContext
-from services.gateway.app import MIGRATIONS, app_factory
+from services.gateway import catalog as gateway_catalog
+from services.gateway.app import app_factory
 from shared import topics
-from shared.db import create_pool, migrate
+from shared.db import create_pool
 from shared.events import (
     CohortRef,
     Envelope,
@@ -730,73 +730,69 @@ async def test_studies_received_on_kafka_start_a_scoped_run(
 # --- catalog and exports, against the published views of the other services -------------------
 
 
-CONTRACT_VIEWS = """
-CREATE SCHEMA catalog;
-CREATE SCHEMA sorting;
-CREATE SCHEMA export;
-CREATE TABLE catalog.series_v (cohort_id uuid, subject_id text, study_instance_uid text,
-    series_instance_uid text, series_number int, series_description text, modality text,
-    n_instances int);
-CREATE TABLE catalog.stack_v (cohort_id uuid, series_instance_uid text, stack_key text,
-    n_instances int, n_frames int);
-"""
-CLASSIFICATION_VIEW = """
-CREATE TABLE sorting.classification_v (cohort_id uuid, series_instance_uid text, stack_key text,
-    base text, technique text, modifiers text[], constructs text[], provenance text,
-    acceleration text[], post_contrast bool, localizer bool, spinal_cord bool, intent text,
-    bids_datatype text, bids_suffix text, entities jsonb, confidence float8, review_required bool,
-    review_reasons text[]);
-CREATE TABLE export.manifest_v (cohort_id uuid, job_id uuid, path text, object_key text, kind text,
-    size bigint, sha256 text, series_instance_uid text, stack_key text,
-    source_sop_instance_uids text[]);
-"""
+STAND_INS = {
+    "SERIES_VIEW": """series_v (cohort_id uuid, subject_id text, study_instance_uid text,
+        series_instance_uid text, series_number int, series_description text, modality text,
+        n_instances int)""",
+    "STACK_VIEW": """stack_v (cohort_id uuid, series_instance_uid text, stack_key text,
+        n_instances int, n_frames int)""",
+    "CLASSIFICATION_VIEW": """classification_v (cohort_id uuid, series_instance_uid text,
+        stack_key text, base text, technique text, modifiers text[], constructs text[],
+        provenance text, acceleration text[], post_contrast bool, localizer bool, spinal_cord bool,
+        intent text, bids_datatype text, bids_suffix text, entities jsonb, confidence float8,
+        review_required bool, review_reasons text[])""",
+    "MANIFEST_VIEW": """manifest_v (cohort_id uuid, job_id uuid, path text, object_key text,
+        kind text, size bigint, sha256 text, series_instance_uid text, stack_key text,
+        source_sop_instance_uids text[])""",
+}
+
+
+class StandIns:
+    """Tables with the agreed columns of the other services' views, in a schema of their own, so
+    the real `catalog`/`sorting`/`export` schemas (or their absence) are left alone."""
+
+    def __init__(self, pool: asyncpg.Pool, schema: str) -> None:
+        self.pool, self.schema = pool, schema
+
+    async def create(self, *views: str) -> None:
+        async with self.pool.acquire() as conn:
+            for view in views:
+                await conn.execute(f"CREATE TABLE IF NOT EXISTS {self.schema}.{STAND_INS[view]}")
+
+    def name(self, view: str) -> str:
+        return f"{self.schema}.{STAND_INS[view].split(' ', 1)[0]}"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def catalog_api(
-    settings: Settings, api: httpx.AsyncClient
-) -> AsyncIterator[tuple[httpx.AsyncClient, asyncpg.Pool, Settings]]:
-    """The gateway's routes on a database of their own, where the other services' views are
-    stand-ins with the agreed columns (so the real services' schemas are left alone)."""
-    name = f"gw_views_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(settings.database_url)
-    await admin.execute(f"CREATE DATABASE {name}")
-    await admin.close()
-    own = settings.model_copy(
-        update={"database_url": settings.database_url.rsplit("/", 1)[0] + "/" + name}
-    )
-    pool = await create_pool(own, min_size=1, max_size=2)
-    await migrate(pool, "gateway", MIGRATIONS)
-    app = app_factory(own)
-    store = ObjectStore(own)
-    await asyncio.to_thread(store.ensure_buckets)
-    app.state.gateway = GatewayContext(own, pool, store)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app),
-        base_url="http://gateway",
-        headers={"Authorization": f"Bearer {TOKEN}"},
-    ) as client:
-        yield client, pool, own
-    await pool.close()
+async def views(db: asyncpg.Pool) -> AsyncIterator[StandIns]:
+    schema = f"gw_views_{uuid.uuid4().hex[:8]}"
+    async with db.acquire() as conn:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+    stand_ins = StandIns(db, schema)
+    with pytest.MonkeyPatch.context() as patch:
+        for view in STAND_INS:
+            patch.setattr(gateway_catalog, view, stand_ins.name(view))
+        yield stand_ins
+    async with db.acquire() as conn:
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 async def test_series_with_stacks_and_classification(
-    catalog_api: tuple[httpx.AsyncClient, asyncpg.Pool, Settings], data_root: Path
+    api: httpx.AsyncClient, views: StandIns, db: asyncpg.Pool, data_root: Path
 ) -> None:
-    api, pool, _ = catalog_api
     cohort = await new_cohort(api, data_root)
     url = f"/api/cohorts/{cohort['id']}/series"
     assert (await api.get(url)).json() == []  # no catalog yet: nothing, not an error
 
     cid = uuid.UUID(cohort["id"])
-    async with pool.acquire() as conn:
-        await conn.execute(CONTRACT_VIEWS)
+    await views.create("SERIES_VIEW", "STACK_VIEW")
+    async with db.acquire() as conn:
         await conn.executemany(
-            "INSERT INTO catalog.series_v VALUES ($1, 'sub-1', '1.1', $2, $3, $4, 'MR', $5)",
+            f"INSERT INTO {views.name('SERIES_VIEW')} VALUES ($1, 'sub-1', '1.1', $2, $3, $4, 'MR', $5)",
             [(cid, "1.1.1", 1, "t1_mprage", 176), (cid, "1.1.2", 2, "ep2d_diff", 60)],
         )
         await conn.executemany(
-            "INSERT INTO catalog.stack_v VALUES ($1, $2, $3, $4, $5)",
+            f"INSERT INTO {views.name('STACK_VIEW')} VALUES ($1, $2, $3, $4, $5)",
             [
                 (cid, "1.1.1", "MR|TE=2.46|TI=900|FA=9|ECHO=1|PART=M|ORIENT=SAG", 176, 176),
                 (cid, "1.1.2", "MR|TE=89|ECHO=1|PART=M|ORIENT=AX", 60, 60),
@@ -809,10 +805,10 @@ async def test_series_with_stacks_and_classification(
     assert stack["stack_key"].startswith("MR|TE=2.46") and stack["n_instances"] == 176
     assert stack["base"] is None and stack["bids_suffix"] is None  # not sorted yet
 
-    async with pool.acquire() as conn:
-        await conn.execute(CLASSIFICATION_VIEW)
+    await views.create("CLASSIFICATION_VIEW")
+    async with db.acquire() as conn:
         await conn.execute(
-            "INSERT INTO sorting.classification_v VALUES ($1, '1.1.1', $2, 'T1w', 'MPRAGE',"
+            f"INSERT INTO {views.name('CLASSIFICATION_VIEW')} VALUES ($1, '1.1.1', $2, 'T1w', 'MPRAGE',"
             " '{}', '{}', 'raw', '{GRAPPA}', false, false, false, 'anat', 'anat', 'T1w',"
             " '{\"acq\": \"mprage\"}', 0.97, false, '{}')",
             cid,
@@ -829,29 +825,32 @@ async def test_series_with_stacks_and_classification(
 
 
 async def test_export_listing_and_download(
-    catalog_api: tuple[httpx.AsyncClient, asyncpg.Pool, Settings], data_root: Path
+    api: httpx.AsyncClient,
+    views: StandIns,
+    db: asyncpg.Pool,
+    data_root: Path,
+    settings: Settings,
 ) -> None:
-    api, pool, own = catalog_api
     cohort = await new_cohort(api, data_root)
     jobs = (await api.post(f"/api/cohorts/{cohort['id']}/pipeline", json={})).json()["jobs"]
     export_job = jobs[-1]["id"]
     url = f"/api/cohorts/{cohort['id']}/exports/{export_job}"
-    async with pool.acquire() as conn:
-        if not await conn.fetchval("SELECT to_regclass('export.manifest_v') IS NOT NULL"):
-            await conn.execute(CONTRACT_VIEWS + CLASSIFICATION_VIEW)
+    listing = (await api.get(url)).json()
+    assert listing["files"] == [] and listing["status"] == "pending"  # no manifest view yet
+    await views.create("MANIFEST_VIEW")
 
     listing = (await api.get(url)).json()
     assert listing["files"] == [] and listing["status"] == "pending"
 
-    store = ObjectStore(own)
+    store = ObjectStore(settings)
     content = json.dumps({"Name": "test", "BIDSVersion": "1.9.0"}).encode() * 1000
     key = f"export/{cohort['id']}/{export_job}/dataset_description.json"
     digest = await asyncio.to_thread(store.put_bytes, key, content)
     nifti_key = f"export/{cohort['id']}/{export_job}/sub-1/anat/sub-1_T1w.nii.gz"
     await asyncio.to_thread(store.put_bytes, nifti_key, b"\x1f\x8b" + b"\0" * 100)
-    async with pool.acquire() as conn:
+    async with db.acquire() as conn:
         await conn.executemany(
-            "INSERT INTO export.manifest_v VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            f"INSERT INTO {views.name('MANIFEST_VIEW')} VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             [
                 (
                     uuid.UUID(cohort["id"]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from services.gateway.cohorts.stage_order import ACTIVE_STATES, StageState, applicable_stages
 from shared.topics import Stage
@@ -33,6 +34,22 @@ class StageSnapshot:
 class CohortProgress:
     status: CohortStatus
     completion_percentage: float
+
+
+MAX_ERRORS_KEPT = 200
+
+
+def merge_job_errors(
+    kept: Iterable[Mapping[str, Any]], new: Iterable[Mapping[str, Any]]
+) -> list[dict[str, str]]:
+    """A job's errors so far plus new ones (`{item, message}`), without repeats, the most recent
+    `MAX_ERRORS_KEPT` (progress events resend their latest errors)."""
+    merged: dict[tuple[str, str], dict[str, str]] = {}
+    for error in [*kept, *new]:
+        item, message = str(error.get("item", "")), str(error.get("message", ""))
+        merged.pop((item, message), None)
+        merged[(item, message)] = {"item": item, "message": message}
+    return list(merged.values())[-MAX_ERRORS_KEPT:]
 
 
 def job_progress(items_total: int, items_done: int, items_failed: int) -> float:

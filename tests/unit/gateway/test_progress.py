@@ -3,10 +3,12 @@ from __future__ import annotations
 import pytest
 
 from services.gateway.cohorts.progress import (
+    MAX_ERRORS_KEPT,
     CohortStatus,
     StageSnapshot,
     cohort_progress,
     job_progress,
+    merge_job_errors,
 )
 from services.gateway.cohorts.stage_order import StageState
 from shared.topics import Stage
@@ -71,3 +73,16 @@ def test_a_scoped_run_makes_a_completed_cohort_busy() -> None:
     assert cohort_progress(False, done).status is CohortStatus.completed
     assert cohort_progress(False, done, [R]).status is CohortStatus.in_progress
     assert cohort_progress(False, done, [StageState.cancelled]).status is CohortStatus.completed
+
+
+def test_job_errors_are_merged_without_repeats_and_bounded() -> None:
+    kept = [{"item": "a", "message": "bad"}, {"item": "b", "message": "worse"}]
+    new = [{"item": "a", "message": "bad"}, {"item": "c", "message": "new"}]
+    assert merge_job_errors(kept, new) == [
+        {"item": "b", "message": "worse"},
+        {"item": "a", "message": "bad"},
+        {"item": "c", "message": "new"},
+    ]
+    many = [{"item": str(i), "message": "x"} for i in range(MAX_ERRORS_KEPT + 50)]
+    merged = merge_job_errors([], many)
+    assert len(merged) == MAX_ERRORS_KEPT and merged[-1]["item"] == str(MAX_ERRORS_KEPT + 49)
