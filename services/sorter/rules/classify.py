@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from services.sorter.rules.bids import bids_entities, match_bids
 from services.sorter.rules.fingerprint import Fingerprint
@@ -35,9 +35,11 @@ IMAGE_KINDS = frozenset(
 _DEFAULT_INTENT = {"DWI": "dwi", "PWI": "perf"}
 
 
-@dataclass(frozen=True, slots=True)
-class Evidence:
-    """One vote: `rule` (of `source`) voted `value` on `axis` with `weight` (already source-scaled)."""
+class Evidence(NamedTuple):
+    """One vote: `rule` (of `source`) voted `value` on `axis` with `weight` (already source-scaled).
+
+    A named tuple: a stack collects a few dozen of these, and tuples are the cheapest records.
+    """
 
     rule: str
     source: str
@@ -90,12 +92,11 @@ class Classification:
 
 
 def _candidates(features: frozenset[str], rules: RulePack) -> Iterable[CompiledRule]:
+    """Rules whose anchor token the stack has (set of identity-hashed rules: no duplicates)."""
     index = rules.index
-    seen: dict[CompiledRule, None] = dict.fromkeys(rules.unanchored)
-    for token in features:
-        hit = index.get(token)
-        if hit is not None:
-            seen.update(dict.fromkeys(hit))
+    seen: set[CompiledRule] = set(rules.unanchored)
+    for token in features & rules.anchors:
+        seen.update(index[token])
     return seen
 
 
@@ -132,11 +133,18 @@ def _decide_one(
     """
     if not values:
         return None, 0.0, 0.0, None
+    if len(values) == 1:
+        ((only, score),) = values.items()
+        return (only, score / (score + prior), 0.0, None) if score > 0 else (None, 0.0, 0.0, None)
     if lineage:
-        scores = {
-            v: s + sum(values.get(a, 0.0) for a in lineage.get(v, ())) for v, s in values.items()
-        }
-        depth = {v: len(lineage.get(v, ())) for v in values}
+        scores: dict[str, float] = {}
+        depth: dict[str, int] = {}
+        for value, score in values.items():
+            ancestors = lineage.get(value, ())
+            for ancestor in ancestors:
+                score += values.get(ancestor, 0.0)
+            scores[value] = score
+            depth[value] = len(ancestors)
     else:
         scores, depth = values, {}
     ranked = sorted(scores.items(), key=lambda kv: (-kv[1], -depth.get(kv[0], 0), kv[0]))

@@ -18,7 +18,7 @@ that the rule packs stay declarative. See `FINGERPRINT_VERSION` for when stored 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -127,6 +127,7 @@ _K = {
     if name not in {"MultibandFactor"}
 }
 _RADIOPHARM_SEQ_CODE = tag_key("RadiopharmaceuticalInformationSequence")
+_GE_VAS = tag_key("0043,1030")
 _SEQ_NAME = re.compile(r"^\*?([a-z_]+)(\d+d)?(\d*)(.*)$")
 _NON_WORD = re.compile(r"[^a-z0-9]+")
 
@@ -210,6 +211,11 @@ def orientation_label(iop: list[float]) -> str:
 
 
 def _words(values: Iterable[str]) -> frozenset[str]:
+    return _words_of(tuple(values))
+
+
+@lru_cache(maxsize=16384)
+def _words_of(values: tuple[str, ...]) -> frozenset[str]:
     return frozenset(v.strip().lower() for v in values if v and v.strip())
 
 
@@ -237,8 +243,10 @@ def _sequence_tokens(name: str) -> tuple[str, ...]:
 
 def _private(flat: Flat, vendor: str, meaning: str) -> list[Any]:
     for owner, key in vocabulary().private.get(meaning, []):
-        if owner == vendor and key in flat:
-            return flat[key]
+        if owner == vendor:
+            found = flat.get(key)
+            if found is not None:
+                return found
     return []
 
 
@@ -423,21 +431,39 @@ def fingerprint(stack: StackSummary) -> Fingerprint:
     fp.b_values = _b_values(stack, flat, vendor)
     if fp.field_strength is not None and fp.field_strength > 100:
         fp.field_strength = fp.field_strength / 10000.0  # stored in gauss by some scanners
-    fp.features = frozenset(_features(fp, flat))
+    fp.features = _features(fp, flat)
     return fp
 
 
-def _features(fp: Fingerprint, flat: Flat) -> Iterator[str]:
-    yield f"kind:{fp.kind}"
-    yield f"mod:{fp.modality.lower()}"
-    yield f"vendor:{fp.vendor}"
-    yield from (f"it:{v}" for v in fp.image_type)
-    yield from (f"ss:{v}" for v in fp.scanning_sequence)
-    yield from (f"sv:{v}" for v in fp.sequence_variant)
-    yield from (f"so:{v}" for v in fp.scan_options)
+@lru_cache(maxsize=65536)
+def _prefixed(prefix: str, tokens: frozenset[str]) -> frozenset[str]:
+    """{'t1', 'mprage'} -> {'txt:t1', 'txt:mprage'}, cached: cohorts repeat the same token sets."""
+    return frozenset(f"{prefix}:{t}" for t in tokens)
+
+
+_CODED_FLAGS = (
+    ("EchoPlanarPulseSequence", "epi"),
+    ("PartialFourier", "pf"),
+    ("SpectrallySelectedSuppression", "fatsup"),
+    ("MagnetizationTransfer", "mt"),
+    ("TimeOfFlightContrast", "tof"),
+    ("PhaseContrast", "pc"),
+    ("AngioFlag", "angio"),
+    ("ParallelAcquisition", "pa"),
+    ("DiffusionDirectionality", "diffdir"),
+)
+
+
+def _features(fp: Fingerprint, flat: Flat) -> frozenset[str]:
+    out = {f"kind:{fp.kind}", f"mod:{fp.modality.lower()}", f"vendor:{fp.vendor}"}
+    out |= _prefixed("it", fp.image_type)
+    out |= _prefixed("ss", fp.scanning_sequence)
+    out |= _prefixed("sv", fp.sequence_variant)
+    out |= _prefixed("so", fp.scan_options)
+    out |= _prefixed("txt", fp.text_tokens)
     for name in fp.sequence_name.split():
-        yield from _sequence_tokens(name)
-    for name, prefix in (
+        out.update(_sequence_tokens(name))
+    for value, prefix in (
         (fp.mr_acquisition_type, "acq"),
         (fp.acquisition_contrast, "ac"),
         (fp.echo_pulse_sequence, "eps"),
@@ -446,43 +472,38 @@ def _features(fp: Fingerprint, flat: Flat) -> Iterator[str]:
         (fp.parallel_technique, "pat"),
         (fp.orientation, "orient"),
     ):
-        if name:
-            yield f"{prefix}:{name.lower()}"
-    for key, prefix in (
-        ("EchoPlanarPulseSequence", "epi"),
-        ("PartialFourier", "pf"),
-        ("SpectrallySelectedSuppression", "fatsup"),
-        ("MagnetizationTransfer", "mt"),
-        ("TimeOfFlightContrast", "tof"),
-        ("PhaseContrast", "pc"),
-        ("AngioFlag", "angio"),
-        ("ParallelAcquisition", "pa"),
-        ("DiffusionDirectionality", "diffdir"),
-    ):
-        value = first_str(flat, _K[key]).lower()
         if value:
-            yield f"{prefix}:{value}"
-    for kind_value in _private(flat, fp.vendor, "image_kind")[:1]:
-        yield f"vimg:{str(kind_value).strip().lower()}"
-    if fp.vendor == "ge" and tag_key("0043,1030") in flat:
-        yield f"gevas:{str(flat[tag_key('0043,1030')][0]).strip()}"
+            out.add(f"{prefix}:{value.lower()}")
+    for key, prefix in _CODED_FLAGS:
+        value = first_str(flat, _K[key])
+        if value:
+            out.add(f"{prefix}:{value.lower()}")
+    kind_values = _private(flat, fp.vendor, "image_kind")
+    if kind_values:
+        out.add(f"vimg:{str(kind_values[0]).strip().lower()}")
+    vas = flat.get(_GE_VAS) if fp.vendor == "ge" else None
+    if vas:
+        out.add(f"gevas:{str(vas[0]).strip()}")
     smallest = first_float(flat, _K["SmallestImagePixelValue"])
     if smallest is not None and smallest < 0:
-        yield "phys:signed_values"  # a magnitude image is never negative
-    yield from (f"txt:{t}" for t in fp.text_tokens)
-    yield from (f"body:{t}" for t in tokenize(fp.body_part))
+        out.add("phys:signed_values")  # a magnitude image is never negative
+    if fp.body_part:
+        out |= _prefixed("body", tokenize(fp.body_part))
     if fp.contrast_agent:
-        yield "contrast:agent"
+        out.add("contrast:agent")
     if fp.kvp is not None:
-        yield "ct:kvp"
-    yield from (f"ctk:{t}" for t in tokenize(fp.ct_kernel))
-    yield from (f"ctscan:{t}" for t in fp.scan_options if fp.modality == "CT")
+        out.add("ct:kvp")
+    if fp.ct_kernel:
+        out |= _prefixed("ctk", tokenize(fp.ct_kernel))
+    if fp.modality == "CT":
+        out |= _prefixed("ctscan", fp.scan_options)
     if fp.pet_tracer:
-        yield from (f"tracer:{t}" for t in tokenize(fp.pet_tracer))
-    yield from (f"petcorr:{t}" for t in fp.pet_corrections)
+        out |= _prefixed("tracer", tokenize(fp.pet_tracer))
+    out |= _prefixed("petcorr", fp.pet_corrections)
     if fp.pet_units:
-        yield f"petunits:{fp.pet_units.lower()}"
-    yield from _physics(fp)
+        out.add(f"petunits:{fp.pet_units.lower()}")
+    out.update(_physics(fp))
+    return frozenset(out)
 
 
 def fingerprint_batch(stacks: Iterable[StackSummary]) -> list[Fingerprint]:

@@ -20,8 +20,6 @@ from pydicom.datadict import tag_for_keyword
 SHARED_GROUPS = "52009229"
 PER_FRAME_GROUPS = "52009230"
 
-Flat = dict[str, list[Any]]
-
 
 def tag_key(keyword_or_tag: str) -> str:
     """'EchoTime' or '0018,0081' -> '00180081' (the key DICOM JSON uses)."""
@@ -58,41 +56,67 @@ def _decode_inline(element: Mapping[str, Any]) -> list[Any]:
 
 
 def _values(element: Mapping[str, Any]) -> list[Any]:
-    if "Value" in element:
-        values = element["Value"]
+    values = element.get("Value")
+    if values is not None:
         if element.get("vr") == "PN":
             return [v.get("Alphabetic", "") if isinstance(v, dict) else v for v in values]
-        return list(values)
+        return values if isinstance(values, list) else [values]
     return _decode_inline(element)
 
 
-def _fold(dataset: Mapping[str, Any], into: Flat, depth: int) -> None:
-    """Fold a dataset (and, below the top, its standard sequences) into `into`, later wins."""
+def _fold(dataset: Mapping[str, Any], into: dict[str, list[Any]]) -> None:
+    """Fold a functional-group item and its standard sub-sequences into `into`, later wins."""
     for key, element in dataset.items():
-        if not isinstance(element, Mapping):
+        if not isinstance(element, dict):
             continue
         if element.get("vr") == "SQ":
-            if depth == 0 or _is_private(key):
+            if _is_private(key):
                 continue
-            for item in element.get("Value") or []:
-                if isinstance(item, Mapping):
-                    _fold(item, into, depth + 1)
+            for item in element.get("Value") or ():
+                if isinstance(item, dict):
+                    _fold(item, into)
             continue
         values = _values(element)
         if values:
             into[key] = values
 
 
+class Flat:
+    """Tag -> values view of one header: functional-group values (Enhanced) over the top level.
+
+    The top level is read in place (no copy); only the two functional-group sequences are folded,
+    which keeps a classic header's cost at a dictionary lookup per attribute read.
+    """
+
+    __slots__ = ("_groups", "_top")
+
+    def __init__(self, header: Mapping[str, Any]) -> None:
+        self._top = header
+        self._groups: dict[str, list[Any]] = {}
+        for groups_key in (SHARED_GROUPS, PER_FRAME_GROUPS):
+            groups = header.get(groups_key)
+            items = (groups or {}).get("Value") or []
+            if items and isinstance(items[0], dict):
+                _fold(items[0], self._groups)
+
+    def get(self, key: str) -> list[Any] | None:
+        """Values of tag `key` ('00180081'), None when absent or empty."""
+        if self._groups:
+            found = self._groups.get(key)
+            if found is not None:
+                return found
+        element = self._top.get(key)
+        if element is None or not isinstance(element, dict) or element.get("vr") == "SQ":
+            return None
+        return _values(element) or None
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
+
 def flatten_header(header: Mapping[str, Any]) -> Flat:
-    """One tag -> values map for classic and Enhanced objects (see the module docstring)."""
-    flat: Flat = {}
-    _fold(header, flat, 0)
-    for groups_key in (SHARED_GROUPS, PER_FRAME_GROUPS):
-        groups = header.get(groups_key)
-        items = (groups or {}).get("Value") or []
-        if items and isinstance(items[0], Mapping):
-            _fold(items[0], flat, 1)
-    return flat
+    """One tag -> values view for classic and Enhanced objects (see the module docstring)."""
+    return Flat(header)
 
 
 def first_str(flat: Flat, key: str) -> str:

@@ -193,6 +193,7 @@ class RulePack:
     policy: Policy
     rules: tuple[CompiledRule, ...]
     index: dict[str, tuple[CompiledRule, ...]]  # anchor token -> rules
+    anchors: frozenset[str]  # the index's tokens, for one set intersection per stack
     unanchored: tuple[CompiledRule, ...]
     kernels: dict[str, str]  # kernel word -> class
     lineage: dict[str, dict[str, tuple[str, ...]]]  # axis -> value -> its ancestors, nearest first
@@ -305,6 +306,7 @@ def compile_pack(pack: PackFile) -> RulePack:
         policy=pack.policy,
         rules=tuple(compiled),
         index={k: tuple(v) for k, v in index.items()},
+        anchors=frozenset(index),
         unanchored=tuple(unanchored),
         kernels=kernels,
         lineage=lineage,
