@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import asyncpg
+from prometheus_client import Counter
 from pydantic import ValidationError
 
 from services.gateway import repository as repo
@@ -21,11 +22,19 @@ from services.gateway.cohorts.progress import job_progress, merge_job_errors
 from services.gateway.errors import Invalid, NotFound
 from services.gateway.runs import RunStarted, start_study_run
 from shared.events import Envelope, JobProgress, StageCompleted, StageFailed, StudyReceived
+from shared.observability import REGISTRY
 from shared.settings import Settings
 from shared.sources import SourceError, check_location
 from shared.topics import Stage
 
 log = logging.getLogger(__name__)
+
+EVENTS_CONSUMED = Counter(
+    "cohortflow_gateway_events_total",
+    "Events consumed by the gateway, by type and outcome (applied, skipped, retried)",
+    ["type", "outcome"],
+    registry=REGISTRY,
+)
 
 
 async def _job_under_lock(
@@ -289,6 +298,8 @@ async def on_event(pool: asyncpg.Pool, settings: Settings, envelope: Envelope) -
             await on_study_received(pool, settings, envelope)
         else:
             log.info("event type not for the gateway", extra={"type": envelope.type})
+            EVENTS_CONSUMED.labels(envelope.type[:64], "skipped").inc()
+            return
     except (
         ValidationError,
         asyncpg.DataError,
@@ -298,3 +309,9 @@ async def on_event(pool: asyncpg.Pool, settings: Settings, envelope: Envelope) -
             "event skipped: it cannot be applied",
             extra={"event_id": str(envelope.id), "type": envelope.type, "error": str(exc)[:500]},
         )
+        EVENTS_CONSUMED.labels(envelope.type[:64], "skipped").inc()
+        return
+    except Exception:
+        EVENTS_CONSUMED.labels(envelope.type[:64], "retried").inc()
+        raise
+    EVENTS_CONSUMED.labels(envelope.type, "applied").inc()

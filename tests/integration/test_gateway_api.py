@@ -452,6 +452,18 @@ async def test_pipeline_request_carries_the_routing_slip_and_sealed_secrets(
     assert PASSWORD not in listed.text
 
 
+async def test_concurrent_requests_start_one_run(api: httpx.AsyncClient, data_root: Path) -> None:
+    cohort = await new_cohort(api, data_root)
+    url = f"/api/cohorts/{cohort['id']}"
+    answers = await asyncio.gather(
+        *(api.post(f"{url}/pipeline", json={}) for _ in range(3)),
+        *(api.post(f"{url}/stages/extraction/run", json={"config": {}}) for _ in range(3)),
+    )
+    assert sorted(a.status_code for a in answers) == [202, 409, 409, 409, 409, 409]
+    jobs = (await api.get(f"/api/jobs?cohort_id={cohort['id']}")).json()
+    assert len([j for j in jobs if j["stage"] == "extraction"]) == 1
+
+
 # --- events from the stages -----------------------------------------------------------------------
 
 
@@ -920,6 +932,9 @@ async def test_poison_events_are_skipped_not_retried_forever(
         return (await job(api, first["id"]))["status"] == "completed"
 
     await eventually(completed)
+    metrics = (await api.get("/metrics")).text
+    assert 'cohortflow_gateway_events_total{outcome="skipped",type="StageCompleted"}' in metrics
+    assert 'cohortflow_gateway_events_total{outcome="applied",type="StageCompleted"}' in metrics
 
 
 # --- the web page, in a real browser ------------------------------------------------------------------
