@@ -73,8 +73,9 @@ class Profile:
         group = tag >> 16
         if group & 0xFF01 == 0x5000:
             return self.repeating.get((0x5000, -1))
-        if group & 0xFF01 == 0x6000:
-            return self.repeating.get((0x6000, tag & 0xFFFF))
+        if group & 0xFF01 == 0x6000:  # an overlay's other attributes follow its data
+            rule = self.repeating.get((0x6000, tag & 0xFFFF))
+            return rule if rule is not None else self.repeating.get((0x6000, 0x3000))
         return None
 
     def is_safe_private(self, group: int, creator: str, element_low: int) -> bool:
