@@ -1,0 +1,129 @@
+"""The real stack for integration tests: Postgres, the Tansu broker, the roto S3 server, services.
+
+One `LocalStack` per test session, in a temporary `COHORTFLOW_HOME`, its `COHORTFLOW_*` variables
+exported into `os.environ` (so `Settings()` and `get_settings()` see it), stopped at the end.
+
+Which services run as subprocesses:
+- by default none (infra only): a test module that drives a service in-process (the gateway API
+  tests) must not compete with a subprocess of the same service in its consumer groups;
+- a module asks for services with `pytestmark = pytest.mark.stack_services("extractor", ...)`
+  (`"all"`: every registered service whose module exists); they run for that module only;
+- `COHORTFLOW_TEST_SERVICES=all|none|name,name` starts services for the whole session.
+A part that is missing or does not become ready fails the session loudly; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from cohortflow.services import installed_services
+from cohortflow.stack import LocalStack, StackInfo
+from shared.settings import Settings, get_settings
+from shared.storage import ObjectStore
+
+SERVICES_ENV = "COHORTFLOW_TEST_SERVICES"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "stack_services(*names): services this module needs running as subprocesses ('all')",
+    )
+
+
+def _requested(names: tuple[str, ...] | list[str]) -> list[str]:
+    if "all" in names:
+        return installed_services()
+    return [n for n in names if n not in ("none", "")]
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[LocalStack]:
+    """The session's LocalStack (infra, plus `COHORTFLOW_TEST_SERVICES`), env exported."""
+    # 0755: as root, Postgres runs as an unprivileged user that must reach its folder in here
+    home = Path(tempfile.mkdtemp(prefix="cohortflow-stack-"))
+    home.chmod(0o755)
+    local = LocalStack(home / "state", data_roots=[Path(tempfile.gettempdir()), Path.home()])
+    saved = dict(os.environ)
+    session_services = _requested(os.environ.get(SERVICES_ENV, "none").split(","))
+    try:
+        info = local.up(services=session_services, infra_only=not session_services)
+        if not info.running:
+            raise RuntimeError(f"local stack not healthy: {info.summary()}")
+        os.environ.update(info.env())
+        get_settings.cache_clear()
+        yield local
+    finally:
+        local.down()
+        os.environ.clear()
+        os.environ.update(saved)
+        get_settings.cache_clear()
+        if not os.environ.get("COHORTFLOW_TEST_KEEP_HOME"):
+            shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_services(request: pytest.FixtureRequest) -> Iterator[list[str]]:
+    """Start the services a module asks for with `stack_services(...)`; stop them after it."""
+    marker = request.node.get_closest_marker("stack_services")
+    if marker is None:
+        yield []
+        return
+    local: LocalStack = request.getfixturevalue("stack")
+    already = set(local.status().services)
+    names = _requested(marker.args or ("all",))
+    started = []
+    try:
+        for name in names:
+            if name not in already:
+                local.start_service(name)
+                started.append(name)
+        yield names
+    finally:
+        for name in started:
+            local.stop_service(name)
+
+
+@pytest.fixture(scope="session")
+def stack_info(stack: LocalStack) -> StackInfo:
+    return stack.status()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(stack_info: StackInfo) -> str:
+    return stack_info.kafka_bootstrap
+
+
+@pytest.fixture(scope="session")
+def gateway_url(stack_info: StackInfo) -> str:
+    return stack_info.gateway_url
+
+
+@pytest.fixture(scope="session")
+def stack_settings(stack: LocalStack) -> Settings:
+    """Settings read from the stack's exported environment."""
+    return Settings()
+
+
+@pytest.fixture(scope="session")
+def object_store(stack_settings: Settings) -> ObjectStore:
+    """The project's S3 adapter on the stack's S3 server (buckets already exist)."""
+    return ObjectStore(stack_settings)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def db_pool(stack_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(stack_settings.database_url, min_size=1, max_size=4)
+    assert pool is not None
+    try:
+        yield pool
+    finally:
+        await pool.close()
