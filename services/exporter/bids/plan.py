@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import lru_cache
 from importlib import resources
@@ -42,6 +42,7 @@ class NamingRules:
     split_entities: frozenset[str]
     derived_constructs: Mapping[str, Mapping[str, str]]
     provenance: Mapping[str, Mapping[str, Any]]
+    series_splits: Sequence[Mapping[str, Any]] = ()
 
     def is_standard(self, datatype: str, suffix: str) -> bool:
         """True when BIDS defines `suffix` for raw data of `datatype`."""
@@ -58,6 +59,7 @@ def load_naming_rules() -> NamingRules:
         split_entities=frozenset(raw["split_entities"]),
         derived_constructs=raw["derived_constructs"],
         provenance=raw["provenance"],
+        series_splits=raw["series_splits"],
     )
 
 
@@ -173,6 +175,59 @@ def naming_problems(stacks: Iterable[ExportStack], *, group_symri: bool = False)
     return problems
 
 
+def _constant(stack: ExportStack, name: str) -> Any:
+    value = stack.summary.constants.get(name)
+    return None if value in (None, "") else value
+
+
+def _as_number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _split_series(planned: list[_Planned], rules: NamingRules, layout: Layout) -> None:
+    """Give stacks of one series that would share a name the entity their constants differ by.
+
+    A dual-echo series classified as one MEGRE suffix gets `echo-1`/`echo-2` (the ECHO constant, or
+    the rank of TE), magnitude and phase stacks get `part-mag`/`part-phase`, MP2RAGE inversions
+    `inv-1`/`inv-2` (rank of TI). Entities the classification already gave are kept.
+    """
+    groups: dict[tuple[PurePosixPath, str], list[_Planned]] = defaultdict(list)
+    for p in planned:
+        groups[(p.target.path(layout), p.stack.summary.series_instance_uid)].append(p)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        for split in rules.series_splits:
+            entity, constant = split["entity"], split["constant"]
+            if any(entity in dict(p.target.entities) for p in members):
+                continue
+            values = [_constant(p.stack, constant) for p in members]
+            if None in values or len({str(v) for v in values}) < 2:
+                continue
+            labels: list[str | None]
+            if "values" in split:
+                labels = [split["values"].get(str(v).upper()) for v in values]
+            elif all(str(v).isdigit() for v in values) and entity == "echo":
+                labels = [str(int(v)) for v in values]
+            else:
+                keys = [
+                    _as_number(_constant(p.stack, split.get("rank_by", constant))) for p in members
+                ]
+                if None in keys:
+                    continue
+                ranks = {k: i for i, k in enumerate(sorted(set(keys)), start=1)}  # type: ignore[type-var]
+                labels = [str(ranks[k]) for k in keys]
+            if None in labels:
+                continue
+            for p, label in zip(members, labels, strict=True):
+                entities = dict(p.target.entities)
+                entities[load_entity_table().spec(entity).key] = str(label)
+                p.target = replace(p.target, entities=tuple(ordered_entities(entities)))
+
+
 def plan_names(
     stacks: Sequence[ExportStack], *, layout: Layout = "bids", group_symri: bool = False
 ) -> dict[str, PurePosixPath]:
@@ -190,6 +245,7 @@ def plan_names(
     if len(keys) != len(set(keys)):
         raise ValueError("two stacks share a key (SeriesInstanceUID|stack_key)")
 
+    _split_series(planned, rules, layout)
     by_name: dict[PurePosixPath, list[_Planned]] = defaultdict(list)
     for p in planned:
         by_name[p.target.path(layout)].append(p)

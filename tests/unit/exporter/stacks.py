@@ -35,6 +35,17 @@ def summary_of(files: list[Path], stack_key: str) -> StackSummary:
         study_instance_uid=str(header.StudyInstanceUID),
         series_instance_uid=str(header.SeriesInstanceUID),
         stack_key=stack_key,
+        # the per-volume constants the extractor puts in stack_key: EchoNumbers (0018,0086),
+        # EchoTime (0018,0081), InversionTime (0018,0082)
+        constants={
+            k: v
+            for k, v in {
+                "ECHO": header.get("EchoNumbers"),
+                "TE": header.get("EchoTime"),
+                "TI": header.get("InversionTime"),
+            }.items()
+            if v not in (None, "")
+        },
         modality=str(header.get("Modality", "")),
         manufacturer=str(header.get("Manufacturer", "")),
         series_number=int(header.get("SeriesNumber", 0) or 0),

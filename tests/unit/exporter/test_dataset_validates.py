@@ -284,3 +284,19 @@ def test_asl_gets_its_context_and_reports_what_dicom_cannot_tell(
     assert PurePosixPath("sub-01/perf/sub-01_aslcontext.tsv") in exported.files
     missing = next(w for w in exported.warnings if "sidecar lacks required" in w)
     assert "ArterialSpinLabelingType" in missing and "PostLabelingDelay" in missing
+
+
+def test_dual_echo_series_kept_together_is_split_by_echo(dicom_root: Path, tmp_path: Path) -> None:
+    """PD+T2 classified as one PDT2 suffix: the echoes are told apart from the DICOM EchoNumbers."""
+    pdt2 = dicom_root / "dcm_qa_pdt2" / "In" / "Siemens" / "VE11"
+    stacks = [real_stack(pdt2, "anat", "PDT2", echo=e) for e in (1, 2)]
+    plan = plan_names(stacks)
+    assert [plan[s.key].name for s in stacks] == [
+        "sub-01_ses-1_echo-1_PDT2",
+        "sub-01_ses-1_echo-2_PDT2",
+    ]
+    exports = [export_stack(s, plan[s.key], tmp_path) for s in stacks]
+    write_dataset_files(tmp_path, exports, name="t", dcm2niix_version=dcm2niix_version())
+    echo_times = [e.sidecars[str(plan[e.stack.key]) + ".json"]["EchoTime"] for e in exports]
+    assert echo_times[0] < echo_times[1]
+    assert run_bids_validator(tmp_path).errors == 0

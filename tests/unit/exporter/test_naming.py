@@ -37,9 +37,11 @@ def stack(
     subject: str = "01",
     session: str | None = "1",
     key: str = "MR",
+    constants: dict[str, Any] | None = None,
     **fields: Any,
 ) -> ExportStack:
     summary = StackSummary(
+        constants=constants or {},
         subject_id=subject,
         study_instance_uid="1.2.3",
         series_instance_uid=f"1.2.3.{series}",
@@ -239,6 +241,59 @@ def test_stacks_that_cannot_be_named_are_reported_not_fatal() -> None:
     with pytest.raises(ValueError):
         plan_names([good, bad_entity])
     assert list(plan_names([good])) == [good.key]
+
+
+@pytest.mark.parametrize(
+    ("suffix", "constants", "expected"),
+    [
+        (
+            "MEGRE",
+            [{"ECHO": 1, "TE": 4.1}, {"ECHO": 2, "TE": 8.2}, {"ECHO": 3, "TE": 12.3}],
+            ["sub-01_ses-1_echo-1_MEGRE", "sub-01_ses-1_echo-2_MEGRE", "sub-01_ses-1_echo-3_MEGRE"],
+        ),
+        (
+            "MP2RAGE",
+            [{"TI": 2500, "PART": "M"}, {"TI": 700, "PART": "M"}],
+            ["sub-01_ses-1_inv-2_MP2RAGE", "sub-01_ses-1_inv-1_MP2RAGE"],
+        ),
+        (
+            "T2starw",
+            [{"PART": "M", "TE": 20}, {"PART": "P", "TE": 20}],
+            ["sub-01_ses-1_part-mag_T2starw", "sub-01_ses-1_part-phase_T2starw"],
+        ),
+        (
+            "MEGRE",
+            [
+                {"PART": "M", "ECHO": 1},
+                {"PART": "P", "ECHO": 1},
+                {"PART": "M", "ECHO": 2},
+                {"PART": "P", "ECHO": 2},
+            ],
+            [
+                "sub-01_ses-1_echo-1_part-mag_MEGRE",
+                "sub-01_ses-1_echo-1_part-phase_MEGRE",
+                "sub-01_ses-1_echo-2_part-mag_MEGRE",
+                "sub-01_ses-1_echo-2_part-phase_MEGRE",
+            ],
+        ),
+    ],
+)
+def test_stacks_of_one_series_split_by_their_constants(
+    suffix: str, constants: list[dict[str, Any]], expected: list[str]
+) -> None:
+    stacks = [stack(suffix, series=5, key=f"MR|{i}", constants=c) for i, c in enumerate(constants)]
+    plan = plan_names(stacks)
+    assert [plan[s.key].name for s in stacks] == expected
+
+
+def test_same_constants_in_different_series_are_runs_not_splits() -> None:
+    stacks = [
+        stack("T1w", series=n, time=f"1{n}0000", constants={"ECHO": 1, "TE": 3}) for n in (1, 2)
+    ]
+    assert [plan_names(stacks)[s.key].name for s in stacks] == [
+        "sub-01_ses-1_run-1_T1w",
+        "sub-01_ses-1_run-2_T1w",
+    ]
 
 
 def test_subjects_and_sessions_are_numbered_apart() -> None:
