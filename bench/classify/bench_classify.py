@@ -240,6 +240,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def current_rss_mb() -> float:
+    """Resident set size now (Linux /proc), to show the streaming run does not grow."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
 def bench_classify(n: int) -> None:
     rules = load_rules("standard")
     fps: list[Fingerprint] = fingerprint_batch(synthetic_stacks(n))
@@ -268,7 +276,9 @@ def bench_stream(n: int, batch: int = 2_000) -> None:
     rules = load_rules("standard")
     gc.collect()
     gc.freeze()  # long-lived objects (rules, caches) out of the collector's way, as a worker would
-    print(f"stream: start, peak RSS so far {peak_rss_mb():.0f} MB, batches of {batch}")
+    print(
+        f"stream: start, RSS {current_rss_mb():.0f} MB, peak so far {peak_rss_mb():.0f} MB, batches of {batch}"
+    )
     done = 0
     reported_100k = False
     start = time.perf_counter()

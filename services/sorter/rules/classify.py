@@ -88,6 +88,7 @@ class Classification:
         out = asdict(self)
         for name in ("modifiers", "constructs", "acceleration"):
             out[name] = sorted(out[name])
+        out["evidence"] = [e._asdict() for e in self.evidence]
         return out
 
 
@@ -234,13 +235,15 @@ def _name(fp: Fingerprint, result: Classification, rules: RulePack, conflicts: l
     result.bids_suffix = entry.suffix
     if entry.intent and result.intent not in ("excluded", "localizer"):
         result.intent = entry.intent
+    result.bids_suffix, result.entities = bids_entities(fp, result, entry)
     if (
         entry.datatype == "derivatives"
         and rules.policy.synthetic_as == "anat"
         and result.provenance == "SyMRI"
     ):
+        # research profile: SyMRI synthetic contrasts named as anat with rec-synthetic
         result.bids_datatype, result.bids_suffix = "anat", _synthetic_suffix(result)
-    result.bids_suffix, result.entities = bids_entities(fp, result, entry)
+        result.entities["rec"] = "synthetic"
     decided = [result.axis_confidence.get(axis, 0.0) for axis in entry.decided_by]
     result.confidence = round(min(decided) if decided else 0.0, 3)
     reasons = result.review_reasons

@@ -791,3 +791,38 @@ def test_coded_evidence_outranks_contradicting_text() -> None:
 def test_no_evidence_gives_unknown_not_a_guess() -> None:
     result = run(Manufacturer="Unknown", Modality="MR")
     assert result.base == "unknown" and result.bids_suffix == "" and result.review_required
+
+
+def test_research_profile_names_symri_synthetic_as_anat() -> None:
+    # synthetic T2 FLAIR from SyMRI: derivatives in the standard profile, anat rec-synthetic in research
+    attrs = {
+        **SIEMENS,
+        "ImageType": ["DERIVED", "PRIMARY", "SYNTHETIC", "T2"],
+        "ScanningSequence": "SE",
+        "RepetitionTime": 15000,
+        "EchoTime": 100,
+        "InversionTime": 3000,
+        "SeriesDescription": "SyMRI T2 FLAIR",
+    }
+    stack = make_stack(**attrs)
+    standard = classify(fingerprint(stack), RULES)
+    research = classify(fingerprint(stack), load_rules("research"))
+    assert standard.bids_datatype == "derivatives" and standard.entities.get("rec") == "synthetic"
+    assert (research.bids_datatype, research.bids_suffix) == ("anat", "FLAIR")
+    assert (
+        research.entities["rec"] == "synthetic" and research.rule_version != standard.rule_version
+    )
+
+
+def test_as_dict_is_json_ready() -> None:
+    import json
+
+    row = run(**CASES[0][1]).as_dict()
+    assert json.loads(json.dumps(row))["evidence"][0].keys() == {
+        "rule",
+        "source",
+        "axis",
+        "value",
+        "weight",
+    }
+    assert isinstance(row["modifiers"], list)
