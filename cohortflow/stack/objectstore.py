@@ -7,6 +7,7 @@ installed. Neither checks request signatures. See docs/adr-0001-local-stack.md.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -39,9 +40,18 @@ def venv_program(name: str) -> str | None:
     return shutil.which(name)
 
 
+# choose the engine explicitly (`roto` or `moto`); default: roto when installed
+ENGINE_ENV = "COHORTFLOW_STACK_S3"
+
+
 def s3_server(port: int, data_dir: Path) -> S3Server:
     """roto-server on `data_dir` when installed, else moto_server (memory only)."""
-    roto = venv_program("roto-server")
+    wanted = os.environ.get(ENGINE_ENV, "").strip().lower()
+    if wanted not in ("", "roto", "moto"):
+        raise ObjectStoreError(f"{ENGINE_ENV}={wanted!r}: use roto or moto")
+    roto = venv_program("roto-server") if wanted in ("", "roto") else None
+    if wanted == "roto" and not roto:
+        raise ObjectStoreError(f"{ENGINE_ENV}=roto but roto-server is not installed")
     if roto:
         data_dir.mkdir(parents=True, exist_ok=True)
         return S3Server(
