@@ -232,7 +232,7 @@ async def _study_target(
         raise Invalid("study_instance_uid is empty")
     try:
         location = check_location(study.location, settings)
-    except SourceError as exc:
+    except (SourceError, ValueError, OSError) as exc:  # NUL bytes, names too long, ...
         raise Invalid(f"location: {exc}") from exc
     if study.cohort:
         found = await repo.find_cohort(conn, study.cohort)

@@ -368,14 +368,18 @@ async def record_received_study(
     run_id: uuid.UUID | None,
     refused_reason: str | None,
 ) -> None:
+    def storable(text: str | None) -> str | None:
+        # a refused notice may carry what Postgres text cannot hold: keep it, escaped
+        return None if text is None else text.replace("\x00", "\\x00")
+
     await conn.execute(
         "INSERT INTO gateway.received_studies (event_id, cohort_id, study_instance_uid, location,"
         " origin, run_id, refused_reason) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         event_id,
         cohort_id,
-        study_instance_uid,
-        location,
+        storable(study_instance_uid),
+        storable(location),
         origin,
         run_id,
-        refused_reason,
+        storable(refused_reason),
     )

@@ -288,6 +288,7 @@ async def test_duplicate_names_conflict(api: httpx.AsyncClient, data_root: Path)
         ("{root}/missing", "does not exist"),
         ("{root}/file.dcm", "not a directory"),
         ("ftp://host/data", "s3://"),
+        ("{root}/" + "x" * 300, "too long"),
         ("s3://", "bucket"),
     ],
 )
@@ -313,9 +314,14 @@ async def test_bad_source_paths_are_refused(
         {"name": "ok", "source_path": "s3://bucket/x", "tags": "not-a-list"},
         {"name": "ok", "source_path": "s3://bucket/x", "anonymization_enabled": "perhaps"},
         {"name": "ok", "source_path": "s3://bucket/x", "unknown": 1},
+        {"name": "ok", "source_path": "/tmp/a\x00b"},
+        {"name": "ok", "source_path": "s3://bucket/x", "description": "a\x00b"},
+        {"name": "ok", "source_path": "s3://bucket/x", "tags": ["a\x00"]},
+        [],
+        "name",
     ],
 )
-async def test_malformed_cohorts_are_422(api: httpx.AsyncClient, body: dict[str, Any]) -> None:
+async def test_malformed_cohorts_are_422(api: httpx.AsyncClient, body: Any) -> None:
     response = await api.post("/api/cohorts", json=body)
     assert response.status_code == 422
     assert "detail" in response.json()
@@ -359,6 +365,8 @@ async def test_stage_order_and_config_are_enforced(
     assert bad.status_code == 422
     assert bad.json()["detail"][0]["loc"] == ["config", "threads"]
     bad = await api.post(f"{base}/extraction/run", json={"config": {"process_pool_workers": 0}})
+    assert bad.status_code == 422
+    bad = await api.post(f"{base}/extraction/run", json={"config": {"process_pool_workers": 1e30}})
     assert bad.status_code == 422
 
     started = await api.post(f"{base}/extraction/run", json={"config": {"process_pool_workers": 2}})
@@ -692,6 +700,8 @@ async def test_post_study_starts_a_scoped_run(
     )
     assert dropped.status_code == 202, dropped.text
     assert dropped.json()["cohort_id"] == owner["id"]
+    nul = await api.post("/api/studies", json={**body, "location": f"{data_root}/a\x00b"})
+    assert nul.status_code == 422
     outside = await api.post("/api/studies", json={**body, "location": "/etc"})
     assert outside.status_code == 422
     assert "outside" in outside.json()["detail"]

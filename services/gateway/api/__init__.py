@@ -7,6 +7,7 @@ missing. Bad input never becomes a 500.
 
 from __future__ import annotations
 
+import asyncpg
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -43,8 +44,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def no_secret(_: Request, exc: Exception) -> JSONResponse:
         return reply(503, f"the gateway cannot pass secrets to the stages: {exc}")
 
+    async def unstorable(_: Request, exc: Exception) -> JSONResponse:
+        # values Postgres refuses (a NUL character in a text or JSON string, out-of-range numbers)
+        return reply(422, f"a value cannot be stored: {exc}")
+
     app.add_exception_handler(NotFound, not_found)
     app.add_exception_handler(Conflict, conflict)
     app.add_exception_handler(Invalid, invalid)
     app.add_exception_handler(StageConfigError, bad_config)
     app.add_exception_handler(SecretError, no_secret)
+    app.add_exception_handler(asyncpg.DataError, unstorable)

@@ -32,8 +32,8 @@ router = APIRouter(prefix="/cohorts", tags=["cohorts"])
 def _source_path(value: str, settings: Settings) -> str:
     try:
         return check_location(value, settings)
-    except SourceError as exc:
-        raise Invalid(str(exc)) from exc
+    except (SourceError, ValueError, OSError) as exc:  # NUL bytes, names too long, ...
+        raise Invalid(f"source_path: {exc}") from exc
 
 
 async def _cohort_out(conn: asyncpg.Connection, cohort: asyncpg.Record) -> CohortOut:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from services.gateway.cohorts.stage_order import StageState, applicable_stages
 from shared.topics import Stage
 
+_NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f]+$"
 CohortName = Annotated[
     str,
     StringConstraints(
@@ -39,7 +40,7 @@ def _not_a_uuid(name: str | None) -> str | None:
 
 class CohortCreate(_Input):
     name: CohortName
-    source_path: str = Field(min_length=1, max_length=4096)
+    source_path: str = Field(min_length=1, max_length=4096, pattern=_NO_CONTROL_CHARACTERS)
     description: str = Field(default="", max_length=10000)
     owner: str = Field(default="", max_length=256)
     tags: list[Tag] = Field(default_factory=list, max_length=100)
@@ -50,7 +51,9 @@ class CohortCreate(_Input):
 
 class CohortPatch(_Input):
     name: CohortName | None = None
-    source_path: str | None = Field(default=None, min_length=1, max_length=4096)
+    source_path: str | None = Field(
+        default=None, min_length=1, max_length=4096, pattern=_NO_CONTROL_CHARACTERS
+    )
     description: str | None = Field(default=None, max_length=10000)
     owner: str | None = Field(default=None, max_length=256)
     tags: list[Tag] | None = Field(default=None, max_length=100)

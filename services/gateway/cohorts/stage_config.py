@@ -272,7 +272,7 @@ def _check_locations(config: _Config, settings: Settings) -> None:
     if isinstance(config, ExportConfig) and config.destination:
         try:
             check_destination(config.destination, settings)
-        except SourceError as exc:
+        except (SourceError, ValueError, OSError) as exc:  # NUL bytes, names too long, ...
             raise StageConfigError([_error(("destination",), str(exc))]) from exc
 
 
