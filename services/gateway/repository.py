@@ -383,3 +383,23 @@ async def record_received_study(
         run_id,
         storable(refused_reason),
     )
+
+
+async def received_studies(
+    conn: asyncpg.Connection,
+    *,
+    cohort_id: uuid.UUID | None,
+    refused: bool | None,
+    limit: int,
+    offset: int,
+) -> list[asyncpg.Record]:
+    """Received "new study" notices, newest first."""
+    return await conn.fetch(
+        "SELECT * FROM gateway.received_studies WHERE ($1::uuid IS NULL OR cohort_id = $1)"
+        " AND ($2::bool IS NULL OR (refused_reason IS NOT NULL) = $2)"
+        " ORDER BY seq DESC LIMIT $3 OFFSET $4",
+        cohort_id,
+        refused,
+        limit,
+        offset,
+    )

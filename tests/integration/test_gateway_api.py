@@ -746,6 +746,13 @@ async def test_studies_received_on_kafka_start_a_scoped_run(
             "SELECT count(*) FROM gateway.received_studies WHERE event_id = $1", envelope.id
         )
     assert accepted == 1  # the redelivery was recognised
+    received = (await api.get(f"/api/studies?cohort_id={cohort['id']}")).json()
+    assert [(r["origin"], r["study_instance_uid"]) for r in received] == [
+        ("kafka", study.study_instance_uid)
+    ]
+    refusals = (await api.get("/api/studies?refused=true&limit=1000")).json()
+    assert any(r["event_id"] == str(refused.id) for r in refusals)
+    assert all(r["refused_reason"] for r in refusals)
     assert len((await api.get(f"/api/jobs?cohort_id={cohort['id']}")).json()) == 3
 
 

@@ -224,3 +224,14 @@ class StudyAcceptedOut(BaseModel):
     location: str
     run_id: uuid.UUID | None
     jobs: list[JobOut]
+
+
+class ReceivedStudyOut(BaseModel):
+    event_id: uuid.UUID | None
+    cohort_id: uuid.UUID | None
+    study_instance_uid: str
+    location: str
+    origin: Literal["http", "kafka"]
+    run_id: uuid.UUID | None
+    refused_reason: str | None
+    received_at: datetime

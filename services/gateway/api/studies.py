@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+import uuid
 
+from fastapi import APIRouter, Query, status
+
+from services.gateway import repository as repo
 from services.gateway.api.dependencies import Context
-from services.gateway.api.schemas import JobOut, StudyAcceptedOut
+from services.gateway.api.schemas import JobOut, ReceivedStudyOut, StudyAcceptedOut
 from services.gateway.handlers import receive_study
 from shared.events import StudyReceived
 
@@ -27,3 +30,19 @@ async def post_study(body: StudyReceived, ctx: Context) -> StudyAcceptedOut:
         run_id=accepted.run.run_id if accepted.run else None,
         jobs=[JobOut.from_row(j) for j in accepted.run.jobs] if accepted.run else [],
     )
+
+
+@router.get("", response_model=list[ReceivedStudyOut])
+async def list_received_studies(
+    ctx: Context,
+    cohort_id: uuid.UUID | None = None,
+    refused: bool | None = None,
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+) -> list[ReceivedStudyOut]:
+    """The "new study" notices received (HTTP and Kafka), newest first, refusals with their reason."""
+    async with ctx.pool.acquire() as conn:
+        rows = await repo.received_studies(
+            conn, cohort_id=cohort_id, refused=refused, limit=limit, offset=offset
+        )
+    return [ReceivedStudyOut(**{k: r[k] for k in ReceivedStudyOut.model_fields}) for r in rows]
