@@ -7,6 +7,7 @@ back; handlers therefore bound their own retries and dead-letter what keeps fail
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aiokafka.abc import ConsumerRebalanceListener
@@ -27,6 +28,8 @@ def make_broker(settings: Settings | None = None, service: str = "cohortflow") -
         graceful_timeout=30.0,
         enable_idempotence=False,  # the local broker has no idempotent producer
         acks="all",
+        # FastStream's records go through our one logging setup, not its own coloured format
+        logger=logging.getLogger(f"cohortflow.{service}.broker"),
     )
 
 
