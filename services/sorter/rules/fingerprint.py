@@ -155,6 +155,7 @@ class Fingerprint:
     acquisition_contrast: str = ""
     echo_pulse_sequence: str = ""
     inversion_recovery: str = ""
+    part: str = ""  # the extractor's PART constant: M, P, R, I or a derived map (B0MAP, ADC, ...)
     complex_component: str = ""
     parallel_technique: str = ""
     tr: float | None = None
@@ -324,6 +325,21 @@ def _physics(fp: Fingerprint) -> list[str]:
     return facts
 
 
+_PART_COMPONENT = {"M": "MAGNITUDE", "P": "PHASE", "R": "REAL", "I": "IMAGINARY"}
+_COMPONENTS = frozenset({"MAGNITUDE", "PHASE", "REAL", "IMAGINARY", "MIXED"})
+
+
+def _complex_component(stack: StackSummary, flat: Flat) -> str:
+    """ComplexImageComponent (0008,9208) of the stack: from the extractor's PART constant (M, P, R,
+    I or the full word), else from the header (Enhanced objects)."""
+    part = str(stack.constants.get("PART") or "").upper()
+    if part in _PART_COMPONENT:
+        return _PART_COMPONENT[part]
+    if part in _COMPONENTS:
+        return part
+    return first_str(flat, _K["ComplexImageComponent"]).upper()
+
+
 def _orientation(stack: StackSummary, flat: Flat) -> str:
     iop = [float(v) for v in stack.image_orientation] or all_float(
         flat, _K["ImageOrientationPatient"]
@@ -399,9 +415,8 @@ def fingerprint(stack: StackSummary) -> Fingerprint:
         acquisition_contrast=first_str(flat, _K["AcquisitionContrast"]).upper(),
         echo_pulse_sequence=first_str(flat, _K["EchoPulseSequence"]).upper(),
         inversion_recovery=first_str(flat, _K["InversionRecovery"]).upper(),
-        complex_component=(
-            str(stack.constants.get("PART", "")) or first_str(flat, _K["ComplexImageComponent"])
-        ).upper(),
+        part=str(stack.constants.get("PART") or "").upper(),
+        complex_component=_complex_component(stack, flat),
         parallel_technique=first_str(flat, _K["ParallelAcquisitionTechnique"]).upper(),
         tr=first_float(flat, _K["RepetitionTime"]),
         te=te,
@@ -469,6 +484,7 @@ def _features(fp: Fingerprint, flat: Flat) -> frozenset[str]:
         (fp.echo_pulse_sequence, "eps"),
         (fp.inversion_recovery, "ir"),
         (fp.complex_component, "cic"),
+        (fp.part, "part"),
         (fp.parallel_technique, "pat"),
         (fp.orientation, "orient"),
     ):

@@ -826,3 +826,52 @@ def test_as_dict_is_json_ready() -> None:
         "weight",
     }
     assert isinstance(row["modifiers"], list)
+
+
+@pytest.mark.parametrize(
+    ("part", "datatype", "suffix"),
+    [
+        (
+            "B0MAP",
+            "fmap",
+            "fieldmap",
+        ),  # extractor splits GE B0map series by (0043,1030): 0 -> B0MAP
+        ("M", "fmap", "magnitude"),  # ... and 2 -> M
+    ],
+)
+def test_extractor_part_constant_is_understood(part: str, datatype: str, suffix: str) -> None:
+    # [shared] dcm_qa_fmap/In/GE/2_3db0maps header values, PART as the real extractor writes it
+    stack = make_stack(
+        **{
+            **GE,
+            "ScanningSequence": "RM",
+            "SequenceVariant": "NONE",
+            "ScanOptions": "VB_GEMS",
+            "MRAcquisitionType": "2D",
+            "RepetitionTime": 800,
+            "EchoTime": 4.94,
+            "FlipAngle": 10,
+            "ImageType": ["ORIGINAL", "PRIMARY", "OTHER"],
+            "SeriesDescription": "B0Map (GRE)",
+            "ProtocolName": "3db0maps_patient",
+        },
+        constants={"TE": 4.94, "PART": part},
+    )
+    result = classify(fingerprint(stack), RULES)
+    assert (result.bids_datatype, result.bids_suffix) == (datatype, suffix)
+
+
+def test_extractor_part_adc() -> None:
+    stack = make_stack(
+        **{
+            **PHILIPS,
+            "ImageType": ["DERIVED", "PRIMARY", "DIFFUSION"],
+            "ScanningSequence": "SE",
+            "RepetitionTime": 4000,
+            "EchoTime": 70,
+            "SeriesDescription": "dADC",
+        },
+        constants={"PART": "ADC"},
+    )
+    result = classify(fingerprint(stack), RULES)
+    assert "ADC" in result.constructs and result.bids_datatype == "derivatives"
