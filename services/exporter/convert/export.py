@@ -31,15 +31,9 @@ def dicom_folder(base: PurePosixPath, layout: Layout) -> PurePosixPath:
     return PurePosixPath("sourcedata", "dicom") / base if layout == "bids" else base
 
 
-def _gzip_copy(source: Path, target: Path) -> None:
-    """Gzip with an empty name and zero time in the header: same bytes on every run, and no stale
-    file name for the validator to flag (GZIP_HEADER_FILENAME)."""
-    with (
-        source.open("rb") as raw,
-        target.open("wb") as sink,
-        gzip.GzipFile(filename="", mode="wb", compresslevel=6, fileobj=sink, mtime=0) as packed,
-    ):
-        shutil.copyfileobj(raw, packed, 1 << 20)
+def _gunzip_copy(source: Path, target: Path) -> None:
+    with gzip.open(source, "rb") as packed, target.open("wb") as sink:
+        shutil.copyfileobj(packed, sink, 1 << 20)
 
 
 def export_stack(
@@ -54,7 +48,8 @@ def export_stack(
 ) -> ExportedStack:
     """Write the stack under `root` at its planned `base` path (from `plan_names`).
 
-    NIfTI modes convert once (`.nii.gz` and `.nii` both requested: one conversion, one extra gzip);
+    NIfTI modes convert once (`.nii.gz` and `.nii` both requested: one compressed conversion, and
+    the `.nii` unpacked from it);
     the DICOM mode copies the instances. With `overwrite="skip"` a stack whose first output already
     exists is left as it is (and reported with no files).
     """
@@ -90,7 +85,7 @@ def _export_nifti(
     timeout_s: float,
     result: ExportedStack,
 ) -> None:
-    compress = "nii" not in modes
+    compress = "nii.gz" in modes
     target_dir = root / str(base.parent)
     target_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=target_dir))
@@ -138,9 +133,7 @@ def _place_image(
                 if mode == produced:
                     os.replace(path, target)
                 else:
-                    _gzip_copy(
-                        path, target
-                    )  # only .nii -> .nii.gz: nii alone converts uncompressed
+                    _gunzip_copy(path, target)  # both modes requested: dcm2niix wrote .nii.gz
                 relative = PurePosixPath(f"{name}.{mode}")
                 result.images.append(relative)
                 result.files.append(relative)

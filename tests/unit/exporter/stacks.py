@@ -18,7 +18,9 @@ def dicom_files(folder: Path, echo: int | None = None) -> list[Path]:
     for path in sorted(folder.rglob("*")):
         if not path.is_file() or path.suffix.lower() in (".txt", ".md", ".json"):
             continue
-        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        header = pydicom.dcmread(
+            path, stop_before_pixels=True, force=True, specific_tags=["SOPClassUID", "EchoNumbers"]
+        )
         if "SOPClassUID" not in header:
             continue
         if echo is not None and int(header.get("EchoNumbers", 1)) != echo:

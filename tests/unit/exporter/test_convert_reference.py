@@ -173,7 +173,7 @@ def test_fallback_converts_when_dcm2niix_fails(
 
 
 def test_timeout_kills_the_converter(dicom_root: Path, tmp_path: Path) -> None:
-    source = dicom_root / "dcm_qa_philips_dwi" / "In" / "cl" / "DICOM"
+    source = dicom_root / "dcm_qa_pdt2" / "In" / "Siemens" / "VE11"
     with pytest.raises(ConverterError, match="timed out"):
         convert_stack(
             dicom_files(source),
