@@ -14,7 +14,9 @@ from services.anonymizer.profile.dates import (
 from services.anonymizer.profile.engine import (
     AnonymizationContext,
     AnonymizationResult,
+    DeidentifiedFile,
     anonymize,
+    anonymize_bytes,
     dicom_bytes,
 )
 from services.anonymizer.profile.identifiers import IdentifierSet
@@ -43,6 +45,7 @@ __all__ = [
     "AnonymizationContext",
     "AnonymizationResult",
     "ConfigError",
+    "DeidentifiedFile",
     "Finding",
     "IdentifierSet",
     "MemoryPseudonymStore",
@@ -56,6 +59,7 @@ __all__ = [
     "Rule",
     "age_string",
     "anonymize",
+    "anonymize_bytes",
     "burned_in_risk",
     "date_offset_days",
     "dicom_bytes",

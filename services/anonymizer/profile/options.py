@@ -97,6 +97,7 @@ class ProfileOptions:
         `retain_safe_private`, `retain_uids`, `quarantine_burned_in`. Unknown values raise
         `ConfigError`.
         """
+        config = _nest_dotted(config)
         opts = cls()
         cats = config.get("anonymize_categories")
         if cats is not None:
@@ -132,6 +133,24 @@ class ProfileOptions:
             if switch in config:
                 opts = opts.with_(**{switch: bool(config[switch])})
         return opts.with_(patient_id=_patient_id_options(config.get("patient_id") or {}))
+
+
+def _nest_dotted(config: dict[str, Any]) -> dict[str, Any]:
+    """Accept `{"study_dates.enabled": true}` as well as `{"study_dates": {"enabled": true}}`."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if "." not in key:
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = {**out[key], **value}
+            else:
+                out[key] = value
+            continue
+        head, rest = key.split(".", 1)
+        nested = out.setdefault(head, {})
+        if not isinstance(nested, dict):
+            raise ConfigError(f"{head} must be an object")
+        nested.update(_nest_dotted({rest: value}))
+    return out
 
 
 def _patient_id_options(raw: Any) -> PatientIdOptions:

@@ -386,3 +386,26 @@ def test_overlays_and_curves_removed_whole(deident_files: list[Path]) -> None:
     ctx = AnonymizationContext(load_profile(ProfileOptions()), SECRET, "subTEST01")
     out = anonymize(pydicom.dcmread(io.BytesIO(buffer.getvalue())), ctx).dataset
     assert not [e for e in out if e.tag.group in (0x6000, 0x5000)]
+
+
+def test_every_transfer_syntax_round_trips(dicom_root: Path) -> None:
+    """Seven transfer syntaxes (implicit, big endian, RLE, JPEG, JPEG-LS, JPEG 2000...): the output keeps the
+    input's syntax and its pixel data byte for byte."""
+    from services.anonymizer.profile import AnonymizationContext, anonymize_bytes, load_profile
+
+    ctx = AnonymizationContext(
+        load_profile(ProfileOptions(shift_dates=True)),
+        SECRET,
+        "subTEST01",
+        date_offset_days(SECRET, "subTEST01"),
+    )
+    syntaxes = set()
+    for path in dicom_files(dicom_root / "dcm_qa_ts/In"):
+        original = pydicom.dcmread(path)
+        done = anonymize_bytes(path.read_bytes(), ctx, "anon/c1/subTEST01/s/x.dcm")
+        assert done.releasable, done.findings
+        out = pydicom.dcmread(io.BytesIO(done.data))
+        assert out.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+        assert out.PixelData == original.PixelData
+        syntaxes.add(str(original.file_meta.TransferSyntaxUID))
+    assert len(syntaxes) >= 7

@@ -78,3 +78,12 @@ def test_from_config_reads_the_user_keys() -> None:
         ProfileOptions.from_config({"patient_id": {"strategy": "guess"}})
     with pytest.raises(ConfigError):
         ProfileOptions.from_config({"patient_id": {"strategy": "hash", "hash_bits": 32}})
+
+
+def test_from_config_accepts_dotted_keys() -> None:
+    opts = ProfileOptions.from_config(
+        {"study_dates.enabled": True, "patient_id.strategy": "folder", "patient_id": {"prefix": ""}}
+    )
+    assert (
+        opts.shift_dates and opts.patient_id.strategy == "folder" and opts.patient_id.prefix == ""
+    )
