@@ -85,10 +85,14 @@ def match_bids(fp: Fingerprint, result: Classification, table: tuple[BidsEntry, 
 
 
 def echo_index(fp: Fingerprint) -> int | None:
-    """1-based rank of the stack's echo time among the series' echo times (None if single echo)."""
-    if len(fp.echo_times) < 2 or fp.te is None:
+    """1-based rank of the stack's echo time among the series' echo times (None if single echo).
+
+    TE 0 is not an echo: computed maps (Philips B0 FIELD_MAP frames) carry EffectiveEchoTime 0.
+    """
+    echo_times = [te for te in fp.echo_times if te > 0]
+    if len(echo_times) < 2 or fp.te is None:
         return None
-    for rank, te in enumerate(fp.echo_times, start=1):
+    for rank, te in enumerate(echo_times, start=1):
         if abs(te - fp.te) < 0.01:
             return rank
     return fp.echo_number

@@ -1,0 +1,43 @@
+"""The labelled shared data through the real extractor's stack building (not the test builder).
+
+Stack keys differ between the two builders, so labels are compared per folder as multisets of
+datatype/suffix. Non-image objects never reach the sorter here: the extractor rejects them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+from services.extractor.catalog.parse import parse_instance
+from services.extractor.catalog.stacks import build_stacks
+from services.sorter.rules import classify_batch, complete, fingerprint_batch, load_rules
+from tests.unit.sorter.labelled import LABELS
+
+
+def test_shared_data_through_the_real_extractor(dicom_root: Path) -> None:
+    rules = load_rules("standard")
+    labels = yaml.safe_load(LABELS.read_text(encoding="utf-8"))["shared"]
+    wrong: list[str] = []
+    for folder in sorted({label["folder"] for label in labels}):
+        records = [
+            parse_instance(p, str(p))
+            for p in sorted((dicom_root / folder).iterdir())
+            if p.is_file()
+        ]
+        stacks = build_stacks(r for r in records if type(r).__name__ == "InstanceRecord")
+        fps = fingerprint_batch(stacks)
+        results = complete(classify_batch(fps, rules), fps, rules)
+        expected = Counter(
+            f"{label['datatype']}/{label['suffix']}"
+            for label in labels
+            if label["folder"] == folder and label["intent"] != "excluded"
+        )
+        got = Counter(
+            f"{r.bids_datatype}/{r.bids_suffix}" for r in results if r.intent != "excluded"
+        )
+        if expected != got:
+            wrong.append(f"{folder}: expected {dict(expected)}, got {dict(got)}")
+    assert not wrong, "\n".join(wrong)
