@@ -16,6 +16,7 @@ from services.anonymizer.profile.identifiers import IdentifierSet, Matcher
 from services.anonymizer.profile.vendor_headers import unpack_gzip_block
 
 SKIP_BULK = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # pixel data: not text
+CODED_VRS = frozenset({"CS", "AS"})
 NUMERIC_VRS = frozenset(
     {"US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "OF", "OD", "OL", "OV", "AT"}
 )
@@ -49,6 +50,8 @@ def _search(ds: Dataset, matcher: Matcher, where: str, out: list[Finding]) -> No
         raw = ds.get_item(tag)
         if getattr(raw, "VR", None) in NUMERIC_VRS:
             continue  # binary numbers: no text to leak, no need to convert them
+        if getattr(raw, "VR", None) in CODED_VRS:
+            continue  # defined terms (ContentQualification RESEARCH): not free text
         elem = ds[tag]
         label = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
         if elem.VR == "SQ":

@@ -409,3 +409,20 @@ def test_every_transfer_syntax_round_trips(dicom_root: Path) -> None:
         assert out.PixelData == original.PixelData
         syntaxes.add(str(original.file_meta.TransferSyntaxUID))
     assert len(syntaxes) >= 7
+
+
+def test_defined_terms_are_not_findings(deident_files: list[Path]) -> None:
+    """A department called "Research" must not fail every file whose ContentQualification is the
+    defined term RESEARCH."""
+    ds = pydicom.dcmread(deident_files[0])
+    ds.InstitutionalDepartmentName = "Research"
+    ds.ContentQualification = "RESEARCH"
+    ds.ImageComments = "acquired for research"
+    from services.anonymizer.profile import AnonymizationContext, anonymize, load_profile
+
+    ctx = AnonymizationContext(load_profile(ProfileOptions()), SECRET, "subTEST01")
+    result = anonymize(ds, ctx)
+    assert "RESEARCH" in result.identifiers.values
+    assert result.dataset.ContentQualification == "RESEARCH"
+    assert "research" not in str(result.dataset.get("ImageComments", "")).lower()  # cleaned
+    assert verify(result.dataset, result.identifiers) == []
