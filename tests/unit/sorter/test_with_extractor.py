@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from services.extractor.catalog.parse import parse_instance
+from services.extractor.catalog.records import InstanceRecord
 from services.extractor.catalog.stacks import build_stacks
 from services.sorter.rules import classify_batch, complete, fingerprint_batch, load_rules
 from tests.unit.sorter.labelled import LABELS
@@ -27,7 +28,7 @@ def test_shared_data_through_the_real_extractor(dicom_root: Path) -> None:
             for p in sorted((dicom_root / folder).iterdir())
             if p.is_file()
         ]
-        stacks = build_stacks(r for r in records if type(r).__name__ == "InstanceRecord")
+        stacks = build_stacks(r for r in records if isinstance(r, InstanceRecord))
         fps = fingerprint_batch(stacks)
         results = complete(classify_batch(fps, rules), fps, rules)
         expected = Counter(
