@@ -91,15 +91,17 @@ def stack_target(
 ) -> Target:
     """The target of one stack, before run numbering.
 
-    Derived constructs (ADC, FA, Trace, CBF, QSM, MinIP, ...) go to `derivatives/<pipeline>/`;
-    processed SWI (provenance SWIRecon without a `part-`) too; SyMRI goes to `derivatives/symri/`
-    when grouped and otherwise stays raw with `rec-synthetic`; EPIMix gets `acq-epimix`.
+    In order: SyMRI outputs go to `derivatives/symri/` when grouped (or when the classification
+    calls them derivatives) and otherwise stay raw with `rec-synthetic`; derived constructs (ADC,
+    FA, Trace, CBF, QSM, MinIP, ...) go to `derivatives/scanner/` under the names of
+    `naming.json`; processed SWI (provenance SWIRecon without `part-`) too; any other stack the
+    classification puts in `derivatives` goes to `derivatives/scanner/<intent>/` with its suffix.
+    EPIMix gets `acq-epimix`.
     """
     rules = rules or load_naming_rules()
     entities: dict[str, EntityValue] = {
-        load_entity_table().spec(k).key: v for k, v in stack.entities.items() if k not in ("run",)
+        load_entity_table().spec(k).key: v for k, v in stack.entities.items() if k != "run"
     }
-    entities.pop("run", None)
     entities["sub"] = stack.subject
     if stack.session:
         entities["ses"] = stack.session
@@ -107,25 +109,32 @@ def stack_target(
         entities.pop("ses", None)
     root = PurePosixPath("")
     datatype, suffix = stack.datatype, stack.suffix
+    # where a derivative lives when the classification says "derivatives" without a datatype
+    intent_datatype = (
+        stack.intent if stack.intent and stack.intent in rules.raw_suffixes else "anat"
+    )
 
+    branch = rules.provenance.get(stack.provenance or "", {})
     derived = next(
         (rules.derived_constructs[c] for c in stack.constructs if c in rules.derived_constructs),
         None,
     )
-    branch = rules.provenance.get(stack.provenance or "", {})
-    if (
-        derived is None
-        and branch.get("derived_unless_entity")
-        and branch["derived_unless_entity"] not in entities
-    ):
-        derived = branch
-    if derived is not None:
+    if branch.get("derived_unless_entity") and branch["derived_unless_entity"] not in entities:
+        derived = derived or branch
+    if branch.get("group_pipeline"):  # SyMRI: its maps and synthetic images stay together
+        if group_symri or datatype == DERIVATIVES.name:
+            root = DERIVATIVES / branch["group_pipeline"]
+            datatype = intent_datatype if datatype == DERIVATIVES.name else datatype
+        else:
+            for key, value in branch.get("raw_entities", {}).items():
+                entities.setdefault(key, value)
+    elif derived is not None:
         root = DERIVATIVES / derived["pipeline"]
         datatype, suffix = derived["datatype"], derived["suffix"]
         if derived.get("desc"):
             entities["desc"] = derived["desc"]
-    elif branch.get("group_pipeline") and group_symri:
-        root = DERIVATIVES / branch["group_pipeline"]
+    elif datatype == DERIVATIVES.name:
+        root, datatype = DERIVATIVES / "scanner", intent_datatype
     else:
         for key, value in branch.get("raw_entities", {}).items():
             entities.setdefault(key, value)

@@ -376,6 +376,61 @@ def test_functional_runs_always_get_a_task() -> None:
     assert plan[from_protocol.key].name == "sub-01_ses-1_task-RestingStateeyesopen_bold"
 
 
+@pytest.mark.parametrize(
+    ("fields", "group", "expected"),
+    [
+        # what the sorter's standard pack says for derived series: datatype "derivatives"
+        (
+            {"suffix": "dwimap", "constructs": ["ADC"], "intent": "dwi"},
+            False,
+            "derivatives/scanner/sub-01/ses-1/dwi/sub-01_ses-1_ADC",
+        ),
+        (
+            {"suffix": "perfmap", "constructs": ["CBF"], "intent": "perf"},
+            False,
+            "derivatives/scanner/sub-01/ses-1/perf/sub-01_ses-1_cbf",
+        ),
+        (
+            {"suffix": "qmap", "constructs": ["T1map"], "intent": "anat"},
+            False,
+            "derivatives/scanner/sub-01/ses-1/anat/sub-01_ses-1_T1map",
+        ),
+        (
+            {"suffix": "MIP", "intent": "misc", "provenance": "ProjectionDerived"},
+            False,
+            "derivatives/scanner/sub-01/ses-1/anat/sub-01_ses-1_MIP",
+        ),
+        (
+            {
+                "suffix": "synthetic",
+                "intent": "anat",
+                "provenance": "SyMRI",
+                "constructs": ["T1map"],
+                "entities": {"rec": "synthetic"},
+            },
+            False,
+            "derivatives/symri/sub-01/ses-1/anat/sub-01_ses-1_rec-synthetic_synthetic",
+        ),
+        # the research pack keeps SyMRI in anat; grouping still moves it
+        (
+            {
+                "datatype": "anat",
+                "suffix": "T2w",
+                "provenance": "SyMRI",
+                "entities": {"rec": "synthetic"},
+            },
+            True,
+            "derivatives/symri/sub-01/ses-1/anat/sub-01_ses-1_rec-synthetic_T2w",
+        ),
+    ],
+)
+def test_sorter_derivatives_vocabulary(fields: dict[str, Any], group: bool, expected: str) -> None:
+    fields = {"datatype": "derivatives", **fields}
+    suffix, datatype = fields.pop("suffix"), fields.pop("datatype")
+    (path,) = plan_names([stack(suffix, datatype, **fields)], group_symri=group).values()
+    assert str(path) == expected
+
+
 def test_flat_layout_numbers_runs_too() -> None:
     plan = plan_names(
         [stack("T1w", series=1, time="1000"), stack("T1w", series=2, time="0900")], layout="flat"
