@@ -25,6 +25,8 @@ app = typer.Typer(
     help="Cohortflow: DICOM to de-identified, catalogued, classified, BIDS-exported research data.",
     no_args_is_help=True,
     add_completion=False,
+    # services log to files: plain tracebacks end with the error line a log tail needs
+    pretty_exceptions_enable=False,
 )
 stack_app = typer.Typer(
     help="Start, inspect and stop the local stack (Postgres, broker, S3, services).",

@@ -382,7 +382,8 @@ class LocalStack:
 
     # ---- services -----------------------------------------------------------------------------
     def _start_service(self, info: StackInfo, name: str, replica: int) -> ServiceInfo:
-        service_registry.entry_point(name, self.registry)  # unknown names fail here, clearly
+        if name not in self.registry:
+            raise StackError(f"unknown service {name!r}; registered: {', '.join(self.registry)}")
         key = name if replica == 0 else f"{name}-{replica}"
         previous = info.services.get(key)
         if name == "gateway" and replica == 0:
