@@ -109,8 +109,10 @@ def test_markers_written(deident_files: list[Path]) -> None:
     assert out.PatientIdentityRemoved == "YES"
     assert out.LongitudinalTemporalInformationModified == "MODIFIED"
     codes = [item.CodeValue for item in out.DeidentificationMethodCodeSequence]
-    assert codes == ["113100", "113105", "113107", "113111"]
+    # the input was defaced upstream (mri_reface declared 113102): pixels untouched, claim kept
+    assert codes == ["113100", "113102", "113105", "113107", "113111"]
     assert any("PS3.15 2025b" in v for v in out.DeidentificationMethod)
+    assert out.DeidentificationMethod[-1].startswith("Earlier: mri_reface")
     assert out.PatientID == "subTEST01"
     assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
     assert (
