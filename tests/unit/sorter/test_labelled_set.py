@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.sorter.labelled import Labelled, run_labelled_set
+from tests.unit.sorter.labelled import Labelled, package_installed, run_labelled_set
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,9 @@ def test_labelled_set_accuracy_and_unreviewed_errors(labelled: list[Labelled]) -
         f"reviewed {reviewed}, wrong without review {len(wrong_unreviewed)}"
     )
     print(_summary(labelled))
+    missing = sorted({p for p in ("heudiconv", "deid_data") if not package_installed(p)})
+    if missing:
+        print(f"optional labelled data not installed (pip install heudiconv deid-data): {missing}")
     for item in labelled:
         if not item.right:
             print(
