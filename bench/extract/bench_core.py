@@ -2,7 +2,8 @@
 
 Both loops read the same files (every regular file under --root outside `Ref/` folders, non-DICOM
 included, as a real source folder would be), in the same process, alternating, after one warm-up pass
-that puts the files in the page cache. Prints files/s of each and the ratio core/bare.
+that puts the files in the page cache. Prints files/s of each and the ratio core/bare, by wall clock
+and by this process's CPU time (the steadier figure on a shared machine).
 
     .venv/bin/python -m bench.extract.bench_core [--root DIR] [--repeat N] [--limit N]
 """
@@ -62,10 +63,11 @@ def core_loop(files: list[Path]) -> int:
     return catalogued
 
 
-def timed(loop: Callable[[list[Path]], int], files: list[Path]) -> tuple[float, int]:
-    start = time.perf_counter()
+def timed(loop: Callable[[list[Path]], int], files: list[Path]) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of this process, loop result) of one pass."""
+    wall, cpu = time.perf_counter(), time.process_time()
     count = loop(files)
-    return time.perf_counter() - start, count
+    return time.perf_counter() - wall, time.process_time() - cpu, count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,14 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     for path in files:  # warm the page cache so neither loop pays for the first disk read
         path.read_bytes()
 
-    bare_times: list[float] = []
-    core_times: list[float] = []
+    bare: list[tuple[float, float]] = []
+    core: list[tuple[float, float]] = []
     parsed = catalogued = 0
     for _ in range(args.repeat):
-        seconds, parsed = timed(bare_loop, files)
-        bare_times.append(seconds)
-        seconds, catalogued = timed(core_loop, files)
-        core_times.append(seconds)
+        wall, cpu, parsed = timed(bare_loop, files)
+        bare.append((wall, cpu))
+        wall, cpu, catalogued = timed(core_loop, files)
+        core.append((wall, cpu))
 
     records = [
         r for r in (parse_instance(p, str(p)) for p in files) if not isinstance(r, Rejection)
@@ -103,19 +105,24 @@ def main(argv: list[str] | None = None) -> int:
     stack_seconds = time.perf_counter() - start
 
     n = len(files)
-    bare_best, core_best = min(bare_times), min(core_times)
+    bare_wall, bare_cpu = min(w for w, _ in bare), min(c for _, c in bare)
+    core_wall, core_cpu = min(w for w, _ in core), min(c for _, c in core)
     print(
-        f"files: {n} ({total_bytes / 1e6:.1f} MB) under {args.root}, {args.repeat} passes each, best pass shown"
+        f"files: {n} ({total_bytes / 1e6:.1f} MB) under {args.root}; best of {args.repeat} passes each"
     )
-    print(f"bare pydicom header loop : {n / bare_best:8.1f} files/s  ({parsed} parsed)")
+    print("                            wall files/s   CPU files/s")
     print(
-        f"cohortflow core          : {n / core_best:8.1f} files/s  ({catalogued} images catalogued)"
-    )
-    print(
-        f"ratio core/bare time     : {core_best / bare_best:8.2f}x  (median {statistics.median(core_times) / statistics.median(bare_times):.2f}x)"
+        f"bare pydicom header loop : {n / bare_wall:12.1f}  {n / bare_cpu:12.1f}   ({parsed} parsed)"
     )
     print(
-        f"build_stacks             : {len(records) / stack_seconds:8.1f} instances/s -> {len(stacks)} stacks"
+        f"cohortflow core          : {n / core_wall:12.1f}  {n / core_cpu:12.1f}   ({catalogued} images catalogued)"
+    )
+    print(
+        f"ratio core/bare time     : {core_wall / bare_wall:12.2f}x {core_cpu / bare_cpu:12.2f}x"
+        f"  (median wall {statistics.median(w for w, _ in core) / statistics.median(w for w, _ in bare):.2f}x)"
+    )
+    print(
+        f"build_stacks             : {len(records) / stack_seconds:12.1f} instances/s -> {len(stacks)} stacks"
     )
     return 0
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom.dataset import Dataset
-
-from .private_tags import read_private
+from .private_tags import PrivateTags
 
 # GE adds multiples of 1e9 to the b-value in (0043,1039) on some software versions
 GE_B_VALUE_MODULUS = 1_000_000_000
@@ -27,8 +25,7 @@ class Diffusion:
 
 
 def read_diffusion(
-    ds: Dataset,
-    creators: dict[tuple[int, str], int],
+    tags: PrivateTags,
     standard_b: float | None,
     standard_gradient: list[float],
     siemens_csa_wanted: bool,
@@ -37,27 +34,27 @@ def read_diffusion(
     costs a little, so the caller asks only for Siemens images that look like diffusion)."""
     if standard_b is not None:
         return Diffusion(standard_b, tuple(standard_gradient), "standard")
-    siemens_b = _first_number(read_private(ds, "siemens_b_value", creators))
+    siemens_b = _first_number(tags.get("siemens_b_value"))
     if siemens_b is not None:
-        gradient = _numbers(read_private(ds, "siemens_gradient", creators))
+        gradient = _numbers(tags.get("siemens_gradient"))
         return Diffusion(siemens_b, tuple(gradient), "siemens")
-    ge_b = _first_number(read_private(ds, "ge_b_value", creators))
+    ge_b = _first_number(tags.get("ge_b_value"))
     if ge_b is not None:
-        vector = _vector(ds, creators, ("ge_gradient_x", "ge_gradient_y", "ge_gradient_z"))
+        vector = _vector(tags, ("ge_gradient_x", "ge_gradient_y", "ge_gradient_z"))
         return Diffusion(float(ge_b % GE_B_VALUE_MODULUS), vector, "ge")
-    philips_b = _first_number(read_private(ds, "philips_b_value", creators))
+    philips_b = _first_number(tags.get("philips_b_value"))
     if philips_b is not None:
         vector = _vector(
-            ds, creators, ("philips_gradient_rl", "philips_gradient_ap", "philips_gradient_fh")
+            tags, ("philips_gradient_rl", "philips_gradient_ap", "philips_gradient_fh")
         )
         return Diffusion(philips_b, vector, "philips")
     if siemens_csa_wanted:
-        return _siemens_csa(ds, creators)
+        return _siemens_csa(tags)
     return Diffusion()
 
 
-def _siemens_csa(ds: Dataset, creators: dict[tuple[int, str], int]) -> Diffusion:
-    blob = read_private(ds, "siemens_csa_image", creators)
+def _siemens_csa(tags: PrivateTags) -> Diffusion:
+    blob = tags.get("siemens_csa_image")
     if not isinstance(blob, bytes):
         return Diffusion()
     from nibabel.nicom import csareader
@@ -66,19 +63,17 @@ def _siemens_csa(ds: Dataset, creators: dict[tuple[int, str], int]) -> Diffusion
         csa = csareader.read(blob)
     except (csareader.CSAReadError, ValueError, IndexError):
         return Diffusion()
-    tags = csa.get("tags", {})
-    b_items = tags.get("B_value", {}).get("items") or []
+    csa_tags = csa.get("tags", {})
+    b_items = csa_tags.get("B_value", {}).get("items") or []
     if not b_items:
         return Diffusion()
-    gradient = tags.get("DiffusionGradientDirection", {}).get("items") or []
+    gradient = csa_tags.get("DiffusionGradientDirection", {}).get("items") or []
     return Diffusion(float(b_items[0]), tuple(float(g) for g in gradient[:3]), "siemens-csa")
 
 
-def _vector(
-    ds: Dataset, creators: dict[tuple[int, str], int], names: tuple[str, ...]
-) -> tuple[float, ...]:
+def _vector(tags: PrivateTags, names: tuple[str, ...]) -> tuple[float, ...]:
     """A gradient stored as one private attribute per component; () unless every component is there."""
-    components = [_first_number(read_private(ds, name, creators)) for name in names]
+    components = [_first_number(tags.get(name)) for name in names]
     return tuple(c for c in components if c is not None) if None not in components else ()
 
 

@@ -50,6 +50,7 @@ NUMBER_FORMATS = {
 NUMBER_SIZES = {vr: struct.calcsize("<" + fmt) for vr, fmt in NUMBER_FORMATS.items()}
 _BACKSLASH = {0x5C}
 _TAG_KEYS: dict[int, str] = {}
+_DICTIONARY_VRS: dict[int, str | None] = {}
 
 
 def tag_key(tag: int) -> str:
@@ -136,11 +137,20 @@ def _pixel_representation(ds: Dataset) -> int:
 
 
 def _resolve_vr(tag: int, elem: RawDataElement | DataElement, pixel_rep: int) -> str:
-    vr = elem.VR
+    return resolve_vr(tag, elem.VR, pixel_rep)
+
+
+def resolve_vr(tag: int, vr: str | None, pixel_rep: int) -> str:
+    """The VR to decode with: the dictionary's when the file gave none (implicit VR) or UN, with the
+    ambiguous ones ("US or SS") settled by Pixel Representation (0028,0103); "UN" when unknown."""
     if vr is None or vr == "UN":
-        try:
-            known = dictionary_VR(tag)
-        except KeyError:
+        known = _DICTIONARY_VRS.get(tag, "")
+        if known == "":
+            try:
+                known = _DICTIONARY_VRS[tag] = dictionary_VR(tag)
+            except KeyError:
+                known = _DICTIONARY_VRS[tag] = None
+        if known is None:
             return "UN"  # private or unknown attribute in an implicit-VR file
         vr = known
     if " or " in vr:
@@ -156,7 +166,13 @@ def _resolve_vr(tag: int, elem: RawDataElement | DataElement, pixel_rep: int) ->
 def _raw_json(
     elem: RawDataElement, vr: str, encodings: list[str], max_value_bytes: int
 ) -> dict[str, Any]:
-    raw = elem.value
+    return value_json(elem.value or b"", vr, elem.is_little_endian, encodings, max_value_bytes)
+
+
+def value_json(
+    raw: bytes, vr: str, little_endian: bool, encodings: list[str], max_value_bytes: int
+) -> dict[str, Any]:
+    """One non-sequence element value (raw bytes of VR `vr`) as a DICOM JSON attribute object."""
     if not raw or len(raw) > max_value_bytes:
         return {"vr": vr}
     if vr in TEXT_VRS:
@@ -168,7 +184,7 @@ def _raw_json(
     fmt = NUMBER_FORMATS.get(vr)
     if fmt is not None:
         count = len(raw) // NUMBER_SIZES[vr]
-        endian = "<" if elem.is_little_endian else ">"
+        endian = "<" if little_endian else ">"
         return {
             "vr": vr,
             "Value": list(struct.unpack(f"{endian}{count}{fmt}", raw[: count * NUMBER_SIZES[vr]])),
@@ -177,7 +193,7 @@ def _raw_json(
         names = [_person_name(v) for v in _decode(raw, encodings).split("\\")]
         return {"vr": vr, "Value": names} if any(names) else {"vr": vr}
     if vr == "AT":
-        endian = "<" if elem.is_little_endian else ">"
+        endian = "<" if little_endian else ">"
         count = len(raw) // 4
         pairs = struct.unpack(f"{endian}{count * 2}H", raw[: count * 4])
         return {

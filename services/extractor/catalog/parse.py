@@ -1,9 +1,10 @@
 """One file's bytes -> an `InstanceRecord`, or a `Rejection` that says why it is not catalogued.
 
-The header is read once, up to (not into) the pixel data, with pydicom's raw reader; every element is
-then decoded once into the DICOM JSON model (`header_json`), and the record fields are filled from that
-JSON through the attribute table. Reading goes to the end of the header (never `specific_tags`), because
-classic Siemens XA "interoperability" files keep key attributes far into it.
+The header is read once, up to (not into) the pixel data, straight into the DICOM JSON model: by the
+one-pass `reader` for Part 10 little-endian content (nearly every file), otherwise by pydicom's reader
+followed by `header_json`. Reading always goes to the end of the header (never `specific_tags`), because
+classic Siemens XA "interoperability" files keep key attributes far into it. Record fields are then
+filled from that JSON through the attribute table.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileDataset
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from .attributes import PER_FRAME_FUNCTIONAL_GROUPS, HeaderView
@@ -24,7 +25,8 @@ from .diffusion import read_diffusion
 from .frames import enhanced_frames
 from .header_json import MAX_VALUE_BYTES, dataset_to_json
 from .image_part import VendorImageHints, image_part
-from .private_tags import private_creators, read_private
+from .private_tags import PrivateTags, private_elements
+from .reader import HeaderRead, ReaderDeclined, read_header
 from .records import (
     CTDetail,
     FrameRecord,
@@ -39,13 +41,13 @@ from .records import (
 from .sniff import SNIFF_BYTES, pixel_data_truncation, sniff
 from .sop_class import DICOMDIR_SOP_CLASS, sop_class_table
 
-# files up to this size are read in one call (faster than pydicom's many small reads); larger ones are
-# streamed so that gigabyte multi-frame objects never sit in memory for a header
+# files up to this size are read in one call and parsed from memory; larger ones are streamed through
+# pydicom so that gigabyte multi-frame objects never sit in memory for a header
 READ_WHOLE_LIMIT = 16 * 1024 * 1024
-# a header value claiming more than this (and far more than the content) is a broken length, not a cut file
+# a header value claiming more than this (and far more than the content) is a broken length, not a cut
 IMPLAUSIBLE_HEADER_VALUE = 16 * 1024 * 1024
 PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00009, 0x7FE00008)
-DIRECTORY_RECORD_SEQUENCE = 0x00041220
+DIRECTORY_RECORD_SEQUENCE = "00041220"
 DEFLATED_TRANSFER_SYNTAXES = frozenset({"1.2.840.10008.1.2.1.99"})
 TRANSFER_SYNTAX_BY_ENCODING = {
     (True, True): "1.2.840.10008.1.2",
@@ -53,10 +55,23 @@ TRANSFER_SYNTAX_BY_ENCODING = {
     (False, False): "1.2.840.10008.1.2.2",
 }
 _TRUNCATION_MARKERS = ("No tag to read", "unpack requires", "end of file", "EOF", "buffer of")
+_READ_ERRORS = (
+    InvalidDicomError,
+    OSError,
+    EOFError,
+    struct.error,
+    ValueError,
+    KeyError,
+    TypeError,
+    IndexError,
+)
 
 
 def parse_instance(
-    data: bytes | str | os.PathLike[str], source_key: str, *, max_value_bytes: int = MAX_VALUE_BYTES
+    data: bytes | str | os.PathLike[str],
+    source_key: str,
+    *,
+    max_value_bytes: int = MAX_VALUE_BYTES,
 ) -> InstanceRecord | Rejection:
     """Parse one file's content (bytes, or a path to read) into catalog records.
 
@@ -64,41 +79,47 @@ def parse_instance(
     whether the content is DICOM. Values longer than `max_value_bytes` are left out of the stored header.
     """
     if isinstance(data, bytes | bytearray | memoryview):
-        content = bytes(data)
-        return _parse(io.BytesIO(content), len(content), source_key, max_value_bytes)
+        return _parse_content(bytes(data), source_key, max_value_bytes)
     size = os.path.getsize(data)
     if size <= READ_WHOLE_LIMIT:
         with open(data, "rb") as fh:
-            content = fh.read()
-        return _parse(io.BytesIO(content), len(content), source_key, max_value_bytes)
+            return _parse_content(fh.read(), source_key, max_value_bytes)
     with open(data, "rb") as fh:
-        return _parse(fh, size, source_key, max_value_bytes)
+        return _parse_stream(fh, size, source_key, max_value_bytes)
 
 
-def _parse(
+def _parse_content(
+    content: bytes, source_key: str, max_value_bytes: int
+) -> InstanceRecord | Rejection:
+    verdict = sniff(content[:SNIFF_BYTES])
+    if not verdict.is_dicom:
+        return Rejection(source_key, verdict.reason, len(content))
+    if verdict.kind == "part10":
+        try:
+            header = read_header(content, max_value_bytes=max_value_bytes)
+        except ReaderDeclined:
+            pass
+        else:
+            return _catalogue_safely(header, io.BytesIO(content), len(content), source_key)
+    return _parse_stream(io.BytesIO(content), len(content), source_key, max_value_bytes)
+
+
+def _parse_stream(
     fp: BinaryIO, size: int, source_key: str, max_value_bytes: int
 ) -> InstanceRecord | Rejection:
+    """The pydicom route: any encoding, streamed content, and the verdicts on damaged files."""
     verdict = sniff(fp.read(SNIFF_BYTES))
     if not verdict.is_dicom:
         return Rejection(source_key, verdict.reason, size)
     fp.seek(0)
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=verdict.kind == "stream")
-    except (
-        InvalidDicomError,
-        OSError,
-        EOFError,
-        struct.error,
-        ValueError,
-        KeyError,
-        TypeError,
-    ) as exc:
+        header_or_rejection = _pydicom_header(ds, fp, fp.tell(), size, source_key, max_value_bytes)
+    except _READ_ERRORS as exc:
         return Rejection(source_key, _read_error_reason(exc), size)
-    stop = fp.tell()
-    try:
-        return _catalogue(ds, fp, stop, size, source_key, max_value_bytes)
-    except (OSError, EOFError, struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
-        return Rejection(source_key, _read_error_reason(exc), size)
+    if isinstance(header_or_rejection, Rejection):
+        return header_or_rejection
+    return _catalogue_safely(header_or_rejection, fp, size, source_key)
 
 
 def _read_error_reason(exc: BaseException) -> str:
@@ -108,111 +129,133 @@ def _read_error_reason(exc: BaseException) -> str:
     return f"corrupt: {message}"
 
 
-def _catalogue(
-    ds: FileDataset, fp: BinaryIO, stop: int, size: int, source_key: str, max_value_bytes: int
-) -> InstanceRecord | Rejection:
+def _pydicom_header(
+    ds: Dataset, fp: BinaryIO, stop: int, size: int, source_key: str, max_value_bytes: int
+) -> HeaderRead | Rejection:
     meta = getattr(ds, "file_meta", None)
+    syntax = _uid(meta.get(0x00020010)) if meta is not None else None
     media_class = _uid(meta.get(0x00020002)) if meta is not None else None
-    if media_class == DICOMDIR_SOP_CLASS or DIRECTORY_RECORD_SEQUENCE in ds:
+    if media_class == DICOMDIR_SOP_CLASS or 0x00041220 in ds:
         return Rejection(source_key, "DICOMDIR", size, sop_class_uid=DICOMDIR_SOP_CLASS)
     cut = _cut_header(ds, size)
     if cut is not None:
         return Rejection(source_key, cut, size)
-    transfer_syntax = _uid(meta.get(0x00020010)) if meta is not None else None
-    deflated = transfer_syntax in DEFLATED_TRANSFER_SYNTAXES
-    if deflated:
+    if syntax in DEFLATED_TRANSFER_SYNTAXES:
         # pydicom inflated the data set into a buffer of its own: positions in `fp` mean nothing here
         fp.seek(0)
-        has_pixels = any(tag in pydicom.dcmread(fp, defer_size=256) for tag in PIXEL_DATA_TAGS)
-        stop = size
+        inflated = pydicom.dcmread(fp, defer_size=256)
+        pixel_offset = 0 if any(tag in inflated for tag in PIXEL_DATA_TAGS) else None
+    elif stop < size:
+        if _tag_at(fp, stop, ds) not in PIXEL_DATA_TAGS:
+            return Rejection(
+                source_key, f"corrupt: no parseable element at byte {stop} of {size}", size
+            )
+        pixel_offset = stop
     else:
-        has_pixels = stop < size and _tag_at(fp, stop, ds) in PIXEL_DATA_TAGS
-    if stop < size and not has_pixels:
-        return Rejection(
-            source_key, f"corrupt: no parseable element at byte {stop} of {size}", size
-        )
-    sop_class_uid = _uid(ds.get_item(0x00080016)) or media_class
-    sop_instance_uid = _uid(ds.get_item(0x00080018)) or (
-        _uid(meta.get(0x00020003)) if meta is not None else None
+        pixel_offset = None
+    implicit, little = ds.original_encoding
+    little_endian = little is not False
+    private = private_elements(ds)  # before the JSON pass, which makes pydicom convert some of them
+    return HeaderRead(
+        json=dataset_to_json(ds, max_value_bytes=max_value_bytes, keep_all_frames=True),
+        transfer_syntax_uid=syntax
+        or TRANSFER_SYNTAX_BY_ENCODING.get((bool(implicit), little_endian)),
+        media_sop_class_uid=media_class,
+        media_sop_instance_uid=_uid(meta.get(0x00020003)) if meta is not None else None,
+        little_endian=little_endian,
+        implicit_vr=bool(implicit),
+        pixel_offset=pixel_offset,
+        private=private,
     )
-    if not sop_class_uid or not sop_instance_uid:
+
+
+def _catalogue_safely(
+    header: HeaderRead, fp: BinaryIO, size: int, source_key: str
+) -> InstanceRecord | Rejection:
+    try:
+        return _catalogue(header, fp, size, source_key)
+    except _READ_ERRORS as exc:
+        return Rejection(source_key, _read_error_reason(exc), size)
+
+
+def _catalogue(
+    header: HeaderRead, fp: BinaryIO, size: int, source_key: str
+) -> InstanceRecord | Rejection:
+    full = header.json
+    view = HeaderView(full)
+    top = view.values("instance")
+    series = view.fill(SeriesRecord, "series")
+    study = view.fill(StudyRecord, "study")
+    subject = view.fill(SubjectRecord, "subject")
+    ids = {
+        "sop_class_uid": top.pop("sop_class_uid", None) or header.media_sop_class_uid,
+        "sop_instance_uid": top.pop("sop_instance_uid", None) or header.media_sop_instance_uid,
+        "series_instance_uid": series.series_instance_uid,
+        "study_instance_uid": study.study_instance_uid,
+        "patient_id": subject.patient_id,
+    }
+    if header.media_sop_class_uid == DICOMDIR_SOP_CLASS or DIRECTORY_RECORD_SEQUENCE in full:
+        return Rejection(source_key, "DICOMDIR", size, sop_class_uid=DICOMDIR_SOP_CLASS)
+    if not ids["sop_class_uid"] or not ids["sop_instance_uid"]:
         return Rejection(
             source_key, "corrupt: no SOP Class UID or SOP Instance UID in the data set", size
         )
-    sop_class = sop_class_table().lookup(sop_class_uid)
+    table = sop_class_table()
+    sop_class = table.lookup(ids["sop_class_uid"])
     unlisted_image = (
-        sop_class_uid not in sop_class_table().non_image_names and has_pixels and 0x00280010 in ds
+        sop_class.name == ids["sop_class_uid"]
+        and header.pixel_offset is not None
+        and top.get("rows") is not None
     )
-    if not sop_class.is_image and not (unlisted_image and sop_class.name == sop_class_uid):
-        return _rejection(
-            ds, source_key, f"non-image SOP class: {sop_class.name}", size, sop_class_uid
-        )
-    if not has_pixels:
-        return _rejection(
-            ds, source_key, "truncated: image without Pixel Data (7FE0,0010)", size, sop_class_uid
-        )
-    implicit, little = ds.original_encoding
-    if not deflated:
-        truncation = pixel_data_truncation(fp, stop, size, little is not False)
+    if not sop_class.is_image and not unlisted_image:
+        return Rejection(source_key, f"non-image SOP class: {sop_class.name}", size, **ids)
+    if header.pixel_offset is None:
+        return Rejection(source_key, "truncated: image without Pixel Data (7FE0,0010)", size, **ids)
+    if header.transfer_syntax_uid not in DEFLATED_TRANSFER_SYNTAXES:
+        truncation = pixel_data_truncation(fp, header.pixel_offset, size, header.little_endian)
         if truncation is not None:
-            return _rejection(ds, source_key, truncation, size, sop_class_uid)
+            return Rejection(source_key, truncation, size, **ids)
 
-    full = dataset_to_json(
-        ds, max_value_bytes=max_value_bytes, keep_all_frames=sop_class.functional_groups
-    )
-    header = full
+    stored = full
     if PER_FRAME_FUNCTIONAL_GROUPS in full:
-        header = dict(full)
-        header[PER_FRAME_FUNCTIONAL_GROUPS] = {
+        stored = dict(full)
+        stored[PER_FRAME_FUNCTIONAL_GROUPS] = {
             "vr": "SQ",
             "Value": full[PER_FRAME_FUNCTIONAL_GROUPS]["Value"][:1],
         }
-    view = HeaderView(full)
-    series = view.fill(SeriesRecord, "series")
-    instance_values = view.values("instance")
     modality = series.modality
-    creators = private_creators(ds)
-    hints = _vendor_hints(ds, creators)
-    mr = (
-        _mr_detail(view, ds, creators, instance_values.get("image_type", []), series)
-        if modality == "MR"
-        else None
-    )
-    ct = view.fill(CTDetail, "ct") if modality == "CT" else None
+    tags = PrivateTags.of(header.private, little_endian=header.little_endian)
+    hints = _vendor_hints(tags)
+    image_type = top.get("image_type", [])
+    mr = _mr_detail(view, tags, image_type, series) if modality == "MR" else None
     pet = view.fill(PETDetail, "pet") if modality == "PT" else None
     if sop_class.functional_groups and PER_FRAME_FUNCTIONAL_GROUPS in full:
         frames = enhanced_frames(full, modality, hints)
     else:
         # a classic multi-frame object (US/NM/XA cine, multi-frame secondary capture) repeats its one
         # set of values for every frame
-        first = _classic_frame(instance_values, mr, pet, hints, modality)
-        count = max(int(instance_values.get("number_of_frames") or 1), 1)
+        first = _classic_frame(top, mr, pet, hints, modality)
+        count = max(int(top.get("number_of_frames") or 1), 1)
         frames = [first] + [dataclasses.replace(first, frame=n) for n in range(2, count + 1)]
-    if transfer_syntax is None:
-        transfer_syntax = TRANSFER_SYNTAX_BY_ENCODING.get((bool(implicit), little is not False))
-    instance_values.pop("sop_instance_uid", None)
-    instance_values.pop("sop_class_uid", None)
-    instance_values.setdefault("number_of_frames", max(len(frames), 1))
-    if "MOSAIC" in instance_values.get("image_type", []) and creators:
-        instance_values["mosaic_slices"] = _int(
-            read_private(ds, "siemens_images_in_mosaic", creators)
-        )
+    top.setdefault("number_of_frames", max(len(frames), 1))
+    if "MOSAIC" in image_type:
+        top["mosaic_slices"] = _int(tags.get("siemens_images_in_mosaic"))
     return InstanceRecord(
         source_key=source_key,
         size=size,
-        transfer_syntax_uid=transfer_syntax,
+        transfer_syntax_uid=header.transfer_syntax_uid,
         sop_class_name=sop_class.name,
-        subject=view.fill(SubjectRecord, "subject"),
-        study=view.fill(StudyRecord, "study"),
+        subject=subject,
+        study=study,
         series=series,
-        sop_instance_uid=sop_instance_uid,
-        sop_class_uid=sop_class_uid,
+        sop_instance_uid=ids["sop_instance_uid"],
+        sop_class_uid=ids["sop_class_uid"],
         mr=mr,
-        ct=ct,
+        ct=view.fill(CTDetail, "ct") if modality == "CT" else None,
         pet=pet,
         frames=frames,
-        header=header,
-        **instance_values,
+        header=stored,
+        **top,
     )
 
 
@@ -228,11 +271,12 @@ def _uid(elem: Any) -> str | None:
 
 def _cut_header(ds: Dataset, size: int) -> str | None:
     """A defined-length element whose value runs past the end of the content means the file was cut."""
-    last: RawDataElement | None = None
-    for elem in ds.values():
-        if isinstance(elem, RawDataElement) and (last is None or elem.value_tell > last.value_tell):
-            last = elem
-    if last is None or last.length == 0xFFFFFFFF or last.value_tell + last.length <= size:
+    # the data set keeps elements in the order they were read: the last one is where a cut shows
+    elements = list(ds.values())
+    last = elements[-1] if elements else None
+    if not isinstance(last, RawDataElement):
+        return None
+    if last.length == 0xFFFFFFFF or last.value_tell + last.length <= size:
         return None
     tag = f"({last.tag >> 16:04X},{last.tag & 0xFFFF:04X})"
     if last.length > max(16 * size, IMPLAUSIBLE_HEADER_VALUE):
@@ -250,34 +294,17 @@ def _tag_at(fp: BinaryIO, offset: int, ds: Dataset) -> int:
     return group << 16 | element
 
 
-def _rejection(
-    ds: Dataset, source_key: str, reason: str, size: int, sop_class_uid: str | None
-) -> Rejection:
-    return Rejection(
-        source_key,
-        reason,
-        size,
-        sop_class_uid=sop_class_uid,
-        sop_instance_uid=_uid(ds.get_item(0x00080018)),
-        series_instance_uid=_uid(ds.get_item(0x0020000E)),
-        study_instance_uid=_uid(ds.get_item(0x0020000D)),
-        patient_id=_uid(ds.get_item(0x00100020)),
-    )
-
-
-def _vendor_hints(ds: Dataset, creators: dict[tuple[int, str], int]) -> VendorImageHints:
-    if not creators:
+def _vendor_hints(tags: PrivateTags) -> VendorImageHints:
+    if not tags.creators:
         return VendorImageHints()
-    ge_type = read_private(ds, "ge_image_type", creators)
-    ge_sequence = read_private(ds, "ge_pulse_sequence", creators)
-    ge_vas = read_private(ds, "ge_vas_collapse", creators)
-    philips_type = read_private(ds, "philips_image_type_mr", creators)
+    ge_sequence = tags.get("ge_pulse_sequence")
+    philips_type = tags.get("philips_image_type_mr")
     return VendorImageHints(
-        ge_image_type=_int(ge_type),
+        ge_image_type=_int(tags.get("ge_image_type")),
         ge_pulse_sequence=str(ge_sequence[0])
         if isinstance(ge_sequence, list) and ge_sequence
         else None,
-        ge_vas_collapse=_int(ge_vas),
+        ge_vas_collapse=_int(tags.get("ge_vas_collapse")),
         philips_image_type=str(philips_type[0])
         if isinstance(philips_type, list) and philips_type
         else None,
@@ -291,11 +318,7 @@ def _int(values: Any) -> int | None:
 
 
 def _mr_detail(
-    view: HeaderView,
-    ds: Dataset,
-    creators: dict[tuple[int, str], int],
-    image_type: list[str],
-    series: SeriesRecord,
+    view: HeaderView, tags: PrivateTags, image_type: list[str], series: SeriesRecord
 ) -> MRDetail:
     mr = view.fill(MRDetail, "mr")
     siemens = (series.manufacturer or "").upper().startswith("SIEMENS")
@@ -303,15 +326,11 @@ def _mr_detail(
         mr.sequence_name or ""
     )
     diffusion = read_diffusion(
-        ds,
-        creators,
-        mr.diffusion_b_value,
-        mr.diffusion_gradient_orientation,
-        siemens and looks_diffusion,
+        tags, mr.diffusion_b_value, mr.diffusion_gradient_orientation, siemens and looks_diffusion
     )
     mr.b_value = diffusion.b_value
     mr.gradient_direction = list(diffusion.gradient)
-    sequence = read_private(ds, "ge_pulse_sequence", creators) if creators else None
+    sequence = tags.get("ge_pulse_sequence")
     if isinstance(sequence, list) and sequence:
         mr.vendor_pulse_sequence = str(sequence[0])
     return mr

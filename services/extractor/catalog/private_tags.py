@@ -43,50 +43,52 @@ def private_tag_table() -> dict[str, PrivateTag]:
     }
 
 
-def private_creators(ds: Dataset) -> dict[tuple[int, str], int]:
-    """(group, creator) -> block number for every private creator element (gggg,0010-00FF) of `ds`."""
-    blocks: dict[tuple[int, str], int] = {}
+def private_elements(ds: Dataset) -> dict[int, bytes]:
+    """Raw bytes of the top-level private elements (odd groups) of a pydicom data set."""
+    out: dict[int, bytes] = {}
     for base_tag, elem in ds.items():
         tag = int(base_tag)
-        group = tag >> 16
-        if not group & 1 or not 0x10 <= tag & 0xFFFF <= 0xFF:
+        if not tag >> 16 & 1 or not tag & 0xFFFF or elem.VR == "SQ":
             continue
-        value = elem.value
-        if isinstance(value, bytes):
-            creator = value.decode("latin-1").strip(" \x00")
-        elif isinstance(value, str):
-            creator = value.strip()
-        else:
-            continue
-        blocks[(group, creator)] = tag & 0xFF
+        if isinstance(elem.value, bytes):
+            out[tag] = elem.value
+        elif isinstance(
+            elem.value, str
+        ):  # a creator pydicom already decoded to look up a private tag
+            out[tag] = elem.value.encode("latin-1", "replace")
+    return out
+
+
+def private_creators(private: dict[int, bytes]) -> dict[tuple[int, str], int]:
+    """(group, creator) -> block number for every private creator element (gggg,0010-00FF)."""
+    blocks: dict[tuple[int, str], int] = {}
+    for tag, value in private.items():
+        if 0x10 <= tag & 0xFFFF <= 0xFF:
+            blocks[(tag >> 16, value.decode("latin-1").strip(" \x00"))] = tag & 0xFF
     return blocks
 
 
 def read_private(
-    ds: Dataset, name: str, creators: dict[tuple[int, str], int]
+    private: dict[int, bytes],
+    name: str,
+    creators: dict[tuple[int, str], int],
+    *,
+    little_endian: bool = True,
 ) -> list[Any] | bytes | None:
     """The values of private attribute `name`, decoded by the table's VR (bytes for OB/UN), or None."""
     spec = private_tag_table()[name]
     block = creators.get((spec.group, spec.creator))
     if block is None:
         return None
-    elem = ds.get_item(spec.group << 16 | block << 8 | spec.element)  # raw: no pydicom conversion
-    if elem is None:
+    value = private.get(spec.group << 16 | block << 8 | spec.element)
+    if not value:
         return None
-    value = elem.value
-    if not isinstance(value, bytes):
-        # already converted by pydicom (explicit VR it knew): normalise to a list
-        if value is None or value == "":
-            return None
-        return (
-            list(value) if isinstance(value, list | tuple) or hasattr(value, "append") else [value]
-        )
     if spec.vr in ("OB", "UN"):
         return value
     if spec.vr in _BINARY_FORMATS:
         fmt = _BINARY_FORMATS[spec.vr]
         size = struct.calcsize("<" + fmt)
-        endian = "<" if getattr(elem, "is_little_endian", True) else ">"
+        endian = "<" if little_endian else ">"
         count = len(value) // size
         return (
             list(struct.unpack(f"{endian}{count}{fmt}", value[: count * size])) if count else None
@@ -104,3 +106,22 @@ def read_private(
                 numbers.append(None)
         return numbers
     return parts
+
+
+@dataclass(frozen=True, slots=True)
+class PrivateTags:
+    """The private elements of one header, looked up by their name in the table."""
+
+    raw: dict[int, bytes]
+    creators: dict[tuple[int, str], int]
+    little_endian: bool = True
+
+    @classmethod
+    def of(cls, raw: dict[int, bytes], *, little_endian: bool = True) -> PrivateTags:
+        return cls(raw, private_creators(raw), little_endian)
+
+    def get(self, name: str) -> list[Any] | bytes | None:
+        """Values of the private attribute called `name` in data/private_tags.json, or None."""
+        if not self.creators:
+            return None
+        return read_private(self.raw, name, self.creators, little_endian=self.little_endian)
