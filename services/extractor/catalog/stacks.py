@@ -12,7 +12,7 @@ third ImageType value (AXIAL, LOCALIZER, ...), AC whether PET images are attenua
 the plane (AX, COR, SAG, OBL) of the slice normal. Per-slice values (CT tube current and exposure, slice
 location, trigger time, PET frame timing) never enter a key. Numbers are rounded to two decimals with
 trailing zeros stripped, so the same data always gives the same key, whatever the order files arrive in.
-Why these fields: docs/adr-0001-stack-key.md.
+Why these fields: docs/adr-0009-stack-key.md.
 """
 
 from __future__ import annotations
