@@ -235,7 +235,8 @@ def dataset_files(
         )
     for session_dir, scan_rows in sorted(scans.items()):
         prefix = "_".join(session_dir.parts)
-        put(session_dir / f"{prefix}_scans.tsv", tsv(["filename", "acq_time"], sorted(scan_rows)))
+        unique = sorted(dict(sorted(scan_rows, reverse=True)).items())  # one row per file
+        put(session_dir / f"{prefix}_scans.tsv", tsv(["filename", "acq_time"], unique))
 
     for pipeline in sorted(
         {e.base.parts[1] for e in exports if e.base.parts[0] == DERIVATIVES.name}

@@ -15,8 +15,46 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from services.exporter.bids.entities import bids_name, parse_bids_name
+from services.exporter.bids.plan import load_naming_rules
 
 _MAGNITUDE_SUFFIXES = frozenset({"magnitude", "magnitude1", "magnitude2"})
+
+
+def _image_part(tokens: Mapping[str, str]) -> str:
+    return "fieldmap" if "fieldmap" in tokens else tokens.get("part", "mag")
+
+
+def _stack_part(constants: Mapping[str, object]) -> str | None:
+    value = constants.get("PART")
+    if value is None:
+        return None
+    text = str(value).upper()
+    if text == "B0MAP":
+        return "fieldmap"
+    split = next(s for s in load_naming_rules().series_splits if s["entity"] == "part")
+    part: str | None = split["values"].get(text)
+    return part
+
+
+def images_of_stack(
+    images: Sequence[Mapping[str, str]], constants: Mapping[str, object]
+) -> list[bool]:
+    """Which converted images belong to the stack, when its files hold other stacks too.
+
+    An enhanced multi-frame file can carry several stacks (a Philips B0 map: magnitude frames and
+    field-map frames); converting it for one stack gives every image. The stack's constants
+    (`PART` M/P/R/I/B0MAP, `ECHO`) pick its own; when they pick none, all images are kept.
+    """
+    if len(images) < 2:
+        return [True] * len(images)
+    part, echo = _stack_part(constants), constants.get("ECHO")
+    keep = []
+    for tokens in images:
+        ok = part is None or _image_part(tokens) == part
+        if echo is not None and "echo" in tokens:
+            ok = ok and tokens["echo"] == str(echo)
+        keep.append(ok)
+    return keep if any(keep) else [True] * len(images)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,11 @@ def missing_required(sidecar: Mapping[str, Any], suffix: str) -> list[str]:
     return [key for key in required if key not in sidecar]
 
 
+def needs_time_series(suffix: str) -> bool:
+    """True for suffixes BIDS defines as 4D time series (bold, cbv, asl): a 3D image is invalid."""
+    return suffix in _table()["time_series"]
+
+
 def slice_normal(orientation: list[float]) -> tuple[float, float, float] | None:
     """The unit slice normal from ImageOrientationPatient (0020,0037): row x column direction cosines."""
     if len(orientation) != 6:

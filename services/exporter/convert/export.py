@@ -17,9 +17,10 @@ from typing import Literal
 
 from services.exporter.bids.dataset import ExportedStack
 from services.exporter.bids.entities import Layout, parse_bids_name
-from services.exporter.bids.outputs import name_outputs
-from services.exporter.bids.sidecar import build_sidecar, missing_required
+from services.exporter.bids.outputs import OutputName, images_of_stack, name_outputs
+from services.exporter.bids.sidecar import build_sidecar, missing_required, needs_time_series
 from services.exporter.bids.stack import ExportStack
+from services.exporter.convert.outputs import ConvertedImage
 from services.exporter.convert.stack import convert_stack, copy_dicom_stack
 
 OutputMode = Literal["dcm", "nii", "nii.gz"]
@@ -95,6 +96,13 @@ def _export_nifti(
         result.warnings += converted.warnings
         if converted.fallback_reason:
             result.warnings.append(f"converted with {converted.tool}: {converted.fallback_reason}")
+        own = images_of_stack([i.tokens for i in converted.images], stack.summary.constants)
+        for image, mine in zip(converted.images, own, strict=True):
+            if not mine:
+                result.skipped.append(
+                    f"image{image.postfix}: belongs to another stack of the same files"
+                )
+        converted.images = [i for i, mine in zip(converted.images, own, strict=True) if mine]
         names = name_outputs(base, [image.tokens for image in converted.images])
         # dcm2niix writes one sidecar for a resliced CT (_Tilt/_Eq): it stays with the original,
         # which is dropped; the resliced image borrows it
@@ -103,6 +111,7 @@ def _export_nifti(
             for i, n in zip(converted.images, names, strict=True)
             if n.base is None and i.json
         ]
+        _check_time_series(converted.images, names)
         for image, named in zip(converted.images, names, strict=True):
             if named.base is None:
                 result.skipped.append(f"image{image.postfix or ' (main)'}: {named.reason}")
@@ -113,6 +122,27 @@ def _export_nifti(
             _place_image(stack, files, named.base, root, modes, result)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+class ExportError(ValueError):
+    """The stack converted, but what came out cannot be written under its classification."""
+
+
+def _check_time_series(images: Sequence[ConvertedImage], names: Sequence[OutputName]) -> None:
+    """Refuse a 3D image named as a time series (bold, cbv, asl): the validator rejects it."""
+    import nibabel as nib
+
+    for image, named in zip(images, names, strict=True):
+        if named.base is None:
+            continue
+        _, suffix, _ = parse_bids_name(named.base.name)
+        if needs_time_series(suffix):
+            shape = nib.load(image.nii).shape  # type: ignore[attr-defined]
+            if len(shape) < 4 or shape[3] < 2:
+                raise ExportError(
+                    f"{named.base.name}: a {suffix} series must be 4D, the converted image is "
+                    f"{'x'.join(map(str, shape))} (check the classification or the stack's files)"
+                )
 
 
 def _place_image(

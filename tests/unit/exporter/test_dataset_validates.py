@@ -300,3 +300,34 @@ def test_dual_echo_series_kept_together_is_split_by_echo(dicom_root: Path, tmp_p
     echo_times = [e.sidecars[str(plan[e.stack.key]) + ".json"]["EchoTime"] for e in exports]
     assert echo_times[0] < echo_times[1]
     assert run_bids_validator(tmp_path).errors == 0
+
+
+def test_a_3d_image_is_not_written_as_bold(dicom_root: Path, tmp_path: Path) -> None:
+    """A misclassified single-volume series fails its own item instead of breaking validation."""
+    from services.exporter.convert.export import ExportError
+
+    t2 = real_stack(dicom_root / "dcm_qa_pdt2" / "In" / "Siemens" / "VE11", "func", "bold", echo=2)
+    plan = plan_names([t2])
+    with pytest.raises(ExportError, match="must be 4D"):
+        export_stack(t2, plan[t2.key], tmp_path)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_stacks_sharing_one_enhanced_file_get_their_own_image(
+    dicom_root: Path, tmp_path: Path
+) -> None:
+    """Philips enhanced B0 map: one file, two stacks (magnitude frames, B0 map frames)."""
+    source = dicom_root / "dcm_qa_enh" / "In" / "Philips"
+    magnitude = real_stack(source, "fmap", "magnitude")
+    fieldmap = real_stack(source, "fmap", "fieldmap")
+    magnitude.summary.constants, magnitude.summary.stack_key = {"PART": "M"}, "MR|PART=M"
+    fieldmap.summary.constants, fieldmap.summary.stack_key = {"PART": "B0MAP"}, "MR|PART=B0MAP"
+    plan = plan_names([magnitude, fieldmap])
+    exports = [export_stack(s, plan[s.key], tmp_path) for s in (magnitude, fieldmap)]
+    assert [[str(i) for i in e.images] for e in exports] == [
+        ["sub-01/ses-1/fmap/sub-01_ses-1_magnitude.nii.gz"],
+        ["sub-01/ses-1/fmap/sub-01_ses-1_fieldmap.nii.gz"],
+    ]
+    assert exports[0].skipped == ["image_e2_fieldmaphz: belongs to another stack of the same files"]
+    units = exports[1].sidecars["sub-01/ses-1/fmap/sub-01_ses-1_fieldmap.json"]["Units"]
+    assert units == "Hz"
