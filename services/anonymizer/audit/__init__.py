@@ -8,7 +8,7 @@ from services.anonymizer.audit.export import (
     AuditPasswordError,
     AuditRow,
     SubjectRow,
-    audit_rows,
+    audit_row,
     decrypt_audit,
     write_audit,
 )
@@ -18,7 +18,7 @@ __all__ = [
     "AuditPasswordError",
     "AuditRow",
     "SubjectRow",
-    "audit_rows",
+    "audit_row",
     "decrypt_audit",
     "write_audit",
 ]

@@ -73,7 +73,7 @@ def _join(actions: Iterable[tuple[str, str]], wanted: set[str]) -> str:
     return " ".join(sorted({k for k, a in actions if a in wanted}))
 
 
-def audit_rows(result: AnonymizationResult, object_key: str, status: str = "") -> AuditRow:
+def audit_row(result: AnonymizationResult, object_key: str, status: str = "") -> AuditRow:
     """The audit row of one anonymized file (keywords and actions only)."""
     ds = result.dataset
     acts = list(result.actions)

@@ -12,7 +12,7 @@ from services.anonymizer.audit import (
     AuditPasswordError,
     AuditRow,
     SubjectRow,
-    audit_rows,
+    audit_row,
     decrypt_audit,
     write_audit,
 )
@@ -26,7 +26,7 @@ Rows = tuple[list[SubjectRow], list[AuditRow], str]
 @pytest.fixture
 def rows(deident_files: list[Path]) -> Rows:
     result, _ = run(deident_files[0])
-    files = [audit_rows(result, "anon/c1/subTEST01/a.dcm")]
+    files = [audit_row(result, "anon/c1/subTEST01/a.dcm")]
     subjects = [SubjectRow(result.original_patient_id, "subTEST01", -42)]
     return subjects, files, result.original_patient_id
 
