@@ -1,0 +1,535 @@
+"""Export as a stage plugin: plan the names once, export one stack per item, finish the dataset.
+
+- plan: the cohort's stacks and their classification (through the catalog and sorting views,
+  filtered by cohort), the selection of `includeIntents`/`includeProvenance` (the rest recorded with
+  the reason), and the whole naming plan (sessions, `run-` numbers by acquisition time) computed once
+  by the core and stored in `export.planned_stack`; one work item per exported stack.
+- process: download the stack's DICOM objects, convert (dcm2niix in a subprocess with a timeout,
+  dicom2nifti as fallback) and/or copy the DICOM, upload to `export/<cohort>/<job>/<path>`, write the
+  manifest. A stack that cannot be converted fails its item only. With `overwrite: skip` a stack whose
+  fingerprint (names, DICOM bytes, modes, classification) matches an earlier export of the cohort
+  lists that export's objects and writes nothing.
+- finalize: dataset files and field-map links (core), in the manifest too; the BIDS validator on the
+  materialized tree (bids layout) as the last step, its report in the summary; the copy to
+  `destination` when asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import shutil
+import tempfile
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import asyncpg
+
+from services.exporter import repository as repo
+from services.exporter.bids import (
+    ExportedStack,
+    ExportStack,
+    StudyVisit,
+    assign_sessions,
+    dataset_files,
+    naming_problems,
+    plan_names,
+)
+from services.exporter.convert import ConverterError
+from services.exporter.convert.export import export_stack
+from services.exporter.repository import ManifestRow, SourceInstance
+from services.exporter.selection import (
+    CLASSIFICATION_FIELDS,
+    ExportOptions,
+    export_stack_of,
+    file_kind,
+    split_selected,
+    stack_fingerprint,
+)
+from services.exporter.validate import ValidatorError, run_bids_validator
+from shared.catalog import StackSummary
+from shared.events import ItemError, StageRequested, WorkItem
+from shared.settings import Settings, get_settings
+from shared.sources import check_location
+from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
+from shared.storage import ObjectStore, parse_s3_uri
+from shared.topics import Stage
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+NOT_CLASSIFIED = "not classified (run sorting first)"
+_TRANSFER_THREADS = 8
+_LISTED_MAX = 200
+
+
+def export_prefix(cohort_id: uuid.UUID, job_id: uuid.UUID) -> str:
+    """Where an export job's tree lives in the data bucket (DESIGN.md §4)."""
+    return f"export/{cohort_id}/{job_id}"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _parallel(work: Iterable[Any], fn: Any) -> list[Any]:
+    with ThreadPoolExecutor(max_workers=_TRANSFER_THREADS) as pool:
+        return list(pool.map(fn, work))
+
+
+class ExporterPlugin:
+    stage = Stage.export
+    service = "exporter"
+    schema = "export"
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self._settings = settings
+        self._store: ObjectStore | None = None
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = ObjectStore(self._settings or get_settings())
+        return self._store
+
+    # --- plan -----------------------------------------------------------------------------------
+
+    async def plan(
+        self, pool: asyncpg.Pool, request: StageRequested, job_id: uuid.UUID
+    ) -> list[PlannedItem]:
+        options = ExportOptions.from_config(request.config)
+        cohort_id = request.cohort.id
+        async with pool.acquire() as conn:
+            rows = await repo.cohort_stacks(conn, cohort_id)
+            studies = await repo.cohort_studies(conn, cohort_id)
+            instances = await repo.cohort_instances(conn, cohort_id)
+        sessions = assign_sessions(
+            StudyVisit(
+                subject=r["subject_id"],
+                study_instance_uid=r["study_instance_uid"],
+                study_date=r["study_date"],
+                study_time=r["study_time"],
+            )
+            for r in studies
+        )
+        candidates: list[tuple[ExportStack, dict[str, Any]]] = []
+        unclassified: dict[str, str] = {}
+        by_key: dict[str, tuple[ExportStack, dict[str, Any]]] = {}
+        for row in rows:
+            summary = StackSummary.model_validate(row["summary"])
+            summary.sop_instance_uids = list(row["sop_instance_uids"])
+            classification = {f: row[f] for f in CLASSIFICATION_FIELDS}
+            stack = export_stack_of(
+                summary, classification, sessions.get(row["study_instance_uid"])
+            )
+            by_key[stack.key] = (stack, classification)
+            if row["classified"]:
+                candidates.append((stack, classification))
+            else:
+                unclassified[stack.key] = NOT_CLASSIFIED
+        kept, reasons = split_selected(candidates, options)
+        reasons.update(unclassified)
+        problems = naming_problems(kept, group_symri=options.group_symri)
+        for stack in kept:
+            missing = [u for u in stack.summary.sop_instance_uids if u not in instances]
+            if missing and stack.key not in problems:
+                problems[stack.key] = f"{len(missing)} instance(s) missing from the catalog"
+        names = plan_names(
+            [s for s in kept if s.key not in problems],
+            layout=options.layout,
+            group_symri=options.group_symri,
+        )
+        plan_rows = []
+        for key, (stack, classification) in by_key.items():
+            base = names.get(key)
+            sources = [
+                [i.sop_instance_uid, i.object_key, i.sha256, i.size]
+                for u in stack.summary.sop_instance_uids
+                if (i := instances.get(u)) is not None
+            ]
+            plan_rows.append(
+                (
+                    job_id,
+                    cohort_id,
+                    stack.summary.series_instance_uid,
+                    stack.summary.stack_key,
+                    str(base) if base is not None else None,
+                    stack.model_dump(mode="json") if key not in reasons else None,
+                    sources if key not in reasons else [],
+                    classification,
+                    reasons.get(key),
+                    problems.get(key),
+                )
+            )
+        async with pool.acquire() as conn, conn.transaction():
+            await repo.save_plan(conn, plan_rows)
+        log.info(
+            "export planned",
+            extra={
+                "job_id": str(job_id),
+                "stacks": len(by_key),
+                "exported": len(kept),
+                "not_exported": len(reasons),
+                "unnamable": len(problems),
+            },
+        )
+        return [
+            PlannedItem(
+                key=stack.key,
+                data={
+                    "series": stack.summary.series_instance_uid,
+                    "stack_key": stack.summary.stack_key,
+                },
+                partition_key=stack.summary.study_instance_uid,
+            )
+            for stack in sorted(kept, key=lambda s: s.key)
+        ]
+
+    # --- process ----------------------------------------------------------------------------------
+
+    async def process(self, ctx: ItemContext, item: WorkItem) -> ItemResult:
+        options = ExportOptions.from_config(item.config)
+        cohort_id = item.cohort.id
+        series_uid, stack_key = item.data["series"], item.data["stack_key"]
+        async with ctx.pool.acquire() as conn:
+            planned = await repo.planned_stack(conn, ctx.job_id, series_uid, stack_key)
+        if planned is None:
+            raise RuntimeError(f"no plan for stack {item.item_key} in job {ctx.job_id}")
+        if planned["problem"] or planned["base_path"] is None:
+            return await self._fail(ctx, item, planned, planned["problem"] or "no name planned")
+        stack = ExportStack.model_validate(planned["stack"])
+        sources = [SourceInstance(*s) for s in planned["sources"]]
+        base = PurePosixPath(planned["base_path"])
+        fingerprint = stack_fingerprint(base, stack, [s.sha256 for s in sources], options)
+        if options.overwrite == "skip":
+            reused = await self._reuse(ctx, item, planned, fingerprint)
+            if reused is not None:
+                return reused
+        await ctx.check_cancelled()
+        prefix = export_prefix(cohort_id, ctx.job_id)
+        with tempfile.TemporaryDirectory(prefix="cohortflow-export-") as scratch:
+            folder = Path(scratch)
+            files = await asyncio.to_thread(self._download_sources, sources, folder / "dicom")
+            local_sop = {
+                str(path): s.sop_instance_uid for path, s in zip(files, sources, strict=True)
+            }
+            try:
+                exported = await asyncio.to_thread(
+                    export_stack,
+                    stack.model_copy(update={"files": files}),
+                    base,
+                    folder / "out",
+                    output_modes=options.output_modes,
+                    layout=options.layout,
+                    overwrite="overwrite",
+                    timeout_s=options.convert_timeout_s,
+                )
+            except (ConverterError, ValueError) as exc:
+                return await self._fail(
+                    ctx, item, planned, f"{type(exc).__name__}: {exc}", fingerprint
+                )
+            if not exported.files:
+                reason = "; ".join(exported.skipped) or "the converter produced no file"
+                return await self._fail(
+                    ctx, item, planned, f"nothing exported: {reason}", fingerprint
+                )
+            await ctx.check_cancelled()
+            rows = await asyncio.to_thread(
+                self._upload, exported, folder / "out", prefix, planned, local_sop
+            )
+        record = exported.model_copy(
+            update={
+                "stack": stack,
+                "sources": {
+                    path: local_sop.get(local, "") for path, local in exported.sources.items()
+                },
+            }
+        ).model_dump(mode="json")
+        async with ctx.pool.acquire() as conn:
+            await repo.save_stack(
+                conn,
+                job_id=ctx.job_id,
+                cohort_id=cohort_id,
+                series_uid=series_uid,
+                stack_key=stack_key,
+                base_path=str(base),
+                fingerprint=fingerprint,
+                status="exported",
+                record=record,
+                files=rows,
+                tool=exported.tool,
+                tool_version=exported.tool_version,
+            )
+        return ItemResult(
+            counts={
+                "stacks_exported": 1,
+                "files_uploaded": len(rows),
+                "bytes_uploaded": sum(r.size for r in rows),
+                "images": len(exported.images),
+                "converted_with_fallback": int(exported.tool == "dicom2nifti"),
+            }
+        )
+
+    def _download_sources(self, sources: Sequence[SourceInstance], folder: Path) -> list[Path]:
+        """The stack's DICOM objects on local disk, checked against the catalog's SHA-256."""
+        folder.mkdir(parents=True)
+
+        def fetch(indexed: tuple[int, SourceInstance]) -> Path:
+            index, source = indexed
+            path = folder / f"{index:06d}.dcm"
+            self.store.download(source.object_key, path)
+            if source.sha256 and _sha256_file(path) != source.sha256:
+                raise RuntimeError(
+                    f"{source.object_key}: content differs from the catalog's SHA-256"
+                )
+            return path
+
+        return _parallel(enumerate(sources), fetch)
+
+    def _upload(
+        self,
+        exported: ExportedStack,
+        root: Path,
+        prefix: str,
+        planned: asyncpg.Record,
+        local_sop: dict[str, str],
+    ) -> list[ManifestRow]:
+        all_sops = [s[0] for s in planned["sources"]]
+
+        def put(relative: PurePosixPath) -> ManifestRow:
+            path = root / str(relative)
+            key = f"{prefix}/{relative}"
+            digest = self.store.put_file(key, path)
+            local = exported.sources.get(str(relative))
+            return ManifestRow(
+                path=str(relative),
+                object_key=key,
+                kind=file_kind(relative),
+                size=path.stat().st_size,
+                sha256=digest,
+                series_instance_uid=planned["series_instance_uid"],
+                stack_key=planned["stack_key"],
+                source_sop_instance_uids=[local_sop[local]] if local else all_sops,
+                classification=planned["classification"],
+                tool=None if local else exported.tool,
+                tool_version=None if local else exported.tool_version,
+            )
+
+        return _parallel(exported.files, put)
+
+    async def _reuse(
+        self, ctx: ItemContext, item: WorkItem, planned: asyncpg.Record, fingerprint: str
+    ) -> ItemResult | None:
+        """List an earlier export's objects for this stack when they all still exist."""
+        async with ctx.pool.acquire() as conn:
+            found = await repo.reusable_export(conn, item.cohort.id, ctx.job_id, fingerprint)
+        if found is None:
+            return None
+        earlier, files = found
+        present = await asyncio.to_thread(
+            lambda: all(self.store.stat(f.object_key) is not None for f in files)
+        )
+        if not files or not present:
+            return None
+        async with ctx.pool.acquire() as conn:
+            await repo.save_stack(
+                conn,
+                job_id=ctx.job_id,
+                cohort_id=item.cohort.id,
+                series_uid=planned["series_instance_uid"],
+                stack_key=planned["stack_key"],
+                base_path=planned["base_path"],
+                fingerprint=fingerprint,
+                status="reused",
+                record=earlier["record"],
+                files=files,
+                tool=earlier["tool"],
+                tool_version=earlier["tool_version"],
+                reused_from=earlier["reused_from"] or earlier["job_id"],
+            )
+        return ItemResult(counts={"stacks_reused": 1, "files_reused": len(files)})
+
+    async def _fail(
+        self,
+        ctx: ItemContext,
+        item: WorkItem,
+        planned: asyncpg.Record,
+        error: str,
+        fingerprint: str = "",
+    ) -> ItemResult:
+        async with ctx.pool.acquire() as conn:
+            await repo.save_stack(
+                conn,
+                job_id=ctx.job_id,
+                cohort_id=item.cohort.id,
+                series_uid=planned["series_instance_uid"],
+                stack_key=planned["stack_key"],
+                base_path=planned["base_path"] or "",
+                fingerprint=fingerprint,
+                status="failed",
+                record=None,
+                files=[],
+                error=error[:4000],
+            )
+        log.warning("stack not exported", extra={"item": item.item_key, "error": error[:500]})
+        return ItemResult(
+            counts={"stacks_failed": 1},
+            errors=[ItemError(item=item.item_key, message=error[:2000])],
+            failed=True,
+        )
+
+    # --- finalize ---------------------------------------------------------------------------------
+
+    async def finalize(self, pool: asyncpg.Pool, run: RunInfo) -> tuple[dict[str, Any], str | None]:
+        options = ExportOptions.from_config(run.config)
+        prefix = export_prefix(run.cohort.id, run.job_id)
+        async with pool.acquire() as conn:
+            records = await repo.exported_records(conn, run.job_id)
+            failed = await repo.failed_stacks(conn, run.job_id)
+            left_out = await repo.not_exported(conn, run.job_id)
+        exports = [ExportedStack.model_validate(r["record"]) for r in records]
+        versions = [e.tool_version for e in exports if e.tool == "dcm2niix" and e.tool_version]
+        texts = dataset_files(
+            exports,
+            name=run.cohort.name,
+            dcm2niix_version=versions[0] if versions else None,
+            layout=options.layout,
+        )
+        written = await self._publish_dataset_files(pool, run, texts, options, prefix)
+        async with pool.acquire() as conn:
+            files = await repo.manifest(conn, run.job_id)
+        with tempfile.TemporaryDirectory(prefix="cohortflow-tree-") as scratch:
+            tree = Path(scratch)
+            validator = await self._validate(files, tree, options, bool(exports))
+            destination = await self._copy_to_destination(files, tree, options)
+        warnings = [f"{e.base.name}: {w}" for e in exports for w in [*e.warnings, *e.skipped]]
+        summary = {
+            "output_prefix": prefix,
+            "layout": options.layout,
+            "output_modes": list(options.output_modes),
+            "overwrite": options.overwrite,
+            "stacks_with_output": len(exports),
+            "files_total": len(files),
+            "bytes_total": sum(f.size for f in files),
+            "files_written": sum(1 for f in files if f.object_key.startswith(prefix + "/")),
+            "dataset_files_written": written,
+            "not_exported": dict(Counter(r["not_exported_reason"] for r in left_out)),
+            "not_exported_stacks": [
+                {
+                    "series_instance_uid": r["series_instance_uid"],
+                    "stack_key": r["stack_key"],
+                    "reason": r["not_exported_reason"],
+                }
+                for r in left_out[:_LISTED_MAX]
+            ],
+            "failed_stacks": [
+                {
+                    "series_instance_uid": r["series_instance_uid"],
+                    "stack_key": r["stack_key"],
+                    "path": r["base_path"],
+                    "error": (r["error"] or "")[:500],
+                }
+                for r in failed[:_LISTED_MAX]
+            ],
+            "warnings": warnings[:_LISTED_MAX],
+            "validator": validator,
+            "destination": destination,
+        }
+        return summary, prefix
+
+    async def _publish_dataset_files(
+        self,
+        pool: asyncpg.Pool,
+        run: RunInfo,
+        texts: dict[PurePosixPath, str],
+        options: ExportOptions,
+        prefix: str,
+    ) -> int:
+        """Dataset files and linked sidecars into storage and the manifest; returns how many
+        objects were written (with `overwrite: skip`, identical earlier objects are listed instead)."""
+        async with pool.acquire() as conn:
+            current = {f.path: f for f in await repo.manifest(conn, run.job_id)}
+            rows: list[ManifestRow] = []
+            to_write: list[tuple[str, bytes]] = []
+            for relative, text in sorted(texts.items()):
+                path, data = str(relative), text.encode("utf-8")
+                digest = hashlib.sha256(data).hexdigest()
+                if path in current and current[path].sha256 == digest:
+                    continue
+                key = None
+                if options.overwrite == "skip":
+                    key = await repo.object_with_content(conn, run.cohort.id, path, digest)
+                if key is None:
+                    key = f"{prefix}/{path}"
+                    to_write.append((key, data))
+                rows.append(
+                    ManifestRow(
+                        path=path,
+                        object_key=key,
+                        kind=file_kind(path) if path in current else "metadata",
+                        size=len(data),
+                        sha256=digest,
+                    )
+                )
+        await asyncio.to_thread(_parallel, to_write, lambda kd: self.store.put_bytes(kd[0], kd[1]))
+        async with pool.acquire() as conn, conn.transaction():
+            await repo.upsert_manifest(conn, run.job_id, run.cohort.id, rows)
+        return len(to_write)
+
+    def _materialize(self, files: Sequence[ManifestRow], tree: Path) -> None:
+        def fetch(row: ManifestRow) -> None:
+            target = tree / row.path
+            if not target.exists():
+                self.store.download(row.object_key, target)
+
+        _parallel(files, fetch)
+
+    async def _validate(
+        self, files: Sequence[ManifestRow], tree: Path, options: ExportOptions, has_stacks: bool
+    ) -> dict[str, Any]:
+        """The BIDS validator's report on the tree (sourcedata/ is not validated, so not fetched)."""
+        if options.layout != "bids":
+            return {"skipped": "flat layout is not a BIDS dataset"}
+        if not options.nifti or not has_stacks:
+            return {"skipped": "no NIfTI output to validate"}
+        bids = [f for f in files if not f.path.startswith("sourcedata/")]
+        await asyncio.to_thread(self._materialize, bids, tree)
+        try:
+            report = await asyncio.to_thread(
+                run_bids_validator, tree, timeout_s=options.validate_timeout_s
+            )
+        except ValidatorError as exc:
+            log.error("BIDS validator did not run", extra={"error": str(exc)})
+            return {"error": str(exc)}
+        return report.as_json()
+
+    async def _copy_to_destination(
+        self, files: Sequence[ManifestRow], tree: Path, options: ExportOptions
+    ) -> dict[str, Any] | None:
+        """Copy the whole tree to the user's folder or s3:// prefix (checked again here)."""
+        if not options.destination:
+            return None
+        await asyncio.to_thread(self._materialize, files, tree)
+        if options.destination.startswith("s3://"):
+            bucket, dest_prefix = parse_s3_uri(options.destination)
+
+            def put(row: ManifestRow) -> None:
+                key = f"{dest_prefix}/{row.path}" if dest_prefix else row.path
+                self.store.put_file(key, tree / row.path, bucket=bucket)
+
+            await asyncio.to_thread(_parallel, files, put)
+            return {"location": options.destination, "files": len(files)}
+        target = Path(options.destination).expanduser().resolve()
+        existing = next(p for p in (target, *target.parents) if p.exists())
+        check_location(str(existing), self._settings or get_settings())
+        await asyncio.to_thread(shutil.copytree, tree, target, dirs_exist_ok=True)
+        return {"location": str(target), "files": len(files)}
