@@ -174,6 +174,22 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         {"modifiers": {"FLAIR"}, "suffix": "T1w", "entities": {"acq": "flair"}},
     ),
     (
+        "ge t1 flair at 3T, TI in the T1 range [protocol]",
+        {
+            **GE,
+            "ScanningSequence": ["SE", "IR"],
+            "ScanOptions": ["FAST_GEMS", "IR_GEMS"],
+            "MRAcquisitionType": "2D",
+            "RepetitionTime": 2200,
+            "EchoTime": 10,
+            "InversionTime": 920,
+            "FlipAngle": 111,
+            "ImageType": ["ORIGINAL", "PRIMARY", "OTHER"],
+            "SeriesDescription": "Sag T1 FLAIR",
+        },
+        {"base": "T1w", "suffix": "T1w", "entities": {"acq": "flair"}, "review": False},
+    ),
+    (
         "siemens stir [protocol]",
         {
             **SIEMENS,
