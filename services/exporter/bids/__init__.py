@@ -14,7 +14,7 @@ from services.exporter.bids.entities import (
     sanitize_label,
 )
 from services.exporter.bids.fieldmaps import ScanRecord, link_fieldmaps
-from services.exporter.bids.outputs import OutputName, name_outputs
+from services.exporter.bids.outputs import OutputName, images_of_stack, name_outputs
 from services.exporter.bids.plan import (
     StudyVisit,
     Target,
@@ -40,6 +40,7 @@ __all__ = [
     "build_sidecar",
     "dataset_description",
     "dataset_files",
+    "images_of_stack",
     "link_fieldmaps",
     "load_entity_table",
     "missing_required",

@@ -527,3 +527,20 @@ def test_image_tokens() -> None:
     assert image_tokens("_ROI3") == {"discard": "3"}
     assert image_tokens("_cH12") == {"coil": "H12"}
     assert image_tokens("_weird_e3") == {"echo": "3", "unknown": "weird"}
+
+
+@pytest.mark.parametrize(
+    ("postfixes", "constants", "keep"),
+    [
+        (["_e1", "_e2_fieldmaphz"], {"PART": "M"}, [True, False]),
+        (["_e1", "_e2_fieldmaphz"], {"PART": "B0MAP"}, [False, True]),
+        (["_e1", "_e2", "_e1_ph", "_e2_ph"], {"PART": "P", "ECHO": 2}, [False, False, False, True]),
+        (["_e1", "_e2"], {}, [True, True]),
+        (["_e1", "_e2"], {"PART": "P"}, [True, True]),  # nothing matches: keep everything
+        ([""], {"PART": "P"}, [True]),
+    ],
+)
+def test_images_of_stack(postfixes: list[str], constants: dict[str, Any], keep: list[bool]) -> None:
+    from services.exporter.bids import images_of_stack
+
+    assert images_of_stack([image_tokens(p) for p in postfixes], constants) == keep
