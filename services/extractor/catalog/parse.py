@@ -115,7 +115,9 @@ def _parse_stream(
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=verdict.kind == "stream")
         header_or_rejection = _pydicom_header(ds, fp, fp.tell(), size, source_key, max_value_bytes)
-    except _READ_ERRORS as exc:
+    except (
+        Exception
+    ) as exc:  # pydicom raises many types on damaged input; each is this file's verdict
         return Rejection(source_key, _read_error_reason(exc), size)
     if isinstance(header_or_rejection, Rejection):
         return header_or_rejection

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import warnings
 from pathlib import Path
 
 import pydicom
@@ -13,6 +15,7 @@ PDT2 = "dcm_qa_pdt2/In/Siemens/VE11/0001.dcm"
 EXPLICIT_LE = "dcm_qa_ts/In/1.dcm"
 IMPLICIT_LE = "dcm_qa_ts/In/2.dcm"
 JPEG_LOSSLESS = "dcm_qa_ts/In/5.dcm"
+KINDS = {"not DICOM", "truncated", "corrupt", "DICOMDIR", "non-image SOP class"}
 
 
 def _without_file_meta(content: bytes) -> bytes:
@@ -114,3 +117,34 @@ def test_garbage_after_magic_is_corrupt() -> None:
     result = parse_instance(content, "garbage.dcm")
     assert isinstance(result, Rejection)
     assert result.reason.startswith("corrupt: "), result.reason
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        PDT2,
+        IMPLICIT_LE,
+        "dcm_qa_ts/In/3.dcm",  # explicit VR big endian
+        JPEG_LOSSLESS,
+        "dcm_qa_enh/In/Philips/IM_0027_fMAP.dcm",
+        "dcm_qa_philips_dwi/In/cl/DICOMDIR",
+    ],
+)
+def test_damaged_content_never_raises(dicom_root: Path, key: str) -> None:
+    """Cuts and overwritten bytes anywhere in the header: always a record or a reasoned rejection."""
+    original = (dicom_root / key).read_bytes()
+    rng = random.Random(key)
+    for n in range(60):
+        content = bytearray(original)
+        if n % 2:
+            content = content[: rng.randrange(len(content))]
+        else:
+            start = rng.randrange(min(len(content), 20000))
+            content[start : start + rng.randrange(1, 32)] = rng.randbytes(8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = parse_instance(bytes(content), key)
+        if isinstance(result, Rejection):
+            assert result.reason.split(":")[0] in KINDS, result.reason
+        else:
+            assert isinstance(result, InstanceRecord)
