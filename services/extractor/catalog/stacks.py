@@ -18,7 +18,7 @@ Why these fields: docs/adr-0009-stack-key.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,14 +196,48 @@ class StackBuilder:
             stack.representative_instance = instance
             stack.representative_frame = frame
 
-    def summaries(self) -> list[StackSummary]:
-        """All stacks, sorted by series UID then stack key."""
+    def representatives(self) -> dict[tuple[str, str], str]:
+        """(series UID, stack key) -> SOP Instance UID of the stack's representative instance.
+
+        For rebuilding from stored rows without their headers: fetch just these headers and pass
+        them to `summaries(headers=...)`.
+        """
+        return {
+            (series_uid, key): _representative_uid(stack)
+            for series_uid, series in self._series.items()
+            for key, stack in series.stacks.items()
+        }
+
+    def summaries(self, headers: Mapping[str, dict[str, Any]] | None = None) -> list[StackSummary]:
+        """All stacks, sorted by series UID then stack key.
+
+        The representative's own header is used when its record has one; otherwise `headers`
+        (SOP Instance UID -> DICOM JSON) supplies it.
+        """
         out: list[StackSummary] = []
         for series_uid in sorted(self._series):
             series = self._series[series_uid]
             for key in sorted(series.stacks):
-                out.append(_summary(key, series.stacks[key], series))
+                stack = series.stacks[key]
+                summary = _summary(key, stack, series)
+                if not summary.header and headers is not None:
+                    summary.header = headers.get(_representative_uid(stack), {})
+                out.append(summary)
         return out
+
+
+def frame_stack_keys(instance: InstanceRecord) -> list[tuple[int, str]]:
+    """(frame number, stack key) for every frame of an instance: which stack each image belongs to.
+
+    A classic file gives one pair; an Enhanced file can give several keys (magnitude and phase, echoes).
+    """
+    return [(frame.frame, stack_key(stack_constants(instance, frame))) for frame in instance.frames]
+
+
+def _representative_uid(stack: _Stack) -> str:
+    instance = stack.representative_instance
+    assert instance is not None  # a stack exists only once a frame was added
+    return instance.sop_instance_uid or instance.source_key
 
 
 def build_stacks(instances: Iterable[InstanceRecord]) -> list[StackSummary]:

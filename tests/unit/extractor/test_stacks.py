@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import random
 from collections import defaultdict
 
@@ -13,6 +14,7 @@ from services.extractor.catalog import (
     StackBuilder,
     build_stacks,
     format_number,
+    frame_stack_keys,
     orientation_label,
 )
 from shared.catalog import StackSummary
@@ -228,3 +230,45 @@ def test_format_number(value: float, text: str) -> None:
 )
 def test_orientation_label(orientation: list[float], label: str | None) -> None:
     assert orientation_label([float(v) for v in orientation]) == label
+
+
+def test_rebuild_from_rows_without_headers_then_fetch_representatives(
+    instances: list[InstanceRecord], stacks: list[StackSummary]
+) -> None:
+    builder = StackBuilder()
+    stored_headers = {i.sop_instance_uid: i.header for i in instances}
+    for record in instances:
+        row = record.to_row()
+        row.pop("header")  # a database query that leaves the big JSON column out
+        builder.add(InstanceRecord.from_row(row))
+    wanted = builder.representatives()
+    assert len(wanted) == len(stacks)
+    headers = {uid: stored_headers[uid] for uid in wanted.values()}
+    assert [s.model_dump() for s in builder.summaries(headers=headers)] == [
+        s.model_dump() for s in stacks
+    ]
+
+
+def test_frame_stack_keys_place_every_frame(
+    instances: list[InstanceRecord], stacks: list[StackSummary]
+) -> None:
+    (philips,) = {
+        i.source_key: i
+        for i in instances
+        if i.source_key == "dcm_qa_enh/In/Philips/IM_0027_fMAP.dcm"
+    }.values()
+    keys = frame_stack_keys(philips)
+    assert len(keys) == 64
+    assert {k for _, k in keys} == {
+        "MR|TE=0|FA=12|PART=B0MAP|ORIENT=AX",
+        "MR|TE=1.52|FA=12|PART=M|ORIENT=AX",
+    }
+    known = {(s.series_instance_uid, s.stack_key) for s in stacks}
+    for record in instances[::50]:
+        for _, key in frame_stack_keys(record):
+            assert (record.series.series_instance_uid, key) in known
+
+
+def test_records_pickle_for_a_process_pool(instances: list[InstanceRecord]) -> None:
+    for record in instances[::200]:
+        assert pickle.loads(pickle.dumps(record)) == record
