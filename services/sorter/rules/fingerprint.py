@@ -359,41 +359,15 @@ def fingerprint(stack: StackSummary) -> Fingerprint:
     description = stack.series_description or first_str(flat, _K["SeriesDescription"])
     protocol = stack.protocol_name or first_str(flat, _K["ProtocolName"])
 
-    seq_names = [first_str(flat, _K["SequenceName"]), first_str(flat, _K["PulseSequenceName"])]
-    for values in (_private(flat, vendor, "sequence_name"),):
-        seq_names.extend(str(v) for v in values[:1])
-    seq_names = [s for s in seq_names if s]
-
-    image_type = _words(
-        [
-            *(part for joined in stack.image_types for part in joined.split("\\")),
-            *all_str(flat, _K["ImageType"]),
-            *all_str(flat, _K["FrameType"]),
-        ]
-    )
-    echo_times = tuple(sorted({round(t, 3) for t in stack.echo_times}))
     te = to_float(stack.constants.get("TE"))
     if te is None:
-        te = first_float(flat, _K["EchoTime"]) or first_float(flat, _K["EffectiveEchoTime"])
+        te = first_float(flat, _K["EchoTime"])
+        if te is None:
+            te = first_float(flat, _K["EffectiveEchoTime"])
     ti = to_float(stack.constants.get("TI"))
     if ti is None:
         ti = first_float(flat, _K["InversionTime"])
-    rows = stack.rows or first_float(flat, _K["Rows"])
-    cols = stack.columns or first_float(flat, _K["Columns"])
-    spacing = [float(v) for v in stack.pixel_spacing] or all_float(flat, _K["PixelSpacing"])
-    fov = rows * spacing[0] if rows and spacing else None
-    aspect = (rows / cols) if rows and cols else None
-
-    agent = first_str(flat, _K["ContrastBolusAgent"]) or first_str(
-        flat, _K["ContrastBolusIngredient"]
-    )
-    if not agent and _K["ContrastBolusAgentSequence"] in stack.header:
-        agent = "contrast agent (coded)"
-    tracer = first_str(flat, _K["Radiopharmaceutical"])
-    if not tracer and _RADIOPHARM_SEQ_CODE in stack.header:
-        items = stack.header[_RADIOPHARM_SEQ_CODE].get("Value") or [{}]
-        tracer = first_str(flatten_header(items[0]), _K["Radiopharmaceutical"])
-
+    fov, aspect = _geometry(stack, flat)
     echo_number = to_float(stack.constants.get("ECHO")) or first_float(flat, _K["EchoNumbers"])
     fp = Fingerprint(
         stack_key=stack.stack_key,
@@ -405,9 +379,9 @@ def fingerprint(stack: StackSummary) -> Fingerprint:
         model=stack.manufacturer_model or first_str(flat, _K["ManufacturerModelName"]),
         description=description,
         protocol=protocol,
-        sequence_name=" ".join(seq_names),
+        sequence_name=_sequence_names(flat, vendor),
         text_tokens=tokenize(description) | tokenize(protocol),
-        image_type=image_type,
+        image_type=_image_type(stack, flat),
         scanning_sequence=_words(all_str(flat, _K["ScanningSequence"])),
         sequence_variant=_words(all_str(flat, _K["SequenceVariant"])),
         scan_options=_words(all_str(flat, _K["ScanOptions"])),
@@ -424,8 +398,8 @@ def fingerprint(stack: StackSummary) -> Fingerprint:
         flip_angle=to_float(stack.constants.get("FA")) or first_float(flat, _K["FlipAngle"]),
         etl=first_float(flat, _K["EchoTrainLength"]),
         echo_number=int(echo_number) if echo_number is not None else None,
-        field_strength=first_float(flat, _K["MagneticFieldStrength"]),
-        echo_times=echo_times,
+        field_strength=_field_strength(flat),
+        echo_times=tuple(sorted({round(t, 3) for t in stack.echo_times})),
         inversion_times=tuple(sorted({round(t, 1) for t in stack.inversion_times})),
         n_diffusion_directions=stack.n_diffusion_directions,
         n_volumes=stack.n_volumes,
@@ -435,19 +409,73 @@ def fingerprint(stack: StackSummary) -> Fingerprint:
         fov_mm=fov,
         aspect=aspect,
         slice_thickness=stack.slice_thickness or first_float(flat, _K["SliceThickness"]),
-        contrast_agent=agent,
+        contrast_agent=_contrast_agent(stack, flat),
         body_part=first_str(flat, _K["BodyPartExamined"]),
         kvp=first_float(flat, _K["KVP"]),
         ct_kernel=" ".join(all_str(flat, _K["ConvolutionKernel"])),
-        pet_tracer=tracer,
+        pet_tracer=_pet_tracer(stack, flat),
         pet_units=first_str(flat, _K["Units"]),
         pet_corrections=_words(all_str(flat, _K["CorrectedImage"])),
     )
     fp.b_values = _b_values(stack, flat, vendor)
-    if fp.field_strength is not None and fp.field_strength > 100:
-        fp.field_strength = fp.field_strength / 10000.0  # stored in gauss by some scanners
     fp.features = _features(fp, flat)
     return fp
+
+
+def _sequence_names(flat: Flat, vendor: str) -> str:
+    """SequenceName (0018,0024), PulseSequenceName (0018,9005) and the vendor's private name."""
+    names = [first_str(flat, _K["SequenceName"]), first_str(flat, _K["PulseSequenceName"])]
+    private = _private(flat, vendor, "sequence_name")
+    if private:
+        names.append(str(private[0]).strip())
+    return " ".join(n for n in names if n)
+
+
+def _image_type(stack: StackSummary, flat: Flat) -> frozenset[str]:
+    """ImageType (0008,0008) values of the whole stack, plus the Enhanced FrameType (0008,9007)."""
+    return _words(
+        [
+            *(part for joined in stack.image_types for part in joined.split("\\")),
+            *all_str(flat, _K["ImageType"]),
+            *all_str(flat, _K["FrameType"]),
+        ]
+    )
+
+
+def _geometry(stack: StackSummary, flat: Flat) -> tuple[float | None, float | None]:
+    """(field of view along rows in mm, rows/columns aspect) from Rows, Columns, PixelSpacing."""
+    rows = stack.rows or first_float(flat, _K["Rows"])
+    cols = stack.columns or first_float(flat, _K["Columns"])
+    spacing = [float(v) for v in stack.pixel_spacing] or all_float(flat, _K["PixelSpacing"])
+    fov = rows * spacing[0] if rows and spacing else None
+    return fov, (rows / cols) if rows and cols else None
+
+
+def _field_strength(flat: Flat) -> float | None:
+    """MagneticFieldStrength (0018,0087) in tesla; some scanners write gauss (15000 = 1.5 T)."""
+    value = first_float(flat, _K["MagneticFieldStrength"])
+    return value / 10000.0 if value is not None and value > 100 else value
+
+
+def _contrast_agent(stack: StackSummary, flat: Flat) -> str:
+    """ContrastBolusAgent (0018,0010) or ContrastBolusIngredient (0018,1048); a coded agent
+    (ContrastBolusAgentSequence, 0018,0012) without text still counts as an agent."""
+    agent = first_str(flat, _K["ContrastBolusAgent"]) or first_str(
+        flat, _K["ContrastBolusIngredient"]
+    )
+    if not agent and _K["ContrastBolusAgentSequence"] in stack.header:
+        return "contrast agent (coded)"
+    return agent
+
+
+def _pet_tracer(stack: StackSummary, flat: Flat) -> str:
+    """Radiopharmaceutical (0018,0031), top level or inside the Radiopharmaceutical Information
+    Sequence (0054,0016) where PET objects keep it."""
+    tracer = first_str(flat, _K["Radiopharmaceutical"])
+    if not tracer and _RADIOPHARM_SEQ_CODE in stack.header:
+        items = stack.header[_RADIOPHARM_SEQ_CODE].get("Value") or [{}]
+        tracer = first_str(flatten_header(items[0]), _K["Radiopharmaceutical"])
+    return tracer
 
 
 @lru_cache(maxsize=65536)
