@@ -152,7 +152,9 @@ async def resolve_subject(
     stored = opts.strategy != "none"
     offset = None
     if offset_range is not None:
-        offset = await _date_offset(pool, vault, key, date_offset_days(secret, pseudonym, offset_range))
+        offset = await _date_offset(
+            pool, vault, key, date_offset_days(secret, pseudonym, offset_range)
+        )
     if stored:
         async with pool.acquire() as conn:
             await conn.execute(
@@ -203,9 +205,7 @@ async def known_files(pool: asyncpg.Pool, cohort_id: uuid.UUID) -> dict[str, Kno
     }
 
 
-async def record_source_files(
-    pool: asyncpg.Pool, rows: Sequence[tuple[Any, ...]]
-) -> None:
+async def record_source_files(pool: asyncpg.Pool, rows: Sequence[tuple[Any, ...]]) -> None:
     """Upsert `(cohort_id, file_key, size, mtime_ns, study_key, rejection, source, job_id)` rows."""
     if not rows:
         return

@@ -1,0 +1,17 @@
+"""The anonymizer service: wiring only (see handlers.py for what it does)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.anonymizer.handlers import MIGRATIONS, AnonymizerPlugin, quiet_pydicom
+from shared.service import serve_stage
+
+
+def main() -> None:
+    quiet_pydicom()
+    asyncio.run(serve_stage(AnonymizerPlugin(), MIGRATIONS))
+
+
+if __name__ == "__main__":
+    main()

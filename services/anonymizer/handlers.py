@@ -1,0 +1,566 @@
+"""Anonymization as a stage plugin: one work item per study, de-identified into `anon/<cohort>/`.
+
+- plan: list the source (a new study's `location`, else the cohort's `source_path`), read just
+  enough of each new or changed file to learn its StudyInstanceUID (files read before and unchanged
+  are not read again), reject what is not a DICOM object of a study (with the reason), and group the
+  rest by study. A study already done for this cohort with the same file set is skipped; a failed
+  one is planned again. Item keys are HMACs of the original StudyInstanceUID; the file lists stay in
+  `anonymizer.planned_study`, encrypted, so no path or UID travels on the bus.
+- process: per file, resolve the patient's pseudonym and date offset (stored, project-wide),
+  `anonymize`, serialize, `verify` the written bytes and the object key, and only then upload to
+  `anon/<cohort>/<pseudonym>/<study>/<series>/<sop>.dcm` (deterministic keys: a redelivery
+  overwrites, so every file ends up exactly once). Quarantined objects are not uploaded; a
+  verification hit fails the file and the study, and a failed study's objects are withdrawn.
+- finalize: the encrypted audit export (`write_audit`) into the audit bucket, the summary, and the
+  de-identified zone as the next stage's input.
+
+Nothing identifying goes to logs, tables (except encrypted), object keys or events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import uuid
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pydicom
+from pydicom import Dataset
+from pydicom.filereader import read_partial
+
+from services.anonymizer.audit import AUDIT_FORMATS, AuditRow, audit_row, write_audit
+from services.anonymizer.profile import (
+    AnonymizationContext,
+    Profile,
+    ProfileOptions,
+    PseudonymError,
+    anonymize,
+    dicom_bytes,
+    load_profile,
+    new_uid,
+    read_mapping,
+    verify,
+)
+from services.anonymizer.profile.pseudonyms import hashed_pseudonym
+from services.anonymizer.store import (
+    FileAudit,
+    PlannedStudy,
+    Subject,
+    Vault,
+    audit_for_export,
+    finish_study,
+    known_files,
+    load_planned_study,
+    mark_exported,
+    plan_numbers,
+    record_plan,
+    record_source_files,
+    resolve_subject,
+    study_states,
+)
+from shared.events import ItemError, StageRequested, WorkItem
+from shared.observability import FILES_PROCESSED
+from shared.secrets import is_sealed, unseal
+from shared.settings import Settings, get_settings
+from shared.sources import LocalSource, ObjectSource, Source, SourceFile, open_source
+from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
+from shared.storage import ObjectStore
+from shared.topics import Stage
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+ANON_ZONE = "anon"
+AUDIT_PREFIX = "audit"
+AUDIT_SUFFIX = {"encrypted_excel": "xlsx", "csv": "csv.enc"}
+HEADER_RANGE = 256 * 1024  # bytes read from object storage to find a StudyInstanceUID
+PLAN_READERS = 8  # header reads in flight while planning (I/O bound)
+FILES_IN_FLIGHT = 3  # files of one study read/uploaded concurrently with the de-identification
+
+STUDY_UID = 0x0020000D
+PATIENT_ID = 0x00100020
+ISSUER = 0x00100021
+
+
+class AnonymizationConfigError(ValueError):
+    """The anonymization config cannot be run as given; the message says what to change."""
+
+
+def quiet_pydicom() -> None:
+    """pydicom's validation warnings quote the offending value (a name, an ID): in a service that
+    handles identified data they must not reach the log. Values are written as they are."""
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """`config[name]` merged with dotted keys `name.x` (both spellings are accepted)."""
+    section = dict(config.get(name) or {})
+    prefix = f"{name}."
+    section.update({k[len(prefix) :]: v for k, v in config.items() if k.startswith(prefix)})
+    return section
+
+
+def _open_secret(value: Any, what: str, settings: Settings) -> str:
+    if not is_sealed(value):
+        raise AnonymizationConfigError(
+            f"{what} arrived unsealed; secrets travel sealed (shared.secrets.seal_config, as the"
+            " gateway does), never in clear on the bus"
+        )
+    return unseal(str(value), settings)
+
+
+def audit_export_settings(config: dict[str, Any], settings: Settings) -> tuple[str, str | None]:
+    """(`audit_export.format`, the unsealed password or None when none was given)."""
+    section = _section(config, "audit_export")
+    fmt = str(section.get("format") or "encrypted_excel")
+    if fmt not in AUDIT_FORMATS:
+        raise AnonymizationConfigError(
+            f"audit_export.format must be one of {list(AUDIT_FORMATS)}, not {fmt!r}"
+        )
+    password = section.get("password")
+    if password in (None, ""):
+        return fmt, None
+    return fmt, _open_secret(password, "audit_export.password", settings)
+
+
+def profile_options(config: dict[str, Any], settings: Settings) -> ProfileOptions:
+    """The user's config as profile options (a sealed `patient_id.csv` mapping is opened)."""
+    patient = _section(config, "patient_id")
+    if is_sealed(patient.get("csv")):
+        patient["csv"] = _open_secret(patient["csv"], "patient_id.csv", settings)
+    plain = {k: v for k, v in config.items() if not k.startswith("patient_id")}
+    return ProfileOptions.from_config({**plain, "patient_id": patient})
+
+
+# --- reading headers ------------------------------------------------------------------------------
+
+
+def _stop_after(last: int) -> Any:
+    return lambda tag, vr, length: int(tag) > last
+
+
+def _parse_until(data: bytes | io.BufferedReader, last: int, tags: list[int]) -> Dataset:
+    fp = io.BytesIO(data) if isinstance(data, bytes) else data
+    return read_partial(fp, stop_when=_stop_after(last), force=True, specific_tags=tags)
+
+
+def study_uid_of(source: Source, f: SourceFile) -> tuple[str | None, str | None]:
+    """(StudyInstanceUID, None) of a file, or (None, reason) when it is not a DICOM object of a
+    study. Reads only the header up to the study UID (a ranged read on object storage)."""
+    try:
+        if isinstance(source, LocalSource):
+            with source.path(f.key).open("rb") as fh:
+                ds = _parse_until(fh, STUDY_UID, [STUDY_UID])
+        elif isinstance(source, ObjectSource):
+            full = f"{source.prefix}/{f.key}" if source.prefix else f.key
+            head = source.store.get_range(full, 0, min(f.size, HEADER_RANGE), bucket=source.bucket)
+            try:
+                ds = _parse_until(head, STUDY_UID, [STUDY_UID])
+            except Exception:
+                ds = Dataset()
+            if "StudyInstanceUID" not in ds and f.size > HEADER_RANGE:
+                ds = _parse_until(source.read(f.key), STUDY_UID, [STUDY_UID])
+        else:
+            ds = _parse_until(source.read(f.key), STUDY_UID, [STUDY_UID])
+    except Exception as exc:  # pydicom raises many types on non-DICOM input
+        return None, f"not a readable DICOM file ({type(exc).__name__})"
+    uid = str(ds.get("StudyInstanceUID", "") or "").strip().rstrip("\x00")
+    if not uid:
+        return None, "no StudyInstanceUID: not a DICOM object of a study"
+    return uid, None
+
+
+# --- one file -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """What became of one source file (never an original value in any field)."""
+
+    status: str  # released | quarantined | failed | rejected
+    reason: str
+    sop_key: str
+    object_key: str
+    data: bytes | None
+    audit: AuditRow | None
+    verification_failed: bool = False
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "").strip().rstrip("\x00")
+
+
+def subject_folder(subject: Subject, secret: bytes, patient_id: str, strategy: str) -> str:
+    """The object-key folder of a subject: its pseudonym, alphanumeric. Under `strategy: none` the
+    output keeps the original PatientID, but the key never does: a keyed hash names the folder."""
+    if strategy == "none":
+        return hashed_pseudonym(secret, patient_id, "", "id", 80)
+    return "".join(ch for ch in subject.pseudonym if ch.isalnum()) or "sub"
+
+
+def deidentify(
+    ds: Dataset,
+    context: AnonymizationContext,
+    *,
+    cohort_id: uuid.UUID,
+    folder: str,
+    sop_key: str,
+) -> FileOutcome:
+    """De-identify one parsed file, serialize it and verify the written bytes and the object key.
+
+    The object key is built from replacement UIDs (`new_uid` of the originals) even under Retain
+    UIDs, so keys are deterministic and never carry an original value.
+    """
+    secret = context.secret
+    originals = {
+        k: _uid(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+    }
+    missing = [k for k, v in originals.items() if not v]
+    if missing:
+        return FileOutcome("rejected", f"no {missing[0]}", sop_key, "", None, None)
+    parts = [new_uid(secret, originals[k]) for k in originals]
+    object_key = f"{ANON_ZONE}/{cohort_id}/{folder}/{parts[0]}/{parts[1]}/{parts[2]}.dcm"
+    result = anonymize(ds, context)
+    if result.quarantine is not None:
+        row = audit_row(result, "", "quarantined")
+        return FileOutcome("quarantined", result.quarantine.reason, sop_key, "", None, row)
+    data = dicom_bytes(result.dataset)
+    findings = verify(data, result.identifiers, object_key)
+    if findings:
+        where = sorted({f"{f.kind} in {f.location}" for f in findings})
+        reason = f"verification found an original {', '.join(where[:5])}"
+        row = replace(audit_row(result, "", "failed"), reason=reason)
+        return FileOutcome("failed", reason, sop_key, "", None, row, verification_failed=True)
+    return FileOutcome(
+        "released", "", sop_key, object_key, data, audit_row(result, object_key, "released")
+    )
+
+
+# --- the plugin -----------------------------------------------------------------------------------
+
+
+class AnonymizerPlugin:
+    stage = Stage.anonymization
+    service = "anonymizer"
+    schema = "anonymizer"
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self._settings = settings
+        self._store: ObjectStore | None = None
+        self._profiles: dict[ProfileOptions, Profile] = {}
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings or get_settings()
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = ObjectStore(self.settings)
+        return self._store
+
+    def profile(self, options: ProfileOptions) -> Profile:
+        if options not in self._profiles:
+            self._profiles[options] = load_profile(options)
+        return self._profiles[options]
+
+    # --- plan -------------------------------------------------------------------------------------
+
+    async def plan(
+        self, pool: asyncpg.Pool, request: StageRequested, job_id: uuid.UUID
+    ) -> list[PlannedItem]:
+        settings = self.settings
+        vault = Vault(settings)  # refuses an empty project secret
+        self.profile(profile_options(request.config, settings))  # a bad config fails here
+        scoped = bool(request.study_instance_uids)
+        _, password = audit_export_settings(request.config, settings)
+        if password is None and not scoped:
+            raise AnonymizationConfigError(
+                "audit_export.password is required: the audit export (the only key from"
+                " pseudonyms back to patients) is encrypted with it, and it is never defaulted"
+            )
+        cohort_id = request.cohort.id
+        location = request.location or request.cohort.source_path
+        source = open_source(location, settings)
+        listed = await asyncio.to_thread(lambda: list(source.list()))
+        known = await known_files(pool, cohort_id)
+
+        file_keys = {f.key: vault.key("file", f"{source.location}\x00{f.key}") for f in listed}
+        fresh = [
+            f
+            for f in listed
+            if (k := known.get(file_keys[f.key])) is None
+            or (k.size, k.mtime_ns) != (f.size, f.mtime_ns)
+        ]
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(max_workers=PLAN_READERS) as readers:
+            read = await asyncio.gather(
+                *(loop.run_in_executor(readers, study_uid_of, source, f) for f in fresh)
+            )
+        rows = []
+        by_study: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
+        rejected = 0
+        new_study: dict[str, str | None] = {}
+        for f, (uid, reason) in zip(fresh, read, strict=True):
+            study_key = vault.key("study", uid) if uid else None
+            new_study[f.key] = study_key
+            rows.append(
+                (
+                    cohort_id,
+                    file_keys[f.key],
+                    f.size,
+                    f.mtime_ns,
+                    study_key,
+                    reason,
+                    vault.seal({"location": source.location, "key": f.key}),
+                    job_id,
+                )
+            )
+        await record_source_files(pool, rows)
+        for f in listed:
+            study_key = (
+                new_study[f.key] if f.key in new_study else known[file_keys[f.key]].study_key
+            )
+            if study_key is None:
+                rejected += 1
+                continue
+            by_study[study_key].append((f.key, f.size, f.mtime_ns))
+
+        if scoped:
+            wanted = {vault.key("study", uid.strip()) for uid in request.study_instance_uids}
+            by_study = defaultdict(list, {k: v for k, v in by_study.items() if k in wanted})
+        states = await study_states(pool, cohort_id)
+        planned: list[PlannedStudy] = []
+        skipped = 0
+        for study_key in sorted(by_study):
+            files = sorted(by_study[study_key])
+            fileset = vault.key("fileset", json.dumps([source.location, files]))
+            if states.get(study_key) == ("done", fileset):
+                skipped += 1
+                continue
+            planned.append(PlannedStudy(study_key, source.location, files, fileset))
+        await record_plan(
+            pool,
+            vault,
+            job_id=job_id,
+            cohort_id=cohort_id,
+            studies=planned,
+            files_listed=len(listed),
+            files_rejected=rejected,
+            studies_skipped=skipped,
+        )
+        log.info(
+            "anonymization planned",
+            extra={
+                "job_id": str(job_id),
+                "files": len(listed),
+                "headers_read": len(fresh),
+                "rejected": rejected,
+                "studies": len(planned),
+                "studies_skipped": skipped,
+            },
+        )
+        return [
+            PlannedItem(key=s.study_key, data={"files": len(s.files)}, partition_key=s.study_key)
+            for s in planned
+        ]
+
+    # --- process ----------------------------------------------------------------------------------
+
+    async def process(self, ctx: ItemContext, item: WorkItem) -> ItemResult:
+        settings = ctx.settings
+        vault = Vault(settings)
+        options = profile_options(item.config, settings)
+        profile = self.profile(options)
+        study = await load_planned_study(ctx.pool, vault, ctx.job_id, item.item_key)
+        source = open_source(study.location, settings)
+        mapping = (
+            read_mapping(options.patient_id.csv_text or "")
+            if options.patient_id.strategy == "csv"
+            else None
+        )
+        offset_range = options.offset_range_days if options.shift_dates else None
+        subjects: dict[tuple[str, str], Subject | PseudonymError] = {}
+        slots = asyncio.Semaphore(FILES_IN_FLIGHT)
+        cohort_id = item.cohort.id
+
+        async def subject_of(patient_id: str, issuer: str, path: str) -> Subject:
+            # `folder` derives the pseudonym from the path: cache per folder too
+            cache = (patient_id, issuer if options.patient_id.strategy != "folder" else path)
+            known = subjects.get(cache)
+            if known is None:
+                try:
+                    known = await resolve_subject(
+                        ctx.pool,
+                        vault,
+                        cohort_id=cohort_id,
+                        patient_id=patient_id,
+                        issuer=issuer,
+                        opts=options.patient_id,
+                        relative_path=path,
+                        mapping=mapping,
+                        offset_range=offset_range,
+                    )
+                except PseudonymError as exc:
+                    known = exc
+                subjects[cache] = known
+            if isinstance(known, PseudonymError):
+                raise known
+            return known
+
+        async def one(index: int, key: str) -> FileOutcome:
+            async with slots:
+                await ctx.check_cancelled()
+                file_key = vault.key("file", f"{source.location}\x00{key}")
+                data = await asyncio.to_thread(source.read, key)
+                try:
+                    ds = await asyncio.to_thread(pydicom.dcmread, io.BytesIO(data), force=True)
+                except Exception as exc:
+                    reason = f"not a readable DICOM file ({type(exc).__name__})"
+                    return FileOutcome("rejected", reason, file_key, "", None, None)
+                sop = _uid(ds, "SOPInstanceUID")
+                sop_key = vault.key("sop", sop) if sop else file_key
+                patient_id = str(ds.get("PatientID", "") or "")
+                issuer = str(ds.get("IssuerOfPatientID", "") or "")
+                try:
+                    subject = await subject_of(patient_id, issuer, key)
+                except PseudonymError as exc:
+                    return FileOutcome("failed", f"pseudonym: {exc}", sop_key, "", None, None)
+                context = AnonymizationContext(
+                    profile,
+                    vault.core_secret,
+                    subject.pseudonym,
+                    date_offset_days=subject.date_offset_days,
+                )
+                folder = subject_folder(
+                    subject, vault.core_secret, patient_id, options.patient_id.strategy
+                )
+                try:
+                    outcome = await asyncio.to_thread(
+                        deidentify, ds, context, cohort_id=cohort_id, folder=folder, sop_key=sop_key
+                    )
+                except Exception as exc:  # a malformed element the core cannot handle
+                    reason = f"de-identification error ({type(exc).__name__})"
+                    log.warning(
+                        "file not de-identified", extra={"item": item.item_key, "file": index}
+                    )
+                    return FileOutcome("failed", reason, sop_key, "", None, None)
+                if outcome.data is not None:
+                    await asyncio.to_thread(
+                        self.store.put_bytes,
+                        outcome.object_key,
+                        outcome.data,
+                        content_type="application/dicom",
+                    )
+                return outcome
+
+        outcomes = await asyncio.gather(*(one(i, f[0]) for i, f in enumerate(study.files)))
+        return await self._settle(ctx, item, study, list(outcomes))
+
+    async def _settle(
+        self, ctx: ItemContext, item: WorkItem, study: PlannedStudy, outcomes: list[FileOutcome]
+    ) -> ItemResult:
+        """Record the study's outcome; a failed study's released objects are withdrawn."""
+        status = Counter(o.status for o in outcomes)
+        counts = {
+            "files": len(outcomes),
+            "anonymized": status["released"],
+            "quarantined": status["quarantined"],
+            "rejected": status["rejected"],
+            "failed_files": status["failed"],
+            "verification_failures": sum(o.verification_failed for o in outcomes),
+        }
+        n = len(outcomes)
+        label = item.item_key[:12]
+        errors = [
+            ItemError(item=f"study {label} file {i + 1}/{n}", message=f"{o.status}: {o.reason}")
+            for i, o in enumerate(outcomes)
+            if o.status in ("failed", "rejected", "quarantined")
+        ]
+        failed = status["failed"] > 0 or status["released"] + status["quarantined"] == 0
+        error = None
+        if failed:
+            error = (
+                f"{status['failed']} of {n} files failed"
+                if status["failed"]
+                else "no file of the study could be de-identified"
+            )
+            released = [o.object_key for o in outcomes if o.status == "released"]
+            for key in released:  # a study is released whole or not at all
+                await asyncio.to_thread(self.store.delete, key)
+            counts["anonymized"] = 0
+            counts["withdrawn"] = len(released)
+            errors.insert(0, ItemError(item=f"study {label}", message=f"study failed: {error}"))
+        audits = []
+        for o in outcomes:
+            if o.audit is None:
+                continue
+            if failed and o.status == "released":
+                reason = "withdrawn: its study failed"
+                row = replace(o.audit, status="withdrawn", reason=reason, object_key="")
+                audits.append(FileAudit(o.sop_key, "withdrawn", reason, "", row))
+            else:
+                audits.append(FileAudit(o.sop_key, o.status, o.reason, o.object_key, o.audit))
+        await finish_study(
+            ctx.pool,
+            Vault(ctx.settings),
+            cohort_id=item.cohort.id,
+            job_id=ctx.job_id,
+            study=study,
+            audits=audits,
+            counts=counts,
+            error=error,
+        )
+        for name in ("released", "quarantined", "rejected", "failed"):
+            if status[name]:
+                FILES_PROCESSED.labels("anonymization", name).inc(status[name])
+        return ItemResult(counts=counts, errors=errors[:50], failed=failed)
+
+    # --- finalize ---------------------------------------------------------------------------------
+
+    async def finalize(self, pool: asyncpg.Pool, run: RunInfo) -> tuple[dict[str, Any], str | None]:
+        settings = self.settings
+        vault = Vault(settings)
+        cohort_id = run.cohort.id
+        numbers = await plan_numbers(pool, run.job_id)
+        summary: dict[str, Any] = {
+            "files_listed": numbers.get("files_listed", 0),
+            "studies_planned": numbers.get("studies_planned", 0),
+            "studies_skipped": numbers.get("studies_skipped", 0),
+            "rejected_at_plan": numbers.get("files_rejected", 0),
+            "rejected": int(run.summary.get("rejected", 0)) + numbers.get("files_rejected", 0),
+        }
+        fmt, password = audit_export_settings(run.config, settings)
+        if password is None:
+            summary["audit_export"] = (
+                "not written: a scoped run came without an audit password; its audit rows are"
+                " kept and go into the cohort's next audit export"
+            )
+        else:
+            subjects, files = await audit_for_export(pool, vault, cohort_id, run.job_id)
+            data = await asyncio.to_thread(write_audit, subjects, files, fmt, password)
+            key = f"{AUDIT_PREFIX}/{cohort_id}/{run.job_id}.{AUDIT_SUFFIX[fmt]}"
+            store = self.store
+            await asyncio.to_thread(store.put_bytes, key, data, bucket=store.audit_bucket)
+            await mark_exported(pool, cohort_id, run.job_id)
+            summary.update(
+                audit_export="written",
+                audit_object=key,
+                audit_bucket=store.audit_bucket,
+                audit_format=fmt,
+                audit_subjects=len(subjects),
+                audit_files=len(files),
+            )
+        return summary, f"{ANON_ZONE}/{cohort_id}"
