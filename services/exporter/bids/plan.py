@@ -326,8 +326,9 @@ def assign_sessions(
     """Session label per StudyInstanceUID.
 
     `date`: the study's (shifted) date `YYYYMMDD`; two studies on one day get `...a`, `...b` by
-    time. `timepoint`: the anonymizer's timepoint label when given, else `1`, `2`, ... in date
-    order within the subject. Studies without a date are ordered after dated ones, by UID.
+    time; a study without a date uses its timepoint label, else `nodate`. `timepoint`: the
+    anonymizer's timepoint label when given, else `1`, `2`, ... in date order within the subject.
+    Studies without a date are ordered after dated ones, by UID.
     """
     by_subject: dict[str, list[StudyVisit]] = defaultdict(list)
     for visit in visits:
@@ -351,7 +352,8 @@ def assign_sessions(
             continue
         same_day: dict[str, list[StudyVisit]] = defaultdict(list)
         for visit in ordered:
-            same_day[sanitize_label(visit.study_date or "") or "nodate"].append(visit)
+            day = sanitize_label(visit.study_date or "") or sanitize_label(visit.timepoint or "")
+            same_day[day or "nodate"].append(visit)
         for day, day_visits in same_day.items():
             for index, visit in enumerate(day_visits):
                 tail = chr(ord("a") + index) if len(day_visits) > 1 and index < 26 else ""

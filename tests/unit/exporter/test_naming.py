@@ -477,6 +477,9 @@ def test_sessions_from_shifted_dates_and_timepoints() -> None:
         StudyVisit("01", "u3", "20200301", "080000"),
         StudyVisit("02", "u4", None),
         StudyVisit("03", "u5", "20210101", timepoint="base line"),
+        StudyVisit("04", "u6", None, timepoint="m12"),
+        StudyVisit("04", "u7", None),
+        StudyVisit("04", "u8", None),
     ]
     assert assign_sessions(visits) == {
         "u1": "20200101",
@@ -484,6 +487,9 @@ def test_sessions_from_shifted_dates_and_timepoints() -> None:
         "u2": "20200301b",
         "u4": "nodate",
         "u5": "20210101",
+        "u6": "m12",
+        "u7": "nodatea",
+        "u8": "nodateb",
     }
     assert assign_sessions(visits, style="timepoint") == {
         "u1": "1",
@@ -491,6 +497,9 @@ def test_sessions_from_shifted_dates_and_timepoints() -> None:
         "u2": "3",
         "u4": "1",
         "u5": "baseline",
+        "u6": "m12",
+        "u7": "2",
+        "u8": "3",
     }
 
 
