@@ -89,16 +89,11 @@ def dataset_to_json(
     pixel_rep = _pixel_representation(ds)
     out: dict[str, Any] = {}
     # Dataset.items() yields the stored (possibly still raw) elements without converting them
-    keys = _TAG_KEYS
     for base_tag, elem in ds.items():
-        tag = int(
-            base_tag
-        )  # plain int: BaseTag comparisons run in Python and cost more than the rest
+        tag = int(base_tag)  # a plain int: BaseTag comparisons run in Python
         if tag & 0xFFFF == 0 or tag >> 16 == 0x0002 or tag > 0xFFFC0000:
             continue
-        key = keys.get(tag)
-        if key is None:
-            key = keys[tag] = f"{tag:08X}"
+        key = tag_key(tag)
         vr = elem.VR
         if vr is None or vr == "UN" or len(vr) > 2:
             vr = _resolve_vr(tag, elem, pixel_rep)

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydicom.charset import convert_encodings, default_encoding
 
-from .header_json import MAX_VALUE_BYTES, resolve_vr, value_json
+from .header_json import MAX_VALUE_BYTES, resolve_vr, tag_key, value_json
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 # syntaxes whose data set is not little-endian VR-encoded bytes in place
@@ -193,7 +193,7 @@ def _dataset(
                     content, start, len(content), state, vr == "UN" or implicit
                 )
                 if not skip:
-                    out[_key(tag)] = {"vr": "SQ", "Value": items}
+                    out[tag_key(tag)] = {"vr": "SQ", "Value": items}
                 continue
             raise ReaderDeclined(f"undefined length on a non-sequence at byte {position}")
         stop = start + length
@@ -202,7 +202,7 @@ def _dataset(
         if resolved == "SQ":
             items, _ = _sequence(content, start, stop, state, implicit or vr == "UN")
             if not skip:
-                out[_key(tag)] = {"vr": "SQ", "Value": items}
+                out[tag_key(tag)] = {"vr": "SQ", "Value": items}
         elif not skip:
             raw = content[start:stop]
             if top:
@@ -217,7 +217,9 @@ def _dataset(
                     )
                 elif tag == PIXEL_REPRESENTATION and length >= 2:
                     state.pixel_rep = _SHORT.unpack_from(raw)[0]
-            out[_key(tag)] = value_json(raw, resolved, True, state.encodings, state.max_value_bytes)
+            out[tag_key(tag)] = value_json(
+                raw, resolved, True, state.encodings, state.max_value_bytes
+            )
         position = stop
     return out, position
 
@@ -246,13 +248,3 @@ def _sequence(
             position += length
         items.append(item)
     return items, position
-
-
-_KEYS: dict[int, str] = {}
-
-
-def _key(tag: int) -> str:
-    key = _KEYS.get(tag)
-    if key is None:
-        key = _KEYS[tag] = f"{tag:08X}"
-    return key
