@@ -13,8 +13,10 @@ import importlib.util
 import time
 from pathlib import Path
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
+
+from shared.broker import ensure_topics as create_missing_topics
+from shared.settings import Settings
 
 BROKER_BUCKET = "cohortflow-broker"
 CLUSTER_ID = "cohortflow"
@@ -58,28 +60,15 @@ def broker_env(s3_endpoint: str, access_key: str, secret_key: str, region: str) 
     }
 
 
-async def ensure_topics(
-    bootstrap: str, topics: list[str], partitions: int, timeout: float = 30.0
-) -> list[str]:
-    """Create the missing topics (replication 1); returns the ones created. Retries while starting."""
+async def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
+    """`shared.broker.ensure_topics` (the registry's topics), retried while the broker starts."""
     deadline = time.monotonic() + timeout
     while True:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
         try:
-            await admin.start()
-            existing = set(await admin.list_topics())
-            missing = [t for t in topics if t not in existing]
-            if missing:
-                await admin.create_topics(
-                    [
-                        NewTopic(name=t, num_partitions=partitions, replication_factor=1)
-                        for t in missing
-                    ]
-                )
-            return missing
+            return await create_missing_topics(settings, timeout_s=5.0)
         except (KafkaError, OSError) as exc:
             if time.monotonic() > deadline:
-                raise BrokerError(f"broker at {bootstrap} did not accept topics: {exc!r}") from exc
+                raise BrokerError(
+                    f"broker at {settings.kafka_bootstrap} did not accept topics: {exc!r}"
+                ) from exc
             await asyncio.sleep(0.2)
-        finally:
-            await admin.close()

@@ -30,7 +30,6 @@ from cohortflow import services as service_registry
 from cohortflow.stack import broker, objectstore, processes
 from cohortflow.stack.postgres import PostgresCluster, PostgresError
 from shared.settings import Settings
-from shared.topics import all_topics
 
 T = TypeVar("T")
 
@@ -351,8 +350,12 @@ class LocalStack:
                 env["COHORTFLOW_S3_REGION"],
             )
             self._spawn_and_wait_port("broker", proc, broker.broker_command(proc.port), broker_env)
-        partitions = int(info.env_vars["COHORTFLOW_KAFKA_PARTITIONS"])
-        _blocking(broker.ensure_topics(info.kafka_bootstrap, all_topics(), partitions))
+        topic_settings = Settings(
+            kafka_bootstrap=info.kafka_bootstrap,
+            kafka_partitions=int(info.env_vars["COHORTFLOW_KAFKA_PARTITIONS"]),
+            kafka_replication_factor=1,  # one local broker
+        )
+        _blocking(broker.ensure_topics(topic_settings))
 
     def _ensure_postgres(self, info: StackInfo) -> None:
         proc = info.infra["postgres"]
