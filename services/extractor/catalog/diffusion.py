@@ -8,6 +8,7 @@ and (2005,10B0-10B2). The first source that has a value wins, in that order.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,10 @@ def _siemens_csa(tags: PrivateTags) -> Diffusion:
     blob = tags.get("siemens_csa_image")
     if not isinstance(blob, bytes):
         return Diffusion()
-    from nibabel.nicom import csareader
+    with warnings.catch_warnings():
+        # nibabel warns on import that its DICOM readers are experimental; only its CSA parser is used
+        warnings.simplefilter("ignore", UserWarning)
+        from nibabel.nicom import csareader
 
     try:
         csa = csareader.read(blob)
