@@ -161,9 +161,76 @@ for _name in services.SERVICES:
     app.command(_name)(_service_command(_name))
 
 # ---- further sub-commands -----------------------------------------------------------------------
-# Add them here, one line each, e.g.:
-#   from cohortflow.run import run_app;  app.add_typer(run_app, name="run")
-#   from cohortflow.audit import audit_app;  app.add_typer(audit_app, name="audit")
+
+
+@app.command("run")
+def run_command(
+    source: Annotated[Path, typer.Argument(help="Folder of DICOM files (any layout, any names).")],
+    name: Annotated[
+        str | None, typer.Option("--name", help="Cohort name (default: the folder name).")
+    ] = None,
+    stages: Annotated[
+        str | None,
+        typer.Option(
+            "--stages", help="Comma-separated stages to run (default: every stage that applies)."
+        ),
+    ] = None,
+    anonymize: Annotated[
+        bool,
+        typer.Option("--anonymize", help="De-identify first (needs COHORTFLOW_AUDIT_PASSWORD)."),
+    ] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="JSON/YAML file of per-stage configs.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the export tree here.")] = None,
+    as_json: JsonOption = False,
+    home: HomeOption = None,
+) -> None:
+    """The main job: bring the local stack up if needed, then run the pipeline on SOURCE."""
+    import os
+
+    from cohortflow.run import RunError, RunOptions, load_config, parse_stages, run
+
+    try:
+        options = RunOptions(
+            source=source,
+            name=name or source.expanduser().resolve().name,
+            stages=parse_stages(stages),
+            anonymize=anonymize,
+            config=load_config(config),
+            out=out.expanduser().resolve() if out else None,
+            as_json=as_json,
+        )
+        gateway_url = os.environ.get("COHORTFLOW_GATEWAY_URL")
+        if not gateway_url:
+            if not as_json:
+                console.print("starting the local stack (first time: about a minute) ...")
+            info = LocalStack(home).up()
+            gateway_url = info.gateway_url
+        token = os.environ.get("COHORTFLOW_API_TOKEN") or None
+        code, doc = run(options, gateway_url, token, console)
+    except (RunError, StackError) as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        print(json.dumps(doc, indent=2, default=str))
+    raise typer.Exit(code)
+
+
+@app.command("migrate")
+def migrate_command() -> None:
+    """Apply every service's schema migrations and create the Kafka topics (the migration Job)."""
+    import asyncio
+
+    from cohortflow.migrate import migrate_all
+
+    applied = asyncio.run(migrate_all())
+    for schema, names in applied.items():
+        console.print(f"{schema}: {', '.join(names) if names else 'up to date'}")
+
+
+from services.anonymizer.cli import app as audit_app  # noqa: E402
+
+app.add_typer(audit_app, name="audit", help="Open encrypted audit exports.")
 
 
 def main() -> None:
