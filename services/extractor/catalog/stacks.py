@@ -270,6 +270,7 @@ def _summary(key: str, stack: _Stack, series: _Series) -> StackSummary:
         study_date=instance.study.study_date,
         acquisition_time=acquisition_times[0] if acquisition_times else None,
         n_instances=len(stack.sop_uids),
+        sop_instance_uids=sorted(stack.sop_uids),
         n_frames=stack.n_frames,
         n_slices=len(stack.positions) * (instance.mosaic_slices or 1),
         n_volumes=max(stack.n_frames // n_positions, 1),
