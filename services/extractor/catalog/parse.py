@@ -41,9 +41,12 @@ from .records import (
 from .sniff import SNIFF_BYTES, pixel_data_truncation, sniff
 from .sop_class import DICOMDIR_SOP_CLASS, sop_class_table
 
-# files up to this size are read in one call and parsed from memory; larger ones are streamed through
-# pydicom so that gigabyte multi-frame objects never sit in memory for a header
+# files up to this size are read in one call and parsed from memory; of larger ones only the header is
+# read, so that gigabyte multi-frame objects never sit in memory
 READ_WHOLE_LIMIT = 16 * 1024 * 1024
+# larger files: the header is read from a prefix that doubles up to this limit, pydicom beyond it
+HEADER_PREFIX = 1024 * 1024
+HEADER_PREFIX_LIMIT = 256 * 1024 * 1024
 # a header value claiming more than this (and far more than the content) is a broken length, not a cut
 IMPLAUSIBLE_HEADER_VALUE = 16 * 1024 * 1024
 PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00009, 0x7FE00008)
@@ -85,7 +88,28 @@ def parse_instance(
         with open(data, "rb") as fh:
             return _parse_content(fh.read(), source_key, max_value_bytes)
     with open(data, "rb") as fh:
-        return _parse_stream(fh, size, source_key, max_value_bytes)
+        return _parse_large(fh, size, source_key, max_value_bytes)
+
+
+def _parse_large(
+    fh: BinaryIO, size: int, source_key: str, max_value_bytes: int
+) -> InstanceRecord | Rejection:
+    """A big file (multi-frame, usually): read a growing prefix until the whole header is in it."""
+    prefix = fh.read(HEADER_PREFIX)
+    while sniff(prefix[:SNIFF_BYTES]).kind == "part10":
+        try:
+            header = read_header(prefix, max_value_bytes=max_value_bytes)
+        except ReaderDeclined:
+            header = None
+        if header is not None and header.pixel_offset is not None:
+            return _catalogue_safely(header, fh, size, source_key)
+        if len(prefix) >= min(size, HEADER_PREFIX_LIMIT):
+            break
+        prefix += fh.read(
+            len(prefix)
+        )  # the header goes on past the prefix (or the reader declined)
+    fh.seek(0)
+    return _parse_stream(fh, size, source_key, max_value_bytes)
 
 
 def _parse_content(

@@ -289,3 +289,34 @@ def test_row_round_trip(instances: list[InstanceRecord]) -> None:
         row = record.to_row()
         json.dumps(row)
         assert InstanceRecord.from_row(row) == record
+
+
+@pytest.mark.parametrize("prefix", [256, 4096, 1 << 20])
+def test_large_file_route_reads_only_a_growing_prefix(
+    dicom_root: Path, monkeypatch: pytest.MonkeyPatch, prefix: int
+) -> None:
+    from services.extractor.catalog import parse as parse_module
+
+    path = dicom_root / "dcm_qa_enh/In/Philips/IM_0027_fMAP.dcm"
+    expected = parse_instance(path, "whole")
+    monkeypatch.setattr(parse_module, "READ_WHOLE_LIMIT", 1000)  # every file counts as large
+    monkeypatch.setattr(parse_module, "HEADER_PREFIX", prefix)
+    record = parse_instance(path, "whole")
+    assert isinstance(record, InstanceRecord)
+    assert record == expected
+
+
+def test_large_file_route_still_finds_truncation(
+    dicom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.extractor.catalog import parse as parse_module
+
+    content = (dicom_root / "dcm_qa_enh/In/Philips/IM_0027_fMAP.dcm").read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(content[: len(content) - 1000])
+    monkeypatch.setattr(parse_module, "READ_WHOLE_LIMIT", 1000)
+    monkeypatch.setattr(parse_module, "HEADER_PREFIX", 4096)
+    result = parse_instance(cut, "cut.dcm")
+    assert isinstance(result, Rejection) and result.reason.startswith(
+        "truncated: Pixel Data declares"
+    )
