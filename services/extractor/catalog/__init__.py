@@ -1,7 +1,20 @@
 """The extractor's pure core: DICOM bytes -> catalog records -> stacks.
 
-No Kafka, Postgres or object storage here: the service (`services/extractor/app.py`) reads the bytes,
-calls `parse_instance`, bulk-loads the rows, and calls `build_stacks` per series.
+No Kafka, Postgres or object storage here: the service reads the bytes, calls `parse_instance`,
+bulk-loads the rows, and builds stacks per series.
+
+    result = parse_instance(content_or_path, source_key)
+    if isinstance(result, Rejection):
+        rejected_rows.append(result.to_row())          # reason: "not DICOM: ...", "truncated: ...", ...
+    else:
+        instance_rows.append(result.to_row())          # flat: instance + subject/study/series columns,
+                                                       # mr/ct/pet/frames/header as JSON values
+        memberships = frame_stack_keys(result)         # [(frame, stack_key)] for the stack tables
+
+    builder = StackBuilder()                           # per series, from records or stored rows
+    for row in rows_of_one_series:
+        builder.add(InstanceRecord.from_row(row))
+    summaries = builder.summaries()                    # list[shared.catalog.StackSummary]
 """
 
 from .header_json import dataset_to_json
