@@ -891,3 +891,57 @@ def test_extractor_part_adc() -> None:
     )
     result = classify(fingerprint(stack), RULES)
     assert "ADC" in result.constructs and result.bids_datatype == "derivatives"
+
+
+@pytest.mark.parametrize(
+    ("image_type", "te", "echo_times", "suffix"),
+    [
+        (
+            ["ORIGINAL", "PRIMARY", "P", "ND"],
+            7.38,
+            [7.38],
+            "phasediff",
+        ),  # [pkg] heudiconv 01-fmap_acq-3mm
+        (
+            ["ORIGINAL", "PRIMARY", "P", "ND"],
+            4.92,
+            [4.92, 7.38],
+            "phase1",
+        ),  # [protocol] two phase images
+        (["ORIGINAL", "PRIMARY", "P", "ND"], 7.38, [4.92, 7.38], "phase2"),
+        (["ORIGINAL", "PRIMARY", "M", "ND"], 4.92, [4.92, 7.38], "magnitude1"),
+        (["ORIGINAL", "PRIMARY", "M", "ND"], 7.38, [4.92, 7.38], "magnitude2"),
+    ],
+)
+def test_siemens_fieldmap_numbering(
+    image_type: list[str], te: float, echo_times: list[float], suffix: str
+) -> None:
+    result = run(
+        **{
+            **SIEMENS,
+            "SequenceName": "*fm2d2r",
+            "ScanningSequence": "GR",
+            "SequenceVariant": "SP",
+            "RepetitionTime": 9.7,
+            "EchoTime": te,
+            "FlipAngle": 60,
+            "ImageType": image_type,
+            "SeriesDescription": "fmap_acq-3mm",
+            "echo_times": echo_times,
+        }
+    )
+    assert (result.bids_datatype, result.bids_suffix) == ("fmap", suffix)
+
+
+def test_pet_tracer_entity() -> None:
+    result = run(
+        Manufacturer="SIEMENS",
+        Modality="PT",
+        SOPClassUID="1.2.840.10008.5.1.4.1.1.128",
+        ImageType=["ORIGINAL", "PRIMARY"],
+        CorrectedImage=["NORM", "ATTN", "DECY"],
+        Units="BQML",
+        Radiopharmaceutical="Fluorodeoxyglucose",
+        SeriesDescription="PET Brain",
+    )
+    assert result.entities["trc"] == "fluorodeoxyglucose" and result.pet_recon == "AC"
