@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -50,6 +52,8 @@ from shared.topics import Stage
 log = logging.getLogger(__name__)
 
 FINALIZE_KEY = "__finalize__"
+# who processed an item (host:pid), kept on the item row: replicas sharing a run can be told apart
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 _MAX_ERRORS_KEPT = 200
 
 RUNTIME_DDL = """
@@ -76,9 +80,11 @@ CREATE TABLE IF NOT EXISTS {schema}.run_items (
     attempts   integer NOT NULL DEFAULT 0,
     error      text,
     result     jsonb,
+    worker     text,
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (job_id, item_key)
 );
+ALTER TABLE {schema}.run_items ADD COLUMN IF NOT EXISTS worker text;
 """
 
 
@@ -396,13 +402,15 @@ class StageRuntime:
         errors = [e.model_dump() for e in result.errors]
         async with self.pool.acquire() as conn, conn.transaction():
             changed = await conn.fetchval(
-                f"UPDATE {self.schema}.run_items SET status = $3, error = $4, result = $5, updated_at = now()"
+                f"UPDATE {self.schema}.run_items SET status = $3, error = $4, result = $5, worker = $6,"
+                " updated_at = now()"
                 " WHERE job_id = $1 AND item_key = $2 AND status = 'pending' RETURNING true",
                 job_id,
                 item.item_key,
                 status,
                 "; ".join(e["message"] for e in errors)[:2000] or None,
                 {"counts": result.counts},
+                WORKER,
             )
             if not changed:
                 return

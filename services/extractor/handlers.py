@@ -299,6 +299,21 @@ class ExtractorPlugin:
                 list(instances.values()),
                 ["cohort_id", "sop_instance_uid"],
             )
+            # a SOP instance already catalogued from another file of the cohort: this file is a
+            # duplicate (recorded as such); the same file again (a redelivered item) is not
+            owners = {
+                r["sop_instance_uid"]: r["source_key"]
+                for r in await conn.fetch(
+                    "SELECT sop_instance_uid, source_key FROM catalog.instance"
+                    " WHERE cohort_id = $1 AND sop_instance_uid = ANY($2::text[])",
+                    cohort_id,
+                    list(instances),
+                )
+            }
+            for o in catalogued:
+                uid = o.record.sop_instance_uid or ""
+                if o not in duplicates and owners.get(uid, o.key) != o.key:
+                    duplicates.append(o)
             for kind, rows in details.items():
                 await _insert_detail(conn, kind, rows)
             if series:
@@ -308,7 +323,13 @@ class ExtractorPlugin:
                     list(series),
                 )
             reasons = [(o, o.rejection or "") for o in rejected]
-            reasons += [(o, "duplicate SOP Instance UID in this cohort") for o in duplicates]
+            reasons += [
+                (
+                    o,
+                    f"duplicate of an instance already catalogued (SOP Instance UID {o.record.sop_instance_uid})",
+                )
+                for o in duplicates
+            ]
             await conn.executemany(
                 "INSERT INTO catalog.rejected_file (cohort_id, source_key, reason, size, sha256, job_id)"
                 " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (cohort_id, source_key) DO UPDATE"
@@ -336,12 +357,13 @@ class ExtractorPlugin:
                     for o in outcomes
                 ],
             )
-        FILES_PROCESSED.labels("extraction", "catalogued").inc(len(instances))
+        catalogued_files = len(catalogued) - len(duplicates)
+        FILES_PROCESSED.labels("extraction", "catalogued").inc(catalogued_files)
         FILES_PROCESSED.labels("extraction", "rejected").inc(len(reasons))
         return ItemResult(
             counts={
                 "files": len(outcomes),
-                "catalogued_files": len(instances),
+                "catalogued_files": catalogued_files,
                 "new_instances": inserted,
                 "rejected_files": len(reasons),
             },
