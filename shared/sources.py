@@ -107,8 +107,10 @@ class LocalSource:
         yield from found
 
     def path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root.resolve()):
+        # lexical check: a key may not climb out of the root; symlinks inside the root are the
+        # user's own choice (a cohort folder of links to data elsewhere) and are followed
+        path = Path(os.path.normpath(self.root / key))
+        if not path.is_relative_to(self.root):
             raise SourceError(f"{key!r} escapes the source root")
         return path
 
