@@ -21,6 +21,7 @@ from typing import Any
 from pydicom.charset import convert_encodings, default_encoding
 
 from .header_json import MAX_VALUE_BYTES, resolve_vr, tag_key, value_json
+from .sop_class import DICOMDIR_SOP_CLASS
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 # syntaxes whose data set is not little-endian VR-encoded bytes in place
@@ -109,7 +110,12 @@ def read_header(content: bytes, *, max_value_bytes: int = MAX_VALUE_BYTES) -> He
         raise ReaderDeclined(f"transfer syntax {syntax}")
     state = _State(syntax == IMPLICIT_VR_LITTLE_ENDIAN, [default_encoding], max_value_bytes)
     try:
-        data, _ = _dataset(content, position, len(content), state, top=True)
+        if meta.get(0x00020002) == DICOMDIR_SOP_CLASS:
+            data: dict[
+                str, Any
+            ] = {}  # a media directory: its records are never catalogued, skip them
+        else:
+            data, _ = _dataset(content, position, len(content), state, top=True)
     except (struct.error, IndexError, ValueError, UnicodeDecodeError, LookupError) as exc:
         raise ReaderDeclined(str(exc)) from exc
     return HeaderRead(
