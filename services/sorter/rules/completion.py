@@ -84,19 +84,22 @@ def complete(
             r for r in by_series.get(c.series_instance_uid, []) if r.stack_key != c.stack_key
         ]
         _fieldmap_magnitude(c, fp, siblings, rules)
+        protocol_pool = [
+            r
+            for r in by_protocol.get(_protocol_key(fp), [])
+            if r.series_instance_uid != c.series_instance_uid
+        ]
         for axis in FILLABLE:
             if getattr(c, axis) != "unknown":
                 continue
-            pool = siblings or [
-                r
-                for r in by_protocol.get(_protocol_key(fp), [])
-                if r.series_instance_uid != c.series_instance_uid
-            ]
-            votes = Counter(getattr(r, axis) for r in pool if getattr(r, axis) != "unknown")
-            if not votes:
+            found = _majority(siblings, axis)
+            where = "series sibling"
+            if found is None:
+                found = _majority(protocol_pool, axis)
+                where = "same protocol in this cohort"
+            if found is None:
                 continue
-            value, count = votes.most_common(1)[0]
-            where = "series sibling" if siblings else "same protocol in this cohort"
+            value, count = found
             setattr(c, axis, value)
             c.inferred[axis] = f"{where} ({count} confident stack{'s' if count > 1 else ''})"
             c.evidence.append(Evidence(f"completion:{where}", "completion", axis, value, 0.0))
@@ -105,6 +108,12 @@ def complete(
             _rename(c, fp, rules)
             c.review_required = True
     return out
+
+
+def _majority(pool: list[Classification], axis: str) -> tuple[str, int] | None:
+    """Most common known value of `axis` among reference stacks, with its count."""
+    votes = Counter(getattr(r, axis) for r in pool if getattr(r, axis) != "unknown")
+    return votes.most_common(1)[0] if votes else None
 
 
 def _fieldmap_magnitude(

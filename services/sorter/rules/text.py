@@ -17,7 +17,7 @@ from services.sorter.rules.vocabulary import vocabulary
 _SPLIT = re.compile(r"[^a-z0-9]+")
 _COMPOUND = re.compile(r"[a-z0-9]+(?:[-_][a-z0-9]+)+")
 _CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])")
-_TRAILING_DIGITS = re.compile(r"\d+$")
+_ALPHA_HEAD = re.compile(r"^([a-z]{3,})\d")
 
 
 @lru_cache(maxsize=65536)
@@ -38,11 +38,11 @@ def tokenize(text: str) -> frozenset[str]:
     words.update(w for w in _SPLIT.split(_CAMEL.sub(" ", text).lower()) if w)
     for compound in _COMPOUND.findall(lowered):
         words.add(compound.replace("-", "").replace("_", ""))
-    # a long word with a run number glued on ("rest1", "flair2") also counts without it
+    # a word with a number glued on ("rest1", "flair2", "fase3d") also counts as its letters
     for word in list(words):
-        stem = _TRAILING_DIGITS.sub("", word)
-        if stem != word and len(stem) >= 3 and stem.isalpha():
-            words.add(stem)
+        head = _ALPHA_HEAD.match(word)
+        if head:
+            words.add(head.group(1))
     tokens = set(words)
     for word in words:
         canon = vocab.synonyms.get(word)

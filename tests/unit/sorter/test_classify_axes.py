@@ -945,3 +945,36 @@ def test_pet_tracer_entity() -> None:
         SeriesDescription="PET Brain",
     )
     assert result.entities["trc"] == "fluorodeoxyglucose" and result.pet_recon == "AC"
+
+
+def test_vendor_word_traps() -> None:
+    # SENSE is parallel imaging, not GRAPPA-specific; Canon FASE is fast TSE, not RESOLVE;
+    # a plain Siemens DWI EPI is not multishot
+    sense = run(
+        **{
+            **PHILIPS,
+            "ScanningSequence": "SE",
+            "SequenceVariant": "SK",
+            "RepetitionTime": 3000,
+            "EchoTime": 80,
+            "ImageType": ["ORIGINAL", "PRIMARY", "M_SE", "M", "SE"],
+            "ParallelAcquisitionTechnique": "SENSE",
+            "SeriesDescription": "T2W_TSE SENSE",
+        }
+    )
+    assert sense.acceleration == {"ParallelImaging"}
+    fase = run(
+        **{
+            **CANON,
+            "ScanningSequence": "SE",
+            "RepetitionTime": 4000,
+            "EchoTime": 90,
+            "ImageType": ["ORIGINAL", "PRIMARY", "OTHER"],
+            "SeriesDescription": "T2 FASE3D",
+        }
+    )
+    assert fase.technique == "TSE" and fase.base == "T2w"
+    siemens_dwi = run(
+        **CASES[[c[0] for c in CASES].index("text trap: '64dir' is not DIR [protocol]")][1]
+    )
+    assert siemens_dwi.technique == "DWI-EPI"
