@@ -156,6 +156,8 @@ def bids_entities(
         entities["rec"] = recon + ("dyn" if fp.n_volumes > 1 else "stat")
         if fp.pet_tracer:
             entities["trc"] = sanitize_label(fp.pet_tracer).lower()
+    if result.provenance == "EPIMix" and entry.datatype == "anat":
+        entities.setdefault("rec", "epimix")  # EPIMix contrasts come from one EPI acquisition
     if "STIR" in result.modifiers and suffix == "T2w":
         entities.setdefault("acq", "stir")
     return suffix, entities

@@ -978,3 +978,34 @@ def test_vendor_word_traps() -> None:
         **CASES[[c[0] for c in CASES].index("text trap: '64dir' is not DIR [protocol]")][1]
     )
     assert siemens_dwi.technique == "DWI-EPI"
+
+
+def test_processed_swi_goes_to_derivatives_and_epimix_is_marked() -> None:
+    # [dcm2niix-docs] Siemens processed SWI images: DERIVED ImageType with SWI
+    processed = run(
+        **{
+            **SIEMENS,
+            "SequenceName": "*swi3d1r",
+            "ScanningSequence": "GR",
+            "MRAcquisitionType": "3D",
+            "RepetitionTime": 27,
+            "EchoTime": 20,
+            "FlipAngle": 15,
+            "ImageType": ["DERIVED", "PRIMARY", "SWI", "NORM"],
+            "SeriesDescription": "SWI_Images",
+        }
+    )
+    assert (processed.bids_datatype, processed.bids_suffix) == ("derivatives", "swi")
+    assert processed.provenance == "SWIRecon"
+    epimix = run(
+        **{
+            **GE,
+            "ScanningSequence": ["EP", "SE"],
+            "ScanOptions": ["EPI_GEMS"],
+            "RepetitionTime": 3000,
+            "EchoTime": 80,
+            "ImageType": ["DERIVED", "PRIMARY", "OTHER"],
+            "SeriesDescription": "EPIMix T2-FLAIR",
+        }
+    )
+    assert epimix.provenance == "EPIMix" and epimix.entities.get("rec") == "epimix"
