@@ -216,7 +216,7 @@ class Rejection:
     patient_id: str | None = None
 
     def to_row(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return _as_dict(self)
 
 
 @dataclass(slots=True)
@@ -244,9 +244,8 @@ class InstanceRecord:
     spacing_between_slices: float | None = None  # (0018,0088) mm
     image_type: list[str] = field(default_factory=list)  # (0008,0008) ORIGINAL/DERIVED\PRIMARY\...
     image_position: list[float] = field(default_factory=list)  # (0020,0032) mm, first voxel centre
-    image_orientation: list[float] = field(
-        default_factory=list
-    )  # (0020,0037) row and column cosines
+    # (0020,0037) row and column direction cosines
+    image_orientation: list[float] = field(default_factory=list)
     slice_location: float | None = None  # (0020,1041) mm, per slice
     acquisition_date: str | None = None  # (0008,0022) DA
     acquisition_time: str | None = None  # (0008,0032) TM
@@ -259,9 +258,8 @@ class InstanceRecord:
     ct: CTDetail | None = None
     pet: PETDetail | None = None
     frames: list[FrameRecord] = field(default_factory=list)
-    header: dict[str, Any] = field(
-        default_factory=dict
-    )  # DICOM JSON, bulk data and extra frames left out
+    # the header as DICOM JSON, without bulk data and without the per-frame items after the first
+    header: dict[str, Any] = field(default_factory=dict)
 
     NESTED: ClassVar[dict[str, type]] = {
         "subject": SubjectRecord,
@@ -278,25 +276,17 @@ class InstanceRecord:
         """
         row: dict[str, Any] = {}
         for name in self.NESTED:
-            part = getattr(self, name)
-            for f in fields(part):
-                row[f.name] = _plain(getattr(part, f.name))
-        for f in fields(self):
-            if f.name in self.NESTED:
+            row.update(_as_dict(getattr(self, name)))
+        for name in _names(InstanceRecord):
+            if name in self.NESTED:
                 continue
-            value = getattr(self, f.name)
-            if f.name in self.DETAILS:
-                row[f.name] = (
-                    None
-                    if value is None
-                    else {d.name: _plain(getattr(value, d.name)) for d in fields(value)}
-                )
-            elif f.name == "frames":
-                row["frames"] = [
-                    {d.name: _plain(getattr(fr, d.name)) for d in fields(fr)} for fr in value
-                ]
+            value = getattr(self, name)
+            if name in self.DETAILS:
+                row[name] = None if value is None else _as_dict(value)
+            elif name == "frames":
+                row[name] = [_as_dict(frame) for frame in value]
             else:
-                row[f.name] = _plain(value)
+                row[name] = value
         return row
 
     @classmethod
@@ -307,15 +297,15 @@ class InstanceRecord:
         """
         nested = {name: _build(kind, row) for name, kind in cls.NESTED.items()}
         kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name in cls.NESTED or f.name not in row:
+        for name in _names(cls):
+            if name in cls.NESTED or name not in row:
                 continue
-            value = row[f.name]
-            if f.name in cls.DETAILS:
-                value = None if value is None else _build(cls.DETAILS[f.name], value)
-            elif f.name == "frames":
-                value = [_build(FrameRecord, fr) for fr in value or []]
-            kwargs[f.name] = value
+            value = row[name]
+            if name in cls.DETAILS:
+                value = None if value is None else _build(cls.DETAILS[name], value)
+            elif name == "frames":
+                value = [_build(FrameRecord, frame) for frame in value or []]
+            kwargs[name] = value
         kwargs.setdefault("size", 0)
         kwargs.setdefault("transfer_syntax_uid", None)
         kwargs.setdefault("sop_class_name", "")
@@ -323,12 +313,25 @@ class InstanceRecord:
         return cls(**nested, **kwargs)
 
 
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _names(kind: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(kind)
+    if names is None:
+        names = _FIELD_NAMES[kind] = tuple(f.name for f in fields(kind))
+    return names
+
+
+def _as_dict(record: Any) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in _names(type(record))}
 
 
 def _build(kind: type, data: dict[str, Any]) -> Any:
-    names = {f.name for f in fields(kind)}
-    return kind(
-        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items() if k in names}
-    )
+    """A record of `kind` from the keys of `data` it knows; sequences come back as lists."""
+    kwargs = {}
+    for name in _names(kind):
+        if name in data:
+            value = data[name]
+            kwargs[name] = list(value) if isinstance(value, tuple) else value
+    return kind(**kwargs)

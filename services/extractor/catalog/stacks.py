@@ -61,7 +61,9 @@ def stack_constants(instance: InstanceRecord, frame: FrameRecord) -> dict[str, A
     constants: dict[str, Any] = {"MOD": modality}
     if modality == "MR":
         _put(constants, "TE", frame.echo_time)
-        _put(constants, "TI", frame.inversion_time or None)  # TI 0 (GE writes it) means no inversion
+        _put(
+            constants, "TI", frame.inversion_time or None
+        )  # TI 0 (GE writes it) means no inversion
         _put(constants, "FA", frame.flip_angle)
         if frame.echo_number is not None:
             constants["ECHO"] = frame.echo_number
