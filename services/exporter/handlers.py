@@ -22,7 +22,7 @@ import logging
 import shutil
 import tempfile
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -124,9 +124,19 @@ class ExporterPlugin:
         candidates: list[tuple[ExportStack, dict[str, Any]]] = []
         unclassified: dict[str, str] = {}
         by_key: dict[str, tuple[ExportStack, dict[str, Any]]] = {}
+        stacks_per_series = Counter(r["series_instance_uid"] for r in rows)
+        series_members: dict[str, list[str]] = defaultdict(list)
+        for instance in instances.values():
+            series_members[instance.series_instance_uid].append(instance.sop_instance_uid)
         for row in rows:
             summary = StackSummary.model_validate(row["summary"])
-            summary.sop_instance_uids = list(row["sop_instance_uids"])
+            summary.sop_instance_uids = list(row["sop_instance_uids"] or [])
+            if (
+                not summary.sop_instance_uids
+                and stacks_per_series[summary.series_instance_uid] == 1
+            ):
+                # the stack is its whole series: its members are the series' instances
+                summary.sop_instance_uids = series_members[summary.series_instance_uid]
             classification = {f: row[f] for f in CLASSIFICATION_FIELDS}
             stack = export_stack_of(
                 summary, classification, sessions.get(row["study_instance_uid"])
@@ -141,7 +151,14 @@ class ExporterPlugin:
         problems = naming_problems(kept, group_symri=options.group_symri)
         for stack in kept:
             missing = [u for u in stack.summary.sop_instance_uids if u not in instances]
-            if missing and stack.key not in problems:
+            if stack.key in problems:
+                continue
+            if not stack.summary.sop_instance_uids:
+                problems[stack.key] = (
+                    "the catalog lists no instances for this stack"
+                    " (catalog.stack_summary_v.sop_instance_uids is empty)"
+                )
+            elif missing:
                 problems[stack.key] = f"{len(missing)} instance(s) missing from the catalog"
         names = plan_names(
             [s for s in kept if s.key not in problems],
@@ -207,7 +224,7 @@ class ExporterPlugin:
         if planned["problem"] or planned["base_path"] is None:
             return await self._fail(ctx, item, planned, planned["problem"] or "no name planned")
         stack = ExportStack.model_validate(planned["stack"])
-        sources = [SourceInstance(*s) for s in planned["sources"]]
+        sources = [SourceInstance(*s[:4]) for s in planned["sources"]]
         base = PurePosixPath(planned["base_path"])
         fingerprint = stack_fingerprint(base, stack, [s.sha256 for s in sources], options)
         if options.overwrite == "skip":

@@ -25,6 +25,8 @@ class SourceInstance:
     object_key: str
     sha256: str
     size: int
+    series_instance_uid: str = ""
+    instance_number: int | None = None
 
 
 @dataclass(frozen=True)
@@ -91,16 +93,12 @@ async def cohort_instances(
 ) -> dict[str, SourceInstance]:
     """Where the bytes of every instance of the cohort are, by SOP Instance UID."""
     rows = await conn.fetch(
-        "SELECT sop_instance_uid, object_key, sha256, size FROM catalog.instance_v"
-        " WHERE cohort_id = $1",
+        "SELECT sop_instance_uid, object_key, sha256, size, series_instance_uid, instance_number"
+        " FROM catalog.instance_v WHERE cohort_id = $1"
+        " ORDER BY series_instance_uid, instance_number NULLS LAST, sop_instance_uid",
         cohort_id,
     )
-    return {
-        r["sop_instance_uid"]: SourceInstance(
-            r["sop_instance_uid"], r["object_key"], r["sha256"], r["size"]
-        )
-        for r in rows
-    }
+    return {r["sop_instance_uid"]: SourceInstance(**dict(r)) for r in rows}
 
 
 # --- the plan -----------------------------------------------------------------------------------

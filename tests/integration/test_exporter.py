@@ -1,0 +1,315 @@
+"""The exporter in the real pipeline: real DICOM through the gateway, extractor, sorter and exporter
+on the local stack (Postgres, Kafka protocol broker, S3), checked from the outside.
+
+The cohort points at a temporary folder of symlinks into the team's QA sets (PD+T2, Siemens GRE
+field maps, Siemens EPI with four phase-encoding directions, a Philips DTI): nothing is
+copied into the project. The export is downloaded file by file through the gateway, as
+`cohortflow run --out DIR` does, and must be a complete, validator-clean BIDS tree whose images equal
+dcm2niix's reference outputs in the sets' `Ref/` folders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from services.exporter.validate import run_bids_validator
+from shared.storage import ObjectStore
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.asyncio(loop_scope="session"),
+    pytest.mark.stack_services("gateway", "extractor", "sorter", "exporter"),
+]
+
+# folder in the cohort -> folder of the QA set
+SETS = {
+    "pdt2": "dcm_qa_pdt2/In/Siemens/VE11",
+    "fmap2": "dcm_qa_fmap/In/Siemens/2_gre_field_magph",
+    "fmap3": "dcm_qa_fmap/In/Siemens/3_gre_field_magph",
+    "epi": "dcm_qa_nih/In/20180918Si",
+    "dti": "dcm_qa_philips_dwi/In/cl",
+}
+EXPORT = {"outputModes": ["nii.gz", "dcm"]}
+JOB_TIMEOUT_S = 900.0
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+def link_sets(dicom_root: Path, folder: Path) -> Path:
+    """A cohort folder of hard links to the QA files (a temporary copy where links are refused).
+
+    Symlinks will not do: the source refuses files that resolve outside the cohort's folder."""
+    for name, relative in SETS.items():
+        source = dicom_root / relative
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                target = folder / name / path.relative_to(source)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(path, target)
+                except OSError:
+                    shutil.copyfile(path, target)
+    return folder
+
+
+async def wait_job(
+    api: httpx.AsyncClient, job_id: str, timeout: float = JOB_TIMEOUT_S
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job: dict[str, Any] = (await api.get(f"/api/jobs/{job_id}")).json()
+        if job["status"] in TERMINAL:
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {job['status']} after {timeout:.0f} s: {job}")
+        await asyncio.sleep(1.0)
+
+
+async def run_export(
+    api: httpx.AsyncClient, cohort_id: str, config: dict[str, Any]
+) -> dict[str, Any]:
+    response = await api.post(
+        f"/api/cohorts/{cohort_id}/stages/export/run", json={"config": config}
+    )
+    assert response.status_code == 202, response.text
+    job = await wait_job(api, response.json()["id"])
+    assert job["status"] == "completed", job
+    return job
+
+
+async def manifest(api: httpx.AsyncClient, cohort_id: str, job_id: str) -> list[dict[str, Any]]:
+    listing = (await api.get(f"/api/cohorts/{cohort_id}/exports/{job_id}")).json()
+    files: list[dict[str, Any]] = listing["files"]
+    return files
+
+
+async def download_tree(api: httpx.AsyncClient, files: list[dict[str, Any]], root: Path) -> Path:
+    """Every listed file through the gateway's download route, checked against its SHA-256."""
+    for entry in files:
+        response = await api.get(entry["download_url"])
+        assert response.status_code == 200, (entry["path"], response.text)
+        assert hashlib.sha256(response.content).hexdigest() == entry["sha256"], entry["path"]
+        target = root / entry["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(response.content)
+    return root
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def api(gateway_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=60.0) as client:
+        yield client
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def exported(
+    api: httpx.AsyncClient, dicom_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """A cohort run through extraction, sorting and export (NIfTI + DICOM), and its export tree."""
+    source = link_sets(dicom_root, tmp_path_factory.mktemp("cohort-source"))
+    body = {"name": f"export-it-{uuid.uuid4().hex[:8]}", "source_path": str(source)}
+    created = await api.post("/api/cohorts", json=body)
+    assert created.status_code == 201, created.text
+    cohort = created.json()
+    run = await api.post(
+        f"/api/cohorts/{cohort['id']}/pipeline", json={"sorting": {}, "export": EXPORT}
+    )
+    assert run.status_code == 202, run.text
+    jobs = {j["stage"]: j for j in run.json()["jobs"]}
+    for stage in ("extraction", "sorting", "export"):
+        jobs[stage] = await wait_job(api, jobs[stage]["id"])
+        assert jobs[stage]["status"] == "completed", json.dumps(jobs[stage], indent=1)[:4000]
+    files = await manifest(api, cohort["id"], jobs["export"]["id"])
+    tree = await download_tree(api, files, tmp_path_factory.mktemp("export-tree"))
+    return {"cohort": cohort, "jobs": jobs, "files": files, "tree": tree}
+
+
+# the dcm2niix outputs in the sets' Ref/ folders that the cohort's stacks must reproduce
+REFERENCES = [
+    "dcm_qa_pdt2/Ref/Siemens_pd+t2_tse_sag_ISO_1.8mm_3_e1",
+    "dcm_qa_pdt2/Ref/Siemens_pd+t2_tse_sag_ISO_1.8mm_3_e2",
+    "dcm_qa_fmap/Ref/Si_2_gre_field_magph_e1",
+    "dcm_qa_fmap/Ref/Si_2_gre_field_magph_e2",
+    "dcm_qa_fmap/Ref/Si_3_gre_field_magph_e2_ph",
+    "dcm_qa_nih/Ref/EPI_PE=AP_3",
+    "dcm_qa_nih/Ref/EPI_PE=PA_4",
+    "dcm_qa_nih/Ref/EPI_PE=RL_5",
+    "dcm_qa_nih/Ref/EPI_PE=LR_6",
+    "dcm_qa_philips_dwi/Ref/701_DTI_Biobank_2mm_MB3S2_EPI_cl",
+]
+
+
+def image_identity(sidecar: dict[str, Any]) -> tuple[Any, ...]:
+    """What tells the images of these sets apart: series, echo, and phase or magnitude."""
+    phase = "P" in sidecar.get("ImageType", []) or "PHASE" in sidecar.get("ImageType", [])
+    return (
+        sidecar.get("SeriesDescription"),
+        sidecar.get("SeriesNumber"),
+        round(float(sidecar.get("EchoTime", 0.0)), 5),
+        phase,
+    )
+
+
+def raw_images(files: list[dict[str, Any]]) -> list[str]:
+    return [
+        f["path"]
+        for f in files
+        if f["kind"] == "nifti" and not f["path"].startswith(("sourcedata/", "derivatives/"))
+    ]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+async def test_export_is_a_complete_valid_bids_tree(exported: dict[str, Any]) -> None:
+    job, files, tree = exported["jobs"]["export"], exported["files"], exported["tree"]
+    summary = job["summary"]
+    assert summary["validator"]["errors"] == 0, summary["validator"]["error_codes"]
+    assert summary["validator"]["valid"] is True and summary["failed_stacks"] == []
+    assert job["items_failed"] == 0 and job["items_total"] == summary["stacks_with_output"] == 10
+    assert summary["output_prefix"] == f"export/{exported['cohort']['id']}/{job['id']}"
+
+    paths = {f["path"] for f in files}
+    subjects = sorted(p.split("/")[0] for p in paths if p.startswith("sub-") and p.count("/") == 1)
+    assert len(subjects) == 4
+    for dataset_file in ("dataset_description.json", "participants.tsv", "participants.json",
+                         "README", ".bidsignore"):  # fmt: skip
+        assert dataset_file in paths
+    for subject in subjects:
+        assert f"{subject}/{subject}_sessions.tsv" in paths
+        assert any(p.startswith(f"{subject}/ses-") and p.endswith("_scans.tsv") for p in paths)
+    participants = (tree / "participants.tsv").read_text().splitlines()
+    assert sorted(row.split("\t")[0] for row in participants[1:]) == subjects
+    generated = {
+        g["Name"]: g["Version"] for g in read_json(tree / "dataset_description.json")["GeneratedBy"]
+    }
+    assert generated["dcm2niix"].startswith("v1.0.") and "Cohortflow" in generated
+
+    # the tree as `cohortflow run --out` gets it (every listed file, sourcedata too) is valid
+    report = run_bids_validator(tree)
+    assert report.errors == 0, [
+        (i.code, i.location) for i in report.issues if i.severity == "error"
+    ]
+    assert sorted(f"sub-{s}" for s in report.summary["subjects"]) == subjects
+    assert set(report.summary["dataTypes"]) == {"anat", "fmap", "func", "dwi"}
+    on_disk = {p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file()}
+    assert on_disk == paths
+
+
+async def test_images_equal_dcm2niix_reference(exported: dict[str, Any], dicom_root: Path) -> None:
+    tree = exported["tree"]
+    ours: dict[tuple[Any, ...], str] = {}
+    for path in raw_images(exported["files"]):
+        sidecar = read_json(tree / (path.removesuffix(".gz").removesuffix(".nii") + ".json"))
+        identity = image_identity(sidecar)
+        assert identity not in ours, f"{path} and {ours.get(identity)} are the same image"
+        ours[identity] = path
+    assert len(ours) == len(REFERENCES)
+    compared = 0
+    for reference in REFERENCES:
+        ref = dicom_root / reference
+        path = ours[image_identity(read_json(Path(f"{ref}.json")))]
+        image = nib.load(tree / path)
+        assert isinstance(image, nib.Nifti1Image)
+        if Path(f"{ref}.nii").exists():
+            expected = nib.load(f"{ref}.nii")
+            assert isinstance(expected, nib.Nifti1Image)
+            assert image.shape == expected.shape, path
+            assert np.allclose(image.affine, expected.affine, atol=1e-4), path
+            assert np.array_equal(np.asanyarray(image.dataobj), np.asanyarray(expected.dataobj)), (
+                path
+            )
+            compared += 1
+        if Path(f"{ref}.bval").exists():
+            stem = tree / path.removesuffix(".nii.gz")
+            bval = np.loadtxt(f"{stem}.bval")
+            assert np.allclose(bval, np.loadtxt(f"{ref}.bval")), path
+            assert np.allclose(np.loadtxt(f"{stem}.bvec"), np.loadtxt(f"{ref}.bvec"), atol=1e-4)
+            assert image.shape[3] == bval.size
+            compared += 1
+    assert compared == len(REFERENCES)
+
+
+async def test_dicom_mode_copies_every_selected_instance_once(
+    exported: dict[str, Any], db_pool: asyncpg.Pool
+) -> None:
+    files = exported["files"]
+    copies = [f for f in files if f["kind"] == "dicom"]
+    assert all(f["path"].startswith("sourcedata/dicom/") for f in copies)
+    copied = Counter(uid for f in copies for uid in f["source_sop_instance_uids"])
+    assert set(copied.values()) == {1} and all(
+        len(f["source_sop_instance_uids"]) == 1 for f in copies
+    )
+    selected = {uid for f in files if f["kind"] == "nifti" for uid in f["source_sop_instance_uids"]}
+    assert set(copied) == selected
+    catalog = {
+        r["sop_instance_uid"]: r["sha256"]
+        for r in await db_pool.fetch(
+            "SELECT sop_instance_uid, sha256 FROM catalog.instance_v WHERE cohort_id = $1",
+            uuid.UUID(exported["cohort"]["id"]),
+        )
+    }
+    assert set(copied) == set(catalog)  # every stack is selected here: every instance, once
+    for f in copies:
+        assert f["sha256"] == catalog[f["source_sop_instance_uids"][0]], f["path"]
+
+
+async def test_intent_filter_and_destination(
+    exported: dict[str, Any], api: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    cohort_id = exported["cohort"]["id"]
+    destination = tmp_path / "export-copy"
+    job = await run_export(
+        api,
+        cohort_id,
+        {
+            "outputModes": ["nii"],
+            "includeIntents": ["anat", "fmap"],
+            "destination": str(destination),
+        },
+    )
+    files = await manifest(api, cohort_id, job["id"])
+    images = raw_images(files)
+    assert len(images) == 5 and all(p.split("/")[-2] in ("anat", "fmap") for p in images)
+    assert all(p.endswith(".nii") for p in images) and not any(f["kind"] == "dicom" for f in files)
+    summary = job["summary"]
+    assert summary["not_exported"] == {
+        "intent func not in includeIntents": 4,
+        "intent dwi not in includeIntents": 1,
+    }
+    assert summary["validator"]["errors"] == 0
+    copied = {p.relative_to(destination).as_posix() for p in destination.rglob("*") if p.is_file()}
+    assert copied == {f["path"] for f in files}
+
+
+async def test_second_export_with_skip_writes_nothing_new(
+    exported: dict[str, Any], api: httpx.AsyncClient, object_store: ObjectStore
+) -> None:
+    cohort_id, first = exported["cohort"]["id"], exported["files"]
+    job = await run_export(api, cohort_id, EXPORT)  # overwrite policy: skip (the default)
+    files = await manifest(api, cohort_id, job["id"])
+    assert [(f["path"], f["sha256"]) for f in files] == [(f["path"], f["sha256"]) for f in first]
+    assert list(object_store.list(f"export/{cohort_id}/{job['id']}/")) == []
+    assert job["summary"]["files_written"] == 0 and job["summary"]["stacks_reused"] == 10
+    assert job["summary"]["validator"]["errors"] == 0
+    # the listed files are downloadable: they are the first export's objects
+    response = await api.get(files[0]["download_url"])
+    assert hashlib.sha256(response.content).hexdigest() == files[0]["sha256"]
