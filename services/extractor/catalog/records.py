@@ -284,7 +284,11 @@ class InstanceRecord:
             if name in self.DETAILS:
                 row[name] = None if value is None else _as_dict(value)
             elif name == "frames":
-                row[name] = [_as_dict(frame) for frame in value]
+                # an Enhanced object can have thousands of frames: leave their empty values out
+                row[name] = [
+                    {k: v for k, v in _as_dict(frame).items() if v is not None and v != []}
+                    for frame in value
+                ]
             else:
                 row[name] = value
         return row
