@@ -84,7 +84,7 @@ class LocalSource:
         except (PermissionError, FileNotFoundError):
             return files, folders
         for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
+            if entry.is_dir(follow_symlinks=True):
                 folders.append(Path(entry.path))
             elif entry.is_file(follow_symlinks=True):
                 st = entry.stat()
@@ -95,6 +95,7 @@ class LocalSource:
     def list(self) -> Iterator[SourceFile]:
         """Every file below the root, folders scanned by a small thread pool, in sorted order."""
         pending = [self.root]
+        seen = {self.root.resolve()}  # linked folders are followed once: no loops
         found: list[SourceFile] = []
         with ThreadPoolExecutor(max_workers=self._workers) as pool:
             while pending:
@@ -102,7 +103,11 @@ class LocalSource:
                 pending = []
                 for files, folders in results:
                     found.extend(files)
-                    pending.extend(folders)
+                    for folder in folders:
+                        real = folder.resolve()
+                        if real not in seen:
+                            seen.add(real)
+                            pending.append(folder)
         found.sort(key=lambda f: f.key)
         yield from found
 

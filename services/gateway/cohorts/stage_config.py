@@ -123,6 +123,8 @@ class ExtractionConfig(_Config):
     process_pool_workers: int | None = Field(default=None, ge=1, le=128)
     scan_thread_workers: int | None = Field(default=None, ge=1, le=256)
     folder_thread_workers: int | None = Field(default=None, ge=1, le=256)
+    # files per work item (smaller: finer sharing among replicas and quicker cancel)
+    batch_files: int | None = Field(default=None, ge=1, le=10000)
 
 
 # --- sorting ---------------------------------------------------------------------------------
