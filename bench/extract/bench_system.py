@@ -1,0 +1,162 @@
+"""End-to-end extraction benchmark: the whole system against a bare pydicom header loop.
+
+Starts a private local stack (Postgres, broker, S3, gateway, extractor), creates a cohort over the
+shared DICOM (1x, then 10x as ten linked copies), runs extraction through the HTTP API and times it
+from request to completion: ingest into the raw zone with hashes, parsing, bulk catalog loading and
+stack building. In the same process it times a bare one-core `pydicom.dcmread(stop_before_pixels)`
+loop over the same files, and prints files/s of both and their ratio (goal: >= 1.4x on two cores),
+plus the extractor's peak memory (its process tree, sampled) at 1x and 10x (goal: flat).
+
+    .venv/bin/python -m bench.extract.bench_system [--data DIR] [--copies 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pydicom
+
+from cohortflow.stack import LocalStack
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "dicom"
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(Path(d) / n for d, _, names in os.walk(root, followlinks=True) for n in names)
+
+
+def bare_loop(files: list[Path]) -> float:
+    """Seconds for a plain one-core header loop (errors skipped, as extraction records them)."""
+    start = time.perf_counter()
+    for path in files:
+        with contextlib.suppress(Exception):
+            pydicom.dcmread(path, stop_before_pixels=True)
+    return time.perf_counter() - start
+
+
+def tree_rss_kib(pid: int) -> int:
+    """Resident memory of a process and its children (the extractor and its worker pool)."""
+    total = 0
+    pids = [pid]
+    while pids:
+        current = pids.pop()
+        try:
+            with open(f"/proc/{current}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            with open(f"/proc/{current}/task/{current}/children") as fh:
+                pids.extend(int(p) for p in fh.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+class PeakSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, tree_rss_kib(self.pid))
+            time.sleep(0.1)
+
+
+def link_copies(data: Path, copies: int, into: Path) -> Path:
+    into.mkdir(parents=True, exist_ok=True)
+    for i in range(copies):
+        (into / f"copy{i:02d}").symlink_to(data, target_is_directory=True)
+    return into
+
+
+def run_system(
+    api: httpx.Client, stack: LocalStack, name: str, source: Path
+) -> tuple[float, int, dict[str, int]]:
+    """(seconds, peak extractor RSS KiB, job summary) for one extraction run."""
+    pid = stack.status().services["extractor"].pid
+    assert pid
+    cohort = api.post(
+        "/api/cohorts",
+        json={"name": name, "source_path": str(source), "description": "bench", "owner": "bench", "tags": [],
+              "anonymization_enabled": False},
+    )  # fmt: skip
+    cohort.raise_for_status()
+    sampler = PeakSampler(pid)
+    sampler.start()
+    start = time.perf_counter()
+    job = api.post(
+        f"/api/cohorts/{cohort.json()['id']}/stages/extraction/run", json={"config": {}}
+    ).json()
+    while True:
+        job = api.get(f"/api/jobs/{job['id']}").json()
+        if job["status"] in ("completed", "failed", "cancelled"):
+            break
+        time.sleep(0.2)
+    seconds = time.perf_counter() - start
+    sampler.stop.set()
+    sampler.join()
+    if job["status"] != "completed":
+        raise SystemExit(f"extraction {job['status']}: {job.get('errors')}")
+    return seconds, sampler.peak, job.get("summary") or {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--copies", type=int, default=10)
+    parser.add_argument("--keep", action="store_true", help="keep the stack's state folder")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="cohortflow-bench-"))
+    work.chmod(0o755)
+    one = link_copies(args.data, 1, work / "x1")
+    many = link_copies(args.data, args.copies, work / f"x{args.copies}")
+    files = files_under(one)
+    stack = LocalStack(work / "state", data_roots=[work])
+    try:
+        info = stack.up(services=["gateway", "extractor"])
+        with httpx.Client(base_url=info.gateway_url, timeout=60.0) as api:
+            bare_loop(files[:50])  # warm the page cache and imports for both sides
+            bare = bare_loop(files)
+            system, peak1, summary = run_system(api, stack, "bench-x1", one)
+            bare_fps = len(files) / bare
+            system_fps = len(files) / system
+            print(
+                f"files: {len(files)} ({summary.get('instances')} instances, {summary.get('rejected')} rejected)"
+            )
+            print(f"bare pydicom header loop (1 core):  {bare_fps:8.1f} files/s  ({bare:.1f} s)")
+            print(
+                f"cohortflow extraction (end to end): {system_fps:8.1f} files/s  ({system:.1f} s)"
+            )
+            print(f"ratio system / bare: {system_fps / bare_fps:.2f}x  (goal >= 1.4x on two cores)")
+            many_files = len(files) * args.copies
+            system_n, peak_n, _ = run_system(api, stack, f"bench-x{args.copies}", many)
+            print(
+                f"{args.copies}x ({many_files} files): {many_files / system_n:8.1f} files/s  ({system_n:.1f} s)"
+            )
+            print(
+                f"extractor peak RSS: 1x {peak1 / 1024:.0f} MiB, {args.copies}x {peak_n / 1024:.0f} MiB"
+                f"  (ratio {peak_n / max(peak1, 1):.2f}; goal: flat)"
+            )
+    finally:
+        stack.down()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
