@@ -29,8 +29,14 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
+from services.exporter.handlers import ExporterPlugin
 from services.exporter.validate import run_bids_validator
+from shared.db import create_pool
+from shared.events import CohortRef, WorkItem
+from shared.settings import Settings
+from shared.stage import ItemContext
 from shared.storage import ObjectStore
+from shared.topics import Stage
 
 pytestmark = [
     pytest.mark.integration,
@@ -313,3 +319,117 @@ async def test_second_export_with_skip_writes_nothing_new(
     # the listed files are downloadable: they are the first export's objects
     response = await api.get(files[0]["download_url"])
     assert hashlib.sha256(response.content).hexdigest() == files[0]["sha256"]
+
+
+# --- the plugin in-process, on the same stack: failure isolation and redelivery ---------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def service_pool(stack_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """A pool like the services' own (json/jsonb as Python values)."""
+    pool = await create_pool(stack_settings, min_size=1, max_size=2)
+    yield pool
+    await pool.close()
+
+
+async def copy_plan(
+    pool: asyncpg.Pool, from_job: str, to_job: uuid.UUID, suffix: str
+) -> asyncpg.Record:
+    """The first exported stack of `from_job` whose base path ends with `suffix`, planned again
+    under `to_job` (as a new run would plan it)."""
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT * FROM export.planned_stack WHERE job_id = $1 AND base_path LIKE $2 LIMIT 1",
+            uuid.UUID(from_job),
+            f"%{suffix}",
+        )
+        assert row is not None
+        values = {**dict(row), "job_id": to_job}
+        await conn.execute(
+            f"INSERT INTO export.planned_stack ({', '.join(values)})"
+            f" VALUES ({', '.join(f'${i}' for i in range(1, len(values) + 1))})",
+            *values.values(),
+        )
+    return row
+
+
+def work_item(
+    exported: dict[str, Any], planned: asyncpg.Record, config: dict[str, Any]
+) -> WorkItem:
+    cohort = exported["cohort"]
+    return WorkItem(
+        stage=Stage.export,
+        cohort=CohortRef(id=cohort["id"], name=cohort["name"], source_path=cohort["source_path"]),
+        item_key=f"{planned['series_instance_uid']}|{planned['stack_key']}",
+        config=config,
+        data={"series": planned["series_instance_uid"], "stack_key": planned["stack_key"]},
+    )
+
+
+def item_context(pool: asyncpg.Pool, settings: Settings, job_id: uuid.UUID) -> ItemContext:
+    async def never() -> bool:
+        return False
+
+    return ItemContext(pool, settings, job_id, never)
+
+
+async def test_redelivered_item_rewrites_the_same_files(
+    exported: dict[str, Any], service_pool: asyncpg.Pool, stack_settings: Settings
+) -> None:
+    job_id = uuid.uuid4()
+    planned = await copy_plan(service_pool, exported["jobs"]["export"]["id"], job_id, "_T2w")
+    plugin = ExporterPlugin(stack_settings)
+    item = work_item(
+        exported, planned, {"outputModes": ["nii.gz", "dcm"], "overwrite": "overwrite"}
+    )
+    ctx = item_context(service_pool, stack_settings, job_id)
+    listings = []
+    for _ in range(2):  # at-least-once delivery: the same item twice
+        result = await plugin.process(ctx, item)
+        assert not result.failed and result.counts["stacks_exported"] == 1
+        async with service_pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT path, object_key, sha256 FROM export.manifest WHERE job_id = $1 ORDER BY path",
+                job_id,
+            )
+        listings.append([tuple(r) for r in rows])
+    assert listings[0] == listings[1] and len(listings[0]) > 2
+    first = {f["path"]: f["sha256"] for f in exported["files"]}
+    assert all(first[path] == sha for path, _, sha in listings[0]), "same bytes as the pipeline's"
+    assert all(
+        key.startswith(f"export/{exported['cohort']['id']}/{job_id}/") for _, key, _ in listings[0]
+    )
+
+
+async def test_a_stack_that_cannot_be_converted_fails_its_item_only(
+    exported: dict[str, Any],
+    service_pool: asyncpg.Pool,
+    stack_settings: Settings,
+    object_store: ObjectStore,
+) -> None:
+    job_id = uuid.uuid4()
+    planned = await copy_plan(service_pool, exported["jobs"]["export"]["id"], job_id, "_PDw")
+    # the stack's bytes are damaged in storage (but consistent with the catalog's hash)
+    damaged = b"\0" * 128 + b"DICM" + b"not a data set" * 64
+    key = f"raw/{exported['cohort']['id']}/damaged/{job_id}.dcm"
+    digest = object_store.put_bytes(key, damaged)
+    async with service_pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE export.planned_stack SET sources = $2 WHERE job_id = $1",
+            job_id,
+            [["1.2.3.4.5", key, digest, len(damaged)]],
+        )
+    item = work_item(exported, planned, {"outputModes": ["nii.gz"], "overwrite": "overwrite"})
+    result = await ExporterPlugin(stack_settings).process(
+        item_context(service_pool, stack_settings, job_id), item
+    )
+    assert result.failed and result.counts == {"stacks_failed": 1}
+    assert "ConverterError" in result.errors[0].message and "fallback" in result.errors[0].message
+    async with service_pool.acquire() as conn:
+        status = await conn.fetchval(
+            "SELECT status FROM export.stack_export WHERE job_id = $1", job_id
+        )
+        listed = await conn.fetchval(
+            "SELECT count(*) FROM export.manifest WHERE job_id = $1", job_id
+        )
+    assert (status, listed) == ("failed", 0)
