@@ -306,6 +306,20 @@ async def test_intent_filter_and_destination(
     assert copied == {f["path"] for f in files}
 
 
+async def test_flat_layout(exported: dict[str, Any], api: httpx.AsyncClient) -> None:
+    cohort_id = exported["cohort"]["id"]
+    config = {"layout": "flat", "outputModes": ["nii.gz", "dcm"], "includeIntents": ["fmap"]}
+    job = await run_export(api, cohort_id, config)
+    files = await manifest(api, cohort_id, job["id"])
+    images = [f["path"] for f in files if f["kind"] == "nifti"]
+    assert len(images) == 3 and all("/" not in p for p in images)
+    copies = [f["path"] for f in files if f["kind"] == "dicom"]
+    folders = {p.split("/")[0] for p in copies}
+    assert folders == {p.removesuffix(".nii.gz") for p in images}
+    assert {"dataset_description.json", "README"} <= {f["path"] for f in files}
+    assert job["summary"]["validator"] == {"skipped": "flat layout is not a BIDS dataset"}
+
+
 async def test_second_export_with_skip_writes_nothing_new(
     exported: dict[str, Any], api: httpx.AsyncClient, object_store: ObjectStore
 ) -> None:
