@@ -24,7 +24,7 @@ from typing import Any
 
 import asyncpg
 
-from services.extractor.catalog import InstanceRecord, build_stacks
+from services.extractor.catalog import InstanceRecord, StackBuilder
 from services.extractor.files import FileBatch, FileOutcome, extract_batch, open_location
 from shared.events import ItemError, StageRequested, WorkItem
 from shared.observability import FILES_PROCESSED
@@ -403,14 +403,29 @@ class ExtractorPlugin:
     async def _rebuild_stacks(
         self, pool: asyncpg.Pool, cohort_id: uuid.UUID, series_uid: str
     ) -> None:
+        # stream the series' rows without their headers (memory stays flat however long the
+        # series), then fetch only the representatives' headers
+        builder = StackBuilder()
         async with pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT record, header FROM catalog.instance WHERE cohort_id = $1 AND series_instance_uid = $2",
-                cohort_id,
-                series_uid,
-            )
-        records = [InstanceRecord.from_row({**r["record"], "header": r["header"]}) for r in rows]
-        stacks = await asyncio.to_thread(build_stacks, records)
+            async with conn.transaction():
+                async for r in conn.cursor(
+                    "SELECT record FROM catalog.instance WHERE cohort_id = $1 AND series_instance_uid = $2",
+                    cohort_id,
+                    series_uid,
+                    prefetch=500,
+                ):
+                    builder.add(InstanceRecord.from_row(r["record"]))
+            wanted = list(set(builder.representatives().values()))
+            headers = {
+                r["sop_instance_uid"]: r["header"]
+                for r in await conn.fetch(
+                    "SELECT sop_instance_uid, header FROM catalog.instance"
+                    " WHERE cohort_id = $1 AND sop_instance_uid = ANY($2::text[])",
+                    cohort_id,
+                    wanted,
+                )
+            }
+        stacks = builder.summaries(headers=headers)
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "DELETE FROM catalog.series_stack WHERE cohort_id = $1 AND series_instance_uid = $2",
