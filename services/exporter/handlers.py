@@ -86,6 +86,44 @@ def _parallel(work: Iterable[Any], fn: Any) -> list[Any]:
         return list(pool.map(fn, work))
 
 
+def catalog_stacks(
+    rows: Sequence[asyncpg.Record],
+    instances: dict[str, SourceInstance],
+    sessions: dict[str, str],
+) -> dict[str, tuple[ExportStack, dict[str, Any]]]:
+    """Every catalog stack as the core's `ExportStack`, with its classification row, by key.
+
+    A stack listed without members (an older catalog) is its series' instances when it is the
+    series' only stack; otherwise it stays without members and its item fails with the reason.
+    """
+    stacks_per_series = Counter(r["series_instance_uid"] for r in rows)
+    series_members: dict[str, list[str]] = defaultdict(list)
+    for instance in instances.values():
+        series_members[instance.series_instance_uid].append(instance.sop_instance_uid)
+    by_key: dict[str, tuple[ExportStack, dict[str, Any]]] = {}
+    for row in rows:
+        summary = StackSummary.model_validate(row["summary"])
+        summary.sop_instance_uids = list(row["sop_instance_uids"] or [])
+        if not summary.sop_instance_uids and stacks_per_series[summary.series_instance_uid] == 1:
+            summary.sop_instance_uids = series_members[summary.series_instance_uid]
+        classification = {f: row[f] for f in CLASSIFICATION_FIELDS}
+        classification["classified"] = row["classified"]
+        stack = export_stack_of(summary, classification, sessions.get(row["study_instance_uid"]))
+        by_key[stack.key] = (stack, classification)
+    return by_key
+
+
+def membership_problem(stack: ExportStack, instances: dict[str, SourceInstance]) -> str | None:
+    """Why the stack's DICOM cannot be fetched, if it cannot."""
+    if not stack.summary.sop_instance_uids:
+        return (
+            "the catalog lists no instances for this stack"
+            " (catalog.stack_summary_v.sop_instance_uids is empty)"
+        )
+    missing = sum(1 for u in stack.summary.sop_instance_uids if u not in instances)
+    return f"{missing} instance(s) missing from the catalog" if missing else None
+
+
 class ExporterPlugin:
     stage = Stage.export
     service = "exporter"
@@ -121,45 +159,14 @@ class ExporterPlugin:
             )
             for r in studies
         )
-        candidates: list[tuple[ExportStack, dict[str, Any]]] = []
-        unclassified: dict[str, str] = {}
-        by_key: dict[str, tuple[ExportStack, dict[str, Any]]] = {}
-        stacks_per_series = Counter(r["series_instance_uid"] for r in rows)
-        series_members: dict[str, list[str]] = defaultdict(list)
-        for instance in instances.values():
-            series_members[instance.series_instance_uid].append(instance.sop_instance_uid)
-        for row in rows:
-            summary = StackSummary.model_validate(row["summary"])
-            summary.sop_instance_uids = list(row["sop_instance_uids"] or [])
-            if (
-                not summary.sop_instance_uids
-                and stacks_per_series[summary.series_instance_uid] == 1
-            ):
-                # the stack is its whole series: its members are the series' instances
-                summary.sop_instance_uids = series_members[summary.series_instance_uid]
-            classification = {f: row[f] for f in CLASSIFICATION_FIELDS}
-            stack = export_stack_of(
-                summary, classification, sessions.get(row["study_instance_uid"])
-            )
-            by_key[stack.key] = (stack, classification)
-            if row["classified"]:
-                candidates.append((stack, classification))
-            else:
-                unclassified[stack.key] = NOT_CLASSIFIED
+        by_key = catalog_stacks(rows, instances, sessions)
+        candidates = [pair for pair in by_key.values() if pair[1]["classified"]]
         kept, reasons = split_selected(candidates, options)
-        reasons.update(unclassified)
+        reasons.update({k: NOT_CLASSIFIED for k, (_, c) in by_key.items() if not c["classified"]})
         problems = naming_problems(kept, group_symri=options.group_symri)
         for stack in kept:
-            missing = [u for u in stack.summary.sop_instance_uids if u not in instances]
-            if stack.key in problems:
-                continue
-            if not stack.summary.sop_instance_uids:
-                problems[stack.key] = (
-                    "the catalog lists no instances for this stack"
-                    " (catalog.stack_summary_v.sop_instance_uids is empty)"
-                )
-            elif missing:
-                problems[stack.key] = f"{len(missing)} instance(s) missing from the catalog"
+            problems.setdefault(stack.key, membership_problem(stack, instances) or "")
+        problems = {k: v for k, v in problems.items() if v}
         names = plan_names(
             [s for s in kept if s.key not in problems],
             layout=options.layout,
@@ -182,7 +189,7 @@ class ExporterPlugin:
                     str(base) if base is not None else None,
                     stack.model_dump(mode="json") if key not in reasons else None,
                     sources if key not in reasons else [],
-                    classification,
+                    {k: v for k, v in classification.items() if k != "classified"},
                     reasons.get(key),
                     problems.get(key),
                 )
