@@ -27,6 +27,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def audit() -> None:
+    """The encrypted audit exports of the anonymizer."""
+
+
 def read_audit(location: str) -> bytes:
     """The export's bytes: a local file, an `s3://bucket/key` URI, or a key in the audit bucket."""
     path = Path(location).expanduser()

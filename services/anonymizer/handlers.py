@@ -27,7 +27,7 @@ import uuid
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import asyncpg
@@ -392,30 +392,35 @@ class AnonymizerPlugin:
             else None
         )
         offset_range = options.offset_range_days if options.shift_dates else None
-        subjects: dict[tuple[str, str], Subject | PseudonymError] = {}
+        subjects: dict[tuple[str, str, str], Subject | PseudonymError] = {}
+        resolving = asyncio.Lock()  # files of one patient resolve it once, not concurrently
         slots = asyncio.Semaphore(FILES_IN_FLIGHT)
         cohort_id = item.cohort.id
 
         async def subject_of(patient_id: str, issuer: str, path: str) -> Subject:
-            # `folder` derives the pseudonym from the path: cache per folder too
-            cache = (patient_id, issuer if options.patient_id.strategy != "folder" else path)
-            known = subjects.get(cache)
-            if known is None:
-                try:
-                    known = await resolve_subject(
-                        ctx.pool,
-                        vault,
-                        cohort_id=cohort_id,
-                        patient_id=patient_id,
-                        issuer=issuer,
-                        opts=options.patient_id,
-                        relative_path=path,
-                        mapping=mapping,
-                        offset_range=offset_range,
-                    )
-                except PseudonymError as exc:
-                    known = exc
-                subjects[cache] = known
+            # `folder` derives the pseudonym from the path: its folder is part of the cache key
+            where = (
+                str(PurePosixPath(path).parent) if options.patient_id.strategy == "folder" else ""
+            )
+            cache = (patient_id, issuer, where)
+            async with resolving:
+                known = subjects.get(cache)
+                if known is None:
+                    try:
+                        known = await resolve_subject(
+                            ctx.pool,
+                            vault,
+                            cohort_id=cohort_id,
+                            patient_id=patient_id,
+                            issuer=issuer,
+                            opts=options.patient_id,
+                            relative_path=path,
+                            mapping=mapping,
+                            offset_range=offset_range,
+                        )
+                    except PseudonymError as exc:
+                        known = exc
+                    subjects[cache] = known
             if isinstance(known, PseudonymError):
                 raise known
             return known

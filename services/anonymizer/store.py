@@ -92,10 +92,16 @@ class PostgresPseudonymStore:
                     pseudonym,
                     self.vault.seal(self._original),
                 )
-            except asyncpg.UniqueViolationError as exc:  # the pseudonym is another patient's
-                raise PseudonymCollision(
-                    f"pseudonym {pseudonym!r} already belongs to another patient"
-                ) from exc
+            except asyncpg.UniqueViolationError as exc:
+                # the same patient claimed concurrently elsewhere trips the pseudonym index first;
+                # only a pseudonym held by another subject is a collision
+                claimed = await conn.fetchval(
+                    "SELECT pseudonym FROM anonymizer.subject WHERE subject_key = $1", subject_key
+                )
+                if claimed is None:
+                    raise PseudonymCollision(
+                        f"pseudonym {pseudonym!r} already belongs to another patient"
+                    ) from exc
             if claimed is None:  # this patient already had one (claimed concurrently)
                 claimed = await conn.fetchval(
                     "SELECT pseudonym FROM anonymizer.subject WHERE subject_key = $1", subject_key
