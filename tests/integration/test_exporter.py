@@ -306,11 +306,22 @@ async def test_intent_filter_and_destination(
     assert copied == {f["path"] for f in files}
 
 
-async def test_flat_layout(exported: dict[str, Any], api: httpx.AsyncClient) -> None:
+async def test_flat_layout_copied_to_s3(
+    exported: dict[str, Any], api: httpx.AsyncClient, object_store: ObjectStore
+) -> None:
     cohort_id = exported["cohort"]["id"]
-    config = {"layout": "flat", "outputModes": ["nii.gz", "dcm"], "includeIntents": ["fmap"]}
+    bucket = f"dest-{uuid.uuid4().hex[:12]}"
+    object_store.client.make_bucket(bucket)
+    config = {
+        "layout": "flat",
+        "outputModes": ["nii.gz", "dcm"],
+        "includeIntents": ["fmap"],
+        "destination": f"s3://{bucket}/study/flat",
+    }
     job = await run_export(api, cohort_id, config)
     files = await manifest(api, cohort_id, job["id"])
+    copied = {o.key.removeprefix("study/flat/") for o in object_store.list("study/", bucket=bucket)}
+    assert copied == {f["path"] for f in files}
     images = [f["path"] for f in files if f["kind"] == "nifti"]
     assert len(images) == 3 and all("/" not in p for p in images)
     copies = [f["path"] for f in files if f["kind"] == "dicom"]
@@ -318,6 +329,40 @@ async def test_flat_layout(exported: dict[str, Any], api: httpx.AsyncClient) -> 
     assert folders == {p.removesuffix(".nii.gz") for p in images}
     assert {"dataset_description.json", "README"} <= {f["path"] for f in files}
     assert job["summary"]["validator"] == {"skipped": "flat layout is not a BIDS dataset"}
+
+
+async def test_a_cohort_sharing_the_same_files_exports_only_its_own(
+    exported: dict[str, Any],
+    api: httpx.AsyncClient,
+    object_store: ObjectStore,
+    dicom_root: Path,
+    tmp_path: Path,
+) -> None:
+    """Same SOP Instance UIDs in two cohorts: each export reads its own cohort's catalog only."""
+    folder = tmp_path / "pdt2-only"
+    for path in sorted((dicom_root / SETS["pdt2"]).iterdir()):
+        folder.mkdir(exist_ok=True)
+        os.link(path, folder / path.name)
+    body = {"name": f"export-it-pdt2-{uuid.uuid4().hex[:8]}", "source_path": str(folder)}
+    cohort = (await api.post("/api/cohorts", json=body)).json()
+    run = await api.post(f"/api/cohorts/{cohort['id']}/pipeline", json={"export": EXPORT})
+    assert run.status_code == 202, run.text
+    export_job = await wait_job(api, run.json()["jobs"][-1]["id"])
+    assert export_job["status"] == "completed", export_job
+    files = await manifest(api, cohort["id"], export_job["id"])
+    images = raw_images(files)
+    assert len(images) == 2 and all(p.split("/")[-2] == "anat" for p in images)
+    ours = {uid for f in files if f["kind"] == "dicom" for uid in f["source_sop_instance_uids"]}
+    theirs = {
+        uid
+        for f in exported["files"]
+        if f["kind"] == "dicom"
+        for uid in f["source_sop_instance_uids"]
+    }
+    assert len(ours) == 70 and ours < theirs
+    # nothing is borrowed from the other cohort's export: every file was written for this one
+    written = list(object_store.list(f"export/{cohort['id']}/{export_job['id']}/"))
+    assert len(written) == len(files)
 
 
 async def test_second_export_with_skip_writes_nothing_new(
