@@ -469,10 +469,14 @@ class AnonymizerPlugin:
                         outcome.data,
                         content_type="application/dicom",
                     )
-                return outcome
+                return replace(outcome, data=None)  # a study is never held in memory whole
 
-        outcomes = await asyncio.gather(*(one(i, f[0]) for i, f in enumerate(study.files)))
-        return await self._settle(ctx, item, study, list(outcomes))
+        try:
+            async with asyncio.TaskGroup() as group:  # a cancel or an error stops the siblings
+                tasks = [group.create_task(one(i, f[0])) for i, f in enumerate(study.files)]
+        except BaseExceptionGroup as failure:
+            raise failure.exceptions[0] from None
+        return await self._settle(ctx, item, study, [t.result() for t in tasks])
 
     async def _settle(
         self, ctx: ItemContext, item: WorkItem, study: PlannedStudy, outcomes: list[FileOutcome]
