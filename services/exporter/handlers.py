@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -428,6 +429,11 @@ class ExporterPlugin:
             dcm2niix_version=versions[0] if versions else None,
             layout=options.layout,
         )
+        # every sidecar as this job must list it: linked where links apply, else as converted (a
+        # reused stack's listed sidecar may carry the links of the export it came from)
+        for exported in exports:
+            for path, content in exported.sidecars.items():
+                texts.setdefault(PurePosixPath(path), json.dumps(content, indent=2) + "\n")
         written = await self._publish_dataset_files(pool, run, texts, options, prefix)
         async with pool.acquire() as conn:
             files = await repo.manifest(conn, run.job_id)

@@ -192,6 +192,8 @@ async def test_export_is_a_complete_valid_bids_tree(exported: dict[str, Any]) ->
     assert summary["validator"]["valid"] is True and summary["failed_stacks"] == []
     assert job["items_failed"] == 0 and job["items_total"] == summary["stacks_with_output"] == 10
     assert summary["output_prefix"] == f"export/{exported['cohort']['id']}/{job['id']}"
+    # finalize wrote the dataset-level files only: no sidecar was rewritten with other bytes
+    assert summary["dataset_files_written"] == sum(1 for f in files if f["kind"] == "metadata")
 
     paths = {f["path"] for f in files}
     subjects = sorted(p.split("/")[0] for p in paths if p.startswith("sub-") and p.count("/") == 1)
