@@ -421,6 +421,7 @@ class ExporterPlugin:
             records = await repo.exported_records(conn, run.job_id)
             failed = await repo.failed_stacks(conn, run.job_id)
             left_out = await repo.not_exported(conn, run.job_id)
+            review_required = await repo.review_required_planned(conn, run.job_id)
         exports = [ExportedStack.model_validate(r["record"]) for r in records]
         versions = [e.tool_version for e in exports if e.tool == "dcm2niix" and e.tool_version]
         texts = dataset_files(
@@ -470,6 +471,8 @@ class ExporterPlugin:
                 }
                 for r in failed[:_LISTED_MAX]
             ],
+            # exported as classified; the classification's review_reasons are on the catalog
+            "review_required_exported": review_required,
             "warnings": warnings[:_LISTED_MAX],
             "validator": validator,
             "destination": destination,

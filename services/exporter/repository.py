@@ -143,6 +143,16 @@ async def not_exported(conn: asyncpg.Connection, job_id: uuid.UUID) -> list[asyn
     )
 
 
+async def review_required_planned(conn: asyncpg.Connection, job_id: uuid.UUID) -> int:
+    """Stacks named for export although the sorter asked for a review of their classification."""
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM export.planned_stack WHERE job_id = $1 AND base_path IS NOT NULL"
+        " AND (classification ->> 'review_required')::boolean",
+        job_id,
+    )
+    return count
+
+
 # --- stacks and their files ---------------------------------------------------------------------
 
 

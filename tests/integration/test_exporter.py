@@ -190,6 +190,7 @@ async def test_export_is_a_complete_valid_bids_tree(exported: dict[str, Any]) ->
     summary = job["summary"]
     assert summary["validator"]["errors"] == 0, summary["validator"]["error_codes"]
     assert summary["validator"]["valid"] is True and summary["failed_stacks"] == []
+    assert summary["not_exported"] == {} and summary["review_required_exported"] == 0
     assert job["items_failed"] == 0 and job["items_total"] == summary["stacks_with_output"] == 10
     assert summary["output_prefix"] == f"export/{exported['cohort']['id']}/{job['id']}"
     # finalize wrote the dataset-level files only: no sidecar was rewritten with other bytes
