@@ -297,12 +297,23 @@ async def test_intent_filter_and_destination(
     )
     files = await manifest(api, cohort_id, job["id"])
     images = raw_images(files)
-    assert len(images) == 5 and all(p.split("/")[-2] in ("anat", "fmap") for p in images)
+    assert all(p.split("/")[-2] in ("anat", "fmap") for p in images)
     assert all(p.endswith(".nii") for p in images) and not any(f["kind"] == "dicom" for f in files)
+    # exactly the stacks the sorter gave those intents (the catalog API says which)
+    stacks = {
+        (series["series_instance_uid"], stack["stack_key"]): stack["intent"]
+        for series in (await api.get(f"/api/cohorts/{cohort_id}/series")).json()
+        for stack in series["stacks"]
+    }
+    exported_stacks = {
+        (f["series_instance_uid"], f["stack_key"]) for f in files if f["kind"] == "nifti"
+    }
+    assert exported_stacks == {k for k, intent in stacks.items() if intent in ("anat", "fmap")}
+    left_out = Counter(i for i in stacks.values() if i not in ("anat", "fmap"))
+    assert left_out and set(left_out) <= {"func", "dwi", "perf"}
     summary = job["summary"]
     assert summary["not_exported"] == {
-        "intent func not in includeIntents": 4,
-        "intent dwi not in includeIntents": 1,
+        f"intent {intent} not in includeIntents": n for intent, n in left_out.items()
     }
     assert summary["validator"]["errors"] == 0
     copied = {p.relative_to(destination).as_posix() for p in destination.rglob("*") if p.is_file()}
