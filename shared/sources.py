@@ -60,6 +60,21 @@ def check_location(location: str, settings: Settings | None = None) -> str:
     return str(resolved)
 
 
+def check_destination(destination: str, settings: Settings | None = None) -> str:
+    """A place an export may be copied to: `s3://`, or a folder under a data root that need not
+    exist yet (its nearest existing parent must be inside a root). Returns it normalized."""
+    settings = settings or get_settings()
+    if "://" in destination:
+        return check_location(destination, settings)
+    path = Path(destination).expanduser()
+    if not path.is_absolute():
+        raise SourceError(f"destination must be an absolute path: {destination!r}")
+    resolved = path.resolve()
+    existing = next(p for p in (resolved, *resolved.parents) if p.exists())
+    check_location(str(existing), settings)  # inside a root, and a folder
+    return str(resolved)
+
+
 class Source(Protocol):
     location: str
 

@@ -56,7 +56,7 @@ from services.exporter.validate import ValidatorError, run_bids_validator
 from shared.catalog import StackSummary
 from shared.events import ItemError, StageRequested, WorkItem
 from shared.settings import Settings, get_settings
-from shared.sources import check_location
+from shared.sources import check_destination
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
 from shared.storage import ObjectStore, parse_s3_uri
 from shared.topics import Stage
@@ -561,8 +561,6 @@ class ExporterPlugin:
 
             await asyncio.to_thread(_parallel, files, put)
             return {"location": options.destination, "files": len(files)}
-        target = Path(options.destination).expanduser().resolve()
-        existing = next(p for p in (target, *target.parents) if p.exists())
-        check_location(str(existing), self._settings or get_settings())
+        target = Path(check_destination(options.destination, self._settings or get_settings()))
         await asyncio.to_thread(shutil.copytree, tree, target, dirs_exist_ok=True)
         return {"location": str(target), "files": len(files)}

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from shared.secrets import SECRET_KEYS, redact_config, seal_config
 from shared.settings import Settings
-from shared.sources import SourceError, check_location
+from shared.sources import SourceError, check_destination
 from shared.topics import Stage
 
 
@@ -176,6 +175,8 @@ class ExportConfig(_Config):
     )
     includeProvenance: list[Provenance] = Field(default_factory=lambda: list(get_args(Provenance)))
     groupSyMRI: bool = False
+    # skip: a stack whose outputs an earlier export of the cohort already wrote is not redone
+    overwrite: Literal["skip", "overwrite"] = "skip"
     # also copy the export here: a folder under an allowed data root, or s3://bucket/prefix
     destination: str | None = None
 
@@ -255,19 +256,6 @@ def validate_stage_config(
         ) from exc
     _check_locations(config, settings)
     return config  # type: ignore[return-value]
-
-
-def check_destination(destination: str, settings: Settings) -> str:
-    """A folder an export may be copied to: s3:// or under a data root; it need not exist yet."""
-    if destination.startswith("s3://") or "://" in destination:
-        return check_location(destination, settings)
-    path = Path(destination).expanduser()
-    if not path.is_absolute():
-        raise SourceError(f"destination must be an absolute path: {destination!r}")
-    resolved = path.resolve()
-    existing = next(p for p in (resolved, *resolved.parents) if p.exists())
-    check_location(str(existing), settings)  # inside a root, and a folder
-    return str(resolved)
 
 
 def _check_locations(config: _Config, settings: Settings) -> None:
