@@ -295,52 +295,13 @@ class AnonymizerPlugin:
         location = request.location or request.cohort.source_path
         source = open_source(location, settings)
         listed = await asyncio.to_thread(lambda: list(source.list()))
-        known = await known_files(pool, cohort_id)
-
         file_keys = {f.key: vault.key("file", f"{source.location}\x00{f.key}") for f in listed}
-        fresh = [
-            f
-            for f in listed
-            if (k := known.get(file_keys[f.key])) is None
-            or (k.size, k.mtime_ns) != (f.size, f.mtime_ns)
-        ]
-        loop = asyncio.get_running_loop()
-        with ThreadPoolExecutor(max_workers=PLAN_READERS) as readers:
-            read = await asyncio.gather(
-                *(loop.run_in_executor(readers, study_uid_of, source, f) for f in fresh)
-            )
-        rows = []
-        by_study: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
-        rejected = 0
-        new_study: dict[str, str | None] = {}
-        for f, (uid, reason) in zip(fresh, read, strict=True):
-            study_key = vault.key("study", uid) if uid else None
-            new_study[f.key] = study_key
-            rows.append(
-                (
-                    cohort_id,
-                    file_keys[f.key],
-                    f.size,
-                    f.mtime_ns,
-                    study_key,
-                    reason,
-                    vault.seal({"location": source.location, "key": f.key}),
-                    job_id,
-                )
-            )
-        await record_source_files(pool, rows)
-        for f in listed:
-            study_key = (
-                new_study[f.key] if f.key in new_study else known[file_keys[f.key]].study_key
-            )
-            if study_key is None:
-                rejected += 1
-                continue
-            by_study[study_key].append((f.key, f.size, f.mtime_ns))
-
+        studies = await self._studies_of(pool, vault, source, listed, file_keys, cohort_id, job_id)
+        rejected = len(studies.pop(None, []))
+        by_study = {k: v for k, v in studies.items() if k is not None}
         if scoped:
             wanted = {vault.key("study", uid.strip()) for uid in request.study_instance_uids}
-            by_study = defaultdict(list, {k: v for k, v in by_study.items() if k in wanted})
+            by_study = {k: v for k, v in by_study.items() if k in wanted}
         states = await study_states(pool, cohort_id)
         planned: list[PlannedStudy] = []
         skipped = 0
@@ -366,7 +327,6 @@ class AnonymizerPlugin:
             extra={
                 "job_id": str(job_id),
                 "files": len(listed),
-                "headers_read": len(fresh),
                 "rejected": rejected,
                 "studies": len(planned),
                 "studies_skipped": skipped,
@@ -376,6 +336,55 @@ class AnonymizerPlugin:
             PlannedItem(key=s.study_key, data={"files": len(s.files)}, partition_key=s.study_key)
             for s in planned
         ]
+
+    async def _studies_of(
+        self,
+        pool: asyncpg.Pool,
+        vault: Vault,
+        source: Source,
+        listed: list[SourceFile],
+        file_keys: dict[str, str],
+        cohort_id: uuid.UUID,
+        job_id: uuid.UUID,
+    ) -> dict[str | None, list[tuple[str, int, int]]]:
+        """Listed files grouped by study key (None: rejected). Only new or changed files are read;
+        what they turned out to be is recorded for the next plan."""
+        known = await known_files(pool, cohort_id)
+        fresh = [
+            f
+            for f in listed
+            if (k := known.get(file_keys[f.key])) is None
+            or (k.size, k.mtime_ns) != (f.size, f.mtime_ns)
+        ]
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(max_workers=PLAN_READERS) as readers:
+            read = await asyncio.gather(
+                *(loop.run_in_executor(readers, study_uid_of, source, f) for f in fresh)
+            )
+        study_of = {k: known[k].study_key for k in known}
+        rows = []
+        for f, (uid, reason) in zip(fresh, read, strict=True):
+            study_key = vault.key("study", uid) if uid else None
+            study_of[file_keys[f.key]] = study_key
+            sealed_path = vault.seal({"location": source.location, "key": f.key})
+            rows.append(
+                (
+                    cohort_id,
+                    file_keys[f.key],
+                    f.size,
+                    f.mtime_ns,
+                    study_key,
+                    reason,
+                    sealed_path,
+                    job_id,
+                )
+            )
+        await record_source_files(pool, rows)
+        log.info("headers read", extra={"job_id": str(job_id), "files": len(fresh)})
+        grouped: dict[str | None, list[tuple[str, int, int]]] = defaultdict(list)
+        for f in listed:
+            grouped[study_of[file_keys[f.key]]].append((f.key, f.size, f.mtime_ns))
+        return grouped
 
     # --- process ----------------------------------------------------------------------------------
 
