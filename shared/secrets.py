@@ -55,7 +55,8 @@ def unseal(value: str, settings: Settings | None = None) -> str:
 
 
 # config keys whose values are secrets wherever they appear in a stage config
-SECRET_KEYS = frozenset({"password", "audit_password", "secret", "token"})
+# (`csv`: the patient-ID mapping of the csv pseudonym strategy, a table of original IDs)
+SECRET_KEYS = frozenset({"password", "audit_password", "secret", "token", "csv"})
 
 
 def seal_config(config: Any, settings: Settings | None = None) -> Any:

@@ -46,6 +46,7 @@ from shared.events import (
 )
 from shared.observability import ITEM_SECONDS, ITEMS_PROCESSED, RUNS_ACTIVE
 from shared.outbox import enqueue
+from shared.secrets import is_sealed, seal, unseal
 from shared.settings import Settings, get_settings
 from shared.topics import Stage
 
@@ -168,6 +169,19 @@ class StagePlugin(Protocol):
         ...
 
 
+def _stored_request(request: StageRequested) -> dict[str, Any]:
+    """The request as kept in a run row: a scoped run's study UIDs (originals, before
+    anonymization) are sealed, so no table holds them in clear."""
+    data = request.model_dump(mode="json")
+    data["study_instance_uids"] = [seal(uid) for uid in request.study_instance_uids]
+    return data
+
+
+def _loaded_request(data: dict[str, Any]) -> StageRequested:
+    uids = [unseal(u) if is_sealed(u) else u for u in data.get("study_instance_uids", [])]
+    return StageRequested.model_validate({**data, "study_instance_uids": uids})
+
+
 def _add_counts(summary: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
     merged = dict(summary)
     for k, v in counts.items():
@@ -277,7 +291,7 @@ class StageRuntime:
                 job_id,
                 request.cohort.id,
                 self.plugin.stage.value,
-                request.model_dump(mode="json"),
+                _stored_request(request),
             )
         log.info("planning run", extra={"job_id": str(job_id), "stage": self.plugin.stage.value})
         try:
@@ -435,7 +449,7 @@ class StageRuntime:
             if row["status"] == "running":
                 await self._progress(conn, row, force=last)
             if last and row["status"] == "running":
-                request = StageRequested.model_validate(row["request"])
+                request = _loaded_request(row["request"])
                 await self._enqueue_finalize(conn, request, job_id)
 
     async def _enqueue_finalize(
@@ -452,7 +466,7 @@ class StageRuntime:
             row = await conn.fetchrow(f"SELECT * FROM {self.schema}.runs WHERE job_id = $1", job_id)
         if row is None or row["status"] != "running":
             return
-        request = StageRequested.model_validate(row["request"])
+        request = _loaded_request(row["request"])
         run = RunInfo(
             job_id=job_id,
             cohort=request.cohort,
@@ -521,12 +535,15 @@ class StageRuntime:
         if not request.slip:
             return
         step, rest = request.slip[0], request.slip[1:]
+        # anonymization gives every study a new UID: a scope of original UIDs means nothing (and
+        # must not travel) past it; extraction's resume then reads only what is new in the zone
+        scope = [] if self.plugin.stage == Stage.anonymization else request.study_instance_uids
         nxt = StageRequested(
             stage=step.stage,
             cohort=request.cohort,
             config=step.config,
             slip=rest,
-            study_instance_uids=request.study_instance_uids,
+            study_instance_uids=scope,
             input_prefix=output_prefix or request.input_prefix,
             location=request.location,
         )
@@ -580,13 +597,17 @@ class StageRuntime:
     async def handle_control(self, envelope: Envelope) -> None:
         control: JobControl = envelope.open(JobControl)
         if control.action == "cancel" and envelope.job_id is not None:
-            self._cancelled.add(envelope.job_id)
-            async with self.pool.acquire() as conn:
-                await conn.execute(
-                    f"UPDATE {self.schema}.runs SET status = 'cancelled', finished_at = now(), updated_at = now()"
-                    " WHERE job_id = $1 AND status IN ('planning', 'running')",
-                    envelope.job_id,
-                )
+            await self._cancel_run(envelope.job_id)
+
+    async def _cancel_run(self, job_id: uuid.UUID) -> None:
+        """The run ends as cancelled: no finalize, no completion event, no next stage."""
+        self._cancelled.add(job_id)
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                f"UPDATE {self.schema}.runs SET status = 'cancelled', finished_at = now(), updated_at = now()"
+                " WHERE job_id = $1 AND status IN ('planning', 'running')",
+                job_id,
+            )
 
     async def is_cancelled(self, job_id: uuid.UUID) -> bool:
         """Cancelled by a control event seen here, or in the gateway's published view."""
@@ -604,7 +625,7 @@ class StageRuntime:
                     "SELECT cancelled FROM gateway.job_control_v WHERE job_id = $1", job_id
                 )
                 if cancelled:
-                    self._cancelled.add(job_id)
+                    await self._cancel_run(job_id)
                     return True
         return False
 
@@ -616,5 +637,5 @@ class StageRuntime:
                 job_id,
                 request.cohort.id,
                 self.plugin.stage.value,
-                request.model_dump(mode="json"),
+                _stored_request(request),
             )

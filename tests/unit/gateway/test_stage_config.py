@@ -77,7 +77,8 @@ def test_dotted_keys_are_nested_objects() -> None:
             },
             {
                 "retain_safe_private": False,
-                "patient_id": {"strategy": "csv", "csv": "a,b"},
+                # the mapping is a table of original patient IDs: never shown back
+                "patient_id": {"strategy": "csv", "csv": "***"},
                 "audit_export": {"format": "csv", "password": "***"},
             },
         ),
