@@ -39,8 +39,18 @@ CREATE INDEX IF NOT EXISTS outbox_unsent ON {schema}.outbox (seq) WHERE sent_at 
 """
 
 
+class JsonText(str):
+    """A value already serialized as JSON: written to json/jsonb columns as it is."""
+
+
+def _json_text(value: Any) -> bytes:
+    if isinstance(value, JsonText):
+        return value.encode()
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
 def _jsonb_encode(value: Any) -> bytes:
-    return b"\x01" + json.dumps(value, separators=(",", ":")).encode()
+    return b"\x01" + _json_text(value)
 
 
 def _jsonb_decode(data: bytes) -> Any:
@@ -54,7 +64,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
     await conn.set_type_codec(
         "json",
-        encoder=lambda v: json.dumps(v, separators=(",", ":")).encode(),
+        encoder=_json_text,
         decoder=json.loads,
         schema="pg_catalog",
         format="binary",

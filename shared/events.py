@@ -133,6 +133,8 @@ class StageCompleted(Payload):
     summary: dict[str, Any] = Field(default_factory=dict)
     output_prefix: str | None = None
     slip: list[SlipStep] = Field(default_factory=list)
+    # the failed items' errors (a completed run may have some), so the job has them all at once
+    errors: list[ItemError] = Field(default_factory=list)
 
 
 class StageFailed(Payload):

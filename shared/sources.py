@@ -108,21 +108,25 @@ class LocalSource:
         return files, folders
 
     def list(self) -> Iterator[SourceFile]:
-        """Every file below the root, folders scanned by a small thread pool, in sorted order."""
-        pending = [self.root]
-        seen = {self.root.resolve()}  # linked folders are followed once: no loops
+        """Every file below the root, folders scanned by a small thread pool, in sorted order.
+
+        Linked folders are followed (a cohort folder of links is fine, the same data linked twice
+        is listed twice), except a link back to one of its own ancestors, which would loop.
+        """
+        root_real = self.root.resolve()
+        pending: list[tuple[Path, frozenset[Path]]] = [(self.root, frozenset({root_real}))]
         found: list[SourceFile] = []
         with ThreadPoolExecutor(max_workers=self._workers) as pool:
             while pending:
-                results = list(pool.map(self._scan, pending))
-                pending = []
-                for files, folders in results:
+                results = list(pool.map(lambda p: self._scan(p[0]), pending))
+                next_pending: list[tuple[Path, frozenset[Path]]] = []
+                for (_, ancestors), (files, folders) in zip(pending, results, strict=True):
                     found.extend(files)
                     for folder in folders:
                         real = folder.resolve()
-                        if real not in seen:
-                            seen.add(real)
-                            pending.append(folder)
+                        if real not in ancestors:
+                            next_pending.append((folder, ancestors | {real}))
+                pending = next_pending
         found.sort(key=lambda f: f.key)
         yield from found
 

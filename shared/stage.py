@@ -511,6 +511,7 @@ class StageRuntime:
                     summary=summary,
                     output_prefix=output_prefix,
                     slip=request.slip,
+                    errors=errors[:_MAX_ERRORS_KEPT],
                 )
                 env = self._wrap(done, request.cohort.id, job_id, job_id)
                 await enqueue(

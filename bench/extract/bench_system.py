@@ -144,9 +144,11 @@ def main() -> None:
             )
             print(f"ratio system / bare: {system_fps / bare_fps:.2f}x  (goal >= 1.4x on two cores)")
             many_files = len(files) * args.copies
-            system_n, peak_n, _ = run_system(api, stack, f"bench-x{args.copies}", many)
+            system_n, peak_n, summary_n = run_system(api, stack, f"bench-x{args.copies}", many)
             print(
                 f"{args.copies}x ({many_files} files): {many_files / system_n:8.1f} files/s  ({system_n:.1f} s)"
+                f"  summary: files={summary_n.get('files')} catalogued={summary_n.get('catalogued_files')}"
+                f" rejected={summary_n.get('rejected_files')}"
             )
             print(
                 f"extractor peak RSS: 1x {peak1 / 1024:.0f} MiB, {args.copies}x {peak_n / 1024:.0f} MiB"

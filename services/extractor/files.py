@@ -8,11 +8,13 @@ parent process only writes the catalog. Content decides what a file is, never it
 from __future__ import annotations
 
 import hashlib
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.extractor.catalog import Rejection, parse_instance
+from shared.db import JsonText
 from shared.settings import get_settings
 from shared.sources import ObjectSource, Source, open_source
 from shared.storage import ObjectStore
@@ -43,7 +45,11 @@ class FileOutcome:
     mtime_ns: int
     sha256: str | None = None
     object_key: str | None = None
-    record: Any = None  # InstanceRecord when catalogued
+    # InstanceRecord when catalogued, without its header and frames: those travel back from the
+    # worker process already serialized (JSON text is far cheaper to pickle than nested dicts)
+    record: Any = None
+    row_json: JsonText | None = None  # InstanceRecord.to_row() without the header
+    header_json: JsonText | None = None  # the header as DICOM JSON
     rejection: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -76,10 +82,9 @@ def _fetch(
     object_key = _zone_key(batch.location, key)
     if batch.ingest_prefix is not None:
         object_key = f"{batch.ingest_prefix}/{key}"
-        store = _store()
-        info = store.stat(object_key)
-        if info is None or info.sha256 != digest:  # resume: an identical copy is not sent again
-            store.put_bytes(object_key, data)
+        # no existence check first: planning already left out every file catalogued before, so
+        # what reaches here is new or changed (or a crashed item's, where overwriting is right)
+        _store().put_bytes(object_key, data)
     return data, digest, object_key, None
 
 
@@ -100,6 +105,12 @@ def extract_batch(batch: FileBatch) -> list[FileOutcome]:
                 if isinstance(parsed, Rejection):
                     outcome.rejection = parsed.reason
                 else:
+                    row = parsed.to_row()
+                    header = row.pop("header", None) or {}
+                    outcome.row_json = JsonText(json.dumps(row, separators=(",", ":")))
+                    outcome.header_json = JsonText(json.dumps(header, separators=(",", ":")))
+                    parsed.header = {}
+                    parsed.frames = []
                     outcome.record = parsed
             outcomes.append(outcome)
     return outcomes

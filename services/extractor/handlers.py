@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 import uuid
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -130,8 +131,11 @@ class ExtractorPlugin:
         files = [tuple(f) for f in item.data["files"]]
         workers = _workers(item.config, "process_pool_workers", os.cpu_count() or 2)
         threads = _workers(item.config, "scan_thread_workers", 4)
-        parts = max(1, min(workers, len(files)))
-        chunks = [files[i::parts] for i in range(parts)]
+        # twice as many chunks as workers: each chunk is loaded into the catalog as soon as it is
+        # parsed, while the workers go on with the next ones (parsing and loading overlap)
+        parts = max(1, min(workers * 2, len(files)))
+        size = -(-len(files) // parts)
+        chunks = [files[i : i + size] for i in range(0, len(files), size)]
         loop = asyncio.get_running_loop()
         executor = self._executor(workers)
         futures = [
@@ -142,9 +146,25 @@ class ExtractorPlugin:
             )
             for chunk in chunks
         ]
-        outcomes = [o for part in await asyncio.gather(*futures) for o in part]
-        await ctx.check_cancelled()
-        return await self._load(ctx.pool, item.cohort.id, ctx.job_id, outcomes)
+        started = time.perf_counter()
+        total = ItemResult()
+        try:
+            for future in asyncio.as_completed(futures):
+                outcomes = await future
+                await ctx.check_cancelled()
+                part = await self._load(ctx.pool, item.cohort.id, ctx.job_id, outcomes)
+                for key, value in part.counts.items():
+                    total.counts[key] = total.counts.get(key, 0) + value
+                total.errors.extend(part.errors)
+        finally:
+            for future in futures:
+                future.cancel()
+        total.errors = total.errors[:50]
+        log.debug(
+            "item extracted",
+            extra={"files": len(files), "seconds": round(time.perf_counter() - started, 3)},
+        )
+        return total
 
     async def _load(
         self,
@@ -209,8 +229,6 @@ class ExtractorPlugin:
                     _attributes(rec.series),
                 ),
             )
-            row = rec.to_row()
-            row.pop("header", None)
             instances[uid] = (
                 cohort_id,
                 uid,
@@ -225,8 +243,8 @@ class ExtractorPlugin:
                 o.sha256,
                 o.size,
                 job_id,
-                row,
-                rec.header,
+                o.row_json,
+                o.header_json,
             )
             for kind in ("mr", "ct", "pet"):
                 detail = getattr(rec, kind)

@@ -114,6 +114,7 @@ async def apply_completed(pool: asyncpg.Pool, envelope: Envelope) -> None:
             progress=100.0,
             summary={**job["summary"], **done.summary},
             output_prefix=done.output_prefix,
+            errors=merge_job_errors(job["errors"], [e.model_dump() for e in done.errors]),
             **counts,
         )
         if done.stage is Stage.extraction:

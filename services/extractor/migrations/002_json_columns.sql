@@ -1,0 +1,7 @@
+-- The header (DICOM JSON) and the flat record are written once and read back whole (to re-derive
+-- stacks); nothing queries inside them. `json` stores the text as sent, sparing Postgres the jsonb
+-- parse on every bulk load, and lz4 compresses it faster than the default pglz.
+ALTER TABLE catalog.instance ALTER COLUMN header TYPE json USING header::json;
+ALTER TABLE catalog.instance ALTER COLUMN record TYPE json USING record::json;
+ALTER TABLE catalog.instance ALTER COLUMN header SET COMPRESSION lz4;
+ALTER TABLE catalog.instance ALTER COLUMN record SET COMPRESSION lz4;
