@@ -282,17 +282,9 @@ class StageRuntime:
             log.info("run already planned", extra={"job_id": str(job_id), "status": status})
             return
         if await self.is_cancelled(job_id):
-            await self._mark_cancelled(job_id, request)
+            await self._insert_run(job_id, request, "cancelled")
             return
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                f"INSERT INTO {self.schema}.runs (job_id, cohort_id, stage, request, status)"
-                " VALUES ($1, $2, $3, $4, 'planning') ON CONFLICT (job_id) DO NOTHING",
-                job_id,
-                request.cohort.id,
-                self.plugin.stage.value,
-                _stored_request(request),
-            )
+        await self._insert_run(job_id, request, "planning")
         log.info("planning run", extra={"job_id": str(job_id), "stage": self.plugin.stage.value})
         try:
             planned = await self.plugin.plan(self.pool, request, job_id)
@@ -630,13 +622,16 @@ class StageRuntime:
                     return True
         return False
 
-    async def _mark_cancelled(self, job_id: uuid.UUID, request: StageRequested) -> None:
+    async def _insert_run(self, job_id: uuid.UUID, request: StageRequested, status: str) -> None:
+        """The run's row (once: a redelivered request finds it there)."""
         async with self.pool.acquire() as conn:
             await conn.execute(
                 f"INSERT INTO {self.schema}.runs (job_id, cohort_id, stage, request, status, finished_at)"
-                " VALUES ($1, $2, $3, $4, 'cancelled', now()) ON CONFLICT (job_id) DO NOTHING",
+                " VALUES ($1, $2, $3, $4, $5, CASE WHEN $5 = 'cancelled' THEN now() END)"
+                " ON CONFLICT (job_id) DO NOTHING",
                 job_id,
                 request.cohort.id,
                 self.plugin.stage.value,
                 _stored_request(request),
+                status,
             )

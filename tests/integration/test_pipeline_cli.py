@@ -75,6 +75,9 @@ def test_cohortflow_run_anonymize_gives_a_clean_valid_bids_tree(
     stages = [j["stage"] for j in doc["jobs"]]
     assert stages == ["anonymization", "extraction", "sorting", "export"]
     assert all(j["status"] == "completed" for j in doc["jobs"]), doc["jobs"]
+    assert all(j["items_failed"] == 0 for j in doc["jobs"]), [
+        (j["stage"], j["errors"]) for j in doc["jobs"]
+    ]
     assert doc["cohort"]["status"] == "completed"
     assert doc["cohort"]["total_subjects"] == 2
     export = doc["jobs"][-1]

@@ -161,9 +161,12 @@ async def pseudonymize_patient_id(
         raise PseudonymError("the file has no PatientID to pseudonymize")
     key = subject_key(secret, original or f"path:{relative_path}", issuer)
     existing = await store.get(key)
+    # allocated once: a patient who already has a pseudonym in this project keeps it under the
+    # strategies that derive one (sequential, hash); csv and folder name it explicitly, so a
+    # different answer there is a conflict to refuse
+    if opts.strategy in ("sequential", "hash") and existing is not None:
+        return existing
     if opts.strategy == "sequential":
-        if existing is not None:
-            return existing
         number = await store.next_number(f"sequential:{opts.prefix}")
         candidate = f"{opts.prefix}{number:0{opts.digits}d}"
     elif opts.strategy == "hash":

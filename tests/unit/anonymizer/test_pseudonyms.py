@@ -107,3 +107,21 @@ def test_date_offsets_and_labels() -> None:
     assert age_string("19800615", "20240614") == "043Y"
     assert timepoint_label("20240101", "20240705") == "M06"
     assert timepoint_label("20240101", "20240101") == "M00"
+
+
+async def test_a_patient_keeps_an_earlier_pseudonym_under_a_deriving_strategy() -> None:
+    store = MemoryPseudonymStore()
+    mapped = await pseudonymize_patient_id(
+        "MRN9", opts=PatientIdOptions(strategy="csv"), secret=SECRET, store=store,
+        mapping={"MRN9": "SUBJ-A"},
+    )  # fmt: skip
+    later = await pseudonymize_patient_id(
+        "MRN9", opts=PatientIdOptions(strategy="hash"), secret=SECRET, store=store
+    )
+    assert mapped == later == "SUBJ-A"
+    # a mapping file that now says otherwise is a conflict, never a silent change
+    with pytest.raises(PseudonymError):
+        await pseudonymize_patient_id(
+            "MRN9", opts=PatientIdOptions(strategy="csv"), secret=SECRET, store=store,
+            mapping={"MRN9": "SUBJ-B"},
+        )  # fmt: skip
