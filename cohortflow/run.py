@@ -223,17 +223,16 @@ def run(
     client = GatewayClient(gateway_url, token)
     configs = _stage_configs(options)
     cohort = client.find_cohort(options.name)
+    verb = "reusing"
     if cohort is None:
         cohort = client.create_cohort(options.name, source, options.anonymize)
-        console.print(
-            f"created cohort [bold]{options.name}[/] ({cohort['id']})"
-        ) if not options.as_json else None
-    elif not options.as_json:
-        console.print(f"reusing cohort [bold]{options.name}[/] ({cohort['id']})")
+        verb = "created"
+    if not options.as_json:
+        console.print(f"{verb} cohort [bold]{options.name}[/] ({cohort['id']})")
     cohort_id = cohort["id"]
 
     if options.stages is None:
-        jobs = client.run_pipeline(cohort_id, {k: v for k, v in configs.items()})
+        jobs = client.run_pipeline(cohort_id, configs)
         finished = _watch(client, jobs, console, options)
     else:
         finished = []

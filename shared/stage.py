@@ -324,22 +324,16 @@ class StageRuntime:
         if item.item_key == FINALIZE_KEY:
             await self._finalize(job_id)
             return
+        attempts = await self._count_attempt(job_id, item.item_key)
         async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(
-                f"UPDATE {self.schema}.run_items SET attempts = attempts + 1, updated_at = now()"
-                " WHERE job_id = $1 AND item_key = $2 AND status = 'pending' RETURNING attempts",
-                job_id,
-                item.item_key,
-            )
             run_status = await conn.fetchval(
                 f"SELECT status FROM {self.schema}.runs WHERE job_id = $1", job_id
             )
-        if row is None or run_status != "running":
+        if attempts is None or run_status != "running":
             return  # already done (redelivery), unknown, or the run ended
         if await self.is_cancelled(job_id):
             await self._end_item(job_id, item, "cancelled", ItemResult(), None)
             return
-        attempts = row["attempts"]
         if attempts > self.settings.item_max_attempts:
             await self._dead_letter(job_id, item, f"gave up after {attempts - 1} attempts")
             return
@@ -365,18 +359,24 @@ class StageRuntime:
                 if attempts >= self.settings.item_max_attempts:
                     await self._dead_letter(job_id, item, f"{type(exc).__name__}: {exc}")
                     return
-                async with self.pool.acquire() as conn:
-                    attempts = await conn.fetchval(
-                        f"UPDATE {self.schema}.run_items SET attempts = attempts + 1"
-                        " WHERE job_id = $1 AND item_key = $2 RETURNING attempts",
-                        job_id,
-                        item.item_key,
-                    )
+                attempts = await self._count_attempt(job_id, item.item_key) or attempts + 1
                 await asyncio.sleep(min(2.0 ** (attempts - 1), 10.0))
                 continue
             break
         ITEM_SECONDS.labels(self.plugin.stage.value).observe(time.monotonic() - started)
         await self._end_item(job_id, item, "failed" if result.failed else "done", result, None)
+
+    async def _count_attempt(self, job_id: uuid.UUID, item_key: str) -> int | None:
+        """Count an attempt before it is made (a worker killed mid-item still used one);
+        None when the item is no longer pending."""
+        async with self.pool.acquire() as conn:
+            attempts: int | None = await conn.fetchval(
+                f"UPDATE {self.schema}.run_items SET attempts = attempts + 1, updated_at = now()"
+                " WHERE job_id = $1 AND item_key = $2 AND status = 'pending' RETURNING attempts",
+                job_id,
+                item_key,
+            )
+        return attempts
 
     async def _dead_letter(self, job_id: uuid.UUID, item: WorkItem, error: str) -> None:
         letter = DeadLetter(

@@ -74,9 +74,12 @@ class ObjectStore:
         bucket: str | None = None,
         metadata: dict[str, str] | None = None,
         content_type: str = "application/octet-stream",
+        sha256: str | None = None,
     ) -> str:
-        """Store `data` under `key`; returns its SHA-256 (also stored as metadata)."""
-        digest = sha256_hex(data)
+        """Store `data` under `key`; returns its SHA-256 (also stored as metadata).
+
+        Pass `sha256` when the caller already hashed `data`, so it is not hashed again."""
+        digest = sha256 or sha256_hex(data)
         meta = {"sha256": digest, **(metadata or {})}
         self.client.put_object(
             bucket or self.bucket,

@@ -54,11 +54,12 @@ class FileOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def open_location(location: str) -> Source:
+def open_location(location: str, folder_workers: int = 4) -> Source:
+    """A cohort source (local folder or s3://), or `zone:<prefix>` of our own bucket."""
     if location.startswith("zone:"):
         store = _store()
         return ObjectSource(store, store.bucket, location[5:])
-    return open_source(location, get_settings())
+    return open_source(location, get_settings(), folder_workers)
 
 
 def _zone_key(location: str, key: str) -> str | None:
@@ -84,7 +85,7 @@ def _fetch(
         object_key = f"{batch.ingest_prefix}/{key}"
         # no existence check first: planning already left out every file catalogued before, so
         # what reaches here is new or changed (or a crashed item's, where overwriting is right)
-        _store().put_bytes(object_key, data)
+        _store().put_bytes(object_key, data, sha256=digest)
     return data, digest, object_key, None
 
 

@@ -29,8 +29,6 @@ from services.extractor.catalog import InstanceRecord, StackBuilder
 from services.extractor.files import FileBatch, FileOutcome, extract_batch, open_location
 from shared.events import ItemError, StageRequested, WorkItem
 from shared.observability import FILES_PROCESSED
-from shared.settings import get_settings
-from shared.sources import open_source
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
 from shared.topics import Stage
 
@@ -88,10 +86,7 @@ class ExtractorPlugin:
     ) -> list[PlannedItem]:
         location, ingest = self._location(request)
         folder_workers = _workers(request.config, "folder_thread_workers", 4)
-        if location.startswith("zone:"):
-            source = open_location(location)
-        else:
-            source = open_source(location, get_settings(), folder_workers)
+        source = open_location(location, folder_workers)
         listed = await asyncio.to_thread(lambda: list(source.list()))
         async with pool.acquire() as conn:
             seen = {

@@ -10,21 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-CATEGORIES: tuple[str, ...] = (
-    "patient",
-    "clinical_trial",
-    "healthcare_provider",
-    "institution",
-    "time_and_date",
-    "descriptors",
-    "device",
-    "private",
-)
+from shared.vocabulary import ANONYMIZE_CATEGORIES, PATIENT_ID_STRATEGIES, PatientIdStrategy
+
+CATEGORIES: tuple[str, ...] = ANONYMIZE_CATEGORIES
 """The user's `anonymize_categories`. Each row of the table carries one of these (or `uid`/`other`,
 which are always applied: UIDs follow `retain_uids`, the rest is the Basic Profile itself)."""
 
-Strategy = Literal["folder", "hash", "sequential", "csv", "none"]
-STRATEGIES: tuple[str, ...] = ("folder", "hash", "sequential", "csv", "none")
+Strategy = PatientIdStrategy
+STRATEGIES: tuple[str, ...] = PATIENT_ID_STRATEGIES
 
 
 class ConfigError(ValueError):

@@ -21,6 +21,7 @@ from shared.secrets import SECRET_KEYS, redact_config, seal_config
 from shared.settings import Settings
 from shared.sources import SourceError, check_destination
 from shared.topics import Stage
+from shared.vocabulary import ANONYMIZE_CATEGORIES, AnonymizeCategory, PatientIdStrategy
 
 
 class StageConfigError(ValueError):
@@ -37,23 +38,11 @@ class _Config(BaseModel):
 
 # --- anonymization ---------------------------------------------------------------------------
 
-AnonymizeCategory = Literal[
-    "patient",
-    "clinical_trial",
-    "healthcare_provider",
-    "institution",
-    "time_and_date",
-    "descriptors",
-    "device",
-    "private",
-]
-ALL_ANONYMIZE_CATEGORIES: tuple[AnonymizeCategory, ...] = get_args(AnonymizeCategory)
-
 
 class PatientIdConfig(_Config):
     """How pseudonyms are derived (the anonymizer's `PatientIdOptions` documents each key)."""
 
-    strategy: Literal["folder", "hash", "sequential", "csv", "none"] = "hash"
+    strategy: PatientIdStrategy = "hash"
     prefix: str | None = Field(default=None, min_length=1, max_length=32, pattern=r"^[A-Za-z0-9]+$")
     hash_bits: int | None = Field(default=None, ge=64, le=160)
     digits: int | None = Field(default=None, ge=1, le=12)
@@ -102,7 +91,7 @@ class AnonymizationConfig(_Config):
     study_dates: StudyDatesConfig = StudyDatesConfig()
     audit_export: AuditExportConfig
     anonymize_categories: list[AnonymizeCategory] = Field(
-        default_factory=lambda: list(ALL_ANONYMIZE_CATEGORIES), min_length=1
+        default_factory=lambda: list(ANONYMIZE_CATEGORIES), min_length=1
     )
     # PS3.15 option switches (DESIGN.md §8)
     clean_descriptors: bool | None = None
