@@ -43,6 +43,43 @@ def bare_loop(files: list[Path]) -> float:
     return time.perf_counter() - start
 
 
+def tree_pids(pid: int) -> list[int]:
+    """A process and all its descendants."""
+    out: list[int] = []
+    pids = [pid]
+    while pids:
+        current = pids.pop()
+        out.append(current)
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as fh:
+                pids.extend(int(p) for p in fh.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process tree (children that exited and were waited for
+    count in their parent's cutime/cstime)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for current in tree_pids(pid):
+        try:
+            with open(f"/proc/{current}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+    return total / tick
+
+
+def cpu_by_process(stack: LocalStack) -> dict[str, float]:
+    info = stack.status()
+    found = {name: proc.pid for name, proc in info.infra.items()}
+    found.update({name: svc.pid for name, svc in info.services.items()})
+    return {name: tree_cpu_seconds(pid) for name, pid in found.items() if pid}
+
+
 def tree_rss_kib(pid: int) -> int:
     """Resident memory of a process and its children (the extractor and its worker pool)."""
     total = 0
@@ -95,6 +132,7 @@ def run_system(
     cohort.raise_for_status()
     sampler = PeakSampler(pid)
     sampler.start()
+    cpu_before = cpu_by_process(stack)
     start = time.perf_counter()
     job = api.post(
         f"/api/cohorts/{cohort.json()['id']}/stages/extraction/run", json={"config": {}}
@@ -105,6 +143,12 @@ def run_system(
             break
         time.sleep(0.2)
     seconds = time.perf_counter() - start
+    cpu_after = cpu_by_process(stack)
+    spent = {k: cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after}
+    print(
+        f"  {name}: CPU seconds by process in {seconds:.1f} s wall: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in sorted(spent.items(), key=lambda kv: -kv[1]))
+    )
     sampler.stop.set()
     sampler.join()
     if job["status"] != "completed":
@@ -124,7 +168,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cohortflow-bench-"))
     work.chmod(0o755)
     one = link_copies(args.data, 1, work / "x1")
-    many = link_copies(args.data, args.copies, work / f"x{args.copies}")
+    many = link_copies(args.data, args.copies, work / f"copies-{args.copies}")
     files = files_under(one)
     stack = LocalStack(work / "state", data_roots=[work])
     try:

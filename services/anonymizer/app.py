@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from services.anonymizer.handlers import MIGRATIONS, AnonymizerPlugin, quiet_pydicom
+from services.anonymizer.files import quiet_pydicom
+from services.anonymizer.handlers import MIGRATIONS, AnonymizerPlugin
 from shared.service import serve_stage
 
 

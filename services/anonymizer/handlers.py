@@ -23,30 +23,33 @@ import asyncio
 import io
 import json
 import logging
+import os
 import uuid
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import asyncpg
-import pydicom
 from pydicom import Dataset
 from pydicom.filereader import read_partial
 
-from services.anonymizer.audit import AUDIT_FORMATS, AuditRow, audit_row, write_audit
+from services.anonymizer.audit import AUDIT_FORMATS, write_audit
+from services.anonymizer.files import (
+    ANON_ZONE,
+    FileJob,
+    FileOutcome,
+    deidentify_file,
+    uid_value,
+    worker_options,
+)
 from services.anonymizer.profile import (
-    AnonymizationContext,
     Profile,
     ProfileOptions,
     PseudonymError,
-    anonymize,
-    dicom_bytes,
     load_profile,
-    new_uid,
     read_mapping,
-    verify,
 )
 from services.anonymizer.profile.pseudonyms import hashed_pseudonym
 from services.anonymizer.store import (
@@ -77,13 +80,12 @@ from shared.topics import Stage
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-ANON_ZONE = "anon"
 AUDIT_PREFIX = "audit"
 AUDIT_SUFFIX = {"encrypted_excel": "xlsx", "csv": "csv.enc"}
 HEADER_RANGE = 256 * 1024  # bytes read from object storage to find a StudyInstanceUID
 PLAN_READERS = 8  # header reads in flight while planning (I/O bound)
-FILES_IN_FLIGHT = 3  # files of one study read/uploaded concurrently with the de-identification
 
+SOP_INSTANCE_UID = 0x00080018
 STUDY_UID = 0x0020000D
 PATIENT_ID = 0x00100020
 ISSUER = 0x00100021
@@ -91,14 +93,6 @@ ISSUER = 0x00100021
 
 class AnonymizationConfigError(ValueError):
     """The anonymization config cannot be run as given; the message says what to change."""
-
-
-def quiet_pydicom() -> None:
-    """pydicom's validation warnings quote the offending value (a name, an ID): in a service that
-    handles identified data they must not reach the log. Values are written as they are."""
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -185,23 +179,6 @@ def study_uid_of(source: Source, f: SourceFile) -> tuple[str | None, str | None]
 # --- one file -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FileOutcome:
-    """What became of one source file (never an original value in any field)."""
-
-    status: str  # released | quarantined | failed | rejected
-    reason: str
-    sop_key: str
-    object_key: str
-    data: bytes | None
-    audit: AuditRow | None
-    verification_failed: bool = False
-
-
-def _uid(ds: Dataset, keyword: str) -> str:
-    return str(ds.get(keyword, "") or "").strip().rstrip("\x00")
-
-
 def subject_folder(subject: Subject, secret: bytes, patient_id: str, strategy: str) -> str:
     """The object-key folder of a subject: its pseudonym, alphanumeric. Under `strategy: none` the
     output keeps the original PatientID, but the key never does: a keyed hash names the folder."""
@@ -210,42 +187,13 @@ def subject_folder(subject: Subject, secret: bytes, patient_id: str, strategy: s
     return "".join(ch for ch in subject.pseudonym if ch.isalnum()) or "sub"
 
 
-def deidentify(
-    ds: Dataset,
-    context: AnonymizationContext,
-    *,
-    cohort_id: uuid.UUID,
-    folder: str,
-    sop_key: str,
-) -> FileOutcome:
-    """De-identify one parsed file, serialize it and verify the written bytes and the object key.
-
-    The object key is built from replacement UIDs (`new_uid` of the originals) even under Retain
-    UIDs, so keys are deterministic and never carry an original value.
-    """
-    secret = context.secret
-    originals = {
-        k: _uid(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-    }
-    missing = [k for k, v in originals.items() if not v]
-    if missing:
-        return FileOutcome("rejected", f"no {missing[0]}", sop_key, "", None, None)
-    parts = [new_uid(secret, originals[k]) for k in originals]
-    object_key = f"{ANON_ZONE}/{cohort_id}/{folder}/{parts[0]}/{parts[1]}/{parts[2]}.dcm"
-    result = anonymize(ds, context)
-    if result.quarantine is not None:
-        row = audit_row(result, "", "quarantined")
-        return FileOutcome("quarantined", result.quarantine.reason, sop_key, "", None, row)
-    data = dicom_bytes(result.dataset)
-    findings = verify(data, result.identifiers, object_key)
-    if findings:
-        where = sorted({f"{f.kind} in {f.location}" for f in findings})
-        reason = f"verification found an original {', '.join(where[:5])}"
-        row = replace(audit_row(result, "", "failed"), reason=reason)
-        return FileOutcome("failed", reason, sop_key, "", None, row, verification_failed=True)
-    return FileOutcome(
-        "released", "", sop_key, object_key, data, audit_row(result, object_key, "released")
-    )
+def _workers(config: dict[str, Any]) -> int:
+    """`process_pool_workers` of the config, else one per CPU."""
+    value = config.get("process_pool_workers") or os.cpu_count() or 2
+    try:
+        return max(1, min(64, int(value)))
+    except (TypeError, ValueError):
+        return os.cpu_count() or 2
 
 
 # --- the plugin -----------------------------------------------------------------------------------
@@ -260,6 +208,7 @@ class AnonymizerPlugin:
         self._settings = settings
         self._store: ObjectStore | None = None
         self._profiles: dict[ProfileOptions, Profile] = {}
+        self._executors: dict[int, ProcessPoolExecutor] = {}
 
     @property
     def settings(self) -> Settings:
@@ -270,6 +219,11 @@ class AnonymizerPlugin:
         if self._store is None:
             self._store = ObjectStore(self.settings)
         return self._store
+
+    def _executor(self, workers: int) -> ProcessPoolExecutor:
+        if workers not in self._executors:
+            self._executors[workers] = ProcessPoolExecutor(max_workers=workers)
+        return self._executors[workers]
 
     def profile(self, options: ProfileOptions) -> Profile:
         if options not in self._profiles:
@@ -392,7 +346,6 @@ class AnonymizerPlugin:
         settings = ctx.settings
         vault = Vault(settings)
         options = profile_options(item.config, settings)
-        profile = self.profile(options)
         study = await load_planned_study(ctx.pool, vault, ctx.job_id, item.item_key)
         source = open_source(study.location, settings)
         mapping = (
@@ -403,7 +356,8 @@ class AnonymizerPlugin:
         offset_range = options.offset_range_days if options.shift_dates else None
         subjects: dict[tuple[str, str, str], Subject | PseudonymError] = {}
         resolving = asyncio.Lock()  # files of one patient resolve it once, not concurrently
-        slots = asyncio.Semaphore(FILES_IN_FLIGHT)
+        # files in flight: enough to keep every worker busy while others are read or resolved
+        slots = asyncio.Semaphore(2 * _workers(item.config) + 1)
         cohort_id = item.cohort.id
 
         async def subject_of(patient_id: str, issuer: str, path: str) -> Subject:
@@ -434,51 +388,43 @@ class AnonymizerPlugin:
                 raise known
             return known
 
+        loop = asyncio.get_running_loop()
+        workers = self._executor(_workers(item.config))
+        job_options = worker_options(options)
+
         async def one(index: int, key: str) -> FileOutcome:
             async with slots:
                 await ctx.check_cancelled()
                 file_key = vault.key("file", f"{source.location}\x00{key}")
                 data = await asyncio.to_thread(source.read, key)
-                try:
-                    ds = await asyncio.to_thread(pydicom.dcmread, io.BytesIO(data), force=True)
+                try:  # who the file belongs to: the first elements are enough
+                    head = _parse_until(data, ISSUER, [SOP_INSTANCE_UID, PATIENT_ID, ISSUER])
                 except Exception as exc:
                     reason = f"not a readable DICOM file ({type(exc).__name__})"
                     return FileOutcome("rejected", reason, file_key, "", None, None)
-                sop = _uid(ds, "SOPInstanceUID")
+                sop = uid_value(head, "SOPInstanceUID")
                 sop_key = vault.key("sop", sop) if sop else file_key
-                patient_id = str(ds.get("PatientID", "") or "")
-                issuer = str(ds.get("IssuerOfPatientID", "") or "")
+                patient_id = str(head.get("PatientID", "") or "")
+                issuer = str(head.get("IssuerOfPatientID", "") or "")
                 try:
                     subject = await subject_of(patient_id, issuer, key)
                 except PseudonymError as exc:
                     return FileOutcome("failed", f"pseudonym: {exc}", sop_key, "", None, None)
-                context = AnonymizationContext(
-                    profile,
-                    vault.core_secret,
-                    subject.pseudonym,
+                job = FileJob(
+                    data=data,
+                    options=job_options,
+                    secret=vault.core_secret,
+                    pseudonym=subject.pseudonym,
                     date_offset_days=subject.date_offset_days,
+                    cohort_id=cohort_id,
+                    folder=subject_folder(
+                        subject, vault.core_secret, patient_id, options.patient_id.strategy
+                    ),
+                    sop_key=sop_key,
                 )
-                folder = subject_folder(
-                    subject, vault.core_secret, patient_id, options.patient_id.strategy
-                )
-                try:
-                    outcome = await asyncio.to_thread(
-                        deidentify, ds, context, cohort_id=cohort_id, folder=folder, sop_key=sop_key
-                    )
-                except Exception as exc:  # a malformed element the core cannot handle
-                    reason = f"de-identification error ({type(exc).__name__})"
-                    log.warning(
-                        "file not de-identified", extra={"item": item.item_key, "file": index}
-                    )
-                    return FileOutcome("failed", reason, sop_key, "", None, None)
-                if outcome.data is not None:
-                    await asyncio.to_thread(
-                        self.store.put_bytes,
-                        outcome.object_key,
-                        outcome.data,
-                        content_type="application/dicom",
-                    )
-                return replace(outcome, data=None)  # a study is never held in memory whole
+                del data
+                # parse, de-identify, write, verify and upload in a worker process
+                return await loop.run_in_executor(workers, deidentify_file, job)
 
         try:
             async with asyncio.TaskGroup() as group:  # a cancel or an error stops the siblings

@@ -8,6 +8,7 @@ whole value or whole name component, case-insensitive, bounded by non-alphanumer
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -98,28 +99,58 @@ class IdentifierSet:
 
 
 class Matcher:
-    """Compiled searches for one IdentifierSet."""
+    """Searches for one IdentifierSet.
+
+    Whole values go through one case-insensitive alternation, compiled once per distinct value set
+    (the files of a study share theirs, so a study compiles it about once). UIDs and dates differ
+    in every file (the SOP Instance UID), so they are not compiled at all: the text is cut into
+    its maximal `[0-9.]` runs and digit runs, and each run is looked up in a set - the same
+    boundaries as the patterns in the module docstring.
+    """
 
     def __init__(self, ids: IdentifierSet) -> None:
         self.uids = frozenset(ids.uids)
-        self.text = _alternation(ids.values, r"(?<![A-Za-z0-9])(", r")(?![A-Za-z0-9])", re.I)
-        self.uid_text = _alternation(ids.uids, r"(?<![0-9.])(", r")(?![0-9.])")
-        # a date alone, or starting a DT (date then at least HHMM); never inside a longer number
-        self.dates = _alternation(ids.dates, r"(?<![0-9.])(", r")(?:(?![0-9])|(?=[0-9]{4}))")
+        self.dates = frozenset(ids.dates)
+        self.text = _values_pattern(frozenset(ids.values))
 
     def in_text(self, text: str) -> list[tuple[str, str]]:
         """(kind, matched text) for every hit in `text`."""
         hits: list[tuple[str, str]] = []
-        for kind, pattern in (("value", self.text), ("uid", self.uid_text), ("date", self.dates)):
-            if pattern is not None:
-                hits.extend((kind, m.group(1)) for m in pattern.finditer(text))
+        if self.text is not None:
+            hits.extend(("value", m.group(1)) for m in self.text.finditer(text))
+        if self.uids:
+            hits.extend(("uid", m) for m in _UID_RUN.findall(text) if m in self.uids)
+        if self.dates:
+            # a date alone, or starting a DT (date then at least HHMM); never inside a longer number
+            for run in _DIGIT_RUN.findall(text):
+                if run[:8] in self.dates and (len(run) == 8 or len(run) >= 12):
+                    hits.append(("date", run[:8]))
         return hits
 
+    def mask(self, text: str) -> str:
+        """`text` with every whole value and date overwritten by X of the same length."""
+        if self.text is not None:
+            text = self.text.sub(lambda m: "X" * len(m.group(0)), text)
+        if self.dates:
 
-def _alternation(
-    items: Iterable[str], head: str, tail: str, flags: int = 0
-) -> re.Pattern[str] | None:
-    ordered = sorted({i for i in items if i}, key=len, reverse=True)
+            def date(m: re.Match[str]) -> str:
+                run = m.group(0)
+                if run[:8] in self.dates and (len(run) == 8 or len(run) >= 12):
+                    return "X" * 8 + run[8:]
+                return run
+
+            text = _DIGIT_RUN.sub(date, text)
+        return text
+
+
+_UID_RUN = re.compile(r"[0-9.]+")
+_DIGIT_RUN = re.compile(r"(?<![0-9.])[0-9]{8,}")
+
+
+@functools.lru_cache(maxsize=256)
+def _values_pattern(values: frozenset[str]) -> re.Pattern[str] | None:
+    ordered = sorted({v for v in values if v}, key=len, reverse=True)
     if not ordered:
         return None
-    return re.compile(head + "|".join(re.escape(i) for i in ordered) + tail, flags)
+    alternation = "|".join(re.escape(v) for v in ordered)
+    return re.compile(r"(?<![A-Za-z0-9])(" + alternation + r")(?![A-Za-z0-9])", re.I)

@@ -6,17 +6,22 @@ object key. Any hit is a `Finding`; a file with findings must not be released.
 
 from __future__ import annotations
 
+import codecs
 import io
 from dataclasses import dataclass
 
 from pydicom import Dataset, dcmread
-from pydicom.dataelem import DataElement
+from pydicom.charset import default_encoding
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement
 
 from services.anonymizer.profile.identifiers import IdentifierSet, Matcher
 from services.anonymizer.profile.vendor_headers import unpack_gzip_block
 
 SKIP_BULK = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # pixel data: not text
 CODED_VRS = frozenset({"CS", "AS"})
+BINARY_VRS = frozenset({"OB", "OW", "UN", "OB or OW", "US or OW"})
+TEXT_VRS = frozenset({"PN", "SH", "LO", "ST", "LT", "UT", "UC"})
 NUMERIC_VRS = frozenset(
     {"US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "OF", "OD", "OL", "OV", "AT"}
 )
@@ -43,31 +48,82 @@ def _text_of(elem: DataElement) -> str | None:
     return str(value)
 
 
+def _raw_text(raw: RawDataElement, vr: str, codec: str) -> str | None:
+    """The searchable text of a raw element, without pydicom's value conversion (the expensive part
+    of reading a header back): text VRs decoded with the data set's one character set, other
+    strings as ASCII, binary values (UN, OB, vendor blobs) as latin-1 plus what a GE gzip block
+    compresses."""
+    value = raw.value
+    if not value:
+        return None
+    if vr in BINARY_VRS:
+        inner = unpack_gzip_block(value)
+        return value.decode("latin-1") + ("\n" + inner.decode("latin-1") if inner else "")
+    if vr in TEXT_VRS:
+        return value.decode(codec, "replace").rstrip(" \x00")
+    return value.decode("latin-1").rstrip(" \x00")
+
+
+def _single_codec(ds: Dataset) -> str | None:
+    """The Python codec of a data set with one character set and no code extensions, else None."""
+    encodings = ds._character_set
+    if isinstance(encodings, str):
+        encodings = [encodings]
+    if not encodings:
+        return "latin-1"
+    if len(encodings) != 1 or "2022" in encodings[0]:
+        return None
+    name = "latin-1" if encodings[0] == default_encoding else encodings[0]
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return None
+    return name
+
+
 def _search(ds: Dataset, matcher: Matcher, where: str, out: list[Finding]) -> None:
+    # text in the default repertoire is searched as stored; other character sets go through pydicom
+    codec = _single_codec(ds)
     for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset converts every element)
         if tag in SKIP_BULK:
             continue
         raw = ds.get_item(tag)
-        if getattr(raw, "VR", None) in NUMERIC_VRS:
-            continue  # binary numbers: no text to leak, no need to convert them
-        if getattr(raw, "VR", None) in CODED_VRS:
-            continue  # defined terms (ContentQualification RESEARCH): not free text
-        elem = ds[tag]
-        label = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
-        if elem.VR == "SQ":
-            for i, item in enumerate(elem.value or []):
-                _search(item, matcher, f"{where}{label}[{i}].", out)
-            continue
-        text = _text_of(elem)
+        vr = getattr(raw, "VR", None)
+        if vr is None:  # implicit VR: the dictionary's
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                vr = "UN"
+        if vr in NUMERIC_VRS or vr in CODED_VRS:
+            continue  # binary numbers and defined terms (ContentQualification RESEARCH): no free text
+        if vr != "SQ" and codec and isinstance(raw, RawDataElement):
+            text = _raw_text(raw, vr, codec)
+            label = ""  # named only when needed (a UID's keyword, a finding)
+        else:
+            elem = ds[tag]
+            label = elem.keyword or _label(tag)
+            if elem.VR == "SQ":
+                for i, item in enumerate(elem.value or []):
+                    _search(item, matcher, f"{where}{label}[{i}].", out)
+                continue
+            vr = elem.VR
+            text = _text_of(elem)
         if not text:
             continue
-        if elem.VR == "UI" and label.endswith("ClassUID"):
-            continue  # kinds of objects (also vendor-private classes), kept by design
-        if elem.VR == "UI" and text.strip().rstrip("\x00") in matcher.uids:
-            out.append(Finding(f"{where}{label}", "uid", label))
+        if vr == "UI":
+            if any(uid.strip(" \x00") in matcher.uids for uid in text.split("\\")):
+                label = label or _label(tag)
+                if not label.endswith("ClassUID"):  # kinds of objects, kept by design
+                    out.append(Finding(f"{where}{label}", "uid", label))
             continue
-        for kind, _ in matcher.in_text(text):
-            out.append(Finding(f"{where}{label}", kind, label))
+        hits = matcher.in_text(text)
+        if hits:
+            label = label or _label(tag)
+            out.extend(Finding(f"{where}{label}", kind, label) for kind, _ in hits)
+
+
+def _label(tag: int) -> str:
+    return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
 def verify(

@@ -101,6 +101,8 @@ class AnonymizationConfig(_Config):
     retain_safe_private: bool | None = None
     retain_uids: bool | None = None
     quarantine_burned_in: bool | None = None
+    # worker processes de-identifying files (None: one per CPU of the machine it runs on)
+    process_pool_workers: int | None = Field(default=None, ge=1, le=128)
 
 
 # --- extraction ------------------------------------------------------------------------------

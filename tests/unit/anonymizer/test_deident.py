@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -428,3 +429,55 @@ def test_defined_terms_are_not_findings(deident_files: list[Path]) -> None:
     assert result.dataset.ContentQualification == "RESEARCH"
     assert "research" not in str(result.dataset.get("ImageComments", "")).lower()  # cleaned
     assert verify(result.dataset, result.identifiers) == []
+
+
+def _planted(deident_files: list[Path], charset: str | None, implicit: bool) -> tuple[bytes, Any]:
+    result, data = run(deident_files[0])
+    out = pydicom.dcmread(io.BytesIO(data))
+    original = pydicom.dcmread(deident_files[0])
+    if charset:
+        out.SpecificCharacterSet = charset
+    name = str(original.PatientName).split("^")[0]
+    out.add_new(0x00091001, "LO", f"protocol of {name}")
+    item = pydicom.Dataset()
+    item.add_new(0x00081150, "UI", "1.2.840.10008.5.1.4.1.1.4")
+    item.add_new(0x00081155, "UI", [str(original.SOPInstanceUID), "1.2.3"])
+    out.add_new(0x00081140, "SQ", [item])
+    out.add_new(0x0018A002, "DT", f"{original.StudyDate}101500")
+    buffer = io.BytesIO()
+    if implicit:
+        out.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    out.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue(), result.identifiers
+
+
+@pytest.mark.parametrize(
+    ("charset", "implicit"), [(None, False), ("ISO_IR 192", False), ("ISO_IR 100", True)]
+)
+def test_verify_of_written_bytes_finds_planted_values_at_every_depth(
+    deident_files: list[Path], charset: str | None, implicit: bool
+) -> None:
+    """The byte-level search (no value conversion) sees private text, sequence items, multi-valued
+    UIDs and a date opening a DT, in explicit and implicit VR and in any single character set."""
+    data, identifiers = _planted(deident_files, charset, implicit)
+    found = {(f.location, f.kind) for f in verify(data, identifiers)}
+    assert ("ReferencedImageSequence[0].ReferencedSOPInstanceUID", "uid") in found
+    assert ("ContributionDateTime", "date") in found
+    assert any(loc.startswith("(0009,1001)") and kind == "value" for loc, kind in found)
+
+
+def test_matcher_boundaries() -> None:
+    ids = IdentifierSet()
+    ids.add_value("DOE^JOHN")
+    ids.add_uid("1.2.840.99.7")
+    ids.add_date("20200131")
+    m = ids.matcher()
+    kinds = lambda text: sorted(kind for kind, _ in m.in_text(text))  # noqa: E731
+    assert kinds("uid 1.2.840.99.7 here") == ["uid"]
+    assert kinds("1.2.840.99.71 and 11.2.840.99.7") == []  # a longer UID is another UID
+    assert kinds("20200131") == ["date"]
+    assert kinds("202001311015") == ["date"]  # a DT opening with the date
+    assert kinds("2020013110") == [] and kinds("1.20200131") == []  # inside longer numbers
+    assert kinds("seen by john doe") == ["value", "value"]
+    assert kinds("johnson") == []
+    assert m.mask("doe 20200131101500") == "XXX XXXXXXXX101500"
