@@ -112,6 +112,9 @@ class Matcher:
         self.uids = frozenset(ids.uids)
         self.dates = frozenset(ids.dates)
         self.text = _values_pattern(frozenset(ids.values))
+        # maximal [0-9.] runs at least as long as the shortest UID (numbers in values are shorter)
+        shortest = min((len(u) for u in self.uids), default=1)
+        self._uid_runs = _uid_run_pattern(shortest)
 
     def in_text(self, text: str) -> list[tuple[str, str]]:
         """(kind, matched text) for every hit in `text`."""
@@ -119,7 +122,7 @@ class Matcher:
         if self.text is not None:
             hits.extend(("value", m.group(1)) for m in self.text.finditer(text))
         if self.uids:
-            hits.extend(("uid", m) for m in _UID_RUN.findall(text) if m in self.uids)
+            hits.extend(("uid", m) for m in self._uid_runs.findall(text) if m in self.uids)
         if self.dates:
             # a date alone, or starting a DT (date then at least HHMM); never inside a longer number
             for run in _DIGIT_RUN.findall(text):
@@ -143,7 +146,10 @@ class Matcher:
         return text
 
 
-_UID_RUN = re.compile(r"[0-9.]+")
+@functools.lru_cache(maxsize=64)
+def _uid_run_pattern(shortest: int) -> re.Pattern[str]:
+    return re.compile(r"(?<![0-9.])[0-9.]{" + str(shortest) + ",}")
+
 _DIGIT_RUN = re.compile(r"(?<![0-9.])[0-9]{8,}")
 
 
