@@ -117,6 +117,7 @@ class FileJob:
     cohort_id: uuid.UUID
     folder: str
     sop_key: str
+    timepoint_label: str | None = None  # ClinicalTrialTimePointID of the file's study
     # upload: to the de-identified zone (the service); return: in the outcome (tests); discard:
     # dropped (benchmarks of the de-identification alone)
     output: Literal["upload", "return", "discard"] = "upload"
@@ -148,7 +149,11 @@ def deidentify_file(job: FileJob) -> FileOutcome:
         reason = f"not a readable DICOM file ({type(exc).__name__})"
         return FileOutcome("rejected", reason, job.sop_key, "", None, None)
     context = AnonymizationContext(
-        _profile(job.options), job.secret, job.pseudonym, date_offset_days=job.date_offset_days
+        _profile(job.options),
+        job.secret,
+        job.pseudonym,
+        date_offset_days=job.date_offset_days,
+        timepoint_label=job.timepoint_label,
     )
     try:
         outcome = deidentify(

@@ -27,7 +27,7 @@ import os
 import uuid
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -51,7 +51,7 @@ from services.anonymizer.profile import (
     load_profile,
     read_mapping,
 )
-from services.anonymizer.profile.pseudonyms import hashed_pseudonym
+from services.anonymizer.profile.pseudonyms import hashed_pseudonym, subject_key
 from services.anonymizer.store import (
     FileAudit,
     PlannedStudy,
@@ -65,8 +65,10 @@ from services.anonymizer.store import (
     plan_numbers,
     record_plan,
     record_source_files,
+    record_study_subjects,
     resolve_subject,
     study_states,
+    study_timepoint,
 )
 from shared.events import ItemError, StageRequested, WorkItem
 from shared.observability import FILES_PROCESSED
@@ -86,6 +88,7 @@ HEADER_RANGE = 256 * 1024  # bytes read from object storage to find a StudyInsta
 PLAN_READERS = 8  # header reads in flight while planning (I/O bound)
 
 SOP_INSTANCE_UID = 0x00080018
+STUDY_DATE = 0x00080020
 STUDY_UID = 0x0020000D
 PATIENT_ID = 0x00100020
 ISSUER = 0x00100021
@@ -150,30 +153,49 @@ def _parse_until(data: bytes | io.BufferedReader, last: int, tags: list[int]) ->
     return read_partial(fp, stop_when=_stop_after(last), force=True, specific_tags=tags)
 
 
-def study_uid_of(source: Source, f: SourceFile) -> tuple[str | None, str | None]:
-    """(StudyInstanceUID, None) of a file, or (None, reason) when it is not a DICOM object of a
-    study. Reads only the header up to the study UID (a ranged read on object storage)."""
+@dataclass(frozen=True)
+class StudyHead:
+    """What a plan reads of a file: its study, and the patient and date that study belongs to."""
+
+    study_uid: str
+    patient_id: str
+    issuer: str
+    study_date: str | None
+
+
+HEAD_TAGS = [STUDY_DATE, PATIENT_ID, ISSUER, STUDY_UID]
+
+
+def study_head_of(source: Source, f: SourceFile) -> tuple[StudyHead | None, str | None]:
+    """(StudyHead, None) of a file, or (None, reason) when it is not a DICOM object of a study.
+    Reads only the header up to the study UID (a ranged read on object storage)."""
     try:
         if isinstance(source, LocalSource):
             with source.path(f.key).open("rb") as fh:
-                ds = _parse_until(fh, STUDY_UID, [STUDY_UID])
+                ds = _parse_until(fh, STUDY_UID, HEAD_TAGS)
         elif isinstance(source, ObjectSource):
             full = f"{source.prefix}/{f.key}" if source.prefix else f.key
             head = source.store.get_range(full, 0, min(f.size, HEADER_RANGE), bucket=source.bucket)
             try:
-                ds = _parse_until(head, STUDY_UID, [STUDY_UID])
+                ds = _parse_until(head, STUDY_UID, HEAD_TAGS)
             except Exception:
                 ds = Dataset()
             if "StudyInstanceUID" not in ds and f.size > HEADER_RANGE:
-                ds = _parse_until(source.read(f.key), STUDY_UID, [STUDY_UID])
+                ds = _parse_until(source.read(f.key), STUDY_UID, HEAD_TAGS)
         else:
-            ds = _parse_until(source.read(f.key), STUDY_UID, [STUDY_UID])
+            ds = _parse_until(source.read(f.key), STUDY_UID, HEAD_TAGS)
     except Exception as exc:  # pydicom raises many types on non-DICOM input
         return None, f"not a readable DICOM file ({type(exc).__name__})"
-    uid = str(ds.get("StudyInstanceUID", "") or "").strip().rstrip("\x00")
+    uid = uid_value(ds, "StudyInstanceUID")
     if not uid:
         return None, "no StudyInstanceUID: not a DICOM object of a study"
-    return uid, None
+    date = str(ds.get("StudyDate", "") or "").strip()[:8]
+    return StudyHead(
+        uid,
+        str(ds.get("PatientID", "") or ""),
+        str(ds.get("IssuerOfPatientID", "") or ""),
+        date if len(date) == 8 and date.isdigit() else None,
+    ), None
 
 
 # --- one file -------------------------------------------------------------------------------------
@@ -313,13 +335,19 @@ class AnonymizerPlugin:
         loop = asyncio.get_running_loop()
         with ThreadPoolExecutor(max_workers=PLAN_READERS) as readers:
             read = await asyncio.gather(
-                *(loop.run_in_executor(readers, study_uid_of, source, f) for f in fresh)
+                *(loop.run_in_executor(readers, study_head_of, source, f) for f in fresh)
             )
         study_of = {k: known[k].study_key for k in known}
         rows = []
-        for f, (uid, reason) in zip(fresh, read, strict=True):
-            study_key = vault.key("study", uid) if uid else None
+        subjects: dict[str, tuple[str, str | None]] = {}  # study key -> (subject key, date)
+        for f, (head, reason) in zip(fresh, read, strict=True):
+            study_key = vault.key("study", head.study_uid) if head else None
             study_of[file_keys[f.key]] = study_key
+            if head is not None and study_key is not None and study_key not in subjects:
+                subject = subject_key(
+                    vault.core_secret, head.patient_id.strip() or f"path:{f.key}", head.issuer
+                )
+                subjects[study_key] = (subject, head.study_date)
             sealed_path = vault.seal({"location": source.location, "key": f.key})
             rows.append(
                 (
@@ -333,6 +361,7 @@ class AnonymizerPlugin:
                     job_id,
                 )
             )
+        await record_study_subjects(pool, vault, [(k, s, d) for k, (s, d) in subjects.items()])
         await record_source_files(pool, rows)
         log.info("headers read", extra={"job_id": str(job_id), "files": len(fresh)})
         grouped: dict[str | None, list[tuple[str, int, int]]] = defaultdict(list)
@@ -354,6 +383,11 @@ class AnonymizerPlugin:
             else None
         )
         offset_range = options.offset_range_days if options.shift_dates else None
+        timepoint = (
+            await study_timepoint(ctx.pool, vault, study.study_key, options.timepoint_step_months)
+            if options.timepoint_labels
+            else None
+        )
         subjects: dict[tuple[str, str, str], Subject | PseudonymError] = {}
         resolving = asyncio.Lock()  # files of one patient resolve it once, not concurrently
         # files in flight: enough to keep every worker busy while others are read or resolved
@@ -421,6 +455,7 @@ class AnonymizerPlugin:
                         subject, vault.core_secret, patient_id, options.patient_id.strategy
                     ),
                     sop_key=sop_key,
+                    timepoint_label=timepoint,
                 )
                 del data
                 # parse, de-identify, write, verify and upload in a worker process

@@ -28,6 +28,7 @@ from services.anonymizer.profile import (
     date_offset_days,
     pseudonymize_patient_id,
     subject_key,
+    timepoint_label,
 )
 from shared.secrets import SecretError, project_key
 from shared.settings import Settings
@@ -184,6 +185,48 @@ async def _date_offset(pool: asyncpg.Pool, vault: Vault, key: str, proposed: int
             "SELECT offset_days FROM anonymizer.date_offset WHERE subject_key = $1", key
         )
     return int(vault.open(token))
+
+
+# --- timepoints -----------------------------------------------------------------------------------
+
+
+async def record_study_subjects(
+    pool: asyncpg.Pool, vault: Vault, rows: Sequence[tuple[str, str, str | None]]
+) -> None:
+    """(study_key, subject_key, original StudyDate or None) of studies a plan read."""
+    if not rows:
+        return
+    async with pool.acquire() as conn:
+        await conn.executemany(
+            "INSERT INTO anonymizer.study_subject (study_key, subject_key, study_date)"
+            " VALUES ($1, $2, $3) ON CONFLICT (study_key) DO UPDATE SET"
+            " subject_key = EXCLUDED.subject_key, study_date = EXCLUDED.study_date,"
+            " updated_at = now()",
+            [(k, s, vault.seal(d) if d else None) for k, s, d in rows],
+        )
+
+
+async def study_timepoint(
+    pool: asyncpg.Pool, vault: Vault, study_key: str, step_months: int
+) -> str | None:
+    """`M00`, `M06`, ... of a study: months from its subject's earliest recorded study date, or
+    None when the study (or its date) was never recorded."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT s.study_key, s.study_date FROM anonymizer.study_subject s"
+            " JOIN anonymizer.study_subject t ON t.subject_key = s.subject_key"
+            " WHERE t.study_key = $1",
+            study_key,
+        )
+    dates = {r["study_key"]: str(vault.open(r["study_date"])) for r in rows if r["study_date"]}
+    valid = {k: d for k, d in dates.items() if len(d) == 8 and d.isdigit()}
+    own = valid.get(study_key)
+    if own is None:
+        return None
+    try:
+        return timepoint_label(min(valid.values()), own, step_months)
+    except ValueError:  # an impossible calendar date
+        return None
 
 
 # --- plans --------------------------------------------------------------------------------------

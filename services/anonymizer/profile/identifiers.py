@@ -150,6 +150,7 @@ class Matcher:
 def _uid_run_pattern(shortest: int) -> re.Pattern[str]:
     return re.compile(r"(?<![0-9.])[0-9.]{" + str(shortest) + ",}")
 
+
 _DIGIT_RUN = re.compile(r"(?<![0-9.])[0-9]{8,}")
 
 

@@ -69,6 +69,9 @@ class ProfileOptions:
     retain_safe_private: bool = True  # 113111
     retain_uids: bool = False  # 113110
     quarantine_burned_in: bool = True
+    # study_dates.timepoint_labels: ClinicalTrialTimePointID = months from the subject's first study
+    timepoint_labels: bool = False
+    timepoint_step_months: int = 6
     patient_id: PatientIdOptions = field(default_factory=PatientIdOptions)
 
     def scrubs(self, category: str) -> bool:
@@ -83,7 +86,8 @@ class ProfileOptions:
         """Read the user's anonymization config (dotted keys are nested objects).
 
         Accepted keys: `anonymize_categories` (list of `CATEGORIES`), `study_dates.enabled`,
-        `study_dates.offset_range_days` ([min, max], non-zero, min <= max), `patient_id.strategy`
+        `study_dates.offset_range_days` ([min, max], non-zero, min <= max),
+        `study_dates.timepoint_labels` and `study_dates.timepoint_step_months` (1-24, default 6), `patient_id.strategy`
         and its options (`prefix`, `hash_bits`, `digits`, `folder_regex`, `folder_depth`,
         `folder_fallback`, `csv`, `unmapped`), and the switches `clean_descriptors`,
         `retain_patient_characteristics`, `retain_device_identity`, `retain_institution_identity`,
@@ -114,6 +118,13 @@ class ProfileOptions:
                     "study_dates.offset_range_days must be [min, max] with min <= max"
                 )
             opts = opts.with_(offset_range_days=(lo, hi))
+        if "timepoint_labels" in dates:
+            opts = opts.with_(timepoint_labels=bool(dates["timepoint_labels"]))
+        if "timepoint_step_months" in dates:
+            step = int(dates["timepoint_step_months"])
+            if not 1 <= step <= 24:
+                raise ConfigError("study_dates.timepoint_step_months must be between 1 and 24")
+            opts = opts.with_(timepoint_step_months=step)
         for switch in (
             "clean_descriptors",
             "retain_patient_characteristics",

@@ -70,6 +70,9 @@ class PatientIdConfig(_Config):
 class StudyDatesConfig(_Config):
     enabled: bool = False  # shift dates by a per-subject offset
     offset_range_days: tuple[int, int] | None = None
+    # ClinicalTrialTimePointID = M00, M06, ...: months from the subject's first study, rounded
+    timepoint_labels: bool = False
+    timepoint_step_months: int = Field(default=6, ge=1, le=24)
 
     @model_validator(mode="after")
     def _range(self) -> StudyDatesConfig:

@@ -87,3 +87,13 @@ def test_from_config_accepts_dotted_keys() -> None:
     assert (
         opts.shift_dates and opts.patient_id.strategy == "folder" and opts.patient_id.prefix == ""
     )
+
+
+def test_timepoint_label_options() -> None:
+    opts = ProfileOptions.from_config(
+        {"study_dates": {"enabled": True, "timepoint_labels": True, "timepoint_step_months": 3}}
+    )
+    assert (opts.shift_dates, opts.timepoint_labels, opts.timepoint_step_months) == (True, True, 3)
+    assert not ProfileOptions.from_config({}).timepoint_labels
+    with pytest.raises(ConfigError, match="timepoint_step_months"):
+        ProfileOptions.from_config({"study_dates.timepoint_step_months": 0})

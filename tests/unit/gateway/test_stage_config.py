@@ -114,6 +114,8 @@ def test_valid_configs(stage: Stage, raw: dict[str, Any], expected: dict[str, An
         (Stage.anonymization, {"retain_uids": "maybe", **AUDIT}, "config.retain_uids"),
         (Stage.anonymization, {"anonymize_categories": ["all"], **AUDIT}, "categories.0"),
         (Stage.anonymization, {"study_dates": {"enabled": "sometimes"}, **AUDIT}, "enabled"),
+        (Stage.anonymization, {"study_dates.timepoint_step_months": 0, **AUDIT}, "step_months"),
+        (Stage.anonymization, {"process_pool_workers": 0, **AUDIT}, "process_pool_workers"),
     ],
 )
 def test_bad_configs_say_where(stage: Stage, raw: dict[str, Any], where: str) -> None:
