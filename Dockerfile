@@ -14,13 +14,14 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# A compiler only for a dependency that ships no wheel for this platform; this stage is discarded.
+# A compiler for the project's C header reader (setup.py) and for any dependency that ships no
+# wheel for this platform; this stage is discarded.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY shared ./shared
 COPY services ./services
 COPY cohortflow ./cohortflow

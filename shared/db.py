@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 
 from shared.settings import Settings, get_settings
 
@@ -43,10 +44,24 @@ class JsonText(str):
     """A value already serialized as JSON: written to json/jsonb columns as it is."""
 
 
+def json_bytes(value: Any) -> bytes:
+    """Compact JSON of `value` (orjson; NaN and infinities become null, as JSON has neither).
+    Integers beyond 64 bits, which orjson refuses, go through the standard library."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode()
+
+
+def json_text(value: Any) -> JsonText:
+    """`value` serialized once, to be written to a json/jsonb column later (or in another process)."""
+    return JsonText(json_bytes(value).decode())
+
+
 def _json_text(value: Any) -> bytes:
     if isinstance(value, JsonText):
         return value.encode()
-    return json.dumps(value, separators=(",", ":")).encode()
+    return json_bytes(value)
 
 
 def _jsonb_encode(value: Any) -> bytes:
@@ -54,7 +69,7 @@ def _jsonb_encode(value: Any) -> bytes:
 
 
 def _jsonb_decode(data: bytes) -> Any:
-    return json.loads(data[1:])  # binary jsonb is a version byte, then the JSON text
+    return orjson.loads(data[1:])  # binary jsonb is a version byte, then the JSON text
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -65,7 +80,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "json",
         encoder=_json_text,
-        decoder=json.loads,
+        decoder=orjson.loads,
         schema="pg_catalog",
         format="binary",
     )

@@ -15,5 +15,7 @@ DICOM_ROOT = PROJECT_ROOT.parent / "shared" / "data" / "dicom"
 def dicom_root() -> Path:
     """`../shared/data/dicom`: real multi-vendor DICOM with dcm2niix reference outputs."""
     if not DICOM_ROOT.is_dir():
-        raise RuntimeError(f"test data missing: {DICOM_ROOT} (the team's shared/ folder must sit next to the project)")
+        raise RuntimeError(
+            f"test data missing: {DICOM_ROOT} (the team's shared/ folder must sit next to the project)"
+        )
     return DICOM_ROOT

@@ -8,13 +8,12 @@ parent process only writes the catalog. Content decides what a file is, never it
 from __future__ import annotations
 
 import hashlib
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.extractor.catalog import Rejection, parse_instance
-from shared.db import JsonText
+from shared.db import JsonText, json_text
 from shared.settings import get_settings
 from shared.sources import ObjectSource, Source, open_source
 from shared.storage import ObjectStore
@@ -108,8 +107,8 @@ def extract_batch(batch: FileBatch) -> list[FileOutcome]:
                 else:
                     row = parsed.to_row()
                     header = row.pop("header", None) or {}
-                    outcome.row_json = JsonText(json.dumps(row, separators=(",", ":")))
-                    outcome.header_json = JsonText(json.dumps(header, separators=(",", ":")))
+                    outcome.row_json = json_text(row)
+                    outcome.header_json = json_text(header)
                     parsed.header = {}
                     parsed.frames = []
                     outcome.record = parsed

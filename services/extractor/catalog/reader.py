@@ -14,6 +14,7 @@ caller reads the content with pydicom instead, which also names what is wrong wi
 
 from __future__ import annotations
 
+import codecs
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,11 @@ from typing import Any
 from pydicom.charset import convert_encodings, default_encoding
 
 from .header_json import MAX_VALUE_BYTES, resolve_vr, tag_key, value_json
+
+try:  # the same reader compiled (pip install builds it); without it the Python reader does all
+    from . import _fastreader  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _fastreader = None
 from .sop_class import DICOMDIR_SOP_CLASS
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
@@ -115,7 +121,11 @@ def read_header(content: bytes, *, max_value_bytes: int = MAX_VALUE_BYTES) -> He
                 str, Any
             ] = {}  # a media directory: its records are never catalogued, skip them
         else:
-            data, _ = _dataset(content, position, len(content), state, top=True)
+            fast = _fast_dataset(content, position, state) if _fastreader else None
+            if fast is not None:
+                data = fast
+            else:
+                data, _ = _dataset(content, position, len(content), state, top=True)
     except (struct.error, IndexError, ValueError, UnicodeDecodeError, LookupError) as exc:
         raise ReaderDeclined(str(exc)) from exc
     return HeaderRead(
@@ -128,6 +138,33 @@ def read_header(content: bytes, *, max_value_bytes: int = MAX_VALUE_BYTES) -> He
         pixel_offset=state.pixel_offset,
         private=state.private,
     )
+
+
+def _fast_dataset(content: bytes, position: int, state: _State) -> dict[str, Any] | None:
+    """The data set read by the C reader, or None when it leaves the file to the Python one."""
+    assert _fastreader is not None
+    try:
+        data, offset, private = _fastreader.read(
+            content, position, state.implicit, state.max_value_bytes, resolve_vr, _charset_kind
+        )
+    except _fastreader.Unhandled:
+        return None
+    state.pixel_offset, state.private = offset, private
+    return data
+
+
+def _charset_kind(raw: bytes) -> int:
+    """For the C reader: 0 when text decodes as latin-1 (the default repertoire, ISO_IR 100), 1 for
+    UTF-8 (ISO_IR 192), -1 for anything else (the Python reader then reads the file)."""
+    names = raw.decode("ascii", "replace").strip("\x00 ").split("\\")
+    encodings = convert_encodings([n.strip() for n in names]) if raw.strip() else [default_encoding]
+    if len(encodings) != 1:
+        return -1
+    try:
+        name = codecs.lookup(encodings[0]).name
+    except LookupError:
+        return -1
+    return {"iso8859-1": 0, "utf-8": 1}.get(name, -1)
 
 
 def _file_meta(content: bytes) -> tuple[dict[int, str], int]:
