@@ -168,6 +168,13 @@ class JobControl(Payload):
     reason: str = ""
 
 
+class CohortDeleted(Payload):
+    """A cohort is gone from the gateway; each stage service removes what it holds of it (its
+    schema's rows, its zone's objects). Audit exports and users' export destinations stay."""
+
+    cohort_id: uuid.UUID
+
+
 # --- ingest from other systems ------------------------------------------------------------------
 
 

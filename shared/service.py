@@ -119,6 +119,11 @@ async def serve_stage(plugin: StagePlugin, migrations_dir: Path | None) -> None:
         ),
         (topics.items(stage), topics.consumer_group(plugin.service, "items"), runtime.handle_item),
         (topics.JOBS_CONTROL, None, runtime.handle_control),
+        (
+            topics.COHORTS_DELETED,
+            topics.consumer_group(plugin.service, "cohorts"),
+            runtime.handle_cohort_deleted,
+        ),
     ]
     for topic, group, handle in subscriptions:
         options: dict[str, Any] = subscriber_kwargs(

@@ -33,6 +33,7 @@ import asyncpg
 from shared import topics
 from shared.db import migrate, relation_exists
 from shared.events import (
+    CohortDeleted,
     CohortRef,
     DeadLetter,
     Envelope,
@@ -48,6 +49,7 @@ from shared.observability import ITEM_SECONDS, ITEMS_PROCESSED, RUNS_ACTIVE
 from shared.outbox import enqueue
 from shared.secrets import is_sealed, seal, unseal
 from shared.settings import Settings, get_settings
+from shared.storage import ObjectStore
 from shared.topics import Stage
 
 log = logging.getLogger(__name__)
@@ -167,6 +169,44 @@ class StagePlugin(Protocol):
     async def finalize(self, pool: asyncpg.Pool, run: RunInfo) -> tuple[dict[str, Any], str | None]:
         """After the last item: the run summary and the output prefix for the next stage."""
         ...
+
+    def cohort_prefixes(self, cohort_id: uuid.UUID) -> list[str]:
+        """Object-key prefixes (data bucket) this stage writes for a cohort, removed with it."""
+        ...
+
+
+async def purge_cohort_rows(pool: asyncpg.Pool, schema: str, cohort_id: uuid.UUID) -> int:
+    """Delete a cohort's rows from every table of `schema`: tables with a `cohort_id` column by it,
+    tables keyed only by `job_id` through the schema's runs. Project-wide tables (neither column:
+    pseudonyms, date offsets) stay. One transaction; returns the rows removed."""
+    async with pool.acquire() as conn, conn.transaction():
+        tables = await conn.fetch(
+            "SELECT c.table_name, bool_or(c.column_name = 'cohort_id') AS by_cohort,"
+            " bool_or(c.column_name = 'job_id') AS by_job"
+            " FROM information_schema.columns c JOIN information_schema.tables t"
+            " ON t.table_schema = c.table_schema AND t.table_name = c.table_name"
+            " WHERE c.table_schema = $1 AND t.table_type = 'BASE TABLE'"
+            " GROUP BY c.table_name ORDER BY c.table_name",
+            schema,
+        )
+        has_runs = any(t["table_name"] == "runs" for t in tables)
+        removed = 0
+        # rows found through the cohort's runs first, then everything keyed by the cohort (runs too)
+        for t in tables:
+            if t["by_job"] and not t["by_cohort"] and has_runs:
+                status = await conn.execute(
+                    f'DELETE FROM {schema}."{t["table_name"]}" WHERE job_id IN'
+                    f" (SELECT job_id FROM {schema}.runs WHERE cohort_id = $1)",
+                    cohort_id,
+                )
+                removed += int(status.split()[-1])
+        for t in tables:
+            if t["by_cohort"]:
+                status = await conn.execute(
+                    f'DELETE FROM {schema}."{t["table_name"]}" WHERE cohort_id = $1', cohort_id
+                )
+                removed += int(status.split()[-1])
+    return removed
 
 
 def _stored_request(request: StageRequested) -> dict[str, Any]:
@@ -586,6 +626,20 @@ class StageRuntime:
             )
 
     # --- cancellation -----------------------------------------------------------------------------
+
+    async def handle_cohort_deleted(self, envelope: Envelope) -> None:
+        """A deleted cohort: its rows in this schema and its objects in this stage's zone go.
+        Idempotent, so a redelivery (or a replica catching up from the beginning) is harmless."""
+        deleted = envelope.open(CohortDeleted)
+        rows = await purge_cohort_rows(self.pool, self.schema, deleted.cohort_id)
+        store = ObjectStore(self.settings)
+        objects = 0
+        for prefix in self.plugin.cohort_prefixes(deleted.cohort_id):
+            objects += await asyncio.to_thread(store.delete_prefix, prefix.rstrip("/") + "/")
+        log.info(
+            "cohort purged",
+            extra={"cohort_id": str(deleted.cohort_id), "rows": rows, "objects": objects},
+        )
 
     async def handle_control(self, envelope: Envelope) -> None:
         control: JobControl = envelope.open(JobControl)

@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
 from shared.settings import Settings, get_settings
@@ -158,6 +159,31 @@ class ObjectStore:
 
     def delete(self, key: str, bucket: str | None = None) -> None:
         self.client.remove_object(bucket or self.bucket, key)
+
+    def delete_prefix(self, prefix: str, bucket: str | None = None) -> int:
+        """Remove every object under `prefix`, in multi-object deletes of up to 1000 keys (the
+        listing is streamed, so a large zone never sits in memory); returns how many were removed.
+        Raises when the server refuses any of them."""
+        name = bucket or self.bucket
+        removed = 0
+        batch: list[DeleteObject] = []
+
+        def flush() -> None:
+            errors = list(self.client.remove_objects(name, batch))
+            if errors:
+                raise RuntimeError(f"{len(errors)} objects under {prefix} not removed: {errors[0]}")
+
+        for obj in self.client.list_objects(name, prefix=prefix, recursive=True):
+            if obj.object_name:
+                batch.append(DeleteObject(obj.object_name))
+            if len(batch) == 1000:
+                flush()
+                removed += len(batch)
+                batch = []
+        if batch:
+            flush()
+            removed += len(batch)
+        return removed
 
     def presigned_get(self, key: str, expires: timedelta = timedelta(hours=1)) -> str:
         return self.client.presigned_get_object(self.bucket, key, expires=expires)

@@ -59,11 +59,13 @@ def dlq(stage: Stage | str) -> str:
 JOBS_PROGRESS = f"{PREFIX}.jobs.progress"
 JOBS_CONTROL = f"{PREFIX}.jobs.control"
 STUDIES_RECEIVED = f"{PREFIX}.studies.received"
+# a cohort was deleted at the gateway: every stage service drops its rows and objects of it
+COHORTS_DELETED = f"{PREFIX}.cohorts.deleted"
 
 
 def all_topics() -> list[str]:
     """Every topic the system uses; the local stack creates them up front."""
-    names = [JOBS_PROGRESS, JOBS_CONTROL, STUDIES_RECEIVED]
+    names = [JOBS_PROGRESS, JOBS_CONTROL, STUDIES_RECEIVED, COHORTS_DELETED]
     for stage in STAGE_ORDER:
         names += [requested(stage), items(stage), completed(stage), failed(stage), dlq(stage)]
     return names

@@ -226,6 +226,10 @@ class AnonymizerPlugin:
     service = "anonymizer"
     schema = "anonymizer"
 
+    def cohort_prefixes(self, cohort_id: uuid.UUID) -> list[str]:
+        """Removed with the cohort: its de-identified zone (audit exports stay)."""
+        return [f"{ANON_ZONE}/{cohort_id}"]
+
     def __init__(self, settings: Settings | None = None) -> None:
         self._settings = settings
         self._store: ObjectStore | None = None

@@ -130,6 +130,10 @@ class ExporterPlugin:
     service = "exporter"
     schema = "export"
 
+    def cohort_prefixes(self, cohort_id: uuid.UUID) -> list[str]:
+        """Removed with the cohort: its export trees in the bucket (destinations stay)."""
+        return [f"export/{cohort_id}"]
+
     def __init__(self, settings: Settings | None = None) -> None:
         self._settings = settings
         self._store: ObjectStore | None = None

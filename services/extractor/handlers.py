@@ -63,6 +63,10 @@ class ExtractorPlugin:
     service = "extractor"
     schema = "catalog"
 
+    def cohort_prefixes(self, cohort_id: uuid.UUID) -> list[str]:
+        """Removed with the cohort: its raw zone (the ingested copies of the source)."""
+        return [f"raw/{cohort_id}"]
+
     def __init__(self) -> None:
         self._executors: dict[int, ProcessPoolExecutor] = {}
 

@@ -84,6 +84,10 @@ class SorterPlugin:
     service = "sorter"
     schema = "sorting"
 
+    def cohort_prefixes(self, cohort_id: uuid.UUID) -> list[str]:
+        """Nothing: classifications live in the sorting schema only."""
+        return []
+
     async def plan(
         self, pool: asyncpg.Pool, request: StageRequested, job_id: uuid.UUID
     ) -> list[PlannedItem]:

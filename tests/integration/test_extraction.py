@@ -8,6 +8,7 @@ extractor, two replicas, a restarted broker) cost time but never data.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -22,6 +23,7 @@ import pytest
 from pydicom.errors import InvalidDicomError
 
 from cohortflow.stack import LocalStack
+from shared.storage import ObjectStore
 
 pytestmark = [
     pytest.mark.integration,
@@ -222,6 +224,39 @@ async def test_sorting_before_extraction_is_refused(
     response = api.post(f"/api/cohorts/{cohort['id']}/stages/sorting/run", json={"config": {}})
     assert response.status_code == 409
     assert "extraction" in response.json()["detail"]
+
+
+async def test_deleting_a_cohort_removes_its_catalog_and_raw_zone(
+    api: httpx.Client,
+    tmp_path: Path,
+    dicom_root: Path,
+    db_pool: asyncpg.Pool,
+    object_store: ObjectStore,
+) -> None:
+    """The raw zone holds identified copies: a deleted cohort must not leave them (or its catalog)
+    behind. Another cohort of the same files keeps everything."""
+    source = link_tree(tmp_path / "purge", {"ct": dicom_root / "dcm_qa_ct"})
+    gone, kept = (create_cohort(api, f"extract-purge-{n}", source) for n in ("gone", "kept"))
+    for cohort in (gone, kept):
+        assert wait_job(api, run_extraction(api, cohort["id"])["id"])["status"] == "completed"
+    assert (await catalog_counts(db_pool, gone["id"]))["instances"] > 0
+    assert any(object_store.list(f"raw/{gone['id']}/"))
+
+    assert api.delete(f"/api/cohorts/{gone['id']}").status_code == 204
+    deadline = time.monotonic() + 60
+    while True:
+        counts = await catalog_counts(db_pool, gone["id"])
+        left = list(object_store.list(f"raw/{gone['id']}/"))
+        if not any(counts.values()) and not left:
+            break
+        assert time.monotonic() < deadline, f"cohort not purged: {counts}, {len(left)} objects"
+        await asyncio.sleep(0.5)
+    runs = await db_pool.fetchval(
+        "SELECT count(*) FROM catalog.runs WHERE cohort_id = $1", uuid.UUID(gone["id"])
+    )
+    assert runs == 0
+    assert (await catalog_counts(db_pool, kept["id"]))["instances"] > 0
+    assert any(object_store.list(f"raw/{kept['id']}/"))
 
 
 async def test_cancel_mid_run_stops_the_work(

@@ -22,6 +22,10 @@ from services.gateway.api.schemas import (
     StageRunRequest,
 )
 from services.gateway.errors import Conflict, Invalid, NotFound
+from services.gateway.runs import SCHEMA, SOURCE
+from shared import topics
+from shared.events import CohortDeleted, Envelope
+from shared.outbox import enqueue
 from shared.settings import Settings
 from shared.sources import SourceError, check_location
 from shared.topics import Stage
@@ -111,6 +115,10 @@ async def update_cohort(cohort_id: uuid.UUID, body: CohortPatch, ctx: Context) -
 
 @router.delete("/{cohort_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_cohort(cohort_id: uuid.UUID, ctx: Context) -> Response:
+    """Delete a cohort and, through a `CohortDeleted` event, what every stage holds of it: catalog,
+    classifications, export records, and the raw, de-identified and export zones' objects. Audit
+    exports (the record of what was released) and export destinations outside the bucket stay.
+    409 while the cohort is in progress."""
     async with ctx.pool.acquire() as conn, conn.transaction():
         cohort = await repo.lock_cohort(conn, cohort_id)
         if cohort is None:
@@ -118,6 +126,12 @@ async def delete_cohort(cohort_id: uuid.UUID, ctx: Context) -> Response:
         if cohort["status"] == "in_progress":
             raise Conflict("the cohort is in progress; cancel its jobs before deleting it")
         await repo.delete_cohort(conn, cohort_id)
+        # the stage services drop their rows and objects of it (catalog, classifications, raw,
+        # de-identified and export zones); audit exports and export destinations stay
+        deleted = Envelope.wrap(
+            CohortDeleted(cohort_id=cohort_id), source=SOURCE, cohort_id=cohort_id
+        )
+        await enqueue(conn, SCHEMA, topics.COHORTS_DELETED, deleted, key=str(cohort_id))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
