@@ -119,8 +119,9 @@ def service_path(paths: list[Path], pool: ProcessPoolExecutor) -> float:
         )
         futures.append(pool.submit(deidentify_file, job))
     for future in futures:
-        if future.result().status != "released":
-            raise SystemExit(f"not released: {future.result().reason}")
+        outcome = future.result()
+        if outcome.status == "failed":  # rejected (no study UID) and quarantined are verdicts
+            raise SystemExit(f"failed: {outcome.reason}")
     return time.perf_counter() - start
 
 
