@@ -78,6 +78,7 @@ from shared.sources import LocalSource, ObjectSource, Source, SourceFile, open_s
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
 from shared.storage import ObjectStore
 from shared.topics import Stage
+from shared.workers import ProcessPools
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ class AnonymizerPlugin:
         self._settings = settings
         self._store: ObjectStore | None = None
         self._profiles: dict[ProfileOptions, Profile] = {}
-        self._executors: dict[int, ProcessPoolExecutor] = {}
+        self._pools = ProcessPools(self.service, ["services.anonymizer.files"])
 
     @property
     def settings(self) -> Settings:
@@ -247,9 +248,7 @@ class AnonymizerPlugin:
         return self._store
 
     def _executor(self, workers: int) -> ProcessPoolExecutor:
-        if workers not in self._executors:
-            self._executors[workers] = ProcessPoolExecutor(max_workers=workers)
-        return self._executors[workers]
+        return self._pools.get(workers)
 
     def profile(self, options: ProfileOptions) -> Profile:
         if options not in self._profiles:

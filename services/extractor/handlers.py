@@ -31,6 +31,7 @@ from shared.events import ItemError, StageRequested, WorkItem
 from shared.observability import FILES_PROCESSED
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
 from shared.topics import Stage
+from shared.workers import ProcessPools
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,10 @@ class ExtractorPlugin:
         return [f"raw/{cohort_id}"]
 
     def __init__(self) -> None:
-        self._executors: dict[int, ProcessPoolExecutor] = {}
+        self._pools = ProcessPools(self.service, ["services.extractor.files"])
 
     def _executor(self, workers: int) -> ProcessPoolExecutor:
-        if workers not in self._executors:
-            self._executors[workers] = ProcessPoolExecutor(max_workers=workers)
-        return self._executors[workers]
+        return self._pools.get(workers)
 
     # --- plan -----------------------------------------------------------------------------------
 
