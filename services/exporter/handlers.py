@@ -161,6 +161,7 @@ class ExporterPlugin:
                 study_instance_uid=r["study_instance_uid"],
                 study_date=r["study_date"],
                 study_time=r["study_time"],
+                timepoint=r["timepoint"],
             )
             for r in studies
         )

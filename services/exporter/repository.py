@@ -81,7 +81,8 @@ async def cohort_stacks(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> list[
 async def cohort_studies(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> list[asyncpg.Record]:
     return list(
         await conn.fetch(
-            "SELECT study_instance_uid, subject_id, study_date, study_time FROM catalog.study_v"
+            "SELECT study_instance_uid, subject_id, study_date, study_time, timepoint"
+            " FROM catalog.study_v"
             " WHERE cohort_id = $1",
             cohort_id,
         )

@@ -60,6 +60,9 @@ def test_cohortflow_run_anonymize_gives_a_clean_valid_bids_tree(
     (source / "deident").symlink_to(dicom_root / "dcm_qa_deident" / "In", target_is_directory=True)
     (source / "pdt2").symlink_to(dicom_root / "dcm_qa_pdt2" / "In", target_is_directory=True)
     out = tmp_path / "bids"
+    # dates are removed (the default); timepoint labels name the sessions instead (ses-M00)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"anonymization": {"study_dates": {"timepoint_labels": True}}}))
     env = {
         **os.environ,
         "COHORTFLOW_GATEWAY_URL": gateway_url,
@@ -67,7 +70,7 @@ def test_cohortflow_run_anonymize_gives_a_clean_valid_bids_tree(
     }
     done = subprocess.run(
         [sys.executable, "-m", "cohortflow.cli", "run", str(source), "--name", "e2e-anon",
-         "--anonymize", "--out", str(out), "--json"],
+         "--anonymize", "--config", str(config), "--out", str(out), "--json"],
         env=env, capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -90,6 +93,8 @@ def test_cohortflow_run_anonymize_gives_a_clean_valid_bids_tree(
     assert len(niftis) >= 3  # the T1w, and the PD and T2 of the dual-echo series
     report = run_bids_validator(out)
     assert report.errors == 0, report.as_json()
+    sessions = {p.name for p in out.glob("sub-*/ses-*") if p.is_dir()}
+    assert sessions == {"ses-M00"}, sessions
 
     originals = original_identifiers(source)
     assert originals, "the source should have identifying values to look for"

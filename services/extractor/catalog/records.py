@@ -40,6 +40,8 @@ class StudyRecord:
     study_description: str | None = None  # (0008,1030)
     study_id: str | None = None  # (0020,0010) scanner-assigned study number
     institution_name: str | None = None  # (0008,0080)
+    # (0012,0050) ClinicalTrialTimePointID: M00, M06, ... when the anonymizer labelled timepoints
+    timepoint: str | None = None
 
 
 @dataclass(slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -320,3 +321,16 @@ def test_large_file_route_still_finds_truncation(
     assert isinstance(result, Rejection) and result.reason.startswith(
         "truncated: Pixel Data declares"
     )
+
+
+def test_timepoint_label_reaches_the_study_record(dicom_root: Path) -> None:
+    """The anonymizer's ClinicalTrialTimePointID (M06) is the study's `timepoint`: the exporter names
+    date-less sessions by it."""
+    path = next((dicom_root / "dcm_qa_ct" / "In").rglob("*.dcm"))
+    ds = pydicom.dcmread(path)
+    ds.ClinicalTrialTimePointID = "M06"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    record = parse_instance(buffer.getvalue(), "x.dcm")
+    assert isinstance(record, InstanceRecord)
+    assert record.study.timepoint == "M06"
