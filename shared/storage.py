@@ -7,6 +7,7 @@ Every object written carries its SHA-256 in the `sha256` metadata field.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from collections.abc import Iterator
@@ -187,3 +188,9 @@ class ObjectStore:
 
     def presigned_get(self, key: str, expires: timedelta = timedelta(hours=1)) -> str:
         return self.client.presigned_get_object(self.bucket, key, expires=expires)
+
+
+@functools.cache
+def process_store() -> ObjectStore:
+    """The process's own client, for worker processes (made on first use after the fork)."""
+    return ObjectStore(get_settings())

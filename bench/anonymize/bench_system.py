@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
 from bench.anonymize.bench_core import baseline, files_of
-from bench.extract.bench_system import cpu_by_process
+from bench.extract.bench_system import run_system
 from cohortflow.stack import LocalStack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,39 +51,16 @@ def main() -> None:
         with httpx.Client(base_url=info.gateway_url, timeout=60.0) as api:
             baseline(files[:5])  # warm the page cache and imports
             bare = baseline(files)
-            cohort = api.post(
-                "/api/cohorts",
-                json={
-                    "name": "bench-anon",
-                    "source_path": str(source),
-                    "anonymization_enabled": True,
-                },
-            )
-            cohort.raise_for_status()
-            before = cpu_by_process(stack)
-            start = time.perf_counter()
-            job = api.post(
-                f"/api/cohorts/{cohort.json()['id']}/stages/anonymization/run",
-                json={"config": CONFIG},
-            ).json()
-            while job["status"] not in ("completed", "failed", "cancelled"):
-                time.sleep(0.2)
-                job = api.get(f"/api/jobs/{job['id']}").json()
-            seconds = time.perf_counter() - start
-            after = cpu_by_process(stack)
-        if job["status"] != "completed":
-            raise SystemExit(f"anonymization {job['status']}: {job.get('errors')}")
+            seconds, _, summary, spent = run_system(
+                api, stack, "bench-anon", source,
+                stage="anonymization", service="anonymizer", config=CONFIG,
+            )  # fmt: skip
         n = len(files)
-        spent = {k: after[k] - before.get(k, 0.0) for k in after}
-        print(f"{n} DICOM files from {args.data}  (summary: {job.get('summary')})")
+        print(f"{n} DICOM files from {args.data}  (summary: {summary})")
         print(f"bare pydicom read-modify-write (1 core): {n / bare:8.1f} files/s")
         print(
             f"anonymizer service (end to end):         {n / seconds:8.1f} files/s"
             f"  ({bare / seconds:.2f}x the bare loop; {seconds:.1f} s)"
-        )
-        print(
-            "CPU seconds by process: "
-            + ", ".join(f"{k} {v:.1f}" for k, v in sorted(spent.items(), key=lambda kv: -kv[1]))
         )
         per_file = spent.get("anonymizer", 0.0) / n
         print(

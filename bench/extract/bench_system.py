@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
@@ -125,15 +126,26 @@ def link_copies(data: Path, copies: int, into: Path) -> Path:
 
 
 def run_system(
-    api: httpx.Client, stack: LocalStack, name: str, source: Path
-) -> tuple[float, int, dict[str, int], dict[str, float]]:
-    """(seconds, peak extractor RSS KiB, job summary, CPU seconds by process) for one run."""
-    pid = stack.status().services["extractor"].pid
+    api: httpx.Client,
+    stack: LocalStack,
+    name: str,
+    source: Path,
+    *,
+    stage: str = "extraction",
+    service: str = "extractor",
+    config: dict[str, Any] | None = None,
+) -> tuple[float, int, dict[str, Any], dict[str, float]]:
+    """(seconds, peak RSS KiB of `service`, job summary, CPU seconds by process) for one run of
+    `stage` on a new cohort over `source` (anonymization enabled when the stage is anonymization).
+    The extraction config defaults to `BENCH_CONFIG` (JSON) from the environment."""
+    pid = stack.status().services[service].pid
     assert pid
+    if config is None:
+        config = json.loads(os.environ.get("BENCH_CONFIG", "{}"))
     cohort = api.post(
         "/api/cohorts",
         json={"name": name, "source_path": str(source), "description": "bench", "owner": "bench", "tags": [],
-              "anonymization_enabled": False},
+              "anonymization_enabled": stage == "anonymization"},
     )  # fmt: skip
     cohort.raise_for_status()
     sampler = PeakSampler(pid)
@@ -141,8 +153,7 @@ def run_system(
     cpu_before = cpu_by_process(stack)
     start = time.perf_counter()
     job = api.post(
-        f"/api/cohorts/{cohort.json()['id']}/stages/extraction/run",
-        json={"config": json.loads(os.environ.get("BENCH_CONFIG", "{}"))},
+        f"/api/cohorts/{cohort.json()['id']}/stages/{stage}/run", json={"config": config}
     ).json()
     while True:
         job = api.get(f"/api/jobs/{job['id']}").json()
@@ -159,7 +170,7 @@ def run_system(
     sampler.stop.set()
     sampler.join()
     if job["status"] != "completed":
-        raise SystemExit(f"extraction {job['status']}: {job.get('errors')}")
+        raise SystemExit(f"{stage} {job['status']}: {job.get('errors')}")
     return seconds, sampler.peak, job.get("summary") or {}, spent
 
 

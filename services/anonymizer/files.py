@@ -30,8 +30,7 @@ from services.anonymizer.profile import (
     new_uid,
     verify,
 )
-from shared.settings import get_settings
-from shared.storage import ObjectStore
+from shared.storage import process_store
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,6 @@ def deidentify(
 
 
 _profiles: dict[ProfileOptions, Profile] = {}  # per worker process
-_stores: dict[str, ObjectStore] = {}
 
 
 @dataclass(frozen=True)
@@ -134,12 +132,6 @@ def _profile(options: ProfileOptions) -> Profile:
     return _profiles[options]
 
 
-def _store() -> ObjectStore:
-    if "store" not in _stores:
-        _stores["store"] = ObjectStore(get_settings())
-    return _stores["store"]
-
-
 def deidentify_file(job: FileJob) -> FileOutcome:
     """Parse, de-identify, serialize and verify one file; upload it when it may be released."""
     quiet_pydicom()
@@ -164,5 +156,7 @@ def deidentify_file(job: FileJob) -> FileOutcome:
         reason = f"de-identification error ({type(exc).__name__})"
         return FileOutcome("failed", reason, job.sop_key, "", None, None)
     if outcome.data is not None and job.output == "upload":
-        _store().put_bytes(outcome.object_key, outcome.data, content_type="application/dicom")
+        process_store().put_bytes(
+            outcome.object_key, outcome.data, content_type="application/dicom"
+        )
     return outcome if job.output == "return" else replace(outcome, data=None)

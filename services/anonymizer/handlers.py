@@ -23,10 +23,9 @@ import asyncio
 import io
 import json
 import logging
-import os
 import uuid
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -78,7 +77,7 @@ from shared.sources import LocalSource, ObjectSource, Source, SourceFile, open_s
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
 from shared.storage import ObjectStore
 from shared.topics import Stage
-from shared.workers import ProcessPools
+from shared.workers import ProcessPools, cpu_workers, pool_size
 
 log = logging.getLogger(__name__)
 
@@ -210,15 +209,6 @@ def subject_folder(subject: Subject, secret: bytes, patient_id: str, strategy: s
     return "".join(ch for ch in subject.pseudonym if ch.isalnum()) or "sub"
 
 
-def _workers(config: dict[str, Any]) -> int:
-    """`process_pool_workers` of the config, else one per CPU."""
-    value = config.get("process_pool_workers") or os.cpu_count() or 2
-    try:
-        return max(1, min(64, int(value)))
-    except (TypeError, ValueError):
-        return os.cpu_count() or 2
-
-
 # --- the plugin -----------------------------------------------------------------------------------
 
 
@@ -246,9 +236,6 @@ class AnonymizerPlugin:
         if self._store is None:
             self._store = ObjectStore(self.settings)
         return self._store
-
-    def _executor(self, workers: int) -> ProcessPoolExecutor:
-        return self._pools.get(workers)
 
     def profile(self, options: ProfileOptions) -> Profile:
         if options not in self._profiles:
@@ -394,7 +381,8 @@ class AnonymizerPlugin:
         subjects: dict[tuple[str, str, str], Subject | PseudonymError] = {}
         resolving = asyncio.Lock()  # files of one patient resolve it once, not concurrently
         # files in flight: enough to keep every worker busy while others are read or resolved
-        slots = asyncio.Semaphore(2 * _workers(item.config) + 1)
+        workers = pool_size(item.config, "process_pool_workers", cpu_workers())
+        slots = asyncio.Semaphore(2 * workers + 1)
         cohort_id = item.cohort.id
 
         async def subject_of(patient_id: str, issuer: str, path: str) -> Subject:
@@ -426,7 +414,7 @@ class AnonymizerPlugin:
             return known
 
         loop = asyncio.get_running_loop()
-        workers = self._executor(_workers(item.config))
+        executor = self._pools.get(workers)
         job_options = worker_options(options)
 
         async def one(index: int, key: str) -> FileOutcome:
@@ -462,7 +450,7 @@ class AnonymizerPlugin:
                 )
                 del data
                 # parse, de-identify, write, verify and upload in a worker process
-                return await loop.run_in_executor(workers, deidentify_file, job)
+                return await loop.run_in_executor(executor, deidentify_file, job)
 
         try:
             async with asyncio.TaskGroup() as group:  # a cancel or an error stops the siblings

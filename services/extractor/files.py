@@ -16,15 +16,7 @@ from services.extractor.catalog import Rejection, parse_instance
 from shared.db import JsonText, json_text
 from shared.settings import get_settings
 from shared.sources import ObjectSource, Source, open_source
-from shared.storage import ObjectStore
-
-_stores: dict[str, ObjectStore] = {}  # one client per worker process
-
-
-def _store() -> ObjectStore:
-    if "store" not in _stores:
-        _stores["store"] = ObjectStore(get_settings())
-    return _stores["store"]
+from shared.storage import process_store
 
 
 @dataclass
@@ -56,7 +48,7 @@ class FileOutcome:
 def open_location(location: str, folder_workers: int = 4) -> Source:
     """A cohort source (local folder or s3://), or `zone:<prefix>` of our own bucket."""
     if location.startswith("zone:"):
-        store = _store()
+        store = process_store()
         return ObjectSource(store, store.bucket, location[5:])
     return open_source(location, get_settings(), folder_workers)
 
@@ -84,7 +76,7 @@ def _fetch(
         object_key = f"{batch.ingest_prefix}/{key}"
         # no existence check first: planning already left out every file catalogued before, so
         # what reaches here is new or changed (or a crashed item's, where overwriting is right)
-        _store().put_bytes(object_key, data, sha256=digest)
+        process_store().put_bytes(object_key, data, sha256=digest)
     return data, digest, object_key, None
 
 

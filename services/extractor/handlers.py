@@ -15,11 +15,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 import uuid
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -31,20 +29,12 @@ from shared.events import ItemError, StageRequested, WorkItem
 from shared.observability import FILES_PROCESSED
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
 from shared.topics import Stage
-from shared.workers import ProcessPools
+from shared.workers import ProcessPools, cpu_workers, pool_size
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DEFAULT_BATCH_FILES = 64
-
-
-def _workers(config: dict[str, Any], key: str, default: int) -> int:
-    value = config.get(key, default)
-    try:
-        return max(1, min(64, int(value)))
-    except (TypeError, ValueError):
-        return default
 
 
 def _batches(files: list[tuple[str, int, int]], size: int) -> list[list[tuple[str, int, int]]]:
@@ -71,9 +61,6 @@ class ExtractorPlugin:
     def __init__(self) -> None:
         self._pools = ProcessPools(self.service, ["services.extractor.files"])
 
-    def _executor(self, workers: int) -> ProcessPoolExecutor:
-        return self._pools.get(workers)
-
     # --- plan -----------------------------------------------------------------------------------
 
     @staticmethod
@@ -88,7 +75,7 @@ class ExtractorPlugin:
         self, pool: asyncpg.Pool, request: StageRequested, job_id: uuid.UUID
     ) -> list[PlannedItem]:
         location, ingest = self._location(request)
-        folder_workers = _workers(request.config, "folder_thread_workers", 4)
+        folder_workers = pool_size(request.config, "folder_thread_workers", 4)
         source = open_location(location, folder_workers)
         listed = await asyncio.to_thread(lambda: list(source.list()))
         async with pool.acquire() as conn:
@@ -102,7 +89,7 @@ class ExtractorPlugin:
         todo = [
             (f.key, f.size, f.mtime_ns) for f in listed if seen.get(f.key) != (f.size, f.mtime_ns)
         ]
-        size = _workers(request.config, "batch_files", DEFAULT_BATCH_FILES)
+        size = pool_size(request.config, "batch_files", DEFAULT_BATCH_FILES)
         items = []
         for i, files in enumerate(_batches(todo, size)):
             folder = str(PurePosixPath(files[0][0]).parent)
@@ -127,15 +114,15 @@ class ExtractorPlugin:
 
     async def process(self, ctx: ItemContext, item: WorkItem) -> ItemResult:
         files = [tuple(f) for f in item.data["files"]]
-        workers = _workers(item.config, "process_pool_workers", os.cpu_count() or 2)
-        threads = _workers(item.config, "scan_thread_workers", 4)
+        workers = pool_size(item.config, "process_pool_workers", cpu_workers())
+        threads = pool_size(item.config, "scan_thread_workers", 4)
         # twice as many chunks as workers: each chunk is loaded into the catalog as soon as it is
         # parsed, while the workers go on with the next ones (parsing and loading overlap)
         parts = max(1, min(workers * 2, len(files)))
         size = -(-len(files) // parts)
         chunks = [files[i : i + size] for i in range(0, len(files), size)]
         loop = asyncio.get_running_loop()
-        executor = self._executor(workers)
+        executor = self._pools.get(workers)
         futures = [
             loop.run_in_executor(
                 executor,

@@ -130,6 +130,10 @@ class Matcher:
             any(d in text for d in self.dates),
         )
 
+    def _is_date(self, run: str) -> bool:
+        """A digit run that is an original date alone, or opens a DT (date then at least HHMM)."""
+        return run[:8] in self.dates and (len(run) == 8 or len(run) >= 12)
+
     def in_text(self, text: str) -> list[tuple[str, str]]:
         """(kind, matched text) for every hit in `text`."""
         hits: list[tuple[str, str]] = []
@@ -138,11 +142,8 @@ class Matcher:
             hits.extend(("value", m.group(1)) for m in self.text.finditer(text))
         if uids:
             hits.extend(("uid", m) for m in self._uid_runs.findall(text) if m in self.uids)
-        if dates:
-            # a date alone, or starting a DT (date then at least HHMM); never inside a longer number
-            for run in _DIGIT_RUN.findall(text):
-                if run[:8] in self.dates and (len(run) == 8 or len(run) >= 12):
-                    hits.append(("date", run[:8]))
+        if dates:  # never inside a longer number: runs start after a non-digit, non-dot
+            hits.extend(("date", run[:8]) for run in _DIGIT_RUN.findall(text) if self._is_date(run))
         return hits
 
     def mask(self, text: str) -> str:
@@ -154,9 +155,7 @@ class Matcher:
 
             def date(m: re.Match[str]) -> str:
                 run = m.group(0)
-                if run[:8] in self.dates and (len(run) == 8 or len(run) >= 12):
-                    return "X" * 8 + run[8:]
-                return run
+                return "X" * 8 + run[8:] if self._is_date(run) else run
 
             text = _DIGIT_RUN.sub(date, text)
         return text

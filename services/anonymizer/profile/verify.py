@@ -36,13 +36,18 @@ class Finding:
     detail: str  # the attribute keyword or tag; never the value itself
 
 
+def _bytes_text(value: bytes) -> str:
+    """A binary value as latin-1 text, plus what a GE gzip protocol block compresses."""
+    inner = unpack_gzip_block(value)
+    return value.decode("latin-1") + ("\n" + inner.decode("latin-1") if inner else "")
+
+
 def _text_of(elem: DataElement) -> str | None:
     value = elem.value
     if value is None:
         return None
     if isinstance(value, bytes):
-        inner = unpack_gzip_block(value)  # GE protocol block: search what it compresses
-        return value.decode("latin-1") + ("\n" + inner.decode("latin-1") if inner else "")
+        return _bytes_text(value)
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
         return "\\".join(str(v) for v in value)
     return str(value)
@@ -57,8 +62,7 @@ def _raw_text(raw: RawDataElement, vr: str, codec: str) -> str | None:
     if not value:
         return None
     if vr in BINARY_VRS:
-        inner = unpack_gzip_block(value)
-        return value.decode("latin-1") + ("\n" + inner.decode("latin-1") if inner else "")
+        return _bytes_text(value)
     if vr in TEXT_VRS:
         return value.decode(codec, "replace").rstrip(" \x00")
     return value.decode("latin-1").rstrip(" \x00")

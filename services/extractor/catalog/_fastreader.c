@@ -261,6 +261,31 @@ static int any_not_none(PyObject *list) {
     return 0;
 }
 
+/* a backslash-separated value, each part through `part(p, n, arg)`: {"vr", "Value": [...]} or
+ * {"vr"} when every part is None (DS/IS numbers, person names) */
+static PyObject *split_values(const unsigned char *p, Py_ssize_t n, PyObject *vr,
+                              PyObject *(*part)(const unsigned char *, Py_ssize_t, int), int arg) {
+    PyObject *list = PyList_New(0);
+    if (list == NULL) return NULL;
+    Py_ssize_t start = 0;
+    for (Py_ssize_t i = 0; i <= n; i++) {
+        if (i < n && p[i] != '\\') continue;
+        PyObject *x = part(p + start, i - start, arg);
+        if (x == NULL || PyList_Append(list, x) < 0) {
+            Py_XDECREF(x);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(x);
+        start = i + 1;
+    }
+    if (!any_not_none(list)) {
+        Py_DECREF(list);
+        return attr(vr, NULL, NULL);
+    }
+    return attr(vr, s_Value, list);
+}
+
 /* one non-sequence value as a DICOM JSON attribute object (header_json.value_json) */
 static PyObject *value_json(const unsigned char *p, Py_ssize_t n, PyObject *vr, State *st) {
     if (n == 0 || n > st->max_value_bytes) return attr(vr, NULL, NULL);
@@ -284,27 +309,7 @@ static PyObject *value_json(const unsigned char *p, Py_ssize_t n, PyObject *vr, 
         }
         return attr(vr, s_Value, values);
     }
-    if (IS('D', 'S') || IS('I', 'S')) {
-        PyObject *list = PyList_New(0);
-        if (list == NULL) return NULL;
-        Py_ssize_t start = 0;
-        for (Py_ssize_t i = 0; i <= n; i++) {
-            if (i < n && p[i] != '\\') continue;
-            PyObject *x = number(p + start, i - start, IS('I', 'S'));
-            if (x == NULL || PyList_Append(list, x) < 0) {
-                Py_XDECREF(x);
-                Py_DECREF(list);
-                return NULL;
-            }
-            Py_DECREF(x);
-            start = i + 1;
-        }
-        if (!any_not_none(list)) {
-            Py_DECREF(list);
-            return attr(vr, NULL, NULL);
-        }
-        return attr(vr, s_Value, list);
-    }
+    if (IS('D', 'S') || IS('I', 'S')) return split_values(p, n, vr, number, IS('I', 'S'));
     int size = 0;
     if (IS('U', 'S') || IS('S', 'S')) size = 2;
     else if (IS('U', 'L') || IS('S', 'L') || IS('F', 'L')) size = 4;
@@ -341,27 +346,7 @@ static PyObject *value_json(const unsigned char *p, Py_ssize_t n, PyObject *vr, 
         }
         return attr(vr, s_Value, list);
     }
-    if (IS('P', 'N')) {
-        PyObject *list = PyList_New(0);
-        if (list == NULL) return NULL;
-        Py_ssize_t start = 0;
-        for (Py_ssize_t i = 0; i <= n; i++) {
-            if (i < n && p[i] != '\\') continue;
-            PyObject *x = person_name(p + start, i - start, st->charset);
-            if (x == NULL || PyList_Append(list, x) < 0) {
-                Py_XDECREF(x);
-                Py_DECREF(list);
-                return NULL;
-            }
-            Py_DECREF(x);
-            start = i + 1;
-        }
-        if (!any_not_none(list)) {
-            Py_DECREF(list);
-            return attr(vr, NULL, NULL);
-        }
-        return attr(vr, s_Value, list);
-    }
+    if (IS('P', 'N')) return split_values(p, n, vr, person_name, st->charset);
     if (IS('A', 'T')) {
         Py_ssize_t count = n / 4;
         PyObject *list = PyList_New(count);

@@ -15,6 +15,7 @@ caller reads the content with pydicom instead, which also names what is wrong wi
 from __future__ import annotations
 
 import codecs
+import functools
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,6 +154,7 @@ def _fast_dataset(content: bytes, position: int, state: _State) -> dict[str, Any
     return data
 
 
+@functools.lru_cache(maxsize=64)
 def _charset_kind(raw: bytes) -> int:
     """For the C reader: 0 when text decodes as latin-1 (the default repertoire, ISO_IR 100), 1 for
     UTF-8 (ISO_IR 192), -1 for anything else (the Python reader then reads the file)."""
@@ -167,6 +169,17 @@ def _charset_kind(raw: bytes) -> int:
     return {"iso8859-1": 0, "utf-8": 1}.get(name, -1)
 
 
+def _explicit_header(content: bytes, position: int) -> tuple[str, int, int] | None:
+    """(VR, value length, value start) of an explicit-VR element header at `position`, or None
+    when the two bytes after the tag are not a VR."""
+    vr = content[position + 4 : position + 6].decode("latin-1")
+    if vr in _LONG_LENGTH_VRS:
+        return vr, _LONG.unpack_from(content, position + 8)[0], position + 12
+    if vr in _VALID_VRS:
+        return vr, _SHORT.unpack_from(content, position + 6)[0], position + 8
+    return None
+
+
 def _file_meta(content: bytes) -> tuple[dict[int, str], int]:
     """Group 0002 (always explicit VR little endian): its UIDs, and where the data set starts."""
     position = 132
@@ -176,15 +189,10 @@ def _file_meta(content: bytes) -> tuple[dict[int, str], int]:
         group, element = _TAG.unpack_from(content, position)
         if group != 0x0002:
             break
-        vr = content[position + 4 : position + 6].decode("latin-1")
-        if vr in _LONG_LENGTH_VRS:
-            (length,) = _LONG.unpack_from(content, position + 8)
-            start = position + 12
-        elif vr in _VALID_VRS:
-            (length,) = _SHORT.unpack_from(content, position + 6)
-            start = position + 8
-        else:
+        header = _explicit_header(content, position)
+        if header is None:
             raise ReaderDeclined("file meta is not explicit VR")
+        vr, length, start = header
         if length == UNDEFINED or start + length > end:
             raise ReaderDeclined("file meta element runs past the end")
         if vr == "UI":
@@ -218,15 +226,10 @@ def _dataset(
             (length,) = _LONG.unpack_from(content, position + 4)
             start = position + 8
         else:
-            vr = content[position + 4 : position + 6].decode("latin-1")
-            if vr in _LONG_LENGTH_VRS:
-                (length,) = _LONG.unpack_from(content, position + 8)
-                start = position + 12
-            elif vr in _VALID_VRS:
-                (length,) = _SHORT.unpack_from(content, position + 6)
-                start = position + 8
-            else:
+            header = _explicit_header(content, position)
+            if header is None:
                 raise ReaderDeclined(f"not an explicit VR at byte {position}")
+            vr, length, start = header
         resolved = resolve_vr(tag, vr, state.pixel_rep)
         skip = element == 0 or group == 0x0002 or tag > 0xFFFC0000
         if length == UNDEFINED:
