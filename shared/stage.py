@@ -240,6 +240,7 @@ class StageRuntime:
         self.settings = settings or get_settings()
         self.schema = plugin.schema
         self._cancelled: set[uuid.UUID] = set()
+        self._control_view = False  # the gateway's job_control_v exists (checked until it does)
 
     # --- events out -------------------------------------------------------------------------
 
@@ -667,7 +668,9 @@ class StageRuntime:
             if status == "cancelled":
                 self._cancelled.add(job_id)
                 return True
-            if await relation_exists(conn, "gateway.job_control_v"):
+            if not self._control_view:
+                self._control_view = await relation_exists(conn, "gateway.job_control_v")
+            if self._control_view:
                 cancelled = await conn.fetchval(
                     "SELECT cancelled FROM gateway.job_control_v WHERE job_id = $1", job_id
                 )

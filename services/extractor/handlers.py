@@ -175,19 +175,17 @@ class ExtractorPlugin:
             subject_id = rec.subject.patient_id or ""
             study_uid = rec.study.study_instance_uid or ""
             series_uid = rec.series.series_instance_uid or ""
-            subjects.setdefault(
-                subject_id,
-                (
+            # a chunk's files mostly share one subject, study and series: their rows are built once
+            if subject_id not in subjects:
+                subjects[subject_id] = (
                     cohort_id,
                     subject_id,
                     rec.subject.patient_sex,
                     rec.subject.patient_age,
                     _attributes(rec.subject),
-                ),
-            )
-            studies.setdefault(
-                study_uid,
-                (
+                )
+            if study_uid not in studies:
+                studies[study_uid] = (
                     cohort_id,
                     study_uid,
                     subject_id,
@@ -196,11 +194,9 @@ class ExtractorPlugin:
                     rec.study.accession_number,
                     rec.study.study_description,
                     _attributes(rec.study),
-                ),
-            )
-            series.setdefault(
-                series_uid,
-                (
+                )
+            if series_uid not in series:
+                series[series_uid] = (
                     cohort_id,
                     series_uid,
                     study_uid,
@@ -212,8 +208,7 @@ class ExtractorPlugin:
                     rec.series.manufacturer,
                     rec.series.manufacturer_model,
                     _attributes(rec.series),
-                ),
-            )
+                )
             instances[uid] = (
                 cohort_id,
                 uid,
@@ -313,10 +308,12 @@ class ExtractorPlugin:
                     list(instances),
                 )
             }
+            duplicate_ids = {id(o) for o in duplicates}
             for o in catalogued:
                 uid = o.record.sop_instance_uid or ""
-                if o not in duplicates and owners.get(uid, o.key) != o.key:
+                if id(o) not in duplicate_ids and owners.get(uid, o.key) != o.key:
                     duplicates.append(o)
+                    duplicate_ids.add(id(o))
             for kind, rows in details.items():
                 await _insert_detail(conn, kind, rows)
             if series:
@@ -333,17 +330,18 @@ class ExtractorPlugin:
                 )
                 for o in duplicates
             ]
-            await conn.executemany(
-                "INSERT INTO catalog.rejected_file (cohort_id, source_key, reason, size, sha256, job_id)"
-                " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (cohort_id, source_key) DO UPDATE"
-                " SET reason = EXCLUDED.reason, size = EXCLUDED.size, sha256 = EXCLUDED.sha256, job_id = EXCLUDED.job_id",
+            await _upsert(
+                conn,
+                "catalog.rejected_file",
+                ["cohort_id", "source_key", "reason", "size", "sha256", "job_id"],
                 [(cohort_id, o.key, reason, o.size, o.sha256, job_id) for o, reason in reasons],
+                ["cohort_id", "source_key"],
+                update=["reason", "size", "sha256", "job_id"],
             )
-            await conn.executemany(
-                "INSERT INTO catalog.source_file (cohort_id, source_key, size, mtime_ns, sha256, status, sop_instance_uid, job_id)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (cohort_id, source_key) DO UPDATE SET"
-                " size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns, sha256 = EXCLUDED.sha256, status = EXCLUDED.status,"
-                " sop_instance_uid = EXCLUDED.sop_instance_uid, job_id = EXCLUDED.job_id, updated_at = now()",
+            await _upsert(
+                conn,
+                "catalog.source_file",
+                ["cohort_id", "source_key", "size", "mtime_ns", "sha256", "status", "sop_instance_uid", "job_id"],
                 [
                     (
                         cohort_id,
@@ -352,14 +350,16 @@ class ExtractorPlugin:
                         o.mtime_ns,
                         o.sha256,
                         "catalogued"
-                        if o.record is not None and o not in duplicates
+                        if o.record is not None and id(o) not in duplicate_ids
                         else "rejected",
                         o.record.sop_instance_uid if o.record is not None else None,
                         job_id,
                     )
                     for o in outcomes
                 ],
-            )
+                ["cohort_id", "source_key"],
+                update=["size", "mtime_ns", "sha256", "status", "sop_instance_uid", "job_id", "updated_at"],
+            )  # fmt: skip
         catalogued_files = len(catalogued) - len(duplicates)
         FILES_PROCESSED.labels("extraction", "catalogued").inc(catalogued_files)
         FILES_PROCESSED.labels("extraction", "rejected").inc(len(reasons))
@@ -464,8 +464,11 @@ async def _upsert(
     columns: list[str],
     rows: list[tuple[Any, ...]],
     key: list[str],
+    update: list[str] | None = None,
 ) -> int:
-    """Bulk insert through COPY into a staging table; existing natural keys are left alone."""
+    """Bulk insert through COPY into a staging table. Existing natural keys are left alone, or,
+    with `update`, get those columns from the new row (a column not among `columns` takes its
+    default, e.g. `updated_at` -> now()). Returns how many rows were written."""
     if not rows:
         return 0
     stage = "_stage_" + table.replace(".", "_")
@@ -473,9 +476,15 @@ async def _upsert(
         f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
     )
     await conn.copy_records_to_table(stage, records=rows, columns=columns)
-    cols = ", ".join(columns)
+    written = [*columns, *(c for c in update or [] if c not in columns)]
+    on_conflict = (
+        "DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in update)
+        if update
+        else "DO NOTHING"
+    )
     status = await conn.execute(
-        f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage} ON CONFLICT ({', '.join(key)}) DO NOTHING"
+        f"INSERT INTO {table} ({', '.join(written)}) SELECT {', '.join(written)} FROM {stage}"
+        f" ON CONFLICT ({', '.join(key)}) {on_conflict}"
     )
     return int(status.split()[-1])
 

@@ -17,6 +17,7 @@ Why these fields: docs/adr-0009-stack-key.md.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ PLANE_COSINE = 0.8
 B0_LIMIT = 50.0
 
 
+@functools.lru_cache(maxsize=4096)  # the same few TE/TI/FA values, frame after frame
 def format_number(value: float) -> str:
     """Fixed rounding (2 decimals) with trailing zeros stripped: 2.460 -> "2.46", 900.0 -> "900"."""
     text = f"{round(value, 2):.2f}".rstrip("0").rstrip(".")
