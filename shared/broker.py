@@ -51,6 +51,7 @@ def subscriber_kwargs(
         "session_timeout_ms": settings.kafka_session_timeout_ms,
         "heartbeat_interval_ms": settings.kafka_heartbeat_interval_ms,
         "max_poll_interval_ms": settings.kafka_max_poll_interval_ms,
+        "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
         "max_poll_records": 1,
     }
     if group is not None:

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     kafka_session_timeout_ms: int = 10000
     kafka_heartbeat_interval_ms: int = 3000
     kafka_max_poll_interval_ms: int = 900000
+    # how long a fetch waits for new records when there are none: each stage hop (request -> plan
+    # -> items -> finalize -> completion) can wait this long once
+    kafka_fetch_max_wait_ms: int = 500
     kafka_partitions: int = 4
     kafka_replication_factor: int = 1
 

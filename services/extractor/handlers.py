@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DEFAULT_BATCH_FILES = 64
+# series whose stacks are rebuilt together at finalize (one series' rows in memory at a time)
+_STACK_BATCH_SERIES = 200
 
 
 def _batches(files: list[tuple[str, int, int]], size: int) -> list[list[tuple[str, int, int]]]:
@@ -385,8 +387,8 @@ class ExtractorPlugin:
                     cohort_id,
                 )
             ]
-        for uid in dirty:
-            await self._rebuild_stacks(pool, cohort_id, uid)
+        for i in range(0, len(dirty), _STACK_BATCH_SERIES):
+            await self._rebuild_stacks(pool, cohort_id, dirty[i : i + _STACK_BATCH_SERIES])
         async with pool.acquire() as conn:
             counts = await conn.fetchrow(
                 """SELECT
@@ -404,20 +406,17 @@ class ExtractorPlugin:
         return summary, None
 
     async def _rebuild_stacks(
-        self, pool: asyncpg.Pool, cohort_id: uuid.UUID, series_uid: str
+        self, pool: asyncpg.Pool, cohort_id: uuid.UUID, series_uids: list[str]
     ) -> None:
-        # stream the series' rows without their headers (memory stays flat however long the
-        # series), then fetch only the representatives' headers
-        builder = StackBuilder()
-        async with pool.acquire() as conn:
-            async with conn.transaction():
-                async for r in conn.cursor(
-                    "SELECT record FROM catalog.instance WHERE cohort_id = $1 AND series_instance_uid = $2",
-                    cohort_id,
-                    series_uid,
-                    prefetch=500,
-                ):
-                    builder.add(InstanceRecord.from_row(r["record"]))
+        """Rebuild the stacks of a batch of series. Their rows stream in series order without their
+        headers, one series in memory at a time however long it is; when a series ends, only its
+        representatives' headers are fetched. The batch's stacks are then written in one
+        transaction (a handful of statements per batch, not per series)."""
+        stack_rows: list[tuple[Any, ...]] = []
+
+        async def summarize(
+            series_uid: str, builder: StackBuilder, conn: asyncpg.Connection
+        ) -> None:
             wanted = list(set(builder.representatives().values()))
             headers = {
                 r["sop_instance_uid"]: r["header"]
@@ -428,33 +427,53 @@ class ExtractorPlugin:
                     wanted,
                 )
             }
-        stacks = builder.summaries(headers=headers)
+            stack_rows.extend(
+                (
+                    cohort_id,
+                    series_uid,
+                    s.stack_key,
+                    s.n_instances,
+                    s.n_frames,
+                    s.model_copy(update={"cohort_id": cohort_id}).model_dump(mode="json"),
+                    sorted(getattr(s, "sop_instance_uids", []) or []),
+                )
+                for s in builder.summaries(headers=headers)
+            )
+
+        async with pool.acquire() as conn, pool.acquire() as lookup, conn.transaction():
+            current: str | None = None
+            builder = StackBuilder()
+            async for r in conn.cursor(
+                "SELECT series_instance_uid, record FROM catalog.instance"
+                " WHERE cohort_id = $1 AND series_instance_uid = ANY($2::text[])"
+                " ORDER BY series_instance_uid",
+                cohort_id,
+                series_uids,
+                prefetch=500,
+            ):
+                if r["series_instance_uid"] != current:
+                    if current is not None:
+                        await summarize(current, builder, lookup)
+                    current, builder = r["series_instance_uid"], StackBuilder()
+                builder.add(InstanceRecord.from_row(r["record"]))
+            if current is not None:
+                await summarize(current, builder, lookup)
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute(
-                "DELETE FROM catalog.series_stack WHERE cohort_id = $1 AND series_instance_uid = $2",
+                "DELETE FROM catalog.series_stack WHERE cohort_id = $1 AND series_instance_uid = ANY($2::text[])",
                 cohort_id,
-                series_uid,
+                series_uids,
             )
             await conn.executemany(
                 "INSERT INTO catalog.series_stack (cohort_id, series_instance_uid, stack_key, n_instances, n_frames,"
                 " summary, sop_instance_uids) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                [
-                    (
-                        cohort_id,
-                        series_uid,
-                        s.stack_key,
-                        s.n_instances,
-                        s.n_frames,
-                        s.model_copy(update={"cohort_id": cohort_id}).model_dump(mode="json"),
-                        sorted(getattr(s, "sop_instance_uids", []) or []),
-                    )
-                    for s in stacks
-                ],
+                stack_rows,
             )
+            # a series left without instances ends with no stacks, and clean, as well
             await conn.execute(
-                "UPDATE catalog.series SET stacks_dirty = false WHERE cohort_id = $1 AND series_instance_uid = $2",
+                "UPDATE catalog.series SET stacks_dirty = false WHERE cohort_id = $1 AND series_instance_uid = ANY($2::text[])",
                 cohort_id,
-                series_uid,
+                series_uids,
             )
 
 
