@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
@@ -24,6 +23,7 @@ from typing import Any
 import asyncpg
 
 from services.extractor.catalog import InstanceRecord, StackBuilder
+from services.extractor.catalog.records import as_dict
 from services.extractor.files import FileBatch, FileOutcome, extract_batch, open_location
 from shared.events import ItemError, StageRequested, WorkItem
 from shared.observability import FILES_PROCESSED
@@ -184,7 +184,7 @@ class ExtractorPlugin:
                     subject_id,
                     rec.subject.patient_sex,
                     rec.subject.patient_age,
-                    _attributes(rec.subject),
+                    as_dict(rec.subject),
                 )
             if study_uid not in studies:
                 studies[study_uid] = (
@@ -195,7 +195,7 @@ class ExtractorPlugin:
                     rec.study.study_time,
                     rec.study.accession_number,
                     rec.study.study_description,
-                    _attributes(rec.study),
+                    as_dict(rec.study),
                 )
             if series_uid not in series:
                 series[series_uid] = (
@@ -209,7 +209,7 @@ class ExtractorPlugin:
                     rec.series.protocol_name,
                     rec.series.manufacturer,
                     rec.series.manufacturer_model,
-                    _attributes(rec.series),
+                    as_dict(rec.series),
                 )
             instances[uid] = (
                 cohort_id,
@@ -231,74 +231,34 @@ class ExtractorPlugin:
             for kind in ("mr", "ct", "pet"):
                 detail = getattr(rec, kind)
                 if detail is not None:
-                    details[kind].append((cohort_id, uid, _attributes(detail)))
+                    details[kind].append((cohort_id, uid, as_dict(detail)))
 
         async with pool.acquire() as conn, conn.transaction():
-            await _upsert(
-                conn,
-                "catalog.subject",
-                ["cohort_id", "subject_id", "patient_sex", "patient_age", "attributes"],
-                list(subjects.values()),
-                ["cohort_id", "subject_id"],
-            )
-            await _upsert(
-                conn,
-                "catalog.study",
-                [
-                    "cohort_id",
-                    "study_instance_uid",
-                    "subject_id",
-                    "study_date",
-                    "study_time",
-                    "accession_number",
-                    "study_description",
-                    "attributes",
-                ],
-                list(studies.values()),
-                ["cohort_id", "study_instance_uid"],
-            )
-            await _upsert(
-                conn,
-                "catalog.series",
-                [
-                    "cohort_id",
-                    "series_instance_uid",
-                    "study_instance_uid",
-                    "subject_id",
-                    "modality",
-                    "series_number",
-                    "series_description",
-                    "protocol_name",
-                    "manufacturer",
-                    "manufacturer_model",
-                    "attributes",
-                ],
-                list(series.values()),
-                ["cohort_id", "series_instance_uid"],
-            )
-            inserted = await _upsert(
-                conn,
-                "catalog.instance",
-                [
-                    "cohort_id",
-                    "sop_instance_uid",
-                    "series_instance_uid",
-                    "study_instance_uid",
-                    "sop_class_uid",
-                    "instance_number",
-                    "n_frames",
-                    "transfer_syntax_uid",
-                    "source_key",
-                    "object_key",
-                    "sha256",
-                    "size",
-                    "job_id",
-                    "record",
-                    "header",
-                ],
-                list(instances.values()),
-                ["cohort_id", "sop_instance_uid"],
-            )
+            # every table goes in through COPY into a staging table, then one INSERT ... SELECT per
+            # table, the merges sent together: a dozen round trips per chunk, whatever its size
+            await conn.execute(_STAGING_DDL)
+            inserted = 0
+            if await _stage(conn, "catalog.instance", _INSTANCE_COLUMNS, list(instances.values())):
+                inserted = _count(await conn.execute(_merge("catalog.instance", _INSTANCE_COLUMNS)))
+            merges = []
+            for table, columns, rows in (
+                ("catalog.subject", _SUBJECT_COLUMNS, list(subjects.values())),
+                ("catalog.study", _STUDY_COLUMNS, list(studies.values())),
+                ("catalog.series", _SERIES_COLUMNS, list(series.values())),
+                *(
+                    (f"catalog.{kind}_detail", _detail_columns(kind), _detail_rows(kind, rows))
+                    for kind, rows in details.items()
+                ),
+            ):
+                if await _stage(conn, table, columns, rows):
+                    merges.append(_merge(table, columns))
+            if series:
+                merges.append(
+                    "UPDATE catalog.series s SET stacks_dirty = true FROM _stage_catalog_series t"
+                    " WHERE s.cohort_id = t.cohort_id AND s.series_instance_uid = t.series_instance_uid"
+                )
+            if merges:
+                await conn.execute(";\n".join(merges))
             # a SOP instance already catalogued from another file of the cohort: this file is a
             # duplicate (recorded as such); the same file again (a redelivered item) is not
             owners = {
@@ -316,14 +276,6 @@ class ExtractorPlugin:
                 if id(o) not in duplicate_ids and owners.get(uid, o.key) != o.key:
                     duplicates.append(o)
                     duplicate_ids.add(id(o))
-            for kind, rows in details.items():
-                await _insert_detail(conn, kind, rows)
-            if series:
-                await conn.execute(
-                    "UPDATE catalog.series SET stacks_dirty = true WHERE cohort_id = $1 AND series_instance_uid = ANY($2::text[])",
-                    cohort_id,
-                    list(series),
-                )
             reasons = [(o, o.rejection or "") for o in rejected]
             reasons += [
                 (
@@ -332,36 +284,39 @@ class ExtractorPlugin:
                 )
                 for o in duplicates
             ]
-            await _upsert(
-                conn,
-                "catalog.rejected_file",
-                ["cohort_id", "source_key", "reason", "size", "sha256", "job_id"],
-                [(cohort_id, o.key, reason, o.size, o.sha256, job_id) for o, reason in reasons],
-                ["cohort_id", "source_key"],
-                update=["reason", "size", "sha256", "job_id"],
-            )
-            await _upsert(
-                conn,
-                "catalog.source_file",
-                ["cohort_id", "source_key", "size", "mtime_ns", "sha256", "status", "sop_instance_uid", "job_id"],
-                [
-                    (
-                        cohort_id,
-                        o.key,
-                        o.size,
-                        o.mtime_ns,
-                        o.sha256,
-                        "catalogued"
-                        if o.record is not None and id(o) not in duplicate_ids
-                        else "rejected",
-                        o.record.sop_instance_uid if o.record is not None else None,
-                        job_id,
+            merges = []
+            rejected_rows = [
+                (cohort_id, o.key, reason, o.size, o.sha256, job_id) for o, reason in reasons
+            ]
+            if await _stage(conn, "catalog.rejected_file", _REJECTED_COLUMNS, rejected_rows):
+                merges.append(
+                    _merge("catalog.rejected_file", _REJECTED_COLUMNS, update=_REJECTED_COLUMNS[2:])
+                )
+            source_rows = [
+                (
+                    cohort_id,
+                    o.key,
+                    o.size,
+                    o.mtime_ns,
+                    o.sha256,
+                    "catalogued"
+                    if o.record is not None and id(o) not in duplicate_ids
+                    else "rejected",
+                    o.record.sop_instance_uid if o.record is not None else None,
+                    job_id,
+                )
+                for o in outcomes
+            ]
+            if await _stage(conn, "catalog.source_file", _SOURCE_COLUMNS, source_rows):
+                merges.append(
+                    _merge(
+                        "catalog.source_file",
+                        _SOURCE_COLUMNS,
+                        update=[*_SOURCE_COLUMNS[2:], "updated_at"],
                     )
-                    for o in outcomes
-                ],
-                ["cohort_id", "source_key"],
-                update=["size", "mtime_ns", "sha256", "status", "sop_instance_uid", "job_id", "updated_at"],
-            )  # fmt: skip
+                )
+            if merges:
+                await conn.execute(";\n".join(merges))
         catalogued_files = len(catalogued) - len(duplicates)
         FILES_PROCESSED.labels("extraction", "catalogued").inc(catalogued_files)
         FILES_PROCESSED.labels("extraction", "rejected").inc(len(reasons))
@@ -477,34 +432,112 @@ class ExtractorPlugin:
             )
 
 
-async def _upsert(
-    conn: asyncpg.Connection,
-    table: str,
-    columns: list[str],
-    rows: list[tuple[Any, ...]],
-    key: list[str],
-    update: list[str] | None = None,
-) -> int:
-    """Bulk insert through COPY into a staging table. Existing natural keys are left alone, or,
-    with `update`, get those columns from the new row (a column not among `columns` takes its
-    default, e.g. `updated_at` -> now()). Returns how many rows were written."""
+_SUBJECT_COLUMNS = ["cohort_id", "subject_id", "patient_sex", "patient_age", "attributes"]
+_STUDY_COLUMNS = [
+    "cohort_id",
+    "study_instance_uid",
+    "subject_id",
+    "study_date",
+    "study_time",
+    "accession_number",
+    "study_description",
+    "attributes",
+]
+_SERIES_COLUMNS = [
+    "cohort_id",
+    "series_instance_uid",
+    "study_instance_uid",
+    "subject_id",
+    "modality",
+    "series_number",
+    "series_description",
+    "protocol_name",
+    "manufacturer",
+    "manufacturer_model",
+    "attributes",
+]
+_INSTANCE_COLUMNS = [
+    "cohort_id",
+    "sop_instance_uid",
+    "series_instance_uid",
+    "study_instance_uid",
+    "sop_class_uid",
+    "instance_number",
+    "n_frames",
+    "transfer_syntax_uid",
+    "source_key",
+    "object_key",
+    "sha256",
+    "size",
+    "job_id",
+    "record",
+    "header",
+]
+_REJECTED_COLUMNS = ["cohort_id", "source_key", "reason", "size", "sha256", "job_id"]
+_SOURCE_COLUMNS = [
+    "cohort_id",
+    "source_key",
+    "size",
+    "mtime_ns",
+    "sha256",
+    "status",
+    "sop_instance_uid",
+    "job_id",
+]
+# natural keys: the first two columns of every table loaded here
+_STAGED = [
+    "catalog.subject",
+    "catalog.study",
+    "catalog.series",
+    "catalog.instance",
+    "catalog.mr_detail",
+    "catalog.ct_detail",
+    "catalog.pet_detail",
+    "catalog.rejected_file",
+    "catalog.source_file",
+]
+
+
+def _staging(table: str) -> str:
+    return "_stage_" + table.replace(".", "_")
+
+
+# one round trip per transaction (the tables live as long as the connection; their rows, one
+# transaction)
+_STAGING_DDL = ";\n".join(
+    f"CREATE TEMP TABLE IF NOT EXISTS {_staging(t)} (LIKE {t} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    for t in _STAGED
+)
+
+
+async def _stage(
+    conn: asyncpg.Connection, table: str, columns: list[str], rows: list[tuple[Any, ...]]
+) -> bool:
+    """COPY `rows` into `table`'s staging table (in the current transaction); False when none."""
     if not rows:
-        return 0
-    stage = "_stage_" + table.replace(".", "_")
-    await conn.execute(
-        f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-    )
-    await conn.copy_records_to_table(stage, records=rows, columns=columns)
-    written = [*columns, *(c for c in update or [] if c not in columns)]
+        return False
+    await conn.copy_records_to_table(_staging(table), records=rows, columns=columns)
+    return True
+
+
+def _merge(table: str, columns: list[str], update: list[str] | None = None) -> str:
+    """INSERT ... SELECT from the staging table. Rows whose natural key (the first two columns)
+    exists are left alone, or, with `update`, get those columns from the new row (a column not
+    among `columns` takes its default, e.g. `updated_at` -> now())."""
+    written = ", ".join([*columns, *(c for c in update or [] if c not in columns)])
     on_conflict = (
         "DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in update)
         if update
         else "DO NOTHING"
     )
-    status = await conn.execute(
-        f"INSERT INTO {table} ({', '.join(written)}) SELECT {', '.join(written)} FROM {stage}"
-        f" ON CONFLICT ({', '.join(key)}) {on_conflict}"
+    return (
+        f"INSERT INTO {table} ({written}) SELECT {written} FROM {_staging(table)}"
+        f" ON CONFLICT ({', '.join(columns[:2])}) {on_conflict}"
     )
+
+
+def _count(status: str) -> int:
+    """Rows written, from a command status such as 'INSERT 0 12'."""
     return int(status.split()[-1])
 
 
@@ -544,11 +577,6 @@ _DETAIL_COLUMNS = {
 }
 
 
-def _attributes(record: Any) -> dict[str, Any]:
-    """A record dataclass as a JSON-ready dict (lists kept as lists)."""
-    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
-
-
 def _column(value: Any) -> Any:
     """Multi-valued DICOM attributes (lists) go into text columns backslash-joined, as DICOM does."""
     if isinstance(value, list):
@@ -556,15 +584,10 @@ def _column(value: Any) -> Any:
     return value
 
 
-async def _insert_detail(conn: asyncpg.Connection, kind: str, rows: list[tuple[Any, ...]]) -> None:
-    if not rows:
-        return
+def _detail_columns(kind: str) -> list[str]:
+    return ["cohort_id", "sop_instance_uid", *_DETAIL_COLUMNS[kind]]
+
+
+def _detail_rows(kind: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     columns = _DETAIL_COLUMNS[kind]
-    records = [(c, uid, *[_column(detail.get(col)) for col in columns]) for c, uid, detail in rows]
-    await _upsert(
-        conn,
-        f"catalog.{kind}_detail",
-        ["cohort_id", "sop_instance_uid", *columns],
-        records,
-        ["cohort_id", "sop_instance_uid"],
-    )
+    return [(c, uid, *[_column(detail.get(col)) for col in columns]) for c, uid, detail in rows]

@@ -218,7 +218,7 @@ class Rejection:
     patient_id: str | None = None
 
     def to_row(self) -> dict[str, Any]:
-        return _as_dict(self)
+        return as_dict(self)
 
 
 @dataclass(slots=True)
@@ -278,17 +278,17 @@ class InstanceRecord:
         """
         row: dict[str, Any] = {}
         for name in self.NESTED:
-            row.update(_as_dict(getattr(self, name)))
+            row.update(as_dict(getattr(self, name)))
         for name in _names(InstanceRecord):
             if name in self.NESTED:
                 continue
             value = getattr(self, name)
             if name in self.DETAILS:
-                row[name] = None if value is None else _as_dict(value)
+                row[name] = None if value is None else as_dict(value)
             elif name == "frames":
                 # an Enhanced object can have thousands of frames: leave their empty values out
                 row[name] = [
-                    {k: v for k, v in _as_dict(frame).items() if v is not None and v != []}
+                    {k: v for k, v in as_dict(frame).items() if v is not None and v != []}
                     for frame in value
                 ]
             else:
@@ -329,7 +329,8 @@ def _names(kind: type) -> tuple[str, ...]:
     return names
 
 
-def _as_dict(record: Any) -> dict[str, Any]:
+def as_dict(record: Any) -> dict[str, Any]:
+    """A record dataclass as a dict of its fields (lists kept as lists)."""
     return {name: getattr(record, name) for name in _names(type(record))}
 
 
