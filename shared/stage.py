@@ -145,10 +145,17 @@ class ItemContext:
     settings: Settings
     job_id: uuid.UUID
     is_cancelled: Callable[[], Awaitable[bool]]
+    # per-file checks ask the database at most this often (a cancel is seen within it)
+    check_interval_s: float = 0.25
+    _checked_at: float = field(default=-1e9, repr=False)
 
     async def check_cancelled(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < self.check_interval_s:
+            return
         if await self.is_cancelled():
             raise ItemCancelled(str(self.job_id))
+        self._checked_at = now
 
 
 class StagePlugin(Protocol):
