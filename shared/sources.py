@@ -82,6 +82,11 @@ class Source(Protocol):
 
     def read(self, key: str) -> bytes: ...
 
+    def as_file(self, key: str, scratch: Path) -> Path:
+        """A path to the file's content without holding it in memory: the file itself when it is
+        local, else a download into the folder `scratch` (the caller removes it)."""
+        ...
+
 
 class LocalSource:
     """A folder on a local (or mounted) file system, walked in parallel."""
@@ -141,6 +146,9 @@ class LocalSource:
     def read(self, key: str) -> bytes:
         return self.path(key).read_bytes()
 
+    def as_file(self, key: str, scratch: Path) -> Path:
+        return self.path(key)
+
 
 class ObjectSource:
     """A prefix in an S3 bucket (an `s3://` source, or a zone of our own bucket)."""
@@ -161,6 +169,11 @@ class ObjectSource:
 
     def read(self, key: str) -> bytes:
         return self.store.get_bytes(self._full(key), bucket=self.bucket)
+
+    def as_file(self, key: str, scratch: Path) -> Path:
+        path = scratch / "object"
+        self.store.download(self._full(key), path, bucket=self.bucket)
+        return path
 
 
 def open_source(location: str, settings: Settings | None = None, folder_workers: int = 4) -> Source:

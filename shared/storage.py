@@ -60,6 +60,15 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """`s3://bucket/prefix` -> (bucket, prefix without leading slash)."""
     if not uri.startswith("s3://"):
@@ -160,13 +169,12 @@ class ObjectStore:
         path: Path,
         bucket: str | None = None,
         metadata: dict[str, str] | None = None,
+        sha256: str | None = None,
     ) -> str:
-        """Upload a file (multipart when large); returns its SHA-256."""
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        digest = h.hexdigest()
+        """Upload a file (multipart when large, streamed from disk); returns its SHA-256.
+
+        Pass `sha256` when the caller already hashed the file, so it is not read twice."""
+        digest = sha256 or sha256_file(path)
         self.client.fput_object(
             bucket or self.bucket,
             key,

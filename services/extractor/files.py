@@ -8,15 +8,18 @@ parent process only writes the catalog. Content decides what a file is, never it
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from services.extractor.catalog import Rejection, parse_instance
 from shared.db import JsonText, json_text
 from shared.settings import get_settings
 from shared.sources import ObjectSource, Source, open_source
-from shared.storage import process_store
+from shared.storage import process_store, sha256_file
 
 
 @dataclass
@@ -60,40 +63,62 @@ def _zone_key(location: str, key: str) -> str | None:
     return None
 
 
+# files above this size are never held whole in memory: hashed and uploaded as a stream from disk
+# (a remote object is first downloaded to a scratch file), parsed from their header prefix
+LARGE_FILE_BYTES = 32 * 1024 * 1024
+
+Content = bytes | Path  # what the parser gets: the bytes, or the path of a large file
+
+
 def _fetch(
-    source: Source, batch: FileBatch, key: str
-) -> tuple[bytes | None, str | None, str | None, str | None]:
-    """(bytes, sha256, object key, error) for one file, ingesting it when asked."""
+    source: Source, batch: FileBatch, key: str, size: int, scratch: Path
+) -> tuple[Content | None, str | None, str | None, str | None]:
+    """(content, sha256, object key, error) for one file, ingesting it when asked."""
     try:
-        data = source.read(key)
+        if size > LARGE_FILE_BYTES:
+            path = source.as_file(key, Path(tempfile.mkdtemp(dir=scratch)))
+            content: Content = path
+            digest = sha256_file(path)
+        else:
+            content = source.read(key)
+            digest = hashlib.sha256(content).hexdigest()
     except OSError as exc:
         return None, None, None, f"unreadable: {exc.strerror or exc}"
     except Exception as exc:
         return None, None, None, f"unreadable: {exc}"
-    digest = hashlib.sha256(data).hexdigest()
     object_key = _zone_key(batch.location, key)
     if batch.ingest_prefix is not None:
         object_key = f"{batch.ingest_prefix}/{key}"
         # no existence check first: planning already left out every file catalogued before, so
         # what reaches here is new or changed (or a crashed item's, where overwriting is right)
-        process_store().put_bytes(object_key, data, sha256=digest)
-    return data, digest, object_key, None
+        if isinstance(content, Path):
+            process_store().put_file(object_key, content, sha256=digest)
+        else:
+            process_store().put_bytes(object_key, content, sha256=digest)
+    return content, digest, object_key, None
 
 
 def extract_batch(batch: FileBatch) -> list[FileOutcome]:
     """Read, hash, ingest and parse every file of the batch (in a worker process)."""
     source = open_location(batch.location)
     outcomes: list[FileOutcome] = []
-    with ThreadPoolExecutor(max_workers=max(1, batch.read_threads)) as readers:
-        fetched = readers.map(lambda f: _fetch(source, batch, f[0]), batch.files)
-        for (key, size, mtime), (data, digest, object_key, error) in zip(
+    with (
+        tempfile.TemporaryDirectory(prefix="cohortflow-extract-") as scratch,
+        ThreadPoolExecutor(max_workers=max(1, batch.read_threads)) as readers,
+    ):
+        fetched = readers.map(
+            lambda f: _fetch(source, batch, f[0], f[1], Path(scratch)), batch.files
+        )
+        for (key, size, mtime), (content, digest, object_key, error) in zip(
             batch.files, fetched, strict=True
         ):
             outcome = FileOutcome(key, size, mtime, digest, object_key)
-            if error is not None or data is None:
+            if error is not None or content is None:
                 outcome.rejection = error or "unreadable"
             else:
-                parsed = parse_instance(data, key)
+                parsed = parse_instance(content, key)
+                if isinstance(content, Path) and content.is_relative_to(scratch):
+                    shutil.rmtree(content.parent, ignore_errors=True)
                 if isinstance(parsed, Rejection):
                     outcome.rejection = parsed.reason
                 else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -325,3 +326,42 @@ async def test_two_replicas_share_one_run_and_a_broker_restart_loses_nothing(
         assert workers == 2, "both replicas should have processed items"
     finally:
         stack.stop_service("extractor-1")
+
+
+def test_large_files_are_streamed_not_held_in_memory(
+    object_store: ObjectStore, tmp_path: Path, dicom_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above `LARGE_FILE_BYTES` a file is hashed and uploaded from disk and parsed from its path,
+    and a zone object is downloaded to a scratch file first: the outcomes are the same as for the
+    in-memory route, the raw objects are the files, and no scratch file is left behind."""
+    from services.extractor import files as extractor_files
+
+    source = link_tree(tmp_path / "large", {"ct": dicom_root / "dcm_qa_ct"})
+    paths = [Path(d) / n for d, _, names in os.walk(source, followlinks=True) for n in names]
+    listed = sorted(
+        (str(p.relative_to(source)), p.stat().st_size, p.stat().st_mtime_ns) for p in paths
+    )[:12]
+    assert listed
+    tag = uuid.uuid4().hex[:8]
+
+    def run(location: str, ingest: str | None) -> list[tuple[Any, ...]]:
+        outcomes = extractor_files.extract_batch(
+            extractor_files.FileBatch(location, ingest, listed, 2)
+        )
+        return [(o.key, o.sha256, o.rejection, o.row_json, o.header_json) for o in outcomes]
+
+    in_memory = run(str(source), f"raw/{tag}-memory")
+    monkeypatch.setattr(extractor_files, "LARGE_FILE_BYTES", 0)
+    scratch_before = set(Path(tempfile.gettempdir()).glob("cohortflow-extract-*"))
+    streamed = run(str(source), f"raw/{tag}-streamed")
+    from_zone = run(f"zone:raw/{tag}-streamed", None)
+    assert streamed == in_memory
+    assert from_zone == in_memory
+    assert any(row[3] is not None for row in in_memory), "nothing catalogued"
+    for key, digest, *_ in streamed:
+        info = object_store.stat(f"raw/{tag}-streamed/{key}")
+        assert info is not None and info.sha256 == digest
+        assert info.size == (source / key).stat().st_size
+    first = listed[0][0]
+    assert object_store.get_bytes(f"raw/{tag}-streamed/{first}") == (source / first).read_bytes()
+    assert set(Path(tempfile.gettempdir()).glob("cohortflow-extract-*")) == scratch_before
