@@ -58,7 +58,7 @@ from shared.events import ItemError, StageRequested, WorkItem
 from shared.settings import Settings, get_settings
 from shared.sources import check_destination
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
-from shared.storage import ObjectStore, parse_s3_uri
+from shared.storage import ObjectStore, parse_s3_uri, sha256_file
 from shared.topics import Stage
 
 log = logging.getLogger(__name__)
@@ -72,14 +72,6 @@ _LISTED_MAX = 200
 def export_prefix(cohort_id: uuid.UUID, job_id: uuid.UUID) -> str:
     """Where an export job's tree lives in the data bucket (DESIGN.md §4)."""
     return f"export/{cohort_id}/{job_id}"
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _parallel(work: Iterable[Any], fn: Any) -> list[Any]:
@@ -317,7 +309,7 @@ class ExporterPlugin:
             index, source = indexed
             path = folder / f"{index:06d}.dcm"
             self.store.download(source.object_key, path)
-            if source.sha256 and _sha256_file(path) != source.sha256:
+            if source.sha256 and sha256_file(path) != source.sha256:
                 raise RuntimeError(
                     f"{source.object_key}: content differs from the catalog's SHA-256"
                 )
