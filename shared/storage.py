@@ -17,7 +17,6 @@ import functools
 import hashlib
 import io
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,16 +35,8 @@ _MULTIPART = 16 * 1024 * 1024
 # obstore's I/O runtime (threads) does not survive fork(): a child forked after the parent used it
 # would hang on its first PUT. Our pools start workers from a fork server that never uploads, so
 # this does not happen in the services; should anything fork a process that did upload, the child
-# falls back to minio for its PUTs instead of hanging.
-_obstore_state = {"used": False, "usable": True}
-
-
-def _after_fork_in_child() -> None:
-    if _obstore_state["used"]:
-        _obstore_state["usable"] = False
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+# (its pid differs from the one recorded here) falls back to minio for its PUTs instead of hanging.
+_obstore_pid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -93,29 +84,25 @@ class ObjectStore:
             region=settings.s3_region,
         )
         self._put_stores: dict[str, S3Store] = {}
-        self._put_lock = threading.Lock()
 
     def _put_store(self, bucket: str) -> S3Store:
-        """The obstore client for PUTs to `bucket` (one per bucket, made on first use)."""
+        """The obstore client for PUTs to `bucket` (one per bucket, made on first use; two
+        threads racing here make one client too many, which is harmless)."""
         store = self._put_stores.get(bucket)
         if store is None:
-            with self._put_lock:
-                store = self._put_stores.get(bucket)
-                if store is None:
-                    s = self.settings
-                    scheme = "https" if s.s3_secure else "http"
-                    store = S3Store(
-                        bucket,
-                        config={
-                            "endpoint": f"{scheme}://{s.s3_endpoint}",
-                            "access_key_id": s.s3_access_key,
-                            "secret_access_key": s.s3_secret_key.get_secret_value(),
-                            "region": s.s3_region,
-                            "virtual_hosted_style_request": False,
-                        },
-                        client_options={"allow_http": not s.s3_secure},
-                    )
-                    self._put_stores[bucket] = store
+            s = self.settings
+            scheme = "https" if s.s3_secure else "http"
+            store = self._put_stores[bucket] = S3Store(
+                bucket,
+                config={
+                    "endpoint": f"{scheme}://{s.s3_endpoint}",
+                    "access_key_id": s.s3_access_key,
+                    "secret_access_key": s.s3_secret_key.get_secret_value(),
+                    "region": s.s3_region,
+                    "virtual_hosted_style_request": False,
+                },
+                client_options={"allow_http": not s.s3_secure},
+            )
         return store
 
     def ensure_buckets(self) -> None:
@@ -141,7 +128,8 @@ class ObjectStore:
         Pass `sha256` when the caller already hashed `data`, so it is not hashed again."""
         digest = sha256 or sha256_hex(data)
         meta = {"sha256": digest, **(metadata or {})}
-        if not _obstore_state["usable"]:  # a forked child of a process that used obstore
+        global _obstore_pid
+        if _obstore_pid not in (None, os.getpid()):  # forked from a process that used obstore
             self.client.put_object(
                 bucket or self.bucket,
                 key,
@@ -152,7 +140,7 @@ class ObjectStore:
                 part_size=_MULTIPART,
             )
             return digest
-        _obstore_state["used"] = True
+        _obstore_pid = os.getpid()
         # user metadata travels as x-amz-meta-<name>, as with minio's put_object
         obstore.put(
             self._put_store(bucket or self.bucket),

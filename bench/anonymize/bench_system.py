@@ -72,7 +72,7 @@ def main() -> None:
         bare = statistics.median(bares)
         seconds = statistics.median(r[0] for r in runs)
         summary = runs[-1][2]
-        spent = {"anonymizer": statistics.median(r[3].get("anonymizer", 0.0) for r in runs)}
+        cpu = statistics.median(r[3].get("anonymizer", 0.0) for r in runs)
         n = len(files)
         print(f"{n} DICOM files from {args.data}; median of {args.runs} runs  (summary: {summary})")
         print(f"bare pydicom read-modify-write (1 core): {n / bare:8.1f} files/s")
@@ -80,7 +80,7 @@ def main() -> None:
             f"anonymizer service (end to end):         {n / seconds:8.1f} files/s"
             f"  ({bare / seconds:.2f}x the bare loop; {seconds:.1f} s)"
         )
-        per_file = spent.get("anonymizer", 0.0) / n
+        per_file = cpu / n
         print(
             f"anonymizer CPU per file: {per_file * 1000:.1f} ms -> {2 / per_file:.0f} files/s on two"
             f" dedicated cores ({2 / per_file * bare / n:.2f}x the bare loop)"

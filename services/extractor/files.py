@@ -7,7 +7,6 @@ parent process only writes the catalog. Content decides what a file is, never it
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from services.extractor.catalog import Rejection, parse_instance
 from shared.db import JsonText, json_text
 from shared.settings import get_settings
 from shared.sources import ObjectSource, Source, open_source
-from shared.storage import process_store, sha256_file
+from shared.storage import process_store, sha256_file, sha256_hex
 
 
 @dataclass
@@ -81,7 +80,7 @@ def _fetch(
             digest = sha256_file(path)
         else:
             content = source.read(key)
-            digest = hashlib.sha256(content).hexdigest()
+            digest = sha256_hex(content)
     except OSError as exc:
         return None, None, None, f"unreadable: {exc.strerror or exc}"
     except Exception as exc:

@@ -229,10 +229,12 @@ class ExtractorPlugin:
                 o.row_json,
                 o.header_json,
             )
-            for kind in ("mr", "ct", "pet"):
+            for kind, columns in _DETAIL_COLUMNS.items():
                 detail = getattr(rec, kind)
                 if detail is not None:
-                    details[kind].append((cohort_id, uid, as_dict(detail)))
+                    details[kind].append(
+                        (cohort_id, uid, *[_column(getattr(detail, c, None)) for c in columns])
+                    )
 
         async with pool.acquire() as conn, conn.transaction():
             # every table goes in through COPY into a staging table, then one INSERT ... SELECT per
@@ -241,25 +243,24 @@ class ExtractorPlugin:
             inserted = 0
             if await _stage(conn, "catalog.instance", _INSTANCE_COLUMNS, list(instances.values())):
                 inserted = _count(await conn.execute(_merge("catalog.instance", _INSTANCE_COLUMNS)))
-            merges = []
-            for table, columns, rows in (
-                ("catalog.subject", _SUBJECT_COLUMNS, list(subjects.values())),
-                ("catalog.study", _STUDY_COLUMNS, list(studies.values())),
-                ("catalog.series", _SERIES_COLUMNS, list(series.values())),
-                *(
-                    (f"catalog.{kind}_detail", _detail_columns(kind), _detail_rows(kind, rows))
-                    for kind, rows in details.items()
-                ),
-            ):
-                if await _stage(conn, table, columns, rows):
-                    merges.append(_merge(table, columns))
-            if series:
-                merges.append(
+            await _stage_and_merge(
+                conn,
+                [
+                    ("catalog.subject", _SUBJECT_COLUMNS, list(subjects.values()), None),
+                    ("catalog.study", _STUDY_COLUMNS, list(studies.values()), None),
+                    ("catalog.series", _SERIES_COLUMNS, list(series.values()), None),
+                    *(
+                        (f"catalog.{kind}_detail", _detail_columns(kind), rows, None)
+                        for kind, rows in details.items()
+                    ),
+                ],
+                then=[
                     "UPDATE catalog.series s SET stacks_dirty = true FROM _stage_catalog_series t"
                     " WHERE s.cohort_id = t.cohort_id AND s.series_instance_uid = t.series_instance_uid"
-                )
-            if merges:
-                await conn.execute(";\n".join(merges))
+                ]
+                if series
+                else [],
+            )
             # a SOP instance already catalogued from another file of the cohort: this file is a
             # duplicate (recorded as such); the same file again (a redelivered item) is not
             owners = {
@@ -285,14 +286,9 @@ class ExtractorPlugin:
                 )
                 for o in duplicates
             ]
-            merges = []
             rejected_rows = [
                 (cohort_id, o.key, reason, o.size, o.sha256, job_id) for o, reason in reasons
             ]
-            if await _stage(conn, "catalog.rejected_file", _REJECTED_COLUMNS, rejected_rows):
-                merges.append(
-                    _merge("catalog.rejected_file", _REJECTED_COLUMNS, update=_REJECTED_COLUMNS[2:])
-                )
             source_rows = [
                 (
                     cohort_id,
@@ -308,16 +304,23 @@ class ExtractorPlugin:
                 )
                 for o in outcomes
             ]
-            if await _stage(conn, "catalog.source_file", _SOURCE_COLUMNS, source_rows):
-                merges.append(
-                    _merge(
+            await _stage_and_merge(
+                conn,
+                [
+                    (
+                        "catalog.rejected_file",
+                        _REJECTED_COLUMNS,
+                        rejected_rows,
+                        _REJECTED_COLUMNS[2:],
+                    ),
+                    (
                         "catalog.source_file",
                         _SOURCE_COLUMNS,
-                        update=[*_SOURCE_COLUMNS[2:], "updated_at"],
-                    )
-                )
-            if merges:
-                await conn.execute(";\n".join(merges))
+                        source_rows,
+                        [*_SOURCE_COLUMNS[2:], "updated_at"],
+                    ),
+                ],
+            )
         catalogued_files = len(catalogued) - len(duplicates)
         FILES_PROCESSED.labels("extraction", "catalogued").inc(catalogued_files)
         FILES_PROCESSED.labels("extraction", "rejected").inc(len(reasons))
@@ -485,7 +488,6 @@ _SOURCE_COLUMNS = [
     "sop_instance_uid",
     "job_id",
 ]
-# natural keys: the first two columns of every table loaded here
 _STAGED = [
     "catalog.subject",
     "catalog.study",
@@ -535,6 +537,23 @@ def _merge(table: str, columns: list[str], update: list[str] | None = None) -> s
         f"INSERT INTO {table} ({written}) SELECT {written} FROM {_staging(table)}"
         f" ON CONFLICT ({', '.join(columns[:2])}) {on_conflict}"
     )
+
+
+async def _stage_and_merge(
+    conn: asyncpg.Connection,
+    tables: list[tuple[str, list[str], list[tuple[Any, ...]], list[str] | None]],
+    then: list[str] | None = None,
+) -> None:
+    """Stage each (table, columns, rows, update) that has rows, then send their merges, followed
+    by the statements in `then`, together in one round trip."""
+    statements = [
+        _merge(table, columns, update)
+        for table, columns, rows, update in tables
+        if await _stage(conn, table, columns, rows)
+    ]
+    statements += then or []
+    if statements:
+        await conn.execute(";\n".join(statements))
 
 
 def _count(status: str) -> int:
@@ -587,8 +606,3 @@ def _column(value: Any) -> Any:
 
 def _detail_columns(kind: str) -> list[str]:
     return ["cohort_id", "sop_instance_uid", *_DETAIL_COLUMNS[kind]]
-
-
-def _detail_rows(kind: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    columns = _DETAIL_COLUMNS[kind]
-    return [(c, uid, *[_column(detail.get(col)) for col in columns]) for c, uid, detail in rows]
