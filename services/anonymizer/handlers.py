@@ -44,13 +44,14 @@ from services.anonymizer.files import (
     worker_options,
 )
 from services.anonymizer.profile import (
+    PatientIdOptions,
     Profile,
     ProfileOptions,
     PseudonymError,
     load_profile,
     read_mapping,
 )
-from services.anonymizer.profile.pseudonyms import hashed_pseudonym, subject_key
+from services.anonymizer.profile.pseudonyms import hashed_pseudonym, identity_of, subject_key
 from services.anonymizer.store import (
     FileAudit,
     PlannedStudy,
@@ -262,7 +263,10 @@ class AnonymizerPlugin:
         source = open_source(location, settings)
         listed = await asyncio.to_thread(lambda: list(source.list()))
         file_keys = {f.key: vault.key("file", f"{source.location}\x00{f.key}") for f in listed}
-        studies = await self._studies_of(pool, vault, source, listed, file_keys, cohort_id, job_id)
+        patient = profile_options(request.config, settings).patient_id
+        studies = await self._studies_of(
+            pool, vault, source, listed, file_keys, cohort_id, job_id, patient
+        )
         rejected = len(studies.pop(None, []))
         by_study = {k: v for k, v in studies.items() if k is not None}
         if scoped:
@@ -312,6 +316,7 @@ class AnonymizerPlugin:
         file_keys: dict[str, str],
         cohort_id: uuid.UUID,
         job_id: uuid.UUID,
+        patient: PatientIdOptions,
     ) -> dict[str | None, list[tuple[str, int, int]]]:
         """Listed files grouped by study key (None: rejected). Only new or changed files are read;
         what they turned out to be is recorded for the next plan."""
@@ -334,10 +339,19 @@ class AnonymizerPlugin:
             study_key = vault.key("study", head.study_uid) if head else None
             study_of[file_keys[f.key]] = study_key
             if head is not None and study_key is not None and study_key not in subjects:
-                subject = subject_key(
-                    vault.core_secret, head.patient_id.strip() or f"path:{f.key}", head.issuer
-                )
-                subjects[study_key] = (subject, head.study_date)
+                try:
+                    identity = identity_of(
+                        head.patient_id,
+                        head.issuer,
+                        opts=patient,
+                        relative_path=f.key,
+                        study_ref=study_key,
+                    )
+                except PseudonymError:  # the item fails with the reason; no timepoint to keep
+                    identity = None
+                if identity is not None:
+                    subject = subject_key(vault.core_secret, identity.text, identity.issuer)
+                    subjects[study_key] = (subject, head.study_date)
             sealed_path = vault.seal({"location": source.location, "key": f.key})
             rows.append(
                 (
@@ -390,7 +404,7 @@ class AnonymizerPlugin:
             where = (
                 str(PurePosixPath(path).parent) if options.patient_id.strategy == "folder" else ""
             )
-            cache = (patient_id, issuer, where)
+            cache = (patient_id, issuer, where)  # one study per item: the study is fixed
             async with resolving:
                 known = subjects.get(cache)
                 if known is None:
@@ -405,6 +419,7 @@ class AnonymizerPlugin:
                             relative_path=path,
                             mapping=mapping,
                             offset_range=offset_range,
+                            study_key=study.study_key,
                         )
                     except PseudonymError as exc:
                         known = exc

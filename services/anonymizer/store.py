@@ -26,6 +26,7 @@ from services.anonymizer.profile import (
     PatientIdOptions,
     PseudonymCollision,
     date_offset_days,
+    identity_of,
     pseudonymize_patient_id,
     subject_key,
     timepoint_label,
@@ -71,10 +72,12 @@ class PostgresPseudonymStore:
     """`PseudonymStore` on `anonymizer.subject`, bound to the one patient being resolved, so that a
     claim also stores that patient's original identity (encrypted) for the audit export."""
 
-    def __init__(self, pool: asyncpg.Pool, vault: Vault, patient_id: str, issuer: str) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, vault: Vault, patient_id: str, issuer: str, basis: str
+    ) -> None:
         self.pool = pool
         self.vault = vault
-        self._original = {"patient_id": patient_id, "issuer": issuer}
+        self._original = {"patient_id": patient_id, "issuer": issuer, "basis": basis}
 
     async def get(self, subject_key: str) -> str | None:
         async with self.pool.acquire() as conn:
@@ -141,11 +144,16 @@ async def resolve_subject(
     relative_path: str,
     mapping: dict[str, str] | None,
     offset_range: tuple[int, int] | None,
+    study_key: str,
 ) -> Subject:
     """The patient's pseudonym under `opts` (allocated once, project-wide) and, when
-    `offset_range` is given, its date offset (chosen once, stored encrypted, reused)."""
+    `offset_range` is given, its date offset (chosen once, stored encrypted, reused). A patient
+    without a usable PatientID is keyed by `study_key` (see `identity_of`)."""
     secret = vault.core_secret
-    store = PostgresPseudonymStore(pool, vault, patient_id, issuer)
+    identity = identity_of(
+        patient_id, issuer, opts=opts, relative_path=relative_path, study_ref=study_key
+    )
+    store = PostgresPseudonymStore(pool, vault, patient_id, issuer, identity.basis)
     pseudonym = await pseudonymize_patient_id(
         patient_id,
         opts=opts,
@@ -154,8 +162,9 @@ async def resolve_subject(
         issuer=issuer,
         relative_path=relative_path,
         mapping=mapping,
+        study_ref=study_key,
     )
-    key = subject_key(secret, patient_id.strip() or f"path:{relative_path}", issuer)
+    key = subject_key(secret, identity.text, identity.issuer)
     stored = opts.strategy != "none"
     offset = None
     if offset_range is not None:
@@ -446,7 +455,14 @@ async def audit_for_export(
     for r in subjects:
         original = vault.open(r["original"])
         offset = vault.open(r["offset_days"]) if r["offset_days"] is not None else None
-        subject_rows.append(SubjectRow(str(original["patient_id"]), r["pseudonym"], offset))
+        subject_rows.append(
+            SubjectRow(
+                str(original["patient_id"]),
+                r["pseudonym"],
+                offset,
+                str(original.get("basis") or "PatientID"),
+            )
+        )
     return subject_rows, [AuditRow(**vault.open(r["row"])) for r in files]
 
 

@@ -49,6 +49,9 @@ class SubjectRow:
     original_patient_id: str
     pseudonym: str
     date_offset_days: int | None = None
+    # what the pseudonym was derived from: "PatientID", or the study or folder when the PatientID
+    # named nobody (with the reason)
+    pseudonym_basis: str = "PatientID"
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,15 @@ def _csv_text(subjects: Sequence[SubjectRow], files: Sequence[AuditRow]) -> byte
     writer = csv.writer(out)
     writer.writerow(["section", *SUBJECT_COLUMNS])
     for s in subjects:
-        writer.writerow(["subject", s.original_patient_id, s.pseudonym, s.date_offset_days or ""])
+        writer.writerow(
+            [
+                "subject",
+                s.original_patient_id,
+                s.pseudonym,
+                s.date_offset_days or "",
+                s.pseudonym_basis,
+            ]
+        )
     writer.writerow(["section", *FILE_COLUMNS])
     for f in files:
         writer.writerow(["file", *(getattr(f, c) for c in FILE_COLUMNS)])
@@ -124,7 +135,7 @@ def _xlsx(subjects: Sequence[SubjectRow], files: Sequence[AuditRow]) -> bytes:
     sheet.title = "subjects"
     sheet.append(SUBJECT_COLUMNS)
     for s in subjects:
-        sheet.append([s.original_patient_id, s.pseudonym, s.date_offset_days])
+        sheet.append([s.original_patient_id, s.pseudonym, s.date_offset_days, s.pseudonym_basis])
     files_sheet = book.create_sheet("files")
     files_sheet.append(FILE_COLUMNS)
     for f in files:

@@ -22,6 +22,7 @@ from services.exporter.bids.fieldmaps import ScanRecord, link_fieldmaps, link_m0
 from services.exporter.bids.plan import DERIVATIVES, load_naming_rules
 from services.exporter.bids.sidecar import slice_normal
 from services.exporter.bids.stack import ExportStack, parse_dicom_datetime
+from shared.subjects import subject_id_basis
 
 
 class ExportedStack(BaseModel):
@@ -94,6 +95,11 @@ PARTICIPANTS_JSON: dict[str, Any] = {
     "sex": {
         "Description": "sex of the participant as recorded in PatientSex (0010,0040)",
         "Levels": {"M": "male", "F": "female", "O": "other"},
+    },
+    "label_source": {
+        "Description": "what the participant label was derived from: the PatientID (a pseudonym"
+        " after de-identification), or, when the PatientID was empty, punctuation only or a"
+        " placeholder, the StudyInstanceUID (one label per study: unnamed patients never merge)",
     },
 }
 
@@ -200,6 +206,7 @@ def dataset_files(
         stack = exported.stack
         subject = sanitize_label(stack.subject)
         info = participant_info(stack)
+        info["label_source"] = subject_id_basis(stack.summary.subject_id)
         known = subjects.setdefault(subject, info)
         for column, value in info.items():
             if known[column] == "n/a":
@@ -219,8 +226,11 @@ def dataset_files(
     put(
         "participants.tsv",
         tsv(
-            ["participant_id", "age", "sex"],
-            [[f"sub-{s}", i["age"], i["sex"]] for s, i in sorted(subjects.items())],
+            ["participant_id", "age", "sex", "label_source"],
+            [
+                [f"sub-{s}", i["age"], i["sex"], i["label_source"]]
+                for s, i in sorted(subjects.items())
+            ],
         ),
     )
     put("participants.json", json.dumps(PARTICIPANTS_JSON, indent=2) + "\n")

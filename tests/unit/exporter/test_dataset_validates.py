@@ -149,7 +149,7 @@ def test_dataset_files(dataset: tuple[Path, list[ExportedStack]]) -> None:
     generated = {g["Name"]: g["Version"] for g in description["GeneratedBy"]}  # type: ignore[attr-defined]
     assert generated["dcm2niix"] == dcm2niix_version() and "Cohortflow" in generated
     participants = (root / "participants.tsv").read_text().splitlines()
-    assert participants[0] == "participant_id\tage\tsex" and [
+    assert participants[0] == "participant_id\tage\tsex\tlabel_source" and [
         r.split("\t")[0] for r in participants[1:]
     ] == ["sub-01", "sub-02", "sub-03"]
     scans = (root / "sub-01" / "ses-1" / "sub-01_ses-1_scans.tsv").read_text().splitlines()
