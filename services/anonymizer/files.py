@@ -22,6 +22,7 @@ from pydicom import Dataset
 from services.anonymizer.audit import AuditRow, audit_row
 from services.anonymizer.profile import (
     AnonymizationContext,
+    Finding,
     Profile,
     ProfileOptions,
     anonymize,
@@ -89,14 +90,20 @@ def deidentify(
         row = audit_row(result, "", "quarantined")
         return FileOutcome("quarantined", result.quarantine.reason, sop_key, "", None, row)
     data = dicom_bytes(result.dataset)
-    findings = verify(data, result.identifiers, object_key)
+    excused: list[Finding] = []
+    findings = verify(data, result.identifiers, object_key, excused)
     if findings:
         where = sorted({f"{f.kind} in {f.location}" for f in findings})
         reason = f"verification found an original {', '.join(where[:5])}"
-        row = replace(audit_row(result, "", "failed"), reason=reason)
+        row = replace(audit_row(result, "", "failed", excused), reason=reason)
         return FileOutcome("failed", reason, sop_key, "", None, row, verification_failed=True)
     return FileOutcome(
-        "released", "", sop_key, object_key, data, audit_row(result, object_key, "released")
+        "released",
+        "",
+        sop_key,
+        object_key,
+        data,
+        audit_row(result, object_key, "released", excused),
     )
 
 
