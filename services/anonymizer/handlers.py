@@ -66,6 +66,7 @@ from services.anonymizer.store import (
     record_plan,
     record_source_files,
     record_study_subjects,
+    refusal_groups,
     resolve_subject,
     study_states,
     study_timepoint,
@@ -489,11 +490,12 @@ class AnonymizerPlugin:
         }
         n = len(outcomes)
         label = item.item_key[:12]
-        errors = [
-            ItemError(item=f"study {label} file {i + 1}/{n}", message=f"{o.status}: {o.reason}")
-            for i, o in enumerate(outcomes)
+        # what stayed behind, by reason (reasons name attributes and kinds, never values)
+        refused = Counter(
+            f"{o.status}: {o.reason}"
+            for o in outcomes
             if o.status in ("failed", "rejected", "quarantined")
-        ]
+        )
         failed = status["failed"] > 0 or status["released"] + status["quarantined"] == 0
         error = None
         if failed:
@@ -507,6 +509,13 @@ class AnonymizerPlugin:
                 await asyncio.to_thread(self.store.delete, key)
             counts["anonymized"] = 0
             counts["withdrawn"] = len(released)
+            if released:
+                refused["withdrawn: its study failed"] = len(released)
+        errors = [
+            ItemError(item=f"study {label}", message=f"{count} of {n} files {reason}")
+            for reason, count in refused.most_common()
+        ]
+        if error:
             errors.insert(0, ItemError(item=f"study {label}", message=f"study failed: {error}"))
         audits = []
         for o in outcomes:
@@ -525,7 +534,7 @@ class AnonymizerPlugin:
             job_id=ctx.job_id,
             study=study,
             audits=audits,
-            counts=counts,
+            counts={**counts, "refused": dict(refused)},
             error=error,
         )
         for name in ("released", "quarantined", "rejected", "failed"):
@@ -546,6 +555,12 @@ class AnonymizerPlugin:
             "studies_skipped": numbers.get("studies_skipped", 0),
             "rejected_at_plan": numbers.get("files_rejected", 0),
             "rejected": int(run.summary.get("rejected", 0)) + numbers.get("files_rejected", 0),
+            # files a de-identifiable study held that did not come out (quarantine is a verdict,
+            # rejected files are no DICOM of a study: both are counted, neither is left behind)
+            "left_behind": int(run.summary.get("failed_files", 0))
+            + int(run.summary.get("withdrawn", 0)),
+            "left_behind_unit": "files",
+            "refused": await refusal_groups(pool, run.job_id),
         }
         fmt, password = audit_export_settings(run.config, settings)
         if password is None:

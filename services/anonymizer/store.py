@@ -387,7 +387,7 @@ async def finish_study(
     job_id: uuid.UUID,
     study: PlannedStudy,
     audits: Iterable[FileAudit],
-    counts: dict[str, int],
+    counts: dict[str, Any],
     error: str | None,
 ) -> None:
     """The study's audit rows and its status (`done`, or `failed` with the reason), in one go."""
@@ -427,6 +427,37 @@ async def finish_study(
             counts,
             error,
         )
+
+
+REFUSAL_GROUPS_SHOWN = 20
+STUDIES_NAMED = 10
+
+
+async def refusal_groups(pool: asyncpg.Pool, job_id: uuid.UUID) -> list[dict[str, Any]]:
+    """What a run left out, grouped by reason, largest first: files, studies and the first study
+    labels (the 12-character prefix of the study key the job's errors use) of each reason."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT study_key, counts -> 'refused' AS refused FROM anonymizer.study"
+            " WHERE job_id = $1 AND counts ? 'refused'",
+            job_id,
+        )
+    files: dict[str, int] = {}
+    studies: dict[str, list[str]] = {}
+    for row in rows:
+        for reason, count in (row["refused"] or {}).items():
+            files[reason] = files.get(reason, 0) + int(count)
+            studies.setdefault(reason, []).append(str(row["study_key"])[:12])
+    ordered = sorted(files, key=lambda r: (-files[r], r))
+    return [
+        {
+            "reason": reason,
+            "files": files[reason],
+            "studies": len(studies[reason]),
+            "study_labels": sorted(studies[reason])[:STUDIES_NAMED],
+        }
+        for reason in ordered[:REFUSAL_GROUPS_SHOWN]
+    ]
 
 
 # --- the audit export ---------------------------------------------------------------------------

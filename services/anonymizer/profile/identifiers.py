@@ -84,6 +84,9 @@ class IdentifierSet:
     # tag -> the texts a kept device or technique attribute held in the source file: what can
     # explain a hit as a coincidence (see `verify`)
     kept: dict[int, set[str]] = field(default_factory=dict)
+    # whole person names (components joined by a space): a technique attribute that holds all of
+    # one is never a coincidence
+    names: set[str] = field(default_factory=set)
 
     def add_value(self, value: Any, *, identifier: bool = False) -> None:
         """Add an identifying value (str, PersonName, or a list of them); `identifier` marks the
@@ -99,12 +102,13 @@ class IdentifierSet:
         if isinstance(value, PersonName) or "^" in str(value):
             text = str(value)
             parts = [p for group in text.split("=") for p in group.split("^")]
-            for part in [text.replace("^", " ").strip(), *parts]:
-                self._add_text(part, identifier)
+            whole = text.replace("^", " ").strip()
+            for i, part in enumerate([whole, *parts]):
+                self._add_text(part, identifier, name=i == 0)
             return
         self._add_text(str(value), identifier)
 
-    def _add_text(self, text: str, identifier: bool = False) -> None:
+    def _add_text(self, text: str, identifier: bool = False, name: bool = False) -> None:
         norm = " ".join(text.upper().split())
         if norm in NEUTRAL or _ALNUM.sub("", norm) in NEUTRAL:  # "N.A.", "-", "***"
             return
@@ -114,6 +118,8 @@ class IdentifierSet:
         self.values.add(norm)
         if identifier:
             self.fixed.add(norm)
+        if name:
+            self.names.add(norm)
 
     def add_kept(self, tag: int, value: Any) -> None:
         """Remember what a kept device or technique attribute held in the source file."""
@@ -142,6 +148,7 @@ class IdentifierSet:
         self.dates |= other.dates
         self.short_values += other.short_values
         self.fixed |= other.fixed
+        self.names |= other.names
         for tag, texts in other.kept.items():
             self.kept.setdefault(tag, set()).update(texts)
         return self
@@ -152,6 +159,7 @@ class IdentifierSet:
             norm = " ".join(value.upper().split())
             self.values.discard(norm)
             self.fixed.discard(norm)
+            self.names.discard(norm)
 
     def matcher(self) -> Matcher:
         return Matcher(self)

@@ -148,17 +148,23 @@ def _explained(tag: int, text: str, hits: list[tuple[str, str]], originals: Iden
     """True when value hits in an element are a coincidence, not a leak: the element is a device
     or technique attribute (or a private creator) that held exactly this text in the source file
     and still does, every hit is a value (never a UID or a date), none is an identifier's value
-    (PatientID, AccessionNumber...), and only one identifying value matched (a name planted whole,
-    `Doe^Jane` in ManufacturerModelName, matches twice and is refused)."""
+    (PatientID, AccessionNumber...), only one identifying value matched (a name planted whole,
+    `Doe^Jane` in ManufacturerModelName, matches twice and is refused), and the element's text is
+    not a person's whole name (`stc_test` as the SequenceName of a patient `stc_test` is a leak;
+    `efgre3d` of a phantom named after its `*efgre3d_12` sequence is not). A device or place may
+    equal the whole text: InstitutionName SIEMENS, Manufacturer SIEMENS."""
     key = CREATORS if is_private_creator(tag) else tag
     if key != CREATORS and tag not in EXPLAINING:
         return False
-    if text.strip(" \x00").upper() not in originals.kept.get(key, ()):
+    whole = text.strip(" \x00").upper()
+    if whole not in originals.kept.get(key, ()):
         return False
     if any(kind != "value" for kind, _ in hits):
         return False
     matched = {" ".join(m.upper().split()) for _, m in hits}
-    return len(matched) == 1 and not matched & originals.fixed
+    if len(matched) != 1 or matched & originals.fixed:
+        return False
+    return " ".join(whole.replace("^", " ").split()) not in originals.names
 
 
 def _label(tag: int) -> str:

@@ -305,9 +305,11 @@ function renderJobs(jobs) {
     const cancel = TERMINAL.has(j.status)
       ? null
       : el("button", { class: "danger", onclick: () => cancelJob(j.id) }, "Cancel");
-    const status = el("td", {}, badge(j.status), j.scoped ? el("span", { class: "muted" }, " study") : null);
-    if (j.status_reason && (j.status === "failed" || j.status === "cancelled")) {
-      status.append(el("div", { class: "muted" }, j.status_reason));
+    // a completed job that left work behind is not a clean success: an amber badge and its reason
+    const shown = j.left_work_behind ? "incomplete" : j.status;
+    const status = el("td", {}, badge(shown), j.scoped ? el("span", { class: "muted" }, " study") : null);
+    if (j.status_reason && (j.left_work_behind || j.status === "failed" || j.status === "cancelled")) {
+      status.append(el("div", { class: j.left_work_behind ? "left-behind" : "muted" }, j.status_reason));
     }
     rows.push(
       el(

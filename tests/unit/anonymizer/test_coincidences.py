@@ -59,7 +59,7 @@ def holds(term: str, data: bytes) -> bool:
             {"StationName": "Galan 3T", "ManufacturerModelName": "Galan 3T"},
             "ManufacturerModelName",
         ),
-        ({"PatientName": "Phantom^efgre3d", "SequenceName": "efgre3d"}, "SequenceName"),
+        ({"PatientName": "Phantom^efgre3d", "SequenceName": "*efgre3d_12"}, "SequenceName"),
     ],
 )
 def test_a_coincidence_with_a_kept_device_or_technique_attribute_is_released(
@@ -77,6 +77,8 @@ def test_a_coincidence_with_a_kept_device_or_technique_attribute_is_released(
     [
         # a name planted whole: both components match in one element
         {"PatientName": "Doe^Jane", "ManufacturerModelName": "Jane Doe"},
+        # a name that is all of a technique attribute's text
+        {"PatientName": "stc_test", "SequenceName": "stc_test"},
         # an identifier's value is never a coincidence
         {"PatientID": "MRN778899", "SoftwareVersions": "MRN778899"},
         {"AccessionNumber": "ACC4455", "SequenceName": "ACC4455"},
