@@ -180,18 +180,11 @@ def dataset_files(
         put("README", readme or _readme(name, exports, layout, {}))
         return files
 
-    raw = [(e, image) for e in exports for image in e.images if _is_raw(image)]
-    records = [_scan_record(e, image) for e, image in raw]
-    links = link_fieldmaps(records)
-    for image, additions in link_m0scans(records).items():
-        links.setdefault(image, {}).update(additions)
-    sidecars = {path: content for e in exports for path, content in e.sidecars.items()}
-    for image, additions in _m0_types(exports, records, links, sidecars).items():
-        links.setdefault(image, {}).update(additions)
+    records, links, sidecars = _linked(exports)
     for image, additions in sorted(links.items()):
         path = sidecar_path(image)
         put(path, json.dumps({**sidecars.get(str(path), {}), **additions}, indent=2) + "\n")
-    incomplete = incomplete_perf(exports, records, links, sidecars)
+    incomplete = _incomplete(exports, records, links, sidecars)
     put("README", readme or _readme(name, exports, layout, incomplete))
 
     subjects: dict[str, dict[str, str]] = {}
@@ -259,6 +252,27 @@ def dataset_files(
     return files
 
 
+def _linked(
+    exports: Sequence[ExportedStack],
+) -> tuple[list[ScanRecord], dict[PurePosixPath, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The raw images, the sidecar keys the dataset adds to them by NIfTI path (field-map and M0
+    links, M0Type) and every sidecar as converted."""
+    raw = [(e, image) for e in exports for image in e.images if _is_raw(image)]
+    records = [_scan_record(e, image) for e, image in raw]
+    links = link_fieldmaps(records)
+    for image, additions in link_m0scans(records).items():
+        links.setdefault(image, {}).update(additions)
+    sidecars = {path: content for e in exports for path, content in e.sidecars.items()}
+    for image, additions in _m0_types(exports, records, links, sidecars).items():
+        links.setdefault(image, {}).update(additions)
+    return records, links, sidecars
+
+
+def incomplete_images(exports: Sequence[ExportedStack]) -> dict[PurePosixPath, list[str]]:
+    """Raw perf images BIDS cannot interpret as exported, with what they lack (see `_incomplete`)."""
+    return _incomplete(exports, *_linked(exports))
+
+
 def _aslcontext_path(image: PurePosixPath) -> PurePosixPath:
     stem = image.name.removesuffix(".gz").removesuffix(".nii").removesuffix("_asl")
     return image.with_name(f"{stem}_aslcontext.tsv")
@@ -293,7 +307,7 @@ def _m0_types(
     return types
 
 
-def incomplete_perf(
+def _incomplete(
     exports: Sequence[ExportedStack],
     records: Sequence[ScanRecord],
     links: Mapping[PurePosixPath, Mapping[str, Any]],

@@ -12,7 +12,12 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from services.exporter.bids import ExportedStack, plan_names, write_dataset_files
+from services.exporter.bids import (
+    ExportedStack,
+    incomplete_images,
+    plan_names,
+    write_dataset_files,
+)
 from services.exporter.bids.asl import (
     AslEvidence,
     asl_sidecar,
@@ -287,7 +292,10 @@ def test_what_dicom_cannot_tell_is_reported_and_the_rest_validates(
 ) -> None:
     """The dataset validates: the ASL lacking BackgroundSuppression is listed in .bidsignore and the
     README. With the value added by hand, it validates without being ignored: nothing else lacks."""
-    root, _ = pcasl_with_m0
+    root, exports = pcasl_with_m0
+    assert incomplete_images(exports) == {
+        PurePosixPath("sub-01/perf/sub-01_asl.nii.gz"): ["BackgroundSuppression"]
+    }
     ignored = (root / ".bidsignore").read_text().split()
     assert (
         "sub-01/perf/sub-01_asl.nii.gz" in ignored
