@@ -165,6 +165,22 @@ def asl_sidecar(
     return AslSidecar(sidecar, list(context), notes)
 
 
+_ASL_SERIES_KEYS = ("M0Type", "TotalAcquiredPairs")
+
+
+def m0scan_sidecar(converted: Mapping[str, Any]) -> AslSidecar:
+    """The m0scan sidecar: `RepetitionTimePreparation` in seconds, and without the keys BIDS
+    defines for an ASL series only (dcm2niix writes `M0Type: Included` for any single volume of a
+    sequence it knows as ASL)."""
+    sidecar = dict(converted)
+    notes: list[str] = []
+    for key in _ASL_SERIES_KEYS:
+        if key in sidecar:
+            notes.append(f"{key} {sidecar.pop(key)} (dcm2niix) dropped: it describes an ASL series")
+    preparation_time(sidecar, notes)
+    return AslSidecar(sidecar, None, notes)
+
+
 def preparation_time(sidecar: dict[str, Any], notes: list[str]) -> None:
     """`RepetitionTimePreparation` (REQUIRED for asl and m0scan) in seconds.
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from services.exporter.bids.asl import asl_sidecar, preparation_time, repeated_keys
+from services.exporter.bids.asl import asl_sidecar, m0scan_sidecar, repeated_keys
 from services.exporter.bids.dataset import ExportedStack
 from services.exporter.bids.entities import Layout, parse_bids_name
 from services.exporter.bids.outputs import OutputName, images_of_stack, name_outputs
@@ -216,14 +216,12 @@ def _perf_sidecar(
     result: ExportedStack,
 ) -> tuple[dict[str, Any], list[str] | None]:
     """The asl/m0scan sidecar corrected and completed from the stack's DICOM (`bids.asl`)."""
-    notes: list[str] = []
     if suffix == "m0scan":
-        preparation_time(sidecar, notes)
-        result.warnings += [f"m0scan: {n}" for n in notes]
-        return sidecar, None
-    evidence = read_asl_evidence(stack.files, volumes)
-    made = asl_sidecar(sidecar, repeated_keys(text), evidence, volumes)
-    result.warnings += [f"asl: {n}" for n in made.notes]
+        made = m0scan_sidecar(sidecar)
+    else:
+        evidence = read_asl_evidence(stack.files, volumes)
+        made = asl_sidecar(sidecar, repeated_keys(text), evidence, volumes)
+    result.warnings += [f"{suffix}: {n}" for n in made.notes]
     return made.sidecar, made.aslcontext
 
 

@@ -58,6 +58,9 @@ def test_pulse_train_duration_is_the_labelling_duration_not_the_delay() -> None:
     assert made.sidecar["PostLabelingDelay"] == 2.0
     assert made.sidecar["LabelingDuration"] == 1.65
     assert made.sidecar["RepetitionTimePreparation"] == 4
+    # GE: dcm2niix writes the (0018,9258) value first, then the delay from InversionTime
+    ge = asl_sidecar(converted, {"PostLabelingDelay": [1.65, 2.025]}, evidence, volumes=2)
+    assert ge.sidecar["PostLabelingDelay"] == 2.025
     # only the pulse train duration: no delay is known
     alone = asl_sidecar({"PostLabelingDelay": 1.65}, {}, evidence, volumes=2)
     assert "PostLabelingDelay" not in alone.sidecar
@@ -283,6 +286,7 @@ def test_pcasl_and_m0_are_exported_the_bids_way(
     m0 = _sidecar(perf, "sub-01_m0scan.json")
     assert m0["IntendedFor"] == ["bids::sub-01/perf/sub-01_asl.nii.gz"]
     assert m0["RepetitionTimePreparation"] == m0["RepetitionTime"]
+    assert "M0Type" not in m0  # dcm2niix's, for a single volume of an ASL sequence
     warnings = [w for e in exports for w in e.warnings]
     assert "sub-01_asl: sidecar lacks required BackgroundSuppression" in warnings
 
