@@ -125,7 +125,9 @@ def _volume_types(
             return None, source["name"], "cannot group instances/frames into the volumes"
         types = []
         for number, group in enumerate(groups, 1):
-            found = {_type_of(part, source) for part in group}
+            # an enhanced object holding one volume: every frame must agree
+            parts = [f for part in group for f in (_frames(part) or [part])]
+            found = {_type_of(part, source) for part in parts}
             if len(found) != 1 or None in found or "?" in found:
                 return None, source["name"], f"volume {number} records {sorted(map(str, found))}"
             types.append(found.pop())

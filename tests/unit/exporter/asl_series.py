@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 # one real mosaic EPI volume per file (Siemens Skyra, syngo MR E11, 2 volumes)
@@ -112,6 +113,39 @@ def write_asl_series(
             ds.ASLPulseTrainDuration = 1472  # ms, the C2P protocol's 80 RF blocks x 18.4 ms
             ds.ASLCrusherFlag = "NO"
         path = target / f"IM{index + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        written.append(path)
+    return written
+
+
+# Siemens XA10 enhanced MR: one multi-frame file per volume (6 slices), 4 volumes
+ENHANCED_SOURCE = ("dcm_qa_enh", "In", "Siemens", "XA10")
+
+
+def write_enhanced_asl_series(
+    dicom_root: Path, target: Path, *, volumes: Sequence[str]
+) -> list[Path]:
+    """Write a Siemens XA enhanced ASL series (up to 4 volumes): each frame carries its volume's
+    ASL Context in an MR Arterial Spin Labeling item, the shared groups the labelling contrast."""
+    sources = sorted(dicom_root.joinpath(*ENHANCED_SOURCE).glob("*.dcm"))[: len(volumes)]
+    series_uid = generate_uid()
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for source, context in zip(sources, volumes, strict=True):
+        ds = pydicom.dcmread(source)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesDescription = ds.ProtocolName = "tgse_pcasl"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "ASL", "NONE"]
+        for frame in ds.PerFrameFunctionalGroupsSequence:
+            labelling = Dataset()
+            labelling.ASLContext = context
+            frame.MRArterialSpinLabelingSequence = [labelling]
+        modifier = Dataset()
+        modifier.ArterialSpinLabelingContrast = "PSEUDOCONTINUOUS"
+        modifier.ASLPulseTrainDuration = 1800
+        ds.SharedFunctionalGroupsSequence[0].MRModifierSequence = [modifier]
+        path = target / source.name
         ds.save_as(path, enforce_file_format=True)
         written.append(path)
     return written

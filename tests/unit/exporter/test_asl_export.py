@@ -31,7 +31,11 @@ from services.exporter.convert.dcm2niix import dcm2niix_version
 from services.exporter.convert.export import export_stack
 from services.exporter.validate import run_bids_validator
 from shared.catalog import StackSummary
-from tests.unit.exporter.asl_series import M0_PROTOCOL, write_asl_series
+from tests.unit.exporter.asl_series import (
+    M0_PROTOCOL,
+    write_asl_series,
+    write_enhanced_asl_series,
+)
 from tests.unit.exporter.stacks import real_stack
 
 PAIRS = ["CONTROL", "LABEL"] * 3
@@ -387,3 +391,38 @@ def test_derived_perfusion_maps_go_to_derivatives(fields: dict[str, Any], expect
     )
     stack = ExportStack(subject="01", summary=summary, **fields)
     assert [str(p) for p in plan_names([stack]).values()] == [expected]
+
+
+def test_siemens_xa_enhanced_context_per_frame(dicom_root: Path, tmp_path: Path) -> None:
+    """Siemens XA enhanced (one multi-frame file per volume): ASL Context per frame gives
+    aslcontext.tsv; the only timing is ASL Pulse Train Duration, which dcm2niix reports as
+    PostLabelingDelay: it becomes LabelingDuration and the delay is reported missing."""
+    write_enhanced_asl_series(dicom_root, tmp_path / "asl", volumes=["CONTROL", "LABEL"] * 2)
+    root = tmp_path / "bids"
+    (exported,), _ = _export([real_stack(tmp_path / "asl", "perf", "asl", session=None)], root)
+    context = root / "sub-01" / "perf" / "sub-01_aslcontext.tsv"
+    assert context.read_text().split() == ["volume_type", "control", "label", "control", "label"]
+    asl = _sidecar(root, "sub-01/perf/sub-01_asl.json")
+    assert (asl["ArterialSpinLabelingType"], asl["LabelingDuration"]) == ("PCASL", 1.8)
+    assert "PostLabelingDelay" not in asl and asl["TotalAcquiredPairs"] == 2
+    assert asl["M0Type"] == "Absent"  # no M0 volume, no m0scan in the dataset
+    assert incomplete_images([exported]) == {
+        PurePosixPath("sub-01/perf/sub-01_asl.nii.gz"): [
+            "PostLabelingDelay",
+            "BackgroundSuppression",
+        ]
+    }
+    assert run_bids_validator(root).errors == 0
+
+
+def test_context_shifted_by_one_volume_is_refused(dicom_root: Path, tmp_path: Path) -> None:
+    """An M0 volume recorded as LABEL (as reported on Siemens XA61): three volumes, one control
+    and two labels. The context is not written; the reason is reported."""
+    write_enhanced_asl_series(dicom_root, tmp_path / "asl", volumes=["LABEL", "CONTROL", "LABEL"])
+    root = tmp_path / "bids"
+    (exported,), _ = _export([real_stack(tmp_path / "asl", "perf", "asl", session=None)], root)
+    assert not (root / "sub-01" / "perf" / "sub-01_aslcontext.tsv").exists()
+    assert (
+        "asl: volume types unknown (ASL Context (0018,9257): 1 control and 2 label volumes)"
+        in exported.warnings
+    )
