@@ -164,8 +164,8 @@ def _header(path: Path, **values: Any) -> Path:
 
 
 def test_philips_label_type_per_instance(tmp_path: Path) -> None:
-    """Philips classic ASL: (2005,xx29) in block "Philips MR Imaging DD 005", one value per file,
-    two slices per volume told apart by TemporalPositionIdentifier (0020,0100)."""
+    """The Philips label type (2005,xx29) in block "Philips MR Imaging DD 005", read per file and
+    grouped like any classic series (here two slices per TemporalPositionIdentifier)."""
     files = []
     for number, label in enumerate(["CONTROL", "CONTROL", "LABEL", "LABEL"]):
         path = _header(
