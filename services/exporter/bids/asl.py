@@ -27,7 +27,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 VOLUME_TYPES = frozenset({"control", "label", "m0scan", "deltam", "cbf"})
 _TOLERANCE_S = 0.0005
@@ -58,7 +58,6 @@ class AslEvidence(BaseModel):
     volume_types: list[str] | None = None
     volume_types_source: str | None = None
     volume_types_problem: str | None = None
-    notes: list[str] = Field(default_factory=list)
 
 
 @dataclass
@@ -109,39 +108,9 @@ def asl_sidecar(
 ) -> AslSidecar:
     """The ASL sidecar from dcm2niix's (`converted`, with its `repeated` keys) and the evidence."""
     sidecar = dict(converted)
-    notes = list(evidence.notes)
-    table = asl_table()
+    notes: list[str] = []
     _post_labeling_delay(sidecar, repeated, evidence, notes)
-    labeling = table["labeling_contrast"].get((evidence.labeling_contrast or "").upper())
-    if labeling:
-        if sidecar.get("ArterialSpinLabelingType") not in (None, labeling):
-            notes.append(
-                f"ArterialSpinLabelingType {sidecar['ArterialSpinLabelingType']} (dcm2niix) "
-                f"replaced by {labeling} from Arterial Spin Labeling Contrast (0018,9250)"
-            )
-        sidecar["ArterialSpinLabelingType"] = labeling
-    if evidence.pulse_train_duration_ms and sidecar.get("ArterialSpinLabelingType") in (
-        "CASL",
-        "PCASL",
-    ):
-        duration = evidence.pulse_train_duration_ms / 1000.0
-        previous = sidecar.get("LabelingDuration")
-        if isinstance(previous, int | float) and abs(previous - duration) > _TOLERANCE_S:
-            notes.append(
-                f"LabelingDuration {previous} s (vendor protocol) differs from ASL Pulse Train "
-                f"Duration (0018,9258) {duration} s; the standard attribute is used"
-            )
-        sidecar["LabelingDuration"] = duration
-    if evidence.crusher is not None:
-        sidecar["VascularCrushing"] = evidence.crusher
-        if evidence.crusher and evidence.crusher_flow_limit:
-            sidecar["VascularCrushingVENC"] = evidence.crusher_flow_limit
-    if evidence.bolus_cut_off is not None and sidecar.get("ArterialSpinLabelingType") == "PASL":
-        sidecar["BolusCutOffFlag"] = evidence.bolus_cut_off
-        if evidence.bolus_cut_off and evidence.bolus_cut_off_technique:
-            sidecar["BolusCutOffTechnique"] = evidence.bolus_cut_off_technique
-        if evidence.bolus_cut_off and evidence.bolus_cut_off_delay_ms is not None:
-            sidecar["BolusCutOffDelayTime"] = evidence.bolus_cut_off_delay_ms / 1000.0
+    _labelling(sidecar, evidence, notes)
     preparation_time(sidecar, notes)
 
     context = evidence.volume_types
@@ -179,6 +148,40 @@ def m0scan_sidecar(converted: Mapping[str, Any]) -> AslSidecar:
             notes.append(f"{key} {sidecar.pop(key)} (dcm2niix) dropped: it describes an ASL series")
     preparation_time(sidecar, notes)
     return AslSidecar(sidecar, None, notes)
+
+
+def _labelling(sidecar: dict[str, Any], evidence: AslEvidence, notes: list[str]) -> None:
+    """Labelling type and duration, crushing and bolus cut-off from the standard attributes."""
+    labeling = asl_table()["labeling_contrast"].get((evidence.labeling_contrast or "").upper())
+    if labeling:
+        if sidecar.get("ArterialSpinLabelingType") not in (None, labeling):
+            notes.append(
+                f"ArterialSpinLabelingType {sidecar['ArterialSpinLabelingType']} (dcm2niix) "
+                f"replaced by {labeling} from Arterial Spin Labeling Contrast (0018,9250)"
+            )
+        sidecar["ArterialSpinLabelingType"] = labeling
+    if evidence.pulse_train_duration_ms and sidecar.get("ArterialSpinLabelingType") in (
+        "CASL",
+        "PCASL",
+    ):
+        duration = evidence.pulse_train_duration_ms / 1000.0
+        previous = sidecar.get("LabelingDuration")
+        if isinstance(previous, int | float) and abs(previous - duration) > _TOLERANCE_S:
+            notes.append(
+                f"LabelingDuration {previous} s (vendor protocol) differs from ASL Pulse Train "
+                f"Duration (0018,9258) {duration} s; the standard attribute is used"
+            )
+        sidecar["LabelingDuration"] = duration
+    if evidence.crusher is not None:
+        sidecar["VascularCrushing"] = evidence.crusher
+        if evidence.crusher and evidence.crusher_flow_limit:
+            sidecar["VascularCrushingVENC"] = evidence.crusher_flow_limit
+    if evidence.bolus_cut_off is not None and sidecar.get("ArterialSpinLabelingType") == "PASL":
+        sidecar["BolusCutOffFlag"] = evidence.bolus_cut_off
+        if evidence.bolus_cut_off and evidence.bolus_cut_off_technique:
+            sidecar["BolusCutOffTechnique"] = evidence.bolus_cut_off_technique
+        if evidence.bolus_cut_off and evidence.bolus_cut_off_delay_ms is not None:
+            sidecar["BolusCutOffDelayTime"] = evidence.bolus_cut_off_delay_ms / 1000.0
 
 
 def preparation_time(sidecar: dict[str, Any], notes: list[str]) -> None:

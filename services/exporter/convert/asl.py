@@ -116,22 +116,21 @@ def _volume_types(
 ) -> tuple[list[str] | None, str | None, str | None]:
     """(types, the attribute they came from, why they are unknown)."""
     for source in asl_table()["volume_type_sources"]:
-        if not any(_type_of(h, source) for h in headers[:1]) and not any(
-            _type_of(f, source) for f in _frames(headers[0])[:1]
-        ):
+        if not any(_type_of(p, source) for p in [headers[0], *_frames(headers[0])[:1]]):
             continue
         groups = _volume_groups(headers, volumes)
         if groups is None:
             return None, source["name"], "cannot group instances/frames into the volumes"
-        types = []
+        types: list[str] = []
         for number, group in enumerate(groups, 1):
             # an enhanced object holding one volume: every frame must agree
             parts = [f for part in group for f in (_frames(part) or [part])]
             found = {_type_of(part, source) for part in parts}
-            if len(found) != 1 or None in found or "?" in found:
+            (only,) = found if len(found) == 1 else (None,)
+            if only is None or only == "?":
                 return None, source["name"], f"volume {number} records {sorted(map(str, found))}"
-            types.append(found.pop())
-        return [t for t in types if t is not None], source["name"], None
+            types.append(only)
+        return types, source["name"], None
     return None, None, None
 
 
