@@ -326,7 +326,7 @@ def _incomplete(
     """Raw perf images that BIDS cannot interpret as exported, with what they lack: REQUIRED
     sidecar keys the DICOM does not record, `aslcontext.tsv`, or an m0scan's `IntendedFor` (no
     ASL series of its session was exported). They stay at their BIDS path, listed in `.bidsignore`
-    and the README (ADR 0014)."""
+    and the README (ADR 0015)."""
     files = {f for e in exports for f in e.files}
     incomplete: dict[PurePosixPath, list[str]] = {}
     for record in records:

@@ -1,5 +1,5 @@
 """ASL export: sidecar fields and `aslcontext.tsv` from what the DICOM records, M0 links, what stays
-missing, and the validator's verdict on the result (ADR 0014)."""
+missing, and the validator's verdict on the result (ADR 0015)."""
 
 from __future__ import annotations
 
