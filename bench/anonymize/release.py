@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -114,44 +115,50 @@ class Terms:
             )
 
 
-def _pattern(terms: set[bytes], left: bytes, right: bytes) -> re.Pattern[bytes] | None:
-    if not terms:
-        return None
+BOUNDS = {
+    "value": (rb"(?<![A-Za-z0-9])", rb"(?![A-Za-z0-9])"),
+    "uid": (rb"(?<![0-9.])", rb"(?![0-9.])"),
+    "date": (rb"(?<![0-9])", rb"(?![0-9])"),
+}
+PIXEL_DATA = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian: no text after it
+
+
+def _pattern(kind: str, terms: list[bytes]) -> re.Pattern[bytes]:
+    left, right = BOUNDS[kind]
     alternation = b"|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True))
     return re.compile(left + b"(" + alternation + b")" + right, re.IGNORECASE)
 
 
-def scan(
-    data: bytes, key: str, terms: Terms, pats: list[tuple[str, re.Pattern[bytes]]]
-) -> list[tuple[str, str]]:
-    """(kind, where) of every hit in an output object and its key."""
-    hits: list[tuple[str, str]] = []
-    for kind, pat in pats:
-        if pat.search(key.encode()):
-            hits.append((kind, "object key"))
-    if not any(pat.search(data) for _, pat in pats):
+def scan(data: bytes, key: str, terms: Terms) -> list[tuple[str, str]]:
+    """(kind, where) of every hit in an output object (its header: pixel data holds no text) and
+    its object key. Plain substring tests pick the candidate terms; patterns settle boundaries."""
+    cut = data.rfind(PIXEL_DATA)
+    head = data[:cut] if cut > 0 else data
+    folded = head.lower() + b"\n" + key.lower().encode()
+    candidates = {
+        "value": [t for t in terms.values if t.lower() in folded],
+        "uid": [t for t in terms.uids if t in folded],
+        "date": [t for t in terms.dates if t in folded],
+    }
+    pats = [(kind, _pattern(kind, found)) for kind, found in candidates.items() if found]
+    hits: list[tuple[str, str]] = [(k, "object key") for k, p in pats if p.search(key.encode())]
+    if not pats or not any(p.search(head) for _, p in pats):
         return hits
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
     elems = list(ds.iterall()) + list(getattr(ds, "file_meta", pydicom.Dataset()))
     for elem in elems:
         if elem.VR == "SQ" or elem.tag == 0x7FE00010:
             continue
-        raw = (
-            elem.value
-            if isinstance(elem.value, bytes)
-            else str(elem.value).encode("latin-1", "replace")
-        )
+        value = elem.value
+        raw = value if isinstance(value, bytes) else str(value).encode("latin-1", "replace")
+        private_creator = elem.tag.is_private and elem.tag.element <= 0xFF
+        keyword = elem.keyword or ("private creator" if private_creator else str(elem.tag))
         for kind, pat in pats:
             if not pat.search(raw):
                 continue
-            keyword = elem.keyword or (
-                "private creator"
-                if elem.tag.is_private and elem.tag.element <= 0xFF
-                else str(elem.tag)
-            )
             same = raw.strip() in terms.source_text.get(keyword, set())
-            coincidence = kind == "value" and same and keyword in DEVICE_TEXT | {"private creator"}
-            hits.append(("coincidence" if coincidence else kind, keyword))
+            device = keyword in DEVICE_TEXT or private_creator
+            hits.append(("coincidence" if kind == "value" and same and device else kind, keyword))
     return hits
 
 
@@ -162,6 +169,7 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--keep", action="store_true", help="leave the stack's state folder")
     args = parser.parse_args()
+    warnings.filterwarnings("ignore")  # pydicom's complaints about odd source files
     folder = args.folder.resolve()
     work = Path(tempfile.mkdtemp(prefix="cohortflow-release-"))
     work.chmod(0o755)
@@ -198,18 +206,9 @@ def main() -> None:
         terms = Terms()
         sources = [p for p in sorted(folder.rglob("*")) if p.is_file()]
         readable = sum(terms.add(p) for p in sources)
-        pats = [
-            (kind, pat)
-            for kind, pat in (
-                ("value", _pattern(terms.values, rb"(?<![A-Za-z0-9])", rb"(?![A-Za-z0-9])")),
-                ("uid", _pattern(terms.uids, rb"(?<![0-9.])", rb"(?![0-9.])")),
-                ("date", _pattern(terms.dates, rb"(?<![0-9])", rb"(?![0-9])")),
-            )
-            if pat is not None
-        ]
         found: Counter[tuple[str, str]] = Counter()
         for obj in objects:
-            for hit in scan(store.get_bytes(obj.key), obj.key, terms, pats):
+            for hit in scan(store.get_bytes(obj.key), obj.key, terms):
                 found[hit] += 1
     finally:
         if not args.keep:

@@ -57,6 +57,7 @@ class FileOutcome:
     data: bytes | None
     audit: AuditRow | None
     verification_failed: bool = False
+    series: str = ""  # the replacement SeriesInstanceUID ("" when the file was not parsed that far)
 
 
 def uid_value(ds: Dataset, keyword: str) -> str:
@@ -85,10 +86,12 @@ def deidentify(
         return FileOutcome("rejected", f"no {missing[0]}", sop_key, "", None, None)
     parts = [new_uid(secret, originals[k]) for k in originals]
     object_key = f"{ANON_ZONE}/{cohort_id}/{folder}/{parts[0]}/{parts[1]}/{parts[2]}.dcm"
+    series = parts[1]
     result = anonymize(ds, context)
     if result.quarantine is not None:
         row = audit_row(result, "", "quarantined")
-        return FileOutcome("quarantined", result.quarantine.reason, sop_key, "", None, row)
+        reason = result.quarantine.reason
+        return FileOutcome("quarantined", reason, sop_key, "", None, row, series=series)
     data = dicom_bytes(result.dataset)
     excused: list[Finding] = []
     findings = verify(data, result.identifiers, object_key, excused)
@@ -96,7 +99,9 @@ def deidentify(
         where = sorted({f"{f.kind} in {f.location}" for f in findings})
         reason = f"verification found an original {', '.join(where[:5])}"
         row = replace(audit_row(result, "", "failed", excused), reason=reason)
-        return FileOutcome("failed", reason, sop_key, "", None, row, verification_failed=True)
+        return FileOutcome(
+            "failed", reason, sop_key, "", None, row, verification_failed=True, series=series
+        )
     return FileOutcome(
         "released",
         "",
@@ -104,6 +109,7 @@ def deidentify(
         object_key,
         data,
         audit_row(result, object_key, "released", excused),
+        series=series,
     )
 
 

@@ -10,7 +10,8 @@
   `anonymize`, serialize, `verify` the written bytes and the object key, and only then upload to
   `anon/<cohort>/<pseudonym>/<study>/<series>/<sop>.dcm` (deterministic keys: a redelivery
   overwrites, so every file ends up exactly once). Quarantined objects are not uploaded; a
-  verification hit fails the file and the study, and a failed study's objects are withdrawn.
+  verification hit fails the file and the study (tried again by the next run), and the objects of
+  the failed file's series are withdrawn: a series is released whole or not at all.
 - finalize: the encrypted audit export (`write_audit`) into the audit bucket, the summary, and the
   de-identified zone as the next stage's input.
 
@@ -93,6 +94,7 @@ SOP_INSTANCE_UID = 0x00080018
 STUDY_DATE = 0x00080020
 STUDY_UID = 0x0020000D
 PATIENT_ID = 0x00100020
+WITHDRAWN = "withdrawn: a file of its series failed"
 ISSUER = 0x00100021
 
 
@@ -478,7 +480,9 @@ class AnonymizerPlugin:
     async def _settle(
         self, ctx: ItemContext, item: WorkItem, study: PlannedStudy, outcomes: list[FileOutcome]
     ) -> ItemResult:
-        """Record the study's outcome; a failed study's released objects are withdrawn."""
+        """Record the study's outcome; the released objects of a failed file's series are withdrawn
+        (of the whole study when the failure has no series), and the study is tried again by the
+        next run."""
         status = Counter(o.status for o in outcomes)
         counts = {
             "files": len(outcomes),
@@ -498,19 +502,26 @@ class AnonymizerPlugin:
         )
         failed = status["failed"] > 0 or status["released"] + status["quarantined"] == 0
         error = None
+        withdrawn: set[str] = set()  # sop keys
         if failed:
             error = (
                 f"{status['failed']} of {n} files failed"
                 if status["failed"]
                 else "no file of the study could be de-identified"
             )
-            released = [o.object_key for o in outcomes if o.status == "released"]
-            for key in released:  # a study is released whole or not at all
-                await asyncio.to_thread(self.store.delete, key)
-            counts["anonymized"] = 0
-            counts["withdrawn"] = len(released)
-            if released:
-                refused["withdrawn: its study failed"] = len(released)
+            # a series is released whole or not at all (no half series reaches the catalog); a
+            # failure that cannot be placed in a series (its patient could not be resolved)
+            # withdraws the whole study
+            bad = {o.series for o in outcomes if o.status == "failed"}
+            whole = "" in bad
+            gone = [o for o in outcomes if o.status == "released" and (whole or o.series in bad)]
+            for o in gone:
+                await asyncio.to_thread(self.store.delete, o.object_key)
+            withdrawn = {o.sop_key for o in gone}
+            counts["anonymized"] = status["released"] - len(gone)
+            counts["withdrawn"] = len(gone)
+            if gone:
+                refused[WITHDRAWN] = len(gone)
         errors = [
             ItemError(item=f"study {label}", message=f"{count} of {n} files {reason}")
             for reason, count in refused.most_common()
@@ -521,10 +532,9 @@ class AnonymizerPlugin:
         for o in outcomes:
             if o.audit is None:
                 continue
-            if failed and o.status == "released":
-                reason = "withdrawn: its study failed"
-                row = replace(o.audit, status="withdrawn", reason=reason, object_key="")
-                audits.append(FileAudit(o.sop_key, "withdrawn", reason, "", row))
+            if o.sop_key in withdrawn:
+                row = replace(o.audit, status="withdrawn", reason=WITHDRAWN, object_key="")
+                audits.append(FileAudit(o.sop_key, "withdrawn", WITHDRAWN, "", row))
             else:
                 audits.append(FileAudit(o.sop_key, o.status, o.reason, o.object_key, o.audit))
         await finish_study(

@@ -143,7 +143,7 @@ def test_a_run_that_leaves_files_behind_says_so_and_exits_3(
     )
     assert shown.returncode == 3, shown.stdout[-3000:] + shown.stderr[-3000:]
     assert "completed with work left behind" in shown.stdout
-    assert f"{len(files) - 1} files in 1 studies" in shown.stdout  # the withdrawn rest
+    assert f"{len(files) - 1} files in 1 studies" in shown.stdout  # the withdrawn series
     # a new cohort (a re-run of the same one would plan only the refused study, and fail)
     command[command.index("left-behind")] = "left-behind-json"
     done = subprocess.run(
