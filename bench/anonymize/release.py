@@ -26,6 +26,7 @@ a new user configures), then prints
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import os
 import re
@@ -36,6 +37,7 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
@@ -66,10 +68,25 @@ DEVICE_TEXT = {
     "CodeValue", "CodeMeaning", "ImplementationVersionName",
 }  # fmt: skip
 PLACEHOLDERS = {"ANONYMOUS", "ANONYMIZED", "UNKNOWN", "REMOVED", "NONE", "NULL", "N/A"}
+PIXEL_DATA = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian: no text after it
+BOUNDS = {
+    "value": (rb"(?<![A-Za-z0-9])", rb"(?![A-Za-z0-9])"),
+    # numbers (an ID like 1693354) and UIDs are not matched inside longer numbers or decimals
+    "number": (rb"(?<![0-9.])", rb"(?![0-9.])"),
+    "uid": (rb"(?<![0-9.])", rb"(?![0-9.])"),
+    "date": (rb"(?<![0-9])", rb"(?![0-9])"),
+}
+CODED = {"CS", "AS"}  # defined terms (ContentQualification RESEARCH) and ages: no free text
+
+
+def pixel_key(data: bytes) -> str | None:
+    """What ties an output to its source: de-identification leaves the pixel data byte for byte."""
+    cut = data.rfind(PIXEL_DATA)
+    return hashlib.sha256(data[cut:]).hexdigest() if cut > 0 else None
 
 
 class Terms:
-    """What the sources identified: values, UIDs, dates (each a set of bytes)."""
+    """What a source file identified: values, UIDs, dates (each a set of bytes)."""
 
     def __init__(self) -> None:
         self.values: set[bytes] = set()
@@ -77,15 +94,26 @@ class Terms:
         self.dates: set[bytes] = set()
         self.source_text: dict[str, set[bytes]] = {}  # device/technique keyword -> source values
 
-    def add(self, path: Path) -> bool:
+    def merge(self, other: Terms) -> None:
+        self.values |= other.values
+        self.uids |= other.uids
+        self.dates |= other.dates
+        for keyword, texts in other.source_text.items():
+            self.source_text.setdefault(keyword, set()).update(texts)
+
+    @classmethod
+    def of(cls, path: Path) -> tuple[Terms, str | None] | None:
+        """The terms of a source file and its pixel key; None when pydicom cannot read it."""
         try:
-            ds = pydicom.dcmread(path, force=True)
+            data = path.read_bytes()
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
             elems = list(ds.iterall()) + list(getattr(ds, "file_meta", pydicom.Dataset()))
         except Exception:
-            return False
+            return None
+        terms = cls()
         for elem in elems:
-            self._element(elem)
-        return True
+            terms._element(elem)
+        return terms, pixel_key(data)
 
     def _element(self, elem: DataElement) -> None:
         if elem.value in (None, "", b""):
@@ -115,14 +143,6 @@ class Terms:
             )
 
 
-BOUNDS = {
-    "value": (rb"(?<![A-Za-z0-9])", rb"(?![A-Za-z0-9])"),
-    "uid": (rb"(?<![0-9.])", rb"(?![0-9.])"),
-    "date": (rb"(?<![0-9])", rb"(?![0-9])"),
-}
-PIXEL_DATA = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian: no text after it
-
-
 def _pattern(kind: str, terms: list[bytes]) -> re.Pattern[bytes]:
     left, right = BOUNDS[kind]
     alternation = b"|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True))
@@ -135,8 +155,10 @@ def scan(data: bytes, key: str, terms: Terms) -> list[tuple[str, str]]:
     cut = data.rfind(PIXEL_DATA)
     head = data[:cut] if cut > 0 else data
     folded = head.lower() + b"\n" + key.lower().encode()
+    values = [t for t in terms.values if t.lower() in folded]
     candidates = {
-        "value": [t for t in terms.values if t.lower() in folded],
+        "value": [t for t in values if not t.replace(b".", b"").isdigit()],
+        "number": [t for t in values if t.replace(b".", b"").isdigit()],
         "uid": [t for t in terms.uids if t in folded],
         "date": [t for t in terms.dates if t in folded],
     }
@@ -147,7 +169,7 @@ def scan(data: bytes, key: str, terms: Terms) -> list[tuple[str, str]]:
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
     elems = list(ds.iterall()) + list(getattr(ds, "file_meta", pydicom.Dataset()))
     for elem in elems:
-        if elem.VR == "SQ" or elem.tag == 0x7FE00010:
+        if elem.VR == "SQ" or elem.VR in CODED or elem.tag == 0x7FE00010:
             continue
         value = elem.value
         raw = value if isinstance(value, bytes) else str(value).encode("latin-1", "replace")
@@ -156,72 +178,87 @@ def scan(data: bytes, key: str, terms: Terms) -> list[tuple[str, str]]:
         for kind, pat in pats:
             if not pat.search(raw):
                 continue
+            kind = "value" if kind == "number" else kind
             same = raw.strip() in terms.source_text.get(keyword, set())
             device = keyword in DEVICE_TEXT or private_creator
             hits.append(("coincidence" if kind == "value" and same and device else kind, keyword))
     return hits
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--keep", action="store_true", help="leave the stack's state folder")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")  # pydicom's complaints about odd source files
-    folder = args.folder.resolve()
-    work = Path(tempfile.mkdtemp(prefix="cohortflow-release-"))
-    work.chmod(0o755)
+def run_stage(folder: Path, work: Path) -> tuple[LocalStack, str, dict[str, Any], float]:
+    """Start a private stack over `folder` and run the anonymization stage on it."""
     (work / "source").mkdir()
     (work / "source" / "data").symlink_to(folder, target_is_directory=True)
     stack = LocalStack(work / "state", data_roots=[work])
-    try:
-        info = stack.up(services=["gateway", "anonymizer"])
-        os.environ.update(info.env())
-        get_settings.cache_clear()
-        settings = get_settings()
-        with httpx.Client(base_url=info.gateway_url, timeout=60.0) as api:
-            cohort = api.post(
-                "/api/cohorts",
-                json={
-                    "name": f"release-{int(time.time())}",
-                    "source_path": str(work / "source"),
-                    "anonymization_enabled": True,
-                },
-            )
-            cohort.raise_for_status()
-            cohort_id = cohort.json()["id"]
-            start = time.perf_counter()
-            job = api.post(
-                f"/api/cohorts/{cohort_id}/stages/anonymization/run", json={"config": CONFIG}
-            ).json()
-            while job["status"] not in ("completed", "failed", "cancelled"):
-                time.sleep(0.5)
-                job = api.get(f"/api/jobs/{job['id']}").json()
-            seconds = time.perf_counter() - start
-        print(f"anonymization {job['status']} in {seconds:.0f} s; scanning", file=sys.stderr)
-        store = ObjectStore(settings)
-        objects = list(store.list(f"anon/{cohort_id}/"))
-        terms = Terms()
-        sources = [p for p in sorted(folder.rglob("*")) if p.is_file()]
-        readable = sum(terms.add(p) for p in sources)
-        found: Counter[tuple[str, str]] = Counter()
-        for obj in objects:
-            for hit in scan(store.get_bytes(obj.key), obj.key, terms):
-                found[hit] += 1
-    finally:
-        if not args.keep:
-            stack.down()
-            shutil.rmtree(work, ignore_errors=True)
+    info = stack.up(services=["gateway", "anonymizer"])
+    os.environ.update(info.env())
+    get_settings.cache_clear()
+    with httpx.Client(base_url=info.gateway_url, timeout=60.0) as api:
+        body = {
+            "name": f"release-{int(time.time())}",
+            "source_path": str(work / "source"),
+            "anonymization_enabled": True,
+        }
+        cohort = api.post("/api/cohorts", json=body)
+        cohort.raise_for_status()
+        cohort_id = cohort.json()["id"]
+        start = time.perf_counter()
+        run = f"/api/cohorts/{cohort_id}/stages/anonymization/run"
+        job = api.post(run, json={"config": CONFIG}).json()
+        while job["status"] not in ("completed", "failed", "cancelled"):
+            time.sleep(0.5)
+            job = api.get(f"/api/jobs/{job['id']}").json()
+    return stack, cohort_id, job, time.perf_counter() - start
+
+
+def scan_zone(
+    folder: Path, store: ObjectStore, cohort_id: str
+) -> tuple[Counter[tuple[str, str]], dict[str, int]]:
+    """Hits by (kind, where) in the cohort's de-identified zone, and what was searched."""
+    everything = Terms()  # for an output whose pixels do not name its source
+    by_pixels: dict[str, Terms] = {}
+    sources = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    readable = 0
+    for path in sources:
+        read = Terms.of(path)
+        if read is None:
+            continue
+        readable += 1
+        everything.merge(read[0])
+        if read[1] is not None:
+            by_pixels.setdefault(read[1], Terms()).merge(read[0])
+    found: Counter[tuple[str, str]] = Counter()
+    objects = list(store.list(f"anon/{cohort_id}/"))
+    unmatched = 0
+    for obj in objects:
+        data = store.get_bytes(obj.key)
+        own = by_pixels.get(pixel_key(data) or "")
+        unmatched += own is None
+        for hit in scan(data, obj.key, own or everything):
+            found[hit] += 1
+    numbers = {
+        "sources": len(sources),
+        "readable": readable,
+        "objects": len(objects),
+        "unmatched": unmatched,
+        "values": len(everything.values),
+        "uids": len(everything.uids),
+        "dates": len(everything.dates),
+    }
+    return found, numbers
+
+
+def report(
+    job: dict[str, Any], seconds: float, found: Counter[tuple[str, str]], n: dict[str, int]
+) -> int:
     summary = job.get("summary") or {}
-    files_in = int(summary.get("files_listed", len(sources)))
+    files_in = int(summary.get("files_listed", n["sources"]))
     rejected = int(summary.get("rejected", 0))
     quarantined = int(summary.get("quarantined", 0))
-    released = len(objects)
+    released = n["objects"]
     eligible = max(files_in - rejected - quarantined, 1)
     print(
-        f"folder {folder}: {len(sources)} files ({readable} readable by pydicom), run {seconds:.0f} s, job {job['status']}"
+        f"{n['sources']} files ({n['readable']} readable by pydicom), run {seconds:.0f} s, job {job['status']}"
     )
     print(
         f"  files in {files_in}, rejected {rejected}, quarantined {quarantined}, released {released}, left behind {summary.get('left_behind', 0)}"
@@ -235,17 +272,44 @@ def main() -> None:
         print(
             f"  refused {group['files']:5d} files in {group['studies']:3d} studies: {group['reason']}"
         )
-    leaks = {k: v for k, v in found.items() if k[0] != "coincidence"}
     print(
-        f"  independent scan: {len(terms.values)} values, {len(terms.uids)} UIDs, {len(terms.dates)} dates searched in {released} objects"
+        f"  independent scan: {n['values']} values, {n['uids']} UIDs, {n['dates']} dates from the"
+        f" sources, searched in {released} objects ({released - n['unmatched']} against their own"
+        f" source's terms, found by pixel data; {n['unmatched']} without pixel data against all)"
     )
+    leaks = {k: v for k, v in found.items() if k[0] != "coincidence"}
     print(f"  leaks: {sum(leaks.values())}" + ("" if leaks else " (none)"))
-    for (kind, where), n in sorted(leaks.items(), key=lambda kv: -kv[1]):
-        print(f"    {n:5d} {kind} in {where}")
-    for (kind, where), n in sorted(found.items()):
+    for (kind, where), count in sorted(leaks.items(), key=lambda kv: -kv[1]):
+        print(f"    {count:5d} {kind} in {where}")
+    for (kind, where), count in sorted(found.items()):
         if kind == "coincidence":
-            print(f"  coincidence (kept device text equal to the source's) {n:5d} in {where}")
-    sys.exit(1 if leaks else 0)
+            print(f"  coincidence (kept device text equal to its source's): {count:5d} in {where}")
+    return 1 if leaks else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--keep", action="store_true", help="leave the private stack running")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")  # pydicom's complaints about odd source files
+    folder = args.folder.resolve()
+    work = Path(tempfile.mkdtemp(prefix="cohortflow-release-"))
+    work.chmod(0o755)
+    stack = None
+    try:
+        stack, cohort_id, job, seconds = run_stage(folder, work)
+        print(f"anonymization {job['status']} in {seconds:.0f} s; scanning", file=sys.stderr)
+        found, numbers = scan_zone(folder, ObjectStore(get_settings()), cohort_id)
+    finally:
+        if stack is not None and not args.keep:
+            stack.down()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"folder {folder}:")
+    sys.exit(report(job, seconds, found, numbers))
 
 
 if __name__ == "__main__":
