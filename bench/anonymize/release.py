@@ -113,6 +113,8 @@ class Terms:
         terms = cls()
         for elem in elems:
             terms._element(elem)
+        # software, not a study: an implementation's UID recurs in every file it wrote
+        terms.uids -= {str(e.value).strip().encode() for e in elems if e.tag == 0x00020012}
         return terms, pixel_key(data)
 
     def _element(self, elem: DataElement) -> None:
