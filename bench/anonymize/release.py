@@ -113,8 +113,13 @@ class Terms:
         terms = cls()
         for elem in elems:
             terms._element(elem)
-        # software, not a study: an implementation's UID recurs in every file it wrote
-        terms.uids -= {str(e.value).strip().encode() for e in elems if e.tag == 0x00020012}
+        # kinds and software, not studies: a (private) SOP class or an implementation's UID
+        # recurs in every file of its kind, wherever else a file repeats it
+        terms.uids -= {
+            str(e.value).strip().encode()
+            for e in elems
+            if e.VR == "UI" and (e.keyword or "").endswith("ClassUID") and isinstance(e.value, str)
+        }
         return terms, pixel_key(data)
 
     def _element(self, elem: DataElement) -> None:
