@@ -59,6 +59,15 @@ def _show(info: StackInfo, as_json: bool, headline: str | None = None) -> None:
         table.add_row(name, str(proc.pid or "-"), proc.url, health, proc.log)
     console.print(table)
     console.print(f"gateway: {info.gateway_url}   broker storage: {info.broker_storage}")
+    if info.settings:
+        settings = Table(title=f"settings (kept in {info.home / 'settings.json'})")
+        settings.add_column("variable")
+        settings.add_column("value")
+        for key, value in info.settings.items():
+            settings.add_row(key, value)
+        console.print(settings)
+        if info.granted_roots:
+            console.print(f"folders granted by `cohortflow run`: {', '.join(info.granted_roots)}")
 
 
 def _fail(message: str) -> typer.Exit:
@@ -81,17 +90,28 @@ def stack_up(
         list[str] | None,
         typer.Option("--service", "-s", help="Start only these services (repeatable)."),
     ] = None,
+    reconfigure: Annotated[
+        bool,
+        typer.Option(
+            "--reconfigure",
+            help="Store the COHORTFLOW_* settings of this environment that differ from the "
+            "stack's and restart its services with them (without it, a difference is refused).",
+        ),
+    ] = False,
     home: HomeOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Start whatever is not running yet; a stack that is already up is left as it is."""
+    """Start whatever is not running yet; a stack that is already up is left as it is.
+
+    The stack keeps the settings it was created with (token, data roots, secrets, ...) in its
+    state dir and uses them on every restart, whatever this shell exports."""
     stack = LocalStack(home)
     try:
         before = stack.status()
     except StackError:
         before = None
     try:
-        info = stack.up(services=service or None, infra_only=infra_only)
+        info = stack.up(services=service or None, infra_only=infra_only, reconfigure=reconfigure)
     except StackError as exc:
         raise _fail(str(exc)) from exc
     nothing_started = before is not None and _pids(before) == _pids(info)
@@ -114,7 +134,8 @@ def stack_down(home: HomeOption = None, as_json: JsonOption = False) -> None:
 
 @stack_app.command("status")
 def stack_status(home: HomeOption = None, as_json: JsonOption = False) -> None:
-    """Ports, urls, pids and health; exits 1 unless Postgres, broker and S3 all answer."""
+    """Ports, urls, pids, health and settings (secrets masked); exits 1 unless Postgres, broker and
+    S3 all answer."""
     try:
         info = LocalStack(home).status()
     except StackError as exc:
@@ -202,12 +223,14 @@ def run_command(
             as_json=as_json,
         )
         gateway_url = os.environ.get("COHORTFLOW_GATEWAY_URL")
+        token = os.environ.get("COHORTFLOW_API_TOKEN") or None
         if not gateway_url:
             if not as_json:
                 console.print("starting the local stack (first time: about a minute) ...")
-            info = LocalStack(home).up()
+            # naming a folder here is what allows the local stack to read it
+            info = LocalStack(home).up(allow=[options.source.expanduser().resolve()])
             gateway_url = info.gateway_url
-        token = os.environ.get("COHORTFLOW_API_TOKEN") or None
+            token = info.env_vars.get("COHORTFLOW_API_TOKEN") or None
         code, doc = run(options, gateway_url, token, console)
     except (RunError, StackError) as exc:
         raise _fail(str(exc)) from exc

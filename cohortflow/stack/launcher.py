@@ -1,7 +1,9 @@
 """`LocalStack`: Postgres, a Kafka-protocol broker, an S3 server and the services on this machine.
 
-Everything lives under one state dir (`Settings.home`): `stack.json` (ports, urls, pids; 0600 because
-it holds the generated secrets), `stack.env` (the `COHORTFLOW_*` variables as `export` lines),
+Everything lives under one state dir (`Settings.home`): `settings.json` (the settings chosen when the
+stack was created, reused on every restart: `cohortflow/stack/settings.py`, ADR 0018), `stack.json`
+(ports, urls, pids; 0600 because it holds the generated secrets), `stack.env` (the `COHORTFLOW_*`
+variables as `export` lines),
 `run/<name>.pid`, `logs/<name>.log`, `postgres/`, `s3/` and `secrets/`. `up` converges: what runs is
 left alone, what is missing (or died, leaving a stale pid file) is started again on the same ports.
 `down` stops exactly what the state file records.
@@ -28,7 +30,9 @@ from pydantic import BaseModel, Field
 
 from cohortflow import services as service_registry
 from cohortflow.stack import broker, objectstore, processes
+from cohortflow.stack import settings as stack_settings
 from cohortflow.stack.postgres import PostgresCluster, PostgresError
+from cohortflow.stack.settings import Difference, SettingsError, StackSettings
 from shared.settings import Settings
 
 T = TypeVar("T")
@@ -76,6 +80,9 @@ class StackInfo(BaseModel):
     env_vars: dict[str, str]
     infra: dict[str, ProcessInfo]
     services: dict[str, ServiceInfo] = Field(default_factory=dict)
+    # filled in by `status()` from settings.json, not stored here: every setting, secrets masked
+    settings: dict[str, str] = Field(default_factory=dict, exclude=True)
+    granted_roots: list[str] = Field(default_factory=list, exclude=True)
 
     @property
     def running(self) -> bool:
@@ -97,6 +104,8 @@ class StackInfo(BaseModel):
             "s3_endpoint": self.s3_endpoint,
             "s3_engine": self.s3_engine,
             "broker_storage": self.broker_storage,
+            "settings": self.settings,
+            "granted_roots": self.granted_roots,
             "infra": {
                 name: {"pid": p.pid, "url": p.url, "healthy": p.healthy, "log": p.log}
                 for name, p in self.infra.items()
@@ -123,11 +132,8 @@ class LocalStack:
         self.settings = Settings()
         self.home = Path(home or self.settings.home).expanduser().resolve()
         self.registry = dict(registry)
-        self.data_roots = (
-            list(data_roots)
-            if data_roots is not None
-            else (self.settings.data_roots or [Path.home(), Path("/")])
-        )
+        # asked for explicitly (like COHORTFLOW_DATA_ROOTS, which it overrides); None: not asked
+        self.data_roots = list(data_roots) if data_roots is not None else None
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
         self._handles: dict[str, subprocess.Popen[bytes]] = {}
@@ -141,6 +147,10 @@ class LocalStack:
     def env_file(self) -> Path:
         return self.home / "stack.env"
 
+    @property
+    def settings_file(self) -> Path:
+        return self.home / "settings.json"
+
     def log_file(self, name: str) -> Path:
         return self.home / "logs" / f"{name}.log"
 
@@ -148,18 +158,34 @@ class LocalStack:
         return self.home / "run" / f"{name}.pid"
 
     # ---- public API ---------------------------------------------------------------------------
-    def up(self, services: Iterable[str] | None = None, infra_only: bool = False) -> StackInfo:
+    def up(
+        self,
+        services: Iterable[str] | None = None,
+        infra_only: bool = False,
+        *,
+        reconfigure: bool = False,
+        allow: Iterable[Path] = (),
+    ) -> StackInfo:
         """Start what is not running: infra, then `services` (default: every installed service).
 
+        The stack runs on the settings stored when it was created. A setting the environment (or
+        the constructor's `data_roots`) asks to change raises `StackError` naming it, unless
+        `reconfigure`: then it is stored and the running services are restarted with it. `allow`:
+        folders a run names, added to the data roots when no root covers them (services restart).
         Raises `StackError` (with the tail of its log) when a part does not become ready.
         """
         with self._locked():
             self.home.mkdir(parents=True, exist_ok=True)
-            info = self._load() or self._new_info()
+            previous = self._load()
+            stored = self._settings(previous, reconfigure, allow)
+            info = previous or self._new_info(stored)
+            changed = self._sync_env(info, stored)
             try:
                 self._ensure_s3(info)
                 self._ensure_broker(info)
                 self._ensure_postgres(info)
+                if changed:
+                    self._restart_services(info)
                 if not infra_only:
                     names = (
                         list(services)
@@ -201,6 +227,10 @@ class LocalStack:
         info = self._load()
         if info is None:
             raise StackError(f"no local stack in {self.home}: run `cohortflow stack up`")
+        stored = self._load_settings()
+        if stored is not None:
+            info.settings = stored.shown()
+            info.granted_roots = list(stored.granted_roots)
         # the postmaster is started by pg_ctl: its pid file is the truth, not ours
         info.infra["postgres"].pid = self._cluster_pid()
         for proc in info.infra.values():
@@ -261,7 +291,84 @@ class LocalStack:
             self._save(info)
 
     # ---- infra --------------------------------------------------------------------------------
-    def _new_info(self) -> StackInfo:
+    # ---- settings -----------------------------------------------------------------------------
+    def _requested(self) -> dict[str, str]:
+        """The settings this invocation asks for: the environment, then the constructor's roots."""
+        requested = stack_settings.requested_from(os.environ)
+        if self.data_roots is not None:
+            requested[stack_settings.env_name(stack_settings.ROOTS)] = stack_settings.join_roots(
+                self.data_roots
+            )
+        return requested
+
+    def _settings(
+        self, previous: StackInfo | None, reconfigure: bool, allow: Iterable[Path]
+    ) -> StackSettings:
+        """The stored settings (created on first use), changed only as allowed; saved."""
+        requested = self._requested()
+        try:
+            stored = self._load_settings()
+            if stored is None:
+                stored = StackSettings.create(
+                    requested,
+                    home_dir=Path.home(),
+                    generated_secret=self._secret,
+                    legacy=previous.env_vars if previous else None,
+                )
+            else:
+                stored.complete(requested)
+                changes = stored.differences(requested)
+                if changes:
+                    self._refuse_or_apply(stored, changes, reconfigure)
+        except SettingsError as exc:
+            raise StackError(str(exc)) from exc
+        stored.grant(allow)
+        _write_private(self.settings_file, stored.model_dump_json(indent=2))
+        return stored
+
+    def _refuse_or_apply(
+        self, stored: StackSettings, changes: list[Difference], reconfigure: bool
+    ) -> None:
+        lines = "\n".join(f"  {change.describe()}" for change in changes)
+        fixed = [c for c in changes if c.fixed]
+        if fixed or not reconfigure:
+            how = (
+                "unset them to run on the stored settings"
+                if fixed
+                else "unset them to run on the stored settings, or run `cohortflow stack up "
+                "--reconfigure` to store the new values (running services are restarted)"
+            )
+            raise StackError(
+                f"the stack in {self.home} keeps the settings it was created with "
+                f"({self.settings_file}); the environment asks for other values:\n{lines}\n{how}"
+            )
+        stored.apply(changes)
+
+    def _load_settings(self) -> StackSettings | None:
+        try:
+            return StackSettings.model_validate_json(self.settings_file.read_text())
+        except FileNotFoundError:
+            return None
+
+    def _sync_env(self, info: StackInfo, stored: StackSettings) -> bool:
+        """Put the stored settings into the stack's environment; True when that changed it."""
+        before = dict(info.env_vars)
+        info.env_vars |= stored.environment()
+        return info.env_vars != before
+
+    def _service_env(self, info: StackInfo) -> dict[str, str]:
+        """A service's environment: this process's, less every setting, plus the stack's."""
+        names = stack_settings.all_setting_names()
+        return {k: v for k, v in os.environ.items() if k not in names} | info.env_vars
+
+    def _restart_services(self, info: StackInfo) -> None:
+        """Stop and start every running service instance, so each reads the changed settings."""
+        for key, svc in list(info.services.items()):
+            if processes.pid_alive(svc.pid, svc.program):
+                self._stop_process(key, svc)
+                self._start_service(info, svc.service, svc.replica)
+
+    def _new_info(self, stored: StackSettings) -> StackInfo:
         ports = {name: processes.free_port() for name in (*INFRA, "gateway")}
         s3_endpoint = f"127.0.0.1:{ports['s3']}"
         db_password = self._secret("db_password")
@@ -271,20 +378,13 @@ class LocalStack:
                 f"postgresql://{DB_ROLE}:{db_password}@127.0.0.1:{ports['postgres']}/{DB_NAME}"
             ),
             "COHORTFLOW_KAFKA_BOOTSTRAP": f"127.0.0.1:{ports['broker']}",
-            "COHORTFLOW_KAFKA_PARTITIONS": str(self.settings.kafka_partitions),
             "COHORTFLOW_KAFKA_SESSION_TIMEOUT_MS": str(LOCAL_KAFKA_SESSION_TIMEOUT_MS),
             "COHORTFLOW_KAFKA_HEARTBEAT_INTERVAL_MS": str(LOCAL_KAFKA_HEARTBEAT_INTERVAL_MS),
             "COHORTFLOW_S3_ENDPOINT": s3_endpoint,
-            "COHORTFLOW_S3_ACCESS_KEY": self.settings.s3_access_key,
-            "COHORTFLOW_S3_SECRET_KEY": self.settings.s3_secret_key.get_secret_value(),
             "COHORTFLOW_S3_SECURE": "false",
-            "COHORTFLOW_S3_REGION": self.settings.s3_region,
-            "COHORTFLOW_DATA_BUCKET": self.settings.data_bucket,
-            "COHORTFLOW_AUDIT_BUCKET": self.settings.audit_bucket,
             "COHORTFLOW_GATEWAY_HOST": "127.0.0.1",
             "COHORTFLOW_GATEWAY_PORT": str(ports["gateway"]),
-            "COHORTFLOW_PROJECT_SECRET": self._secret("project_secret"),
-            "COHORTFLOW_DATA_ROOTS": os.pathsep.join(str(p) for p in self.data_roots),
+            **stored.environment(),
         }
         server = objectstore.s3_server(ports["s3"], self.home / "s3")
         return StackInfo(
@@ -393,7 +493,7 @@ class LocalStack:
             port = int(info.env_vars["COHORTFLOW_GATEWAY_PORT"])
         else:
             port = processes.free_port(previous.port if previous else None)
-        env = os.environ | info.env_vars
+        env = self._service_env(info)
         env |= {
             "COHORTFLOW_SERVICE_PORT": str(port),
             "COHORTFLOW_SERVICE_HOST": "127.0.0.1",
