@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000
     api_token: SecretStr | None = None
+    # larger request bodies are refused with 413 before they are parsed; the largest legitimate
+    # one is an anonymization config with an inline patient_id.csv table (at most 10 MB of text)
+    api_max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     # local source folders a cohort may name; anything else (but s3://) is refused
     data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
 

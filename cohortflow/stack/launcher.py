@@ -209,16 +209,18 @@ class LocalStack:
             for key in list(info.services):
                 self._stop_process(key, info.services[key])
             info.services.clear()
-            for name in ("broker", "s3"):
-                self._stop_process(name, info.infra[name])
-            cluster = self._cluster(info.infra["postgres"].port)
-            try:
-                cluster.stop()
-            except PostgresError:
-                pid = cluster.pid
-                if pid:
-                    processes.stop(pid, "postgres", self.stop_timeout)
-            info.infra["postgres"].pid = None
+            for name in ("broker", "s3", "postgres"):
+                self._stop_infra(info, name)
+            self._save(info)
+        return self.status()
+
+    def stop_infra(self, name: str) -> StackInfo:
+        """Stop one of Postgres, the broker, the S3 server (an outage); `up` starts it again."""
+        if name not in INFRA:
+            raise StackError(f"unknown part {name!r}; the stack's parts are {', '.join(INFRA)}")
+        with self._locked():
+            info = self._require()
+            self._stop_infra(info, name)
             self._save(info)
         return self.status()
 
@@ -474,6 +476,19 @@ class LocalStack:
         proc.pid = cluster.pid
         self._link_log("postgres", cluster.log_file)
         _blocking(cluster.ensure_database(DB_ROLE, self._secret("db_password"), DB_NAME))
+
+    def _stop_infra(self, info: StackInfo, name: str) -> None:
+        if name != "postgres":
+            self._stop_process(name, info.infra[name])
+            return
+        cluster = self._cluster(info.infra["postgres"].port)
+        try:
+            cluster.stop()
+        except PostgresError:
+            pid = cluster.pid
+            if pid:
+                processes.stop(pid, "postgres", self.stop_timeout)
+        info.infra["postgres"].pid = None
 
     def _cluster(self, port: int) -> PostgresCluster:
         return PostgresCluster.for_home(self.home, port)

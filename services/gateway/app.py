@@ -23,9 +23,10 @@ from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
 from services.gateway import handlers
-from services.gateway.api import api_router, install_error_handlers
+from services.gateway.api import api_router, document_errors, install_error_handlers
 from services.gateway.api.auth import token_middleware
-from services.gateway.api.dependencies import GatewayContext
+from services.gateway.api.dependencies import BrokerProbe, GatewayContext
+from services.gateway.api.limits import BodyLimit
 from shared import topics
 from shared.broker import make_broker, subscriber_kwargs
 from shared.db import create_pool, migrate
@@ -108,7 +109,9 @@ def app_factory(settings: Settings | None = None) -> FastAPI:
         resources["pool"] = pool
         try:
             await migrate(pool, SCHEMA, MIGRATIONS)
-            app.state.gateway = GatewayContext(settings, pool, ObjectStore(settings))
+            app.state.gateway = GatewayContext(
+                settings, pool, ObjectStore(settings), BrokerProbe(lambda: broker.ping(timeout=2.0))
+            )
             relay = OutboxRelay(pool, SCHEMA, broker, settings)
             await broker.start()
             await relay.start()
@@ -141,8 +144,11 @@ def app_factory(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    document_errors(app, token=settings.api_token is not None)
     app.middleware("http")(token_middleware(settings))
     app.middleware("http")(_count_requests)
+    # outermost: a body over the limit is refused before anything reads it
+    app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
     app.include_router(health_router(ready))
     app.include_router(api_router())
     app.mount("/static", StaticFiles(directory=WEB), name="static")

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from services.gateway import catalog
 from services.gateway import repository as repo
 from services.gateway.api.dependencies import Context
-from services.gateway.api.schemas import ExportFileOut, ExportOut, SeriesOut
+from services.gateway.api.schemas import MAX_OFFSET, ExportFileOut, ExportOut, SeriesOut
 from services.gateway.errors import NotFound
 from shared.storage import ObjectStore
 from shared.topics import Stage
@@ -29,7 +29,7 @@ async def cohort_series(
     cohort_id: uuid.UUID,
     ctx: Context,
     limit: int = Query(1000, ge=1, le=10000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> list[SeriesOut]:
     """Series with their stacks; classification fields are null until sorting has run."""
     async with ctx.pool.acquire() as conn:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Response, status
 
 from services.gateway import repository as repo
 from services.gateway import runs
-from services.gateway.api.dependencies import Context
+from services.gateway.api.dependencies import Context, Publishing
 from services.gateway.api.schemas import (
     CohortCreate,
     CohortOut,
@@ -114,7 +114,7 @@ async def update_cohort(cohort_id: uuid.UUID, body: CohortPatch, ctx: Context) -
 
 
 @router.delete("/{cohort_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_cohort(cohort_id: uuid.UUID, ctx: Context) -> Response:
+async def delete_cohort(cohort_id: uuid.UUID, ctx: Publishing) -> Response:
     """Delete a cohort and, through a `CohortDeleted` event, what every stage holds of it: catalog,
     classifications, export records, and the raw, de-identified and export zones' objects. Audit
     exports (the record of what was released) and export destinations outside the bucket stay.
@@ -139,7 +139,7 @@ async def delete_cohort(cohort_id: uuid.UUID, ctx: Context) -> Response:
     "/{cohort_id}/stages/{stage}/run", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut
 )
 async def run_stage(
-    cohort_id: uuid.UUID, stage: Stage, ctx: Context, body: StageRunRequest | None = None
+    cohort_id: uuid.UUID, stage: Stage, ctx: Publishing, body: StageRunRequest | None = None
 ) -> JobOut:
     """Run one stage on the whole cohort; the previous stage must be completed (409 otherwise)."""
     started = await runs.start_stage(
@@ -150,7 +150,7 @@ async def run_stage(
 
 @router.post("/{cohort_id}/pipeline", status_code=status.HTTP_202_ACCEPTED, response_model=RunOut)
 async def run_pipeline(
-    cohort_id: uuid.UUID, ctx: Context, body: PipelineRequest | None = None
+    cohort_id: uuid.UUID, ctx: Publishing, body: PipelineRequest | None = None
 ) -> RunOut:
     """Run every remaining stage in order (anonymization only when the cohort enables it)."""
     started = await runs.start_pipeline(

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Query
 
 from services.gateway import repository as repo
 from services.gateway import runs
-from services.gateway.api.dependencies import Context
-from services.gateway.api.schemas import JobEventOut, JobOut, JobStatusName
+from services.gateway.api.dependencies import Context, Publishing
+from services.gateway.api.schemas import MAX_OFFSET, JobEventOut, JobOut, JobStatusName
 from services.gateway.errors import NotFound
 from shared.topics import Stage
 
@@ -23,7 +23,7 @@ async def list_jobs(
     status: JobStatusName | None = None,
     stage: Stage | None = None,
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> list[JobOut]:
     """Newest runs first, the jobs of a run in stage order."""
     async with ctx.pool.acquire() as conn:
@@ -58,6 +58,6 @@ async def job_events(job_id: uuid.UUID, ctx: Context) -> list[JobEventOut]:
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-async def cancel_job(job_id: uuid.UUID, ctx: Context) -> JobOut:
+async def cancel_job(job_id: uuid.UUID, ctx: Publishing) -> JobOut:
     """Cancel the job (and the later jobs of its run): the workers stop between items."""
     return JobOut.from_row(await runs.cancel_job(ctx.pool, job_id))

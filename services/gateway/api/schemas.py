@@ -28,6 +28,8 @@ CohortName = Annotated[
     ),
 ]
 Tag = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+# Postgres OFFSET is a bigint: a larger one is bad input (422 from validation), not a database error
+MAX_OFFSET = 2**63 - 1
 CohortStatusName = Literal["idle", "in_progress", "completed"]
 JobStatusName = Literal["pending", "running", "completed", "failed", "cancelled"]
 

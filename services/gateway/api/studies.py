@@ -7,8 +7,8 @@ import uuid
 from fastapi import APIRouter, Query, status
 
 from services.gateway import repository as repo
-from services.gateway.api.dependencies import Context
-from services.gateway.api.schemas import JobOut, ReceivedStudyOut, StudyAcceptedOut
+from services.gateway.api.dependencies import Context, Publishing
+from services.gateway.api.schemas import MAX_OFFSET, JobOut, ReceivedStudyOut, StudyAcceptedOut
 from services.gateway.handlers import receive_study
 from shared.events import StudyReceived
 
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/studies", tags=["studies"])
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=StudyAcceptedOut)
-async def post_study(body: StudyReceived, ctx: Context) -> StudyAcceptedOut:
+async def post_study(body: StudyReceived, ctx: Publishing) -> StudyAcceptedOut:
     """Add a study to the named cohort (`cohort`: name or id) and run the pipeline for it only.
 
     The body is the `StudyReceived` payload of the Kafka topic; `location` is the study's folder
@@ -38,7 +38,7 @@ async def list_received_studies(
     cohort_id: uuid.UUID | None = None,
     refused: bool | None = None,
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> list[ReceivedStudyOut]:
     """The "new study" notices received (HTTP and Kafka), newest first, refusals with their reason."""
     async with ctx.pool.acquire() as conn:
