@@ -145,10 +145,11 @@ def app_factory(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     document_errors(app, token=settings.api_token is not None)
+    # innermost (added first), so the route reads the body straight through it: a body over the
+    # limit is refused before anything parses it, after the token check
+    app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
     app.middleware("http")(token_middleware(settings))
     app.middleware("http")(_count_requests)
-    # outermost: a body over the limit is refused before anything reads it
-    app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
     app.include_router(health_router(ready))
     app.include_router(api_router())
     app.mount("/static", StaticFiles(directory=WEB), name="static")
