@@ -314,7 +314,10 @@ def test_compose_healthchecks_probe_each_services_own_port() -> None:
         port = env["COHORTFLOW_GATEWAY_PORT" if name == "gateway" else "COHORTFLOW_SERVICE_PORT"]
         probe = " ".join(services[name]["healthcheck"]["test"])
         assert f"127.0.0.1:{port}/healthz" in probe, name
-    assert services["gateway"]["ports"] == ["${COHORTFLOW_GATEWAY_PUBLISH:-8000}:8000"]
+    # published on loopback unless the operator binds it elsewhere
+    assert services["gateway"]["ports"] == [
+        "${COHORTFLOW_GATEWAY_BIND:-127.0.0.1}:${COHORTFLOW_GATEWAY_PUBLISH:-8000}:8000"
+    ]
 
 
 def test_compose_infrastructure_is_kraft_kafka_postgres_16_and_minio_with_buckets() -> None:
@@ -351,6 +354,7 @@ def test_compose_settings_are_real_settings_that_parse(monkeypatch: pytest.Monke
     assert settings.kafka_session_timeout_ms >= 6000, "real Kafka needs >= 6000"
     assert settings.service_port == 8080 and settings.gateway_port == 8000
     assert settings.data_roots == [Path("/data/incoming")]
+    assert settings.api_max_body_bytes == 16 * 1024 * 1024
 
 
 # --- Kubernetes: schemas ------------------------------------------------------------------------
