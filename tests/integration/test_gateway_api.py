@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 import httpx
+import jsonschema
 import pytest
 import pytest_asyncio
 import uvicorn
@@ -202,6 +203,62 @@ async def test_health_page_and_openapi_are_served(api: httpx.AsyncClient) -> Non
         "/api/studies",
     ):
         assert path in spec["paths"], path
+
+
+async def test_the_spec_documents_every_error_with_its_real_body(
+    api: httpx.AsyncClient, data_root: Path
+) -> None:
+    spec = (await api.get("/api/openapi.json")).json()
+    error = spec["components"]["schemas"]["Error"]
+    assert spec["security"] == [{"bearer": []}]  # a token is configured here
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            codes = set(operation["responses"])
+            assert {"401", "503"} <= codes, (method, path)
+            assert operation["responses"]["503"]["headers"]["Retry-After"]["required"]
+            if "{" in path:
+                assert "404" in codes, (method, path)
+            if method != "get":
+                assert "409" in codes, (method, path)
+            if "requestBody" in operation:
+                assert {"400", "413", "422"} <= codes, (method, path)
+            for code in codes - {"200", "201", "202", "204"}:
+                schema = operation["responses"][code]["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/Error"}, (method, path, code)
+    # what the handlers really send fits it: a sentence, or FastAPI's list of problems
+    refs = json.loads(json.dumps(error).replace("#/components/schemas/", "#/$defs/"))
+    validator = jsonschema.Draft202012Validator({**refs, "$defs": spec["components"]["schemas"]})
+    sentence = await api.post(
+        "/api/cohorts", json={"name": unique("bad"), "source_path": "/nowhere/at/all"}
+    )
+    listed = await api.post("/api/cohorts", json={"name": 3})
+    missing = await api.get(f"/api/cohorts/{uuid.uuid4()}")
+    name = unique("twice")
+    await new_cohort(api, data_root, name=name)
+    twice = await api.post(
+        "/api/cohorts", json={"name": name, "source_path": str(data_root / "study-a")}
+    )
+    for response, code in ((sentence, 422), (listed, 422), (missing, 404), (twice, 409)):
+        assert response.status_code == code, response.text
+        assert response.headers["content-type"] == "application/json"
+        validator.validate(response.json())
+    assert isinstance(sentence.json()["detail"], str) and isinstance(listed.json()["detail"], list)
+
+
+async def test_a_body_over_the_limit_is_413(api: httpx.AsyncClient, settings: Settings) -> None:
+    too_big = b"[" + b"0," * (settings.api_max_body_bytes // 2) + b"0]"
+    response = await api.post(
+        "/api/cohorts", content=too_big, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert "too large" in response.json()["detail"]
+
+
+async def test_a_405_names_every_method_of_its_path(api: httpx.AsyncClient) -> None:
+    response = await api.put(f"/api/cohorts/{uuid.uuid4()}")
+    assert response.status_code == 405
+    assert set(response.headers["allow"].split(", ")) == {"GET", "PATCH", "DELETE"}
+    assert response.json() == {"detail": "Method Not Allowed"}
 
 
 @pytest.mark.parametrize(
