@@ -213,3 +213,38 @@ def test_broker_down_refuses_new_work_with_503_and_recovers(own: OwnStack) -> No
         finally:
             up = own.cli("up", "-s", "gateway")
             assert up.returncode == 0, up.stderr
+
+
+def test_a_folder_a_run_names_is_granted_and_kept(own: OwnStack) -> None:
+    """What `cohortflow run FOLDER` does before it creates the cohort (without the whole pipeline)."""
+    elsewhere = own.root / "elsewhere"
+    (elsewhere / "study").mkdir(parents=True)
+    before = own.status()["services"]["gateway"]["pid"]
+    code = (
+        "import sys; from pathlib import Path; from cohortflow.stack import LocalStack; "
+        "LocalStack(Path(sys.argv[1])).up(services=['gateway'], allow=[Path(sys.argv[2])])"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("COHORTFLOW_")}
+    granted = subprocess.run(
+        [sys.executable, "-c", code, str(own.home), str(elsewhere)],
+        capture_output=True, text=True, env=clean, timeout=300,
+    )  # fmt: skip
+    assert granted.returncode == 0, granted.stderr
+    status = own.status()
+    assert status["granted_roots"] == [str(elsewhere)]
+    assert status["services"]["gateway"]["pid"] != before  # restarted to see it
+    with own.gateway() as gateway:
+        created = gateway.post(
+            "/api/cohorts",
+            json={"name": "run-folder", "source_path": str(elsewhere / "study")},
+            headers=_auth(),
+        )
+        assert created.status_code == 201, created.text
+    # the roots `stack env` now exports are no change to the stack
+    exported = own.cli("env").stdout
+    roots = next(
+        line.split("=", 1)[1] for line in exported.splitlines() if "COHORTFLOW_DATA_ROOTS=" in line
+    )
+    assert str(elsewhere) in roots
+    again = own.cli("up", "-s", "gateway", COHORTFLOW_DATA_ROOTS=roots.strip("'"))
+    assert again.returncode == 0, again.stderr
