@@ -574,6 +574,13 @@ def test_the_ingress_routes_to_the_gateway_service() -> None:
     assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
 
 
+def test_the_ingress_lets_the_gateway_refuse_oversized_bodies_itself() -> None:
+    annotations = one("Ingress", "cohortflow-gateway")["metadata"]["annotations"]
+    proxy = annotations["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert proxy.endswith("m")
+    assert int(proxy[:-1]) * 1024 * 1024 > int(configmap()["COHORTFLOW_API_MAX_BODY_BYTES"])
+
+
 def test_configmap_holds_settings_and_no_secret() -> None:
     data = configmap()
     assert set(data) <= settings_env_names(), set(data) - settings_env_names()
