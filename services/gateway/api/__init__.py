@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 import asyncpg
+import urllib3
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
@@ -38,7 +39,9 @@ UNREACHABLE: tuple[type[Exception], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
-    asyncpg.InterfaceError,  # "connection is closed", "pool is closing"
+    asyncpg.InterfaceError,  # "connection is closed", "pool is closing" (others are bugs: 500)
+    urllib3.exceptions.MaxRetryError,  # object storage (minio's client) refused or unresolvable
+    urllib3.exceptions.ProtocolError,  # object storage dropped the connection
 )
 
 
@@ -87,6 +90,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return retry_later(str(exc), exc.retry_after)
 
     async def unreachable(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, asyncpg.InterfaceError) and "clos" not in str(exc):
+            return await internal(request, exc)  # misuse of a connection: a bug, not an outage
         log.warning(
             "a server the gateway needs did not answer",
             extra={"path": request.url.path, "error": f"{type(exc).__name__}: {exc}"[:300]},
