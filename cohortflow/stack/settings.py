@@ -161,15 +161,22 @@ class StackSettings(BaseModel):
         generated_secret: Callable[[str], str],
         legacy: Mapping[str, str] | None = None,
     ) -> StackSettings:
-        """First `up`: the defaults, what an older stack already used (`legacy`, its exported
-        environment), then what was asked for. Unset roots are the user's home; an unset project
-        secret is generated (and kept under `secrets/`)."""
+        """First `up`: what was asked for, else what an older stack already used (`legacy`, its
+        exported environment; its unsafe default roots `home:/` excepted), else the defaults.
+        Unset roots are the user's home; an unset project secret is generated (and kept under
+        `secrets/`)."""
         values: dict[str, str] = {}
+        # what older stacks exported when no roots were given: the default, not a choice to keep
+        old_default_roots = join_roots([home_dir, "/"])
         for field in fields():
             name = env_name(field)
             if name in requested:
                 values[name] = requested[name]
-            elif legacy and name in legacy:
+            elif (
+                legacy
+                and name in legacy
+                and not (field == ROOTS and legacy[name] == old_default_roots)
+            ):
                 values[name] = legacy[name]
             elif field == ROOTS:
                 values[name] = join_roots([home_dir])

@@ -44,6 +44,16 @@ def test_first_values_come_from_the_request_then_an_older_stack() -> None:
     assert stored.values["COHORTFLOW_DATA_ROOTS"] == "/data"
 
 
+def test_an_older_stacks_default_roots_do_not_keep_slash() -> None:
+    stored = StackSettings.create(
+        {},
+        home_dir=HOME,
+        generated_secret=lambda name: "x",
+        legacy={"COHORTFLOW_DATA_ROOTS": f"{HOME}:/"},
+    )
+    assert stored.values["COHORTFLOW_DATA_ROOTS"] == str(HOME)
+
+
 def test_unset_variables_mean_the_stored_values() -> None:
     stored = create(COHORTFLOW_API_TOKEN="tok")
     assert stored.differences({}) == []
