@@ -215,32 +215,29 @@ def test_broker_down_refuses_new_work_with_503_and_recovers(own: OwnStack) -> No
             assert up.returncode == 0, up.stderr
 
 
-def test_a_folder_a_run_names_is_granted_and_kept(own: OwnStack) -> None:
-    """What `cohortflow run FOLDER` does before it creates the cohort (without the whole pipeline)."""
+def test_cohortflow_run_from_a_clean_shell_uses_the_stored_token_and_grants_its_folder(
+    own: OwnStack,
+) -> None:
+    """`cohortflow run FOLDER` with no COHORTFLOW_* exported: it brings the stack up on its stored
+    settings, talks to the gateway with the stored token, and may read FOLDER although no root
+    covers it; the grant is kept, and what `stack env` then exports is no change."""
     elsewhere = own.root / "elsewhere"
-    (elsewhere / "study").mkdir(parents=True)
+    elsewhere.mkdir()
+    (elsewhere / "not-dicom.txt").write_text("hello")
     before = own.status()["services"]["gateway"]["pid"]
-    code = (
-        "import sys; from pathlib import Path; from cohortflow.stack import LocalStack; "
-        "LocalStack(Path(sys.argv[1])).up(services=['gateway'], allow=[Path(sys.argv[2])])"
-    )
     clean = {k: v for k, v in os.environ.items() if not k.startswith("COHORTFLOW_")}
-    granted = subprocess.run(
-        [sys.executable, "-c", code, str(own.home), str(elsewhere)],
-        capture_output=True, text=True, env=clean, timeout=300,
+    ran = subprocess.run(
+        [*COHORTFLOW, "run", str(elsewhere), "--name", "run-folder", "--stages", "extraction",
+         "--home", str(own.home), "--json"],
+        capture_output=True, text=True, env=clean, timeout=600,
     )  # fmt: skip
-    assert granted.returncode == 0, granted.stderr
+    assert ran.returncode == 0, ran.stderr[-3000:] + ran.stdout[-3000:]
+    result = json.loads(ran.stdout)
+    assert result["cohort"]["source_path"] == str(elsewhere)
+    assert [(j["stage"], j["status"]) for j in result["jobs"]] == [("extraction", "completed")]
     status = own.status()
     assert status["granted_roots"] == [str(elsewhere)]
-    assert status["services"]["gateway"]["pid"] != before  # restarted to see it
-    with own.gateway() as gateway:
-        created = gateway.post(
-            "/api/cohorts",
-            json={"name": "run-folder", "source_path": str(elsewhere / "study")},
-            headers=_auth(),
-        )
-        assert created.status_code == 201, created.text
-    # the roots `stack env` now exports are no change to the stack
+    assert status["services"]["gateway"]["pid"] != before  # restarted to see the new root
     exported = own.cli("env").stdout
     roots = next(
         line.split("=", 1)[1] for line in exported.splitlines() if "COHORTFLOW_DATA_ROOTS=" in line
