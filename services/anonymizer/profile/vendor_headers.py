@@ -1,18 +1,68 @@
-"""Vendor headers that hide text from a plain search: GE's compressed Protocol Data Block.
+"""Kept vendor headers cleaned in place: same length, structure intact, still readable by dcm2niix.
 
-GE writes (0025,xx1B) of `GEMS_SERS_01` as a little-endian uint32 length followed by a gzip stream
-of `KEY "value"` lines (slice order, view order, series description, protocol UIDs, notes). dcm2niix
-reads it for slice order and phase encoding, so it is kept, but its text is cleaned like any other
-kept vendor text and verification searches the decompressed text.
+The private blocks conversion needs (`safe_private.json`) hide text a plain attribute walk never
+sees:
+
+- Siemens CSA image/series headers (`SIEMENS CSA HEADER` xx10/xx20): a binary list of named tags
+  (`SV10` CSA2, or the older CSA1), each with string items. The series header's `MrPhoenixProtocol`
+  item holds the XProtocol text and the `### ASCCONV BEGIN ###` protocol (`key = value` lines):
+  `tReferenceImageN` are the UIDs of the localizer images, and `sSpecPara.lFinalMatrixSizePhase`
+  holds, despite its name, the acquisition date (YYYYMMDD) on every sequence but spectroscopy,
+  where it is a small matrix size. Items carry leftover text after their terminating NUL.
+- GE's Protocol Data Block (`GEMS_SERS_01` xx1B): a little-endian uint32 length and a gzip stream
+  of `KEY "value"` lines (slice order, phase encoding, protocol UIDs, notes).
+- Philips and GE text elements (LO/SH/LT/UN...): plain strings.
+
+`VendorTextCleaner.clean` rewrites such a value without changing any offset or length: original
+dates become the subject's shifted date (or the dummy 19000101 when dates are removed), UIDs get a
+same-length replacement derived from the project secret, identifying values are overwritten with X.
+In a CSA header only the text of names and items is touched, never the binary counts and lengths
+around them; a GE block is decompressed, cleaned and compressed again. What the cleaning could not
+reach (an original identifier still found afterwards) is reported as `residue`: the caller removes
+the element rather than keep it.
 """
 
 from __future__ import annotations
 
+import bisect
 import gzip
+import re
 import struct
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
+
+from services.anonymizer.profile.dates import shift_da
+from services.anonymizer.profile.identifiers import IdentifierSet, Matcher
+from services.anonymizer.profile.uids import UID_PATTERN, is_well_known, same_length_uid
 
 GZIP_MAGIC = b"\x1f\x8b"
+CSA2_MAGIC = b"SV10"
+CSA_NAME_LENGTH = 64
+CSA_TAG_HEADER = struct.Struct("<64si4s3i")  # name, vm, vr, syngodt, n_items, xx (77 or 205)
+CSA_ITEM_HEADER = struct.Struct("<4i")  # item length is the second field
+CSA_MAX_TAGS = 1000
+CSA_MAX_ITEMS = 1000
+
+# ASCCONV / XProtocol fields that hold a date although their names do not say so (see the module
+# docstring); a value is treated as a date only when it is a valid YYYYMMDD
+ASCCONV_DATE_KEYS = ("sSpecPara.lFinalMatrixSizePhase",)
+_KEYED_DATES = re.compile(
+    "|".join(
+        rf"(?:^{re.escape(key)}\s*=\s*|<ParamLong\.\"{re.escape(key.rsplit('.', 1)[-1])}\">\s*\{{\s*)"
+        r"([0-9]{8})(?![0-9])"
+        for key in ASCCONV_DATE_KEYS
+    ),
+    re.M,
+)
+# a date as dcm2niix, verification and people write it inside vendor text: 8 digits alone or
+# opening a DT (12 or more digits), YYYY-MM-DD / YYYY.MM.DD / YYYY/MM/DD, DD.MM.YYYY
+_DATE_TOKEN = re.compile(
+    r"(?<![0-9.])(?:[0-9]{8,}|[0-9]{4}([-./])[0-9]{2}\1[0-9]{2}(?![0-9])"
+    r"|[0-9]{2}\.[0-9]{2}\.[0-9]{4}(?![0-9]))"
+)
+DUMMY_DATE = "19000101"
 
 
 def unpack_gzip_block(data: bytes) -> bytes | None:
@@ -31,3 +81,203 @@ def pack_gzip_block(text: bytes) -> bytes:
     compressed = gzip.compress(text, mtime=0)
     out = struct.pack("<I", len(compressed)) + compressed
     return out + b"\x00" if len(out) % 2 else out
+
+
+def csa_text_spans(data: bytes) -> list[tuple[int, int]] | None:
+    """The (start, end) byte ranges of a Siemens CSA header that hold text: each tag's 64-byte name
+    field and each item's data (leftovers after the NUL included); None when `data` is not a CSA
+    header whose every count and length is consistent (it is then cleaned as plain bytes)."""
+    end = len(data)
+    pos = 8 if data[:4] == CSA2_MAGIC else 0
+    if pos + 8 > end:
+        return None
+    n_tags, _check = struct.unpack_from("<2I", data, pos)
+    if not 0 < n_tags <= CSA_MAX_TAGS:
+        return None
+    pos += 8
+    spans: list[tuple[int, int]] = []
+    for _ in range(n_tags):
+        if pos + CSA_TAG_HEADER.size > end:
+            return None
+        _name, _vm, _vr, _syngodt, n_items, xx = CSA_TAG_HEADER.unpack_from(data, pos)
+        if not 0 <= n_items <= CSA_MAX_ITEMS or xx not in (77, 205):
+            return None
+        spans.append((pos, pos + CSA_NAME_LENGTH))
+        pos += CSA_TAG_HEADER.size
+        for _ in range(n_items):
+            if pos + CSA_ITEM_HEADER.size > end:
+                return None
+            length = CSA_ITEM_HEADER.unpack_from(data, pos)[1]
+            pos += CSA_ITEM_HEADER.size
+            if length < 0 or pos + length > end:
+                return None
+            if length:
+                spans.append((pos, pos + length))
+            pos += (length + 3) // 4 * 4
+    return spans
+
+
+def _date_forms(yyyymmdd: str) -> dict[str, str]:
+    """The written forms of a date that vendor text uses, each mapped to its YYYYMMDD."""
+    y, m, d = yyyymmdd[:4], yyyymmdd[4:6], yyyymmdd[6:8]
+    forms = [yyyymmdd, f"{y}-{m}-{d}", f"{y}.{m}.{d}", f"{y}/{m}/{d}", f"{d}.{m}.{y}"]
+    return {form: yyyymmdd for form in forms}
+
+
+def _rewrite_date(token: str, new: str) -> str:
+    """`token` (a date in one of the forms above, or a DT digit run) with its date set to `new`."""
+    if token.isdigit():
+        return new + token[8:]
+    if token[2] == ".":  # DD.MM.YYYY
+        return f"{new[6:8]}.{new[4:6]}.{new[:4]}"
+    sep = token[4]
+    return f"{new[:4]}{sep}{new[4:6]}{sep}{new[6:8]}"
+
+
+def is_valid_date(text: str) -> bool:
+    if len(text) != 8 or not text.isdigit():
+        return False
+    try:
+        date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass
+class CleanedValue:
+    """One vendor value after cleaning: `data` None when nothing changed; the original UIDs and
+    dates it held (for verification); `residue` True when an original identifier is still in it."""
+
+    data: bytes | None
+    uids: list[str] = field(default_factory=list)
+    dates: list[str] = field(default_factory=list)
+    residue: bool = False
+
+
+class VendorTextCleaner:
+    """Cleans kept vendor values of one file once everything identifying in it is known.
+
+    `values`: the identifying values (and their distinctive words) to overwrite; `originals`: what
+    verification will search for (whole values, UIDs, dates), used to report what is left;
+    `new_date`: YYYYMMDD -> its replacement (the subject's shift or the dummy date), None when dates
+    are kept; `secret` keys the same-length UID replacements (None when UIDs are kept).
+    """
+
+    def __init__(
+        self,
+        *,
+        values: IdentifierSet | None,
+        originals: Matcher,
+        new_date: Callable[[str], str] | None,
+        secret: bytes | None,
+    ) -> None:
+        self.values = Matcher(values).text if values is not None else None
+        self._folded = tuple({v.casefold() for v in values.values}) if values is not None else ()
+        self.originals = originals
+        self.new_date = new_date
+        self.secret = secret
+        self.dates: dict[str, str] = {}  # written form -> YYYYMMDD, for every original date
+        for original in originals.dates:
+            self.dates.update(_date_forms(original))
+
+    def clean(self, data: bytes) -> CleanedValue:
+        """`data` cleaned: a GE gzip block inside its compression, a CSA header item by item, any
+        other value as text of the same length."""
+        inner = unpack_gzip_block(data)
+        if inner is None:
+            return self._clean(data, csa_text_spans(data))
+        result = self._clean(inner, None)
+        if result.data is not None:
+            result.data = pack_gzip_block(result.data)
+        packed = result.data if result.data is not None else data
+        result.residue = result.residue or bool(self.originals.in_text(packed.decode("latin-1")))
+        return result
+
+    def _clean(self, data: bytes, spans: list[tuple[int, int]] | None) -> CleanedValue:
+        starts = [s for s, _ in spans] if spans is not None else []
+
+        def inside(start: int, stop: int) -> bool:
+            if spans is None:
+                return True
+            i = bisect.bisect_right(starts, start) - 1
+            return i >= 0 and stop <= spans[i][1]
+
+        out = CleanedValue(None)
+        buf = data
+        if self.secret is not None:
+            buf = self._uids(buf, inside, out)
+        text = buf.decode("latin-1")
+        if self.new_date is not None:
+            text = self._dates(text, inside, out)
+        if self.values is not None and self._may_hold_value(text):
+            text = self.values.sub(
+                lambda m: "X" * len(m.group(0)) if inside(m.start(), m.end()) else m.group(0), text
+            )
+        cleaned = text.encode("latin-1")
+        if cleaned != data:
+            out.data = cleaned
+        out.residue = bool(self.originals.in_text(text))
+        return out
+
+    def _may_hold_value(self, text: str) -> bool:
+        folded = text.casefold()
+        return any(v in folded for v in self._folded)
+
+    def _uids(self, buf: bytes, inside: Callable[[int, int], bool], out: CleanedValue) -> bytes:
+        assert self.secret is not None
+        secret = self.secret
+        originals = self.originals.uids
+
+        def swap(match: re.Match[bytes]) -> bytes:
+            text = match.group(0)
+            uid = text.decode("ascii")
+            known = uid in originals
+            if not inside(match.start(), match.end()) or is_well_known(uid):
+                return text
+            if len(text) < 12 and not known:
+                return text
+            out.uids.append(uid)
+            return same_length_uid(secret, text)
+
+        buf = UID_PATTERN.sub(swap, buf)
+        # original UIDs too short or too plain for the pattern above
+        if any(uid.encode() in buf for uid in originals):
+            buf = _UID_RUN.sub(
+                lambda m: swap(m) if m.group(0).decode() in originals else m.group(0), buf
+            )
+        return buf
+
+    def _dates(self, text: str, inside: Callable[[int, int], bool], out: CleanedValue) -> str:
+        assert self.new_date is not None
+        new_date = self.new_date
+        if "ASCCONV" in text or "<ParamLong." in text:
+            for match in _KEYED_DATES.finditer(text):
+                value = next(g for g in match.groups() if g)
+                if is_valid_date(value) and value not in self.dates:
+                    self.dates.update(_date_forms(value))
+        if not any(form in text for form in self.dates):
+            return text
+
+        def swap(match: re.Match[str]) -> str:
+            token = match.group(0)
+            key = token[:8] if token.isdigit() else token
+            original = self.dates.get(key)
+            if token.isdigit() and 8 < len(token) < 12:
+                original = None  # a longer number, not a date nor a date-time
+            if original is None or not inside(match.start(), match.end()):
+                return token
+            out.dates.append(original)
+            return _rewrite_date(token, new_date(original))
+
+        return _DATE_TOKEN.sub(swap, text)
+
+
+_UID_RUN = re.compile(rb"(?<![0-9.])[0-9][0-9.]*(?![0-9.])")
+
+
+def date_replacement(offset_days: int | None) -> Callable[[str], str]:
+    """YYYYMMDD -> the subject's shifted date, or the dummy date when dates are not shifted."""
+    if offset_days is None:
+        return lambda _original: DUMMY_DATE
+    return lambda original: shift_da(original, offset_days)
