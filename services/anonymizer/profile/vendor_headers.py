@@ -32,6 +32,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
+from typing import Any
 
 from services.anonymizer.profile.dates import shift_da
 from services.anonymizer.profile.identifiers import IdentifierSet, Matcher
@@ -46,22 +47,16 @@ CSA_MAX_TAGS = 1000
 CSA_MAX_ITEMS = 1000
 
 # ASCCONV / XProtocol fields that hold a date although their names do not say so (see the module
-# docstring); a value is treated as a date only when it is a valid YYYYMMDD
+# docstring): `sSpecPara.lFinalMatrixSizePhase = 20180502`, `<ParamLong."lFinalMatrixSizePhase">
+# { 20180502 }`; a value is taken for a date only when it is a valid YYYYMMDD
 ASCCONV_DATE_KEYS = ("sSpecPara.lFinalMatrixSizePhase",)
-_KEYED_DATES = re.compile(
-    "|".join(
-        rf"(?:^{re.escape(key)}\s*=\s*|<ParamLong\.\"{re.escape(key.rsplit('.', 1)[-1])}\">\s*\{{\s*)"
-        r"([0-9]{8})(?![0-9])"
-        for key in ASCCONV_DATE_KEYS
-    ),
-    re.M,
-)
-# a date as dcm2niix, verification and people write it inside vendor text: 8 digits alone or
-# opening a DT (12 or more digits), YYYY-MM-DD / YYYY.MM.DD / YYYY/MM/DD, DD.MM.YYYY
-_DATE_TOKEN = re.compile(
-    r"(?<![0-9.])(?:[0-9]{8,}|[0-9]{4}([-./])[0-9]{2}\1[0-9]{2}(?![0-9])"
-    r"|[0-9]{2}\.[0-9]{2}\.[0-9]{4}(?![0-9]))"
-)
+_KEYED_VALUE = re.compile(r'(?:\s*=\s*|">\s*\{\s*)([0-9]{8})(?![0-9])')
+# three numeric UID components between dots: every UID of >= 5 components has them, and the
+# literal dot lets the search skip ahead fast through 100 KB protocol texts
+_UID_CORE = re.compile(rb"\.[0-9]+\.[0-9]+\.[0-9]+\.")
+_DIGITS_DOT = frozenset(b"0123456789.")
+_DIGITS = frozenset("0123456789")
+_ALNUM = frozenset("0123456789abcdefghijklmnopqrstuvwxyz")  # word bounds as verification's (ASCII)
 DUMMY_DATE = "19000101"
 
 
@@ -167,13 +162,13 @@ class VendorTextCleaner:
     def __init__(
         self,
         *,
-        values: IdentifierSet | None,
+        values: IdentifierSet,
         originals: Matcher,
         new_date: Callable[[str], str] | None,
         secret: bytes | None,
     ) -> None:
-        self.values = Matcher(values).text if values is not None else None
-        self._folded = tuple({v.casefold() for v in values.values}) if values is not None else ()
+        # longest first: "DOE JOHN" is masked whole before "DOE"
+        self._lowered = sorted({v.lower() for v in values.values if v}, key=len, reverse=True)
         self.originals = originals
         self.new_date = new_date
         self.secret = secret
@@ -210,70 +205,113 @@ class VendorTextCleaner:
         text = buf.decode("latin-1")
         if self.new_date is not None:
             text = self._dates(text, inside, out)
-        if self.values is not None and self._may_hold_value(text):
-            text = self.values.sub(
-                lambda m: "X" * len(m.group(0)) if inside(m.start(), m.end()) else m.group(0), text
-            )
+        if self._lowered:
+            text = self._values(text, inside)
         cleaned = text.encode("latin-1")
         if cleaned != data:
             out.data = cleaned
         out.residue = bool(self.originals.in_text(text))
         return out
 
-    def _may_hold_value(self, text: str) -> bool:
-        folded = text.casefold()
-        return any(v in folded for v in self._folded)
+    def _values(self, text: str, inside: Callable[[int, int], bool]) -> str:
+        """Identifying values overwritten with X where they stand as whole words (a plain search
+        per value: a regex alternation over a 100 KB protocol text costs milliseconds)."""
+        lowered = text.lower()  # length-preserving on latin-1 text, unlike casefold
+        edits: list[tuple[int, int, str]] = []
+        for value in self._lowered:
+            pos = lowered.find(value)
+            while pos >= 0:
+                end = pos + len(value)
+                alone = (pos == 0 or lowered[pos - 1] not in _ALNUM) and (
+                    end == len(lowered) or lowered[end] not in _ALNUM
+                )
+                if alone and inside(pos, end):
+                    edits.append((pos, end, "X" * len(value)))
+                pos = lowered.find(value, pos + 1)
+        return _apply(text, edits) if edits else text
 
     def _uids(self, buf: bytes, inside: Callable[[int, int], bool], out: CleanedValue) -> bytes:
+        """Every non-standard UID-shaped run of >= 12 characters, and every run that is an original
+        UID of the file, replaced by a same-length UID."""
         assert self.secret is not None
-        secret = self.secret
-        originals = self.originals.uids
-
-        def swap(match: re.Match[bytes]) -> bytes:
-            text = match.group(0)
-            uid = text.decode("ascii")
-            known = uid in originals
-            if not inside(match.start(), match.end()) or is_well_known(uid):
-                return text
-            if len(text) < 12 and not known:
-                return text
-            out.uids.append(uid)
-            return same_length_uid(secret, text)
-
-        buf = UID_PATTERN.sub(swap, buf)
-        # original UIDs too short or too plain for the pattern above
-        if any(uid.encode() in buf for uid in originals):
-            buf = _UID_RUN.sub(
-                lambda m: swap(m) if m.group(0).decode() in originals else m.group(0), buf
-            )
-        return buf
+        runs: dict[int, int] = {}  # start -> end of maximal [0-9.] runs worth a look
+        for match in _UID_CORE.finditer(buf):
+            start, end = _run_around(buf, match.start(), match.end(), _DIGITS_DOT)
+            runs[start] = end
+        for uid in self.originals.uids:
+            needle = uid.encode()
+            pos = buf.find(needle)
+            while pos >= 0:
+                start, end = _run_around(buf, pos, pos + len(needle), _DIGITS_DOT)
+                runs[start] = end
+                pos = buf.find(needle, pos + 1)
+        edits: list[tuple[int, int, bytes]] = []
+        for start, end in runs.items():
+            run = buf[start:end]
+            uid = run.decode("ascii")
+            if not inside(start, end) or is_well_known(uid):
+                continue
+            if uid in self.originals.uids or (len(run) >= 12 and UID_PATTERN.fullmatch(run)):
+                out.uids.append(uid)
+                edits.append((start, end, same_length_uid(self.secret, run)))
+        return _apply(buf, edits) if edits else buf
 
     def _dates(self, text: str, inside: Callable[[int, int], bool], out: CleanedValue) -> str:
+        """Original dates in any of their written forms (a DT's date part too) replaced by
+        `new_date`; ASCCONV date fields holding another valid date are original dates as well."""
         assert self.new_date is not None
-        new_date = self.new_date
-        if "ASCCONV" in text or "<ParamLong." in text:
-            for match in _KEYED_DATES.finditer(text):
-                value = next(g for g in match.groups() if g)
-                if is_valid_date(value) and value not in self.dates:
-                    self.dates.update(_date_forms(value))
-        if not any(form in text for form in self.dates):
-            return text
+        for key in ASCCONV_DATE_KEYS:
+            name = key.rsplit(".", 1)[-1]
+            pos = text.find(name)
+            while pos >= 0:
+                match = _KEYED_VALUE.match(text, pos + len(name))
+                if match and is_valid_date(match.group(1)):
+                    self.dates.update(_date_forms(match.group(1)))
+                pos = text.find(name, pos + 1)
+        edits: list[tuple[int, int, str]] = []
+        for form, original in self.dates.items():
+            pos = text.find(form)
+            while pos >= 0:
+                end = pos + len(form)
+                if form.isdigit():  # 8 digits alone or opening a DT, never inside a longer number
+                    run_end = _run_around(text, pos, end, _DIGITS)[1]
+                    if run_end - pos >= 12:
+                        end = pos + 8
+                    elif run_end != end:
+                        end = -1
+                elif end < len(text) and text[end] in _DIGITS:
+                    end = -1
+                if (
+                    end > 0
+                    and (pos == 0 or text[pos - 1] not in ".0123456789")
+                    and inside(pos, end)
+                ):
+                    out.dates.append(original)
+                    edits.append((pos, end, _rewrite_date(text[pos:end], self.new_date(original))))
+                pos = text.find(form, pos + 1)
+        return _apply(text, edits) if edits else text
 
-        def swap(match: re.Match[str]) -> str:
-            token = match.group(0)
-            key = token[:8] if token.isdigit() else token
-            original = self.dates.get(key)
-            if token.isdigit() and 8 < len(token) < 12:
-                original = None  # a longer number, not a date nor a date-time
-            if original is None or not inside(match.start(), match.end()):
-                return token
-            out.dates.append(original)
-            return _rewrite_date(token, new_date(original))
 
-        return _DATE_TOKEN.sub(swap, text)
+def _run_around(data: Any, start: int, end: int, chars: Any) -> tuple[int, int]:
+    """The maximal run of `chars` around data[start:end] (bytes or str)."""
+    while start > 0 and data[start - 1] in chars:
+        start -= 1
+    while end < len(data) and data[end] in chars:
+        end += 1
+    return start, end
 
 
-_UID_RUN = re.compile(rb"(?<![0-9.])[0-9][0-9.]*(?![0-9.])")
+def _apply(data: Any, edits: list[tuple[int, int, Any]]) -> Any:
+    """`data` with same-length replacements at (start, end) (overlaps: the first one wins)."""
+    parts = []
+    last = 0
+    for start, end, new in sorted(edits):
+        if start < last:
+            continue
+        parts += [data[last:start], new]
+        last = end
+    parts.append(data[last:])
+    return data[:0].join(parts)
 
 
 def date_replacement(offset_days: int | None) -> Callable[[str], str]:
