@@ -29,13 +29,13 @@ import gzip
 import re
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
 from services.anonymizer.profile.dates import shift_da
-from services.anonymizer.profile.identifiers import IdentifierSet, Matcher
+from services.anonymizer.profile.identifiers import Matcher
 from services.anonymizer.profile.uids import UID_PATTERN, is_well_known, same_length_uid
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -153,7 +153,9 @@ class CleanedValue:
 class VendorTextCleaner:
     """Cleans kept vendor values of one file once everything identifying in it is known.
 
-    `values`: the identifying values (and their distinctive words) to overwrite; `originals`: what
+    `values`: the identifying values to overwrite (whole values and name components, as
+    verification searches them: a word of an institution such as "research" also names
+    sequences, `research/ABCD/epi_pepolar`, and stays); `originals`: what
     verification will search for (whole values, UIDs, dates), used to report what is left;
     `new_date`: YYYYMMDD -> its replacement (the subject's shift or the dummy date), None when dates
     are kept; `secret` keys the same-length UID replacements (None when UIDs are kept).
@@ -162,13 +164,13 @@ class VendorTextCleaner:
     def __init__(
         self,
         *,
-        values: IdentifierSet,
+        values: Iterable[str],
         originals: Matcher,
         new_date: Callable[[str], str] | None,
         secret: bytes | None,
     ) -> None:
         # longest first: "DOE JOHN" is masked whole before "DOE"
-        self._lowered = sorted({v.lower() for v in values.values if v}, key=len, reverse=True)
+        self._lowered = sorted({v.lower() for v in values if v}, key=len, reverse=True)
         self.originals = originals
         self.new_date = new_date
         self.secret = secret
