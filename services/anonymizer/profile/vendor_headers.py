@@ -153,9 +153,9 @@ class CleanedValue:
 class VendorTextCleaner:
     """Cleans kept vendor values of one file once everything identifying in it is known.
 
-    `values`: the identifying values to overwrite (whole values and name components, as
-    verification searches them: a word of an institution such as "research" also names
-    sequences, `research/ABCD/epi_pepolar`, and stays); `originals`: what
+    `values`: the identifying values to overwrite (whole values, name components and the words of
+    names; not the words of an institution: "research" also names sequences,
+    `research/ABCD/epi_pepolar`, and stays); `originals`: what
     verification will search for (whole values, UIDs, dates), used to report what is left;
     `new_date`: YYYYMMDD -> its replacement (the subject's shift or the dummy date), None when dates
     are kept; `secret` keys the same-length UID replacements (None when UIDs are kept).

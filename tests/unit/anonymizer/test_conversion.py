@@ -41,7 +41,8 @@ DEIDENTIFIED = frozenset(
 
 
 def convert(folder: Path, out: Path) -> list[tuple[Path, dict[str, object]]]:
-    """dcm2niix's NIfTI files with their sidecars (and bval/bvec text), in a stable order."""
+    """dcm2niix's NIfTI files with their sidecars (and bval/bvec text), ordered by what they hold
+    (output names get collision suffixes in the order dcm2niix meets the input files)."""
     out.mkdir()
     subprocess.run(
         [str(DCM2NIIX), "-b", "y", "-z", "n", "-f", "%s_%e", "-o", str(out), str(folder)],
@@ -57,7 +58,15 @@ def convert(folder: Path, out: Path) -> list[tuple[Path, dict[str, object]]]:
             sidecar[f"({ext})"] = extra.read_text().split() if extra.exists() else None
         found.append((nii, sidecar))
     assert found, "dcm2niix wrote nothing"
-    return found
+    return sorted(found, key=lambda pair: _identity(*pair))
+
+
+def _identity(nii: Path, sidecar: dict[str, object]) -> str:
+    shape = nib.Nifti1Image.from_filename(nii).shape
+    return json.dumps([shape, *(sidecar.get(k) for k in ORDER_KEYS)], default=str)
+
+
+ORDER_KEYS = ("SeriesNumber", "AcquisitionTime", "EchoNumber", "ImageType", "ReconMatrixPE")
 
 
 def masked_only(original: object, anonymized: object) -> bool:
@@ -89,6 +98,7 @@ SERIES = [
     ("dev", "dcm_qa_table/GE_Exam1486_02_Ax_fMRI_FF_I11.1_S15.9"),  # GE fMRI: shim, slice order
     ("dev", "dcm_qa_table/Ph_1301_Dual-echo_iso"),  # Philips magnitude and phase, two echoes
     ("dev", "heudiconv/xa_4d_interrupted"),  # Siemens XA classic
+    ("dev", "nibabel/CBU_DTI_64D_1A"),  # Siemens VB DTI: a name word in the XProtocol text
 ]
 
 

@@ -144,7 +144,7 @@ def _plant_in_ascconv(value: bytes, ds: Dataset) -> None:
 
 def test_a_name_planted_in_the_ascconv_is_cleaned(siemens_ve11: Path, tmp_path: Path) -> None:
     ds = pydicom.dcmread(siemens_ve11)
-    ds.PatientName = "Kowalczyk^Agnieszka"
+    ds.PatientName = "Nowak Kowalczyk^Agnieszka"  # one word of a compound family name
     ds.PatientID = "PID-4471902"
     _plant_in_ascconv(b"Kowalczyk PID-4471902", ds)
     result, data = run(_saved(ds, tmp_path))
