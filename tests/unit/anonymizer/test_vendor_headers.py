@@ -13,6 +13,7 @@ import pytest
 from nibabel.nicom import csareader
 from pydicom import Dataset
 
+from services.anonymizer.audit import audit_row
 from services.anonymizer.profile import (
     IdentifierSet,
     ProfileOptions,
@@ -194,6 +195,7 @@ def test_what_cannot_be_cleaned_is_removed_and_reported(siemens_ve11: Path, tmp_
     assert verify(out, result.identifiers) == []
     assert CSA_IMAGE not in pydicom.dcmread(io.BytesIO(out))
     assert result.actions[("SIEMENS CSA HEADER:10 (not cleanable)", "removed")] == 1
+    assert "SIEMENS CSA HEADER:10 (not cleanable)" in audit_row(result, "").removed
     assert CSA_SERIES in pydicom.dcmread(io.BytesIO(out))  # the rest of the block stays
 
 
