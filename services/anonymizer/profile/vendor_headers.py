@@ -50,6 +50,7 @@ CSA_MAX_ITEMS = 1000
 # docstring): `sSpecPara.lFinalMatrixSizePhase = 20180502`, `<ParamLong."lFinalMatrixSizePhase">
 # { 20180502 }`; a value is taken for a date only when it is a valid YYYYMMDD
 ASCCONV_DATE_KEYS = ("sSpecPara.lFinalMatrixSizePhase",)
+_ASCCONV_NAMES = tuple(key.rsplit(".", 1)[-1].encode() for key in ASCCONV_DATE_KEYS)
 _KEYED_VALUE = re.compile(r'(?:\s*=\s*|">\s*\{\s*)([0-9]{8})(?![0-9])')
 # three numeric UID components between dots: every UID of >= 5 components has them, and the
 # literal dot lets the search skip ahead fast through 100 KB protocol texts
@@ -177,12 +178,16 @@ class VendorTextCleaner:
         self.dates: dict[str, str] = {}  # written form -> YYYYMMDD, for every original date
         for original in originals.dates:
             self.dates.update(_date_forms(original))
+        self._date_bytes = [form.encode() for form in self.dates]
+        self._uid_bytes = [uid.encode() for uid in originals.uids]
 
     def clean(self, data: bytes) -> CleanedValue:
         """`data` cleaned: a GE gzip block inside its compression, a CSA header item by item, any
         other value as text of the same length."""
         inner = unpack_gzip_block(data)
         if inner is None:
+            if not self._may_hold(data):
+                return CleanedValue(None)  # most vendor values: short codes and numbers
             return self._clean(data, csa_text_spans(data))
         result = self._clean(inner, None)
         if result.data is not None:
@@ -214,6 +219,31 @@ class VendorTextCleaner:
             out.data = cleaned
         out.residue = bool(self.originals.in_text(text))
         return out
+
+    def worth_cleaning(self, values: list[bytes]) -> list[bool]:
+        """Which of `values` may need cleaning, by one search over all plain ones (most files'
+        vendor values name nobody); compressed GE blocks are always looked at inside."""
+        packed = [len(v) >= 8 and v[4:6] == GZIP_MAGIC for v in values]
+        plain = self._may_hold(
+            b"\x00".join(v for v, p in zip(values, packed, strict=True) if not p)
+        )
+        return [p or plain for p in packed]
+
+    def _may_hold(self, data: bytes) -> bool:
+        """Whether `data` may hold anything to clean (a UID, a date form, an ASCCONV date field, a
+        value); False means it holds nothing verification would find either."""
+        uids = self.secret is not None and b"." in data
+        if uids and (_UID_CORE.search(data) or any(uid in data for uid in self._uid_bytes)):
+            return True
+        if self.new_date is not None:
+            if any(form in data for form in self._date_bytes):
+                return True
+            if any(key in data for key in _ASCCONV_NAMES):
+                return True
+        if self._lowered:
+            lowered = data.decode("latin-1").lower()
+            return any(value in lowered for value in self._lowered)
+        return False
 
     def _values(self, text: str, inside: Callable[[int, int], bool]) -> str:
         """Identifying values overwritten with X where they stand as whole words (a plain search
@@ -267,8 +297,9 @@ class VendorTextCleaner:
             pos = text.find(name)
             while pos >= 0:
                 match = _KEYED_VALUE.match(text, pos + len(name))
-                if match and is_valid_date(match.group(1)):
+                if match and is_valid_date(match.group(1)) and match.group(1) not in self.dates:
                     self.dates.update(_date_forms(match.group(1)))
+                    self._date_bytes = [form.encode() for form in self.dates]
                 pos = text.find(name, pos + 1)
         edits: list[tuple[int, int, str]] = []
         for form, original in self.dates.items():
