@@ -348,7 +348,12 @@ def _apply(data: Any, edits: list[tuple[int, int, Any]]) -> Any:
 
 
 def date_replacement(offset_days: int | None) -> Callable[[str], str]:
-    """YYYYMMDD -> the subject's shifted date, or the dummy date when dates are not shifted."""
-    if offset_days is None:
-        return lambda _original: DUMMY_DATE
-    return lambda original: shift_da(original, offset_days)
+    """YYYYMMDD -> the subject's shifted date, or the dummy date when dates are not shifted (or
+    the original is no calendar date, such as 00000000)."""
+
+    def replace(original: str) -> str:
+        if offset_days is None or not is_valid_date(original):
+            return DUMMY_DATE
+        return shift_da(original, offset_days)
+
+    return replace

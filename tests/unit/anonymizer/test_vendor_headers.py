@@ -237,6 +237,11 @@ def test_an_ascconv_date_field_is_a_date_even_when_no_attribute_holds_it() -> No
     assert cleaned.dates == ["20991231"]
 
 
+def test_a_date_that_is_no_calendar_date_gets_the_dummy() -> None:
+    cleaned = _cleaner({"00000000"}).clean(b"acquired 00000000 at noon")
+    assert cleaned.data == b"acquired 19000101 at noon"
+
+
 def test_uids_and_values_replaced_at_the_same_length() -> None:
     text = b'x "1.2.840.99.7" y "1.3.12.2.1107.5.2.43.67060.2018050212" by John Doe, JOHNSON'
     cleaned = _cleaner(set()).clean(text)
