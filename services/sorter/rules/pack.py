@@ -210,6 +210,11 @@ def _read(profile: str) -> dict[str, Any]:
     return loaded
 
 
+def merged_pack(profile: str) -> PackFile:
+    """The uncompiled pack of `profile` with its parents merged in (benches edit it, then compile)."""
+    return _merged(profile)
+
+
 def _merged(profile: str, seen: tuple[str, ...] = ()) -> PackFile:
     if profile in seen:
         raise ValueError(f"rule packs extend each other in a loop: {' -> '.join((*seen, profile))}")
