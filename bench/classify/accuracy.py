@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import re
 import sys
 from collections import Counter, defaultdict
@@ -45,10 +46,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from services.extractor.catalog.parse import parse_instance  # noqa: E402
-from services.extractor.catalog.records import InstanceRecord, Rejection  # noqa: E402
-from services.extractor.catalog.stacks import build_stacks  # noqa: E402
-from services.sorter.rules import (  # noqa: E402
+from services.extractor.catalog.parse import parse_instance
+from services.extractor.catalog.records import InstanceRecord, Rejection
+from services.extractor.catalog.stacks import build_stacks
+from services.sorter.rules import (
     Classification,
     Fingerprint,
     RulePack,
@@ -58,8 +59,8 @@ from services.sorter.rules import (  # noqa: E402
     fingerprint_batch,
     load_rules,
 )
-from services.sorter.rules.pack import compile_pack, merged_pack  # noqa: E402
-from services.sorter.rules.vocabulary import vocabulary  # noqa: E402
+from services.sorter.rules.pack import compile_pack, merged_pack
+from services.sorter.rules.vocabulary import vocabulary
 
 HERE = Path(__file__).resolve().parent
 PROVENANCE = HERE / "rule_provenance.yaml"
@@ -79,10 +80,33 @@ NON_IMAGE_KINDS = frozenset(
 )
 CONFIDENCE_BINS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01)
 ALSO_RIGHT = {"DWI-b0": {"fmap-EPI"}}
-LABELS = (
-    "T1w T2w PDw FLAIR T2starw SWI angio DWI DWI-b0 DWI-derived BOLD sbref fmap-phasediff fmap-phase"
-    " fmap-magnitude fmap-EPI ASL ASL-M0 ASL-derived localizer CT CT-localizer PET non-image other"
-).split()
+LABELS = [
+    "T1w",
+    "T2w",
+    "PDw",
+    "FLAIR",
+    "T2starw",
+    "SWI",
+    "angio",
+    "DWI",
+    "DWI-b0",
+    "DWI-derived",
+    "BOLD",
+    "sbref",
+    "fmap-phasediff",
+    "fmap-phase",
+    "fmap-magnitude",
+    "fmap-EPI",
+    "ASL",
+    "ASL-M0",
+    "ASL-derived",
+    "localizer",
+    "CT",
+    "CT-localizer",
+    "PET",
+    "non-image",
+    "other",
+]
 _BEST_GUESS = re.compile(r"best guess (.*)")
 _WORD = re.compile(r"[A-Za-z0-9*-]+")
 _SUFFIX_LABEL = {
@@ -95,6 +119,7 @@ _SUFFIX_LABEL = {
     ("anat", "FLAIR"): "FLAIR",
     ("anat", "T2starw"): "T2starw",
     ("anat", "MEGRE"): "T2starw",
+    ("anat", "MESE"): "other",  # no MESE label: the vocabulary names it "other" (see labels why)
     ("anat", "swi"): "SWI",
     ("derivatives", "swi"): "SWI",
     ("anat", "angio"): "angio",
@@ -127,9 +152,9 @@ def predicted_label(c: Classification, fp: Fingerprint | None, kind: str) -> str
         return "CT-localizer" if kind.endswith("ct") else "localizer"
     if not c.bids_suffix:
         return "unknown"
-    if (c.bids_datatype, c.bids_suffix) == ("dwi", "dwi") and fp is not None:
-        if fp.b_values and max(fp.b_values) < 50:
-            return "DWI-b0"
+    b_zero_only = fp is not None and bool(fp.b_values) and max(fp.b_values) < 50
+    if (c.bids_datatype, c.bids_suffix) == ("dwi", "dwi") and b_zero_only:
+        return "DWI-b0"
     label = _SUFFIX_LABEL.get((c.bids_datatype, c.bids_suffix))
     if label is not None:
         return label
@@ -311,7 +336,7 @@ def report(results: Sequence[SeriesResult], title: str, *, listing: bool = False
         lines.append(f"  {label:16s} -> {predicted:18s} {n}")
     lines.append("\ncalibration (series confidence = lowest stack confidence)")
     lines.append(f"  {'bin':12s} {'series':>7s} {'right':>6s} {'accuracy':>9s} {'unreviewed':>11s}")
-    for low, high in zip(CONFIDENCE_BINS, CONFIDENCE_BINS[1:], strict=False):
+    for low, high in itertools.pairwise(CONFIDENCE_BINS):
         items = [s for s in scored if low <= s.confidence < high]
         if not items:
             continue
