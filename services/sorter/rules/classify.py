@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 from services.sorter.rules.bids import bids_entities, match_bids
+from services.sorter.rules.bidsguess import bids_guess, comparable
 from services.sorter.rules.fingerprint import Fingerprint
 from services.sorter.rules.pack import ONE_AXES, SET_AXES, CompiledRule, RulePack
 
@@ -254,9 +255,39 @@ def _name(fp: Fingerprint, result: Classification, rules: RulePack, conflicts: l
             reasons.append(f"low confidence {result.confidence:.2f} for {entry.id}")
         relevant = [c for c in conflicts if c.split(":")[0] in entry.decided_by]
         reasons.extend(f"sources disagree on {c}" for c in relevant)
+    if result.intent != "excluded":
+        _second_opinion(fp, result, reasons)
     if result.spinal_cord and rules.policy.review_spinal_cord:
         reasons.append("spinal cord series: site policy asks for review")
     result.review_required = bool(reasons) and result.intent != "excluded"
+
+
+_MR_DATATYPES = frozenset({"anat", "func", "dwi", "fmap", "perf", "discard"})
+DISAGREEMENT_FACTOR = 0.8  # confidence kept when the BidsGuess-style opinion disagrees
+
+
+def _second_opinion(fp: Fingerprint, result: Classification, reasons: list[str]) -> None:
+    """Fuse the dcm2niix-style BidsGuess opinion (`bidsguess.py`): agreement changes nothing, a
+    disagreement lowers the confidence and asks for review, saying what each side said. CT and PET
+    are left out (BidsGuess names every CT `ct`, scouts included), and so are derived images, where
+    BidsGuess gives no opinion."""
+    guess = bids_guess(fp)
+    if guess is None or guess[0] not in _MR_DATATYPES:
+        return
+    if result.intent == "localizer":
+        ours = "discard"
+    elif not result.bids_suffix:
+        ours = "unknown"
+    elif result.bids_datatype == "derivatives":
+        return
+    else:
+        ours = comparable(result.bids_datatype, result.bids_suffix)
+    theirs = comparable(*guess)
+    if theirs == ours or theirs.endswith("/unknown"):
+        return
+    result.confidence = round(result.confidence * DISAGREEMENT_FACTOR, 3)
+    result.evidence.append(Evidence("bidsguess", "bidsguess", "bids", theirs, 0.0))
+    reasons.append(f"BidsGuess-style check says {theirs}, the rules say {ours}")
 
 
 def _synthetic_suffix(result: Classification) -> str:

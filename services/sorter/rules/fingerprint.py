@@ -524,6 +524,9 @@ def _prefixed(prefix: str, tokens: frozenset[str]) -> frozenset[str]:
 _EPI_TOKENS = frozenset(
     {"ss:ep", "epi:yes", "seq:epfid", "seq:epse", "seq:ep_b", "seq:re_b", "seq:ep"}
 )
+# Siemens product and C2P ASL sequence files (dcm2niix nii_dicom_batch.cpp checks the same names):
+# ep2d_pasl, tgse_pasl, ep2d_pcasl(_UI_PHC), tgse_pcasl, ep2d_fairest, to_ep2d_VEPCASL, ...
+_ASL_FILE = re.compile(r"p?c?asl|fairest")
 _EPI_NAME = re.compile(r"epi|\bep2d|\bep3d")
 
 _CODED_FLAGS = (
@@ -555,6 +558,8 @@ def _features(fp: Fingerprint, flat: Flat) -> frozenset[str]:
         out.update(_sequence_tokens(name))
     if fp.sequence_file:
         out.add(f"sfn:{fp.sequence_file}")
+        if _ASL_FILE.search(fp.sequence_file):
+            out.add("sfn:asl")  # an arterial-spin-labelling sequence binary
     if not _EPI_TOKENS.isdisjoint(out) or _EPI_NAME.search(
         fp.sequence_name.lower() + " " + fp.sequence_file
     ):
