@@ -79,10 +79,8 @@ def bids_guess(fp: Fingerprint) -> tuple[str, str] | None:
             return "fmap", "fieldmap"
         return "fmap", "magnitude"
     if "phys:epi" in f:
-        if (
-            "seqsfx:pepolar" in f
-            or (not _SPIN.isdisjoint(f) or "phys:te_ge60" in f)
-            and "phys:many_volumes" not in f
+        if "seqsfx:pepolar" in f or (
+            (not _SPIN.isdisjoint(f) or "phys:te_ge60" in f) and "phys:many_volumes" not in f
         ):
             return "fmap", "epi"
         if "phys:dynamic" in f or "txt:bold" in f or "txt:fmri" in f:
