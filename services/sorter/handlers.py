@@ -29,6 +29,7 @@ from services.sorter.rules import (
     fingerprint_batch,
     fingerprint_version,
     load_rules,
+    stored_classified_keys,
 )
 from shared.catalog import StackSummary
 from shared.events import StageRequested, WorkItem
@@ -116,15 +117,17 @@ class SorterPlugin:
                 study_uid,
             )
             done = await conn.fetch(
-                "SELECT series_instance_uid, stack_key, rule_version FROM sorting.series_classification"
+                "SELECT series_instance_uid, stack_key, rule_version, excluded_reason"
+                " FROM sorting.series_classification"
                 " WHERE cohort_id = $1 AND study_instance_uid = $2 AND rule_version = $3",
                 cohort_id,
                 study_uid,
                 rules.version,
             )
         stacks = [StackSummary.model_validate(r["summary"]) for r in rows]
-        classified = frozenset(
-            (r["series_instance_uid"], r["stack_key"], r["rule_version"]) for r in done
+        classified = stored_classified_keys(
+            (r["series_instance_uid"], r["stack_key"], r["rule_version"], r["excluded_reason"])
+            for r in done
         )
         checked = checkup(stacks, modalities, classified, rules.version, skip, force)
         fingerprints = await asyncio.to_thread(fingerprint_batch, checked.accepted)
