@@ -28,6 +28,7 @@ from services.sorter.rules import (
     complete,
     fingerprint_batch,
     fingerprint_version,
+    is_unselected,
     load_rules,
     stored_classified_keys,
 )
@@ -171,11 +172,22 @@ class SorterPlugin:
                 for c in _CLASSIFICATION_COLUMNS
                 if c not in ("cohort_id", "series_instance_uid", "stack_key", "rule_version")
             )
+            decided = [c for c in [*decisions, *excluded] if not is_unselected(c.excluded_reason)]
             await conn.executemany(
                 f"INSERT INTO sorting.series_classification ({cols}) VALUES ({params})"
                 " ON CONFLICT (cohort_id, series_instance_uid, stack_key, rule_version)"
                 f" DO UPDATE SET {updates}, updated_at = now()",
-                [_row(cohort_id, study_uid, c, ctx.job_id) for c in [*decisions, *excluded]],
+                [_row(cohort_id, study_uid, c, ctx.job_id) for c in decided],
+            )
+            # a stack this run did not select keeps whatever an earlier run decided for it
+            await conn.executemany(
+                f"INSERT INTO sorting.series_classification ({cols}) VALUES ({params})"
+                " ON CONFLICT (cohort_id, series_instance_uid, stack_key, rule_version) DO NOTHING",
+                [
+                    _row(cohort_id, study_uid, c, ctx.job_id)
+                    for c in excluded
+                    if is_unselected(c.excluded_reason)
+                ],
             )
         intents = Counter(c.intent for c in [*decisions, *excluded])
         counts = {f"intent_{k}": v for k, v in intents.items()}

@@ -15,6 +15,7 @@ from services.sorter.rules.checkup import (
     Exclusion,
     RecoveredDate,
     checkup,
+    is_unselected,
     stored_classified_keys,
 )
 from services.sorter.rules.classify import Classification, Evidence, classify, classify_batch
@@ -42,6 +43,7 @@ __all__ = [
     "fingerprint",
     "fingerprint_batch",
     "fingerprint_version",
+    "is_unselected",
     "load_rules",
     "stored_classified_keys",
 ]

@@ -84,6 +84,11 @@ def recover_study_date(stack: StackSummary) -> tuple[str, str] | None:
     return None
 
 
+def is_unselected(reason: str | None) -> bool:
+    """True for the exclusion reason of a stack left out by `selectedModalities`."""
+    return reason is not None and _UNSELECTED.match(reason) is not None
+
+
 def stored_classified_keys(
     rows: Iterable[tuple[str, str, str, str | None]],
 ) -> frozenset[tuple[str, str, str]]:
@@ -94,9 +99,7 @@ def stored_classified_keys(
     modality must classify it, even under `skipClassified`.
     """
     return frozenset(
-        (series, key, version)
-        for series, key, version, reason in rows
-        if reason is None or not _UNSELECTED.match(reason)
+        (series, key, version) for series, key, version, reason in rows if not is_unselected(reason)
     )
 
 
