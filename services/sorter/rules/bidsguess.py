@@ -15,8 +15,12 @@ opinion (non-image objects). `comparable` reduces both sides to what they can be
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from services.sorter.rules.fingerprint import Fingerprint
 
+_CT = frozenset({"kind:ct", "kind:enhanced_ct", "kind:legacy_enhanced_ct"})
+_PET = frozenset({"kind:pet", "kind:enhanced_pet", "kind:legacy_enhanced_pet"})
 _LOCALIZER_WORDS = frozenset({"txt:localizer", "it:localizer"})
 _ASL = frozenset(
     {
@@ -57,12 +61,17 @@ _SWI = frozenset({"seq:swi", "seqname:swan", "it:swi", "txt:swi", "txt:swip"})
 
 def bids_guess(fp: Fingerprint) -> tuple[str, str] | None:
     """(datatype, suffix) the dcm2niix-style decision list gives for this stack, or None."""
-    f = fp.features
-    if fp.kind in ("ct", "enhanced_ct", "legacy_enhanced_ct"):
+    return _guess(fp.features)
+
+
+def _guess(f: frozenset[str]) -> tuple[str, str] | None:
+    """The decision list over feature tokens only (kind, modality and the TR/TE/TI facts are tokens).
+    Not cached: feature sets carry description words, so they rarely repeat exactly."""
+    if not _CT.isdisjoint(f):
         return "ct", "ct"
-    if fp.kind in ("pet", "enhanced_pet", "legacy_enhanced_pet"):
+    if not _PET.isdisjoint(f):
         return "pet", "pet"
-    if fp.modality != "MR":
+    if "mod:mr" not in f:
         return None
     if "it:derived" in f:
         return "derived", "derived"
@@ -86,13 +95,12 @@ def bids_guess(fp: Fingerprint) -> tuple[str, str] | None:
         if "phys:dynamic" in f or "txt:bold" in f or "txt:fmri" in f:
             return "func", "bold"
         return "func", "sbref"
-    return "anat", _anat_suffix(fp)
+    return "anat", _anat_suffix(f)
 
 
-def _anat_suffix(fp: Fingerprint) -> str:
-    f = fp.features
-    te, tr = fp.te or 0.0, fp.tr or 0.0
-    if "phys:ti_long" in f and te >= 70:
+def _anat_suffix(f: frozenset[str]) -> str:
+    long_te = "phys:te_ge60" in f
+    if "phys:ti_long" in f and long_te:
         return "FLAIR"
     if not _ANGIO.isdisjoint(f) and _SPIN.isdisjoint(f):
         return "angio"
@@ -103,11 +111,11 @@ def _anat_suffix(fp: Fingerprint) -> str:
     if "phys:ti" in f and "phys:ti_long" not in f:
         return "T1w"  # inversion-prepared T1 (MPRAGE, IR-SPGR, T1-FLAIR)
     if not _SPIN.isdisjoint(f) or "seq:tse" in f:
-        if te >= 60:
+        if long_te:
             return "T2w"
-        return "T1w" if 0 < tr <= 900 else "PDw"
+        return "T1w" if "phys:short_tr_short_te" in f else "PDw"
     if not _GRADIENT.isdisjoint(f):
-        return "T2starw" if te >= 15 else "T1w"
+        return "T2starw" if "phys:te_long_gre" in f else "T1w"
     return "unknown"
 
 
@@ -124,6 +132,7 @@ _SAME = {
 }
 
 
+@lru_cache(maxsize=1024)
 def comparable(datatype: str, suffix: str) -> str:
     """'fmap/magnitude2' -> 'fmap/magnitude'; localizers and exclusions -> 'discard'."""
     if datatype in ("", "discard") and suffix in ("", "localizer"):

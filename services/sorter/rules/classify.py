@@ -271,6 +271,8 @@ def _second_opinion(fp: Fingerprint, result: Classification, reasons: list[str])
     disagreement lowers the confidence and asks for review, saying what each side said. CT and PET
     are left out (BidsGuess names every CT `ct`, scouts included), and so are derived images, where
     BidsGuess gives no opinion."""
+    if fp.modality != "MR" or result.bids_datatype == "derivatives":
+        return
     guess = bids_guess(fp)
     if guess is None or guess[0] not in _MR_DATATYPES:
         return
@@ -278,8 +280,6 @@ def _second_opinion(fp: Fingerprint, result: Classification, reasons: list[str])
         ours = "discard"
     elif not result.bids_suffix:
         ours = "unknown"
-    elif result.bids_datatype == "derivatives":
-        return
     else:
         ours = comparable(result.bids_datatype, result.bids_suffix)
     theirs = comparable(*guess)

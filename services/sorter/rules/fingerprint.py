@@ -444,9 +444,12 @@ def fingerprint(stack: StackSummary) -> Fingerprint:
 
 def _siemens_protocol(header: dict[str, Any]) -> tuple[str, int]:
     """(sequence file name, volumes of the run) from the `Ascconv` member the extractor keeps on the
-    CSA Series Header element (0029,xx20): `%SiemensSeq%\\ep2d_pasl` -> "ep2d_pasl"; lRepetitions
-    counts repetitions after the first."""
+    CSA Series Header element (0029,xx20) of the "SIEMENS CSA HEADER" block: `%SiemensSeq%\\ep2d_pasl`
+    -> "ep2d_pasl"; lRepetitions counts repetitions after the first."""
     for block in range(0x10, 0x20):
+        creator = header.get(f"002900{block:02X}")
+        if creator is None:
+            return "", 0  # private creators are allotted from 0x10 upwards without gaps
         element = header.get(f"0029{block:02X}20")
         if isinstance(element, dict) and "Ascconv" in element:
             values = element["Ascconv"]
@@ -529,6 +532,12 @@ _EPI_TOKENS = frozenset(
 _ASL_FILE = re.compile(r"p?c?asl|fairest")
 _EPI_NAME = re.compile(r"epi|\bep2d|\bep3d")
 
+
+@lru_cache(maxsize=8192)
+def _epi_name(sequence_name: str, sequence_file: str) -> bool:
+    return _EPI_NAME.search(f"{sequence_name.lower()} {sequence_file}") is not None
+
+
 _CODED_FLAGS = (
     ("EchoPlanarPulseSequence", "epi"),
     ("PartialFourier", "pf"),
@@ -560,9 +569,7 @@ def _features(fp: Fingerprint, flat: Flat) -> frozenset[str]:
         out.add(f"sfn:{fp.sequence_file}")
         if _ASL_FILE.search(fp.sequence_file):
             out.add("sfn:asl")  # an arterial-spin-labelling sequence binary
-    if not _EPI_TOKENS.isdisjoint(out) or _EPI_NAME.search(
-        fp.sequence_name.lower() + " " + fp.sequence_file
-    ):
+    if not _EPI_TOKENS.isdisjoint(out) or _epi_name(fp.sequence_name, fp.sequence_file):
         out.add("phys:epi")  # an echo-planar readout, whoever says so
     for value, prefix in (
         (fp.mr_acquisition_type, "acq"),

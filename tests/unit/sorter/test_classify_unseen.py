@@ -40,10 +40,11 @@ def run(private: dict[str, Any] | None = None, **attrs: Any) -> Classification:
 
 def ascconv(sequence_file: str, repetitions: int) -> dict[str, Any]:
     return {
+        "00290010": {"vr": "LO", "Value": ["SIEMENS CSA HEADER"]},
         "00291020": {
             "vr": "OB",
             "Ascconv": {"tSequenceFileName": sequence_file, "lRepetitions": str(repetitions)},
-        }
+        },
     }
 
 
