@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from services.sorter.rules.bids import bids_entities, match_bids
 from services.sorter.rules.bidsguess import bids_guess, comparable
 from services.sorter.rules.fingerprint import Fingerprint
-from services.sorter.rules.pack import ONE_AXES, SET_AXES, CompiledRule, RulePack
+from services.sorter.rules.pack import ONE_AXES, SET_AXES, CompiledRule, Evidence, RulePack
 
 IMAGE_KINDS = frozenset(
     {
@@ -34,19 +34,6 @@ IMAGE_KINDS = frozenset(
     }
 )
 _DEFAULT_INTENT = {"DWI": "dwi", "PWI": "perf"}
-
-
-class Evidence(NamedTuple):
-    """One vote: `rule` (of `source`) voted `value` on `axis` with `weight` (already source-scaled).
-
-    A named tuple: a stack collects a few dozen of these, and tuples are the cheapest records.
-    """
-
-    rule: str
-    source: str
-    axis: str
-    value: str
-    weight: float
 
 
 @dataclass(slots=True)
@@ -109,10 +96,11 @@ def _vote(fp: Fingerprint, rules: RulePack) -> tuple[dict[str, dict[str, float]]
     for rule in _candidates(features, rules):
         if not rule.matches(features, fp):
             continue
+        weight = rule.weight
         for axis, value in rule.votes:
             per_value = scores.setdefault(axis, {})
-            per_value[value] = per_value.get(value, 0.0) + rule.weight
-            evidence.append(Evidence(rule.id, rule.source, axis, value, rule.weight))
+            per_value[value] = per_value.get(value, 0.0) + weight
+        evidence.extend(rule.evidence)
     if fp.ct_kernel:
         for word in fp.ct_kernel.lower().split():
             kernel_class = rules.kernels.get(word)

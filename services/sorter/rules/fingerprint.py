@@ -249,12 +249,17 @@ def _sequence_tokens(name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=512)
+def _private_keys(vendor: str, meaning: str) -> tuple[str, ...]:
+    """The tags that carry `meaning` for `vendor` (most vendors have none for most meanings)."""
+    return tuple(key for owner, key in vocabulary().private.get(meaning, []) if owner == vendor)
+
+
 def _private(flat: Flat, vendor: str, meaning: str) -> list[Any]:
-    for owner, key in vocabulary().private.get(meaning, []):
-        if owner == vendor:
-            found = flat.get(key)
-            if found is not None:
-                return found
+    for key in _private_keys(vendor, meaning):
+        found = flat.get(key)
+        if found is not None:
+            return found
     return []
 
 
@@ -554,6 +559,7 @@ _CODED_FLAGS = (
     ),  # PS3.3 C.8.13.5.14: CONTINUOUS, PSEUDOCONTINUOUS, PULSED
     ("ASLContext", "aslctx"),  # PS3.3 C.8.13.5.14: CONTROL, LABEL, M_ZERO_SCAN
 )
+_CODED_FLAG_KEYS = tuple((_K[keyword], prefix) for keyword, prefix in _CODED_FLAGS)
 
 
 def _features(fp: Fingerprint, flat: Flat) -> frozenset[str]:
@@ -583,10 +589,12 @@ def _features(fp: Fingerprint, flat: Flat) -> frozenset[str]:
     ):
         if value:
             out.add(f"{prefix}:{value.lower()}")
-    for key, prefix in _CODED_FLAGS:
-        value = first_str(flat, _K[key])
-        if value:
-            out.add(f"{prefix}:{value.lower()}")
+    for key, prefix in _CODED_FLAG_KEYS:
+        values = flat.get(key)
+        if values and values[0] is not None:
+            value = str(values[0]).strip()
+            if value:
+                out.add(f"{prefix}:{value.lower()}")
     if _K["ASLPulseTrainDuration"] in flat:
         out.add(
             "asl:pulse_train"

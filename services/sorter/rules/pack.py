@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -154,6 +154,20 @@ class PackFile(_Strict):
     bids: list[BidsEntry] = Field(default_factory=list)
 
 
+class Evidence(NamedTuple):
+    """One vote: `rule` (of `source`) voted `value` on `axis` with `weight` (already source-scaled).
+
+    A named tuple: a stack collects a few dozen of these, and tuples are the cheapest records. A
+    compiled rule builds its own once (`CompiledRule.evidence`), so voting only shares them.
+    """
+
+    rule: str
+    source: str
+    axis: str
+    value: str
+    weight: float
+
+
 @dataclass(frozen=True, slots=True, eq=False)  # identity hash: cheap de-duplication
 class CompiledRule:
     id: str
@@ -164,6 +178,7 @@ class CompiledRule:
     ranges: tuple[tuple[str, float | None, float | None], ...]
     votes: tuple[tuple[str, str], ...]  # (axis, value), set axes flattened
     weight: float  # rule weight x source weight
+    evidence: tuple[Evidence, ...] = ()  # one per vote, built at compile time
 
     def matches(self, features: frozenset[str], fp: Fingerprint) -> bool:
         if not self.need <= features:
@@ -276,6 +291,12 @@ def compile_pack(pack: PackFile) -> RulePack:
                 ranges=tuple((k, lo, hi) for k, (lo, hi) in spec.range.items()),
                 votes=tuple(votes),
                 weight=spec.weight * pack.sources[spec.source],
+                evidence=tuple(
+                    Evidence(
+                        spec.id, spec.source, axis, value, spec.weight * pack.sources[spec.source]
+                    )
+                    for axis, value in votes
+                ),
             )
         )
     index: dict[str, list[CompiledRule]] = {}
