@@ -396,6 +396,25 @@ def test_unseen_cases(
         assert result.review_required is review, why
 
 
+def test_diffusion_without_readable_b_values_and_short_te_is_reviewed_not_bold() -> None:
+    """An unseen vendor's DWI: 40 EPI volumes, TE 55 ms, b-values only in tags we do not read."""
+    result = run(
+        **{
+            **UIH,
+            "Manufacturer": "Hyperfine",
+            "ScanningSequence": "EP",
+            "RepetitionTime": 4000,
+            "EchoTime": 55,
+            "FlipAngle": 90,
+            "ImageType": ORIG,
+            "SeriesDescription": "DWI ax",
+            "n_volumes": 40,
+        }
+    )
+    assert result.bids_suffix != "bold"
+    assert result.review_required or result.bids_suffix == "dwi"
+
+
 def test_perfusion_without_a_technique_is_unknown_and_reviewed() -> None:
     """ImageType PERFUSION and a 'perfusion' name, nothing else: never guessed as DSC."""
     result = run(
