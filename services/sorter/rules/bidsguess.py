@@ -84,8 +84,8 @@ def _guess(f: frozenset[str]) -> tuple[str, str] | None:
     if not _FIELDMAP.isdisjoint(f):
         if "cic:phase" in f or "it:p" in f:
             return "fmap", "phasediff"
-        if "part:b0map" in f or "it:field_map" in f:
-            return "fmap", "fieldmap"
+        if "part:b0map" in f or "it:field_map" in f or ("vendor:ge" in f and "gevas:0" in f):
+            return "fmap", "fieldmap"  # GE B0map: (0043,1030) 0 marks the Hz map
         return "fmap", "magnitude"
     if "phys:epi" in f:
         if "seqsfx:pepolar" in f or (
