@@ -251,6 +251,7 @@ def _name(fp: Fingerprint, result: Classification, rules: RulePack, conflicts: l
 
 
 _MR_DATATYPES = frozenset({"anat", "func", "dwi", "fmap", "perf", "discard"})
+_NO_BIDSGUESS_NAME = frozenset({"perf/dsc"})  # BidsGuess has no DSC name: it cannot disagree
 DISAGREEMENT_FACTOR = 0.8  # confidence kept when the BidsGuess-style opinion disagrees
 
 
@@ -271,7 +272,7 @@ def _second_opinion(fp: Fingerprint, result: Classification, reasons: list[str])
     else:
         ours = comparable(result.bids_datatype, result.bids_suffix)
     theirs = comparable(*guess)
-    if theirs == ours or theirs.endswith("/unknown"):
+    if theirs == ours or theirs.endswith("/unknown") or ours in _NO_BIDSGUESS_NAME:
         return
     result.confidence = round(result.confidence * DISAGREEMENT_FACTOR, 3)
     result.evidence.append(Evidence("bidsguess", "bidsguess", "bids", theirs, 0.0))
