@@ -151,6 +151,7 @@ class PackFile(_Strict):
     rules: list[RuleSpec] = Field(default_factory=list)
     kernels: dict[str, list[str]] = Field(default_factory=dict)
     hierarchy: dict[str, dict[str, str]] = Field(default_factory=dict)  # axis -> child -> parent
+    basis: dict[str, str] = Field(default_factory=dict)  # rule-id prefix -> why such rules hold
     bids: list[BidsEntry] = Field(default_factory=list)
 
 
@@ -250,6 +251,7 @@ def _merged(profile: str, seen: tuple[str, ...] = ()) -> PackFile:
         rules=[*rules, *pack.rules],
         kernels={**parent.kernels, **pack.kernels},
         hierarchy={**parent.hierarchy, **pack.hierarchy},
+        basis={**parent.basis, **pack.basis},
         bids=pack.bids or parent.bids,
     )
 
@@ -276,6 +278,8 @@ def compile_pack(pack: PackFile) -> RulePack:
         raise ValueError(f"duplicate rule ids: {sorted(duplicates)}")
     compiled = []
     for spec in pack.rules:
+        if not spec.note and not any(spec.id.startswith(prefix) for prefix in pack.basis):
+            raise ValueError(f"rule {spec.id}: says nothing about why it holds (no note, no basis)")
         if spec.source not in pack.sources:
             raise ValueError(f"rule {spec.id}: source {spec.source!r} has no weight in `sources`")
         votes: list[tuple[str, str]] = []
