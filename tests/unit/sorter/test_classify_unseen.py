@@ -187,6 +187,23 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], tuple[str, str], bool | N
         None,
     ),
     (
+        "Philips separate M0 for pCASL, named 'M0 pCASL' [protocol]",
+        {
+            **PHILIPS,
+            "ScanningSequence": "GR",
+            "MRAcquisitionType": "2D",
+            "RepetitionTime": 10000,
+            "EchoTime": 14,
+            "FlipAngle": 90,
+            "ImageType": ["ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"],
+            "SeriesDescription": "M0 pCASL",
+            "n_volumes": 1,
+        },
+        {},
+        ("perf", "m0scan"),
+        None,
+    ),
+    (
         "enhanced MR ASL M0 frames [ps3.3 ASLContext M_ZERO_SCAN]",
         {
             **SIEMENS,
