@@ -238,9 +238,12 @@ def _name(fp: Fingerprint, result: Classification, rules: RulePack, conflicts: l
     reasons = result.review_reasons
     if result.intent not in ("excluded", "localizer"):
         if not result.bids_suffix:
-            reasons.append("no BIDS mapping for the decided axes")
+            reasons.append(entry.review or "no BIDS mapping for the decided axes")
         if result.confidence < rules.policy.review_below:
-            reasons.append(f"low confidence {result.confidence:.2f} for {entry.id}")
+            weakest = min(entry.decided_by, key=lambda axis: result.axis_confidence.get(axis, 0.0))
+            reasons.append(
+                f"low confidence {result.confidence:.2f} for {entry.id}: {_support(result, weakest)}"
+            )
         relevant = [c for c in conflicts if c.split(":")[0] in entry.decided_by]
         reasons.extend(f"sources disagree on {c}" for c in relevant)
     if result.intent != "excluded":
@@ -248,6 +251,32 @@ def _name(fp: Fingerprint, result: Classification, rules: RulePack, conflicts: l
     if result.spinal_cord and rules.policy.review_spinal_cord:
         reasons.append("spinal cord series: site policy asks for review")
     result.review_required = bool(reasons) and result.intent != "excluded"
+
+
+def _support(result: Classification, axis: str) -> str:
+    """What an axis rests on, for a review reason: 'intent=func: physics 2.2, text 1.0; rival dwi:
+    text 1.0' (only built for stacks that go to review)."""
+    chosen = getattr(result, axis, None)
+    value = chosen if isinstance(chosen, str) else None
+    by_value: dict[str, dict[str, float]] = {}
+    for vote in result.evidence:
+        if vote.axis == axis and vote.weight > 0:
+            sources = by_value.setdefault(vote.value, {})
+            sources[vote.source] = sources.get(vote.source, 0.0) + vote.weight
+    if not by_value:
+        return f"no evidence on {axis}"
+
+    def listed(sources: dict[str, float]) -> str:
+        return ", ".join(
+            f"{src} {w:.1f}" for src, w in sorted(sources.items(), key=lambda kv: -kv[1])
+        )
+
+    mine = by_value.pop(value, {}) if value else {}
+    text = f"{axis}={value}: {listed(mine)}" if mine else f"{axis} undecided"
+    if by_value:
+        rival, sources = max(by_value.items(), key=lambda kv: sum(kv[1].values()))
+        text += f"; rival {rival}: {listed(sources)}"
+    return text
 
 
 _MR_DATATYPES = frozenset({"anat", "func", "dwi", "fmap", "perf", "discard"})

@@ -129,6 +129,7 @@ class BidsEntry(_Strict):
     )
     entities: dict[str, str] = Field(default_factory=dict)
     decided_by: list[str] = Field(default_factory=lambda: ["intent", "base"])
+    review: str = ""  # the review reason when this entry names nothing (suffix "")
 
 
 class Policy(_Strict):
