@@ -273,7 +273,12 @@ def classify_folder(parsed: Parsed, rules: RulePack) -> SeriesResult:
     checked = checkup(stacks, rule_version=rules.version)
     vocab = vocabulary()
     for exclusion in checked.excluded:
-        stack = next(s for s in stacks if s.stack_key == exclusion.stack_key)
+        stack = next(
+            s
+            for s in stacks
+            if (s.series_instance_uid, s.stack_key)
+            == (exclusion.series_instance_uid, exclusion.stack_key)
+        )
         kind = vocab.sop_kinds.get(stack.sop_class_uid, "unknown")
         c = Classification(
             stack_key=exclusion.stack_key,
