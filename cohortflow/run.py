@@ -2,7 +2,9 @@
 
 It brings the local stack up when no gateway is configured, creates (or reuses) the cohort, runs the
 requested stages in order, shows one progress bar per stage, prints a summary, optionally downloads
-the export to `--out`, and exits non-zero when a job fails.
+the export to `--out`, and exits non-zero unless everything asked for was done: `EXIT_FAILED` when
+a job failed or was cancelled, `EXIT_LEFT_BEHIND` when every job completed but one left work behind
+(files refused by de-identification, failed work items: the job's `status_reason` says what).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from rich.table import Table
 from shared.topics import STAGE_ORDER, Stage
 
 TERMINAL = {"completed", "failed", "cancelled"}
+EXIT_FAILED = 1  # a job failed or was cancelled
+EXIT_LEFT_BEHIND = 3  # every job completed, but not everything came through (see status_reason)
 AUDIT_PASSWORD_ENV = "COHORTFLOW_AUDIT_PASSWORD"
 
 
@@ -256,6 +260,7 @@ def run(
 
     cohort = client.cohort(cohort_id)
     failed = any(j["status"] != "completed" for j in finished)
+    behind = [j for j in finished if j.get("left_work_behind")]
     doc = {
         "cohort_id": cohort_id,
         "gateway_url": gateway_url,
@@ -275,6 +280,8 @@ def run(
                     "finished_at",
                     "errors",
                     "summary",
+                    "status_reason",
+                    "left_work_behind",
                 )
             }
             for j in finished
@@ -287,4 +294,20 @@ def run(
                 console.print(
                     f"  [yellow]{job['stage']}[/] {err.get('item')}: {err.get('message')}"
                 )
-    return (1 if failed else 0), doc
+        for job in behind:
+            _print_left_behind(console, job)
+    if failed:
+        return EXIT_FAILED, doc
+    return (EXIT_LEFT_BEHIND if behind else 0), doc
+
+
+def _print_left_behind(console: Console, job: dict[str, Any]) -> None:
+    """A red line for a job that completed without doing everything, and its reasons grouped."""
+    console.print(f"[bold red]{job['stage']}: {job.get('status_reason')}[/]", highlight=False)
+    for group in (job.get("summary") or {}).get("refused") or []:
+        labels = ", ".join(group.get("study_labels") or [])
+        console.print(
+            f"  [red]{group.get('files')} files in {group.get('studies')} studies[/]:"
+            f" {group.get('reason')}" + (f" (studies {labels})" if labels else ""),
+            highlight=False,
+        )

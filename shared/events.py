@@ -137,6 +137,32 @@ class StageCompleted(Payload):
     errors: list[ItemError] = Field(default_factory=list)
 
 
+def work_left_behind(items_total: int, items_failed: int, summary: dict[str, Any]) -> str | None:
+    """Why a completed run is not a clean success, or None when it did everything asked.
+
+    Completed means the run reached its end; it still left work behind when any item failed or
+    when its stage reports `left_behind` units in its summary (the anonymizer's files that were
+    refused or withdrawn), with `left_behind_unit` naming them and `refused` grouping the reasons.
+    """
+    parts = []
+    left = int(summary.get("left_behind") or 0)
+    if left:
+        unit = str(summary.get("left_behind_unit") or "files")
+        parts.append(f"{left} {unit} left behind")
+        groups = summary.get("refused") or []
+        if groups:
+            top = "; ".join(
+                f"{g.get('reason')} ({g.get('files')} in {g.get('studies')} studies)"
+                for g in groups[:3]
+            )
+            parts.append(
+                f"by reason: {top}" + (f"; {len(groups) - 3} more" if len(groups) > 3 else "")
+            )
+    if items_failed:
+        parts.append(f"{items_failed} of {items_total} work items failed")
+    return "completed with work left behind: " + ", ".join(parts) if parts else None
+
+
 class StageFailed(Payload):
     stage: Stage
     cohort: CohortRef

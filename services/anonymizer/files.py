@@ -22,6 +22,7 @@ from pydicom import Dataset
 from services.anonymizer.audit import AuditRow, audit_row
 from services.anonymizer.profile import (
     AnonymizationContext,
+    Finding,
     Profile,
     ProfileOptions,
     anonymize,
@@ -56,6 +57,7 @@ class FileOutcome:
     data: bytes | None
     audit: AuditRow | None
     verification_failed: bool = False
+    series: str = ""  # the replacement SeriesInstanceUID ("" when the file was not parsed that far)
 
 
 def uid_value(ds: Dataset, keyword: str) -> str:
@@ -84,19 +86,30 @@ def deidentify(
         return FileOutcome("rejected", f"no {missing[0]}", sop_key, "", None, None)
     parts = [new_uid(secret, originals[k]) for k in originals]
     object_key = f"{ANON_ZONE}/{cohort_id}/{folder}/{parts[0]}/{parts[1]}/{parts[2]}.dcm"
+    series = parts[1]
     result = anonymize(ds, context)
     if result.quarantine is not None:
         row = audit_row(result, "", "quarantined")
-        return FileOutcome("quarantined", result.quarantine.reason, sop_key, "", None, row)
+        reason = result.quarantine.reason
+        return FileOutcome("quarantined", reason, sop_key, "", None, row, series=series)
     data = dicom_bytes(result.dataset)
-    findings = verify(data, result.identifiers, object_key)
+    excused: list[Finding] = []
+    findings = verify(data, result.identifiers, object_key, excused)
     if findings:
         where = sorted({f"{f.kind} in {f.location}" for f in findings})
         reason = f"verification found an original {', '.join(where[:5])}"
-        row = replace(audit_row(result, "", "failed"), reason=reason)
-        return FileOutcome("failed", reason, sop_key, "", None, row, verification_failed=True)
+        row = replace(audit_row(result, "", "failed", excused), reason=reason)
+        return FileOutcome(
+            "failed", reason, sop_key, "", None, row, verification_failed=True, series=series
+        )
     return FileOutcome(
-        "released", "", sop_key, object_key, data, audit_row(result, object_key, "released")
+        "released",
+        "",
+        sop_key,
+        object_key,
+        data,
+        audit_row(result, object_key, "released", excused),
+        series=series,
     )
 
 

@@ -10,7 +10,8 @@
   `anonymize`, serialize, `verify` the written bytes and the object key, and only then upload to
   `anon/<cohort>/<pseudonym>/<study>/<series>/<sop>.dcm` (deterministic keys: a redelivery
   overwrites, so every file ends up exactly once). Quarantined objects are not uploaded; a
-  verification hit fails the file and the study, and a failed study's objects are withdrawn.
+  verification hit fails the file and the study (tried again by the next run), and the objects of
+  the failed file's series are withdrawn: a series is released whole or not at all.
 - finalize: the encrypted audit export (`write_audit`) into the audit bucket, the summary, and the
   de-identified zone as the next stage's input.
 
@@ -44,13 +45,14 @@ from services.anonymizer.files import (
     worker_options,
 )
 from services.anonymizer.profile import (
+    PatientIdOptions,
     Profile,
     ProfileOptions,
     PseudonymError,
     load_profile,
     read_mapping,
 )
-from services.anonymizer.profile.pseudonyms import hashed_pseudonym, subject_key
+from services.anonymizer.profile.pseudonyms import hashed_pseudonym, identity_of, subject_key
 from services.anonymizer.store import (
     FileAudit,
     PlannedStudy,
@@ -65,6 +67,7 @@ from services.anonymizer.store import (
     record_plan,
     record_source_files,
     record_study_subjects,
+    refusal_groups,
     resolve_subject,
     study_states,
     study_timepoint,
@@ -91,6 +94,7 @@ SOP_INSTANCE_UID = 0x00080018
 STUDY_DATE = 0x00080020
 STUDY_UID = 0x0020000D
 PATIENT_ID = 0x00100020
+WITHDRAWN = "withdrawn: a file of its series failed"
 ISSUER = 0x00100021
 
 
@@ -262,7 +266,10 @@ class AnonymizerPlugin:
         source = open_source(location, settings)
         listed = await asyncio.to_thread(lambda: list(source.list()))
         file_keys = {f.key: vault.key("file", f"{source.location}\x00{f.key}") for f in listed}
-        studies = await self._studies_of(pool, vault, source, listed, file_keys, cohort_id, job_id)
+        patient = profile_options(request.config, settings).patient_id
+        studies = await self._studies_of(
+            pool, vault, source, listed, file_keys, cohort_id, job_id, patient
+        )
         rejected = len(studies.pop(None, []))
         by_study = {k: v for k, v in studies.items() if k is not None}
         if scoped:
@@ -312,6 +319,7 @@ class AnonymizerPlugin:
         file_keys: dict[str, str],
         cohort_id: uuid.UUID,
         job_id: uuid.UUID,
+        patient: PatientIdOptions,
     ) -> dict[str | None, list[tuple[str, int, int]]]:
         """Listed files grouped by study key (None: rejected). Only new or changed files are read;
         what they turned out to be is recorded for the next plan."""
@@ -334,10 +342,19 @@ class AnonymizerPlugin:
             study_key = vault.key("study", head.study_uid) if head else None
             study_of[file_keys[f.key]] = study_key
             if head is not None and study_key is not None and study_key not in subjects:
-                subject = subject_key(
-                    vault.core_secret, head.patient_id.strip() or f"path:{f.key}", head.issuer
-                )
-                subjects[study_key] = (subject, head.study_date)
+                try:
+                    identity = identity_of(
+                        head.patient_id,
+                        head.issuer,
+                        opts=patient,
+                        relative_path=f.key,
+                        study_ref=study_key,
+                    )
+                except PseudonymError:  # the item fails with the reason; no timepoint to keep
+                    identity = None
+                if identity is not None:
+                    subject = subject_key(vault.core_secret, identity.text, identity.issuer)
+                    subjects[study_key] = (subject, head.study_date)
             sealed_path = vault.seal({"location": source.location, "key": f.key})
             rows.append(
                 (
@@ -390,7 +407,7 @@ class AnonymizerPlugin:
             where = (
                 str(PurePosixPath(path).parent) if options.patient_id.strategy == "folder" else ""
             )
-            cache = (patient_id, issuer, where)
+            cache = (patient_id, issuer, where)  # one study per item: the study is fixed
             async with resolving:
                 known = subjects.get(cache)
                 if known is None:
@@ -405,6 +422,7 @@ class AnonymizerPlugin:
                             relative_path=path,
                             mapping=mapping,
                             offset_range=offset_range,
+                            study_key=study.study_key,
                         )
                     except PseudonymError as exc:
                         known = exc
@@ -462,7 +480,9 @@ class AnonymizerPlugin:
     async def _settle(
         self, ctx: ItemContext, item: WorkItem, study: PlannedStudy, outcomes: list[FileOutcome]
     ) -> ItemResult:
-        """Record the study's outcome; a failed study's released objects are withdrawn."""
+        """Record the study's outcome; the released objects of a failed file's series are withdrawn
+        (of the whole study when the failure has no series), and the study is tried again by the
+        next run."""
         status = Counter(o.status for o in outcomes)
         counts = {
             "files": len(outcomes),
@@ -474,33 +494,47 @@ class AnonymizerPlugin:
         }
         n = len(outcomes)
         label = item.item_key[:12]
-        errors = [
-            ItemError(item=f"study {label} file {i + 1}/{n}", message=f"{o.status}: {o.reason}")
-            for i, o in enumerate(outcomes)
+        # what stayed behind, by reason (reasons name attributes and kinds, never values)
+        refused = Counter(
+            f"{o.status}: {o.reason}"
+            for o in outcomes
             if o.status in ("failed", "rejected", "quarantined")
-        ]
+        )
         failed = status["failed"] > 0 or status["released"] + status["quarantined"] == 0
         error = None
+        withdrawn: set[str] = set()  # sop keys
         if failed:
             error = (
                 f"{status['failed']} of {n} files failed"
                 if status["failed"]
                 else "no file of the study could be de-identified"
             )
-            released = [o.object_key for o in outcomes if o.status == "released"]
-            for key in released:  # a study is released whole or not at all
-                await asyncio.to_thread(self.store.delete, key)
-            counts["anonymized"] = 0
-            counts["withdrawn"] = len(released)
+            # a series is released whole or not at all (no half series reaches the catalog); a
+            # failure that cannot be placed in a series (its patient could not be resolved)
+            # withdraws the whole study
+            bad = {o.series for o in outcomes if o.status == "failed"}
+            whole = "" in bad
+            gone = [o for o in outcomes if o.status == "released" and (whole or o.series in bad)]
+            for o in gone:
+                await asyncio.to_thread(self.store.delete, o.object_key)
+            withdrawn = {o.sop_key for o in gone}
+            counts["anonymized"] = status["released"] - len(gone)
+            counts["withdrawn"] = len(gone)
+            if gone:
+                refused[WITHDRAWN] = len(gone)
+        errors = [
+            ItemError(item=f"study {label}", message=f"{count} of {n} files {reason}")
+            for reason, count in refused.most_common()
+        ]
+        if error:
             errors.insert(0, ItemError(item=f"study {label}", message=f"study failed: {error}"))
         audits = []
         for o in outcomes:
             if o.audit is None:
                 continue
-            if failed and o.status == "released":
-                reason = "withdrawn: its study failed"
-                row = replace(o.audit, status="withdrawn", reason=reason, object_key="")
-                audits.append(FileAudit(o.sop_key, "withdrawn", reason, "", row))
+            if o.sop_key in withdrawn:
+                row = replace(o.audit, status="withdrawn", reason=WITHDRAWN, object_key="")
+                audits.append(FileAudit(o.sop_key, "withdrawn", WITHDRAWN, "", row))
             else:
                 audits.append(FileAudit(o.sop_key, o.status, o.reason, o.object_key, o.audit))
         await finish_study(
@@ -510,7 +544,7 @@ class AnonymizerPlugin:
             job_id=ctx.job_id,
             study=study,
             audits=audits,
-            counts=counts,
+            counts={**counts, "refused": dict(refused)},
             error=error,
         )
         for name in ("released", "quarantined", "rejected", "failed"):
@@ -531,6 +565,12 @@ class AnonymizerPlugin:
             "studies_skipped": numbers.get("studies_skipped", 0),
             "rejected_at_plan": numbers.get("files_rejected", 0),
             "rejected": int(run.summary.get("rejected", 0)) + numbers.get("files_rejected", 0),
+            # files a de-identifiable study held that did not come out (quarantine is a verdict,
+            # rejected files are no DICOM of a study: both are counted, neither is left behind)
+            "left_behind": int(run.summary.get("failed_files", 0))
+            + int(run.summary.get("withdrawn", 0)),
+            "left_behind_unit": "files",
+            "refused": await refusal_groups(pool, run.job_id),
         }
         fmt, password = audit_export_settings(run.config, settings)
         if password is None:

@@ -26,6 +26,7 @@ from services.anonymizer.profile import (
     PatientIdOptions,
     PseudonymCollision,
     date_offset_days,
+    identity_of,
     pseudonymize_patient_id,
     subject_key,
     timepoint_label,
@@ -71,10 +72,12 @@ class PostgresPseudonymStore:
     """`PseudonymStore` on `anonymizer.subject`, bound to the one patient being resolved, so that a
     claim also stores that patient's original identity (encrypted) for the audit export."""
 
-    def __init__(self, pool: asyncpg.Pool, vault: Vault, patient_id: str, issuer: str) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, vault: Vault, patient_id: str, issuer: str, basis: str
+    ) -> None:
         self.pool = pool
         self.vault = vault
-        self._original = {"patient_id": patient_id, "issuer": issuer}
+        self._original = {"patient_id": patient_id, "issuer": issuer, "basis": basis}
 
     async def get(self, subject_key: str) -> str | None:
         async with self.pool.acquire() as conn:
@@ -141,11 +144,16 @@ async def resolve_subject(
     relative_path: str,
     mapping: dict[str, str] | None,
     offset_range: tuple[int, int] | None,
+    study_key: str,
 ) -> Subject:
     """The patient's pseudonym under `opts` (allocated once, project-wide) and, when
-    `offset_range` is given, its date offset (chosen once, stored encrypted, reused)."""
+    `offset_range` is given, its date offset (chosen once, stored encrypted, reused). A patient
+    without a usable PatientID is keyed by `study_key` (see `identity_of`)."""
     secret = vault.core_secret
-    store = PostgresPseudonymStore(pool, vault, patient_id, issuer)
+    identity = identity_of(
+        patient_id, issuer, opts=opts, relative_path=relative_path, study_ref=study_key
+    )
+    store = PostgresPseudonymStore(pool, vault, patient_id, issuer, identity.basis)
     pseudonym = await pseudonymize_patient_id(
         patient_id,
         opts=opts,
@@ -154,8 +162,9 @@ async def resolve_subject(
         issuer=issuer,
         relative_path=relative_path,
         mapping=mapping,
+        study_ref=study_key,
     )
-    key = subject_key(secret, patient_id.strip() or f"path:{relative_path}", issuer)
+    key = subject_key(secret, identity.text, identity.issuer)
     stored = opts.strategy != "none"
     offset = None
     if offset_range is not None:
@@ -378,7 +387,7 @@ async def finish_study(
     job_id: uuid.UUID,
     study: PlannedStudy,
     audits: Iterable[FileAudit],
-    counts: dict[str, int],
+    counts: dict[str, Any],
     error: str | None,
 ) -> None:
     """The study's audit rows and its status (`done`, or `failed` with the reason), in one go."""
@@ -420,6 +429,37 @@ async def finish_study(
         )
 
 
+REFUSAL_GROUPS_SHOWN = 20
+STUDIES_NAMED = 10
+
+
+async def refusal_groups(pool: asyncpg.Pool, job_id: uuid.UUID) -> list[dict[str, Any]]:
+    """What a run left out, grouped by reason, largest first: files, studies and the first study
+    labels (the 12-character prefix of the study key the job's errors use) of each reason."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT study_key, counts -> 'refused' AS refused FROM anonymizer.study"
+            " WHERE job_id = $1 AND counts ? 'refused'",
+            job_id,
+        )
+    files: dict[str, int] = {}
+    studies: dict[str, list[str]] = {}
+    for row in rows:
+        for reason, count in (row["refused"] or {}).items():
+            files[reason] = files.get(reason, 0) + int(count)
+            studies.setdefault(reason, []).append(str(row["study_key"])[:12])
+    ordered = sorted(files, key=lambda r: (-files[r], r))
+    return [
+        {
+            "reason": reason,
+            "files": files[reason],
+            "studies": len(studies[reason]),
+            "study_labels": sorted(studies[reason])[:STUDIES_NAMED],
+        }
+        for reason in ordered[:REFUSAL_GROUPS_SHOWN]
+    ]
+
+
 # --- the audit export ---------------------------------------------------------------------------
 
 
@@ -446,7 +486,14 @@ async def audit_for_export(
     for r in subjects:
         original = vault.open(r["original"])
         offset = vault.open(r["offset_days"]) if r["offset_days"] is not None else None
-        subject_rows.append(SubjectRow(str(original["patient_id"]), r["pseudonym"], offset))
+        subject_rows.append(
+            SubjectRow(
+                str(original["patient_id"]),
+                r["pseudonym"],
+                offset,
+                str(original.get("basis") or "PatientID"),
+            )
+        )
     return subject_rows, [AuditRow(**vault.open(r["row"])) for r in files]
 
 

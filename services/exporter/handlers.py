@@ -38,6 +38,7 @@ from services.exporter.bids import (
     StudyVisit,
     assign_sessions,
     dataset_files,
+    incomplete_images,
     naming_problems,
     plan_names,
 )
@@ -471,6 +472,11 @@ class ExporterPlugin:
             # exported as classified; the classification's review_reasons are on the catalog
             "review_required_exported": review_required,
             "warnings": warnings[:_LISTED_MAX],
+            # raw perf images lacking REQUIRED metadata the DICOM does not record (in .bidsignore)
+            "incomplete_images": {
+                str(path): missing
+                for path, missing in sorted(incomplete_images(exports).items())[:_LISTED_MAX]
+            },
             "validator": validator,
             "destination": destination,
         }

@@ -15,7 +15,7 @@ from pathlib import PurePosixPath
 from typing import Any, cast
 
 from services.exporter.bids import ExportStack, select_stacks
-from services.exporter.bids.entities import Layout
+from services.exporter.bids.entities import Layout, subject_label
 from services.exporter.bids.plan import load_naming_rules
 from services.exporter.convert.export import OutputMode, OverwritePolicy
 from shared.catalog import StackSummary
@@ -91,7 +91,7 @@ def export_stack_of(
     """The core's `ExportStack` (no files yet) from a catalog stack and its classification row."""
     entities = classification.get("entities") or {}
     return ExportStack(
-        subject=summary.subject_id,
+        subject=subject_label(summary.subject_id),
         session=session,
         datatype=str(classification.get("bids_datatype") or ""),
         suffix=str(classification.get("bids_suffix") or ""),

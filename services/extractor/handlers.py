@@ -28,6 +28,7 @@ from services.extractor.files import FileBatch, FileOutcome, extract_batch, open
 from shared.events import ItemError, StageRequested, WorkItem
 from shared.observability import FILES_PROCESSED
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
+from shared.subjects import catalog_subject_id
 from shared.topics import Stage
 from shared.workers import ProcessPools, cpu_workers, pool_size
 
@@ -175,8 +176,8 @@ class ExtractorPlugin:
             if uid in instances:
                 duplicates.append(o)
                 continue
-            subject_id = rec.subject.patient_id or ""
             study_uid = rec.study.study_instance_uid or ""
+            subject_id = catalog_subject_id(rec.subject.patient_id, study_uid)
             series_uid = rec.series.series_instance_uid or ""
             # a chunk's files mostly share one subject, study and series: their rows are built once
             if subject_id not in subjects:

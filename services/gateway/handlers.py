@@ -21,7 +21,14 @@ from services.gateway import repository as repo
 from services.gateway.cohorts.progress import job_progress, merge_job_errors
 from services.gateway.errors import Invalid, NotFound
 from services.gateway.runs import RunStarted, start_study_run
-from shared.events import Envelope, JobProgress, StageCompleted, StageFailed, StudyReceived
+from shared.events import (
+    Envelope,
+    JobProgress,
+    StageCompleted,
+    StageFailed,
+    StudyReceived,
+    work_left_behind,
+)
 from shared.observability import REGISTRY
 from shared.settings import Settings
 from shared.sources import SourceError, check_location
@@ -105,14 +112,16 @@ async def apply_completed(pool: asyncpg.Pool, envelope: Envelope) -> None:
         counts = _counts(job, done.items_total, done.items_done, done.items_failed)
         # a job the user cancelled stays cancelled, but keeps what its run reported
         status = None if job["status"] == "cancelled" else "completed"
+        summary = {**job["summary"], **done.summary}
+        behind = work_left_behind(done.items_total, done.items_failed, summary)
         await repo.set_job_state(
             conn,
             job,
             status=status,
-            reason="the stage reported its run completed",
+            reason=behind or "the stage reported its run completed",
             event_id=envelope.id,
             progress=100.0,
-            summary={**job["summary"], **done.summary},
+            summary=summary,
             output_prefix=done.output_prefix,
             errors=merge_job_errors(job["errors"], [e.model_dump() for e in done.errors]),
             **counts,

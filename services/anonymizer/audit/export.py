@@ -30,6 +30,7 @@ from msoffcrypto.format.ooxml import OOXMLFile
 from openpyxl import Workbook
 
 from services.anonymizer.profile.engine import AnonymizationResult
+from services.anonymizer.profile.verify import Finding
 
 AUDIT_FORMATS = ("encrypted_excel", "csv")
 MAGIC = b"COHORTFLOW-AUDIT 1\n"
@@ -49,6 +50,9 @@ class SubjectRow:
     original_patient_id: str
     pseudonym: str
     date_offset_days: int | None = None
+    # what the pseudonym was derived from: "PatientID", or the study or folder when the PatientID
+    # named nobody (with the reason)
+    pseudonym_basis: str = "PatientID"
 
 
 @dataclass(frozen=True)
@@ -67,13 +71,22 @@ class AuditRow:
     replaced: str  # dummy, pseudonymized, uid-replaced
     cleaned: str  # cleaned text, shifted dates
     kept: str  # kept by option or category (incl. safe private)
+    # verification: hits excused as coincidences (where, e.g. "value in Manufacturer"), and how
+    # many identifying values were too short or generic to search (never silently skipped)
+    excused: str = ""
+    unsearched_values: int = 0
 
 
 def _join(actions: Iterable[tuple[str, str]], wanted: set[str]) -> str:
     return " ".join(sorted({k for k, a in actions if a in wanted}))
 
 
-def audit_row(result: AnonymizationResult, object_key: str, status: str = "") -> AuditRow:
+def audit_row(
+    result: AnonymizationResult,
+    object_key: str,
+    status: str = "",
+    excused: Sequence[Finding] = (),
+) -> AuditRow:
     """The audit row of one anonymized file (keywords and actions only)."""
     ds = result.dataset
     acts = list(result.actions)
@@ -90,6 +103,8 @@ def audit_row(result: AnonymizationResult, object_key: str, status: str = "") ->
         replaced=_join(acts, {"dummy", "pseudonymized", "uid-replaced", "timepoint-label"}),
         cleaned=_join(acts, {"cleaned", "shifted", "embedded-uids-replaced"}),
         kept=_join(acts, {"kept", "kept-safe", "kept-category"}),
+        excused=" ".join(sorted({f"{f.kind} in {f.location}" for f in excused})),
+        unsearched_values=result.identifiers.short_values,
     )
 
 
@@ -110,7 +125,15 @@ def _csv_text(subjects: Sequence[SubjectRow], files: Sequence[AuditRow]) -> byte
     writer = csv.writer(out)
     writer.writerow(["section", *SUBJECT_COLUMNS])
     for s in subjects:
-        writer.writerow(["subject", s.original_patient_id, s.pseudonym, s.date_offset_days or ""])
+        writer.writerow(
+            [
+                "subject",
+                s.original_patient_id,
+                s.pseudonym,
+                s.date_offset_days or "",
+                s.pseudonym_basis,
+            ]
+        )
     writer.writerow(["section", *FILE_COLUMNS])
     for f in files:
         writer.writerow(["file", *(getattr(f, c) for c in FILE_COLUMNS)])
@@ -124,7 +147,7 @@ def _xlsx(subjects: Sequence[SubjectRow], files: Sequence[AuditRow]) -> bytes:
     sheet.title = "subjects"
     sheet.append(SUBJECT_COLUMNS)
     for s in subjects:
-        sheet.append([s.original_patient_id, s.pseudonym, s.date_offset_days])
+        sheet.append([s.original_patient_id, s.pseudonym, s.date_offset_days, s.pseudonym_basis])
     files_sheet = book.create_sheet("files")
     files_sheet.append(FILE_COLUMNS)
     for f in files:

@@ -28,9 +28,11 @@ from services.anonymizer.profile.options import (
 )
 from services.anonymizer.profile.pseudonyms import (
     MemoryPseudonymStore,
+    PatientIdentity,
     PseudonymCollision,
     PseudonymError,
     PseudonymStore,
+    identity_of,
     pseudonymize_patient_id,
     read_mapping,
     subject_key,
@@ -50,6 +52,7 @@ __all__ = [
     "IdentifierSet",
     "MemoryPseudonymStore",
     "PatientIdOptions",
+    "PatientIdentity",
     "Profile",
     "ProfileOptions",
     "PseudonymCollision",
@@ -63,6 +66,7 @@ __all__ = [
     "burned_in_risk",
     "date_offset_days",
     "dicom_bytes",
+    "identity_of",
     "load_profile",
     "new_uid",
     "pseudonymize_patient_id",

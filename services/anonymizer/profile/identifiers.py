@@ -34,6 +34,41 @@ NEUTRAL = frozenset(
     }
 )
 MIN_LENGTH = 3
+_ALNUM = re.compile(r"[^A-Z0-9]")
+# a number shorter than this (StudyID 160, PatientID 1234) is in every header as a count, a size or
+# an instance number: too generic to search, so it is counted in the audit instead (a device
+# serial number such as 66024 is searched)
+MIN_NUMBER_LENGTH = 5
+
+
+# device and technique attributes the profile keeps whose text can coincide with an identifying
+# value without naming anybody: a vendor imaging at its own site (InstitutionName = Manufacturer),
+# a station named after its model, a phantom named after its sequence. A hit there is excused only
+# as `verify` says; values, UIDs and dates are never excused anywhere else.
+EXPLAINING = {
+    0x00080070: "Manufacturer",
+    0x00081090: "ManufacturerModelName",
+    0x00181020: "SoftwareVersions",
+    0x00180024: "SequenceName",
+    0x00189005: "PulseSequenceName",
+    0x00181250: "ReceiveCoilName",
+    0x00181251: "TransmitCoilName",
+    0x00080102: "CodingSchemeDesignator",
+    0x00080100: "CodeValue",
+    0x00080104: "CodeMeaning",
+    0x00020013: "ImplementationVersionName",  # file meta
+}
+CREATORS = -1  # the `kept` key of private creator strings (any block, any group)
+
+
+def is_private_creator(tag: int) -> bool:
+    return bool(tag >> 16 & 1) and 0x0010 <= (tag & 0xFFFF) <= 0x00FF
+
+
+def is_identifier(keyword: str) -> bool:
+    """An attribute whose value is an identifier (PatientID, OtherPatientIDs, AccessionNumber,
+    DeviceSerialNumber, StudyID...), not a name or a place."""
+    return keyword.endswith(("ID", "IDs", "Number", "Numbers"))
 
 
 @dataclass
@@ -43,34 +78,60 @@ class IdentifierSet:
     values: set[str] = field(default_factory=set)  # upper-cased whole values / name components
     uids: set[str] = field(default_factory=set)
     dates: set[str] = field(default_factory=set)  # YYYYMMDD
-    short_values: int = 0  # identifying values too short to search without false positives
+    short_values: int = 0  # identifying values too short or generic to search (counted, audited)
+    # values of identifier attributes (PatientID, AccessionNumber, serial numbers...): a hit on one
+    # of them is never excused as a coincidence
+    fixed: set[str] = field(default_factory=set)
+    # tag -> the texts a kept device or technique attribute held in the source file: what can
+    # explain a hit as a coincidence (see `verify`)
+    kept: dict[int, set[str]] = field(default_factory=dict)
+    # whole person names (components joined by a space): a technique attribute that holds all of
+    # one is never a coincidence
+    names: set[str] = field(default_factory=set)
 
-    def add_value(self, value: Any) -> None:
-        """Add an identifying value (str, PersonName, or a list of them)."""
+    def add_value(self, value: Any, *, identifier: bool = False) -> None:
+        """Add an identifying value (str, PersonName, or a list of them); `identifier` marks the
+        value of an ID attribute, which no coincidence can excuse."""
         if value is None:
             return
         if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
             for item in value:
-                self.add_value(item)
+                self.add_value(item, identifier=identifier)
             return
         if isinstance(value, bytes):
             return
         if isinstance(value, PersonName) or "^" in str(value):
             text = str(value)
             parts = [p for group in text.split("=") for p in group.split("^")]
-            for part in [text.replace("^", " ").strip(), *parts]:
-                self._add_text(part)
+            whole = text.replace("^", " ").strip()
+            for i, part in enumerate([whole, *parts]):
+                self._add_text(part, identifier, name=i == 0)
             return
-        self._add_text(str(value))
+        self._add_text(str(value), identifier)
 
-    def _add_text(self, text: str) -> None:
+    def _add_text(self, text: str, identifier: bool = False, name: bool = False) -> None:
         norm = " ".join(text.upper().split())
-        if norm in NEUTRAL:
+        if norm in NEUTRAL or _ALNUM.sub("", norm) in NEUTRAL:  # "N.A.", "-", "***"
             return
-        if len(norm) < MIN_LENGTH:
+        if len(norm) < MIN_LENGTH or (norm.isdigit() and len(norm) < MIN_NUMBER_LENGTH):
             self.short_values += 1
             return
         self.values.add(norm)
+        if identifier:
+            self.fixed.add(norm)
+        if name:
+            self.names.add(norm)
+
+    def add_kept(self, tag: int, value: Any) -> None:
+        """Remember what a kept device or technique attribute held in the source file."""
+        if value is None or isinstance(value, bytes):
+            return
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if type(value).__name__ == "MultiValue":
+            items = list(value)
+        text = "\\".join(str(v) for v in items).strip(" \x00")
+        if text:
+            self.kept.setdefault(tag, set()).add(text.upper())
 
     def add_uid(self, uid: str) -> None:
         uid = uid.strip().rstrip("\x00")
@@ -87,12 +148,19 @@ class IdentifierSet:
         self.uids |= other.uids
         self.dates |= other.dates
         self.short_values += other.short_values
+        self.fixed |= other.fixed
+        self.names |= other.names
+        for tag, texts in other.kept.items():
+            self.kept.setdefault(tag, set()).update(texts)
         return self
 
     def discard(self, values: Iterable[str]) -> None:
         """Drop values that are legitimately in the output (the pseudonym itself)."""
         for value in values:
-            self.values.discard(" ".join(value.upper().split()))
+            norm = " ".join(value.upper().split())
+            self.values.discard(norm)
+            self.fixed.discard(norm)
+            self.names.discard(norm)
 
     def matcher(self) -> Matcher:
         return Matcher(self)

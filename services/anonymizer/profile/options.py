@@ -40,7 +40,8 @@ class PatientIdOptions:
     """
 
     strategy: Strategy = "hash"
-    prefix: str = "sub"
+    # none by default: the exporter writes `sub-<pseudonym>`, and a `sub` here made `sub-sub...`
+    prefix: str = ""
     hash_bits: int = 80
     digits: int = 4
     folder_regex: str | None = None

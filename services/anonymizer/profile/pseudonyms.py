@@ -13,10 +13,12 @@ import hashlib
 import hmac
 import io
 import re
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Protocol
 
 from services.anonymizer.profile.options import PatientIdOptions
+from shared.subjects import missing_patient_id
 
 
 class PseudonymError(ValueError):
@@ -68,6 +70,52 @@ class MemoryPseudonymStore:
     async def next_number(self, scope: str) -> int:
         self.counters[scope] = self.counters.get(scope, 0) + 1
         return self.counters[scope]
+
+
+@dataclass(frozen=True)
+class PatientIdentity:
+    """What stands for a patient: the PatientID (with its issuer), or, when the PatientID names
+    nobody (`shared.subjects`), the study it came with. `basis` says which, in words the audit
+    records."""
+
+    text: str  # what the subject key and a hashed pseudonym are derived from
+    issuer: str
+    basis: str
+
+    @property
+    def from_patient_id(self) -> bool:
+        return self.basis == "PatientID"
+
+
+def patient_identity(patient_id: str, issuer: str, study_ref: str) -> PatientIdentity:
+    """The identity of a file's patient. A missing, punctuation-only or placeholder PatientID falls
+    back to the study (`study_ref`: a stable, keyed reference of the StudyInstanceUID): two studies
+    without a PatientID never merge into one subject, since no study belongs to two patients, and
+    the same study gets the same subject in every run and cohort of the project."""
+    reason = missing_patient_id(patient_id)
+    if reason is None:
+        return PatientIdentity(patient_id.strip(), issuer.strip(), "PatientID")
+    if not study_ref:
+        raise PseudonymError(f"{reason}, and no study to stand for the patient")
+    return PatientIdentity(f"study:{study_ref}", "", f"StudyInstanceUID ({reason})")
+
+
+def identity_of(
+    patient_id: str,
+    issuer: str,
+    *,
+    opts: PatientIdOptions,
+    relative_path: str = "",
+    study_ref: str = "",
+) -> PatientIdentity:
+    """The identity a subject is keyed by under `opts`: `patient_identity`, except that under the
+    `folder` strategy a patient without a usable PatientID is its folder's label (all studies of
+    one folder are one subject, as the strategy promises)."""
+    missing = missing_patient_id(patient_id)
+    if missing and opts.strategy == "folder":
+        label = folder_pseudonym(relative_path, opts)
+        return PatientIdentity(f"folder:{label}", "", f"folder ({missing})")
+    return patient_identity(patient_id, issuer, study_ref)
 
 
 def subject_key(secret: bytes, patient_id: str, issuer: str = "") -> str:
@@ -147,19 +195,32 @@ async def pseudonymize_patient_id(
     issuer: str = "",
     relative_path: str = "",
     mapping: dict[str, str] | None = None,
+    study_ref: str = "",
 ) -> str:
     """The pseudonym of a patient under the configured strategy, allocated once through `store`.
 
-    Raises `PseudonymError` when the patient has no PatientID (except with `folder`), is unmapped
-    (`csv` with `unmapped=error`), when the result equals the original ID (a pass-through), or on a
-    collision with another patient. With `none` the original ID is returned as is.
+    A PatientID that names nobody (`missing_patient_id`) has a defined answer per strategy:
+    `hash` and `sequential` key the subject by the study (`patient_identity`), `folder` by its
+    folder label, `csv` refuses (a mapping file maps PatientIDs; it cannot map nothing). Raises
+    `PseudonymError` when the patient is unmapped (`csv` with `unmapped=error`), when the result
+    equals the original ID (a pass-through), or on a collision with another patient. With `none`
+    the original ID is returned as is.
     """
     original = patient_id.strip()
     if opts.strategy == "none":
         return original
-    if not original and opts.strategy != "folder":
-        raise PseudonymError("the file has no PatientID to pseudonymize")
-    key = subject_key(secret, original or f"path:{relative_path}", issuer)
+    missing = missing_patient_id(original)
+    if missing and opts.strategy == "csv":
+        raise PseudonymError(
+            f"{missing}: the csv strategy maps PatientIDs, so this study cannot be mapped"
+            " (add the study's patient to the mapping or choose hash/sequential/folder)"
+        )
+    identity = identity_of(
+        original, issuer, opts=opts, relative_path=relative_path, study_ref=study_ref
+    )
+    if opts.strategy == "folder":
+        candidate = folder_pseudonym(relative_path, opts)
+    key = subject_key(secret, identity.text, identity.issuer)
     existing = await store.get(key)
     # allocated once: a patient who already has a pseudonym in this project keeps it under the
     # strategies that derive one (sequential, hash); csv and folder name it explicitly, so a
@@ -170,10 +231,10 @@ async def pseudonymize_patient_id(
         number = await store.next_number(f"sequential:{opts.prefix}")
         candidate = f"{opts.prefix}{number:0{opts.digits}d}"
     elif opts.strategy == "hash":
-        candidate = hashed_pseudonym(secret, original, issuer, opts.prefix, opts.hash_bits)
-    elif opts.strategy == "folder":
-        candidate = folder_pseudonym(relative_path, opts)
-    else:  # csv
+        candidate = hashed_pseudonym(
+            secret, identity.text, identity.issuer, opts.prefix, opts.hash_bits
+        )
+    elif opts.strategy == "csv":
         table = mapping if mapping is not None else read_mapping(opts.csv_text or "")
         if original in table:
             candidate = table[original]
@@ -186,6 +247,6 @@ async def pseudonymize_patient_id(
             f"this patient already has pseudonym {existing!r}; the {opts.strategy} strategy now "
             f"gives {candidate!r}"
         )
-    if original and candidate.lower() == original.lower():
+    if not missing and candidate.lower() == original.lower():
         raise PseudonymError("the pseudonym would equal the original PatientID")
     return await store.claim(key, candidate)

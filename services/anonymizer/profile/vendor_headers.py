@@ -54,7 +54,9 @@ _ASCCONV_NAMES = tuple(key.rsplit(".", 1)[-1].encode() for key in ASCCONV_DATE_K
 _KEYED_VALUE = re.compile(r'(?:\s*=\s*|">\s*\{\s*)([0-9]{8})(?![0-9])')
 # three numeric UID components between dots: every UID of >= 5 components has them, and the
 # literal dot lets the search skip ahead fast through 100 KB protocol texts
-_UID_CORE = re.compile(rb"\.[0-9]+\.[0-9]+\.[0-9]+\.")
+# a UID, or what is left of one (stale text in a CSA name field: "43.66024.2018012411254450177",
+# the device serial and the acquisition time): two dots inside digits
+_UID_CORE = re.compile(rb"[0-9]\.[0-9]+\.[0-9]")
 _DIGITS_DOT = frozenset(b"0123456789.")
 _DIGITS = frozenset("0123456789")
 _ALNUM = frozenset("0123456789abcdefghijklmnopqrstuvwxyz")  # word bounds as verification's (ASCII)
@@ -70,6 +72,16 @@ def unpack_gzip_block(data: bytes) -> bytes | None:
         return gzip.decompress(data[4 : 4 + length])
     except (OSError, EOFError, zlib.error):
         return None
+
+
+GZIP_FNAME, GZIP_FCOMMENT = 0x08, 0x10
+
+
+def gzip_header_identifies(data: bytes) -> bool:
+    """Whether a length-prefixed gzip block's header carries a file name, a comment or a time
+    stamp (RFC 1952 FLG and MTIME): the GE scanner writes the exam and series number there."""
+    flags = data[7] if len(data) > 8 else 0
+    return bool(flags & (GZIP_FNAME | GZIP_FCOMMENT)) or data[8:12] != b"\x00\x00\x00\x00"
 
 
 def pack_gzip_block(text: bytes) -> bytes:
@@ -190,8 +202,10 @@ class VendorTextCleaner:
                 return CleanedValue(None)  # most vendor values: short codes and numbers
             return self._clean(data, csa_text_spans(data))
         result = self._clean(inner, None)
-        if result.data is not None:
-            result.data = pack_gzip_block(result.data)
+        if result.data is not None or gzip_header_identifies(data):
+            # repacked: the gzip header keeps no original file name ("Ex1486Ser1Rx": the exam
+            # number) and no time stamp (when the block was written, i.e. the acquisition)
+            result.data = pack_gzip_block(result.data if result.data is not None else inner)
         packed = result.data if result.data is not None else data
         result.residue = result.residue or bool(self.originals.in_text(packed.decode("latin-1")))
         return result

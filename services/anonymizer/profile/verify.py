@@ -15,7 +15,13 @@ from pydicom.charset import default_encoding
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 
-from services.anonymizer.profile.identifiers import IdentifierSet, Matcher
+from services.anonymizer.profile.identifiers import (
+    CREATORS,
+    EXPLAINING,
+    IdentifierSet,
+    Matcher,
+    is_private_creator,
+)
 from services.anonymizer.profile.vendor_headers import unpack_gzip_block
 
 SKIP_BULK = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # pixel data: not text
@@ -85,7 +91,14 @@ def _single_codec(ds: Dataset) -> str | None:
     return name
 
 
-def _search(ds: Dataset, matcher: Matcher, where: str, out: list[Finding]) -> None:
+def _search(
+    ds: Dataset,
+    matcher: Matcher,
+    where: str,
+    out: list[Finding],
+    originals: IdentifierSet,
+    excused: list[Finding] | None = None,
+) -> None:
     # text in the default repertoire is searched as stored; other character sets go through pydicom
     codec = _single_codec(ds)
     for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset converts every element)
@@ -108,7 +121,7 @@ def _search(ds: Dataset, matcher: Matcher, where: str, out: list[Finding]) -> No
             label = elem.keyword or _label(tag)
             if elem.VR == "SQ":
                 for i, item in enumerate(elem.value or []):
-                    _search(item, matcher, f"{where}{label}[{i}].", out)
+                    _search(item, matcher, f"{where}{label}[{i}].", out, originals, excused)
                 continue
             vr = elem.VR
             text = _text_of(elem)
@@ -123,7 +136,35 @@ def _search(ds: Dataset, matcher: Matcher, where: str, out: list[Finding]) -> No
         hits = matcher.in_text(text)
         if hits:
             label = label or _label(tag)
-            out.extend(Finding(f"{where}{label}", kind, label) for kind, _ in hits)
+            found = [Finding(f"{where}{label}", kind, label) for kind, _ in hits]
+            if _explained(tag, text, hits, originals):
+                if excused is not None:
+                    excused.extend(found)
+            else:
+                out.extend(found)
+
+
+def _explained(tag: int, text: str, hits: list[tuple[str, str]], originals: IdentifierSet) -> bool:
+    """True when value hits in an element are a coincidence, not a leak: the element is a device
+    or technique attribute (or a private creator) that held exactly this text in the source file
+    and still does, every hit is a value (never a UID or a date), none is an identifier's value
+    (PatientID, AccessionNumber...), only one identifying value matched (a name planted whole,
+    `Doe^Jane` in ManufacturerModelName, matches twice and is refused), and the element's text is
+    not a person's whole name (`stc_test` as the SequenceName of a patient `stc_test` is a leak;
+    `efgre3d` of a phantom named after its `*efgre3d_12` sequence is not). A device or place may
+    equal the whole text: InstitutionName SIEMENS, Manufacturer SIEMENS."""
+    key = CREATORS if is_private_creator(tag) else tag
+    if key != CREATORS and tag not in EXPLAINING:
+        return False
+    whole = text.strip(" \x00").upper()
+    if whole not in originals.kept.get(key, ()):
+        return False
+    if any(kind != "value" for kind, _ in hits):
+        return False
+    matched = {" ".join(m.upper().split()) for _, m in hits}
+    if len(matched) != 1 or matched & originals.fixed:
+        return False
+    return " ".join(whole.replace("^", " ").split()) not in originals.names
 
 
 def _label(tag: int) -> str:
@@ -131,17 +172,23 @@ def _label(tag: int) -> str:
 
 
 def verify(
-    output: bytes | Dataset, originals: IdentifierSet, object_key: str | None = None
+    output: bytes | Dataset,
+    originals: IdentifierSet,
+    object_key: str | None = None,
+    excused: list[Finding] | None = None,
 ) -> list[Finding]:
     """Findings of any original identifying value, UID or date in `output` (file bytes or dataset,
-    re-read from bytes so what is checked is what was written) and in `object_key`."""
+    re-read from bytes so what is checked is what was written) and in `object_key`.
+
+    Hits that are coincidences (`_explained`: a vendor's name that is also the institution's, a
+    station named after its model) are no findings; they go to `excused` when it is given."""
     ds = dcmread(io.BytesIO(output), force=True) if isinstance(output, bytes) else output
     matcher = originals.matcher()
     findings: list[Finding] = []
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
-        _search(meta, matcher, "meta:", findings)
-    _search(ds, matcher, "", findings)
+        _search(meta, matcher, "meta:", findings, originals, excused)
+    _search(ds, matcher, "", findings, originals, excused)
     if object_key:
         findings.extend(
             Finding("object key", kind, "key") for kind, _ in matcher.in_text(object_key)

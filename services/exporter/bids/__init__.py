@@ -4,6 +4,7 @@ from services.exporter.bids.dataset import (
     ExportedStack,
     dataset_description,
     dataset_files,
+    incomplete_images,
     write_dataset_files,
 )
 from services.exporter.bids.entities import (
@@ -41,6 +42,7 @@ __all__ = [
     "dataset_description",
     "dataset_files",
     "images_of_stack",
+    "incomplete_images",
     "link_fieldmaps",
     "load_entity_table",
     "missing_required",

@@ -18,10 +18,11 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from services.exporter.bids.entities import load_entity_table, parse_bids_name, sanitize_label
-from services.exporter.bids.fieldmaps import ScanRecord, link_fieldmaps, link_m0scans
+from services.exporter.bids.fieldmaps import ScanRecord, bids_uri, link_fieldmaps, link_m0scans
 from services.exporter.bids.plan import DERIVATIVES, load_naming_rules
-from services.exporter.bids.sidecar import slice_normal
+from services.exporter.bids.sidecar import missing_required, slice_normal
 from services.exporter.bids.stack import ExportStack, parse_dicom_datetime
+from shared.subjects import subject_id_basis
 
 
 class ExportedStack(BaseModel):
@@ -94,6 +95,11 @@ PARTICIPANTS_JSON: dict[str, Any] = {
     "sex": {
         "Description": "sex of the participant as recorded in PatientSex (0010,0040)",
         "Levels": {"M": "male", "F": "female", "O": "other"},
+    },
+    "label_source": {
+        "Description": "what the participant label was derived from: the PatientID (a pseudonym"
+        " after de-identification), or, when the PatientID was empty, punctuation only or a"
+        " placeholder, the StudyInstanceUID (one label per study: unnamed patients never merge)",
     },
 }
 
@@ -176,19 +182,16 @@ def dataset_files(
         )
         + "\n",
     )
-    put("README", readme or _readme(name, exports, layout))
     if layout == "flat":
+        put("README", readme or _readme(name, exports, layout, {}))
         return files
 
-    raw = [(e, image) for e in exports for image in e.images if _is_raw(image)]
-    records = [_scan_record(e, image) for e, image in raw]
-    links = link_fieldmaps(records)
-    for image, additions in link_m0scans(records).items():
-        links.setdefault(image, {}).update(additions)
-    sidecars = {path: content for e in exports for path, content in e.sidecars.items()}
+    records, links, sidecars = _linked(exports)
     for image, additions in sorted(links.items()):
         path = sidecar_path(image)
         put(path, json.dumps({**sidecars.get(str(path), {}), **additions}, indent=2) + "\n")
+    incomplete = _incomplete(exports, records, links, sidecars)
+    put("README", readme or _readme(name, exports, layout, incomplete))
 
     subjects: dict[str, dict[str, str]] = {}
     sessions: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
@@ -200,6 +203,7 @@ def dataset_files(
         stack = exported.stack
         subject = sanitize_label(stack.subject)
         info = participant_info(stack)
+        info["label_source"] = subject_id_basis(stack.summary.subject_id)
         known = subjects.setdefault(subject, info)
         for column, value in info.items():
             if known[column] == "n/a":
@@ -219,8 +223,11 @@ def dataset_files(
     put(
         "participants.tsv",
         tsv(
-            ["participant_id", "age", "sex"],
-            [[f"sub-{s}", i["age"], i["sex"]] for s, i in sorted(subjects.items())],
+            ["participant_id", "age", "sex", "label_source"],
+            [
+                [f"sub-{s}", i["age"], i["sex"], i["label_source"]]
+                for s, i in sorted(subjects.items())
+            ],
         ),
     )
     put("participants.json", json.dumps(PARTICIPANTS_JSON, indent=2) + "\n")
@@ -251,8 +258,90 @@ def dataset_files(
             DERIVATIVES / pipeline / "dataset_description.json",
             json.dumps(description, indent=2) + "\n",
         )
-    put(".bidsignore", bidsignore(exports))
+    put(".bidsignore", bidsignore(exports, incomplete))
     return files
+
+
+def _linked(
+    exports: Sequence[ExportedStack],
+) -> tuple[list[ScanRecord], dict[PurePosixPath, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The raw images, the sidecar keys the dataset adds to them by NIfTI path (field-map and M0
+    links, M0Type) and every sidecar as converted."""
+    raw = [(e, image) for e in exports for image in e.images if _is_raw(image)]
+    records = [_scan_record(e, image) for e, image in raw]
+    links = link_fieldmaps(records)
+    for image, additions in link_m0scans(records).items():
+        links.setdefault(image, {}).update(additions)
+    sidecars = {path: content for e in exports for path, content in e.sidecars.items()}
+    for image, additions in _m0_types(exports, records, links, sidecars).items():
+        links.setdefault(image, {}).update(additions)
+    return records, links, sidecars
+
+
+def incomplete_images(exports: Sequence[ExportedStack]) -> dict[PurePosixPath, list[str]]:
+    """Raw perf images BIDS cannot interpret as exported, with what they lack (see `_incomplete`)."""
+    return _incomplete(exports, *_linked(exports))
+
+
+def _aslcontext_path(image: PurePosixPath) -> PurePosixPath:
+    stem = image.name.removesuffix(".gz").removesuffix(".nii").removesuffix("_asl")
+    return image.with_name(f"{stem}_aslcontext.tsv")
+
+
+def _m0_types(
+    exports: Sequence[ExportedStack],
+    records: Sequence[ScanRecord],
+    links: Mapping[PurePosixPath, Mapping[str, Any]],
+    sidecars: Mapping[str, Mapping[str, Any]],
+) -> dict[PurePosixPath, dict[str, Any]]:
+    """`M0Type` of ASL series whose own volumes hold no M0: `Separate` when an m0scan of the
+    dataset is intended for it, `Absent` when none is and its volume types are known (the
+    dataset then has no M0 for it). Unknown volume types leave it as the converter wrote it."""
+    files = {f for e in exports for f in e.files}
+    calibrated = {
+        uri
+        for image, additions in links.items()
+        if image.name.endswith(("_m0scan.nii.gz", "_m0scan.nii"))
+        for uri in additions.get("IntendedFor", [])
+    }
+    types: dict[PurePosixPath, dict[str, Any]] = {}
+    for record in records:
+        if record.datatype != "perf" or record.suffix != "asl":
+            continue
+        if "M0Type" in sidecars.get(str(sidecar_path(record.path)), {}):
+            continue
+        if bids_uri(record.path) in calibrated:
+            types[record.path] = {"M0Type": "Separate"}
+        elif _aslcontext_path(record.path) in files:
+            types[record.path] = {"M0Type": "Absent"}
+    return types
+
+
+def _incomplete(
+    exports: Sequence[ExportedStack],
+    records: Sequence[ScanRecord],
+    links: Mapping[PurePosixPath, Mapping[str, Any]],
+    sidecars: Mapping[str, Mapping[str, Any]],
+) -> dict[PurePosixPath, list[str]]:
+    """Raw perf images that BIDS cannot interpret as exported, with what they lack: REQUIRED
+    sidecar keys the DICOM does not record, `aslcontext.tsv`, or an m0scan's `IntendedFor` (no
+    ASL series of its session was exported). They stay at their BIDS path, listed in `.bidsignore`
+    and the README (ADR 0015)."""
+    files = {f for e in exports for f in e.files}
+    incomplete: dict[PurePosixPath, list[str]] = {}
+    for record in records:
+        if record.datatype != "perf" or record.suffix not in ("asl", "m0scan"):
+            continue
+        path = sidecar_path(record.path)
+        sidecar = {**sidecars.get(str(path), {}), **links.get(record.path, {})}
+        missing = missing_required(sidecar, record.suffix)
+        if record.suffix == "asl" and _aslcontext_path(record.path) not in files:
+            missing.append("aslcontext.tsv")
+        if record.suffix == "m0scan" and "IntendedFor" not in sidecar:
+            missing.append("IntendedFor")
+        if missing:
+            incomplete[record.path] = missing
+    return incomplete
 
 
 def write_dataset_files(
@@ -277,10 +366,19 @@ def write_dataset_files(
     return written
 
 
-def bidsignore(exports: Sequence[ExportedStack]) -> str:
-    """Patterns for the raw files BIDS has no name for yet (e.g. `swi`, CT), so validation stays clean."""
+def bidsignore(
+    exports: Sequence[ExportedStack],
+    incomplete: Mapping[PurePosixPath, Sequence[str]] | None = None,
+) -> str:
+    """Patterns for the raw files BIDS has no name for yet (e.g. `swi`, CT), and the files of the
+    `incomplete` perf images (see `incomplete_perf`), so validation stays clean."""
     rules = load_naming_rules()
     patterns: set[str] = set()
+    for image in incomplete or {}:
+        patterns.add(image.as_posix())
+        patterns.add(sidecar_path(image).as_posix())
+        if image.name.endswith(("_asl.nii.gz", "_asl.nii")):
+            patterns.add(_aslcontext_path(image).as_posix())
     for exported in exports:
         for image in exported.images:
             if not _is_raw(image):
@@ -294,7 +392,12 @@ def bidsignore(exports: Sequence[ExportedStack]) -> str:
     return "".join(f"{p}\n" for p in sorted(patterns))
 
 
-def _readme(name: str, exports: Sequence[ExportedStack], layout: str) -> str:
+def _readme(
+    name: str,
+    exports: Sequence[ExportedStack],
+    layout: str,
+    incomplete: Mapping[PurePosixPath, Sequence[str]],
+) -> str:
     subjects = sorted({sanitize_label(e.stack.subject) for e in exports})
     pipelines = sorted({e.base.parts[1] for e in exports if e.base.parts[0] == DERIVATIVES.name})
     lines = [
@@ -319,5 +422,12 @@ def _readme(name: str, exports: Sequence[ExportedStack], layout: str) -> str:
         lines += [
             "",
             "sourcedata/dicom/ holds the DICOM instances of each exported stack (de-identified when the cohort was anonymized).",
+        ]
+    if incomplete:
+        lines += [
+            "",
+            "These perfusion images lack what BIDS requires to interpret them and the DICOM does "
+            "not record; they are listed in .bidsignore until the values are added by hand:",
+            *(f"- {p}: {', '.join(missing)}" for p, missing in sorted(incomplete.items())),
         ]
     return "\n".join(lines) + "\n"

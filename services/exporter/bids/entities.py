@@ -76,6 +76,17 @@ def sanitize_label(value: object) -> str:
     return _NOT_ALNUM.sub("", text)
 
 
+_SUB_PREFIX = re.compile(r"^sub(?:[-_ ]+|(?=[0-9]))", re.I)
+
+
+def subject_label(subject_id: str) -> str:
+    """The `sub-` label of a catalog subject id: `sanitize_label`, without a `sub` prefix the id
+    already carries (`sub-01`, `sub_01`, `sub01` -> `01`), so that no dataset names `sub-sub01`.
+    A prefix followed by a letter stays (`Subaru` is a name, not a prefix)."""
+    label = sanitize_label(_SUB_PREFIX.sub("", subject_id.strip(), count=1))
+    return label or sanitize_label(subject_id)
+
+
 def format_entity_value(spec: EntitySpec, value: EntityValue) -> str:
     """The value as it appears in a file name; raises `ValueError` when it cannot be one."""
     if spec.format == "index":

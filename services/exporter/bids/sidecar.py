@@ -47,8 +47,14 @@ def build_sidecar(
 
 
 def missing_required(sidecar: Mapping[str, Any], suffix: str) -> list[str]:
-    """REQUIRED keys of `suffix` that the sidecar lacks (reported on the export item)."""
-    required: list[str] = _table()["required"].get(suffix, [])
+    """REQUIRED keys of `suffix` that the sidecar lacks (reported on the export item), including
+    those another key makes required (`LabelingDuration` for PCASL, `SliceTiming` for 2D ASL)."""
+    required: list[str] = list(_table()["required"].get(suffix, []))
+    for rule in _table()["required_when"]:
+        if suffix in rule["suffixes"] and all(
+            sidecar.get(key) in values for key, values in rule["when"].items()
+        ):
+            required += [key for key in rule["require"] if key not in required]
     return [key for key in required if key not in sidecar]
 
 

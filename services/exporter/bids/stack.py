@@ -68,9 +68,6 @@ class ExportStack(BaseModel):
     task_name: str | None = None  # BIDS TaskName for func; defaults to the task- label
     acquisition_date: str | None = None
     acquisition_time: str | None = None
-    aslcontext: list[str] | None = (
-        None  # per-volume types for ASL: control, label, m0scan, deltam, cbf
-    )
     files: list[Path] = Field(default_factory=list)
     summary: StackSummary
 

@@ -13,13 +13,15 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
+from services.exporter.bids.asl import asl_sidecar, m0scan_sidecar, repeated_keys
 from services.exporter.bids.dataset import ExportedStack
 from services.exporter.bids.entities import Layout, parse_bids_name
 from services.exporter.bids.outputs import OutputName, images_of_stack, name_outputs
 from services.exporter.bids.sidecar import build_sidecar, missing_required, needs_time_series
 from services.exporter.bids.stack import ExportStack
+from services.exporter.convert.asl import read_asl_evidence
 from services.exporter.convert.outputs import ConvertedImage
 from services.exporter.convert.stack import convert_stack, copy_dicom_stack
 
@@ -154,6 +156,8 @@ def _place_image(
     result: ExportedStack,
 ) -> None:
     entities, suffix, _ = parse_bids_name(name.name)
+    volumes = _volume_count(files[0][1]) if suffix in _PERF_SUFFIXES else 0
+    context: list[str] | None = None
     for kind, path in files:
         if kind == "nii":
             produced = "nii.gz" if path.name.endswith(".nii.gz") else "nii"
@@ -168,15 +172,19 @@ def _place_image(
                 result.images.append(relative)
                 result.files.append(relative)
         elif kind == "json":
-            converted = json.loads(path.read_text("utf-8"))
+            text = path.read_text("utf-8")
             sidecar = build_sidecar(
-                converted,
+                json.loads(text),
                 datatype=name.parent.name or stack.datatype,
                 suffix=suffix,
                 entities=entities,
                 task_name=stack.task_name,
             )
+            if suffix in _PERF_SUFFIXES:
+                sidecar, context = _perf_sidecar(stack, sidecar, text, suffix, volumes, result)
             missing = missing_required(sidecar, suffix)
+            if context:  # M0Type Separate/Absent is decided with the dataset files
+                missing = [k for k in missing if k != "M0Type"]
             if missing:
                 result.warnings.append(f"{name.name}: sidecar lacks required {', '.join(missing)}")
             (root / f"{name}.json").write_text(json.dumps(sidecar, indent=2) + "\n", "utf-8")
@@ -186,30 +194,44 @@ def _place_image(
             shutil.copyfile(path, root / f"{name}.{kind}")
             result.files.append(PurePosixPath(f"{name}.{kind}"))
     if suffix == "asl":
-        _write_aslcontext(stack, name, root, result)
+        _write_aslcontext(context, name, root, result)
+
+
+_PERF_SUFFIXES = frozenset({"asl", "m0scan"})
+
+
+def _volume_count(nii: Path) -> int:
+    import nibabel as nib
+
+    shape = nib.load(nii).shape  # type: ignore[attr-defined]
+    return int(shape[3]) if len(shape) > 3 else 1
+
+
+def _perf_sidecar(
+    stack: ExportStack,
+    sidecar: dict[str, Any],
+    text: str,
+    suffix: str,
+    volumes: int,
+    result: ExportedStack,
+) -> tuple[dict[str, Any], list[str] | None]:
+    """The asl/m0scan sidecar corrected and completed from the stack's DICOM (`bids.asl`)."""
+    if suffix == "m0scan":
+        made = m0scan_sidecar(sidecar)
+    else:
+        evidence = read_asl_evidence(stack.files, volumes)
+        made = asl_sidecar(sidecar, repeated_keys(text), evidence, volumes)
+    result.warnings += [f"{suffix}: {n}" for n in made.notes]
+    return made.sidecar, made.aslcontext
 
 
 def _write_aslcontext(
-    stack: ExportStack, name: PurePosixPath, root: Path, result: ExportedStack
+    context: list[str] | None, name: PurePosixPath, root: Path, result: ExportedStack
 ) -> None:
     """`<base>_aslcontext.tsv`: one `volume_type` per volume (control, label, m0scan, deltam, cbf)."""
-    if not stack.aslcontext:
+    if not context:
         result.warnings.append(f"{name.name}: volume types unknown, aslcontext.tsv not written")
         return
-    image = next((p for p in result.images if p.name.startswith(name.name + ".")), None)
-    if image is not None:
-        import nibabel as nib
-
-        shape = nib.load(root / str(image)).shape  # type: ignore[attr-defined]
-        volumes = shape[3] if len(shape) > 3 else 1
-        if volumes != len(stack.aslcontext):
-            result.warnings.append(
-                f"{name.name}: {len(stack.aslcontext)} volume types for {volumes} volumes, "
-                "aslcontext.tsv not written"
-            )
-            return
     target = name.with_name(name.name.removesuffix("_asl") + "_aslcontext.tsv")
-    (root / str(target)).write_text(
-        "volume_type\n" + "".join(f"{v}\n" for v in stack.aslcontext), "utf-8"
-    )
+    (root / str(target)).write_text("volume_type\n" + "".join(f"{v}\n" for v in context), "utf-8")
     result.files.append(target)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.catalog import StackSummary
+from shared.subjects import catalog_subject_id
 
 from .records import FrameRecord, InstanceRecord
 
@@ -259,7 +260,9 @@ def _summary(key: str, stack: _Stack, series: _Series) -> StackSummary:
     show_b = series.diffusion_weighted or series.standard_b
     acquisition_times = sorted(stack.acquisition_times)
     return StackSummary(
-        subject_id=instance.subject.patient_id or "",
+        subject_id=catalog_subject_id(
+            instance.subject.patient_id, instance.study.study_instance_uid or ""
+        ),
         study_instance_uid=instance.study.study_instance_uid or "",
         series_instance_uid=instance.series.series_instance_uid or "",
         stack_key=key,

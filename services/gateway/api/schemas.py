@@ -7,9 +7,17 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    computed_field,
+    field_validator,
+)
 
 from services.gateway.cohorts.stage_order import StageState, applicable_stages
+from shared.events import work_left_behind
 from shared.topics import Stage
 
 _NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f]+$"
@@ -147,6 +155,15 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+    @computed_field(  # type: ignore[prop-decorator]
+        description="true when the job completed but left work behind (status_reason says what)"
+    )
+    @property
+    def left_work_behind(self) -> bool:
+        return self.status == "completed" and (
+            work_left_behind(self.items_total, self.items_failed, self.summary) is not None
+        )
 
     @classmethod
     def from_row(cls, job: asyncpg.Record) -> JobOut:

@@ -263,7 +263,7 @@ async function renderCohort() {
   );
   $("#cohort-progress").style.width = `${cohort.completion_percentage}%`;
   $("#delete-cohort").disabled = cohort.status === "in_progress";
-  renderStages(cohort);
+  renderStages(cohort, jobs);
   renderJobs(jobs);
   const lastExport = jobs.find((j) => j.stage === "export" && j.status === "completed");
   if (lastExport && lastExport.id !== shownExportJob) {
@@ -272,8 +272,9 @@ async function renderCohort() {
   }
 }
 
-function renderStages(cohort) {
+function renderStages(cohort, jobs) {
   const busy = cohort.status === "in_progress";
+  const incomplete = new Set(jobs.filter((j) => j.left_work_behind).map((j) => j.id));
   replaceRows(
     $("#stage-table tbody"),
     cohort.stages.map((s, index) => {
@@ -290,7 +291,7 @@ function renderStages(cohort) {
         "tr",
         {},
         el("td", {}, STAGE_LABELS[s.stage] || s.stage),
-        el("td", {}, badge(s.state)),
+        el("td", {}, badge(s.state === "completed" && incomplete.has(s.job_id) ? "incomplete" : s.state)),
         el("td", {}, bar(s.state === "completed" ? 100 : s.progress)),
         el("td", { class: "mono" }, s.job_id ? s.job_id.slice(0, 8) : ""),
         el("td", {}, run),
@@ -305,9 +306,11 @@ function renderJobs(jobs) {
     const cancel = TERMINAL.has(j.status)
       ? null
       : el("button", { class: "danger", onclick: () => cancelJob(j.id) }, "Cancel");
-    const status = el("td", {}, badge(j.status), j.scoped ? el("span", { class: "muted" }, " study") : null);
-    if (j.status_reason && (j.status === "failed" || j.status === "cancelled")) {
-      status.append(el("div", { class: "muted" }, j.status_reason));
+    // a completed job that left work behind is not a clean success: an amber badge and its reason
+    const shown = j.left_work_behind ? "incomplete" : j.status;
+    const status = el("td", {}, badge(shown), j.scoped ? el("span", { class: "muted" }, " study") : null);
+    if (j.status_reason && (j.left_work_behind || j.status === "failed" || j.status === "cancelled")) {
+      status.append(el("div", { class: j.left_work_behind ? "left-behind" : "muted" }, j.status_reason));
     }
     rows.push(
       el(

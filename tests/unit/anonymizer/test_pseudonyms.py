@@ -125,3 +125,64 @@ async def test_a_patient_keeps_an_earlier_pseudonym_under_a_deriving_strategy() 
             "MRN9", opts=PatientIdOptions(strategy="csv"), secret=SECRET, store=store,
             mapping={"MRN9": "SUBJ-B"},
         )  # fmt: skip
+
+
+# --- a PatientID that names nobody ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", ["", "   ", "***", "-", "ANONYMOUS", "anonymized", "N/A"])
+@pytest.mark.parametrize("strategy", ["hash", "sequential"])
+async def test_missing_patient_id_falls_back_to_the_study(missing: str, strategy: str) -> None:
+    """hash and sequential key an unnamed patient by the study: stable across runs (same store)
+    and across stores (hash), and two unnamed studies never share a subject."""
+    store = MemoryPseudonymStore()
+    opts = PatientIdOptions(strategy=strategy)  # type: ignore[arg-type]
+
+    async def name(study: str, s: MemoryPseudonymStore = store) -> str:
+        return await pseudonymize_patient_id(
+            missing, opts=opts, secret=SECRET, store=s, study_ref=study
+        )
+
+    a1, b, a2 = await name("study-a"), await name("study-b"), await name("study-a")
+    assert a1 == a2 != b and a1 and b
+    if strategy == "hash":  # derived, so the same in another cohort's (empty) store too
+        assert await name("study-a", MemoryPseudonymStore()) == a1
+    assert missing.strip() == "" or missing.upper() not in {a1.upper(), b.upper()}
+
+
+async def test_missing_patient_id_under_csv_is_refused_with_the_reason() -> None:
+    opts = PatientIdOptions(strategy="csv", csv_text="original,pseudonym\nP1,S1\n")
+    with pytest.raises(PseudonymError, match=r"PatientID empty or absent.*csv strategy"):
+        await pseudonymize_patient_id(
+            "", opts=opts, secret=SECRET, store=MemoryPseudonymStore(), study_ref="s"
+        )
+
+
+async def test_missing_patient_id_under_folder_is_one_subject_per_folder() -> None:
+    store = MemoryPseudonymStore()
+    opts = PatientIdOptions(strategy="folder", folder_depth=0)
+    names = [
+        await pseudonymize_patient_id(
+            "", opts=opts, secret=SECRET, store=store, relative_path=path, study_ref=study
+        )
+        for path, study in [("p01/s1/a.dcm", "1"), ("p01/s2/b.dcm", "2"), ("p02/c.dcm", "3")]
+    ]
+    assert names == ["p01", "p01", "p02"]
+
+
+def test_identity_basis_says_where_a_pseudonym_came_from() -> None:
+    from services.anonymizer.profile import identity_of
+
+    opts = PatientIdOptions(strategy="hash")
+    assert identity_of("MRN1", "", opts=opts, study_ref="s").basis == "PatientID"
+    fallback = identity_of("***", "", opts=opts, study_ref="s")
+    assert fallback.basis == "StudyInstanceUID (PatientID has no letters or digits)"
+    assert fallback.text == "study:s"
+
+
+async def test_default_hash_pseudonym_has_no_sub_prefix() -> None:
+    """The exporter writes `sub-<pseudonym>`: a default `sub` prefix made `sub-sub...` labels."""
+    name = await pseudonymize_patient_id(
+        "MRN9", opts=PatientIdOptions(), secret=SECRET, store=MemoryPseudonymStore()
+    )
+    assert not name.lower().startswith("sub")

@@ -256,3 +256,19 @@ def test_csa_spans_reject_what_is_not_a_csa_header() -> None:
     assert csa_text_spans(b"") is None
     assert csa_text_spans(b"SV10\x04\x03\x02\x01" + b"\xff" * 40) is None
     assert csa_text_spans(b"plain vendor text, long enough to look at") is None
+
+
+def test_the_ge_protocol_block_keeps_no_file_name_or_time_in_its_gzip_header(
+    dev_corpus_root: Path,
+) -> None:
+    """GE writes the block's gzip header with a file name `Ex<exam>Ser<series>...` (the exam
+    number is the StudyID) and the time it was written: both go, even when the text inside has
+    nothing to clean."""
+    path = _first(dev_corpus_root / "dcm_qa_table/GE_Exam1486_01_3_Plane_Localizer_FF")
+    original = pydicom.dcmread(path)[0x0025101B].value
+    assert original[7] & 0x08 and b"Ex1486" in original  # FNAME set, the exam number in it
+    result, data = run(path)
+    block = pydicom.dcmread(io.BytesIO(data))[0x0025101B].value
+    assert b"1486" not in block[:64] and block[7] == 0 and block[8:12] == b"\x00\x00\x00\x00"
+    assert unpack_gzip_block(block) == unpack_gzip_block(original)
+    assert verify(data, result.identifiers) == []

@@ -149,7 +149,7 @@ def test_dataset_files(dataset: tuple[Path, list[ExportedStack]]) -> None:
     generated = {g["Name"]: g["Version"] for g in description["GeneratedBy"]}  # type: ignore[attr-defined]
     assert generated["dcm2niix"] == dcm2niix_version() and "Cohortflow" in generated
     participants = (root / "participants.tsv").read_text().splitlines()
-    assert participants[0] == "participant_id\tage\tsex" and [
+    assert participants[0] == "participant_id\tage\tsex\tlabel_source" and [
         r.split("\t")[0] for r in participants[1:]
     ] == ["sub-01", "sub-02", "sub-03"]
     scans = (root / "sub-01" / "ses-1" / "sub-01_ses-1_scans.tsv").read_text().splitlines()
@@ -253,37 +253,6 @@ def test_dataset_files_from_stored_records(dataset: tuple[Path, list[ExportedSta
     assert PurePosixPath("sub-01/ses-1/fmap/sub-01_ses-1_phasediff.json") in texts
     for relative, text in texts.items():
         assert (root / str(relative)).read_text() == text, relative
-
-
-def test_asl_gets_its_context_and_reports_what_dicom_cannot_tell(
-    dicom_root: Path, tmp_path: Path
-) -> None:
-    """A 4D series labelled as ASL by hand: aslcontext.tsv from the given volume types, and the
-    labelling parameters BIDS requires (not in standard DICOM) reported instead of invented."""
-    import nibabel as nib
-
-    series = dicom_root / "dcm_qa_enh" / "In" / "Siemens" / "XA10"
-    probe = real_stack(series, "perf", "asl", session=None)
-    plan = plan_names([probe])
-    exported = export_stack(probe, plan[probe.key], tmp_path)
-    image = nib.load(tmp_path / str(exported.images[0]))
-    assert isinstance(image, nib.Nifti1Image)
-    volumes = image.shape[3]
-    assert any("aslcontext.tsv not written" in w for w in exported.warnings)
-
-    wrong = export_stack(
-        probe.model_copy(update={"aslcontext": ["control"]}), plan[probe.key], tmp_path / "wrong"
-    )
-    assert any(f"1 volume types for {volumes} volumes" in w for w in wrong.warnings)
-
-    types = ["control", "label"] * (volumes // 2)
-    labelled = probe.model_copy(update={"aslcontext": types})
-    exported = export_stack(labelled, plan[probe.key], tmp_path / "again")
-    context = tmp_path / "again" / "sub-01" / "perf" / "sub-01_aslcontext.tsv"
-    assert context.read_text().splitlines() == ["volume_type", *types]
-    assert PurePosixPath("sub-01/perf/sub-01_aslcontext.tsv") in exported.files
-    missing = next(w for w in exported.warnings if "sidecar lacks required" in w)
-    assert "ArterialSpinLabelingType" in missing and "PostLabelingDelay" in missing
 
 
 def test_dual_echo_series_kept_together_is_split_by_echo(dicom_root: Path, tmp_path: Path) -> None:
