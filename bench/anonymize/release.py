@@ -82,10 +82,21 @@ BOUNDS = {
 CODED = {"CS", "AS"}  # defined terms (ContentQualification RESEARCH) and ages: no free text
 
 
+KEPT_AS_IS = ("SOPClassUID", "Modality", "SeriesNumber", "InstanceNumber", "ContentTime",
+              "AcquisitionTime", "SeriesTime", "Rows", "Columns")  # fmt: skip
+
+
 def pixel_key(data: bytes) -> str | None:
-    """What ties an output to its source: de-identification leaves the pixel data byte for byte."""
+    """What ties an output to its source: de-identification leaves the pixel data byte for byte;
+    an object without pixels is known by attributes it keeps as they were (times are not shifted)."""
     cut = data.rfind(PIXEL_DATA)
-    return hashlib.sha256(data[cut:]).hexdigest() if cut > 0 else None
+    if cut > 0:
+        return hashlib.sha256(data[cut:]).hexdigest()
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+    except Exception:
+        return None
+    return "kept:" + "|".join(str(ds.get(k, "")) for k in KEPT_AS_IS)
 
 
 class Terms:
@@ -299,7 +310,7 @@ def report(
     print(
         f"  independent scan: {n['values']} values, {n['uids']} UIDs, {n['dates']} dates from the"
         f" sources, searched in {released} objects ({released - n['unmatched']} against their own"
-        f" source's terms, found by pixel data; {n['unmatched']} without pixel data against all)"
+        f" source's terms, found by pixel data or kept attributes; {n['unmatched']} against all)"
     )
     leaks = {k: v for k, v in found.items() if k[0] not in ("coincidence", "short number")}
     print(f"  leaks: {sum(leaks.values())}" + ("" if leaks else " (none)"))

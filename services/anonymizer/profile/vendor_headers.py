@@ -95,6 +95,12 @@ def csa_text_spans(data: bytes) -> list[tuple[int, int]] | None:
     """The (start, end) byte ranges of a Siemens CSA header that hold text: each tag's 64-byte name
     field and each item's data (leftovers after the NUL included); None when `data` is not a CSA
     header whose every count and length is consistent (it is then cleaned as plain bytes)."""
+    layout = csa_layout(data)
+    return sorted(layout[0] + layout[1]) if layout is not None else None
+
+
+def csa_layout(data: bytes) -> tuple[list[tuple[int, int]], list[tuple[int, int]]] | None:
+    """(name fields, item data) byte ranges of a CSA header, or None when it is not one."""
     end = len(data)
     pos = 8 if data[:4] == CSA2_MAGIC else 0
     if pos + 8 > end:
@@ -103,14 +109,15 @@ def csa_text_spans(data: bytes) -> list[tuple[int, int]] | None:
     if not 0 < n_tags <= CSA_MAX_TAGS:
         return None
     pos += 8
-    spans: list[tuple[int, int]] = []
+    names: list[tuple[int, int]] = []
+    items: list[tuple[int, int]] = []
     for _ in range(n_tags):
         if pos + CSA_TAG_HEADER.size > end:
             return None
         _name, _vm, _vr, _syngodt, n_items, xx = CSA_TAG_HEADER.unpack_from(data, pos)
         if not 0 <= n_items <= CSA_MAX_ITEMS or xx not in (77, 205):
             return None
-        spans.append((pos, pos + CSA_NAME_LENGTH))
+        names.append((pos, pos + CSA_NAME_LENGTH))
         pos += CSA_TAG_HEADER.size
         for _ in range(n_items):
             if pos + CSA_ITEM_HEADER.size > end:
@@ -120,9 +127,25 @@ def csa_text_spans(data: bytes) -> list[tuple[int, int]] | None:
             if length < 0 or pos + length > end:
                 return None
             if length:
-                spans.append((pos, pos + length))
+                items.append((pos, pos + length))
             pos += (length + 3) // 4 * 4
-    return spans
+    return names, items
+
+
+def clear_stale_csa_names(data: bytes) -> bytes | None:
+    """`data` with the bytes after the terminating NUL of every CSA tag name zeroed, or None when
+    there were none (or `data` is no CSA header). The scanner leaves stale memory there ("enPat$$
+    10a50$5eb$MRC35119b051fac": a station name; remnants of UIDs with the device serial and the
+    acquisition time); no reader looks past the NUL."""
+    layout = csa_layout(data)
+    if layout is None:
+        return None
+    out = bytearray(data)
+    for start, stop in layout[0]:
+        nul = out.find(b"\x00", start, stop)
+        if nul >= 0 and any(out[nul + 1 : stop]):
+            out[nul + 1 : stop] = bytes(stop - nul - 1)
+    return bytes(out) if out != data else None
 
 
 def _date_forms(yyyymmdd: str) -> dict[str, str]:
@@ -198,6 +221,11 @@ class VendorTextCleaner:
         other value as text of the same length."""
         inner = unpack_gzip_block(data)
         if inner is None:
+            cleared = clear_stale_csa_names(data)
+            if cleared is not None:  # a CSA header: its stale bytes go whatever they hold
+                result = self._clean(cleared, csa_text_spans(cleared))
+                result.data = result.data if result.data is not None else cleared
+                return result
             if not self._may_hold(data):
                 return CleanedValue(None)  # most vendor values: short codes and numbers
             return self._clean(data, csa_text_spans(data))
@@ -236,8 +264,9 @@ class VendorTextCleaner:
 
     def worth_cleaning(self, values: list[bytes]) -> list[bool]:
         """Which of `values` may need cleaning, by one search over all plain ones (most files'
-        vendor values name nobody); compressed GE blocks are always looked at inside."""
-        packed = [len(v) >= 8 and v[4:6] == GZIP_MAGIC for v in values]
+        vendor values name nobody); compressed GE blocks and CSA2 headers are always looked at."""
+        # GE gzip blocks and Siemens CSA2 headers are always looked at (gzip header, stale bytes)
+        packed = [len(v) >= 8 and (v[4:6] == GZIP_MAGIC or v[:4] == CSA2_MAGIC) for v in values]
         plain = self._may_hold(
             b"\x00".join(v for v, p in zip(values, packed, strict=True) if not p)
         )

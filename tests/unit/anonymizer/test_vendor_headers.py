@@ -272,3 +272,15 @@ def test_the_ge_protocol_block_keeps_no_file_name_or_time_in_its_gzip_header(
     assert b"1486" not in block[:64] and block[7] == 0 and block[8:12] == b"\x00\x00\x00\x00"
     assert unpack_gzip_block(block) == unpack_gzip_block(original)
     assert verify(data, result.identifiers) == []
+
+
+def test_stale_bytes_after_csa_tag_names_are_cleared(dev_corpus_root: Path) -> None:
+    """Siemens leaves stale memory after the NUL of CSA tag names: a station name with the device
+    serial in it, remnants of UIDs with the acquisition time. Nothing reads it; it goes."""
+    path = sorted((dev_corpus_root / "nibabel" / "CBU_DTI_64D_1A").iterdir())[0]
+    assert b"MRC35119" in pydicom.dcmread(path)[0x00291010].value
+    result, data = run(path)
+    image = pydicom.dcmread(io.BytesIO(data))[0x00291010].value
+    assert b"MRC35119" not in image and b"35119" not in image
+    assert verify(data, result.identifiers) == []
+    assert _csa_items(image) == _csa_items(pydicom.dcmread(path)[0x00291010].value)
