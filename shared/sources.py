@@ -410,6 +410,16 @@ def open_source(location: str, settings: Settings | None = None, folder_workers:
     return LocalSource(Path(checked), folder_workers, Roots.of(settings))
 
 
-def raw_key(cohort_id: object, source_key: str) -> str:
-    """Where an ingested file lives in the identified zone."""
-    return f"raw/{cohort_id}/{source_key}"
+RAW_ZONE = "raw"  # identified: ingested copies of the sources
+ANON_ZONE = "anon"  # de-identified: what the anonymizer wrote
+
+
+def raw_prefix(cohort_id: object) -> str:
+    """The identified zone of a cohort: its ingested copies of the source, keyed by source key."""
+    return f"{RAW_ZONE}/{cohort_id}"
+
+
+def anon_prefix(cohort_id: object) -> str:
+    """The de-identified zone of a cohort (what the anonymizer writes, all an anonymized cohort's
+    extraction may read)."""
+    return f"{ANON_ZONE}/{cohort_id}"
