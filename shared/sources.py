@@ -16,7 +16,7 @@ What is checked (docs/adr-0017-sources.md):
   buckets (data bucket with its raw, de-identified and export zones, audit bucket, the local
   broker's log); keys with `.` or `..` segments are rejected, not read.
 - names: a local file name need not be valid UTF-8. Its key is the name with every byte that is
-  not UTF-8 written `\\xNN` and every backslash doubled: valid text (JSON, Postgres, object keys)
+  not UTF-8 written `%XX` and every `%` written `%25`: valid text (JSON, Postgres, object keys)
   that maps back to the exact bytes (`source_key_of` / `source_name_of`).
 """
 
@@ -52,21 +52,22 @@ class SourceFile:
 
 # --- names ------------------------------------------------------------------------------------
 
-_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2})")
+_ESCAPE = re.compile(r"%(25|[89A-F][0-9A-F])")
 
 
 def source_key_of(name: bytes) -> str:
     """The key of a relative path given as bytes: valid UTF-8 text that maps back losslessly.
 
-    A backslash becomes two; a byte that is not part of valid UTF-8 becomes `\\xNN` (lower-case
-    hex). Every other character stays as it is, so ordinary names are their own keys."""
+    A `%` becomes `%25`; a byte that is not part of valid UTF-8 becomes `%XX` (upper-case hex,
+    as in a URL). Every other character stays as it is, so ordinary names are their own keys.
+    (Percent rather than backslash: S3 servers handle `%` in object keys, not always `\\`.)"""
     text = name.decode("utf-8", "surrogateescape")
     out = []
     for ch in text:
-        if ch == "\\":
-            out.append("\\\\")
+        if ch == "%":
+            out.append("%25")
         elif "\udc80" <= ch <= "\udcff":
-            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+            out.append(f"%{ord(ch) - 0xDC00:02X}")
         else:
             out.append(ch)
     return "".join(out)
@@ -74,12 +75,9 @@ def source_key_of(name: bytes) -> str:
 
 def source_name_of(key: str) -> bytes:
     """The bytes of the relative path a key stands for (the inverse of `source_key_of`)."""
-
-    def undo(match: re.Match[str]) -> str:
-        token = match.group(1)
-        return "\\" if token == "\\" else chr(0xDC00 + int(token[1:], 16))
-
-    return _ESCAPE.sub(undo, key).encode("utf-8", "surrogateescape")
+    return _ESCAPE.sub(
+        lambda m: "%" if m.group(1) == "25" else chr(0xDC00 + int(m.group(1), 16)), key
+    ).encode("utf-8", "surrogateescape")
 
 
 # --- where a source may be --------------------------------------------------------------------
