@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -332,3 +334,12 @@ async def test_no_route_brings_identified_instances_into_an_anonymized_catalog(
     # a stage run after all that: still only the de-identified zone
     assert run_stage(api, cid, "extraction", {})["status"] == "completed"
     await assert_only_deidentified(len(original_uids))
+
+    # the CLI reusing the cohort by name without --anonymize refuses instead of running it plain
+    done = subprocess.run(
+        [sys.executable, "-m", "cohortflow.cli", "run", str(source), "--name", cohort["name"]],
+        env={**os.environ, "COHORTFLOW_GATEWAY_URL": str(api.base_url).rstrip("/")},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "exists with anonymization enabled" in done.stdout + done.stderr
