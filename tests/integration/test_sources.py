@@ -24,7 +24,7 @@ import httpx
 import pydicom
 import pytest
 
-from shared.settings import BROKER_BUCKET
+from shared.settings import BROKER_BUCKET, Settings
 from shared.storage import ObjectStore
 from tests.integration.test_extraction import (
     create_cohort,
@@ -93,10 +93,12 @@ async def test_a_link_to_etc_is_rejected_and_never_read(
     object_store: ObjectStore,
     tmp_path: Path,
     dicom_root: Path,
+    stack_settings: Settings,
 ) -> None:
     source = link_tree(tmp_path / "etc-link", {"ct": dicom_root / "dcm_qa_ct" / "In"})
     (source / "etc").symlink_to("/etc", target_is_directory=True)
     (source / "shadow").symlink_to("/etc/shadow")
+    (source / "state").symlink_to(stack_settings.home, target_is_directory=True)
     (source / "notes.txt").write_text("not DICOM: must never be copied into the raw zone\n")
     cohort = create_cohort(api, f"src-etc-{uuid.uuid4().hex[:6]}", source)
     job = wait_job(api, run_extraction(api, cohort["id"])["id"])
@@ -105,8 +107,12 @@ async def test_a_link_to_etc_is_rejected_and_never_read(
     reasons = await rejected(db_pool, cohort["id"])
     assert reasons["etc"] == "a link that leads outside the allowed data roots"
     assert reasons["shadow"] == "a link that leads outside the allowed data roots"
+    assert (
+        reasons["state"]
+        == "a link that leads inside the system's own state folder (COHORTFLOW_HOME)"
+    )
     assert reasons["notes.txt"].startswith("not DICOM")
-    assert not any(k.startswith("etc/") for k in reasons)  # the folder was never walked
+    assert not any(k.startswith(("etc/", "state/")) for k in reasons)  # never walked
 
     raw = {
         o.key.removeprefix(f"raw/{cohort['id']}/")
@@ -119,6 +125,39 @@ async def test_a_link_to_etc_is_rejected_and_never_read(
     assert raw == {f"ct/{k}" for k in expected}  # only what sniffs as DICOM, nothing from /etc
     instances = await catalogued(db_pool, cohort["id"])
     assert len(instances) == len(expected)
+
+
+def test_links_as_the_source_itself_are_resolved_first(
+    api: httpx.Client, tmp_path: Path, dicom_root: Path, stack_settings: Settings
+) -> None:
+    # a link to /etc, or into the stack's own state (its S3 server's and Postgres' files), named
+    # as the source: refused when the cohort is created
+    (tmp_path / "etc").symlink_to("/etc", target_is_directory=True)
+    (tmp_path / "state").symlink_to(stack_settings.home, target_is_directory=True)
+    for path, message in [
+        (tmp_path / "etc", "outside the allowed data roots"),
+        (tmp_path / "state", "own state folder"),
+        (stack_settings.home, "own state folder"),
+    ]:
+        r = api.post(
+            "/api/cohorts",
+            json={"name": f"src-as-link-{uuid.uuid4().hex[:6]}", "source_path": str(path)},
+        )
+        assert r.status_code == 422, r.text
+        assert message in r.json()["detail"], r.text
+
+
+async def test_a_source_swapped_for_a_link_after_creation_fails_its_plan_with_the_reason(
+    api: httpx.Client, tmp_path: Path, dicom_root: Path
+) -> None:
+    source = link_tree(tmp_path / "swapped", {"ct": dicom_root / "dcm_qa_ct" / "In"})
+    cohort = create_cohort(api, f"src-swapped-{uuid.uuid4().hex[:6]}", source)
+    (source / "ct").unlink()
+    source.rmdir()
+    source.symlink_to("/etc", target_is_directory=True)
+    job = wait_job(api, run_extraction(api, cohort["id"])["id"], timeout=60)
+    assert job["status"] == "failed", job
+    assert "outside the allowed data roots" in (job["status_reason"] or ""), job
 
 
 # --- probes 5 and 6: odd names and entries that are not files ---------------------------------
