@@ -127,7 +127,7 @@ async def test_a_link_to_etc_is_rejected_and_never_read(
     assert len(instances) == len(expected)
 
 
-def test_links_as_the_source_itself_are_resolved_first(
+async def test_links_as_the_source_itself_are_resolved_first(
     api: httpx.Client, tmp_path: Path, dicom_root: Path, stack_settings: Settings
 ) -> None:
     # a link to /etc, or into the stack's own state (its S3 server's and Postgres' files), named
@@ -247,7 +247,7 @@ async def test_the_anonymizer_plans_around_hostile_entries(
 # --- probe 2: s3:// sources ----------------------------------------------------------------------
 
 
-def test_s3_sources_in_the_systems_own_buckets_are_refused(
+async def test_s3_sources_in_the_systems_own_buckets_are_refused(
     api: httpx.Client, tmp_path: Path, dicom_root: Path
 ) -> None:
     victim = create_cohort(
