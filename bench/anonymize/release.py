@@ -224,7 +224,8 @@ def run_stage(folder: Path, work: Path) -> tuple[LocalStack, str, dict[str, Any]
     """Start a private stack over `folder` and run the anonymization stage on it."""
     (work / "source").mkdir()
     (work / "source" / "data").symlink_to(folder, target_is_directory=True)
-    stack = LocalStack(work / "state", data_roots=[work])
+    # the data the link points at is a root too: links out of the roots are refused
+    stack = LocalStack(work / "state", data_roots=[work, folder])
     info = stack.up(services=["gateway", "anonymizer"])
     os.environ.update(info.env())
     get_settings.cache_clear()
