@@ -231,6 +231,15 @@ def run(
     if cohort is None:
         cohort = client.create_cohort(options.name, source, options.anonymize)
         verb = "created"
+    elif cohort["anonymization_enabled"] != options.anonymize:
+        # never run an identified pipeline when --anonymize was asked for, nor the reverse: a
+        # cohort's anonymization does not change once it has run (docs/adr-0017-sources.md)
+        raise RunError(
+            f"cohort {options.name!r} exists with anonymization "
+            f"{'enabled' if cohort['anonymization_enabled'] else 'disabled'}; run"
+            f" {'with' if cohort['anonymization_enabled'] else 'without'} --anonymize, or give"
+            " another --name for a new cohort"
+        )
     if not options.as_json:
         console.print(f"{verb} cohort [bold]{options.name}[/] ({cohort['id']})")
     cohort_id = cohort["id"]

@@ -7,12 +7,17 @@ to the services it starts, so a service, a test and the CLI all read configurati
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# the bucket the local stack's broker (Tansu) keeps its log in: like the data and audit buckets,
+# never a source
+BROKER_BUCKET = "cohortflow-broker"
 
 
 def default_home() -> Path:
@@ -60,6 +65,9 @@ class Settings(BaseSettings):
     api_max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     # local source folders a cohort may name; anything else (but s3://) is refused
     data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    # s3:// sources a cohort may name: `s3://bucket` or `s3://bucket/prefix`, comma-separated;
+    # anything else (and the system's own buckets, always) is refused
+    s3_sources: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # every service serves /healthz /readyz /metrics on this port (the gateway on gateway_port)
     service_host: str = "127.0.0.1"
@@ -87,6 +95,21 @@ class Settings(BaseSettings):
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):
             return [Path(p).expanduser() for p in value.split(os.pathsep) if p.strip()]
+        return value
+
+    @field_validator("s3_sources", mode="before")
+    @classmethod
+    def _split_s3_sources(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [p for p in re.split(r"[,\s]+", value) if p]
+        if isinstance(value, list):
+            for entry in value:
+                bucket = str(entry)[5:].partition("/")[0]
+                if not str(entry).startswith("s3://") or not bucket:
+                    raise ValueError(
+                        f"COHORTFLOW_S3_SOURCES entries are s3://bucket[/prefix], not {entry!r}"
+                    )
+            return [str(e).rstrip("/") for e in value]
         return value
 
 

@@ -52,7 +52,8 @@ def main() -> None:
     warm.mkdir()
     for i, path in enumerate(files[:5]):
         (warm / f"{i}.dcm").symlink_to(path)
-    stack = LocalStack(work / "state", data_roots=[work])
+    # the data the links point at is a root too: links out of the roots are refused
+    stack = LocalStack(work / "state", data_roots=[work, args.data.resolve()])
     try:
         info = stack.up(services=["gateway", "anonymizer"])
         with httpx.Client(base_url=info.gateway_url, timeout=60.0) as api:

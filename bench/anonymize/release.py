@@ -16,9 +16,9 @@ a new user configures), then prints
   object and its object key, whole-token and case-insensitive. A hit in an element that the
   output holds byte for byte as the source did, and that is a device or technique attribute
   (Manufacturer, ManufacturerModelName, SoftwareVersions, SequenceName, coding scheme, a private
-  creator), is listed apart as a coincidence (a vendor imaging at its own site); every other hit
-  is a leak. A GE gzip protocol block is searched as stored (compressed), which this scan cannot
-  read: the verification does.
+  creator), is listed apart as a coincidence (a vendor imaging at its own site), and so is an
+  identifying number under five digits (StudyID 160 in a window width); every other hit is a
+  leak. A GE gzip protocol block is searched as stored (its gzip header too) and decompressed.
 
     .venv/bin/python -m bench.anonymize.release FOLDER [--keep]
 """
@@ -26,6 +26,8 @@ a new user configures), then prints
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gzip
 import hashlib
 import io
 import os
@@ -35,6 +37,7 @@ import sys
 import tempfile
 import time
 import warnings
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -79,10 +82,21 @@ BOUNDS = {
 CODED = {"CS", "AS"}  # defined terms (ContentQualification RESEARCH) and ages: no free text
 
 
+KEPT_AS_IS = ("SOPClassUID", "Modality", "SeriesNumber", "InstanceNumber", "ContentTime",
+              "AcquisitionTime", "SeriesTime", "Rows", "Columns")  # fmt: skip
+
+
 def pixel_key(data: bytes) -> str | None:
-    """What ties an output to its source: de-identification leaves the pixel data byte for byte."""
+    """What ties an output to its source: de-identification leaves the pixel data byte for byte;
+    an object without pixels is known by attributes it keeps as they were (times are not shifted)."""
     cut = data.rfind(PIXEL_DATA)
-    return hashlib.sha256(data[cut:]).hexdigest() if cut > 0 else None
+    if cut > 0:
+        return hashlib.sha256(data[cut:]).hexdigest()
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+    except Exception:
+        return None
+    return "kept:" + "|".join(str(ds.get(k, "")) for k in KEPT_AS_IS)
 
 
 class Terms:
@@ -156,12 +170,21 @@ def _pattern(kind: str, terms: list[bytes]) -> re.Pattern[bytes]:
     return re.compile(left + b"(" + alternation + b")" + right, re.IGNORECASE)
 
 
+def _gzip_texts(head: bytes) -> bytes:
+    """The decompressed text of every GE gzip protocol block in a header (for the quick test)."""
+    out = []
+    for match in re.finditer(rb"\x1f\x8b\x08", head):
+        with contextlib.suppress(Exception):
+            out.append(zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head[match.start() :]))
+    return b"\n" + b"\n".join(out)
+
+
 def scan(data: bytes, key: str, terms: Terms) -> list[tuple[str, str]]:
     """(kind, where) of every hit in an output object (its header: pixel data holds no text) and
     its object key. Plain substring tests pick the candidate terms; patterns settle boundaries."""
     cut = data.rfind(PIXEL_DATA)
     head = data[:cut] if cut > 0 else data
-    folded = head.lower() + b"\n" + key.lower().encode()
+    folded = head.lower() + b"\n" + key.lower().encode() + _gzip_texts(head).lower()
     values = [t for t in terms.values if t.lower() in folded]
     candidates = {
         "value": [t for t in values if not t.replace(b".", b"").isdigit()],
@@ -171,7 +194,7 @@ def scan(data: bytes, key: str, terms: Terms) -> list[tuple[str, str]]:
     }
     pats = [(kind, _pattern(kind, found)) for kind, found in candidates.items() if found]
     hits: list[tuple[str, str]] = [(k, "object key") for k, p in pats if p.search(key.encode())]
-    if not pats or not any(p.search(head) for _, p in pats):
+    if not pats or not any(p.search(head + _gzip_texts(head)) for _, p in pats):
         return hits
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
     elems = list(ds.iterall()) + list(getattr(ds, "file_meta", pydicom.Dataset()))
@@ -180,12 +203,17 @@ def scan(data: bytes, key: str, terms: Terms) -> list[tuple[str, str]]:
             continue
         value = elem.value
         raw = value if isinstance(value, bytes) else str(value).encode("latin-1", "replace")
+        if raw[4:6] == b"\x1f\x8b":  # a GE protocol block: 4-byte length, then gzip
+            with contextlib.suppress(Exception):
+                raw += b"\n" + gzip.decompress(raw[4 : 4 + int.from_bytes(raw[:4], "little")])
         private_creator = elem.tag.is_private and elem.tag.element <= 0xFF
         keyword = elem.keyword or ("private creator" if private_creator else str(elem.tag))
         for kind, pat in pats:
             if not pat.search(raw):
                 continue
-            kind = "value" if kind == "number" else kind
+            if kind == "number":  # a number under 5 digits (StudyID 160) is too generic
+                short = all(len(m) < 5 for m in pat.findall(raw))
+                kind = "short number" if short else "value"
             same = raw.strip() in terms.source_text.get(keyword, set())
             device = keyword in DEVICE_TEXT or private_creator
             hits.append(("coincidence" if kind == "value" and same and device else kind, keyword))
@@ -196,7 +224,8 @@ def run_stage(folder: Path, work: Path) -> tuple[LocalStack, str, dict[str, Any]
     """Start a private stack over `folder` and run the anonymization stage on it."""
     (work / "source").mkdir()
     (work / "source" / "data").symlink_to(folder, target_is_directory=True)
-    stack = LocalStack(work / "state", data_roots=[work])
+    # the data the link points at is a root too: links out of the roots are refused
+    stack = LocalStack(work / "state", data_roots=[work, folder])
     info = stack.up(services=["gateway", "anonymizer"])
     os.environ.update(info.env())
     get_settings.cache_clear()
@@ -282,15 +311,17 @@ def report(
     print(
         f"  independent scan: {n['values']} values, {n['uids']} UIDs, {n['dates']} dates from the"
         f" sources, searched in {released} objects ({released - n['unmatched']} against their own"
-        f" source's terms, found by pixel data; {n['unmatched']} without pixel data against all)"
+        f" source's terms, found by pixel data or kept attributes; {n['unmatched']} against all)"
     )
-    leaks = {k: v for k, v in found.items() if k[0] != "coincidence"}
+    leaks = {k: v for k, v in found.items() if k[0] not in ("coincidence", "short number")}
     print(f"  leaks: {sum(leaks.values())}" + ("" if leaks else " (none)"))
     for (kind, where), count in sorted(leaks.items(), key=lambda kv: -kv[1]):
         print(f"    {count:5d} {kind} in {where}")
     for (kind, where), count in sorted(found.items()):
         if kind == "coincidence":
             print(f"  coincidence (kept device text equal to its source's): {count:5d} in {where}")
+        elif kind == "short number":
+            print(f"  identifying number under 5 digits (too generic): {count:5d} in {where}")
     return 1 if leaks else 0
 
 

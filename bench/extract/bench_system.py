@@ -199,7 +199,8 @@ def main() -> None:
         (d for d in args.data.iterdir() if d.is_dir()), key=lambda d: len(files_under(d))
     )
     (warm / smallest.name).symlink_to(smallest, target_is_directory=True)
-    stack = LocalStack(work / "state", data_roots=[work])
+    # the data the links point at is a root too: links out of the roots are refused
+    stack = LocalStack(work / "state", data_roots=[work, args.data.resolve()])
     try:
         info = stack.up(services=["gateway", "extractor"])
         with httpx.Client(base_url=info.gateway_url, timeout=60.0) as api:

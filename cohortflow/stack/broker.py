@@ -16,9 +16,8 @@ from pathlib import Path
 from aiokafka.errors import KafkaError
 
 from shared.broker import ensure_topics as create_missing_topics
-from shared.settings import Settings
+from shared.settings import BROKER_BUCKET, Settings
 
-BROKER_BUCKET = "cohortflow-broker"
 CLUSTER_ID = "cohortflow"
 
 

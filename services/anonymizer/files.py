@@ -31,11 +31,10 @@ from services.anonymizer.profile import (
     new_uid,
     verify,
 )
+from shared.sources import ANON_ZONE
 from shared.storage import process_store
 
 log = logging.getLogger(__name__)
-
-ANON_ZONE = "anon"
 
 
 def quiet_pydicom() -> None:

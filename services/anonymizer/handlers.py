@@ -29,7 +29,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 import asyncpg
 from pydicom import Dataset
@@ -152,7 +152,7 @@ def _stop_after(last: int) -> Any:
     return lambda tag, vr, length: int(tag) > last
 
 
-def _parse_until(data: bytes | io.BufferedReader, last: int, tags: list[int]) -> Dataset:
+def _parse_until(data: bytes | BinaryIO, last: int, tags: list[int]) -> Dataset:
     fp = io.BytesIO(data) if isinstance(data, bytes) else data
     return read_partial(fp, stop_when=_stop_after(last), force=True, specific_tags=tags)
 
@@ -172,10 +172,13 @@ HEAD_TAGS = [STUDY_DATE, PATIENT_ID, ISSUER, STUDY_UID]
 
 def study_head_of(source: Source, f: SourceFile) -> tuple[StudyHead | None, str | None]:
     """(StudyHead, None) of a file, or (None, reason) when it is not a DICOM object of a study.
-    Reads only the header up to the study UID (a ranged read on object storage)."""
+    Reads only the header up to the study UID (a ranged read on object storage); an entry the
+    listing refused (a link out of the roots, a FIFO, ...) is not read, its reason is kept."""
+    if f.rejected is not None:
+        return None, f.rejected
     try:
         if isinstance(source, LocalSource):
-            with source.path(f.key).open("rb") as fh:
+            with source.open(f.key) as fh:
                 ds = _parse_until(fh, STUDY_UID, HEAD_TAGS)
         elif isinstance(source, ObjectSource):
             full = f"{source.prefix}/{f.key}" if source.prefix else f.key

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.extractor.catalog import Rejection, parse_instance
+from services.extractor.catalog import Rejection, parse_instance, sniff
+from services.extractor.catalog.sniff import SNIFF_BYTES
 from shared.db import JsonText, json_text
 from shared.settings import get_settings
 from shared.sources import ObjectSource, Source, open_source
@@ -69,6 +70,13 @@ LARGE_FILE_BYTES = 32 * 1024 * 1024
 Content = bytes | Path  # what the parser gets: the bytes, or the path of a large file
 
 
+def _head(content: Content) -> bytes:
+    if isinstance(content, Path):
+        with content.open("rb") as fh:
+            return fh.read(SNIFF_BYTES)
+    return content[:SNIFF_BYTES]
+
+
 def _fetch(
     source: Source, batch: FileBatch, key: str, size: int, scratch: Path
 ) -> tuple[Content | None, str | None, str | None, str | None]:
@@ -87,6 +95,11 @@ def _fetch(
         return None, None, None, f"unreadable: {exc}"
     object_key = _zone_key(batch.location, key)
     if batch.ingest_prefix is not None:
+        # only content that sniffs as DICOM is copied into the raw zone: anything else is
+        # rejected here, with the sniffer's reason, and never reaches object storage
+        verdict = sniff(_head(content))
+        if not verdict.is_dicom:
+            return None, digest, None, verdict.reason
         object_key = f"{batch.ingest_prefix}/{key}"
         # no existence check first: planning already left out every file catalogued before, so
         # what reaches here is new or changed (or a crashed item's, where overwriting is right)

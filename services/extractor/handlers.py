@@ -27,6 +27,7 @@ from services.extractor.catalog.records import as_dict
 from services.extractor.files import FileBatch, FileOutcome, extract_batch, open_location
 from shared.events import ItemError, StageRequested, WorkItem
 from shared.observability import FILES_PROCESSED
+from shared.sources import SourceFile, anon_prefix, raw_prefix
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
 from shared.subjects import catalog_subject_id
 from shared.topics import Stage
@@ -59,7 +60,7 @@ class ExtractorPlugin:
 
     def cohort_prefixes(self, cohort_id: uuid.UUID) -> list[str]:
         """Removed with the cohort: its raw zone (the ingested copies of the source)."""
-        return [f"raw/{cohort_id}"]
+        return [raw_prefix(cohort_id)]
 
     def __init__(self) -> None:
         self._pools = ProcessPools(self.service, ["services.extractor.files"])
@@ -71,8 +72,11 @@ class ExtractorPlugin:
         """(where to read, raw-zone prefix to ingest into or None)."""
         if request.input_prefix:  # de-identified zone written by the anonymizer
             return f"zone:{request.input_prefix}", None
+        if request.cohort.anonymization_enabled:
+            # never the identified source of an anonymized cohort, whatever the request says
+            return f"zone:{anon_prefix(request.cohort.id)}", None
         location = request.location or request.cohort.source_path
-        return location, f"raw/{request.cohort.id}"
+        return location, raw_prefix(request.cohort.id)
 
     async def plan(
         self, pool: asyncpg.Pool, request: StageRequested, job_id: uuid.UUID
@@ -80,7 +84,11 @@ class ExtractorPlugin:
         location, ingest = self._location(request)
         folder_workers = pool_size(request.config, "folder_thread_workers", 4)
         source = open_location(location, folder_workers)
-        listed = await asyncio.to_thread(lambda: list(source.list()))
+        entries = await asyncio.to_thread(lambda: list(source.list()))
+        listed = [f for f in entries if f.rejected is None]
+        skipped = [f for f in entries if f.rejected is not None]
+        if skipped:  # links out of the roots, FIFOs, loops, ...: recorded, never read
+            await self._record_skipped(pool, request.cohort.id, job_id, skipped)
         async with pool.acquire() as conn:
             seen = {
                 (r["source_key"]): (r["size"], r["mtime_ns"])
@@ -107,11 +115,37 @@ class ExtractorPlugin:
             "extraction planned",
             extra={
                 "files": len(listed),
+                "skipped": len(skipped),
                 "already_catalogued": len(listed) - len(todo),
                 "items": len(items),
             },
         )
         return items
+
+    @staticmethod
+    async def _record_skipped(
+        pool: asyncpg.Pool, cohort_id: uuid.UUID, job_id: uuid.UUID, skipped: list[SourceFile]
+    ) -> None:
+        """Entries the listing refused to read, recorded as rejected files with their reasons."""
+        rejected = [(cohort_id, f.key, f.rejected, f.size, None, job_id) for f in skipped]
+        sources = [
+            (cohort_id, f.key, f.size, f.mtime_ns, None, "rejected", None, job_id) for f in skipped
+        ]
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(_STAGING_DDL)
+            await _stage_and_merge(
+                conn,
+                [
+                    ("catalog.rejected_file", _REJECTED_COLUMNS, rejected, _REJECTED_COLUMNS[2:]),
+                    (
+                        "catalog.source_file",
+                        _SOURCE_COLUMNS,
+                        sources,
+                        [*_SOURCE_COLUMNS[2:], "updated_at"],
+                    ),
+                ],
+            )
+        FILES_PROCESSED.labels("extraction", "rejected").inc(len(skipped))
 
     # --- process ----------------------------------------------------------------------------------
 

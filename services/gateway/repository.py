@@ -151,6 +151,14 @@ async def latest_stage_jobs_of(
     return found
 
 
+async def stages_ever_run(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> set[Stage]:
+    """The stages the cohort has had a job of (whole-cohort or scoped, whatever its status)."""
+    rows = await conn.fetch(
+        "SELECT DISTINCT stage FROM gateway.jobs WHERE cohort_id = $1", cohort_id
+    )
+    return {Stage(r["stage"]) for r in rows}
+
+
 def stage_states(jobs: dict[Stage, asyncpg.Record]) -> dict[Stage, StageState]:
     return {stage: StageState(job["status"]) for stage, job in jobs.items()}
 

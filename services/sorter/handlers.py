@@ -28,7 +28,9 @@ from services.sorter.rules import (
     complete,
     fingerprint_batch,
     fingerprint_version,
+    is_unselected,
     load_rules,
+    stored_classified_keys,
 )
 from shared.catalog import StackSummary
 from shared.events import StageRequested, WorkItem
@@ -116,15 +118,17 @@ class SorterPlugin:
                 study_uid,
             )
             done = await conn.fetch(
-                "SELECT series_instance_uid, stack_key, rule_version FROM sorting.series_classification"
+                "SELECT series_instance_uid, stack_key, rule_version, excluded_reason"
+                " FROM sorting.series_classification"
                 " WHERE cohort_id = $1 AND study_instance_uid = $2 AND rule_version = $3",
                 cohort_id,
                 study_uid,
                 rules.version,
             )
         stacks = [StackSummary.model_validate(r["summary"]) for r in rows]
-        classified = frozenset(
-            (r["series_instance_uid"], r["stack_key"], r["rule_version"]) for r in done
+        classified = stored_classified_keys(
+            (r["series_instance_uid"], r["stack_key"], r["rule_version"], r["excluded_reason"])
+            for r in done
         )
         checked = checkup(stacks, modalities, classified, rules.version, skip, force)
         fingerprints = await asyncio.to_thread(fingerprint_batch, checked.accepted)
@@ -168,11 +172,22 @@ class SorterPlugin:
                 for c in _CLASSIFICATION_COLUMNS
                 if c not in ("cohort_id", "series_instance_uid", "stack_key", "rule_version")
             )
+            decided = [c for c in [*decisions, *excluded] if not is_unselected(c.excluded_reason)]
             await conn.executemany(
                 f"INSERT INTO sorting.series_classification ({cols}) VALUES ({params})"
                 " ON CONFLICT (cohort_id, series_instance_uid, stack_key, rule_version)"
                 f" DO UPDATE SET {updates}, updated_at = now()",
-                [_row(cohort_id, study_uid, c, ctx.job_id) for c in [*decisions, *excluded]],
+                [_row(cohort_id, study_uid, c, ctx.job_id) for c in decided],
+            )
+            # a stack this run did not select keeps whatever an earlier run decided for it
+            await conn.executemany(
+                f"INSERT INTO sorting.series_classification ({cols}) VALUES ({params})"
+                " ON CONFLICT (cohort_id, series_instance_uid, stack_key, rule_version) DO NOTHING",
+                [
+                    _row(cohort_id, study_uid, c, ctx.job_id)
+                    for c in excluded
+                    if is_unselected(c.excluded_reason)
+                ],
             )
         intents = Counter(c.intent for c in [*decisions, *excluded])
         counts = {f"intent_{k}": v for k, v in intents.items()}

@@ -28,8 +28,11 @@ from cohortflow.services import installed_services
 from cohortflow.stack import LocalStack, StackInfo
 from shared.settings import Settings, get_settings
 from shared.storage import ObjectStore
+from tests.conftest import DICOM_ROOT
 
 SERVICES_ENV = "COHORTFLOW_TEST_SERVICES"
+# the s3:// sources test cohorts may name (COHORTFLOW_S3_SOURCES)
+TEST_S3_SOURCES = ["s3://cohortflow-test-sources", "s3://pacs-export"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -51,8 +54,13 @@ def stack() -> Iterator[LocalStack]:
     # 0755: as root, Postgres runs as an unprivileged user that must reach its folder in here
     home = Path(tempfile.mkdtemp(prefix="cohortflow-stack-"))
     home.chmod(0o755)
-    local = LocalStack(home / "state", data_roots=[Path(tempfile.gettempdir()), Path.home()])
+    # the shared data is a root too: test cohorts are folders of links to it, and a link that
+    # leaves the data roots is rejected, never read
+    roots = [Path(tempfile.gettempdir()), Path.home(), DICOM_ROOT.parent]
+    local = LocalStack(home / "state", data_roots=roots)
     saved = dict(os.environ)
+    # exported before the services start, so they inherit it
+    os.environ["COHORTFLOW_S3_SOURCES"] = ",".join(TEST_S3_SOURCES)
     session_services = _requested(os.environ.get(SERVICES_ENV, "none").split(","))
     try:
         info = local.up(services=session_services, infra_only=not session_services)

@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 
 from cohortflow.stack import LocalStack
 from shared.storage import ObjectStore
+from shared.subjects import missing_patient_id
 
 pytestmark = [
     pytest.mark.integration,
@@ -68,7 +69,9 @@ def independent_count(root: Path) -> dict[str, int]:
                 rejected += 1  # a second file of the same SOP instance
                 continue
             instances.add(uid)
-            patients.add(str(ds.get("PatientID", "")))
+            # a PatientID that names nobody makes the study its own subject (shared.subjects)
+            pid = str(ds.get("PatientID", ""))
+            patients.add(f"study:{ds.StudyInstanceUID}" if missing_patient_id(pid) else pid.strip())
             studies.add(str(ds.StudyInstanceUID))
             series.add(str(ds.SeriesInstanceUID))
     return {

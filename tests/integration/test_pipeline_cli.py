@@ -153,3 +153,45 @@ def test_a_run_that_leaves_files_behind_says_so_and_exits_3(
     (job,) = json.loads(done.stdout)["jobs"]
     assert job["status"] == "completed" and job["left_work_behind"] is True
     assert job["status_reason"].startswith(f"completed with work left behind: {len(files)} files")
+
+
+def test_asl_goes_end_to_end_from_dicom_to_a_valid_perf_folder(
+    gateway_url: str, tmp_path: Path, dicom_root: Path
+) -> None:
+    """A pCASL series and its M0 scan (a real Siemens EPI rewritten the way a scanner writes ASL)
+    through extraction, sorting and export: classified perf/asl and perf/m0scan (never dsc or
+    bold), exported with aslcontext.tsv and linked M0, and the dataset validates."""
+    from tests.unit.exporter.asl_series import write_asl_series
+
+    source = tmp_path / "incoming"
+    study = f"2.25.{int.from_bytes(os.urandom(16), 'big')}"
+    write_asl_series(
+        dicom_root, source / "asl", volumes=["CONTROL", "LABEL"] * 3,
+        standard_attributes=True, study_uid=study,
+    )  # fmt: skip
+    write_asl_series(
+        dicom_root, source / "m0", volumes=["M_ZERO_SCAN"], description="ep2d_pcasl_M0",
+        image_type=("ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"), series_number=11,
+        study_uid=study,
+    )  # fmt: skip
+    out = tmp_path / "bids"
+    env = {**os.environ, "COHORTFLOW_GATEWAY_URL": gateway_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "cohortflow.cli", "run", str(source), "--name", "e2e-asl",
+         "--out", str(out), "--json"],
+        env=env, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    doc = json.loads(done.stdout)
+    assert [j["status"] for j in doc["jobs"]] == ["completed"] * 3, doc["jobs"]
+    perf = sorted(p.name for p in out.rglob("perf/*"))
+    assert any(n.endswith("_asl.nii.gz") for n in perf), perf
+    assert any(n.endswith("_aslcontext.tsv") for n in perf), perf
+    assert any(n.endswith("_m0scan.nii.gz") for n in perf), perf
+    context = next(out.rglob("*_aslcontext.tsv")).read_text().split()
+    assert context == ["volume_type", *(["control", "label"] * 3)]
+    asl = json.loads(next(out.rglob("perf/*_asl.json")).read_text())
+    assert asl["ArterialSpinLabelingType"] == "PCASL" and asl["M0Type"] == "Separate"
+    assert not list(out.rglob("*_dsc*")) and not list(out.rglob("*_bold*"))
+    report = run_bids_validator(out)
+    assert report.errors == 0, report.as_json()

@@ -36,8 +36,10 @@ NEUTRAL = frozenset(
 MIN_LENGTH = 3
 _ALNUM = re.compile(r"[^A-Z0-9]")
 # a number shorter than this (StudyID 160, PatientID 1234) is in every header as a count, a size or
-# an instance number: too generic to search, so it is counted in the audit instead
-MIN_NUMBER_LENGTH = 6
+# an instance number: too generic to search, so it is counted in the audit instead (a device
+# serial number such as 66024 is searched)
+MIN_NUMBER_LENGTH = 5
+MIN_UID_LENGTH = 8
 
 
 # device and technique attributes the profile keeps whose text can coincide with an identifying
@@ -134,8 +136,10 @@ class IdentifierSet:
 
     def add_uid(self, uid: str) -> None:
         uid = uid.strip().rstrip("\x00")
-        if uid:
+        if len(uid) >= MIN_UID_LENGTH:
             self.uids.add(uid)
+        elif uid:  # "0", "1.2.3": a placeholder, and a digit run of every object key
+            self.short_values += 1
 
     def add_date(self, value: str) -> None:
         text = value.strip().replace(".", "")[:8]

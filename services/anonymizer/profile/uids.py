@@ -13,7 +13,7 @@ import re
 
 from pydicom.uid import UID_dictionary
 
-# dotted-decimal runs that look like UIDs inside free text or binary vendor headers
+# a dotted-decimal run that is a UID (inside free text or binary vendor headers)
 UID_PATTERN = re.compile(rb"(?<![0-9.])[0-2](?:\.(?:0|[1-9][0-9]*)){4,}(?![0-9.])")
 
 
@@ -44,18 +44,3 @@ def same_length_uid(secret: bytes, original: bytes) -> bytes:
         return cut[:-1] + b"1" if cut.endswith(b".") else cut
     body = fresh + b"." + b"1" * max(0, len(original) - len(fresh) - 1)
     return body[: len(original)]
-
-
-def scrub_embedded_uids(secret: bytes, data: bytes) -> tuple[bytes, list[str]]:
-    """Replace every non-standard UID-shaped run inside `data`; returns the new bytes and the originals."""
-    found: list[str] = []
-
-    def swap(match: re.Match[bytes]) -> bytes:
-        text = match.group(0)
-        original = text.decode("ascii")
-        if is_well_known(original) or len(text) < 12:
-            return text
-        found.append(original)
-        return same_length_uid(secret, text)
-
-    return UID_PATTERN.sub(swap, data), found

@@ -20,6 +20,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from .ascconv import siemens_ascconv
 from .attributes import PER_FRAME_FUNCTIONAL_GROUPS, HeaderView
 from .diffusion import read_diffusion
 from .frames import enhanced_frames
@@ -251,6 +252,7 @@ def _catalogue(
         }
     modality = series.modality
     tags = PrivateTags.of(header.private, little_endian=header.little_endian)
+    stored = _with_ascconv(stored, tags)
     hints = _vendor_hints(tags)
     image_type = top.get("image_type", [])
     mr = _mr_detail(view, tags, image_type, series) if modality == "MR" else None
@@ -335,6 +337,30 @@ def _vendor_hints(tags: PrivateTags) -> VendorImageHints:
         if isinstance(philips_type, list) and philips_type
         else None,
     )
+
+
+ASCCONV_MEMBER = "Ascconv"
+
+
+def _with_ascconv(stored: dict[str, Any], tags: PrivateTags) -> dict[str, Any]:
+    """Keep the few protocol values of a Siemens CSA Series Header that the header JSON cannot hold.
+
+    The element stays in the JSON as it was (its bulk value is dropped for size); the decoded keys go
+    into an extra member `Ascconv` of that element, so they travel with the header to the sorter
+    without a second read of the file (see `ascconv.py`).
+    """
+    if not tags.creators:
+        return stored
+    blob = tags.get("siemens_csa_series")
+    key = tags.key("siemens_csa_series")
+    if not isinstance(blob, bytes) or key is None:
+        return stored
+    values = siemens_ascconv(blob)
+    if not values:
+        return stored
+    out = dict(stored)
+    out[key] = {**(stored.get(key) or {"vr": "OB"}), ASCCONV_MEMBER: values}
+    return out
 
 
 def _int(values: Any) -> int | None:

@@ -120,6 +120,14 @@ class PrivateTags:
     def of(cls, raw: dict[int, bytes], *, little_endian: bool = True) -> PrivateTags:
         return cls(raw, private_creators(raw), little_endian)
 
+    def key(self, name: str) -> str | None:
+        """The DICOM JSON key ('00291020') of private attribute `name` in this header, or None."""
+        spec = private_tag_table()[name]
+        block = self.creators.get((spec.group, spec.creator))
+        if block is None:
+            return None
+        return f"{spec.group:04X}{block:02X}{spec.element:02X}"
+
     def get(self, name: str) -> list[Any] | bytes | None:
         """Values of the private attribute called `name` in data/private_tags.json, or None."""
         if not self.creators:

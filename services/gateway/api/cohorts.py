@@ -81,6 +81,23 @@ async def get_cohort(cohort_id: uuid.UUID, ctx: Context) -> CohortOut:
         return await _cohort_out(conn, await _existing(conn, cohort_id))
 
 
+def _check_anonymization_change(enabled: bool, stages_run: set[Stage]) -> None:
+    """Anonymization is one-way (docs/adr-0017-sources.md): a cohort that has had an anonymization
+    job keeps de-identified data only, and one whose catalog was extracted from identified data
+    cannot start mixing pseudonyms into it. Raises `Conflict` saying why; a new cohort is the way."""
+    if enabled and Stage.anonymization in stages_run:
+        raise Conflict(
+            "anonymization cannot be turned off: this cohort has been anonymized, so its catalog"
+            " and zones hold de-identified data only; create a new cohort (anonymization_enabled"
+            " false) to work with the identified data"
+        )
+    if not enabled and Stage.extraction in stages_run:
+        raise Conflict(
+            "anonymization cannot be turned on: this cohort's catalog was extracted from"
+            " identified data; create a new cohort with anonymization_enabled true instead"
+        )
+
+
 @router.patch("/{cohort_id}", response_model=CohortOut)
 async def update_cohort(cohort_id: uuid.UUID, body: CohortPatch, ctx: Context) -> CohortOut:
     values: dict[str, Any] = body.model_dump(exclude_unset=True)
@@ -102,6 +119,10 @@ async def update_cohort(cohort_id: uuid.UUID, body: CohortPatch, ctx: Context) -
             raise Conflict(
                 f"cannot change {' and '.join(changing)} while the cohort is in progress;"
                 " wait for its jobs to end or cancel them"
+            )
+        if "anonymization_enabled" in changing:
+            _check_anonymization_change(
+                cohort["anonymization_enabled"], await repo.stages_ever_run(conn, cohort_id)
             )
         try:
             cohort = await repo.update_cohort(conn, cohort_id, values)

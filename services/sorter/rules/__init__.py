@@ -10,7 +10,14 @@ Rule packs are versioned data (`packs/<profile>.yaml`); results are keyed by
 (series_instance_uid, stack_key, rule version) so unchanged stacks are skipped on re-runs.
 """
 
-from services.sorter.rules.checkup import CheckupResult, Exclusion, RecoveredDate, checkup
+from services.sorter.rules.checkup import (
+    CheckupResult,
+    Exclusion,
+    RecoveredDate,
+    checkup,
+    is_unselected,
+    stored_classified_keys,
+)
 from services.sorter.rules.classify import Classification, Evidence, classify, classify_batch
 from services.sorter.rules.completion import complete
 from services.sorter.rules.fingerprint import (
@@ -36,5 +43,7 @@ __all__ = [
     "fingerprint",
     "fingerprint_batch",
     "fingerprint_version",
+    "is_unselected",
     "load_rules",
+    "stored_classified_keys",
 ]

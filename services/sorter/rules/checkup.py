@@ -25,6 +25,10 @@ _DATE_SOURCES = (
     ("ContentDate", tag_key("ContentDate")),
     ("AcquisitionDateTime", tag_key("AcquisitionDateTime")),
 )
+# the reason stored for a stack left out by `selectedModalities`: a choice of this run, not a
+# decision about the stack, so such a row never counts as classified (see `stored_classified_keys`)
+UNSELECTED_REASON = "modality {modality} not selected"
+_UNSELECTED = re.compile(r"^modality \S+ not selected$")
 _DA = re.compile(r"^(19|20)\d{2}(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])$")
 _MODALITY_OF_KIND = {
     "mr": "MR",
@@ -80,6 +84,25 @@ def recover_study_date(stack: StackSummary) -> tuple[str, str] | None:
     return None
 
 
+def is_unselected(reason: str | None) -> bool:
+    """True for the exclusion reason of a stack left out by `selectedModalities`."""
+    return reason is not None and _UNSELECTED.match(reason) is not None
+
+
+def stored_classified_keys(
+    rows: Iterable[tuple[str, str, str, str | None]],
+) -> frozenset[tuple[str, str, str]]:
+    """(series, stack_key, rule_version) of stored rows that really were classified.
+
+    `rows` are stored (series, stack_key, rule_version, excluded_reason). A stack excluded only because
+    its modality was not selected in that run was never classified: a later run that selects its
+    modality must classify it, even under `skipClassified`.
+    """
+    return frozenset(
+        (series, key, version) for series, key, version, reason in rows if not is_unselected(reason)
+    )
+
+
 def checkup(
     stacks: Iterable[StackSummary],
     selected_modalities: Sequence[str] = ("MR", "CT", "PT"),
@@ -113,7 +136,9 @@ def checkup(
         if modality not in selected:
             result.excluded.append(
                 Exclusion(
-                    stack.series_instance_uid, stack.stack_key, f"modality {modality} not selected"
+                    stack.series_instance_uid,
+                    stack.stack_key,
+                    UNSELECTED_REASON.format(modality=modality),
                 )
             )
             continue

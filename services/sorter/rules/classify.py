@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from services.sorter.rules.bids import bids_entities, match_bids
+from services.sorter.rules.bidsguess import bids_guess, comparable
 from services.sorter.rules.fingerprint import Fingerprint
-from services.sorter.rules.pack import ONE_AXES, SET_AXES, CompiledRule, RulePack
+from services.sorter.rules.pack import ONE_AXES, SET_AXES, CompiledRule, Evidence, RulePack
 
 IMAGE_KINDS = frozenset(
     {
@@ -33,19 +34,6 @@ IMAGE_KINDS = frozenset(
     }
 )
 _DEFAULT_INTENT = {"DWI": "dwi", "PWI": "perf"}
-
-
-class Evidence(NamedTuple):
-    """One vote: `rule` (of `source`) voted `value` on `axis` with `weight` (already source-scaled).
-
-    A named tuple: a stack collects a few dozen of these, and tuples are the cheapest records.
-    """
-
-    rule: str
-    source: str
-    axis: str
-    value: str
-    weight: float
 
 
 @dataclass(slots=True)
@@ -108,10 +96,11 @@ def _vote(fp: Fingerprint, rules: RulePack) -> tuple[dict[str, dict[str, float]]
     for rule in _candidates(features, rules):
         if not rule.matches(features, fp):
             continue
+        weight = rule.weight
         for axis, value in rule.votes:
             per_value = scores.setdefault(axis, {})
-            per_value[value] = per_value.get(value, 0.0) + rule.weight
-            evidence.append(Evidence(rule.id, rule.source, axis, value, rule.weight))
+            per_value[value] = per_value.get(value, 0.0) + weight
+        evidence.extend(rule.evidence)
     if fp.ct_kernel:
         for word in fp.ct_kernel.lower().split():
             kernel_class = rules.kernels.get(word)
@@ -249,14 +238,74 @@ def _name(fp: Fingerprint, result: Classification, rules: RulePack, conflicts: l
     reasons = result.review_reasons
     if result.intent not in ("excluded", "localizer"):
         if not result.bids_suffix:
-            reasons.append("no BIDS mapping for the decided axes")
+            reasons.append(entry.review or "no BIDS mapping for the decided axes")
         if result.confidence < rules.policy.review_below:
-            reasons.append(f"low confidence {result.confidence:.2f} for {entry.id}")
+            weakest = min(entry.decided_by, key=lambda axis: result.axis_confidence.get(axis, 0.0))
+            reasons.append(
+                f"low confidence {result.confidence:.2f} for {entry.id}: {_support(result, weakest)}"
+            )
         relevant = [c for c in conflicts if c.split(":")[0] in entry.decided_by]
         reasons.extend(f"sources disagree on {c}" for c in relevant)
+    if result.intent != "excluded":
+        _second_opinion(fp, result, reasons)
     if result.spinal_cord and rules.policy.review_spinal_cord:
         reasons.append("spinal cord series: site policy asks for review")
     result.review_required = bool(reasons) and result.intent != "excluded"
+
+
+def _support(result: Classification, axis: str) -> str:
+    """What an axis rests on, for a review reason: 'intent=func: physics 2.2, text 1.0; rival dwi:
+    text 1.0' (only built for stacks that go to review)."""
+    chosen = getattr(result, axis, None)
+    value = chosen if isinstance(chosen, str) else None
+    by_value: dict[str, dict[str, float]] = {}
+    for vote in result.evidence:
+        if vote.axis == axis and vote.weight > 0:
+            sources = by_value.setdefault(vote.value, {})
+            sources[vote.source] = sources.get(vote.source, 0.0) + vote.weight
+    if not by_value:
+        return f"no evidence on {axis}"
+
+    def listed(sources: dict[str, float]) -> str:
+        return ", ".join(
+            f"{src} {w:.1f}" for src, w in sorted(sources.items(), key=lambda kv: -kv[1])
+        )
+
+    mine = by_value.pop(value, {}) if value else {}
+    text = f"{axis}={value}: {listed(mine)}" if mine else f"{axis} undecided"
+    if by_value:
+        rival, sources = max(by_value.items(), key=lambda kv: sum(kv[1].values()))
+        text += f"; rival {rival}: {listed(sources)}"
+    return text
+
+
+_MR_DATATYPES = frozenset({"anat", "func", "dwi", "fmap", "perf", "discard"})
+_NO_BIDSGUESS_NAME = frozenset({"perf/dsc"})  # BidsGuess has no DSC name: it cannot disagree
+DISAGREEMENT_FACTOR = 0.8  # confidence kept when the BidsGuess-style opinion disagrees
+
+
+def _second_opinion(fp: Fingerprint, result: Classification, reasons: list[str]) -> None:
+    """Fuse the dcm2niix-style BidsGuess opinion (`bidsguess.py`): agreement changes nothing, a
+    disagreement lowers the confidence and asks for review, saying what each side said. CT and PET
+    are left out (BidsGuess names every CT `ct`, scouts included), and so are derived images, where
+    BidsGuess gives no opinion."""
+    if fp.modality != "MR" or result.bids_datatype == "derivatives":
+        return
+    guess = bids_guess(fp)
+    if guess is None or guess[0] not in _MR_DATATYPES:
+        return
+    if result.intent == "localizer":
+        ours = "discard"
+    elif not result.bids_suffix:
+        ours = "unknown"
+    else:
+        ours = comparable(result.bids_datatype, result.bids_suffix)
+    theirs = comparable(*guess)
+    if theirs == ours or theirs.endswith("/unknown") or ours in _NO_BIDSGUESS_NAME:
+        return
+    result.confidence = round(result.confidence * DISAGREEMENT_FACTOR, 3)
+    result.evidence.append(Evidence("bidsguess", "bidsguess", "bids", theirs, 0.0))
+    reasons.append(f"BidsGuess-style check says {theirs}, the rules say {ours}")
 
 
 def _synthetic_suffix(result: Classification) -> str:

@@ -37,7 +37,7 @@ from services.sorter.rules.text import tokenize
 from services.sorter.rules.vocabulary import vocabulary
 from shared.catalog import StackSummary
 
-FINGERPRINT_SCHEMA = 1
+FINGERPRINT_SCHEMA = 2
 
 
 def fingerprint_version() -> str:
@@ -122,6 +122,9 @@ _K = {
             "ParallelReductionFactorInPlane",
             "MultibandFactor",
             "ParallelReductionFactorOutOfPlane",
+            "ArterialSpinLabelingContrast",
+            "ASLContext",
+            "ASLPulseTrainDuration",
         ]
     )
     if name not in {"MultibandFactor"}
@@ -170,6 +173,10 @@ class Fingerprint:
     b_values: tuple[float, ...] = ()
     n_diffusion_directions: int = 0
     n_volumes: int = 0
+    n_timepoints: int = (
+        0  # volumes of the whole run as the protocol states it (excerpts have fewer)
+    )
+    sequence_file: str = ""  # Siemens tSequenceFileName (CSA ASCCONV), e.g. "ep2d_pcasl"
     n_slices: int = 0
     n_instances: int = 0
     orientation: str = ""  # AX, SAG, COR, OBL
@@ -242,12 +249,17 @@ def _sequence_tokens(name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=512)
+def _private_keys(vendor: str, meaning: str) -> tuple[str, ...]:
+    """The tags that carry `meaning` for `vendor` (most vendors have none for most meanings)."""
+    return tuple(key for owner, key in vocabulary().private.get(meaning, []) if owner == vendor)
+
+
 def _private(flat: Flat, vendor: str, meaning: str) -> list[Any]:
-    for owner, key in vocabulary().private.get(meaning, []):
-        if owner == vendor:
-            found = flat.get(key)
-            if found is not None:
-                return found
+    for key in _private_keys(vendor, meaning):
+        found = flat.get(key)
+        if found is not None:
+            return found
     return []
 
 
@@ -260,7 +272,11 @@ def _ge_b_value(raw: Any) -> float | None:
 
 
 def _b_values(stack: StackSummary, flat: Flat, vendor: str) -> tuple[float, ...]:
-    found = set(stack.b_values)
+    """The stack's b-values: the extractor's per-frame values when it found any (they cover every
+    frame), else the representative header's standard or vendor private value."""
+    if stack.b_values:
+        return tuple(sorted(set(stack.b_values)))
+    found: set[float] = set()
     standard = first_float(flat, _K["DiffusionBValue"])
     if standard is not None:
         found.add(standard)
@@ -291,10 +307,13 @@ def _physics(fp: Fingerprint) -> list[str]:
         facts.append("phys:many_echoes")
     if len(fp.inversion_times) >= 2:
         facts.append("phys:multi_ti")
-    if fp.n_volumes >= 10:
+    volumes = max(fp.n_volumes, fp.n_timepoints)
+    if volumes >= 10:
         facts.append("phys:many_volumes")
-    if fp.n_volumes >= 2:
+    if volumes >= 2:
         facts.append("phys:dynamic")
+    if fp.te is not None and fp.te >= 60:
+        facts.append("phys:te_ge60")  # spin-echo EPI / diffusion range; GRE-EPI BOLD is 25-50 ms
     tr, te, ti, fa = fp.tr, fp.te, fp.ti, fp.flip_angle
     if ti is not None and ti > 0:
         facts.append("phys:ti")
@@ -418,8 +437,31 @@ def fingerprint(stack: StackSummary) -> Fingerprint:
         pet_corrections=_words(all_str(flat, _K["CorrectedImage"])),
     )
     fp.b_values = _b_values(stack, flat, vendor)
+    if vendor == "siemens":
+        fp.sequence_file, repetitions = _siemens_protocol(stack.header)
+    else:
+        repetitions = 0
+    temporal = first_float(flat, _K["NumberOfTemporalPositions"]) or 0
+    fp.n_timepoints = max(int(temporal), repetitions)
     fp.features = _features(fp, flat)
     return fp
+
+
+def _siemens_protocol(header: dict[str, Any]) -> tuple[str, int]:
+    """(sequence file name, volumes of the run) from the `Ascconv` member the extractor keeps on the
+    CSA Series Header element (0029,xx20) of the "SIEMENS CSA HEADER" block: `%SiemensSeq%\\ep2d_pasl`
+    -> "ep2d_pasl"; lRepetitions counts repetitions after the first."""
+    for block in range(0x10, 0x20):
+        creator = header.get(f"002900{block:02X}")
+        if creator is None:
+            return "", 0  # private creators are allotted from 0x10 upwards without gaps
+        element = header.get(f"0029{block:02X}20")
+        if isinstance(element, dict) and "Ascconv" in element:
+            values = element["Ascconv"]
+            name = str(values.get("tSequenceFileName", "")).replace("\\", "/").rsplit("/", 1)[-1]
+            repetitions = to_float(values.get("lRepetitions"))
+            return name.strip().lower(), int(repetitions) + 1 if repetitions is not None else 0
+    return "", 0
 
 
 def _sequence_names(flat: Flat, vendor: str) -> str:
@@ -484,6 +526,23 @@ def _prefixed(prefix: str, tokens: frozenset[str]) -> frozenset[str]:
     return frozenset(f"{prefix}:{t}" for t in tokens)
 
 
+# echo-planar readout: ScanningSequence EP (PS3.3 C.8.3.1), EchoPlanarPulseSequence YES (C.8.13.5.9),
+# Siemens sequence roots (*epfid, *epse, *ep_b, *re_b), or "epi" inside a GE/Philips/UIH sequence name
+# (GE epi/epiRT/epi2, Philips FEEPI/SEEPI, UIH epi_*) or a Siemens ep2d_/ep3d_ sequence file
+_EPI_TOKENS = frozenset(
+    {"ss:ep", "epi:yes", "seq:epfid", "seq:epse", "seq:ep_b", "seq:re_b", "seq:ep"}
+)
+# Siemens product and C2P ASL sequence files (dcm2niix nii_dicom_batch.cpp checks the same names):
+# ep2d_pasl, tgse_pasl, ep2d_pcasl(_UI_PHC), tgse_pcasl, ep2d_fairest, to_ep2d_VEPCASL, ...
+_ASL_FILE = re.compile(r"p?c?asl|fairest")
+_EPI_NAME = re.compile(r"epi|\bep2d|\bep3d")
+
+
+@lru_cache(maxsize=8192)
+def _epi_name(sequence_name: str, sequence_file: str) -> bool:
+    return _EPI_NAME.search(f"{sequence_name.lower()} {sequence_file}") is not None
+
+
 _CODED_FLAGS = (
     ("EchoPlanarPulseSequence", "epi"),
     ("PartialFourier", "pf"),
@@ -494,7 +553,13 @@ _CODED_FLAGS = (
     ("AngioFlag", "angio"),
     ("ParallelAcquisition", "pa"),
     ("DiffusionDirectionality", "diffdir"),
+    (
+        "ArterialSpinLabelingContrast",
+        "aslc",
+    ),  # PS3.3 C.8.13.5.14: CONTINUOUS, PSEUDOCONTINUOUS, PULSED
+    ("ASLContext", "aslctx"),  # PS3.3 C.8.13.5.14: CONTROL, LABEL, M_ZERO_SCAN
 )
+_CODED_FLAG_KEYS = tuple((_K[keyword], prefix) for keyword, prefix in _CODED_FLAGS)
 
 
 def _features(fp: Fingerprint, flat: Flat) -> frozenset[str]:
@@ -506,6 +571,12 @@ def _features(fp: Fingerprint, flat: Flat) -> frozenset[str]:
     out |= _prefixed("txt", fp.text_tokens)
     for name in fp.sequence_name.split():
         out.update(_sequence_tokens(name))
+    if fp.sequence_file:
+        out.add(f"sfn:{fp.sequence_file}")
+        if _ASL_FILE.search(fp.sequence_file):
+            out.add("sfn:asl")  # an arterial-spin-labelling sequence binary
+    if not _EPI_TOKENS.isdisjoint(out) or _epi_name(fp.sequence_name, fp.sequence_file):
+        out.add("phys:epi")  # an echo-planar readout, whoever says so
     for value, prefix in (
         (fp.mr_acquisition_type, "acq"),
         (fp.acquisition_contrast, "ac"),
@@ -518,10 +589,22 @@ def _features(fp: Fingerprint, flat: Flat) -> frozenset[str]:
     ):
         if value:
             out.add(f"{prefix}:{value.lower()}")
-    for key, prefix in _CODED_FLAGS:
-        value = first_str(flat, _K[key])
-        if value:
-            out.add(f"{prefix}:{value.lower()}")
+    for key, prefix in _CODED_FLAG_KEYS:
+        values = flat.get(key)
+        if values and values[0] is not None:
+            value = str(values[0]).strip()
+            if value:
+                out.add(f"{prefix}:{value.lower()}")
+    if _K["ASLPulseTrainDuration"] in flat:
+        out.add(
+            "asl:pulse_train"
+        )  # (0018,9258): only ASL acquisitions have a labelling pulse train
+    asl_technique = _private(flat, fp.vendor, "asl_contrast")
+    if asl_technique:
+        out.add(f"aslc:{str(asl_technique[0]).strip().lower()}")
+    label_type = _private(flat, fp.vendor, "asl_label")
+    if label_type:
+        out.add(f"asllabel:{str(label_type[0]).strip().lower()}")
     kind_values = _private(flat, fp.vendor, "image_kind")
     if kind_values:
         out.add(f"vimg:{str(kind_values[0]).strip().lower()}")

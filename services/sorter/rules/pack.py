@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -129,6 +129,7 @@ class BidsEntry(_Strict):
     )
     entities: dict[str, str] = Field(default_factory=dict)
     decided_by: list[str] = Field(default_factory=lambda: ["intent", "base"])
+    review: str = ""  # the review reason when this entry names nothing (suffix "")
 
 
 class Policy(_Strict):
@@ -151,7 +152,22 @@ class PackFile(_Strict):
     rules: list[RuleSpec] = Field(default_factory=list)
     kernels: dict[str, list[str]] = Field(default_factory=dict)
     hierarchy: dict[str, dict[str, str]] = Field(default_factory=dict)  # axis -> child -> parent
+    basis: dict[str, str] = Field(default_factory=dict)  # rule-id prefix -> why such rules hold
     bids: list[BidsEntry] = Field(default_factory=list)
+
+
+class Evidence(NamedTuple):
+    """One vote: `rule` (of `source`) voted `value` on `axis` with `weight` (already source-scaled).
+
+    A named tuple: a stack collects a few dozen of these, and tuples are the cheapest records. A
+    compiled rule builds its own once (`CompiledRule.evidence`), so voting only shares them.
+    """
+
+    rule: str
+    source: str
+    axis: str
+    value: str
+    weight: float
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # identity hash: cheap de-duplication
@@ -164,6 +180,7 @@ class CompiledRule:
     ranges: tuple[tuple[str, float | None, float | None], ...]
     votes: tuple[tuple[str, str], ...]  # (axis, value), set axes flattened
     weight: float  # rule weight x source weight
+    evidence: tuple[Evidence, ...] = ()  # one per vote, built at compile time
 
     def matches(self, features: frozenset[str], fp: Fingerprint) -> bool:
         if not self.need <= features:
@@ -210,6 +227,11 @@ def _read(profile: str) -> dict[str, Any]:
     return loaded
 
 
+def merged_pack(profile: str) -> PackFile:
+    """The uncompiled pack of `profile` with its parents merged in (benches edit it, then compile)."""
+    return _merged(profile)
+
+
 def _merged(profile: str, seen: tuple[str, ...] = ()) -> PackFile:
     if profile in seen:
         raise ValueError(f"rule packs extend each other in a loop: {' -> '.join((*seen, profile))}")
@@ -230,6 +252,7 @@ def _merged(profile: str, seen: tuple[str, ...] = ()) -> PackFile:
         rules=[*rules, *pack.rules],
         kernels={**parent.kernels, **pack.kernels},
         hierarchy={**parent.hierarchy, **pack.hierarchy},
+        basis={**parent.basis, **pack.basis},
         bids=pack.bids or parent.bids,
     )
 
@@ -256,6 +279,8 @@ def compile_pack(pack: PackFile) -> RulePack:
         raise ValueError(f"duplicate rule ids: {sorted(duplicates)}")
     compiled = []
     for spec in pack.rules:
+        if not spec.note and not any(spec.id.startswith(prefix) for prefix in pack.basis):
+            raise ValueError(f"rule {spec.id}: says nothing about why it holds (no note, no basis)")
         if spec.source not in pack.sources:
             raise ValueError(f"rule {spec.id}: source {spec.source!r} has no weight in `sources`")
         votes: list[tuple[str, str]] = []
@@ -271,6 +296,12 @@ def compile_pack(pack: PackFile) -> RulePack:
                 ranges=tuple((k, lo, hi) for k, (lo, hi) in spec.range.items()),
                 votes=tuple(votes),
                 weight=spec.weight * pack.sources[spec.source],
+                evidence=tuple(
+                    Evidence(
+                        spec.id, spec.source, axis, value, spec.weight * pack.sources[spec.source]
+                    )
+                    for axis, value in votes
+                ),
             )
         )
     index: dict[str, list[CompiledRule]] = {}

@@ -128,3 +128,17 @@ def test_generic_short_numbers_are_counted_not_searched(source: Path, tmp_path: 
         rewritten(source, tmp_path, StudyID="160", InstanceNumber=160)
     )
     assert findings == [] and unsearched >= 1
+
+
+def test_a_placeholder_uid_is_counted_not_searched(source: Path, tmp_path: Path) -> None:
+    """A ReferencedSOPInstanceUID "0" (a test object's placeholder) matched a digit of every
+    object key; UIDs under eight characters are counted, not searched."""
+    item = Dataset()
+    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    item.ReferencedSOPInstanceUID = "0"
+    path = rewritten(source, tmp_path, ReferencedImageSequence=[item])
+    result, data = run(path, ProfileOptions(shift_dates=True))
+    assert (
+        verify(data, result.identifiers, "anon/0c0ffee0-1234/x0/2.25.10/2.25.20/2.25.30.dcm") == []
+    )
+    assert result.identifiers.short_values >= 1

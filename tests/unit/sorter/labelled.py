@@ -56,7 +56,7 @@ def package_installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def _package_file(package: str, name: str) -> Path:
+def package_file(package: str, name: str) -> Path:
     if package == "nibabel":
         return NIBABEL_DATA / name
     if package == "pydicom":
@@ -82,7 +82,7 @@ def _groups(dicom_root: Path) -> Iterator[tuple[str, list[dict[str, Any]], list[
     for label in labels["packages"]:
         if not package_installed(label["package"]):
             continue  # optional test data (heudiconv, deid-data); reported by the accuracy test
-        paths = [_package_file(label["package"], name) for name in label["files"]]
+        paths = [package_file(label["package"], name) for name in label["files"]]
         yield (
             f"{label['package']}:{','.join(label['files'])}",
             [{**label, "stack": "*"}],

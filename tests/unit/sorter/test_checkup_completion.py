@@ -12,6 +12,7 @@ from services.sorter.rules import (
     fingerprint,
     fingerprint_batch,
     load_rules,
+    stored_classified_keys,
 )
 from tests.unit.sorter.headers import make_stack
 from tests.unit.sorter.stack_builder import build_stacks
@@ -64,6 +65,31 @@ def test_skip_classified_and_force_reprocess() -> None:
         [a, b], classified_keys=done, rule_version=RULES.version, skip_classified=False
     )
     assert len(no_skip.accepted) == 2
+
+
+def test_a_stack_left_out_by_selected_modalities_is_classified_when_selected_later() -> None:
+    """Run 1 selects CT only: the MR stack is stored as excluded. Run 2 selects MR under the default
+    skipClassified: the stored exclusion must not count as a classification."""
+    mr = make_stack(StudyDate="20200101", series_instance_uid="9.3", stack_key="MR|TE=2")
+    first = checkup([mr], selected_modalities=["CT"], rule_version=RULES.version)
+    assert [e.reason for e in first.excluded] == ["modality MR not selected"]
+    stored = [(e.series_instance_uid, e.stack_key, RULES.version, e.reason) for e in first.excluded]
+    second = checkup(
+        [mr],
+        selected_modalities=["MR"],
+        classified_keys=stored_classified_keys(stored),
+        rule_version=RULES.version,
+    )
+    assert [s.series_instance_uid for s in second.accepted] == ["9.3"] and not second.skipped
+    # real decisions, excluded objects included, still count as classified
+    kept = stored_classified_keys(
+        [
+            ("9.4", "MR|TE=2", RULES.version, None),
+            ("9.5", "OT", RULES.version, "not an image acquisition: structured_report"),
+            ("9.3", "MR|TE=2", RULES.version, "modality MR not selected"),
+        ]
+    )
+    assert kept == {("9.4", "MR|TE=2", RULES.version), ("9.5", "OT", RULES.version)}
 
 
 def test_classification_key_includes_series_and_rule_version() -> None:

@@ -143,6 +143,6 @@ def test_batch_equals_single_and_version_names_vocabulary() -> None:
     ]
     batch = fingerprint_batch(stacks)
     assert [fp.features for fp in batch] == [fingerprint(s).features for s in stacks]
-    assert fingerprint_version().startswith("fp1.m1.")
+    assert fingerprint_version().startswith("fp2.m1.")
     row = batch[0].as_dict()
     assert isinstance(row["features"], list) and row["vendor"] == "siemens"

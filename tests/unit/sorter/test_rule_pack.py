@@ -17,7 +17,16 @@ def _pack(**rule: Any) -> dict[str, Any]:
         "profile": "t",
         "sources": {"coded": 3.0, "text": 1.0},
         "policy": {},
-        "rules": [{"id": "r", "source": "coded", "all": ["it:x"], "vote": {"base": "T1w"}, **rule}],
+        "rules": [
+            {
+                "id": "r",
+                "source": "coded",
+                "all": ["it:x"],
+                "vote": {"base": "T1w"},
+                "note": "t",
+                **rule,
+            }
+        ],
         "bids": [{"id": "any", "when": {}, "datatype": "", "suffix": ""}],
     }
 
@@ -64,3 +73,12 @@ def test_source_without_weight_is_refused() -> None:
 def test_compiled_weights_multiply_source_weight() -> None:
     pack = compile_pack(PackFile.model_validate(_pack(weight=0.5)))
     assert pack.rules[0].weight == 1.5 and pack.index["it:x"] == (pack.rules[0],)
+
+
+def test_a_rule_must_say_why_it_holds() -> None:
+    """A note on the rule, or a `basis` entry for its id prefix; otherwise the pack does not load."""
+    with pytest.raises(ValueError, match="says nothing about why"):
+        compile_pack(PackFile.model_validate(_pack(note="")))
+    data = _pack(id="it_x", note="")
+    data["basis"] = {"it_": "ImageType values, PS3.3 C.7.6.1.1.2"}
+    assert compile_pack(PackFile.model_validate(data)).rules[0].id == "it_x"

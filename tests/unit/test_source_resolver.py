@@ -1,0 +1,185 @@
+"""The source resolver (shared/sources.py) on real folders in tmp_path: what is listed, what is
+rejected with which reason, what may be read, and which locations a cohort may name."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from shared.settings import BROKER_BUCKET, Settings
+from shared.sources import (
+    LocalSource,
+    SourceError,
+    check_destination,
+    check_location,
+    open_source,
+    source_key_of,
+    source_name_of,
+)
+
+
+def settings(root: Path, home: Path | None = None, s3: list[str] | None = None) -> Settings:
+    return Settings(data_roots=[root], home=home or root.parent / "state", s3_sources=s3 or [])
+
+
+@pytest.mark.parametrize(
+    "name",
+    [b"plain/a.dcm", b"caf\xc3\xa9", b"bad\xff\xfename", b"100%", b"%FF literal", b"\xc3", b"%41"],
+)
+def test_keys_are_text_and_round_trip(name: bytes) -> None:
+    key = source_key_of(name)
+    key.encode("utf-8")  # valid text: JSON, Postgres and object keys take it
+    assert source_name_of(key) == name
+
+
+def test_distinct_names_get_distinct_keys() -> None:
+    names = [b"\xff", b"%FF", b"%\xff", b"%%FF", b"%25"]
+    assert len({source_key_of(n) for n in names}) == len(names)
+    assert source_key_of(b"ordinary name.dcm") == "ordinary name.dcm"
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, Path]:
+    """(data root, cohort folder) with one of each kind of hostile entry."""
+    root = tmp_path / "data"
+    cohort = root / "cohort"
+    (cohort / "sub").mkdir(parents=True)
+    (cohort / "sub" / "a.dcm").write_bytes(b"A")
+    (root / "elsewhere").mkdir()
+    (root / "elsewhere" / "b.dcm").write_bytes(b"BB")
+    (cohort / "inside").symlink_to(root / "elsewhere", target_is_directory=True)
+    (cohort / "etc").symlink_to("/etc", target_is_directory=True)
+    (cohort / "passwd").symlink_to("/etc/passwd")
+    (cohort / "self").symlink_to(cohort / "self")
+    (cohort / "dangling").symlink_to(cohort / "missing")
+    (cohort / "sub" / "up").symlink_to(cohort, target_is_directory=True)
+    os.mkfifo(cohort / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(cohort / "sock"))
+    sock.close()
+    (cohort / os.fsdecode(b"caf\xe9.dcm")).write_bytes(b"CCC")
+    return root, cohort
+
+
+def test_listing_rejects_every_entry_it_does_not_read(tree: tuple[Path, Path]) -> None:
+    root, cohort = tree
+    source = open_source(str(cohort), settings(root))
+    listed = {f.key: f for f in source.list()}
+    read = {k for k, f in listed.items() if f.rejected is None}
+    assert read == {"sub/a.dcm", "inside/b.dcm", "caf%E9.dcm"}
+    reasons = {k: f.rejected for k, f in listed.items() if f.rejected is not None}
+    assert reasons == {
+        "etc": "a link that leads outside the allowed data roots",
+        "passwd": "a link that leads outside the allowed data roots",
+        "self": "a link that loops (it leads back to itself)",
+        "dangling": "a dangling link (its target does not exist)",
+        "sub/up": "a link to one of its own parent folders (it would loop)",
+        "fifo": "not a regular file: a FIFO (named pipe)",
+        "sock": "not a regular file: a socket",
+    }
+    assert listed["inside/b.dcm"].size == 2
+    assert source.read("caf%E9.dcm") == b"CCC"
+    assert source.read("inside/b.dcm") == b"BB"
+
+
+def test_reading_refuses_what_listing_would_reject(tree: tuple[Path, Path]) -> None:
+    root, cohort = tree
+    source = open_source(str(cohort), settings(root))
+    for key in ("etc/passwd", "passwd", "../elsewhere/b.dcm", "self"):
+        with pytest.raises((SourceError, OSError)):
+            source.read(key)
+    # a file swapped for a link out of the roots after it was listed is not read
+    (cohort / "sub" / "a.dcm").unlink()
+    (cohort / "sub" / "a.dcm").symlink_to("/etc/hostname")
+    with pytest.raises(SourceError, match="outside the allowed data roots"):
+        source.read("sub/a.dcm")
+
+
+def test_a_fifo_never_blocks_a_read(tree: tuple[Path, Path]) -> None:
+    root, cohort = tree
+    source = open_source(str(cohort), settings(root))
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            source.read("fifo")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5)
+    assert not reader.is_alive(), "reading a FIFO blocked"
+    assert isinstance(outcome[0], SourceError) and "FIFO" in str(outcome[0])
+
+
+def test_roots_bound_a_source_with_no_roots_given(tmp_path: Path) -> None:
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "out").symlink_to(tmp_path, target_is_directory=True)
+    listed = list(LocalSource(tmp_path / "c").list())
+    assert [(f.key, f.rejected) for f in listed] == [
+        ("out", "a link that leads outside the allowed data roots")
+    ]
+
+
+def test_local_locations(tree: tuple[Path, Path], tmp_path: Path) -> None:
+    root, cohort = tree
+    s = settings(root)
+    assert check_location(str(cohort), s) == str(cohort.resolve())
+    assert check_location(str(cohort / "inside"), s) == str((root / "elsewhere").resolve())
+    with pytest.raises(SourceError, match="outside the allowed data roots"):
+        check_location(str(cohort / "etc"), s)
+    with pytest.raises(SourceError, match="outside the allowed data roots"):
+        check_location("/", s)
+    # the stack's own state (database, object and broker files) is never a source
+    state = root / "state"
+    (state / "s3" / "cohortflow").mkdir(parents=True)
+    with pytest.raises(SourceError, match="own state folder"):
+        check_location(str(state / "s3" / "cohortflow"), settings(root, home=state))
+
+
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        ("s3://cohortflow/raw/0b7a", "system's own buckets"),
+        ("s3://cohortflow", "system's own buckets"),
+        ("s3://cohortflow-audit", "system's own buckets"),
+        (f"s3://{BROKER_BUCKET}/clusters", "system's own buckets"),
+        ("s3://pacs/2025", "not under an allowed S3 source"),
+        ("s3://other", "not under an allowed S3 source"),
+        ("s3://pacs/2024ms", "not under an allowed S3 source"),
+        ("s3://pacs/2024/../2025", "'..'"),
+        ("s3://", "bucket"),
+    ],
+)
+def test_s3_locations_refused(tmp_path: Path, location: str, message: str) -> None:
+    s = settings(tmp_path, s3=["s3://pacs/2024", "s3://cohortflow", "s3://whole"])
+    with pytest.raises(SourceError, match=message):
+        check_location(location, s)
+
+
+def test_s3_locations_allowed(tmp_path: Path) -> None:
+    s = settings(tmp_path, s3=["s3://pacs/2024", "s3://whole"])
+    assert check_location("s3://pacs/2024", s) == "s3://pacs/2024"
+    assert check_location("s3://pacs/2024/ms/", s) == "s3://pacs/2024/ms"
+    assert check_location("s3://whole/any/prefix", s) == "s3://whole/any/prefix"
+
+
+def test_s3_sources_setting_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COHORTFLOW_S3_SOURCES", "s3://pacs/2024/, s3://whole")
+    assert Settings().s3_sources == ["s3://pacs/2024", "s3://whole"]
+    monkeypatch.setenv("COHORTFLOW_S3_SOURCES", "/data")
+    with pytest.raises(ValueError, match="s3://bucket"):
+        Settings()
+
+
+def test_destinations_are_never_the_systems_own_buckets(tmp_path: Path) -> None:
+    s = settings(tmp_path)
+    assert check_destination("s3://exports/a", s) == "s3://exports/a"
+    for own in ("s3://cohortflow/export/x", "s3://cohortflow-audit", f"s3://{BROKER_BUCKET}"):
+        with pytest.raises(SourceError, match="own buckets"):
+            check_destination(own, s)
