@@ -86,6 +86,8 @@ def normalized(field: str, text: str) -> Any:
         value = value.get_secret_value()
     if field == ROOTS:
         return tuple(os.path.abspath(Path(p).expanduser()) for p in value)
+    if isinstance(value, list):  # other list settings (s3_sources): comparable, order kept
+        return tuple(value)
     return value
 
 
@@ -99,6 +101,8 @@ def as_text(field: str, value: Any) -> str:
         return "true" if value else "false"
     if field == ROOTS:
         return join_roots(value)
+    if isinstance(value, (list, tuple)):  # s3_sources: comma-separated, as the variable is read
+        return ",".join(str(v) for v in value)
     return str(value)
 
 
