@@ -16,23 +16,11 @@ from typing import Any
 
 from pydicom.valuerep import PersonName
 
-# values that name nobody and appear in every de-identified file (placeholders)
-NEUTRAL = frozenset(
-    {
-        "",
-        "ANONYMIZED",
-        "ANONYMOUS",
-        "ANON",
-        "UNKNOWN",
-        "NONE",
-        "N/A",
-        "NA",
-        "NULL",
-        "REMOVED",
-        "YES",
-        "NO",
-    }
-)
+from shared.subjects import PLACEHOLDER_IDS
+
+# values that name nobody: the placeholders no PatientID may stand on (shared.subjects), and the
+# flags every de-identified file carries
+NEUTRAL = PLACEHOLDER_IDS | {"", "YES", "NO"}
 MIN_LENGTH = 3
 _ALNUM = re.compile(r"[^A-Z0-9]")
 # a number shorter than this (StudyID 160, PatientID 1234) is in every header as a count, a size or
