@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from shared.observability import configure_logging
@@ -34,7 +37,38 @@ def cpu_workers() -> int:
     return os.cpu_count() or 2
 
 
-def _start_worker(service: str) -> None:
+def _exit_with(service_pid: int, interval_s: float = 1.0) -> None:
+    """Leave when the service process is gone (a thread of every worker).
+
+    A worker is the fork server's child, and the fork server hands every worker its own "alive"
+    pipe and the pool's queues: when the service is killed with SIGKILL nothing ever reaches EOF,
+    so workers and fork server lived on, adopted by init (about 1 GB for four). Polling the
+    service's pid is the one signal that cannot be held open."""
+    while True:
+        time.sleep(interval_s)
+        if not _running(service_pid):
+            os._exit(1)
+
+
+def _running(pid: int) -> bool:
+    """True while `pid` runs; a zombie (dead, not yet reaped by its parent) does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc here: ask the kernel (a zombie then still counts as running)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] not in ("Z", "X")
+
+
+def _start_worker(service: str, service_pid: int) -> None:
+    threading.Thread(target=_exit_with, args=(service_pid,), daemon=True).start()
     configure_logging(service)
 
 
@@ -53,6 +87,6 @@ class ProcessPools:
                 max_workers=workers,
                 mp_context=self.context,
                 initializer=_start_worker,
-                initargs=(self.service,),
+                initargs=(self.service, os.getpid()),
             )
         return self._pools[workers]

@@ -36,6 +36,7 @@ import httpx
 import pydicom
 
 from cohortflow.stack import LocalStack
+from cohortflow.stack.processes import tree_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "dicom"
@@ -52,21 +53,6 @@ def bare_loop(files: list[Path]) -> float:
         with contextlib.suppress(Exception):
             pydicom.dcmread(path, stop_before_pixels=True)
     return time.perf_counter() - start
-
-
-def tree_pids(pid: int) -> list[int]:
-    """A process and all its descendants."""
-    out: list[int] = []
-    pids = [pid]
-    while pids:
-        current = pids.pop()
-        out.append(current)
-        try:
-            with open(f"/proc/{current}/task/{current}/children") as fh:
-                pids.extend(int(p) for p in fh.read().split())
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return out
 
 
 def tree_cpu_seconds(pid: int) -> float:

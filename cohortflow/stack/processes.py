@@ -149,3 +149,18 @@ def http_ready(url: str, timeout: float = 1.0) -> bool:
         return httpx.get(url, timeout=timeout).is_success
     except httpx.HTTPError:
         return False
+
+
+def tree_pids(pid: int) -> list[int]:
+    """A process and all its descendants (Linux /proc)."""
+    out: list[int] = []
+    pids = [pid]
+    while pids:
+        current = pids.pop()
+        out.append(current)
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as fh:
+                pids.extend(int(p) for p in fh.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out

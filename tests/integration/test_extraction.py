@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import tempfile
 import time
 import uuid
@@ -23,7 +24,8 @@ import pydicom
 import pytest
 from pydicom.errors import InvalidDicomError
 
-from cohortflow.stack import LocalStack
+from cohortflow.stack import LocalStack, processes
+from cohortflow.stack.processes import tree_pids
 from shared.storage import ObjectStore
 from shared.subjects import missing_patient_id
 
@@ -302,6 +304,33 @@ async def test_a_killed_extractor_costs_time_not_data(
     counts = await catalog_counts(db_pool, cohort["id"])
     assert counts["instances"] == counts["distinct_instances"] == expected["instances"]
     assert counts["files"] == expected["files"]
+
+
+async def test_a_killed_service_takes_its_worker_processes_with_it(
+    api: httpx.Client, stack: LocalStack, tmp_path: Path, dicom_root: Path
+) -> None:
+    """SIGKILL to the service alone (not its process group): its worker pool goes too, instead of
+    living on adopted by init."""
+    source = link_tree(tmp_path / "orphans", {"nih": dicom_root / "dcm_qa_nih"})
+    cohort = create_cohort(api, "extract-orphans", source)
+    job = run_extraction(api, cohort["id"], {"batch_files": 8})
+    wait_progress(api, job["id"], at_least=1)
+    pid = stack.status().services["extractor"].pid
+    assert pid is not None
+    family = [p for p in tree_pids(pid) if p != pid]
+    assert family, "the extractor should have started its worker pool"
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while any(processes.pid_alive(p) for p in family):
+        left = [
+            (p, Path(f"/proc/{p}/cmdline").read_bytes()[:120])
+            for p in family
+            if processes.pid_alive(p)
+        ]
+        assert time.monotonic() < deadline, f"worker processes outlived their service: {left}"
+        time.sleep(0.2)
+    stack.start_service("extractor")
+    assert wait_job(api, job["id"], timeout=600)["status"] == "completed"
 
 
 async def test_two_replicas_share_one_run_and_a_broker_restart_loses_nothing(
