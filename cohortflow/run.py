@@ -130,6 +130,14 @@ class GatewayClient:
             )
         )
 
+    def run_in_progress(self, cohort_id: str) -> list[dict[str, Any]]:
+        """The jobs of the cohort's newest run when any of them is not finished, else []."""
+        jobs = self._check(self.http.get(f"/api/cohorts/{cohort_id}/jobs", params={"limit": 50}))
+        if not jobs:
+            return []
+        newest = [j for j in jobs if j["run_id"] == jobs[0]["run_id"]]
+        return newest if any(j["status"] not in TERMINAL for j in newest) else []
+
     def job(self, job_id: str) -> dict[str, Any]:
         return dict(self._check(self.http.get(f"/api/jobs/{job_id}")))
 
@@ -244,7 +252,15 @@ def run(
         console.print(f"{verb} cohort [bold]{options.name}[/] ({cohort['id']})")
     cohort_id = cohort["id"]
 
-    if options.stages is None:
+    attached = client.run_in_progress(cohort_id) if verb == "reusing" else []
+    if attached:  # the same command again while its run goes on: follow it, start nothing
+        if not options.as_json:
+            console.print(
+                f"a run of this cohort is in progress ({', '.join(j['stage'] for j in attached)});"
+                " following it"
+            )
+        finished = _watch(client, attached, console, options)
+    elif options.stages is None:
         jobs = client.run_pipeline(cohort_id, configs)
         finished = _watch(client, jobs, console, options)
     else:

@@ -195,3 +195,42 @@ def test_asl_goes_end_to_end_from_dicom_to_a_valid_perf_folder(
     assert not list(out.rglob("*_dsc*")) and not list(out.rglob("*_bold*"))
     report = run_bids_validator(out)
     assert report.errors == 0, report.as_json()
+
+
+def test_the_same_command_again_follows_the_run_in_progress(
+    gateway_url: str, tmp_path: Path, dicom_root: Path
+) -> None:
+    """Re-running `cohortflow run` while its run goes on attaches to that run (no 409, no second
+    run) and ends with its result."""
+    import time
+
+    import httpx
+
+    source = tmp_path / "incoming"
+    source.mkdir()
+    # all of the shared data: a run long enough for a second command to find it going on
+    (source / "all").symlink_to(dicom_root, target_is_directory=True)
+    env = {**os.environ, "COHORTFLOW_GATEWAY_URL": gateway_url}
+    command = [sys.executable, "-m", "cohortflow.cli", "run", str(source), "--name",
+               f"attach-{tmp_path.name}", "--stages", "extraction", "--json"]  # fmt: skip
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        with httpx.Client(base_url=gateway_url, timeout=10) as api:
+            while True:  # wait until the first command's job exists and is not finished
+                cohorts = [c for c in api.get("/api/cohorts").json() if c["name"] == command[6]]
+                jobs = api.get(f"/api/cohorts/{cohorts[0]['id']}/jobs").json() if cohorts else []
+                if jobs and jobs[0]["status"] in ("pending", "running"):
+                    break
+                assert time.monotonic() < deadline, "the first run never started"
+                time.sleep(0.1)
+        second = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=600, check=False
+        )
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        out, _ = first.communicate(timeout=600)
+    finally:
+        first.kill()
+    assert first.returncode == 0
+    ids = [j["id"] for j in json.loads(second.stdout)["jobs"]]
+    assert ids == [j["id"] for j in json.loads(out)["jobs"]] == [jobs[0]["id"]]
