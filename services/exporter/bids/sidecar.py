@@ -2,9 +2,10 @@
 
 dcm2niix writes most keys (EchoTime, RepetitionTime, PhaseEncodingDirection, SliceTiming, ...). The
 exporter adds `TaskName` for functional runs (BIDS REQUIRED; the `task-` label when no better name
-is given), `Units` for field maps in Hz, the field-map links (`IntendedFor`, `B0FieldIdentifier`,
-`B0FieldSource`) and drops keys that only describe the converter's guesses (`BidsGuess`). What is
-still missing is reported by `missing_required`, never invented.
+is given), `Units` for field maps in Hz and for phase images (`arbitrary`), the field-map links
+(`IntendedFor`, `B0FieldIdentifier`, `B0FieldSource`) and drops keys that only describe the
+converter's guesses (`BidsGuess`). What is still missing is reported by `missing_required`, never
+invented.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def build_sidecar(
             sidecar["TaskName"] = name
     if suffix == "fieldmap" and "Units" not in sidecar:
         sidecar["Units"] = "Hz"  # dcm2niix writes field maps (GE, Philips _fieldmaphz) in Hz
+    if entities.get("part") == "phase" and "Units" not in sidecar:
+        # REQUIRED for part-phase images: "rad" or "arbitrary"; dcm2niix keeps the scanner's
+        # integer phase (e.g. -4096..4095), so it is not radians
+        sidecar["Units"] = "arbitrary"
     return sidecar
 
 

@@ -553,3 +553,14 @@ def test_images_of_stack(postfixes: list[str], constants: dict[str, Any], keep: 
     from services.exporter.bids import images_of_stack
 
     assert images_of_stack([image_tokens(p) for p in postfixes], constants) == keep
+
+
+def test_phase_images_say_their_units() -> None:
+    """BIDS requires Units on part-phase images; dcm2niix's phase is in scanner units."""
+    from services.exporter.bids.sidecar import build_sidecar, missing_required
+
+    phase = build_sidecar({"EchoTime": 0.01}, datatype="anat", suffix="MEGRE",
+                          entities={"echo": "1", "part": "phase"})  # fmt: skip
+    assert phase["Units"] == "arbitrary" and missing_required(phase, "MEGRE") == []
+    magnitude = build_sidecar({}, datatype="anat", suffix="T1w", entities={"part": "mag"})
+    assert "Units" not in magnitude
