@@ -2,7 +2,7 @@
 the last result into the completion event that starts the next stage.
 
 A stage service supplies a `StagePlugin` (plan / process / finalize); this module supplies the
-event discipline of DESIGN.md §3 once, for all four stages:
+event discipline (ADR 0002) once, for all four stages:
 
 - `StageRequested` -> `plan()` -> run row + item rows + `WorkItem` events, in one transaction.
 - `WorkItem` -> `process()` -> item marked done or failed and the run's counters moved, in one
@@ -237,7 +237,7 @@ def _add_counts(summary: dict[str, Any], counts: dict[str, int]) -> dict[str, An
 
 
 class StageRuntime:
-    """Runs one stage plugin's handlers with the event discipline of DESIGN.md §3."""
+    """Runs one stage plugin's handlers with the event discipline of ADR 0002."""
 
     def __init__(
         self, plugin: StagePlugin, pool: asyncpg.Pool, settings: Settings | None = None

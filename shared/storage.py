@@ -1,6 +1,6 @@
 """Object storage on the `minio` client (MinIO in production, any S3 server in tests).
 
-Keys follow DESIGN.md §4: `raw/<cohort>/...` (identified zone, never modified), `anon/<cohort>/...`
+Keys follow the zones of the README's architecture: `raw/<cohort>/...` (identified zone, never modified), `anon/<cohort>/...`
 (de-identified zone), `export/<cohort>/<job>/...`; audit exports live in their own bucket.
 Every object written carries its SHA-256 in the `sha256` metadata field.
 

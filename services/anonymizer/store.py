@@ -1,6 +1,6 @@
 """The anonymizer's Postgres side: pseudonyms, date offsets, plans, study progress, audit rows.
 
-Nothing identifying is stored in clear (DESIGN.md §8): lookups go through keyed HMACs of the project
+Nothing identifying is stored in clear (ADR 0003): lookups go through keyed HMACs of the project
 secret (`Vault.key`), and what must be recoverable — the original PatientID for the audit export,
 date offsets, source paths, audit rows — is a Fernet token under a key derived from the project
 secret (`Vault.seal`). The schema is `migrations/001_anonymizer.sql`.

@@ -71,7 +71,7 @@ _LISTED_MAX = 200
 
 
 def export_prefix(cohort_id: uuid.UUID, job_id: uuid.UUID) -> str:
-    """Where an export job's tree lives in the data bucket (DESIGN.md §4)."""
+    """Where an export job's tree lives in the data bucket (the `export/` zone, shared.storage)."""
     return f"export/{cohort_id}/{job_id}"
 
 

@@ -37,7 +37,7 @@ CLASSIFICATION_FIELDS = (
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """The export stage's config keys (DESIGN.md §5), with the service's defaults."""
+    """The export stage's config keys (README, Configuration), with the service's defaults."""
 
     output_modes: tuple[OutputMode, ...] = ("nii.gz",)
     layout: Layout = "bids"

@@ -1,6 +1,6 @@
 """The gateway against the real Postgres, Kafka-protocol broker and S3 server of the test stack.
 
-Drives the public HTTP API (DESIGN.md §5) and the event discipline: run requests land on their
+Drives the public HTTP API (/api/openapi.json) and the event discipline: run requests land on their
 topics with the right routing slip, progress/completion/failure events move jobs and cohort metrics,
 cancel publishes control and flips `gateway.job_control_v`, new studies start scoped runs.
 """

@@ -1,4 +1,4 @@
-"""The JSON shapes of the public HTTP API (DESIGN.md §5); field names are the user's vocabulary."""
+"""The JSON shapes of the public HTTP API (served as /api/openapi.json); field names are the user's vocabulary."""
 
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ class AnonymizationConfig(_Config):
     anonymize_categories: list[AnonymizeCategory] = Field(
         default_factory=lambda: list(ANONYMIZE_CATEGORIES), min_length=1
     )
-    # PS3.15 option switches (DESIGN.md §8)
+    # PS3.15 option switches (ADR 0003)
     clean_descriptors: bool | None = None
     retain_patient_characteristics: bool | None = None
     retain_device_identity: bool | None = None
