@@ -46,11 +46,11 @@ def _exit_with(service_pid: int, interval_s: float = 1.0) -> None:
     service's pid is the one signal that cannot be held open."""
     while True:
         time.sleep(interval_s)
-        if not _running(service_pid):
+        if not process_running(service_pid):
             os._exit(1)
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     """True while `pid` runs; a zombie (dead, not yet reaped by its parent) does not."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

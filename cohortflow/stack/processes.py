@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 
+from shared.workers import process_running
+
 
 def free_port(preferred: int | None = None) -> int:
     """A TCP port on 127.0.0.1 that nobody listens on; `preferred` when it is still free."""
@@ -44,22 +46,14 @@ def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.3) -> bool:
 
 def pid_alive(pid: int | None, program: str | None = None) -> bool:
     """True when `pid` runs, is not a zombie and (if given) its command line mentions `program`."""
-    if not pid or pid <= 0:
-        return False
-    proc = Path(f"/proc/{pid}")
-    try:
-        stat = (proc / "stat").read_text()
-    except OSError:
-        return False
-    # the state letter follows the parenthesised command name, which may itself contain spaces
-    if stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] in ("Z", "X"):
+    if not pid or pid <= 0 or not process_running(pid):
         return False
     if program:
         try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             return False
-        return program in cmdline
+        return program in cmdline.decode(errors="replace")
     return True
 
 

@@ -256,7 +256,8 @@ class AnonymizerPlugin:
     ) -> list[PlannedItem]:
         settings = self.settings
         vault = Vault(settings)  # refuses an empty project secret
-        self.profile(profile_options(request.config, settings))  # a bad config fails here
+        options = profile_options(request.config, settings)
+        self.profile(options)  # a bad config fails here
         scoped = bool(request.study_instance_uids)
         _, password = audit_export_settings(request.config, settings)
         if password is None and not scoped:
@@ -269,9 +270,8 @@ class AnonymizerPlugin:
         source = open_source(location, settings)
         listed = await asyncio.to_thread(lambda: list(source.list()))
         file_keys = {f.key: vault.key("file", f"{source.location}\x00{f.key}") for f in listed}
-        patient = profile_options(request.config, settings).patient_id
         studies = await self._studies_of(
-            pool, vault, source, listed, file_keys, cohort_id, job_id, patient
+            pool, vault, source, listed, file_keys, cohort_id, job_id, options.patient_id
         )
         rejected = len(studies.pop(None, []))
         by_study = {k: v for k, v in studies.items() if k is not None}
