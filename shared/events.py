@@ -204,12 +204,23 @@ class CohortDeleted(Payload):
 # --- ingest from other systems ------------------------------------------------------------------
 
 
+class StudyOrigin(BaseModel):
+    """Where a "new study" notice comes from: the sending system and the DICOM association."""
+
+    model_config = ConfigDict(extra="allow")
+    system: str | None = Field(None, description="the sending system (router, PACS, gateway)")
+    calling_ae: str | None = Field(None, description="AE title of the modality or sender")
+    called_ae: str | None = Field(None, description="AE title that received the study")
+    host: str | None = Field(None, description="host the association came from")
+
+
 class StudyReceived(Payload):
     """A hospital system (PACS router, Orthanc, RIS) says a new study is available.
 
     `location` is a local folder under an allowed root or an `s3://bucket/prefix` holding the study's
     DICOM files. The gateway matches it to a cohort by `cohort` (name or id) or by its ingest rules
-    and runs the pipeline for that study only.
+    and runs the pipeline for that study only. `patient_id` and `accession_number` help the sender
+    correlate; they are never stored or logged by the gateway.
     """
 
     study_instance_uid: str
@@ -219,6 +230,13 @@ class StudyReceived(Payload):
     accession_number: str | None = None
     modalities: list[str] = Field(default_factory=list)
     run_pipeline: bool = True
+    expected_instances: int | None = Field(
+        None, ge=0, description="how many instances the sender holds for the study"
+    )
+    complete: bool | None = Field(
+        None, description="true when the sender asserts the study has arrived in full"
+    )
+    origin: StudyOrigin | None = None
 
 
 class DeadLetter(Payload):

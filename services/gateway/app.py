@@ -27,6 +27,7 @@ from services.gateway.api import api_router, document_errors, install_error_hand
 from services.gateway.api.auth import token_middleware
 from services.gateway.api.dependencies import BrokerProbe, GatewayContext
 from services.gateway.api.limits import BodyLimit
+from services.gateway.notices import NoticeError, is_kafka_cloudevent, notice_from_kafka
 from shared import topics
 from shared.broker import make_broker, subscriber_kwargs
 from shared.db import create_pool, migrate
@@ -87,10 +88,27 @@ def subscribe(
     broker.subscriber(
         *EVENT_TOPICS, **subscriber_kwargs(settings, topics.consumer_group(SERVICE, "events"))
     )(_consumer(on_event))
+    envelopes = _consumer(on_event)
+
+    async def on_study(message: KafkaMessage) -> None:
+        # hospital systems send CloudEvents in binary mode (`ce_*` headers); our own producers and
+        # older senders the `StudyReceived` envelope
+        record = message.raw_message
+        headers = list(getattr(record, "headers", None) or ())
+        if not is_kafka_cloudevent(headers):
+            await envelopes(message)
+            return
+        try:
+            notice = notice_from_kafka(headers, getattr(record, "key", None), message.body)
+        except NoticeError as exc:
+            log.error("unreadable study CloudEvent skipped", extra={"error": str(exc)[:500]})
+            return
+        await handlers.on_study_cloudevent(pool_ref(), settings, notice)
+
     broker.subscriber(
         topics.STUDIES_RECEIVED,
         **subscriber_kwargs(settings, topics.consumer_group(SERVICE, "studies")),
-    )(_consumer(on_event))
+    )(on_study)
 
 
 def app_factory(settings: Settings | None = None) -> FastAPI:

@@ -8,10 +8,11 @@ events are recorded in the inbox so a redelivery changes nothing; progress is na
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import asyncpg
 from prometheus_client import Counter
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 from services.gateway import repository as repo
 from services.gateway.cohorts.progress import job_progress, merge_job_errors
 from services.gateway.errors import Invalid, NotFound
+from services.gateway.notices import Notice, NoticeKey, content_fingerprint
 from services.gateway.runs import RunStarted, start_study_run
 from shared.events import (
     Envelope,
@@ -31,7 +33,7 @@ from shared.events import (
 )
 from shared.observability import REGISTRY
 from shared.settings import Settings
-from shared.sources import SourceError, check_location
+from shared.sources import SourceError, check_location, open_source
 from shared.topics import Stage
 
 log = logging.getLogger(__name__)
@@ -180,6 +182,31 @@ class StudyAccepted:
     study_instance_uid: str
     location: str
     run: RunStarted | None
+    outcome: Literal["accepted", "duplicate"] = "accepted"
+    seq: int | None = None  # the notice's row in gateway.received_studies
+    duplicate_of: int | None = None  # the earlier notice's row, for a duplicate
+
+
+@dataclass(frozen=True)
+class _Content:
+    """What the study's location held when the notice came (None when it could not be listed)."""
+
+    fingerprint: str | None
+    files: int | None
+
+
+async def _content_of(location: str, settings: Settings) -> _Content:
+    """Fingerprint of the files a stage would read at `location` (listed off the event loop)."""
+
+    def listing() -> tuple[str, int]:
+        return content_fingerprint(open_source(location, settings).list())
+
+    try:
+        fingerprint, files = await asyncio.to_thread(listing)
+    except Exception as exc:  # a location that cannot be listed: no content dedup, the stage says
+        log.warning("study location not listed", extra={"error": str(exc)[:300]})
+        return _Content(None, None)
+    return _Content(fingerprint, files)
 
 
 async def receive_study(
@@ -188,47 +215,105 @@ async def receive_study(
     study: StudyReceived,
     origin: Literal["http", "kafka"],
     event_id: uuid.UUID | None = None,
+    key: NoticeKey | None = None,
 ) -> StudyAccepted:
-    """Add a study to its cohort and run the pipeline for that study only.
+    """Add a study to its cohort and run the pipeline for that study only, once.
 
     The cohort is `study.cohort` (a name or an id), or else the one cohort whose source_path
     contains the study's location. Raises `Invalid` (no cohort found that way, bad location) or
-    `NotFound` (no such cohort); a refusal is recorded in `gateway.received_studies` too.
+    `NotFound` (no such cohort); a refusal is recorded in `gateway.received_studies` too. A notice
+    already seen (the same CloudEvent `key`, or the same files of the same study of the cohort,
+    unless that run failed or was cancelled) starts nothing: it is recorded as a duplicate of the
+    earlier one and returned with that one's run.
     """
+    try:
+        content = await _content_of(check_location(study.location, settings), settings)
+    except (SourceError, ValueError, OSError):  # refused below, with the reason, in the record
+        content = _Content(None, None)
+    notice: dict[str, Any] = {
+        "event_id": event_id,
+        "study_instance_uid": study.study_instance_uid,
+        "origin": origin,
+        "key": key,
+        "sender": study.origin.model_dump(mode="json", exclude_none=True) if study.origin else None,
+        "expected_instances": study.expected_instances,
+        "complete": study.complete,
+        "files": content.files,
+        "content_fingerprint": content.fingerprint,
+    }
     async with pool.acquire() as conn, conn.transaction():
         if event_id is not None and not await repo.claim_event(conn, event_id, "StudyReceived"):
             raise _Duplicate()
+        if key is not None:
+            earlier = await repo.notice_seen(conn, key.source, key.id)
+            if earlier is not None:
+                return await _duplicate(conn, study, earlier, notice)
         try:
             cohort, location = await _study_target(conn, settings, study)
         except (Invalid, NotFound) as exc:
             refused: Invalid | NotFound = exc
         else:
+            if study.run_pipeline and content.fingerprint is not None:
+                earlier = await repo.same_content_notice(
+                    conn, cohort["id"], study.study_instance_uid, content.fingerprint
+                )
+                if earlier is not None:
+                    return await _duplicate(conn, study, earlier, notice)
             run = None
             if study.run_pipeline:
                 run = await start_study_run(conn, cohort, study.study_instance_uid, location)
-            await repo.record_received_study(
+            seq = await repo.record_received_study(
                 conn,
-                event_id=event_id,
+                **notice,
                 cohort_id=cohort["id"],
-                study_instance_uid=study.study_instance_uid,
                 location=location,
-                origin=origin,
                 run_id=run.run_id if run else None,
-                refused_reason=None,
+                outcome="accepted",
             )
-            return StudyAccepted(cohort["id"], study.study_instance_uid, location, run)
+            return StudyAccepted(cohort["id"], study.study_instance_uid, location, run, seq=seq)
         # the refusal is committed (and the event claimed): a retry could not make it acceptable
         await repo.record_received_study(
             conn,
-            event_id=event_id,
+            **notice,
             cohort_id=None,
-            study_instance_uid=study.study_instance_uid,
             location=study.location,
-            origin=origin,
             run_id=None,
+            outcome="refused",
             refused_reason=str(refused),
         )
     raise refused
+
+
+async def _duplicate(
+    conn: asyncpg.Connection,
+    study: StudyReceived,
+    earlier: asyncpg.Record,
+    notice: dict[str, Any],
+) -> StudyAccepted:
+    """Record a notice seen before; the earlier one's outcome stands (a refusal is raised again)."""
+    seq = await repo.record_received_study(
+        conn,
+        **notice,
+        cohort_id=earlier["cohort_id"],
+        location=earlier["location"],
+        run_id=earlier["run_id"],
+        outcome="duplicate",
+        duplicate_of=earlier["seq"],
+    )
+    if earlier["outcome"] == "refused":
+        raise Invalid(f"this notice was refused before: {earlier['refused_reason']}")
+    run = None
+    if earlier["run_id"] is not None:
+        run = RunStarted(earlier["run_id"], await repo.jobs_of_run(conn, earlier["run_id"]))
+    return StudyAccepted(
+        earlier["cohort_id"],
+        study.study_instance_uid,
+        earlier["location"],
+        run,
+        outcome="duplicate",
+        seq=seq,
+        duplicate_of=earlier["seq"],
+    )
 
 
 class _Duplicate(Exception):
@@ -263,6 +348,33 @@ async def _study_target(
     return cohort, location
 
 
+async def receive_notice(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    notice: Notice,
+    origin: Literal["http", "kafka"],
+) -> StudyAccepted:
+    """A CloudEvent study notice: `available` as `receive_study`; `retracted` is recorded and
+    refused with its reason (removing a study from a cohort's export is not supported yet)."""
+    if notice.kind == "available":
+        return await receive_study(pool, settings, notice.study, origin, key=notice.key)
+    async with pool.acquire() as conn, conn.transaction():
+        reason = "retracting a study is not supported yet: remove it from the source and re-export"
+        await repo.record_received_study(
+            conn,
+            event_id=None,
+            study_instance_uid=notice.study.study_instance_uid,
+            origin=origin,
+            key=notice.key,
+            cohort_id=None,
+            location=notice.study.location,
+            run_id=None,
+            outcome="refused",
+            refused_reason=reason,
+        )
+    raise Invalid(reason)
+
+
 async def on_study_received(pool: asyncpg.Pool, settings: Settings, envelope: Envelope) -> None:
     """`cohortflow.studies.received`: like `POST /api/studies`; a refused study is logged and
     recorded (retrying cannot make it acceptable), never retried forever."""
@@ -281,11 +393,26 @@ async def on_study_received(pool: asyncpg.Pool, settings: Settings, envelope: En
     except (Invalid, NotFound) as refusal:
         log.warning("study refused", extra={"event_id": str(envelope.id), "reason": str(refusal)})
         return
+    _log_accepted(accepted)
+
+
+async def on_study_cloudevent(pool: asyncpg.Pool, settings: Settings, notice: Notice) -> None:
+    """A CloudEvent on `cohortflow.studies.received` (binary mode): like `POST /api/events`."""
+    try:
+        accepted = await receive_notice(pool, settings, notice, "kafka")
+    except (Invalid, NotFound) as refusal:
+        log.warning("study notice refused", extra={"reason": str(refusal)})
+        return
+    _log_accepted(accepted)
+
+
+def _log_accepted(accepted: StudyAccepted) -> None:
     log.info(
-        "study received",
+        "study notice " + accepted.outcome,
         extra={
             "cohort_id": str(accepted.cohort_id),
             "run_id": str(accepted.run.run_id) if accepted.run else None,
+            "duplicate_of": accepted.duplicate_of,
         },
     )
 

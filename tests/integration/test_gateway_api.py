@@ -737,10 +737,15 @@ async def test_post_study_starts_a_scoped_run(
     assert state["status"] == "in_progress"  # busy, but its stages are not changed by a study
     assert {s["state"] for s in state["stages"]} == {"not_started"}
 
+    # the same study with the same files again (by id this time): nothing new starts
     by_id = await api.post("/api/studies", json={**body, "cohort": cohort["id"]})
-    assert by_id.status_code == 202
+    assert by_id.status_code == 200, by_id.text
+    again = by_id.json()
+    assert again["outcome"] == "duplicate" and again["duplicate_of"] == accepted["notice"]
+    assert again["run_id"] == accepted["run_id"] and len(again["jobs"]) == 3
     no_run = await api.post("/api/studies", json={**body, "run_pipeline": False})
     assert no_run.status_code == 202 and no_run.json()["jobs"] == []
+    assert len((await api.get(f"/api/jobs?cohort_id={cohort['id']}")).json()) == 3
 
     unknown = await api.post("/api/studies", json={**body, "cohort": unique("nobody")})
     assert unknown.status_code == 404
@@ -810,6 +815,131 @@ async def test_studies_received_on_kafka_start_a_scoped_run(
     refusals = (await api.get("/api/studies?refused=true&limit=1000")).json()
     assert any(r["event_id"] == str(refused.id) for r in refusals)
     assert all(r["refused_reason"] for r in refusals)
+    assert len((await api.get(f"/api/jobs?cohort_id={cohort['id']}")).json()) == 3
+
+
+def cloudevent_headers(source: str, event_id: str, uid: str, kind: str = "available") -> dict:
+    return {
+        "ce-specversion": "1.0",
+        "ce-type": f"org.example.pacs.study.{kind}.v1",
+        "ce-source": source,
+        "ce-id": event_id,
+        "ce-subject": uid,
+        "content-type": "application/json",
+    }
+
+
+async def test_cloudevent_notices_are_processed_once(
+    api: httpx.AsyncClient, data_root: Path, db: asyncpg.Pool
+) -> None:
+    """Binary and structured CloudEvents over HTTP; the same (source, id) again, or the same files
+    of the same study under a new id, start nothing; grown files start a new run; each notice is
+    in the log with what came of it; a whole-cohort run waits for the study runs."""
+    cohort = await new_cohort(api, data_root)
+    folder = data_root / unique("incoming")
+    folder.mkdir()
+    (folder / "IM0001").write_bytes(b"first")
+    uid = "1.2.826.0.1.3680043.8.498.31"
+    data = {
+        "location": str(folder),
+        "cohort": cohort["name"],
+        "patient_id": "PAT-SECRET-77",
+        "accession_number": "ACC-SECRET-88",
+        "modalities": ["MR"],
+        "expected_instances": 1,
+        "complete": True,
+        "origin": {"system": "orthanc-1", "calling_ae": "MRI3T", "called_ae": "CF"},
+    }
+    source = f"/tests/{unique('orthanc')}"
+    first = await api.post(
+        "/api/events", content=json.dumps(data), headers=cloudevent_headers(source, "1", uid)
+    )
+    assert first.status_code == 202, first.text
+    assert first.json()["outcome"] == "accepted" and len(first.json()["jobs"]) == 3
+    resent = await api.post(
+        "/api/events", content=json.dumps(data), headers=cloudevent_headers(source, "1", uid)
+    )
+    assert resent.status_code == 200 and resent.json()["outcome"] == "duplicate"
+    assert resent.json()["run_id"] == first.json()["run_id"]
+    structured = {
+        "specversion": "1.0",
+        "type": "org.example.pacs.study.available.v1",
+        "source": source,
+        "id": "2",  # another notice, but the same files of the same study
+        "subject": uid,
+        "data": data,
+    }
+    same_files = await api.post(
+        "/api/events",
+        content=json.dumps(structured),
+        headers={"content-type": "application/cloudevents+json"},
+    )
+    assert same_files.status_code == 200 and same_files.json()["outcome"] == "duplicate"
+
+    # a whole-cohort run would read the study half-way through its own stages
+    busy = await api.post(f"/api/cohorts/{cohort['id']}/pipeline", json={})
+    assert busy.status_code == 409 and "new study is still being processed" in busy.text
+
+    (folder / "IM0002").write_bytes(b"second delivery")
+    grown = await api.post(
+        "/api/events", content=json.dumps(data), headers=cloudevent_headers(source, "3", uid)
+    )
+    assert grown.status_code == 202 and grown.json()["outcome"] == "accepted"
+    assert grown.json()["run_id"] != first.json()["run_id"]
+
+    bad = await api.post(
+        "/api/events", content=json.dumps(data), headers=cloudevent_headers(source, "4", "")
+    )
+    assert bad.status_code == 422 and "subject" in bad.json()["detail"]
+    wrong_type = {**cloudevent_headers(source, "5", uid), "ce-type": "org.example.other"}
+    refused = await api.post("/api/events", content=json.dumps(data), headers=wrong_type)
+    assert refused.status_code == 422 and "study.available.v1" in refused.json()["detail"]
+    retracted = await api.post(
+        "/api/events",
+        content=json.dumps(data),
+        headers=cloudevent_headers(source, "6", uid, kind="retracted"),
+    )
+    assert retracted.status_code == 422 and "not supported" in retracted.json()["detail"]
+
+    log = (await api.get(f"/api/studies?cohort_id={cohort['id']}")).json()
+    outcomes = [(r["notice_id"], r["outcome"], r["files"]) for r in reversed(log)]
+    assert outcomes == [("1", "accepted", 1), ("1", "duplicate", 1), ("2", "duplicate", 1),
+                        ("3", "accepted", 2)]  # fmt: skip
+    assert log[-1]["sender"] == data["origin"] and log[-1]["notice_source"] == source
+    assert log[1]["duplicate_of"] == log[-1]["seq"]
+    duplicates = (await api.get(f"/api/studies?cohort_id={cohort['id']}&outcome=duplicate")).json()
+    assert len(duplicates) == 2
+    jobs = (await api.get(f"/api/jobs?cohort_id={cohort['id']}")).json()
+    assert len(jobs) == 6  # two runs of three stages: the first delivery and the grown study
+    async with db.acquire() as conn:
+        rows = await conn.fetch("SELECT row_to_json(r)::text AS j FROM gateway.received_studies r")
+    kept = "".join(r["j"] for r in rows)
+    assert "PAT-SECRET-77" not in kept and "ACC-SECRET-88" not in kept
+
+
+async def test_cloudevents_on_kafka_binary_mode(
+    api: httpx.AsyncClient, data_root: Path, producer: AIOKafkaProducer
+) -> None:
+    cohort = await new_cohort(api, data_root)
+    uid = "1.2.826.0.1.3680043.8.498.32"
+    source = f"/tests/{unique('router')}"
+    data = {"location": str(data_root / "new-study"), "cohort": cohort["name"]}
+    headers = [
+        (name.replace("ce-", "ce_"), value.encode())
+        for name, value in cloudevent_headers(source, "k-1", uid).items()
+    ]
+    for _ in range(2):  # a router that resends
+        await producer.send_and_wait(
+            topics.STUDIES_RECEIVED, json.dumps(data).encode(), key=uid.encode(), headers=headers
+        )
+
+    async def logged() -> list[dict[str, Any]] | None:
+        found = (await api.get(f"/api/studies?cohort_id={cohort['id']}")).json()
+        return found if len(found) == 2 else None
+
+    log = await eventually(logged)
+    assert sorted(r["outcome"] for r in log) == ["accepted", "duplicate"]
+    assert {r["origin"] for r in log} == {"kafka"}
     assert len((await api.get(f"/api/jobs?cohort_id={cohort['id']}")).json()) == 3
 
 

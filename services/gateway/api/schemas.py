@@ -241,16 +241,32 @@ class StudyAcceptedOut(BaseModel):
     cohort_id: uuid.UUID
     study_instance_uid: str
     location: str
+    outcome: Literal["accepted", "duplicate"] = Field(
+        description="accepted: this notice started the run (or none was asked for); duplicate:"
+        " an earlier notice (`duplicate_of`) already brought these files, nothing new started"
+    )
+    notice: int | None = Field(None, description="this notice's `seq` in GET /api/studies")
+    duplicate_of: int | None = Field(None, description="the earlier notice's `seq`")
     run_id: uuid.UUID | None
     jobs: list[JobOut]
 
 
 class ReceivedStudyOut(BaseModel):
+    seq: int
     event_id: uuid.UUID | None
     cohort_id: uuid.UUID | None
     study_instance_uid: str
     location: str
-    origin: Literal["http", "kafka"]
+    origin: Literal["http", "kafka"] = Field(description="the channel the notice came by")
+    outcome: Literal["accepted", "duplicate", "refused"]
     run_id: uuid.UUID | None
     refused_reason: str | None
+    duplicate_of: int | None
+    notice_source: str | None = Field(description="the CloudEvent `source`, if it was one")
+    notice_id: str | None = Field(description="the CloudEvent `id`")
+    notice_type: str | None = Field(description="the CloudEvent `type`")
+    sender: dict[str, Any] | None = Field(description="the sending system and its AE titles")
+    expected_instances: int | None
+    complete: bool | None
+    files: int | None = Field(description="files found at the location when the notice came")
     received_at: datetime
