@@ -45,6 +45,7 @@ class Envelope(BaseModel):
     cohort_id: uuid.UUID | None = None
     job_id: uuid.UUID | None = None
     payload: dict[str, Any] = Field(default_factory=dict)
+    subject: str | None = None  # outbound CloudEvents only: what the event is about
 
     @classmethod
     def wrap(
@@ -70,6 +71,34 @@ class Envelope(BaseModel):
         if self.type != model.__name__:
             raise ValueError(f"expected a {model.__name__} event, got {self.type}")
         return model.model_validate(self.payload)
+
+
+# --- outbound: CloudEvents for other systems -------------------------------------------------
+
+CLOUDEVENT_TYPE_PREFIX = "org.cohortflow."
+
+
+def cloudevent_type(name: str) -> str:
+    """`job.completed` -> `org.cohortflow.job.completed.v1`."""
+    return f"{CLOUDEVENT_TYPE_PREFIX}{name}.v1"
+
+
+def is_cloudevent_type(event_type: str) -> bool:
+    return event_type.startswith(CLOUDEVENT_TYPE_PREFIX)
+
+
+def cloudevent(
+    name: str, data: dict[str, Any], *, source: str, subject: str, cohort_id: uuid.UUID | None
+) -> Envelope:
+    """An event for other systems (`cohortflow.events`, webhooks): the envelope's `id`, `source`,
+    `time` and `subject` become the CloudEvent's attributes, `payload` its data."""
+    return Envelope(
+        type=cloudevent_type(name),
+        source=source,
+        cohort_id=cohort_id,
+        payload=data,
+        subject=subject,
+    )
 
 
 # --- pipeline -------------------------------------------------------------------------------

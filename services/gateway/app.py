@@ -28,6 +28,7 @@ from services.gateway.api.auth import token_middleware
 from services.gateway.api.dependencies import BrokerProbe, GatewayContext
 from services.gateway.api.limits import BodyLimit
 from services.gateway.notices import NoticeError, is_kafka_cloudevent, notice_from_kafka
+from services.gateway.outbound import WebhookDispatcher
 from shared import topics
 from shared.broker import make_broker, subscriber_kwargs
 from shared.db import create_pool, migrate
@@ -131,13 +132,16 @@ def app_factory(settings: Settings | None = None) -> FastAPI:
                 settings, pool, ObjectStore(settings), BrokerProbe(lambda: broker.ping(timeout=2.0))
             )
             relay = OutboxRelay(pool, SCHEMA, broker, settings)
+            webhooks = WebhookDispatcher(pool, settings)
             await broker.start()
             await relay.start()
+            await webhooks.start()
             log.info("gateway started", extra={"port": settings.gateway_port})
             try:
                 yield
             finally:
                 log.info("gateway stopping")
+                await webhooks.stop()
                 await relay.stop()
                 await broker.stop()
         finally:

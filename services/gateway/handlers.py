@@ -18,6 +18,7 @@ import asyncpg
 from prometheus_client import Counter
 from pydantic import ValidationError
 
+from services.gateway import outbound
 from services.gateway import repository as repo
 from services.gateway.cohorts.progress import job_progress, merge_job_errors
 from services.gateway.errors import Invalid, NotFound
@@ -270,9 +271,10 @@ async def receive_study(
                 run_id=run.run_id if run else None,
                 outcome="accepted",
             )
+            await _announce(conn, "study.accepted", seq, study, cohort["id"], location, run, None)
             return StudyAccepted(cohort["id"], study.study_instance_uid, location, run, seq=seq)
         # the refusal is committed (and the event claimed): a retry could not make it acceptable
-        await repo.record_received_study(
+        seq = await repo.record_received_study(
             conn,
             **notice,
             cohort_id=None,
@@ -281,7 +283,30 @@ async def receive_study(
             outcome="refused",
             refused_reason=str(refused),
         )
+        await _announce(conn, "study.refused", seq, study, None, study.location, None, refused)
     raise refused
+
+
+async def _announce(
+    conn: asyncpg.Connection,
+    name: str,
+    seq: int,
+    study: StudyReceived,
+    cohort_id: uuid.UUID | None,
+    location: str,
+    run: RunStarted | None,
+    refused: Exception | None,
+) -> None:
+    """`study.accepted` / `study.refused` for other systems (never the patient id or accession)."""
+    data = {
+        "notice": seq,
+        "study_instance_uid": study.study_instance_uid,
+        "cohort_id": str(cohort_id) if cohort_id else None,
+        "location": location.replace("\x00", "\\x00"),
+        "run_id": str(run.run_id) if run else None,
+        "reason": str(refused) if refused else None,
+    }
+    await outbound.emit(conn, name, data, subject=study.study_instance_uid, cohort_id=cohort_id)
 
 
 async def _duplicate(

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from services.gateway import outbound
 from services.gateway.cohorts.progress import StageSnapshot, cohort_progress
 from services.gateway.cohorts.stage_order import StageState
 from services.gateway.notices import NoticeKey
@@ -343,6 +344,7 @@ async def set_job_state(
     assert row is not None
     if "status" in changes:
         await record_transition(conn, job, job["status"], changes["status"], reason, event_id)
+        await outbound.job_changed(conn, row)
     return row
 
 

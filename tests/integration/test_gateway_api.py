@@ -8,9 +8,11 @@ cancel publishes control and flips `gateway.job_control_v`, new studies start sc
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import shutil
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +28,8 @@ import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from fastapi import FastAPI
 from pydantic import SecretStr
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from services.gateway import catalog as gateway_catalog
 from services.gateway.app import app_factory
@@ -77,7 +81,10 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def settings(stack: Any, data_root: Path) -> Settings:
     return Settings(
-        data_roots=[data_root], api_token=SecretStr(TOKEN), project_secret=SecretStr("gw-secret")
+        data_roots=[data_root],
+        api_token=SecretStr(TOKEN),
+        project_secret=SecretStr("gw-secret"),
+        webhook_retry_base_s=0.2,
     )
 
 
@@ -941,6 +948,137 @@ async def test_cloudevents_on_kafka_binary_mode(
     assert sorted(r["outcome"] for r in log) == ["accepted", "duplicate"]
     assert {r["origin"] for r in log} == {"kafka"}
     assert len((await api.get(f"/api/jobs?cohort_id={cohort['id']}")).json()) == 3
+
+
+class Receiver:
+    """A real HTTP endpoint that checks every webhook's Standard Webhooks signature; it answers
+    500 to the first request, to be retried."""
+
+    def __init__(self) -> None:
+        self.secret = ""
+        self.received: list[tuple[dict[str, str], dict[str, Any]]] = []
+        self.bad_signatures = 0
+        self.refused_first = False
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                try:
+                    Webhook(receiver.secret).verify(body, headers)
+                except WebhookVerificationError:
+                    receiver.bad_signatures += 1
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                if not receiver.refused_first:
+                    receiver.refused_first = True
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                receiver.received.append((headers, json.loads(body)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def types(self) -> list[str]:
+        return [event["type"] for _, event in self.received]
+
+
+async def test_events_go_out_as_cloudevents_and_signed_webhooks(
+    api: httpx.AsyncClient, data_root: Path, producer: AIOKafkaProducer, settings: Settings
+) -> None:
+    receiver = Receiver()
+    try:
+        bad = await api.post("/api/webhooks", json={"url": receiver.url, "event_types": ["x"]})
+        assert bad.status_code == 422 and "unknown event names" in bad.text
+        created = await api.post(
+            "/api/webhooks",
+            json={"url": receiver.url, "event_types": ["job.started", "job.completed"]},
+        )
+        assert created.status_code == 201, created.text
+        hook = created.json()
+        receiver.secret = hook["secret"]
+        assert hook["secret"].startswith("whsec_")
+        listed = (await api.get("/api/webhooks")).json()
+        assert all("secret" not in h for h in listed) and hook["id"] in {h["id"] for h in listed}
+
+        cohort = await new_cohort(api, data_root)
+        run = await api.post(f"/api/cohorts/{cohort['id']}/stages/extraction/run", json={})
+        extraction = run.json()["id"]
+        progress = JobProgress(stage=Stage.extraction, items_total=2, items_done=1)
+        await publish(producer, topics.JOBS_PROGRESS, event(progress, cohort["id"], extraction))
+        done = StageCompleted(
+            stage=Stage.extraction, cohort=ref(cohort), items_total=2, items_done=2,
+            items_failed=0, summary={}, output_prefix=None,
+        )  # fmt: skip
+        await publish(
+            producer, topics.completed(Stage.extraction), event(done, cohort["id"], extraction)
+        )
+
+        async def both() -> bool:
+            return len(receiver.received) >= 2
+
+        try:
+            await eventually(both)
+        except AssertionError:
+            log = (await api.get(f"/api/webhooks/{hook['id']}/deliveries")).json()
+            raise AssertionError((receiver.bad_signatures, receiver.types(), log)) from None
+        # a retried delivery may arrive after a later event: receivers order by the event's time
+        assert sorted(receiver.types()) == [
+            "org.cohortflow.job.completed.v1",
+            "org.cohortflow.job.started.v1",
+        ]
+        assert receiver.bad_signatures == 0
+        headers, completed = next(r for r in receiver.received if "completed" in r[1]["type"])
+        assert completed["subject"] == extraction and completed["data"]["status"] == "completed"
+        assert headers["webhook-id"] == completed["id"]
+
+        deliveries = (await api.get(f"/api/webhooks/{hook['id']}/deliveries")).json()
+        assert {d["status"] for d in deliveries} == {"delivered"}
+        started = next(d for d in deliveries if d["event_type"] == "job.started")
+        assert started["attempts"] == 2  # the receiver's 500, then the retry
+        replay = await api.post(f"/api/webhooks/{hook['id']}/deliveries/{started['id']}/replay")
+        assert replay.status_code == 202
+
+        async def replayed() -> bool:
+            return len(receiver.received) == 3
+
+        await eventually(replayed)
+        assert receiver.received[2][0]["webhook-id"] == started["event_id"]
+
+        # the same events on the outbound topic, as CloudEvents in binary mode
+        consumer = AIOKafkaConsumer(
+            topics.EVENTS_OUT, bootstrap_servers=settings.kafka_bootstrap,
+            auto_offset_reset="earliest", enable_auto_commit=False,
+        )  # fmt: skip
+        await consumer.start()
+        try:
+            deadline = time.monotonic() + 20
+            found: dict[str, str] = {}
+            while time.monotonic() < deadline and not found:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for record in records:
+                        attrs = {k: v.decode() for k, v in record.headers}
+                        if attrs.get("ce_subject") == extraction and attrs["ce_type"].endswith(
+                            "job.completed.v1"
+                        ):
+                            found = attrs
+                            assert json.loads(record.value)["job_id"] == extraction
+        finally:
+            await consumer.stop()
+        assert found["ce_specversion"] == "1.0" and found["ce_source"] == "/cohortflow/gateway"
+        assert (await api.delete(f"/api/webhooks/{hook['id']}")).status_code == 204
+        assert (await api.delete(f"/api/webhooks/{hook['id']}")).status_code == 404
+    finally:
+        receiver.server.shutdown()
 
 
 # --- catalog and exports, against the published views of the other services -------------------
