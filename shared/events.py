@@ -275,3 +275,61 @@ class DeadLetter(Payload):
     error: str
     attempts: int
     original: dict[str, Any]
+
+
+# --- outbound: the data of the CloudEvents other systems receive -------------------------------
+
+
+class JobEvent(Payload):
+    """`job.started`, `job.completed`, `job.failed`, `job.cancelled` (subject: the job id)."""
+
+    job_id: uuid.UUID
+    cohort_id: uuid.UUID
+    run_id: uuid.UUID
+    stage: Stage
+    status: JobStatus
+    reason: str | None = None
+    scoped: bool = False
+    items_total: int = 0
+    items_done: int = 0
+    items_failed: int = 0
+    left_work_behind: bool = Field(
+        False, description="completed, but some work was not done (reason says what)"
+    )
+
+
+class ExportPublished(Payload):
+    """`export.published`: an export job completed (subject: the job id)."""
+
+    job_id: uuid.UUID
+    cohort_id: uuid.UUID
+    scoped: bool = False
+    output_prefix: str | None = Field(None, description="where the tree is in the data bucket")
+    files_api: str = Field(description="the gateway path that lists and serves the files")
+    validator: dict[str, Any] = Field(
+        default_factory=dict, description="the BIDS validator's verdict and counts"
+    )
+    summary: dict[str, Any] = Field(default_factory=dict, description="the export's counts")
+
+
+class StudyNoticeEvent(Payload):
+    """`study.accepted`, `study.refused` (subject: the StudyInstanceUID the sender gave)."""
+
+    notice: int = Field(description="the notice's `seq` in GET /api/studies")
+    study_instance_uid: str
+    cohort_id: uuid.UUID | None = None
+    location: str
+    run_id: uuid.UUID | None = None
+    reason: str | None = None
+
+
+# what each outbound event name carries
+OUTBOUND_EVENTS: dict[str, type[Payload]] = {
+    "job.started": JobEvent,
+    "job.completed": JobEvent,
+    "job.failed": JobEvent,
+    "job.cancelled": JobEvent,
+    "export.published": ExportPublished,
+    "study.accepted": StudyNoticeEvent,
+    "study.refused": StudyNoticeEvent,
+}

@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import uvicorn
@@ -30,6 +31,7 @@ from services.gateway.api.limits import BodyLimit
 from services.gateway.notices import NoticeError, is_kafka_cloudevent, notice_from_kafka
 from services.gateway.outbound import WebhookDispatcher
 from shared import topics
+from shared.asyncapi import asyncapi_document
 from shared.broker import make_broker, subscriber_kwargs
 from shared.db import create_pool, migrate
 from shared.events import Envelope
@@ -179,6 +181,13 @@ def app_factory(settings: Settings | None = None) -> FastAPI:
     @app.get("/", include_in_schema=False)
     async def web_page() -> FileResponse:
         return FileResponse(WEB / "index.html")
+
+    contracts = asyncapi_document(settings.kafka_bootstrap)
+
+    @app.get("/api/asyncapi.json", include_in_schema=False)
+    async def asyncapi() -> dict[str, Any]:
+        """Every topic (address, key, headers, payload schema), as AsyncAPI 3.0."""
+        return contracts
 
     return app
 

@@ -29,6 +29,7 @@ from shared.events import (
     JobProgress,
     StageCompleted,
     StageFailed,
+    StudyNoticeEvent,
     StudyReceived,
     work_left_behind,
 )
@@ -298,15 +299,15 @@ async def _announce(
     refused: Exception | None,
 ) -> None:
     """`study.accepted` / `study.refused` for other systems (never the patient id or accession)."""
-    data = {
-        "notice": seq,
-        "study_instance_uid": study.study_instance_uid,
-        "cohort_id": str(cohort_id) if cohort_id else None,
-        "location": location.replace("\x00", "\\x00"),
-        "run_id": str(run.run_id) if run else None,
-        "reason": str(refused) if refused else None,
-    }
-    await outbound.emit(conn, name, data, subject=study.study_instance_uid, cohort_id=cohort_id)
+    data = StudyNoticeEvent(
+        notice=seq,
+        study_instance_uid=study.study_instance_uid,
+        cohort_id=cohort_id,
+        location=location.replace("\x00", "\\x00"),
+        run_id=run.run_id if run else None,
+        reason=str(refused) if refused else None,
+    )
+    await outbound.emit(conn, data, name=name, subject=study.study_instance_uid)
 
 
 async def _duplicate(

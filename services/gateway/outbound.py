@@ -33,7 +33,15 @@ import httpx
 from standardwebhooks import Webhook
 
 from shared import topics
-from shared.events import Envelope, cloudevent, work_left_behind
+from shared.events import (
+    OUTBOUND_EVENTS,
+    Envelope,
+    ExportPublished,
+    JobEvent,
+    Payload,
+    cloudevent,
+    work_left_behind,
+)
 from shared.outbox import enqueue
 from shared.secrets import seal, unseal
 from shared.settings import Settings
@@ -42,15 +50,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "gateway"
 SOURCE = "/cohortflow/gateway"
-EVENT_NAMES = (
-    "job.started",
-    "job.completed",
-    "job.failed",
-    "job.cancelled",
-    "export.published",
-    "study.accepted",
-    "study.refused",
-)
+EVENT_NAMES = tuple(OUTBOUND_EVENTS)
 _JOB_EVENTS = {
     "running": "job.started",
     "completed": "job.completed",
@@ -76,29 +76,23 @@ def structured(envelope: Envelope) -> dict[str, Any]:
     return event
 
 
-async def emit(
-    conn: asyncpg.Connection,
-    name: str,
-    data: dict[str, Any],
-    *,
-    subject: str,
-    cohort_id: uuid.UUID | None,
-) -> None:
+async def emit(conn: asyncpg.Connection, data: Payload, *, name: str, subject: str) -> None:
     """Announce an event: on the outbound topic and to every subscribed webhook. Call inside the
     transaction of the state change."""
-    assert name in EVENT_NAMES, name
-    envelope = cloudevent(name, data, source=SOURCE, subject=subject, cohort_id=cohort_id)
+    assert isinstance(data, OUTBOUND_EVENTS[name]), name
+    cohort_id = getattr(data, "cohort_id", None)
+    payload = data.model_dump(mode="json")
+    envelope = cloudevent(name, payload, source=SOURCE, subject=subject, cohort_id=cohort_id)
     key = str(cohort_id) if cohort_id else subject
     await enqueue(conn, SCHEMA, topics.EVENTS_OUT, envelope, key=key)
     await conn.execute(
         "INSERT INTO gateway.webhook_deliveries (id, webhook_id, event_id, event_type, body)"
         " SELECT gen_random_uuid(), w.id, $1, $2, $3 FROM gateway.webhooks w"
-        " WHERE $4 = ANY(w.event_types) OR '*' = ANY(w.event_types)"
+        " WHERE $2 = ANY(w.event_types) OR '*' = ANY(w.event_types)"
         " ON CONFLICT (webhook_id, event_id) DO NOTHING",
         envelope.id,
         name,
         structured(envelope),
-        name,
     )
 
 
@@ -109,36 +103,34 @@ async def job_changed(conn: asyncpg.Connection, job: asyncpg.Record) -> None:
         return
     summary = job["summary"] or {}
     behind = work_left_behind(job["items_total"], job["items_failed"], summary)
-    data = {
-        "job_id": str(job["id"]),
-        "cohort_id": str(job["cohort_id"]),
-        "run_id": str(job["run_id"]),
-        "stage": job["stage"],
-        "status": job["status"],
-        "reason": job["status_reason"],
-        "scoped": job["scoped"],
-        "items_total": job["items_total"],
-        "items_done": job["items_done"],
-        "items_failed": job["items_failed"],
-        "left_work_behind": job["status"] == "completed" and behind is not None,
-    }
-    await emit(conn, name, data, subject=str(job["id"]), cohort_id=job["cohort_id"])
+    data = JobEvent(
+        job_id=job["id"],
+        cohort_id=job["cohort_id"],
+        run_id=job["run_id"],
+        stage=job["stage"],
+        status=job["status"],
+        reason=job["status_reason"],
+        scoped=job["scoped"],
+        items_total=job["items_total"],
+        items_done=job["items_done"],
+        items_failed=job["items_failed"],
+        left_work_behind=job["status"] == "completed" and behind is not None,
+    )
+    await emit(conn, data, name=name, subject=str(job["id"]))
     if name == "job.completed" and job["stage"] == "export":
-        validator = summary.get("validator") or {}
-        published = {
-            "job_id": str(job["id"]),
-            "cohort_id": str(job["cohort_id"]),
-            "scoped": job["scoped"],
-            "output_prefix": job["output_prefix"],
-            "files_api": f"/api/cohorts/{job['cohort_id']}/exports/{job['id']}",
-            "validator": {k: v for k, v in validator.items() if k != "issues"}
+        validator = summary.get("validator")
+        published = ExportPublished(
+            job_id=job["id"],
+            cohort_id=job["cohort_id"],
+            scoped=job["scoped"],
+            output_prefix=job["output_prefix"],
+            files_api=f"/api/cohorts/{job['cohort_id']}/exports/{job['id']}",
+            validator={k: v for k, v in validator.items() if k != "issues"}
             if isinstance(validator, dict)
-            else validator,
-            "summary": {k: v for k, v in summary.items() if isinstance(v, int | float | bool)},
-        }
-        await emit(
-            conn, "export.published", published, subject=str(job["id"]), cohort_id=job["cohort_id"]
+            else {},
+            summary={k: v for k, v in summary.items() if isinstance(v, int | float | bool)},
         )
+        await emit(conn, published, name="export.published", subject=str(job["id"]))
 
 
 # --- subscriptions -----------------------------------------------------------------------------

@@ -208,8 +208,14 @@ async def test_health_page_and_openapi_are_served(api: httpx.AsyncClient) -> Non
         "/api/jobs/{job_id}",
         "/api/jobs/{job_id}/cancel",
         "/api/studies",
+        "/api/events",
+        "/api/webhooks",
     ):
         assert path in spec["paths"], path
+    contracts = (await api.get("/api/asyncapi.json")).json()
+    assert contracts["asyncapi"] == "3.0.0"
+    assert contracts["channels"]["studiesReceived"]["address"] == topics.STUDIES_RECEIVED
+    assert (await api.get("/api/asyncapi.json", headers=anonymous)).status_code == 401
 
 
 async def test_the_spec_documents_every_error_with_its_real_body(
