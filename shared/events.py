@@ -266,6 +266,8 @@ class StudyReceived(Payload):
         None, description="true when the sender asserts the study has arrived in full"
     )
     origin: StudyOrigin | None = None
+    study_description: str | None = Field(None, description="for the cohorts' routing rules")
+    institution: str | None = Field(None, description="InstitutionName, for routing rules")
 
 
 class DeadLetter(Payload):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import asyncpg
+import pydicom
 from prometheus_client import Counter
 from pydantic import ValidationError
 
@@ -23,6 +24,7 @@ from services.gateway import repository as repo
 from services.gateway.cohorts.progress import job_progress, merge_job_errors
 from services.gateway.errors import Invalid, NotFound
 from services.gateway.notices import Notice, NoticeKey, content_fingerprint
+from services.gateway.routing import Ambiguous, CohortRule, RouteRule, StudyFacts, choose
 from services.gateway.runs import RunStarted, start_study_run
 from shared.events import (
     Envelope,
@@ -232,6 +234,7 @@ async def receive_study(
         content = await _content_of(check_location(study.location, settings), settings)
     except (SourceError, ValueError, OSError):  # refused below, with the reason, in the record
         content = _Content(None, None)
+    facts = await _facts_of(pool, settings, study, key)
     notice: dict[str, Any] = {
         "event_id": event_id,
         "study_instance_uid": study.study_instance_uid,
@@ -251,7 +254,7 @@ async def receive_study(
             if earlier is not None:
                 return await _duplicate(conn, study, earlier, notice)
         try:
-            cohort, location = await _study_target(conn, settings, study)
+            cohort, location = await _study_target(conn, settings, study, facts)
         except (Invalid, NotFound) as exc:
             refused: Invalid | NotFound = exc
         else:
@@ -347,8 +350,10 @@ class _Duplicate(Exception):
 
 
 async def _study_target(
-    conn: asyncpg.Connection, settings: Settings, study: StudyReceived
+    conn: asyncpg.Connection, settings: Settings, study: StudyReceived, facts: StudyFacts
 ) -> tuple[asyncpg.Record, str]:
+    """The cohort (locked) and checked location of a notice: the cohort it names, else the one
+    its routing rules choose, else the one whose source folder holds the location."""
     if not study.study_instance_uid.strip():
         raise Invalid("study_instance_uid is empty")
     try:
@@ -360,18 +365,95 @@ async def _study_target(
         if found is None:
             raise NotFound(f"no cohort named or numbered {study.cohort!r}")
     else:
-        # the ingest rule: a study dropped inside a cohort's source folder belongs to that cohort
-        containing = await repo.cohorts_containing(conn, location)
-        if len(containing) != 1:
-            raise Invalid(
-                "no cohort given and "
-                + ("none" if not containing else f"{len(containing)} cohorts")
-                + " have a source_path containing the location: name the cohort (name or id)"
-            )
-        found = containing[0]
+        rules = [_cohort_rule(r) for r in await repo.routing_rules(conn)]
+        try:
+            chosen = choose(rules, facts)
+        except Ambiguous as exc:
+            raise Invalid(str(exc)) from None
+        if chosen is not None:
+            found = await repo.get_cohort(conn, chosen)
+            assert found is not None
+        else:
+            # the ingest rule: a study dropped inside a cohort's source folder belongs to it
+            containing = await repo.cohorts_containing(conn, location)
+            if len(containing) != 1:
+                raise Invalid(
+                    f"no cohort given, none of the {len(rules)} routing rules holds, and "
+                    + ("none" if not containing else f"{len(containing)} cohorts")
+                    + " have a source_path containing the location: name the cohort (name or"
+                    " id) or add a routing rule"
+                )
+            found = containing[0]
     cohort = await repo.lock_cohort(conn, found["id"])
     assert cohort is not None
     return cohort, location
+
+
+def _cohort_rule(row: asyncpg.Record) -> CohortRule:
+    return CohortRule(row["cohort_id"], row["cohort_name"], RouteRule.model_validate(row["rule"]))
+
+
+async def _facts_of(
+    pool: asyncpg.Pool, settings: Settings, study: StudyReceived, key: NoticeKey | None
+) -> StudyFacts:
+    """What routing may test about the study: the notice's own words, completed from one DICOM
+    header at the location when a rule needs what the notice does not say."""
+    origin = study.origin
+    facts = StudyFacts(
+        source=key.source if key else (origin.system if origin else None),
+        calling_ae=origin.calling_ae if origin else None,
+        called_ae=origin.called_ae if origin else None,
+        modalities=frozenset(study.modalities),
+        study_description=study.study_description,
+        institution=study.institution,
+    )
+    if study.cohort:
+        return facts
+    async with pool.acquire() as conn:
+        rules = [_cohort_rule(r) for r in await repo.routing_rules(conn)]
+    known = facts.modalities and facts.study_description and facts.institution
+    if known or not any(r.rule.needs_header() for r in rules):
+        return facts
+    try:
+        found = await asyncio.to_thread(
+            _header_facts, check_location(study.location, settings), settings
+        )
+    except (SourceError, ValueError, OSError):
+        return facts  # refused later with the reason
+    return StudyFacts(
+        source=facts.source,
+        calling_ae=facts.calling_ae,
+        called_ae=facts.called_ae,
+        modalities=facts.modalities or found.modalities,
+        study_description=facts.study_description or found.study_description,
+        institution=facts.institution or found.institution,
+    )
+
+
+_ROUTING_TAGS = ["Modality", "StudyDescription", "InstitutionName"]
+
+
+def _header_facts(location: str, settings: Settings, tries: int = 20) -> StudyFacts:
+    """Modality, StudyDescription and InstitutionName from the first readable DICOM header among
+    the first `tries` files of the location (a study's files agree on these)."""
+    source = open_source(location, settings)
+    for count, entry in enumerate(f for f in source.list() if f.rejected is None):
+        if count >= tries:
+            break
+        try:
+            with source.open(entry.key) as fh:
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=_ROUTING_TAGS)
+        except Exception:  # not DICOM, unreadable: try the next file
+            continue
+        modality = str(ds.get("Modality", "") or "")
+        if not modality:
+            continue
+        return StudyFacts(
+            modalities=frozenset({modality}),
+            study_description=str(ds.get("StudyDescription", "") or "") or None,
+            institution=str(ds.get("InstitutionName", "") or "") or None,
+        )
+    return StudyFacts()
 
 
 async def receive_notice(

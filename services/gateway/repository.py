@@ -495,3 +495,44 @@ async def received_studies(
         limit,
         offset,
     )
+
+
+# --- routing rules --------------------------------------------------------------------------------
+
+
+async def routing_rules(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID | None = None
+) -> list[asyncpg.Record]:
+    """Routing rules with their cohort's name: of one cohort, or of all."""
+    return await conn.fetch(
+        "SELECT r.*, c.name AS cohort_name FROM gateway.routing_rules r"
+        " JOIN gateway.cohorts c ON c.id = r.cohort_id"
+        " WHERE $1::uuid IS NULL OR r.cohort_id = $1 ORDER BY r.priority, r.created_at",
+        cohort_id,
+    )
+
+
+async def insert_routing_rule(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, rule: dict[str, Any], priority: int
+) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        "INSERT INTO gateway.routing_rules (id, cohort_id, rule, priority) VALUES ($1, $2, $3, $4)"
+        " RETURNING *",
+        uuid.uuid4(),
+        cohort_id,
+        rule,
+        priority,
+    )
+    assert row is not None
+    return row
+
+
+async def delete_routing_rule(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, rule_id: uuid.UUID
+) -> bool:
+    deleted = await conn.fetchval(
+        "DELETE FROM gateway.routing_rules WHERE id = $1 AND cohort_id = $2 RETURNING true",
+        rule_id,
+        cohort_id,
+    )
+    return bool(deleted)

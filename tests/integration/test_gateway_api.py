@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 import asyncpg
 import httpx
 import jsonschema
+import pydicom
+import pydicom.misc
 import pytest
 import pytest_asyncio
 import uvicorn
@@ -954,6 +956,55 @@ async def test_cloudevents_on_kafka_binary_mode(
     assert sorted(r["outcome"] for r in log) == ["accepted", "duplicate"]
     assert {r["origin"] for r in log} == {"kafka"}
     assert len((await api.get(f"/api/jobs?cohort_id={cohort['id']}")).json()) == 3
+
+
+async def test_routing_rules_choose_the_cohort_of_an_unnamed_study(
+    api: httpx.AsyncClient, data_root: Path, dicom_root: Path
+) -> None:
+    """Rules on the sender and on the study's own header (read from its first DICOM file when the
+    notice does not say) route a notice that names no cohort; ties and misses are refused."""
+    memory, oncology = await new_cohort(api, data_root), await new_cohort(api, data_root)
+    mr_file = next(
+        p
+        for p in sorted((dicom_root / "dcm_qa_nih" / "In").rglob("*"))
+        if p.is_file() and pydicom.misc.is_dicom(p)
+    )
+    folder = data_root / unique("routed")
+    folder.mkdir()
+    shutil.copy(mr_file, folder / "IM0001")
+    base = f"/api/cohorts/{memory['id']}/routing-rules"
+    assert (await api.post(base, json={"priority": 1})).status_code == 422
+    by_header = await api.post(base, json={"modality": ["MR"], "institution": "nih*"})
+    assert by_header.status_code == 201, by_header.text
+    by_sender = await api.post(
+        f"/api/cohorts/{oncology['id']}/routing-rules",
+        json={"source": "/tests/onco-*", "priority": 10},
+    )
+    assert by_sender.status_code == 201
+    assert [r["id"] for r in (await api.get(base)).json()] == [by_header.json()["id"]]
+
+    async def send(source: str, event_id: str) -> httpx.Response:
+        headers = cloudevent_headers(source, event_id, f"1.2.826.0.1.3680043.8.498.{event_id}")
+        return await api.post(
+            "/api/events", content=json.dumps({"location": str(folder)}), headers=headers
+        )
+
+    to_memory = await send(f"/tests/{unique('pacs')}", "41")  # the header says MR at NIH
+    assert to_memory.status_code == 202, to_memory.text
+    assert to_memory.json()["cohort_id"] == memory["id"]
+    to_oncology = await send(f"/tests/onco-{unique('x')}", "42")  # priority 10 beats 100
+    assert to_oncology.json()["cohort_id"] == oncology["id"]
+    tie = await api.post(
+        f"/api/cohorts/{memory['id']}/routing-rules",
+        json={"source": "/tests/onco-*", "priority": 10},
+    )
+    ambiguous = await send(f"/tests/onco-{unique('x')}", "43")
+    assert ambiguous.status_code == 422 and "hold at priority 10" in ambiguous.text
+    await api.delete(f"{base}/{tie.json()['id']}")
+    await api.delete(f"{base}/{by_header.json()['id']}")
+    missed = await send(f"/tests/{unique('pacs')}", "44")
+    assert missed.status_code == 422 and "routing rules holds" in missed.text
+    assert (await api.delete(f"{base}/{by_header.json()['id']}")).status_code == 404
 
 
 class Receiver:
