@@ -85,6 +85,8 @@ class Settings(BaseSettings):
     webhook_retry_base_s: float = Field(default=5.0, gt=0)
     webhook_max_attempts: int = Field(default=8, ge=1)
     webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # how often the gateway looks at new studies waiting for their quiet period
+    study_watch_interval_s: float = Field(default=2.0, gt=0)
 
     log_level: str = "INFO"
     log_json: bool = False

@@ -135,14 +135,17 @@ def app_factory(settings: Settings | None = None) -> FastAPI:
             )
             relay = OutboxRelay(pool, SCHEMA, broker, settings)
             webhooks = WebhookDispatcher(pool, settings)
+            watcher = handlers.StudyWatcher(pool, settings)
             await broker.start()
             await relay.start()
             await webhooks.start()
+            await watcher.start()
             log.info("gateway started", extra={"port": settings.gateway_port})
             try:
                 yield
             finally:
                 log.info("gateway stopping")
+                await watcher.stop()
                 await webhooks.stop()
                 await relay.stop()
                 await broker.stop()

@@ -9,9 +9,11 @@ events are recorded in the inbox so a redelivery changes nothing; progress is na
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import asyncpg
@@ -186,7 +188,7 @@ class StudyAccepted:
     study_instance_uid: str
     location: str
     run: RunStarted | None
-    outcome: Literal["accepted", "duplicate"] = "accepted"
+    outcome: Literal["accepted", "duplicate", "waiting"] = "accepted"
     seq: int | None = None  # the notice's row in gateway.received_studies
     duplicate_of: int | None = None  # the earlier notice's row, for a duplicate
 
@@ -258,15 +260,35 @@ async def receive_study(
         except (Invalid, NotFound) as exc:
             refused: Invalid | NotFound = exc
         else:
-            if study.run_pipeline and content.fingerprint is not None:
-                earlier = await repo.same_content_notice(
-                    conn, cohort["id"], study.study_instance_uid, content.fingerprint
-                )
-                if earlier is not None:
-                    return await _duplicate(conn, study, earlier, notice)
+            uid = study.study_instance_uid
+            waiting = None
+            if study.run_pipeline:
+                if content.fingerprint is not None:
+                    earlier = await repo.same_content_notice(
+                        conn, cohort["id"], uid, content.fingerprint
+                    )
+                    if earlier is not None:
+                        return await _duplicate(conn, study, earlier, notice)
+                waiting = await repo.waiting_notice(conn, cohort["id"], uid)
+                if not _complete(study.complete, study.expected_instances, content.files) and (
+                    cohort["study_quiet_period_s"] > 0
+                ):
+                    if waiting is not None:  # its run will read whatever has arrived by then
+                        return await _duplicate(conn, study, waiting, notice)
+                    seq = await repo.record_received_study(
+                        conn,
+                        **notice,
+                        cohort_id=cohort["id"],
+                        location=location,
+                        run_id=None,
+                        outcome="waiting",
+                    )
+                    return StudyAccepted(
+                        cohort["id"], uid, location, None, outcome="waiting", seq=seq
+                    )
             run = None
             if study.run_pipeline:
-                run = await start_study_run(conn, cohort, study.study_instance_uid, location)
+                run = await start_study_run(conn, cohort, uid, location)
             seq = await repo.record_received_study(
                 conn,
                 **notice,
@@ -275,8 +297,12 @@ async def receive_study(
                 run_id=run.run_id if run else None,
                 outcome="accepted",
             )
-            await _announce(conn, "study.accepted", seq, study, cohort["id"], location, run, None)
-            return StudyAccepted(cohort["id"], study.study_instance_uid, location, run, seq=seq)
+            if waiting is not None:  # the sender said it is complete: the wait is over
+                await repo.settle_notice(
+                    conn, waiting["seq"], outcome="duplicate", duplicate_of=seq
+                )
+            await _announce(conn, "study.accepted", seq, uid, cohort["id"], location, run, None)
+            return StudyAccepted(cohort["id"], uid, location, run, seq=seq)
         # the refusal is committed (and the event claimed): a retry could not make it acceptable
         seq = await repo.record_received_study(
             conn,
@@ -287,7 +313,16 @@ async def receive_study(
             outcome="refused",
             refused_reason=str(refused),
         )
-        await _announce(conn, "study.refused", seq, study, None, study.location, None, refused)
+        await _announce(
+            conn,
+            "study.refused",
+            seq,
+            study.study_instance_uid,
+            None,
+            study.location,
+            None,
+            refused,
+        )
     raise refused
 
 
@@ -295,7 +330,7 @@ async def _announce(
     conn: asyncpg.Connection,
     name: str,
     seq: int,
-    study: StudyReceived,
+    study_instance_uid: str,
     cohort_id: uuid.UUID | None,
     location: str,
     run: RunStarted | None,
@@ -304,13 +339,101 @@ async def _announce(
     """`study.accepted` / `study.refused` for other systems (never the patient id or accession)."""
     data = StudyNoticeEvent(
         notice=seq,
-        study_instance_uid=study.study_instance_uid,
+        study_instance_uid=study_instance_uid,
         cohort_id=cohort_id,
         location=location.replace("\x00", "\\x00"),
         run_id=run.run_id if run else None,
         reason=str(refused) if refused else None,
     )
-    await outbound.emit(conn, data, name=name, subject=study.study_instance_uid)
+    await outbound.emit(conn, data, name=name, subject=study_instance_uid)
+
+
+def _complete(asserted: bool | None, expected: int | None, files: int | None) -> bool:
+    """Whether a study may start without waiting: its sender says it is complete, or as many files
+    as it said to expect are there."""
+    return bool(asserted) or (expected is not None and files is not None and files >= expected)
+
+
+class StudyWatcher:
+    """Starts the runs of notices that wait for their quiet period: each pass lists every waiting
+    study's location; a changed fingerprint restarts its quiet period, an unchanged one older than
+    the cohort's `study_quiet_period_s` (or as many files as expected) starts its run. Replicas
+    may all run one: the notice row is locked and re-checked before anything starts."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="study-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database away: try again next pass
+                log.warning("study watcher pass failed", exc_info=True)
+            await asyncio.sleep(self._settings.study_watch_interval_s)
+
+    async def check(self) -> int:
+        """One pass; returns how many runs it started."""
+        async with self._pool.acquire() as conn:
+            waiting = await repo.waiting_notices(conn)
+        started = 0
+        for row in waiting:
+            content = await _content_of(row["location"], self._settings)
+            async with self._pool.acquire() as conn, conn.transaction():
+                cohort = await repo.lock_cohort(conn, row["cohort_id"])
+                current = await conn.fetchrow(
+                    "SELECT *, now() - last_change_at AS quiet_for FROM gateway.received_studies"
+                    " WHERE seq = $1 AND outcome = 'waiting' FOR UPDATE",
+                    row["seq"],
+                )
+                if cohort is None or current is None:
+                    continue
+                if content.fingerprint != current["content_fingerprint"]:
+                    await repo.settle_notice(
+                        conn,
+                        current["seq"],
+                        content_fingerprint=content.fingerprint,
+                        files=content.files,
+                        last_change_at=datetime.now(UTC),
+                    )
+                    continue
+                quiet = current["quiet_for"].total_seconds() >= cohort["study_quiet_period_s"]
+                if not quiet and not _complete(None, current["expected_instances"], content.files):
+                    continue
+                started += await self._start(conn, cohort, current, content)
+        return started
+
+    @staticmethod
+    async def _start(
+        conn: asyncpg.Connection, cohort: asyncpg.Record, notice: asyncpg.Record, content: _Content
+    ) -> int:
+        uid = notice["study_instance_uid"]
+        if content.fingerprint is not None:
+            earlier = await repo.same_content_notice(conn, cohort["id"], uid, content.fingerprint)
+            if earlier is not None:
+                await repo.settle_notice(
+                    conn, notice["seq"], outcome="duplicate", duplicate_of=earlier["seq"]
+                )
+                return 0
+        run = await start_study_run(conn, cohort, uid, notice["location"])
+        await repo.settle_notice(conn, notice["seq"], outcome="accepted", run_id=run.run_id)
+        await _announce(
+            conn, "study.accepted", notice["seq"], uid, cohort["id"], notice["location"], run, None
+        )
+        log.info("study quiet: run started", extra={"cohort_id": str(cohort["id"])})
+        return 1
 
 
 async def _duplicate(

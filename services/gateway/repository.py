@@ -23,7 +23,15 @@ from shared.topics import Stage
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 ACTIVE = frozenset({"pending", "running"})
 
-COHORT_FIELDS = ("name", "source_path", "description", "owner", "tags", "anonymization_enabled")
+COHORT_FIELDS = (
+    "name",
+    "source_path",
+    "description",
+    "owner",
+    "tags",
+    "anonymization_enabled",
+    "study_quiet_period_s",
+)
 
 
 # --- cohorts ---------------------------------------------------------------------------------
@@ -33,7 +41,8 @@ async def insert_cohort(conn: asyncpg.Connection, values: dict[str, Any]) -> asy
     """Insert a cohort; raises `asyncpg.UniqueViolationError` when the name is taken."""
     row = await conn.fetchrow(
         "INSERT INTO gateway.cohorts (id, name, source_path, description, owner, tags,"
-        " anonymization_enabled) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+        " anonymization_enabled, study_quiet_period_s) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        " RETURNING *",
         uuid.uuid4(),
         *(values[f] for f in COHORT_FIELDS),
     )
@@ -393,13 +402,14 @@ async def record_received_study(
     content_fingerprint: str | None = None,
     duplicate_of: int | None = None,
 ) -> int:
-    """One received notice, whatever came of it; returns its `seq`."""
+    """One received notice, whatever came of it; returns its `seq`. A waiting notice's quiet period
+    counts from now."""
     seq: int = await conn.fetchval(
         "INSERT INTO gateway.received_studies (event_id, cohort_id, study_instance_uid, location,"
         " origin, run_id, refused_reason, outcome, notice_source, notice_id, notice_type, sender,"
-        " expected_instances, complete, files, content_fingerprint, duplicate_of)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
-        " RETURNING seq",
+        " expected_instances, complete, files, content_fingerprint, duplicate_of, last_change_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,"
+        " CASE WHEN $8 = 'waiting' THEN now() END) RETURNING seq",
         event_id,
         cohort_id,
         _storable(study_instance_uid),
@@ -465,6 +475,36 @@ async def active_scoped_jobs(
         " ON r.id = j.run_id"
         " WHERE j.cohort_id = $1 AND j.scoped AND j.status IN ('pending', 'running')",
         cohort_id,
+    )
+
+
+async def waiting_notice(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, study_instance_uid: str
+) -> asyncpg.Record | None:
+    """The notice of this study of the cohort that waits for its quiet period, if any."""
+    return await conn.fetchrow(
+        "SELECT * FROM gateway.received_studies WHERE cohort_id = $1 AND study_instance_uid = $2"
+        " AND outcome = 'waiting' ORDER BY seq LIMIT 1 FOR UPDATE",
+        cohort_id,
+        study_instance_uid,
+    )
+
+
+async def waiting_notices(conn: asyncpg.Connection, limit: int = 100) -> list[asyncpg.Record]:
+    """Notices waiting for their quiet period, oldest change first, with the cohort's period."""
+    return await conn.fetch(
+        "SELECT r.*, c.study_quiet_period_s FROM gateway.received_studies r"
+        " JOIN gateway.cohorts c ON c.id = r.cohort_id WHERE r.outcome = 'waiting'"
+        " ORDER BY r.last_change_at LIMIT $1",
+        limit,
+    )
+
+
+async def settle_notice(conn: asyncpg.Connection, seq: int, **values: Any) -> None:
+    """Update a waiting notice (its content seen changing, or its outcome decided)."""
+    sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(values, start=2))
+    await conn.execute(
+        f"UPDATE gateway.received_studies SET {sets} WHERE seq = $1", seq, *values.values()
     )
 
 

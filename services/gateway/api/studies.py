@@ -129,7 +129,7 @@ async def list_received_studies(
     ctx: Context,
     cohort_id: uuid.UUID | None = None,
     refused: bool | None = None,
-    outcome: Literal["accepted", "duplicate", "refused"] | None = None,
+    outcome: Literal["accepted", "duplicate", "refused", "waiting"] | None = None,
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> list[ReceivedStudyOut]:
