@@ -45,6 +45,7 @@ class Envelope(BaseModel):
     cohort_id: uuid.UUID | None = None
     job_id: uuid.UUID | None = None
     payload: dict[str, Any] = Field(default_factory=dict)
+    subject: str | None = None  # outbound CloudEvents only: what the event is about
 
     @classmethod
     def wrap(
@@ -70,6 +71,34 @@ class Envelope(BaseModel):
         if self.type != model.__name__:
             raise ValueError(f"expected a {model.__name__} event, got {self.type}")
         return model.model_validate(self.payload)
+
+
+# --- outbound: CloudEvents for other systems -------------------------------------------------
+
+CLOUDEVENT_TYPE_PREFIX = "org.cohortflow."
+
+
+def cloudevent_type(name: str) -> str:
+    """`job.completed` -> `org.cohortflow.job.completed.v1`."""
+    return f"{CLOUDEVENT_TYPE_PREFIX}{name}.v1"
+
+
+def is_cloudevent_type(event_type: str) -> bool:
+    return event_type.startswith(CLOUDEVENT_TYPE_PREFIX)
+
+
+def cloudevent(
+    name: str, data: dict[str, Any], *, source: str, subject: str, cohort_id: uuid.UUID | None
+) -> Envelope:
+    """An event for other systems (`cohortflow.events`, webhooks): the envelope's `id`, `source`,
+    `time` and `subject` become the CloudEvent's attributes, `payload` its data."""
+    return Envelope(
+        type=cloudevent_type(name),
+        source=source,
+        cohort_id=cohort_id,
+        payload=data,
+        subject=subject,
+    )
 
 
 # --- pipeline -------------------------------------------------------------------------------
@@ -204,12 +233,23 @@ class CohortDeleted(Payload):
 # --- ingest from other systems ------------------------------------------------------------------
 
 
+class StudyOrigin(BaseModel):
+    """Where a "new study" notice comes from: the sending system and the DICOM association."""
+
+    model_config = ConfigDict(extra="allow")
+    system: str | None = Field(None, description="the sending system (router, PACS, gateway)")
+    calling_ae: str | None = Field(None, description="AE title of the modality or sender")
+    called_ae: str | None = Field(None, description="AE title that received the study")
+    host: str | None = Field(None, description="host the association came from")
+
+
 class StudyReceived(Payload):
     """A hospital system (PACS router, Orthanc, RIS) says a new study is available.
 
     `location` is a local folder under an allowed root or an `s3://bucket/prefix` holding the study's
     DICOM files. The gateway matches it to a cohort by `cohort` (name or id) or by its ingest rules
-    and runs the pipeline for that study only.
+    and runs the pipeline for that study only. `patient_id` and `accession_number` help the sender
+    correlate; they are never stored or logged by the gateway.
     """
 
     study_instance_uid: str
@@ -219,6 +259,15 @@ class StudyReceived(Payload):
     accession_number: str | None = None
     modalities: list[str] = Field(default_factory=list)
     run_pipeline: bool = True
+    expected_instances: int | None = Field(
+        None, ge=0, description="how many instances the sender holds for the study"
+    )
+    complete: bool | None = Field(
+        None, description="true when the sender asserts the study has arrived in full"
+    )
+    origin: StudyOrigin | None = None
+    study_description: str | None = Field(None, description="for the cohorts' routing rules")
+    institution: str | None = Field(None, description="InstitutionName, for routing rules")
 
 
 class DeadLetter(Payload):
@@ -228,3 +277,61 @@ class DeadLetter(Payload):
     error: str
     attempts: int
     original: dict[str, Any]
+
+
+# --- outbound: the data of the CloudEvents other systems receive -------------------------------
+
+
+class JobEvent(Payload):
+    """`job.started`, `job.completed`, `job.failed`, `job.cancelled` (subject: the job id)."""
+
+    job_id: uuid.UUID
+    cohort_id: uuid.UUID
+    run_id: uuid.UUID
+    stage: Stage
+    status: JobStatus
+    reason: str | None = None
+    scoped: bool = False
+    items_total: int = 0
+    items_done: int = 0
+    items_failed: int = 0
+    left_work_behind: bool = Field(
+        False, description="completed, but some work was not done (reason says what)"
+    )
+
+
+class ExportPublished(Payload):
+    """`export.published`: an export job completed (subject: the job id)."""
+
+    job_id: uuid.UUID
+    cohort_id: uuid.UUID
+    scoped: bool = False
+    output_prefix: str | None = Field(None, description="where the tree is in the data bucket")
+    files_api: str = Field(description="the gateway path that lists and serves the files")
+    validator: dict[str, Any] = Field(
+        default_factory=dict, description="the BIDS validator's verdict and counts"
+    )
+    summary: dict[str, Any] = Field(default_factory=dict, description="the export's counts")
+
+
+class StudyNoticeEvent(Payload):
+    """`study.accepted`, `study.refused` (subject: the StudyInstanceUID the sender gave)."""
+
+    notice: int = Field(description="the notice's `seq` in GET /api/studies")
+    study_instance_uid: str
+    cohort_id: uuid.UUID | None = None
+    location: str
+    run_id: uuid.UUID | None = None
+    reason: str | None = None
+
+
+# what each outbound event name carries
+OUTBOUND_EVENTS: dict[str, type[Payload]] = {
+    "job.started": JobEvent,
+    "job.completed": JobEvent,
+    "job.failed": JobEvent,
+    "job.cancelled": JobEvent,
+    "export.published": ExportPublished,
+    "study.accepted": StudyNoticeEvent,
+    "study.refused": StudyNoticeEvent,
+}

@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 from faststream.kafka import KafkaBroker
 
-from shared.events import Envelope
+from shared.events import Envelope, is_cloudevent_type
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,28 @@ async def enqueue(
         envelope.model_dump(mode="json"),
     )
     await conn.execute("SELECT pg_notify($1, '')", _channel(schema))
+
+
+def kafka_message(envelope: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """(value, headers) of an outbox row: our envelope as JSON, or for the events other systems
+    read (a CloudEvents `type`, see `shared.events.cloudevent`) a CloudEvent in binary mode: its
+    attributes as `ce_*` headers and its data as the value."""
+    if not is_cloudevent_type(envelope.get("type", "")):
+        return json.dumps(envelope).encode(), {
+            "content-type": "application/json",
+            "type": envelope.get("type", ""),
+        }
+    headers = {
+        "ce_specversion": "1.0",
+        "ce_id": str(envelope["id"]),
+        "ce_source": envelope["source"],
+        "ce_type": envelope["type"],
+        "ce_time": str(envelope["time"]),
+        "content-type": "application/json",
+    }
+    if envelope.get("subject"):
+        headers["ce_subject"] = str(envelope["subject"])
+    return json.dumps(envelope.get("payload", {})).encode(), headers
 
 
 class OutboxRelay:
@@ -111,12 +133,12 @@ class OutboxRelay:
                 _BATCH,
             )
             for row in rows:
-                envelope = row["envelope"]
+                body, headers = kafka_message(row["envelope"])
                 await self._broker.publish(
-                    json.dumps(envelope).encode(),
+                    body,
                     topic=row["topic"],
                     key=row["key"].encode() if row["key"] else None,
-                    headers={"content-type": "application/json", "type": envelope.get("type", "")},
+                    headers=headers,
                 )
             if rows:
                 await conn.execute(

@@ -80,6 +80,13 @@ class Settings(BaseSettings):
     item_max_attempts: int = 3
     progress_interval_s: float = 1.0
     outbox_poll_interval_s: float = 0.5
+    # webhook deliveries: the first retry after this many seconds, doubling up to an hour; a
+    # delivery that failed this many times is given up (and can be replayed through the API)
+    webhook_retry_base_s: float = Field(default=5.0, gt=0)
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # how often the gateway looks at new studies waiting for their quiet period
+    study_watch_interval_s: float = Field(default=2.0, gt=0)
 
     log_level: str = "INFO"
     log_json: bool = False

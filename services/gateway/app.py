@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import uvicorn
@@ -27,7 +28,10 @@ from services.gateway.api import api_router, document_errors, install_error_hand
 from services.gateway.api.auth import token_middleware
 from services.gateway.api.dependencies import BrokerProbe, GatewayContext
 from services.gateway.api.limits import BodyLimit
+from services.gateway.notices import NoticeError, is_kafka_cloudevent, notice_from_kafka
+from services.gateway.outbound import WebhookDispatcher
 from shared import topics
+from shared.asyncapi import asyncapi_document
 from shared.broker import make_broker, subscriber_kwargs
 from shared.db import create_pool, migrate
 from shared.events import Envelope
@@ -87,10 +91,27 @@ def subscribe(
     broker.subscriber(
         *EVENT_TOPICS, **subscriber_kwargs(settings, topics.consumer_group(SERVICE, "events"))
     )(_consumer(on_event))
+    envelopes = _consumer(on_event)
+
+    async def on_study(message: KafkaMessage) -> None:
+        # hospital systems send CloudEvents in binary mode (`ce_*` headers); our own producers and
+        # older senders the `StudyReceived` envelope
+        record = message.raw_message
+        headers = list(getattr(record, "headers", None) or ())
+        if not is_kafka_cloudevent(headers):
+            await envelopes(message)
+            return
+        try:
+            notice = notice_from_kafka(headers, getattr(record, "key", None), message.body)
+        except NoticeError as exc:
+            log.error("unreadable study CloudEvent skipped", extra={"error": str(exc)[:500]})
+            return
+        await handlers.on_study_cloudevent(pool_ref(), settings, notice)
+
     broker.subscriber(
         topics.STUDIES_RECEIVED,
         **subscriber_kwargs(settings, topics.consumer_group(SERVICE, "studies")),
-    )(_consumer(on_event))
+    )(on_study)
 
 
 def app_factory(settings: Settings | None = None) -> FastAPI:
@@ -113,13 +134,19 @@ def app_factory(settings: Settings | None = None) -> FastAPI:
                 settings, pool, ObjectStore(settings), BrokerProbe(lambda: broker.ping(timeout=2.0))
             )
             relay = OutboxRelay(pool, SCHEMA, broker, settings)
+            webhooks = WebhookDispatcher(pool, settings)
+            watcher = handlers.StudyWatcher(pool, settings)
             await broker.start()
             await relay.start()
+            await webhooks.start()
+            await watcher.start()
             log.info("gateway started", extra={"port": settings.gateway_port})
             try:
                 yield
             finally:
                 log.info("gateway stopping")
+                await watcher.stop()
+                await webhooks.stop()
                 await relay.stop()
                 await broker.stop()
         finally:
@@ -157,6 +184,13 @@ def app_factory(settings: Settings | None = None) -> FastAPI:
     @app.get("/", include_in_schema=False)
     async def web_page() -> FileResponse:
         return FileResponse(WEB / "index.html")
+
+    contracts = asyncapi_document(settings.kafka_bootstrap)
+
+    @app.get("/api/asyncapi.json", include_in_schema=False)
+    async def asyncapi() -> dict[str, Any]:
+        """Every topic (address, key, headers, payload schema), as AsyncAPI 3.0."""
+        return contracts
 
     return app
 

@@ -8,30 +8,38 @@ events are recorded in the inbox so a redelivery changes nothing; progress is na
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 import asyncpg
+import pydicom
 from prometheus_client import Counter
 from pydantic import ValidationError
 
+from services.gateway import outbound
 from services.gateway import repository as repo
 from services.gateway.cohorts.progress import job_progress, merge_job_errors
 from services.gateway.errors import Invalid, NotFound
+from services.gateway.notices import Notice, NoticeKey, content_fingerprint
+from services.gateway.routing import Ambiguous, CohortRule, RouteRule, StudyFacts, choose
 from services.gateway.runs import RunStarted, start_study_run
 from shared.events import (
     Envelope,
     JobProgress,
     StageCompleted,
     StageFailed,
+    StudyNoticeEvent,
     StudyReceived,
     work_left_behind,
 )
 from shared.observability import REGISTRY
 from shared.settings import Settings
-from shared.sources import SourceError, check_location
+from shared.sources import SourceError, check_location, open_source
 from shared.topics import Stage
 
 log = logging.getLogger(__name__)
@@ -180,6 +188,31 @@ class StudyAccepted:
     study_instance_uid: str
     location: str
     run: RunStarted | None
+    outcome: Literal["accepted", "duplicate", "waiting"] = "accepted"
+    seq: int | None = None  # the notice's row in gateway.received_studies
+    duplicate_of: int | None = None  # the earlier notice's row, for a duplicate
+
+
+@dataclass(frozen=True)
+class _Content:
+    """What the study's location held when the notice came (None when it could not be listed)."""
+
+    fingerprint: str | None
+    files: int | None
+
+
+async def _content_of(location: str, settings: Settings) -> _Content:
+    """Fingerprint of the files a stage would read at `location` (listed off the event loop)."""
+
+    def listing() -> tuple[str, int]:
+        return content_fingerprint(open_source(location, settings).list())
+
+    try:
+        fingerprint, files = await asyncio.to_thread(listing)
+    except Exception as exc:  # a location that cannot be listed: no content dedup, the stage says
+        log.warning("study location not listed", extra={"error": str(exc)[:300]})
+        return _Content(None, None)
+    return _Content(fingerprint, files)
 
 
 async def receive_study(
@@ -188,47 +221,251 @@ async def receive_study(
     study: StudyReceived,
     origin: Literal["http", "kafka"],
     event_id: uuid.UUID | None = None,
+    key: NoticeKey | None = None,
 ) -> StudyAccepted:
-    """Add a study to its cohort and run the pipeline for that study only.
+    """Add a study to its cohort and run the pipeline for that study only, once.
 
     The cohort is `study.cohort` (a name or an id), or else the one cohort whose source_path
     contains the study's location. Raises `Invalid` (no cohort found that way, bad location) or
-    `NotFound` (no such cohort); a refusal is recorded in `gateway.received_studies` too.
+    `NotFound` (no such cohort); a refusal is recorded in `gateway.received_studies` too. A notice
+    already seen (the same CloudEvent `key`, or the same files of the same study of the cohort,
+    unless that run failed or was cancelled) starts nothing: it is recorded as a duplicate of the
+    earlier one and returned with that one's run.
     """
+    try:
+        content = await _content_of(check_location(study.location, settings), settings)
+    except (SourceError, ValueError, OSError):  # refused below, with the reason, in the record
+        content = _Content(None, None)
+    facts = await _facts_of(pool, settings, study, key)
+    notice: dict[str, Any] = {
+        "event_id": event_id,
+        "study_instance_uid": study.study_instance_uid,
+        "origin": origin,
+        "key": key,
+        "sender": study.origin.model_dump(mode="json", exclude_none=True) if study.origin else None,
+        "expected_instances": study.expected_instances,
+        "complete": study.complete,
+        "files": content.files,
+        "content_fingerprint": content.fingerprint,
+    }
     async with pool.acquire() as conn, conn.transaction():
         if event_id is not None and not await repo.claim_event(conn, event_id, "StudyReceived"):
             raise _Duplicate()
+        if key is not None:
+            earlier = await repo.notice_seen(conn, key.source, key.id)
+            if earlier is not None:
+                return await _duplicate(conn, study, earlier, notice)
         try:
-            cohort, location = await _study_target(conn, settings, study)
+            cohort, location = await _study_target(conn, settings, study, facts)
         except (Invalid, NotFound) as exc:
             refused: Invalid | NotFound = exc
         else:
+            uid = study.study_instance_uid
+            waiting = None
+            if study.run_pipeline:
+                if content.fingerprint is not None:
+                    earlier = await repo.same_content_notice(
+                        conn, cohort["id"], uid, content.fingerprint
+                    )
+                    if earlier is not None:
+                        return await _duplicate(conn, study, earlier, notice)
+                waiting = await repo.waiting_notice(conn, cohort["id"], uid)
+                if not _complete(study.complete, study.expected_instances, content.files) and (
+                    cohort["study_quiet_period_s"] > 0
+                ):
+                    if waiting is not None:  # its run will read whatever has arrived by then
+                        return await _duplicate(conn, study, waiting, notice)
+                    seq = await repo.record_received_study(
+                        conn,
+                        **notice,
+                        cohort_id=cohort["id"],
+                        location=location,
+                        run_id=None,
+                        outcome="waiting",
+                    )
+                    return StudyAccepted(
+                        cohort["id"], uid, location, None, outcome="waiting", seq=seq
+                    )
             run = None
             if study.run_pipeline:
-                run = await start_study_run(conn, cohort, study.study_instance_uid, location)
-            await repo.record_received_study(
+                run = await start_study_run(conn, cohort, uid, location)
+            seq = await repo.record_received_study(
                 conn,
-                event_id=event_id,
+                **notice,
                 cohort_id=cohort["id"],
-                study_instance_uid=study.study_instance_uid,
                 location=location,
-                origin=origin,
                 run_id=run.run_id if run else None,
-                refused_reason=None,
+                outcome="accepted",
             )
-            return StudyAccepted(cohort["id"], study.study_instance_uid, location, run)
+            if waiting is not None:  # the sender said it is complete: the wait is over
+                await repo.settle_notice(
+                    conn, waiting["seq"], outcome="duplicate", duplicate_of=seq
+                )
+            await _announce(conn, "study.accepted", seq, uid, cohort["id"], location, run, None)
+            return StudyAccepted(cohort["id"], uid, location, run, seq=seq)
         # the refusal is committed (and the event claimed): a retry could not make it acceptable
-        await repo.record_received_study(
+        seq = await repo.record_received_study(
             conn,
-            event_id=event_id,
+            **notice,
             cohort_id=None,
-            study_instance_uid=study.study_instance_uid,
             location=study.location,
-            origin=origin,
             run_id=None,
+            outcome="refused",
             refused_reason=str(refused),
         )
+        await _announce(
+            conn,
+            "study.refused",
+            seq,
+            study.study_instance_uid,
+            None,
+            study.location,
+            None,
+            refused,
+        )
     raise refused
+
+
+async def _announce(
+    conn: asyncpg.Connection,
+    name: str,
+    seq: int,
+    study_instance_uid: str,
+    cohort_id: uuid.UUID | None,
+    location: str,
+    run: RunStarted | None,
+    refused: Exception | None,
+) -> None:
+    """`study.accepted` / `study.refused` for other systems (never the patient id or accession)."""
+    data = StudyNoticeEvent(
+        notice=seq,
+        study_instance_uid=study_instance_uid,
+        cohort_id=cohort_id,
+        location=location.replace("\x00", "\\x00"),
+        run_id=run.run_id if run else None,
+        reason=str(refused) if refused else None,
+    )
+    await outbound.emit(conn, data, name=name, subject=study_instance_uid)
+
+
+def _complete(asserted: bool | None, expected: int | None, files: int | None) -> bool:
+    """Whether a study may start without waiting: its sender says it is complete, or as many files
+    as it said to expect are there."""
+    return bool(asserted) or (expected is not None and files is not None and files >= expected)
+
+
+class StudyWatcher:
+    """Starts the runs of notices that wait for their quiet period: each pass lists every waiting
+    study's location; a changed fingerprint restarts its quiet period, an unchanged one older than
+    the cohort's `study_quiet_period_s` (or as many files as expected) starts its run. Replicas
+    may all run one: the notice row is locked and re-checked before anything starts."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="study-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database away: try again next pass
+                log.warning("study watcher pass failed", exc_info=True)
+            await asyncio.sleep(self._settings.study_watch_interval_s)
+
+    async def check(self) -> int:
+        """One pass; returns how many runs it started."""
+        async with self._pool.acquire() as conn:
+            waiting = await repo.waiting_notices(conn)
+        started = 0
+        for row in waiting:
+            content = await _content_of(row["location"], self._settings)
+            async with self._pool.acquire() as conn, conn.transaction():
+                cohort = await repo.lock_cohort(conn, row["cohort_id"])
+                current = await conn.fetchrow(
+                    "SELECT *, now() - last_change_at AS quiet_for FROM gateway.received_studies"
+                    " WHERE seq = $1 AND outcome = 'waiting' FOR UPDATE",
+                    row["seq"],
+                )
+                if cohort is None or current is None:
+                    continue
+                if content.fingerprint != current["content_fingerprint"]:
+                    await repo.settle_notice(
+                        conn,
+                        current["seq"],
+                        content_fingerprint=content.fingerprint,
+                        files=content.files,
+                        last_change_at=datetime.now(UTC),
+                    )
+                    continue
+                quiet = current["quiet_for"].total_seconds() >= cohort["study_quiet_period_s"]
+                if not quiet and not _complete(None, current["expected_instances"], content.files):
+                    continue
+                started += await self._start(conn, cohort, current, content)
+        return started
+
+    @staticmethod
+    async def _start(
+        conn: asyncpg.Connection, cohort: asyncpg.Record, notice: asyncpg.Record, content: _Content
+    ) -> int:
+        uid = notice["study_instance_uid"]
+        if content.fingerprint is not None:
+            earlier = await repo.same_content_notice(conn, cohort["id"], uid, content.fingerprint)
+            if earlier is not None:
+                await repo.settle_notice(
+                    conn, notice["seq"], outcome="duplicate", duplicate_of=earlier["seq"]
+                )
+                return 0
+        run = await start_study_run(conn, cohort, uid, notice["location"])
+        await repo.settle_notice(conn, notice["seq"], outcome="accepted", run_id=run.run_id)
+        await _announce(
+            conn, "study.accepted", notice["seq"], uid, cohort["id"], notice["location"], run, None
+        )
+        log.info("study quiet: run started", extra={"cohort_id": str(cohort["id"])})
+        return 1
+
+
+async def _duplicate(
+    conn: asyncpg.Connection,
+    study: StudyReceived,
+    earlier: asyncpg.Record,
+    notice: dict[str, Any],
+) -> StudyAccepted:
+    """Record a notice seen before; the earlier one's outcome stands (a refusal is raised again)."""
+    seq = await repo.record_received_study(
+        conn,
+        **notice,
+        cohort_id=earlier["cohort_id"],
+        location=earlier["location"],
+        run_id=earlier["run_id"],
+        outcome="duplicate",
+        duplicate_of=earlier["seq"],
+    )
+    if earlier["outcome"] == "refused":
+        raise Invalid(f"this notice was refused before: {earlier['refused_reason']}")
+    run = None
+    if earlier["run_id"] is not None:
+        run = RunStarted(earlier["run_id"], await repo.jobs_of_run(conn, earlier["run_id"]))
+    return StudyAccepted(
+        earlier["cohort_id"],
+        study.study_instance_uid,
+        earlier["location"],
+        run,
+        outcome="duplicate",
+        seq=seq,
+        duplicate_of=earlier["seq"],
+    )
 
 
 class _Duplicate(Exception):
@@ -236,8 +473,10 @@ class _Duplicate(Exception):
 
 
 async def _study_target(
-    conn: asyncpg.Connection, settings: Settings, study: StudyReceived
+    conn: asyncpg.Connection, settings: Settings, study: StudyReceived, facts: StudyFacts
 ) -> tuple[asyncpg.Record, str]:
+    """The cohort (locked) and checked location of a notice: the cohort it names, else the one
+    its routing rules choose, else the one whose source folder holds the location."""
     if not study.study_instance_uid.strip():
         raise Invalid("study_instance_uid is empty")
     try:
@@ -249,18 +488,122 @@ async def _study_target(
         if found is None:
             raise NotFound(f"no cohort named or numbered {study.cohort!r}")
     else:
-        # the ingest rule: a study dropped inside a cohort's source folder belongs to that cohort
-        containing = await repo.cohorts_containing(conn, location)
-        if len(containing) != 1:
-            raise Invalid(
-                "no cohort given and "
-                + ("none" if not containing else f"{len(containing)} cohorts")
-                + " have a source_path containing the location: name the cohort (name or id)"
-            )
-        found = containing[0]
+        rules = [_cohort_rule(r) for r in await repo.routing_rules(conn)]
+        try:
+            chosen = choose(rules, facts)
+        except Ambiguous as exc:
+            raise Invalid(str(exc)) from None
+        if chosen is not None:
+            found = await repo.get_cohort(conn, chosen)
+            assert found is not None
+        else:
+            # the ingest rule: a study dropped inside a cohort's source folder belongs to it
+            containing = await repo.cohorts_containing(conn, location)
+            if len(containing) != 1:
+                raise Invalid(
+                    f"no cohort given, none of the {len(rules)} routing rules holds, and "
+                    + ("none" if not containing else f"{len(containing)} cohorts")
+                    + " have a source_path containing the location: name the cohort (name or"
+                    " id) or add a routing rule"
+                )
+            found = containing[0]
     cohort = await repo.lock_cohort(conn, found["id"])
     assert cohort is not None
     return cohort, location
+
+
+def _cohort_rule(row: asyncpg.Record) -> CohortRule:
+    return CohortRule(row["cohort_id"], row["cohort_name"], RouteRule.model_validate(row["rule"]))
+
+
+async def _facts_of(
+    pool: asyncpg.Pool, settings: Settings, study: StudyReceived, key: NoticeKey | None
+) -> StudyFacts:
+    """What routing may test about the study: the notice's own words, completed from one DICOM
+    header at the location when a rule needs what the notice does not say."""
+    origin = study.origin
+    facts = StudyFacts(
+        source=key.source if key else (origin.system if origin else None),
+        calling_ae=origin.calling_ae if origin else None,
+        called_ae=origin.called_ae if origin else None,
+        modalities=frozenset(study.modalities),
+        study_description=study.study_description,
+        institution=study.institution,
+    )
+    if study.cohort:
+        return facts
+    async with pool.acquire() as conn:
+        rules = [_cohort_rule(r) for r in await repo.routing_rules(conn)]
+    known = facts.modalities and facts.study_description and facts.institution
+    if known or not any(r.rule.needs_header() for r in rules):
+        return facts
+    try:
+        found = await asyncio.to_thread(
+            _header_facts, check_location(study.location, settings), settings
+        )
+    except (SourceError, ValueError, OSError):
+        return facts  # refused later with the reason
+    return StudyFacts(
+        source=facts.source,
+        calling_ae=facts.calling_ae,
+        called_ae=facts.called_ae,
+        modalities=facts.modalities or found.modalities,
+        study_description=facts.study_description or found.study_description,
+        institution=facts.institution or found.institution,
+    )
+
+
+_ROUTING_TAGS = ["Modality", "StudyDescription", "InstitutionName"]
+
+
+def _header_facts(location: str, settings: Settings, tries: int = 20) -> StudyFacts:
+    """Modality, StudyDescription and InstitutionName from the first readable DICOM header among
+    the first `tries` files of the location (a study's files agree on these)."""
+    source = open_source(location, settings)
+    for count, entry in enumerate(f for f in source.list() if f.rejected is None):
+        if count >= tries:
+            break
+        try:
+            with source.open(entry.key) as fh:
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=_ROUTING_TAGS)
+        except Exception:  # not DICOM, unreadable: try the next file
+            continue
+        modality = str(ds.get("Modality", "") or "")
+        if not modality:
+            continue
+        return StudyFacts(
+            modalities=frozenset({modality}),
+            study_description=str(ds.get("StudyDescription", "") or "") or None,
+            institution=str(ds.get("InstitutionName", "") or "") or None,
+        )
+    return StudyFacts()
+
+
+async def receive_notice(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    notice: Notice,
+    origin: Literal["http", "kafka"],
+) -> StudyAccepted:
+    """A CloudEvent study notice: `available` as `receive_study`; `retracted` is recorded and
+    refused with its reason (removing a study from a cohort's export is not supported yet)."""
+    if notice.kind == "available":
+        return await receive_study(pool, settings, notice.study, origin, key=notice.key)
+    async with pool.acquire() as conn, conn.transaction():
+        reason = "retracting a study is not supported yet: remove it from the source and re-export"
+        await repo.record_received_study(
+            conn,
+            event_id=None,
+            study_instance_uid=notice.study.study_instance_uid,
+            origin=origin,
+            key=notice.key,
+            cohort_id=None,
+            location=notice.study.location,
+            run_id=None,
+            outcome="refused",
+            refused_reason=reason,
+        )
+    raise Invalid(reason)
 
 
 async def on_study_received(pool: asyncpg.Pool, settings: Settings, envelope: Envelope) -> None:
@@ -281,11 +624,26 @@ async def on_study_received(pool: asyncpg.Pool, settings: Settings, envelope: En
     except (Invalid, NotFound) as refusal:
         log.warning("study refused", extra={"event_id": str(envelope.id), "reason": str(refusal)})
         return
+    _log_accepted(accepted)
+
+
+async def on_study_cloudevent(pool: asyncpg.Pool, settings: Settings, notice: Notice) -> None:
+    """A CloudEvent on `cohortflow.studies.received` (binary mode): like `POST /api/events`."""
+    try:
+        accepted = await receive_notice(pool, settings, notice, "kafka")
+    except (Invalid, NotFound) as refusal:
+        log.warning("study notice refused", extra={"reason": str(refusal)})
+        return
+    _log_accepted(accepted)
+
+
+def _log_accepted(accepted: StudyAccepted) -> None:
     log.info(
-        "study received",
+        "study notice " + accepted.outcome,
         extra={
             "cohort_id": str(accepted.cohort_id),
             "run_id": str(accepted.run.run_id) if accepted.run else None,
+            "duplicate_of": accepted.duplicate_of,
         },
     )
 

@@ -7,20 +7,31 @@ write that relies on it cannot interleave with another writer.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 
+from services.gateway import outbound
 from services.gateway.cohorts.progress import StageSnapshot, cohort_progress
 from services.gateway.cohorts.stage_order import StageState
+from services.gateway.notices import NoticeKey
 from shared.topics import Stage
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 ACTIVE = frozenset({"pending", "running"})
 
-COHORT_FIELDS = ("name", "source_path", "description", "owner", "tags", "anonymization_enabled")
+COHORT_FIELDS = (
+    "name",
+    "source_path",
+    "description",
+    "owner",
+    "tags",
+    "anonymization_enabled",
+    "study_quiet_period_s",
+)
 
 
 # --- cohorts ---------------------------------------------------------------------------------
@@ -30,7 +41,8 @@ async def insert_cohort(conn: asyncpg.Connection, values: dict[str, Any]) -> asy
     """Insert a cohort; raises `asyncpg.UniqueViolationError` when the name is taken."""
     row = await conn.fetchrow(
         "INSERT INTO gateway.cohorts (id, name, source_path, description, owner, tags,"
-        " anonymization_enabled) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+        " anonymization_enabled, study_quiet_period_s) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        " RETURNING *",
         uuid.uuid4(),
         *(values[f] for f in COHORT_FIELDS),
     )
@@ -341,6 +353,7 @@ async def set_job_state(
     assert row is not None
     if "status" in changes:
         await record_transition(conn, job, job["status"], changes["status"], reason, event_id)
+        await outbound.job_changed(conn, row)
     return row
 
 
@@ -365,6 +378,11 @@ async def claim_event(conn: asyncpg.Connection, event_id: uuid.UUID, event_type:
     return bool(inserted)
 
 
+def _storable(text: str | None) -> str | None:
+    # a refused notice may carry what Postgres text cannot hold: keep it, escaped
+    return None if text is None else text.replace("\x00", "\\x00")
+
+
 async def record_received_study(
     conn: asyncpg.Connection,
     *,
@@ -374,22 +392,125 @@ async def record_received_study(
     location: str,
     origin: str,
     run_id: uuid.UUID | None,
-    refused_reason: str | None,
-) -> None:
-    def storable(text: str | None) -> str | None:
-        # a refused notice may carry what Postgres text cannot hold: keep it, escaped
-        return None if text is None else text.replace("\x00", "\\x00")
-
-    await conn.execute(
+    outcome: str,
+    refused_reason: str | None = None,
+    key: NoticeKey | None = None,
+    sender: dict[str, Any] | None = None,
+    expected_instances: int | None = None,
+    complete: bool | None = None,
+    files: int | None = None,
+    content_fingerprint: str | None = None,
+    duplicate_of: int | None = None,
+) -> int:
+    """One received notice, whatever came of it; returns its `seq`. A waiting notice's quiet period
+    counts from now."""
+    seq: int = await conn.fetchval(
         "INSERT INTO gateway.received_studies (event_id, cohort_id, study_instance_uid, location,"
-        " origin, run_id, refused_reason) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        " origin, run_id, refused_reason, outcome, notice_source, notice_id, notice_type, sender,"
+        " expected_instances, complete, files, content_fingerprint, duplicate_of, last_change_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,"
+        " CASE WHEN $8 = 'waiting' THEN now() END) RETURNING seq",
         event_id,
         cohort_id,
-        storable(study_instance_uid),
-        storable(location),
+        _storable(study_instance_uid),
+        _storable(location),
         origin,
         run_id,
-        storable(refused_reason),
+        _storable(refused_reason),
+        outcome,
+        _storable(key.source) if key else None,
+        _storable(key.id) if key else None,
+        _storable(key.type) if key else None,
+        sender,
+        expected_instances,
+        complete,
+        files,
+        content_fingerprint,
+        duplicate_of,
+    )
+    return seq
+
+
+async def notice_seen(
+    conn: asyncpg.Connection, source: str, notice_id: str
+) -> asyncpg.Record | None:
+    """The first notice with this CloudEvent (`source`, `id`), after taking a lock on that pair so
+    two copies arriving at once are told apart."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        json.dumps(["notice", source, notice_id]),
+    )
+    return await conn.fetchrow(
+        "SELECT * FROM gateway.received_studies WHERE notice_source = $1 AND notice_id = $2"
+        " AND outcome <> 'duplicate' ORDER BY seq LIMIT 1",
+        _storable(source),
+        _storable(notice_id),
+    )
+
+
+async def same_content_notice(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, study_instance_uid: str, fingerprint: str
+) -> asyncpg.Record | None:
+    """The latest accepted notice that ran this study of the cohort on the same files, unless its
+    run failed or was cancelled (then a resend is the way to try again). Call under the cohort
+    lock."""
+    return await conn.fetchrow(
+        "SELECT r.* FROM gateway.received_studies r WHERE r.cohort_id = $1"
+        " AND r.study_instance_uid = $2 AND r.content_fingerprint = $3 AND r.outcome = 'accepted'"
+        " AND r.run_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM gateway.jobs j"
+        " WHERE j.run_id = r.run_id AND j.status IN ('failed', 'cancelled'))"
+        " ORDER BY r.seq DESC LIMIT 1",
+        cohort_id,
+        study_instance_uid,
+        fingerprint,
+    )
+
+
+async def active_scoped_jobs(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID
+) -> list[asyncpg.Record]:
+    """The cohort's pending or running jobs of new-study runs, with their runs' study UIDs."""
+    return await conn.fetch(
+        "SELECT j.*, r.study_instance_uids FROM gateway.jobs j JOIN gateway.pipeline_runs r"
+        " ON r.id = j.run_id"
+        " WHERE j.cohort_id = $1 AND j.scoped AND j.status IN ('pending', 'running')",
+        cohort_id,
+    )
+
+
+async def waiting_notice(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, study_instance_uid: str
+) -> asyncpg.Record | None:
+    """The notice of this study of the cohort that waits for its quiet period, if any."""
+    return await conn.fetchrow(
+        "SELECT * FROM gateway.received_studies WHERE cohort_id = $1 AND study_instance_uid = $2"
+        " AND outcome = 'waiting' ORDER BY seq LIMIT 1 FOR UPDATE",
+        cohort_id,
+        study_instance_uid,
+    )
+
+
+async def waiting_notices(conn: asyncpg.Connection, limit: int = 100) -> list[asyncpg.Record]:
+    """Notices waiting for their quiet period, oldest change first, with the cohort's period."""
+    return await conn.fetch(
+        "SELECT r.*, c.study_quiet_period_s FROM gateway.received_studies r"
+        " JOIN gateway.cohorts c ON c.id = r.cohort_id WHERE r.outcome = 'waiting'"
+        " ORDER BY r.last_change_at LIMIT $1",
+        limit,
+    )
+
+
+async def settle_notice(conn: asyncpg.Connection, seq: int, **values: Any) -> None:
+    """Update a waiting notice (its content seen changing, or its outcome decided)."""
+    sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(values, start=2))
+    await conn.execute(
+        f"UPDATE gateway.received_studies SET {sets} WHERE seq = $1", seq, *values.values()
+    )
+
+
+async def jobs_of_run(conn: asyncpg.Connection, run_id: uuid.UUID) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT * FROM gateway.jobs WHERE run_id = $1 ORDER BY position", run_id
     )
 
 
@@ -398,6 +519,7 @@ async def received_studies(
     *,
     cohort_id: uuid.UUID | None,
     refused: bool | None,
+    outcome: str | None = None,
     limit: int,
     offset: int,
 ) -> list[asyncpg.Record]:
@@ -405,9 +527,52 @@ async def received_studies(
     return await conn.fetch(
         "SELECT * FROM gateway.received_studies WHERE ($1::uuid IS NULL OR cohort_id = $1)"
         " AND ($2::bool IS NULL OR (refused_reason IS NOT NULL) = $2)"
-        " ORDER BY seq DESC LIMIT $3 OFFSET $4",
+        " AND ($3::text IS NULL OR outcome = $3)"
+        " ORDER BY seq DESC LIMIT $4 OFFSET $5",
         cohort_id,
         refused,
+        outcome,
         limit,
         offset,
     )
+
+
+# --- routing rules --------------------------------------------------------------------------------
+
+
+async def routing_rules(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID | None = None
+) -> list[asyncpg.Record]:
+    """Routing rules with their cohort's name: of one cohort, or of all."""
+    return await conn.fetch(
+        "SELECT r.*, c.name AS cohort_name FROM gateway.routing_rules r"
+        " JOIN gateway.cohorts c ON c.id = r.cohort_id"
+        " WHERE $1::uuid IS NULL OR r.cohort_id = $1 ORDER BY r.priority, r.created_at",
+        cohort_id,
+    )
+
+
+async def insert_routing_rule(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, rule: dict[str, Any], priority: int
+) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        "INSERT INTO gateway.routing_rules (id, cohort_id, rule, priority) VALUES ($1, $2, $3, $4)"
+        " RETURNING *",
+        uuid.uuid4(),
+        cohort_id,
+        rule,
+        priority,
+    )
+    assert row is not None
+    return row
+
+
+async def delete_routing_rule(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, rule_id: uuid.UUID
+) -> bool:
+    deleted = await conn.fetchval(
+        "DELETE FROM gateway.routing_rules WHERE id = $1 AND cohort_id = $2 RETURNING true",
+        rule_id,
+        cohort_id,
+    )
+    return bool(deleted)

@@ -72,6 +72,19 @@ async def _locked_cohort(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> asyn
     return cohort
 
 
+async def _no_study_runs(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> None:
+    """A whole-cohort run waits for the new studies' runs in progress: it would read, sort and
+    export those studies half-way through their own stages."""
+    active = await repo.active_scoped_jobs(conn, cohort_id)
+    if active:
+        studies = sorted({uid for job in active for uid in job["study_instance_uids"]})
+        raise Conflict(
+            f"{len(studies)} new stud{'y is' if len(studies) == 1 else 'ies are'} still being"
+            f" processed for this cohort ({len(active)} jobs pending or running); wait for"
+            " them or cancel them (GET /api/jobs?status=running), then run the cohort"
+        )
+
+
 async def _input_prefix(
     conn: asyncpg.Connection, cohort: asyncpg.Record, stage: Stage
 ) -> str | None:
@@ -140,6 +153,7 @@ async def start_stage(
     """Run one stage on the whole cohort (409 out of order, 422 bad config)."""
     async with pool.acquire() as conn, conn.transaction():
         cohort = await _locked_cohort(conn, cohort_id)
+        await _no_study_runs(conn, cohort_id)
         states = repo.stage_states(await repo.latest_stage_jobs(conn, cohort_id))
         try:
             check_stage_run(stage, cohort["anonymization_enabled"], states)
@@ -158,6 +172,7 @@ async def start_pipeline(
     """Run every remaining stage in order: one pending job each, the first one requested."""
     async with pool.acquire() as conn, conn.transaction():
         cohort = await _locked_cohort(conn, cohort_id)
+        await _no_study_runs(conn, cohort_id)
         if raw_configs.get(Stage.anonymization) is not None and not cohort["anonymization_enabled"]:
             raise Conflict(
                 "anonymization is not enabled on this cohort; drop its config or enable it first"

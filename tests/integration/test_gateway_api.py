@@ -8,9 +8,11 @@ cancel publishes control and flips `gateway.job_control_v`, new studies start sc
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import shutil
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,12 +22,16 @@ from typing import Any, TypeVar
 import asyncpg
 import httpx
 import jsonschema
+import pydicom
+import pydicom.misc
 import pytest
 import pytest_asyncio
 import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from fastapi import FastAPI
 from pydantic import SecretStr
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from services.gateway import catalog as gateway_catalog
 from services.gateway.app import app_factory
@@ -77,7 +83,10 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def settings(stack: Any, data_root: Path) -> Settings:
     return Settings(
-        data_roots=[data_root], api_token=SecretStr(TOKEN), project_secret=SecretStr("gw-secret")
+        data_roots=[data_root],
+        api_token=SecretStr(TOKEN),
+        project_secret=SecretStr("gw-secret"),
+        webhook_retry_base_s=0.2,
     )
 
 
@@ -201,8 +210,14 @@ async def test_health_page_and_openapi_are_served(api: httpx.AsyncClient) -> Non
         "/api/jobs/{job_id}",
         "/api/jobs/{job_id}/cancel",
         "/api/studies",
+        "/api/events",
+        "/api/webhooks",
     ):
         assert path in spec["paths"], path
+    contracts = (await api.get("/api/asyncapi.json")).json()
+    assert contracts["asyncapi"] == "3.0.0"
+    assert contracts["channels"]["studiesReceived"]["address"] == topics.STUDIES_RECEIVED
+    assert (await api.get("/api/asyncapi.json", headers=anonymous)).status_code == 401
 
 
 async def test_the_spec_documents_every_error_with_its_real_body(
@@ -716,6 +731,7 @@ async def test_post_study_starts_a_scoped_run(
         "study_instance_uid": "1.2.826.0.1.3680043.8.498.1",
         "location": str(data_root / "new-study"),
         "cohort": cohort["name"],
+        "complete": True,
     }
     response = await api.post("/api/studies", json=body)
     assert response.status_code == 202, response.text
@@ -737,10 +753,15 @@ async def test_post_study_starts_a_scoped_run(
     assert state["status"] == "in_progress"  # busy, but its stages are not changed by a study
     assert {s["state"] for s in state["stages"]} == {"not_started"}
 
+    # the same study with the same files again (by id this time): nothing new starts
     by_id = await api.post("/api/studies", json={**body, "cohort": cohort["id"]})
-    assert by_id.status_code == 202
+    assert by_id.status_code == 200, by_id.text
+    again = by_id.json()
+    assert again["outcome"] == "duplicate" and again["duplicate_of"] == accepted["notice"]
+    assert again["run_id"] == accepted["run_id"] and len(again["jobs"]) == 3
     no_run = await api.post("/api/studies", json={**body, "run_pipeline": False})
     assert no_run.status_code == 202 and no_run.json()["jobs"] == []
+    assert len((await api.get(f"/api/jobs?cohort_id={cohort['id']}")).json()) == 3
 
     unknown = await api.post("/api/studies", json={**body, "cohort": unique("nobody")})
     assert unknown.status_code == 404
@@ -753,7 +774,11 @@ async def test_post_study_starts_a_scoped_run(
     owner = await new_cohort(api, data_root, source_path=str(data_root / "study-b"))
     dropped = await api.post(
         "/api/studies",
-        json={"study_instance_uid": "1.2.3", "location": str(data_root / "study-b/incoming/1.2.3")},
+        json={
+            "study_instance_uid": "1.2.3",
+            "location": str(data_root / "study-b/incoming/1.2.3"),
+            "complete": True,
+        },
     )
     assert dropped.status_code == 202, dropped.text
     assert dropped.json()["cohort_id"] == owner["id"]
@@ -773,6 +798,7 @@ async def test_studies_received_on_kafka_start_a_scoped_run(
         study_instance_uid="1.2.826.0.1.3680043.8.498.2",
         location=str(data_root / "new-study"),
         cohort=cohort["name"],
+        complete=True,
     )
     envelope = Envelope.wrap(study, source="orthanc")
     await publish(producer, topics.STUDIES_RECEIVED, envelope, key=study.study_instance_uid)
@@ -811,6 +837,369 @@ async def test_studies_received_on_kafka_start_a_scoped_run(
     assert any(r["event_id"] == str(refused.id) for r in refusals)
     assert all(r["refused_reason"] for r in refusals)
     assert len((await api.get(f"/api/jobs?cohort_id={cohort['id']}")).json()) == 3
+
+
+def cloudevent_headers(source: str, event_id: str, uid: str, kind: str = "available") -> dict:
+    return {
+        "ce-specversion": "1.0",
+        "ce-type": f"org.example.pacs.study.{kind}.v1",
+        "ce-source": source,
+        "ce-id": event_id,
+        "ce-subject": uid,
+        "content-type": "application/json",
+    }
+
+
+async def test_cloudevent_notices_are_processed_once(
+    api: httpx.AsyncClient, data_root: Path, db: asyncpg.Pool
+) -> None:
+    """Binary and structured CloudEvents over HTTP; the same (source, id) again, or the same files
+    of the same study under a new id, start nothing; grown files start a new run; each notice is
+    in the log with what came of it; a whole-cohort run waits for the study runs."""
+    cohort = await new_cohort(api, data_root)
+    folder = data_root / unique("incoming")
+    folder.mkdir()
+    (folder / "IM0001").write_bytes(b"first")
+    uid = "1.2.826.0.1.3680043.8.498.31"
+    data = {
+        "location": str(folder),
+        "cohort": cohort["name"],
+        "patient_id": "PAT-SECRET-77",
+        "accession_number": "ACC-SECRET-88",
+        "modalities": ["MR"],
+        "expected_instances": 1,
+        "complete": True,
+        "origin": {"system": "orthanc-1", "calling_ae": "MRI3T", "called_ae": "CF"},
+    }
+    source = f"/tests/{unique('orthanc')}"
+    first = await api.post(
+        "/api/events", content=json.dumps(data), headers=cloudevent_headers(source, "1", uid)
+    )
+    assert first.status_code == 202, first.text
+    assert first.json()["outcome"] == "accepted" and len(first.json()["jobs"]) == 3
+    resent = await api.post(
+        "/api/events", content=json.dumps(data), headers=cloudevent_headers(source, "1", uid)
+    )
+    assert resent.status_code == 200 and resent.json()["outcome"] == "duplicate"
+    assert resent.json()["run_id"] == first.json()["run_id"]
+    structured = {
+        "specversion": "1.0",
+        "type": "org.example.pacs.study.available.v1",
+        "source": source,
+        "id": "2",  # another notice, but the same files of the same study
+        "subject": uid,
+        "data": data,
+    }
+    same_files = await api.post(
+        "/api/events",
+        content=json.dumps(structured),
+        headers={"content-type": "application/cloudevents+json"},
+    )
+    assert same_files.status_code == 200 and same_files.json()["outcome"] == "duplicate"
+
+    # a whole-cohort run would read the study half-way through its own stages
+    busy = await api.post(f"/api/cohorts/{cohort['id']}/pipeline", json={})
+    assert busy.status_code == 409 and "new study is still being processed" in busy.text
+
+    (folder / "IM0002").write_bytes(b"second delivery")
+    grown = await api.post(
+        "/api/events", content=json.dumps(data), headers=cloudevent_headers(source, "3", uid)
+    )
+    assert grown.status_code == 202 and grown.json()["outcome"] == "accepted"
+    assert grown.json()["run_id"] != first.json()["run_id"]
+
+    bad = await api.post(
+        "/api/events", content=json.dumps(data), headers=cloudevent_headers(source, "4", "")
+    )
+    assert bad.status_code == 422 and "subject" in bad.json()["detail"]
+    wrong_type = {**cloudevent_headers(source, "5", uid), "ce-type": "org.example.other"}
+    refused = await api.post("/api/events", content=json.dumps(data), headers=wrong_type)
+    assert refused.status_code == 422 and "study.available.v1" in refused.json()["detail"]
+    retracted = await api.post(
+        "/api/events",
+        content=json.dumps(data),
+        headers=cloudevent_headers(source, "6", uid, kind="retracted"),
+    )
+    assert retracted.status_code == 422 and "not supported" in retracted.json()["detail"]
+
+    log = (await api.get(f"/api/studies?cohort_id={cohort['id']}")).json()
+    outcomes = [(r["notice_id"], r["outcome"], r["files"]) for r in reversed(log)]
+    assert outcomes == [("1", "accepted", 1), ("1", "duplicate", 1), ("2", "duplicate", 1),
+                        ("3", "accepted", 2)]  # fmt: skip
+    assert log[-1]["sender"] == data["origin"] and log[-1]["notice_source"] == source
+    assert log[1]["duplicate_of"] == log[-1]["seq"]
+    duplicates = (await api.get(f"/api/studies?cohort_id={cohort['id']}&outcome=duplicate")).json()
+    assert len(duplicates) == 2
+    jobs = (await api.get(f"/api/jobs?cohort_id={cohort['id']}")).json()
+    assert len(jobs) == 6  # two runs of three stages: the first delivery and the grown study
+    async with db.acquire() as conn:
+        rows = await conn.fetch("SELECT row_to_json(r)::text AS j FROM gateway.received_studies r")
+    kept = "".join(r["j"] for r in rows)
+    assert "PAT-SECRET-77" not in kept and "ACC-SECRET-88" not in kept
+
+
+async def test_cloudevents_on_kafka_binary_mode(
+    api: httpx.AsyncClient, data_root: Path, producer: AIOKafkaProducer
+) -> None:
+    cohort = await new_cohort(api, data_root)
+    uid = "1.2.826.0.1.3680043.8.498.32"
+    source = f"/tests/{unique('router')}"
+    data = {"location": str(data_root / "new-study"), "cohort": cohort["name"], "complete": True}
+    headers = [
+        (name.replace("ce-", "ce_"), value.encode())
+        for name, value in cloudevent_headers(source, "k-1", uid).items()
+    ]
+    for _ in range(2):  # a router that resends
+        await producer.send_and_wait(
+            topics.STUDIES_RECEIVED, json.dumps(data).encode(), key=uid.encode(), headers=headers
+        )
+
+    async def logged() -> list[dict[str, Any]] | None:
+        found = (await api.get(f"/api/studies?cohort_id={cohort['id']}")).json()
+        return found if len(found) == 2 else None
+
+    log = await eventually(logged)
+    assert sorted(r["outcome"] for r in log) == ["accepted", "duplicate"]
+    assert {r["origin"] for r in log} == {"kafka"}
+    assert len((await api.get(f"/api/jobs?cohort_id={cohort['id']}")).json()) == 3
+
+
+async def test_routing_rules_choose_the_cohort_of_an_unnamed_study(
+    api: httpx.AsyncClient, data_root: Path, dicom_root: Path
+) -> None:
+    """Rules on the sender and on the study's own header (read from its first DICOM file when the
+    notice does not say) route a notice that names no cohort; ties and misses are refused."""
+    memory, oncology = await new_cohort(api, data_root), await new_cohort(api, data_root)
+    mr_file = next(
+        p
+        for p in sorted((dicom_root / "dcm_qa_nih" / "In").rglob("*"))
+        if p.is_file() and pydicom.misc.is_dicom(p)
+    )
+    folder = data_root / unique("routed")
+    folder.mkdir()
+    shutil.copy(mr_file, folder / "IM0001")
+    base = f"/api/cohorts/{memory['id']}/routing-rules"
+    assert (await api.post(base, json={"priority": 1})).status_code == 422
+    by_header = await api.post(base, json={"modality": ["MR"], "institution": "nih*"})
+    assert by_header.status_code == 201, by_header.text
+    by_sender = await api.post(
+        f"/api/cohorts/{oncology['id']}/routing-rules",
+        json={"source": "/tests/onco-*", "priority": 10},
+    )
+    assert by_sender.status_code == 201
+    assert [r["id"] for r in (await api.get(base)).json()] == [by_header.json()["id"]]
+
+    async def send(source: str, event_id: str) -> httpx.Response:
+        headers = cloudevent_headers(source, event_id, f"1.2.826.0.1.3680043.8.498.{event_id}")
+        return await api.post(
+            "/api/events",
+            content=json.dumps({"location": str(folder), "complete": True}),
+            headers=headers,
+        )
+
+    to_memory = await send(f"/tests/{unique('pacs')}", "41")  # the header says MR at NIH
+    assert to_memory.status_code == 202, to_memory.text
+    assert to_memory.json()["cohort_id"] == memory["id"]
+    to_oncology = await send(f"/tests/onco-{unique('x')}", "42")  # priority 10 beats 100
+    assert to_oncology.json()["cohort_id"] == oncology["id"]
+    tie = await api.post(
+        f"/api/cohorts/{memory['id']}/routing-rules",
+        json={"source": "/tests/onco-*", "priority": 10},
+    )
+    ambiguous = await send(f"/tests/onco-{unique('x')}", "43")
+    assert ambiguous.status_code == 422 and "hold at priority 10" in ambiguous.text
+    await api.delete(f"{base}/{tie.json()['id']}")
+    await api.delete(f"{base}/{by_header.json()['id']}")
+    missed = await send(f"/tests/{unique('pacs')}", "44")
+    assert missed.status_code == 422 and "routing rules holds" in missed.text
+    assert (await api.delete(f"{base}/{by_header.json()['id']}")).status_code == 404
+
+
+async def test_a_study_without_completeness_waits_for_its_quiet_period(
+    api: httpx.AsyncClient, data_root: Path, db: asyncpg.Pool
+) -> None:
+    """A notice that does not say the study is complete waits until the files stop changing for
+    the cohort's quiet period; resends while it waits are duplicates; a later notice that says
+    "complete" starts at once; a count of expected files reached counts as complete."""
+    cohort = await new_cohort(api, data_root, study_quiet_period_s=2)
+    assert cohort["study_quiet_period_s"] == 2
+    folder = data_root / unique("arriving")
+    folder.mkdir()
+    (folder / "IM0001").write_bytes(b"one")
+    body = {"study_instance_uid": "1.2.826.0.1.3680043.8.498.51", "location": str(folder),
+            "cohort": cohort["id"]}  # fmt: skip
+    first = await api.post("/api/studies", json=body)
+    assert first.status_code == 202 and first.json()["outcome"] == "waiting", first.text
+    assert first.json()["jobs"] == []
+    again = await api.post("/api/studies", json=body)
+    assert again.json()["outcome"] == "duplicate"
+    assert again.json()["duplicate_of"] == first.json()["notice"]
+    await asyncio.sleep(1.2)
+    (folder / "IM0002").write_bytes(b"two")  # the second piece arrives: the wait starts again
+    await asyncio.sleep(1.2)
+    assert (await api.get(f"/api/jobs?cohort_id={cohort['id']}")).json() == []
+
+    async def started() -> list[dict[str, Any]] | None:
+        return (await api.get(f"/api/jobs?cohort_id={cohort['id']}")).json() or None
+
+    jobs = await eventually(started)
+    assert len(jobs) == 3
+    log = {r["seq"]: r for r in (await api.get(f"/api/studies?cohort_id={cohort['id']}")).json()}
+    waited = log[first.json()["notice"]]
+    assert waited["outcome"] == "accepted" and waited["files"] == 2
+    assert waited["run_id"] == jobs[0]["run_id"]
+
+    # a study whose sender says "complete" later: no waiting, the waiting notice is settled
+    other = {**body, "study_instance_uid": "1.2.826.0.1.3680043.8.498.52"}
+    other_folder = data_root / unique("arriving")
+    other_folder.mkdir()
+    (other_folder / "IM0001").write_bytes(b"one")
+    other["location"] = str(other_folder)
+    waiting = (await api.post("/api/studies", json=other)).json()
+    assert waiting["outcome"] == "waiting"
+    done = await api.post("/api/studies", json={**other, "complete": True})
+    assert done.status_code == 202 and done.json()["outcome"] == "accepted"
+    async with db.acquire() as conn:
+        settled = await conn.fetchrow(
+            "SELECT outcome, duplicate_of FROM gateway.received_studies WHERE seq = $1",
+            waiting["notice"],
+        )
+    assert tuple(settled) == ("duplicate", done.json()["notice"])
+    counted = {**other, "study_instance_uid": "1.2.826.0.1.3680043.8.498.53"}
+    by_count = await api.post("/api/studies", json={**counted, "expected_instances": 1})
+    assert by_count.json()["outcome"] == "accepted"
+
+
+class Receiver:
+    """A real HTTP endpoint that checks every webhook's Standard Webhooks signature; it answers
+    500 to the first request, to be retried."""
+
+    def __init__(self) -> None:
+        self.secret = ""
+        self.received: list[tuple[dict[str, str], dict[str, Any]]] = []
+        self.bad_signatures = 0
+        self.refused_first = False
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                try:
+                    Webhook(receiver.secret).verify(body, headers)
+                except WebhookVerificationError:
+                    receiver.bad_signatures += 1
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                if not receiver.refused_first:
+                    receiver.refused_first = True
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                receiver.received.append((headers, json.loads(body)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def types(self) -> list[str]:
+        return [event["type"] for _, event in self.received]
+
+
+async def test_events_go_out_as_cloudevents_and_signed_webhooks(
+    api: httpx.AsyncClient, data_root: Path, producer: AIOKafkaProducer, settings: Settings
+) -> None:
+    receiver = Receiver()
+    try:
+        bad = await api.post("/api/webhooks", json={"url": receiver.url, "event_types": ["x"]})
+        assert bad.status_code == 422 and "unknown event names" in bad.text
+        created = await api.post(
+            "/api/webhooks",
+            json={"url": receiver.url, "event_types": ["job.started", "job.completed"]},
+        )
+        assert created.status_code == 201, created.text
+        hook = created.json()
+        receiver.secret = hook["secret"]
+        assert hook["secret"].startswith("whsec_")
+        listed = (await api.get("/api/webhooks")).json()
+        assert all("secret" not in h for h in listed) and hook["id"] in {h["id"] for h in listed}
+
+        cohort = await new_cohort(api, data_root)
+        run = await api.post(f"/api/cohorts/{cohort['id']}/stages/extraction/run", json={})
+        extraction = run.json()["id"]
+        progress = JobProgress(stage=Stage.extraction, items_total=2, items_done=1)
+        await publish(producer, topics.JOBS_PROGRESS, event(progress, cohort["id"], extraction))
+
+        async def running() -> bool:
+            return (await job(api, extraction))["status"] == "running"
+
+        await eventually(running)  # progress and completion travel on different topics
+        done = StageCompleted(
+            stage=Stage.extraction, cohort=ref(cohort), items_total=2, items_done=2,
+            items_failed=0, summary={}, output_prefix=None,
+        )  # fmt: skip
+        await publish(
+            producer, topics.completed(Stage.extraction), event(done, cohort["id"], extraction)
+        )
+
+        async def both() -> bool:
+            return len(receiver.received) >= 2
+
+        await eventually(both)
+        # a retried delivery may arrive after a later event: receivers order by the event's time
+        assert sorted(receiver.types()) == [
+            "org.cohortflow.job.completed.v1",
+            "org.cohortflow.job.started.v1",
+        ]
+        assert receiver.bad_signatures == 0
+        headers, completed = next(r for r in receiver.received if "completed" in r[1]["type"])
+        assert completed["subject"] == extraction and completed["data"]["status"] == "completed"
+        assert headers["webhook-id"] == completed["id"]
+
+        deliveries = (await api.get(f"/api/webhooks/{hook['id']}/deliveries")).json()
+        assert {d["status"] for d in deliveries} == {"delivered"}
+        started = next(d for d in deliveries if d["event_type"] == "job.started")
+        assert started["attempts"] == 2  # the receiver's 500, then the retry
+        replay = await api.post(f"/api/webhooks/{hook['id']}/deliveries/{started['id']}/replay")
+        assert replay.status_code == 202
+
+        async def replayed() -> bool:
+            return len(receiver.received) == 3
+
+        await eventually(replayed)
+        assert receiver.received[2][0]["webhook-id"] == started["event_id"]
+
+        # the same events on the outbound topic, as CloudEvents in binary mode
+        consumer = AIOKafkaConsumer(
+            topics.EVENTS_OUT, bootstrap_servers=settings.kafka_bootstrap,
+            auto_offset_reset="earliest", enable_auto_commit=False,
+        )  # fmt: skip
+        await consumer.start()
+        try:
+            deadline = time.monotonic() + 20
+            found: dict[str, str] = {}
+            while time.monotonic() < deadline and not found:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for record in records:
+                        attrs = {k: v.decode() for k, v in record.headers}
+                        if attrs.get("ce_subject") == extraction and attrs["ce_type"].endswith(
+                            "job.completed.v1"
+                        ):
+                            found = attrs
+                            assert json.loads(record.value)["job_id"] == extraction
+        finally:
+            await consumer.stop()
+        assert found["ce_specversion"] == "1.0" and found["ce_source"] == "/cohortflow/gateway"
+        assert (await api.delete(f"/api/webhooks/{hook['id']}")).status_code == 204
+        assert (await api.delete(f"/api/webhooks/{hook['id']}")).status_code == 404
+    finally:
+        receiver.server.shutdown()
 
 
 # --- catalog and exports, against the published views of the other services -------------------

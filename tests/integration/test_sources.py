@@ -359,7 +359,12 @@ async def test_no_route_brings_identified_instances_into_an_anonymized_catalog(
     study_uid = str(originals[0].StudyInstanceUID)
     r = api.post(
         "/api/studies",
-        json={"study_instance_uid": study_uid, "location": str(source / "enh"), "cohort": cid},
+        json={
+            "study_instance_uid": study_uid,
+            "location": str(source / "enh"),
+            "cohort": cid,
+            "complete": True,
+        },
     )
     assert r.status_code == 202, r.text
     jobs = {j["stage"]: j for j in r.json()["jobs"]}

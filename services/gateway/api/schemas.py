@@ -55,6 +55,13 @@ class CohortCreate(_Input):
     owner: str = Field(default="", max_length=256)
     tags: list[Tag] = Field(default_factory=list, max_length=100)
     anonymization_enabled: bool = False
+    study_quiet_period_s: int = Field(
+        default=60,
+        ge=0,
+        le=86400,
+        description="a new study whose sender does not say it is complete starts once its files"
+        " have not changed for this long (0: at once)",
+    )
 
     _name = field_validator("name")(_not_a_uuid)
 
@@ -68,6 +75,7 @@ class CohortPatch(_Input):
     owner: str | None = Field(default=None, max_length=256)
     tags: list[Tag] | None = Field(default=None, max_length=100)
     anonymization_enabled: bool | None = None
+    study_quiet_period_s: int | None = Field(default=None, ge=0, le=86400)
 
     _name = field_validator("name")(_not_a_uuid)
 
@@ -87,6 +95,7 @@ class CohortOut(BaseModel):
     owner: str
     tags: list[str]
     anonymization_enabled: bool
+    study_quiet_period_s: int
     status: CohortStatusName
     total_subjects: int
     total_sessions: int
@@ -241,16 +250,34 @@ class StudyAcceptedOut(BaseModel):
     cohort_id: uuid.UUID
     study_instance_uid: str
     location: str
+    outcome: Literal["accepted", "duplicate", "waiting"] = Field(
+        description="accepted: this notice started the run (or none was asked for); duplicate:"
+        " an earlier notice (`duplicate_of`) already brought these files, nothing new started;"
+        " waiting: the sender did not say the study is complete, so its run starts once its"
+        " files have not changed for the cohort's `study_quiet_period_s`"
+    )
+    notice: int | None = Field(None, description="this notice's `seq` in GET /api/studies")
+    duplicate_of: int | None = Field(None, description="the earlier notice's `seq`")
     run_id: uuid.UUID | None
     jobs: list[JobOut]
 
 
 class ReceivedStudyOut(BaseModel):
+    seq: int
     event_id: uuid.UUID | None
     cohort_id: uuid.UUID | None
     study_instance_uid: str
     location: str
-    origin: Literal["http", "kafka"]
+    origin: Literal["http", "kafka"] = Field(description="the channel the notice came by")
+    outcome: Literal["accepted", "duplicate", "refused", "waiting"]
     run_id: uuid.UUID | None
     refused_reason: str | None
+    duplicate_of: int | None
+    notice_source: str | None = Field(description="the CloudEvent `source`, if it was one")
+    notice_id: str | None = Field(description="the CloudEvent `id`")
+    notice_type: str | None = Field(description="the CloudEvent `type`")
+    sender: dict[str, Any] | None = Field(description="the sending system and its AE titles")
+    expected_instances: int | None
+    complete: bool | None
+    files: int | None = Field(description="files found at the location when the notice came")
     received_at: datetime
