@@ -239,20 +239,15 @@ def asyncapi_document(bootstrap: str = "localhost:9092") -> dict[str, Any]:
         }
         to_channel = {"$ref": f"#/channels/{channel.name}"}
         operation_messages = [{"$ref": f"#/channels/{channel.name}/messages/{m}"} for m in refs]
-        if channel.senders:
-            operations[f"send_{channel.name}"] = {
-                "action": "send",
-                "channel": to_channel,
-                "summary": f"sent by {', '.join(channel.senders)}",
-                "messages": operation_messages,
-            }
-        if channel.receivers:
-            operations[f"receive_{channel.name}"] = {
-                "action": "receive",
-                "channel": to_channel,
-                "summary": f"received by {', '.join(channel.receivers)}",
-                "messages": operation_messages,
-            }
+        sides = (("send", "sent", channel.senders), ("receive", "received", channel.receivers))
+        for action, done, parties in sides:
+            if parties:
+                operations[f"{action}_{channel.name}"] = {
+                    "action": action,
+                    "channel": to_channel,
+                    "summary": f"{done} by {', '.join(parties)}",
+                    "messages": operation_messages,
+                }
     return {
         "asyncapi": "3.0.0",
         "info": {

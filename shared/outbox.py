@@ -18,6 +18,7 @@ import asyncpg
 from faststream.kafka import KafkaBroker
 
 from shared.events import Envelope, is_cloudevent_type
+from shared.loops import BackgroundLoop
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def kafka_message(envelope: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
     return json.dumps(envelope.get("payload", {})).encode(), headers
 
 
-class OutboxRelay:
+class OutboxRelay(BackgroundLoop):
     """Publishes a schema's unsent outbox rows, in order, at least once."""
 
     def __init__(
@@ -80,25 +81,21 @@ class OutboxRelay:
         broker: KafkaBroker,
         settings: Settings | None = None,
     ) -> None:
+        super().__init__((settings or get_settings()).outbox_poll_interval_s)
+        self.name = f"outbox-relay-{schema}"
         self._pool = pool
         self._schema = schema
         self._broker = broker
-        self._interval = (settings or get_settings()).outbox_poll_interval_s
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._listener: asyncpg.Connection | None = None
 
     async def start(self) -> None:
         self._listener = await self._pool.acquire()
         await self._listener.add_listener(_channel(self._schema), self._on_notify)
-        self._task = asyncio.create_task(self._run(), name=f"outbox-relay-{self._schema}")
+        await super().start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await super().stop()
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.remove_listener(_channel(self._schema), self._on_notify)
@@ -108,21 +105,14 @@ class OutboxRelay:
     def _on_notify(self, *_: Any) -> None:
         self._wake.set()
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                sent = await self.flush()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # broker or database away: retry after a pause
-                log.warning("outbox relay could not publish; retrying", exc_info=True)
-                await asyncio.sleep(1.0)
-                continue
-            if sent:
-                continue
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+    async def step(self) -> bool:
+        return bool(await self.flush())
+
+    async def idle(self) -> None:
+        """Until a NOTIFY from `enqueue`, or the poll interval (a missed notification)."""
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s)
 
     async def flush(self) -> int:
         """Publish one batch of unsent rows; returns how many were sent."""

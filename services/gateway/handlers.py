@@ -9,7 +9,6 @@ events are recorded in the inbox so a redelivery changes nothing; progress is na
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from shared.events import (
     StudyReceived,
     work_left_behind,
 )
+from shared.loops import BackgroundLoop
 from shared.observability import REGISTRY
 from shared.settings import Settings
 from shared.sources import SourceError, check_location, open_source
@@ -354,35 +354,22 @@ def _complete(asserted: bool | None, expected: int | None, files: int | None) ->
     return bool(asserted) or (expected is not None and files is not None and files >= expected)
 
 
-class StudyWatcher:
+class StudyWatcher(BackgroundLoop):
     """Starts the runs of notices that wait for their quiet period: each pass lists every waiting
     study's location; a changed fingerprint restarts its quiet period, an unchanged one older than
     the cohort's `study_quiet_period_s` (or as many files as expected) starts its run. Replicas
     may all run one: the notice row is locked and re-checked before anything starts."""
 
+    name = "study-watcher"
+
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        super().__init__(settings.study_watch_interval_s)
         self._pool = pool
         self._settings = settings
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="study-watcher")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.check()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the database away: try again next pass
-                log.warning("study watcher pass failed", exc_info=True)
-            await asyncio.sleep(self._settings.study_watch_interval_s)
+    async def step(self) -> bool:
+        await self.check()
+        return False  # the next pass after the interval: files need time to change
 
     async def check(self) -> int:
         """One pass; returns how many runs it started."""

@@ -18,9 +18,7 @@ with exponential backoff and keeping every attempt's outcome for the API.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import json
 import logging
 import secrets
@@ -42,6 +40,7 @@ from shared.events import (
     cloudevent,
     work_left_behind,
 )
+from shared.loops import BackgroundLoop
 from shared.outbox import enqueue
 from shared.secrets import seal, unseal
 from shared.settings import Settings
@@ -172,38 +171,24 @@ def backoff(attempts: int, base_s: float) -> float:
     return float(min(_MAX_BACKOFF_S, base_s * 2 ** max(0, attempts - 1)))
 
 
-class WebhookDispatcher:
+class WebhookDispatcher(BackgroundLoop):
     """Delivers due webhook deliveries (every gateway replica runs one; rows are claimed with
     `FOR UPDATE SKIP LOCKED`, so each delivery goes out from one replica at a time)."""
 
+    name = "webhook-dispatcher"
+
     def __init__(self, pool: asyncpg.Pool, settings: Settings, poll_s: float = 0.5) -> None:
+        super().__init__(poll_s)
         self._pool = pool
         self._settings = settings
-        self._poll_s = poll_s
-        self._task: asyncio.Task[None] | None = None
         self._client = httpx.AsyncClient(timeout=settings.webhook_timeout_s)
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="webhook-dispatcher")
-
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await super().stop()
         await self._client.aclose()
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                sent = await self.deliver_due()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the database away: try again after a pause
-                log.warning("webhook dispatcher failed; retrying", exc_info=True)
-                sent = 0
-            if not sent:
-                await asyncio.sleep(self._poll_s)
+    async def step(self) -> bool:
+        return bool(await self.deliver_due())
 
     async def deliver_due(self, limit: int = 20) -> int:
         """Attempt up to `limit` due deliveries; returns how many were attempted."""
