@@ -27,16 +27,17 @@ from services.extractor.catalog.records import as_dict
 from services.extractor.files import FileBatch, FileOutcome, extract_batch, open_location
 from shared.events import ItemError, StageRequested, WorkItem
 from shared.observability import FILES_PROCESSED
+from shared.settings import get_settings
 from shared.sources import SourceFile, anon_prefix, raw_prefix
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
+from shared.stage_config import ExtractionConfig, JobConfigs
 from shared.subjects import catalog_subject_id
 from shared.topics import Stage
-from shared.workers import ProcessPools, cpu_workers, pool_size
+from shared.workers import ProcessPools, cpu_workers
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-DEFAULT_BATCH_FILES = 128
 # series whose stacks are rebuilt together at finalize (one series' rows in memory at a time)
 _STACK_BATCH_SERIES = 200
 
@@ -64,6 +65,7 @@ class ExtractorPlugin:
 
     def __init__(self) -> None:
         self._pools = ProcessPools(self.service, ["services.extractor.files"])
+        self._configs = JobConfigs(ExtractionConfig)
 
     # --- plan -----------------------------------------------------------------------------------
 
@@ -82,8 +84,8 @@ class ExtractorPlugin:
         self, pool: asyncpg.Pool, request: StageRequested, job_id: uuid.UUID
     ) -> list[PlannedItem]:
         location, ingest = self._location(request)
-        folder_workers = pool_size(request.config, "folder_thread_workers", 4)
-        source = open_location(location, folder_workers)
+        config = self._configs.read(job_id, request.config, get_settings())
+        source = open_location(location, config.folder_thread_workers)
         entries = await asyncio.to_thread(lambda: list(source.list()))
         listed = [f for f in entries if f.rejected is None]
         skipped = [f for f in entries if f.rejected is not None]
@@ -100,9 +102,8 @@ class ExtractorPlugin:
         todo = [
             (f.key, f.size, f.mtime_ns) for f in listed if seen.get(f.key) != (f.size, f.mtime_ns)
         ]
-        size = pool_size(request.config, "batch_files", DEFAULT_BATCH_FILES)
         items = []
-        for i, files in enumerate(_batches(todo, size)):
+        for i, files in enumerate(_batches(todo, config.batch_files)):
             folder = str(PurePosixPath(files[0][0]).parent)
             items.append(
                 PlannedItem(
@@ -151,8 +152,9 @@ class ExtractorPlugin:
 
     async def process(self, ctx: ItemContext, item: WorkItem) -> ItemResult:
         files = [tuple(f) for f in item.data["files"]]
-        workers = pool_size(item.config, "process_pool_workers", cpu_workers())
-        threads = pool_size(item.config, "scan_thread_workers", 4)
+        config = self._configs.read(ctx.job_id, item.config, ctx.settings)
+        workers = config.process_pool_workers or cpu_workers()
+        threads = config.scan_thread_workers
         # one chunk per worker, each loaded into the catalog as soon as it is parsed (measured:
         # two smaller chunks per worker overlap a little more but cost more round trips and CPU
         # than they save)

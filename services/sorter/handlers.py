@@ -34,7 +34,9 @@ from services.sorter.rules import (
 )
 from shared.catalog import StackSummary
 from shared.events import StageRequested, WorkItem
+from shared.settings import get_settings
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
+from shared.stage_config import JobConfigs, SortingConfig
 from shared.topics import Stage
 
 log = logging.getLogger(__name__)
@@ -47,20 +49,6 @@ _CLASSIFICATION_COLUMNS = [
     "spinal_cord", "intent", "bids_datatype", "bids_suffix", "entities", "confidence",
     "review_required", "review_reasons", "excluded_reason", "evidence", "detail", "job_id",
 ]  # fmt: skip
-
-
-def sorting_options(config: dict[str, Any]) -> tuple[str, list[str], bool, bool]:
-    """(profile, selectedModalities, skipClassified, forceReprocess) from a sorting config."""
-    profile = str(config.get("profile", "standard"))
-    modalities = config.get("selectedModalities") or ["MR", "CT", "PT"]
-    if isinstance(modalities, str):
-        modalities = [modalities]
-    return (
-        profile,
-        [str(m).upper() for m in modalities],
-        bool(config.get("skipClassified", True)),
-        bool(config.get("forceReprocess", False)),
-    )
 
 
 def _row(
@@ -86,6 +74,9 @@ class SorterPlugin:
     service = "sorter"
     schema = "sorting"
 
+    def __init__(self) -> None:
+        self._configs = JobConfigs(SortingConfig)
+
     def cohort_prefixes(self, cohort_id: uuid.UUID) -> list[str]:
         """Nothing: classifications live in the sorting schema only."""
         return []
@@ -108,8 +99,8 @@ class SorterPlugin:
     async def process(self, ctx: ItemContext, item: WorkItem) -> ItemResult:
         cohort_id = item.cohort.id
         study_uid = item.data["study"]
-        profile, modalities, skip, force = sorting_options(item.config)
-        rules = load_rules(profile)
+        config = self._configs.read(ctx.job_id, item.config, ctx.settings)
+        rules = load_rules(config.profile)
         async with ctx.pool.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT summary, sop_instance_uids FROM catalog.stack_summary_v"
@@ -130,7 +121,14 @@ class SorterPlugin:
             (r["series_instance_uid"], r["stack_key"], r["rule_version"], r["excluded_reason"])
             for r in done
         )
-        checked = checkup(stacks, modalities, classified, rules.version, skip, force)
+        checked = checkup(
+            stacks,
+            config.selectedModalities,
+            classified,
+            rules.version,
+            config.skipClassified,
+            config.forceReprocess,
+        )
         fingerprints = await asyncio.to_thread(fingerprint_batch, checked.accepted)
         decisions = await asyncio.to_thread(
             lambda: complete(classify_batch(fingerprints, rules), fingerprints, rules)
@@ -213,9 +211,9 @@ class SorterPlugin:
         for r in rows:
             by_intent[r["intent"]] = by_intent.get(r["intent"], 0) + r["n"]
             review += r["n"] if r["review_required"] else 0
-        profile, *_ = sorting_options(run.config)
+        config = self._configs.read(run.job_id, run.config, get_settings())
         return {
             "by_intent": by_intent,
             "review_required_total": review,
-            "rule_version": load_rules(profile).version,
+            "rule_version": load_rules(config.profile).version,
         }, None
