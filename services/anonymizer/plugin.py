@@ -53,7 +53,7 @@ from services.anonymizer.profile import (
     read_mapping,
 )
 from services.anonymizer.profile.pseudonyms import hashed_pseudonym, identity_of, subject_key
-from services.anonymizer.store import (
+from services.anonymizer.repository import (
     FileAudit,
     PlannedStudy,
     Subject,
