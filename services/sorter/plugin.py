@@ -12,7 +12,6 @@ Results are keyed by (stack, rule version), so a re-run redoes only what changed
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections import Counter
@@ -21,6 +20,7 @@ from typing import Any
 
 import asyncpg
 
+from services.sorter import repository as repo
 from services.sorter.rules import (
     Classification,
     checkup,
@@ -43,31 +43,6 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
-_CLASSIFICATION_COLUMNS = [
-    "cohort_id", "series_instance_uid", "stack_key", "rule_version", "study_instance_uid", "base",
-    "technique", "modifiers", "constructs", "provenance", "acceleration", "post_contrast", "localizer",
-    "spinal_cord", "intent", "bids_datatype", "bids_suffix", "entities", "confidence",
-    "review_required", "review_reasons", "excluded_reason", "evidence", "detail", "job_id",
-]  # fmt: skip
-
-
-def _row(
-    cohort_id: uuid.UUID, study_uid: str, c: Classification, job_id: uuid.UUID
-) -> tuple[Any, ...]:
-    d = c.as_dict()
-    detail = {
-        k: d[k]
-        for k in ("kernel", "pet_recon", "axis_confidence", "inferred")
-        if d.get(k) not in (None, {}, [])
-    }
-    return (
-        cohort_id, c.series_instance_uid, c.stack_key, c.rule_version, study_uid, c.base, c.technique,
-        d["modifiers"], d["constructs"], c.provenance, d["acceleration"], c.post_contrast, c.localizer,
-        c.spinal_cord, c.intent, c.bids_datatype or None, c.bids_suffix or None, dict(c.entities),
-        float(c.confidence), bool(c.review_required), list(c.review_reasons), c.excluded_reason,
-        [list(e) for e in c.evidence], detail, job_id,
-    )  # fmt: skip
-
 
 class SorterPlugin:
     stage = Stage.sorting
@@ -85,15 +60,9 @@ class SorterPlugin:
         self, pool: asyncpg.Pool, request: StageRequested, job_id: uuid.UUID
     ) -> list[PlannedItem]:
         async with pool.acquire() as conn:
-            studies = [
-                r["study_instance_uid"]
-                for r in await conn.fetch(
-                    "SELECT DISTINCT study_instance_uid FROM catalog.stack_summary_v WHERE cohort_id = $1"
-                    " AND (cardinality($2::text[]) = 0 OR study_instance_uid = ANY($2::text[])) ORDER BY 1",
-                    request.cohort.id,
-                    request.study_instance_uids,
-                )
-            ]
+            studies = await repo.cohort_studies(
+                conn, request.cohort.id, request.study_instance_uids
+            )
         return [PlannedItem(key=uid, data={"study": uid}, partition_key=uid) for uid in studies]
 
     async def process(self, ctx: ItemContext, item: WorkItem) -> ItemResult:
@@ -102,25 +71,10 @@ class SorterPlugin:
         config = self._configs.read(ctx.job_id, item.config, ctx.settings)
         rules = load_rules(config.profile)
         async with ctx.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT summary, sop_instance_uids FROM catalog.stack_summary_v"
-                " WHERE cohort_id = $1 AND study_instance_uid = $2 ORDER BY series_instance_uid, stack_key",
-                cohort_id,
-                study_uid,
-            )
-            done = await conn.fetch(
-                "SELECT series_instance_uid, stack_key, rule_version, excluded_reason"
-                " FROM sorting.series_classification"
-                " WHERE cohort_id = $1 AND study_instance_uid = $2 AND rule_version = $3",
-                cohort_id,
-                study_uid,
-                rules.version,
-            )
+            rows = await repo.study_stacks(conn, cohort_id, study_uid)
+            done = await repo.classified_at(conn, cohort_id, study_uid, rules.version)
         stacks = [StackSummary.model_validate(r["summary"]) for r in rows]
-        classified = stored_classified_keys(
-            (r["series_instance_uid"], r["stack_key"], r["rule_version"], r["excluded_reason"])
-            for r in done
-        )
+        classified = stored_classified_keys(done)
         checked = checkup(
             stacks,
             config.selectedModalities,
@@ -146,46 +100,16 @@ class SorterPlugin:
         ]
         await ctx.check_cancelled()
         async with ctx.pool.acquire() as conn, conn.transaction():
-            fp_version = fingerprint_version()
-            await conn.executemany(
-                "INSERT INTO sorting.stack_fingerprint (cohort_id, series_instance_uid, stack_key, fingerprint_version,"
-                " features) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (cohort_id, series_instance_uid, stack_key)"
-                " DO UPDATE SET features = EXCLUDED.features, fingerprint_version = EXCLUDED.fingerprint_version,"
-                " updated_at = now()",
-                [
-                    (
-                        cohort_id,
-                        fp.series_instance_uid,
-                        fp.stack_key,
-                        fp_version,
-                        json.loads(json.dumps(fp.as_dict())),
-                    )
-                    for fp in fingerprints
+            await repo.save_fingerprints(conn, cohort_id, fingerprint_version(), fingerprints)
+            await repo.save_classifications(
+                conn,
+                cohort_id,
+                study_uid,
+                ctx.job_id,
+                decided=[
+                    c for c in [*decisions, *excluded] if not is_unselected(c.excluded_reason)
                 ],
-            )
-            cols = ", ".join(_CLASSIFICATION_COLUMNS)
-            params = ", ".join(f"${i}" for i in range(1, len(_CLASSIFICATION_COLUMNS) + 1))
-            updates = ", ".join(
-                f"{c} = EXCLUDED.{c}"
-                for c in _CLASSIFICATION_COLUMNS
-                if c not in ("cohort_id", "series_instance_uid", "stack_key", "rule_version")
-            )
-            decided = [c for c in [*decisions, *excluded] if not is_unselected(c.excluded_reason)]
-            await conn.executemany(
-                f"INSERT INTO sorting.series_classification ({cols}) VALUES ({params})"
-                " ON CONFLICT (cohort_id, series_instance_uid, stack_key, rule_version)"
-                f" DO UPDATE SET {updates}, updated_at = now()",
-                [_row(cohort_id, study_uid, c, ctx.job_id) for c in decided],
-            )
-            # a stack this run did not select keeps whatever an earlier run decided for it
-            await conn.executemany(
-                f"INSERT INTO sorting.series_classification ({cols}) VALUES ({params})"
-                " ON CONFLICT (cohort_id, series_instance_uid, stack_key, rule_version) DO NOTHING",
-                [
-                    _row(cohort_id, study_uid, c, ctx.job_id)
-                    for c in excluded
-                    if is_unselected(c.excluded_reason)
-                ],
+                unselected=[c for c in excluded if is_unselected(c.excluded_reason)],
             )
         intents = Counter(c.intent for c in [*decisions, *excluded])
         counts = {f"intent_{k}": v for k, v in intents.items()}
@@ -201,11 +125,7 @@ class SorterPlugin:
 
     async def finalize(self, pool: asyncpg.Pool, run: RunInfo) -> tuple[dict[str, Any], str | None]:
         async with pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT intent, review_required, count(*) AS n FROM sorting.classification_v WHERE cohort_id = $1"
-                " GROUP BY intent, review_required",
-                run.cohort.id,
-            )
+            rows = await repo.intent_counts(conn, run.cohort.id)
         by_intent: dict[str, int] = {}
         review = 0
         for r in rows:
