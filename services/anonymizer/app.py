@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from services.anonymizer.files import quiet_pydicom
 from services.anonymizer.plugin import MIGRATIONS, AnonymizerPlugin
+from services.anonymizer.worker import quiet_pydicom
 from shared.service import serve_stage
 
 

@@ -36,14 +36,6 @@ from pydicom import Dataset
 from pydicom.filereader import read_partial
 
 from services.anonymizer.audit import write_audit
-from services.anonymizer.files import (
-    ANON_ZONE,
-    FileJob,
-    FileOutcome,
-    deidentify_file,
-    uid_value,
-    worker_options,
-)
 from services.anonymizer.profile import (
     PatientIdOptions,
     Profile,
@@ -71,6 +63,14 @@ from services.anonymizer.repository import (
     resolve_subject,
     study_states,
     study_timepoint,
+)
+from services.anonymizer.worker import (
+    ANON_ZONE,
+    FileJob,
+    FileOutcome,
+    deidentify_file,
+    uid_value,
+    worker_options,
 )
 from shared.events import ItemError, StageRequested, WorkItem
 from shared.observability import FILES_PROCESSED
@@ -185,7 +185,7 @@ class AnonymizerPlugin:
         self._settings = settings
         self._store: ObjectStore | None = None
         self._profiles: dict[ProfileOptions, Profile] = {}
-        self._pools = ProcessPools(self.service, ["services.anonymizer.files"])
+        self._pools = ProcessPools(self.service, ["services.anonymizer.worker"])
         self._configs = JobConfigs(AnonymizationConfig)
 
     @property

@@ -25,7 +25,7 @@ import asyncpg
 from services.extractor import repository as repo
 from services.extractor.catalog import InstanceRecord, StackBuilder
 from services.extractor.catalog.records import as_dict
-from services.extractor.files import FileBatch, FileOutcome, extract_batch, open_location
+from services.extractor.worker import FileBatch, FileOutcome, extract_batch, open_location
 from shared.events import ItemError, StageRequested, WorkItem
 from shared.observability import FILES_PROCESSED
 from shared.settings import get_settings
@@ -65,7 +65,7 @@ class ExtractorPlugin:
         return [raw_prefix(cohort_id)]
 
     def __init__(self) -> None:
-        self._pools = ProcessPools(self.service, ["services.extractor.files"])
+        self._pools = ProcessPools(self.service, ["services.extractor.worker"])
         self._configs = JobConfigs(ExtractionConfig)
 
     # --- plan -----------------------------------------------------------------------------------
