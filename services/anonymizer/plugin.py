@@ -526,8 +526,8 @@ class AnonymizerPlugin:
             "left_behind_unit": "files",
             "refused": await refusal_groups(pool, run.job_id),
         }
-        audit = self._configs.read(run.job_id, run.config, settings, secrets_withheld=True)
-        fmt, password = audit.audit_export.format, audit.audit_export.password
+        config = self._configs.read(run.job_id, run.config, settings, secrets_withheld=True)
+        fmt, password = config.audit_export.format, config.audit_export.password
         if password is None:
             summary["audit_export"] = (
                 "not written: a scoped run came without an audit password; its audit rows are"
