@@ -15,21 +15,8 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from shared.observability import configure_logging
-
-
-def pool_size(config: dict[str, Any], key: str, default: int) -> int:
-    """A stage config's pool size (`process_pool_workers`, `scan_thread_workers`, ...), 1 to 64;
-    `default` when absent or not a number."""
-    value = config.get(key)
-    if value is None:
-        return default
-    try:
-        return max(1, min(64, int(value)))
-    except (TypeError, ValueError):
-        return default
 
 
 def cpu_workers() -> int:

@@ -6,7 +6,7 @@ replace the four main UIDs with `pydicom.uid.generate_uid`, drop private tags. T
 PS3.15 profile at every depth, date shift, safe-private cleaning and markers, plus the verification
 re-read of its output. The last line is the service's own path on two cores: the parent reads each
 file and hands it to a pool of worker processes that parse, de-identify, write and verify it
-(`services.anonymizer.files.deidentify_file`, as the anonymizer service runs it; the outputs are
+(`services.anonymizer.worker.deidentify_file`, as the anonymizer service runs it; the outputs are
 dropped where the service would upload them). Goal: that line >= 1.4x the one-core bare loop.
 
 Usage: `.venv/bin/python bench/anonymize/bench_core.py [FOLDER] [N] [WORKERS]`.
@@ -24,7 +24,6 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
-from services.anonymizer.files import FileJob, deidentify_file, worker_options
 from services.anonymizer.profile import (
     AnonymizationContext,
     ProfileOptions,
@@ -34,6 +33,7 @@ from services.anonymizer.profile import (
     load_profile,
     verify,
 )
+from services.anonymizer.worker import FileJob, deidentify_file, worker_options
 
 ROOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "dicom"
 SECRET = b"bench secret"

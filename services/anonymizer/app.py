@@ -1,11 +1,11 @@
-"""The anonymizer service: wiring only (see handlers.py for what it does)."""
+"""The anonymizer service: wiring only (see plugin.py for what it does)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from services.anonymizer.files import quiet_pydicom
-from services.anonymizer.handlers import MIGRATIONS, AnonymizerPlugin
+from services.anonymizer.plugin import MIGRATIONS, AnonymizerPlugin
+from services.anonymizer.worker import quiet_pydicom
 from shared.service import serve_stage
 
 

@@ -1,10 +1,10 @@
-"""The exporter service: wiring only (see handlers.py for what it does)."""
+"""The exporter service: wiring only (see plugin.py for what it does)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from services.exporter.handlers import MIGRATIONS, ExporterPlugin
+from services.exporter.plugin import MIGRATIONS, ExporterPlugin
 from shared.service import serve_stage
 
 

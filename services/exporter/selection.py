@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any
 
 from services.exporter.bids import ExportStack, select_stacks
 from services.exporter.bids.entities import Layout, subject_label
@@ -20,9 +20,9 @@ from services.exporter.bids.plan import load_naming_rules
 from services.exporter.convert.export import OutputMode, OverwritePolicy
 from shared.catalog import StackSummary
 
-INTENTS = ("anat", "dwi", "func", "fmap", "perf")
-PROVENANCES = ("SyMRI", "SWIRecon", "EPIMix")
-_OUTPUT_MODES: tuple[OutputMode, ...] = ("dcm", "nii", "nii.gz")
+if TYPE_CHECKING:  # a type only: the module would pull object storage into the core
+    from shared.stage_config import ExportConfig
+
 _FINGERPRINT_FIELDS = {
     "subject", "session", "datatype", "suffix", "entities", "intent", "constructs", "provenance",
 }  # fmt: skip
@@ -37,47 +37,32 @@ CLASSIFICATION_FIELDS = (
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """The export stage's config keys (README, Configuration), with the service's defaults."""
+    """The export core's options, built from the export stage config (`from_config`)."""
 
-    output_modes: tuple[OutputMode, ...] = ("nii.gz",)
-    layout: Layout = "bids"
-    include_intents: tuple[str, ...] = INTENTS
-    include_provenance: tuple[str, ...] = PROVENANCES
-    group_symri: bool = False
-    overwrite: OverwritePolicy = "skip"
-    destination: str | None = None
-    convert_timeout_s: float = 600.0
-    validate_timeout_s: float = 900.0
+    output_modes: tuple[OutputMode, ...]
+    layout: Layout
+    include_intents: tuple[str, ...]
+    include_provenance: tuple[str, ...]
+    group_symri: bool
+    overwrite: OverwritePolicy
+    destination: str | None
+    convert_timeout_s: float
+    validate_timeout_s: float
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> ExportOptions:
-        """Read the config (already validated by the gateway); unknown values raise `ValueError`."""
-
-        def listed(key: str, default: Sequence[str]) -> tuple[str, ...]:
-            value = config.get(key)
-            if value is None:
-                return tuple(default)
-            return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
-
-        modes = listed("outputModes", ("nii.gz",))
-        if not modes or any(m not in _OUTPUT_MODES for m in modes):
-            raise ValueError(f"outputModes must be among {', '.join(_OUTPUT_MODES)}: {modes}")
-        layout = str(config.get("layout", "bids"))
-        if layout not in ("bids", "flat"):
-            raise ValueError(f"layout must be bids or flat, not {layout!r}")
-        overwrite = str(config.get("overwrite", "skip"))
-        if overwrite not in ("skip", "overwrite"):
-            raise ValueError(f"overwrite must be skip or overwrite, not {overwrite!r}")
+    def from_config(cls, config: ExportConfig) -> ExportOptions:
+        """The options of the user's export config (validated; each key's default and limits are
+        declared in `shared.stage_config.ExportConfig`)."""
         return cls(
-            output_modes=cast(tuple[OutputMode, ...], tuple(dict.fromkeys(modes))),
-            layout=cast(Layout, layout),
-            include_intents=listed("includeIntents", INTENTS),
-            include_provenance=listed("includeProvenance", PROVENANCES),
-            group_symri=bool(config.get("groupSyMRI", False)),
-            overwrite=cast(OverwritePolicy, overwrite),
-            destination=str(config["destination"]) if config.get("destination") else None,
-            convert_timeout_s=float(config.get("convert_timeout_s", 600.0)),
-            validate_timeout_s=float(config.get("validate_timeout_s", 900.0)),
+            output_modes=tuple(dict.fromkeys(config.outputModes)),
+            layout=config.layout,
+            include_intents=tuple(config.includeIntents),
+            include_provenance=tuple(config.includeProvenance),
+            group_symri=config.groupSyMRI,
+            overwrite=config.overwrite,
+            destination=config.destination or None,
+            convert_timeout_s=config.convert_timeout_s,
+            validate_timeout_s=config.validate_timeout_s,
         )
 
     @property

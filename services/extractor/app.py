@@ -1,10 +1,10 @@
-"""The extractor service: wiring only (see handlers.py for what it does)."""
+"""The extractor service: wiring only (see plugin.py for what it does)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from services.extractor.handlers import MIGRATIONS, ExtractorPlugin
+from services.extractor.plugin import MIGRATIONS, ExtractorPlugin
 from shared.service import serve_stage
 
 

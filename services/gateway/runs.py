@@ -16,14 +16,6 @@ from typing import Any
 import asyncpg
 
 from services.gateway import repository as repo
-from services.gateway.cohorts.stage_config import (
-    StageConfig,
-    StageConfigError,
-    event_config,
-    public_config,
-    scoped_run_config,
-    validate_stage_config,
-)
 from services.gateway.cohorts.stage_order import (
     StageOrderError,
     applicable_stages,
@@ -36,6 +28,14 @@ from shared import topics
 from shared.events import CohortRef, Envelope, JobControl, SlipStep, StageRequested
 from shared.outbox import enqueue
 from shared.settings import Settings
+from shared.stage_config import (
+    StageConfig,
+    StageConfigError,
+    event_config,
+    public_config,
+    scoped_run_config,
+    validate_stage_config,
+)
 from shared.topics import Stage
 
 SCHEMA = "gateway"

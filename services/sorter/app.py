@@ -1,10 +1,10 @@
-"""The sorter service: wiring only (see handlers.py for what it does)."""
+"""The sorter service: wiring only (see plugin.py for what it does)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from services.sorter.handlers import MIGRATIONS, SorterPlugin
+from services.sorter.plugin import MIGRATIONS, SorterPlugin
 from shared.service import serve_stage
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from services.exporter.handlers import ExporterPlugin
+from services.exporter.plugin import ExporterPlugin
 from services.exporter.validate import run_bids_validator
 from shared.db import create_pool
 from shared.events import CohortRef, WorkItem

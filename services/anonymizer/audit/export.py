@@ -31,8 +31,8 @@ from openpyxl import Workbook
 
 from services.anonymizer.profile.engine import AnonymizationResult
 from services.anonymizer.profile.verify import Finding
+from shared.vocabulary import AUDIT_FORMATS
 
-AUDIT_FORMATS = ("encrypted_excel", "csv")
 MAGIC = b"COHORTFLOW-AUDIT 1\n"
 OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1

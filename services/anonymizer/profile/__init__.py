@@ -22,7 +22,6 @@ from services.anonymizer.profile.engine import (
 from services.anonymizer.profile.identifiers import IdentifierSet
 from services.anonymizer.profile.options import (
     CATEGORIES,
-    ConfigError,
     PatientIdOptions,
     ProfileOptions,
 )
@@ -46,7 +45,6 @@ __all__ = [
     "CATEGORIES",
     "AnonymizationContext",
     "AnonymizationResult",
-    "ConfigError",
     "DeidentifiedFile",
     "Finding",
     "IdentifierSet",

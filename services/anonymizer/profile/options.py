@@ -1,27 +1,26 @@
 """What the user asked for: categories to scrub, the PS3.15 options, and the patient-ID strategy.
 
-`ProfileOptions.from_config` reads the anonymization stage config exactly as the user writes it
-(`anonymize_categories`, `study_dates.enabled`, `patient_id.strategy`, plus option switches); the
-options then select, row by row, the action of Table E.1-1 that `load_profile` compiles.
+`ProfileOptions.from_config` builds them from the anonymization stage config (its model, with the
+defaults and limits of every key, is `shared.stage_config.AnonymizationConfig`); the options then
+select, row by row, the action of Table E.1-1 that `load_profile` compiles. The defaults here are
+the same as the model's (tests/unit/anonymizer/test_table.py holds them equal).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from shared.vocabulary import ANONYMIZE_CATEGORIES, PATIENT_ID_STRATEGIES, PatientIdStrategy
+from shared.vocabulary import ANONYMIZE_CATEGORIES, PatientIdStrategy
+
+if TYPE_CHECKING:  # a type only: the module would pull object storage into the core
+    from shared.stage_config import AnonymizationConfig
 
 CATEGORIES: tuple[str, ...] = ANONYMIZE_CATEGORIES
 """The user's `anonymize_categories`. Each row of the table carries one of these (or `uid`/`other`,
 which are always applied: UIDs follow `retain_uids`, the rest is the Basic Profile itself)."""
 
 Strategy = PatientIdStrategy
-STRATEGIES: tuple[str, ...] = PATIENT_ID_STRATEGIES
-
-
-class ConfigError(ValueError):
-    """The anonymization config is invalid; the message names the key and what is accepted."""
 
 
 @dataclass(frozen=True)
@@ -83,109 +82,32 @@ class ProfileOptions:
         return replace(self, **changes)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> ProfileOptions:
-        """Read the user's anonymization config (dotted keys are nested objects).
-
-        Accepted keys: `anonymize_categories` (list of `CATEGORIES`), `study_dates.enabled`,
-        `study_dates.offset_range_days` ([min, max], non-zero, min <= max),
-        `study_dates.timepoint_labels` and `study_dates.timepoint_step_months` (1-24, default 6), `patient_id.strategy`
-        and its options (`prefix`, `hash_bits`, `digits`, `folder_regex`, `folder_depth`,
-        `folder_fallback`, `csv`, `unmapped`), and the switches `clean_descriptors`,
-        `retain_patient_characteristics`, `retain_device_identity`, `retain_institution_identity`,
-        `retain_safe_private`, `retain_uids`, `quarantine_burned_in`. Unknown values raise
-        `ConfigError`.
-        """
-        config = _nest_dotted(config)
-        opts = cls()
-        cats = config.get("anonymize_categories")
-        if cats is not None:
-            if not isinstance(cats, list) or not all(isinstance(c, str) for c in cats):
-                raise ConfigError("anonymize_categories must be a list of category names")
-            unknown = sorted(set(cats) - set(CATEGORIES))
-            if unknown:
-                raise ConfigError(
-                    f"anonymize_categories: unknown {unknown}; accepted: {list(CATEGORIES)}"
-                )
-            opts = opts.with_(categories=frozenset(cats))
-        dates = config.get("study_dates") or {}
-        if not isinstance(dates, dict):
-            raise ConfigError("study_dates must be an object such as {'enabled': true}")
-        if "enabled" in dates:
-            opts = opts.with_(shift_dates=bool(dates["enabled"]))
-        if "offset_range_days" in dates:
-            lo, hi = (int(v) for v in dates["offset_range_days"])
-            if lo > hi or (lo == 0 and hi == 0):
-                raise ConfigError(
-                    "study_dates.offset_range_days must be [min, max] with min <= max"
-                )
-            opts = opts.with_(offset_range_days=(lo, hi))
-        if "timepoint_labels" in dates:
-            opts = opts.with_(timepoint_labels=bool(dates["timepoint_labels"]))
-        if "timepoint_step_months" in dates:
-            step = int(dates["timepoint_step_months"])
-            if not 1 <= step <= 24:
-                raise ConfigError("study_dates.timepoint_step_months must be between 1 and 24")
-            opts = opts.with_(timepoint_step_months=step)
-        for switch in (
-            "clean_descriptors",
-            "retain_patient_characteristics",
-            "retain_device_identity",
-            "retain_institution_identity",
-            "retain_safe_private",
-            "retain_uids",
-            "quarantine_burned_in",
-        ):
-            if switch in config:
-                opts = opts.with_(**{switch: bool(config[switch])})
-        return opts.with_(patient_id=_patient_id_options(config.get("patient_id") or {}))
-
-
-def _nest_dotted(config: dict[str, Any]) -> dict[str, Any]:
-    """Accept `{"study_dates.enabled": true}` as well as `{"study_dates": {"enabled": true}}`."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if "." not in key:
-            if isinstance(value, dict) and isinstance(out.get(key), dict):
-                out[key] = {**out[key], **value}
-            else:
-                out[key] = value
-            continue
-        head, rest = key.split(".", 1)
-        nested = out.setdefault(head, {})
-        if not isinstance(nested, dict):
-            raise ConfigError(f"{head} must be an object")
-        nested.update(_nest_dotted({rest: value}))
-    return out
-
-
-def _patient_id_options(raw: Any) -> PatientIdOptions:
-    if not isinstance(raw, dict):
-        raise ConfigError("patient_id must be an object such as {'strategy': 'hash'}")
-    strategy = raw.get("strategy", "hash")
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"patient_id.strategy: {strategy!r} is not one of {list(STRATEGIES)}")
-    out = PatientIdOptions(strategy=strategy)
-    if "prefix" in raw:
-        out = replace(out, prefix=str(raw["prefix"]))
-    if "hash_bits" in raw:
-        bits = int(raw["hash_bits"])
-        if bits < 64 or bits > 160:
-            raise ConfigError("patient_id.hash_bits must be between 64 and 160")
-        out = replace(out, hash_bits=bits)
-    if "digits" in raw:
-        out = replace(out, digits=int(raw["digits"]))
-    if "folder_regex" in raw:
-        out = replace(out, folder_regex=str(raw["folder_regex"]))
-    if "folder_depth" in raw:
-        out = replace(out, folder_depth=int(raw["folder_depth"]))
-    if "folder_fallback" in raw:
-        out = replace(out, folder_fallback=str(raw["folder_fallback"]))
-    if "csv" in raw:
-        out = replace(out, csv_text=str(raw["csv"]))
-    if "unmapped" in raw:
-        if raw["unmapped"] not in ("error", "hash"):
-            raise ConfigError("patient_id.unmapped must be 'error' or 'hash'")
-        out = replace(out, unmapped=raw["unmapped"])
-    if strategy == "csv" and not out.csv_text:
-        raise ConfigError("patient_id.strategy 'csv' needs patient_id.csv (the mapping file text)")
-    return out
+    def from_config(cls, config: AnonymizationConfig) -> ProfileOptions:
+        """The options of the user's anonymization config (validated, secrets opened: see
+        `shared.stage_config`, where each key's default and limits are declared)."""
+        dates, patient = config.study_dates, config.patient_id
+        return cls(
+            categories=frozenset(config.anonymize_categories),
+            shift_dates=dates.enabled,
+            offset_range_days=dates.offset_range_days,
+            clean_descriptors=config.clean_descriptors,
+            retain_patient_characteristics=config.retain_patient_characteristics,
+            retain_device_identity=config.retain_device_identity,
+            retain_institution_identity=config.retain_institution_identity,
+            retain_safe_private=config.retain_safe_private,
+            retain_uids=config.retain_uids,
+            quarantine_burned_in=config.quarantine_burned_in,
+            timepoint_labels=dates.timepoint_labels,
+            timepoint_step_months=dates.timepoint_step_months,
+            patient_id=PatientIdOptions(
+                strategy=patient.strategy,
+                prefix=patient.prefix,
+                hash_bits=patient.hash_bits,
+                digits=patient.digits,
+                folder_regex=patient.folder_regex,
+                folder_depth=patient.folder_depth,
+                folder_fallback=patient.folder_fallback,
+                csv_text=patient.csv.get_secret_value() if patient.csv is not None else None,
+                unmapped=patient.unmapped,
+            ),
+        )

@@ -18,9 +18,9 @@ from importlib import resources
 from pathlib import PurePosixPath
 from typing import Literal
 
-EntityValue = str | int
+from shared.vocabulary import ExportLayout as Layout
 
-Layout = Literal["bids", "flat"]
+EntityValue = str | int
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any
 
 from services.exporter.bids.asl import asl_sidecar, m0scan_sidecar, repeated_keys
 from services.exporter.bids.dataset import ExportedStack
@@ -24,9 +24,7 @@ from services.exporter.bids.stack import ExportStack
 from services.exporter.convert.asl import read_asl_evidence
 from services.exporter.convert.outputs import ConvertedImage
 from services.exporter.convert.stack import convert_stack, copy_dicom_stack
-
-OutputMode = Literal["dcm", "nii", "nii.gz"]
-OverwritePolicy = Literal["skip", "overwrite"]
+from shared.vocabulary import OutputMode, OverwritePolicy
 
 
 def dicom_folder(base: PurePosixPath, layout: Layout) -> PurePosixPath:

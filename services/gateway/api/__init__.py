@@ -22,9 +22,9 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from services.gateway.api import catalog, cohorts, jobs, routing, studies, webhooks
-from services.gateway.cohorts.stage_config import StageConfigError
 from services.gateway.errors import Conflict, Invalid, NotFound, Unavailable
 from shared.secrets import SecretError
+from shared.stage_config import StageConfigError
 
 log = logging.getLogger(__name__)
 

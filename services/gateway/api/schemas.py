@@ -161,7 +161,7 @@ class JobOut(BaseModel):
     items_failed: int
     errors: list[JobError]
     summary: dict[str, Any]
-    config: dict[str, Any] = Field(description="the stage config, defaults filled, secrets as ***")
+    config: dict[str, Any] = Field(description="the stage config as given, secrets as ***")
     output_prefix: str | None
     created_at: datetime
     started_at: datetime | None

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from services.sorter.rules.header import first_str, flatten_header, tag_key
 from services.sorter.rules.vocabulary import vocabulary
 from shared.catalog import StackSummary
+from shared.vocabulary import MODALITIES
 
 _DATE_SOURCES = (
     ("SeriesDate", tag_key("SeriesDate")),
@@ -105,7 +106,7 @@ def stored_classified_keys(
 
 def checkup(
     stacks: Iterable[StackSummary],
-    selected_modalities: Sequence[str] = ("MR", "CT", "PT"),
+    selected_modalities: Sequence[str] = MODALITIES,
     classified_keys: frozenset[tuple[str, str, str]] = frozenset(),
     rule_version: str = "",
     skip_classified: bool = True,

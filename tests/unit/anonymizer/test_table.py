@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from services.anonymizer.profile import CATEGORIES, ConfigError, ProfileOptions, load_profile
+from services.anonymizer.profile import CATEGORIES, ProfileOptions, load_profile
 from services.anonymizer.profile.table import table_edition, table_rows
+from shared.settings import Settings
+from shared.stage_config import AnonymizationConfig, StageConfigError, read_stage_config
 
 ACTIONS = {"X", "Z", "D", "K", "C", "U", "X/Z", "X/D", "Z/D", "X/Z/D", "X/Z/U*"}
 
@@ -59,8 +63,15 @@ def test_codes_declare_what_is_applied() -> None:
     assert "113100" not in load_profile(no_patient).codes
 
 
+def options_of(raw: dict[str, Any]) -> ProfileOptions:
+    """The options a service builds from the config it received (secrets withheld: no password)."""
+    return ProfileOptions.from_config(
+        read_stage_config(AnonymizationConfig, raw, Settings(), secrets_withheld=True)
+    )
+
+
 def test_from_config_reads_the_user_keys() -> None:
-    opts = ProfileOptions.from_config(
+    opts = options_of(
         {
             "anonymize_categories": ["patient", "time_and_date", "private"],
             "study_dates": {"enabled": True, "offset_range_days": [-100, -10]},
@@ -72,16 +83,20 @@ def test_from_config_reads_the_user_keys() -> None:
     assert opts.shift_dates and opts.offset_range_days == (-100, -10)
     assert opts.patient_id.strategy == "sequential" and opts.patient_id.digits == 3
     assert opts.retain_uids
-    with pytest.raises(ConfigError):
-        ProfileOptions.from_config({"anonymize_categories": ["everything"]})
-    with pytest.raises(ConfigError):
-        ProfileOptions.from_config({"patient_id": {"strategy": "guess"}})
-    with pytest.raises(ConfigError):
-        ProfileOptions.from_config({"patient_id": {"strategy": "hash", "hash_bits": 32}})
+    with pytest.raises(StageConfigError):
+        options_of({"anonymize_categories": ["everything"]})
+    with pytest.raises(StageConfigError):
+        options_of({"patient_id": {"strategy": "guess"}})
+    with pytest.raises(StageConfigError):
+        options_of({"patient_id": {"strategy": "hash", "hash_bits": 32}})
+
+
+def test_the_model_defaults_are_the_core_defaults() -> None:
+    assert options_of({}) == ProfileOptions()
 
 
 def test_from_config_accepts_dotted_keys() -> None:
-    opts = ProfileOptions.from_config(
+    opts = options_of(
         {"study_dates.enabled": True, "patient_id.strategy": "folder", "patient_id": {"prefix": ""}}
     )
     assert (
@@ -90,10 +105,10 @@ def test_from_config_accepts_dotted_keys() -> None:
 
 
 def test_timepoint_label_options() -> None:
-    opts = ProfileOptions.from_config(
+    opts = options_of(
         {"study_dates": {"enabled": True, "timepoint_labels": True, "timepoint_step_months": 3}}
     )
     assert (opts.shift_dates, opts.timepoint_labels, opts.timepoint_step_months) == (True, True, 3)
-    assert not ProfileOptions.from_config({}).timepoint_labels
-    with pytest.raises(ConfigError, match="timepoint_step_months"):
-        ProfileOptions.from_config({"study_dates.timepoint_step_months": 0})
+    assert not options_of({}).timepoint_labels
+    with pytest.raises(StageConfigError, match="timepoint_step_months"):
+        options_of({"study_dates.timepoint_step_months": 0})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 
-from services.extractor.handlers import ExtractorPlugin
+from services.extractor.plugin import ExtractorPlugin
 from shared.events import CohortRef, StageRequested
 from shared.topics import Stage
 

@@ -35,15 +35,7 @@ import asyncpg
 from pydicom import Dataset
 from pydicom.filereader import read_partial
 
-from services.anonymizer.audit import AUDIT_FORMATS, write_audit
-from services.anonymizer.files import (
-    ANON_ZONE,
-    FileJob,
-    FileOutcome,
-    deidentify_file,
-    uid_value,
-    worker_options,
-)
+from services.anonymizer.audit import write_audit
 from services.anonymizer.profile import (
     PatientIdOptions,
     Profile,
@@ -53,7 +45,7 @@ from services.anonymizer.profile import (
     read_mapping,
 )
 from services.anonymizer.profile.pseudonyms import hashed_pseudonym, identity_of, subject_key
-from services.anonymizer.store import (
+from services.anonymizer.repository import (
     FileAudit,
     PlannedStudy,
     Subject,
@@ -72,15 +64,23 @@ from services.anonymizer.store import (
     study_states,
     study_timepoint,
 )
+from services.anonymizer.worker import (
+    ANON_ZONE,
+    FileJob,
+    FileOutcome,
+    deidentify_file,
+    uid_value,
+    worker_options,
+)
 from shared.events import ItemError, StageRequested, WorkItem
 from shared.observability import FILES_PROCESSED
-from shared.secrets import is_sealed, unseal
 from shared.settings import Settings, get_settings
 from shared.sources import LocalSource, ObjectSource, Source, SourceFile, open_source
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
+from shared.stage_config import AnonymizationConfig, JobConfigs
 from shared.storage import ObjectStore
 from shared.topics import Stage
-from shared.workers import ProcessPools, cpu_workers, pool_size
+from shared.workers import ProcessPools, cpu_workers
 
 log = logging.getLogger(__name__)
 
@@ -96,53 +96,6 @@ STUDY_UID = 0x0020000D
 PATIENT_ID = 0x00100020
 WITHDRAWN = "withdrawn: a file of its series failed"
 ISSUER = 0x00100021
-
-
-class AnonymizationConfigError(ValueError):
-    """The anonymization config cannot be run as given; the message says what to change."""
-
-
-# --- config ---------------------------------------------------------------------------------------
-
-
-def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
-    """`config[name]` merged with dotted keys `name.x` (both spellings are accepted)."""
-    section = dict(config.get(name) or {})
-    prefix = f"{name}."
-    section.update({k[len(prefix) :]: v for k, v in config.items() if k.startswith(prefix)})
-    return section
-
-
-def _open_secret(value: Any, what: str, settings: Settings) -> str:
-    if not is_sealed(value):
-        raise AnonymizationConfigError(
-            f"{what} arrived unsealed; secrets travel sealed (shared.secrets.seal_config, as the"
-            " gateway does), never in clear on the bus"
-        )
-    return unseal(str(value), settings)
-
-
-def audit_export_settings(config: dict[str, Any], settings: Settings) -> tuple[str, str | None]:
-    """(`audit_export.format`, the unsealed password or None when none was given)."""
-    section = _section(config, "audit_export")
-    fmt = str(section.get("format") or "encrypted_excel")
-    if fmt not in AUDIT_FORMATS:
-        raise AnonymizationConfigError(
-            f"audit_export.format must be one of {list(AUDIT_FORMATS)}, not {fmt!r}"
-        )
-    password = section.get("password")
-    if password in (None, ""):
-        return fmt, None
-    return fmt, _open_secret(password, "audit_export.password", settings)
-
-
-def profile_options(config: dict[str, Any], settings: Settings) -> ProfileOptions:
-    """The user's config as profile options (a sealed `patient_id.csv` mapping is opened)."""
-    patient = _section(config, "patient_id")
-    if is_sealed(patient.get("csv")):
-        patient["csv"] = _open_secret(patient["csv"], "patient_id.csv", settings)
-    plain = {k: v for k, v in config.items() if not k.startswith("patient_id")}
-    return ProfileOptions.from_config({**plain, "patient_id": patient})
 
 
 # --- reading headers ------------------------------------------------------------------------------
@@ -232,7 +185,8 @@ class AnonymizerPlugin:
         self._settings = settings
         self._store: ObjectStore | None = None
         self._profiles: dict[ProfileOptions, Profile] = {}
-        self._pools = ProcessPools(self.service, ["services.anonymizer.files"])
+        self._pools = ProcessPools(self.service, ["services.anonymizer.worker"])
+        self._configs = JobConfigs(AnonymizationConfig)
 
     @property
     def settings(self) -> Settings:
@@ -256,15 +210,11 @@ class AnonymizerPlugin:
     ) -> list[PlannedItem]:
         settings = self.settings
         vault = Vault(settings)  # refuses an empty project secret
-        options = profile_options(request.config, settings)
-        self.profile(options)  # a bad config fails here
         scoped = bool(request.study_instance_uids)
-        _, password = audit_export_settings(request.config, settings)
-        if password is None and not scoped:
-            raise AnonymizationConfigError(
-                "audit_export.password is required: the audit export (the only key from"
-                " pseudonyms back to patients) is encrypted with it, and it is never defaulted"
-            )
+        # a scoped run has no password: its audit rows wait for the cohort's next audit export
+        config = self._configs.read(job_id, request.config, settings, secrets_withheld=scoped)
+        options = ProfileOptions.from_config(config)
+        self.profile(options)  # a bad config fails here
         cohort_id = request.cohort.id
         location = request.location or request.cohort.source_path
         source = open_source(location, settings)
@@ -384,7 +334,8 @@ class AnonymizerPlugin:
     async def process(self, ctx: ItemContext, item: WorkItem) -> ItemResult:
         settings = ctx.settings
         vault = Vault(settings)
-        options = profile_options(item.config, settings)
+        config = self._configs.read(ctx.job_id, item.config, settings, secrets_withheld=True)
+        options = ProfileOptions.from_config(config)
         study = await load_planned_study(ctx.pool, vault, ctx.job_id, item.item_key)
         source = open_source(study.location, settings)
         mapping = (
@@ -401,7 +352,7 @@ class AnonymizerPlugin:
         subjects: dict[tuple[str, str, str], Subject | PseudonymError] = {}
         resolving = asyncio.Lock()  # files of one patient resolve it once, not concurrently
         # files in flight: enough to keep every worker busy while others are read or resolved
-        workers = pool_size(item.config, "process_pool_workers", cpu_workers())
+        workers = config.process_pool_workers or cpu_workers()
         slots = asyncio.Semaphore(2 * workers + 1)
         cohort_id = item.cohort.id
 
@@ -575,7 +526,8 @@ class AnonymizerPlugin:
             "left_behind_unit": "files",
             "refused": await refusal_groups(pool, run.job_id),
         }
-        fmt, password = audit_export_settings(run.config, settings)
+        config = self._configs.read(run.job_id, run.config, settings, secrets_withheld=True)
+        fmt, password = config.audit_export.format, config.audit_export.password
         if password is None:
             summary["audit_export"] = (
                 "not written: a scoped run came without an audit password; its audit rows are"
@@ -583,7 +535,8 @@ class AnonymizerPlugin:
             )
         else:
             subjects, files = await audit_for_export(pool, vault, cohort_id, run.job_id)
-            data = await asyncio.to_thread(write_audit, subjects, files, fmt, password)
+            secret = password.get_secret_value()
+            data = await asyncio.to_thread(write_audit, subjects, files, fmt, secret)
             key = f"{AUDIT_PREFIX}/{cohort_id}/{run.job_id}.{AUDIT_SUFFIX[fmt]}"
             store = self.store
             await asyncio.to_thread(store.put_bytes, key, data, bucket=store.audit_bucket)

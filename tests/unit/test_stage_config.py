@@ -1,21 +1,30 @@
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import SecretStr
 
-from services.gateway.cohorts.stage_config import (
+from shared.secrets import SECRET_KEYS, SecretError, unseal
+from shared.settings import Settings
+from shared.stage_config import (
+    SECRET_FIELDS,
+    AnonymizationConfig,
+    ExportConfig,
+    ExtractionConfig,
+    JobConfigs,
+    SortingConfig,
     StageConfigError,
+    config_json_schemas,
     event_config,
     expand_dotted_keys,
     public_config,
+    read_stage_config,
     scoped_run_config,
     validate_stage_config,
 )
-from shared.secrets import SecretError, unseal
-from shared.settings import Settings
 from shared.topics import Stage
 
 SETTINGS = Settings(
@@ -154,3 +163,84 @@ def test_scoped_runs_reuse_the_last_config_without_its_secrets() -> None:
     assert scoped_run_config(stored) == {"audit_export": {"format": "csv"}}
     assert scoped_run_config(None) == {}
     assert scoped_run_config({"layout": "flat"}) == {"layout": "flat"}
+
+
+def test_every_secret_field_is_sealed_on_the_bus() -> None:
+    assert {"password", "csv"} == SECRET_FIELDS
+    assert SECRET_FIELDS <= SECRET_KEYS  # the names `seal_config` seals
+
+
+def test_every_field_has_a_description_for_the_web_forms() -> None:
+    def undescribed(schema: dict[str, Any], where: str) -> list[str]:
+        missing = []
+        for name, prop in schema.get("properties", {}).items():
+            if not prop.get("description"):
+                missing.append(f"{where}.{name}")
+        for name, sub in schema.get("$defs", {}).items():
+            missing += undescribed(sub, name)
+        return missing
+
+    schemas = config_json_schemas()
+    assert set(schemas) == {stage.value for stage in Stage}
+    assert [m for stage, s in schemas.items() for m in undescribed(s, stage)] == []
+    password = schemas["anonymization"]["$defs"]["AuditExportConfig"]["properties"]["password"]
+    assert password["format"] == "password" and password["writeOnly"] is True
+    assert "audit_export" in schemas["anonymization"]["required"]
+
+
+def test_a_service_reads_what_the_gateway_sends() -> None:
+    raw = {"patient_id.strategy": "csv", "patient_id.csv": "original,pseudonym\nP1,S1\n", **AUDIT}
+    sent = event_config(validate_stage_config(Stage.anonymization, raw, SETTINGS), SETTINGS)
+    read = read_stage_config(AnonymizationConfig, sent, SETTINGS)
+    assert read.audit_export.password is not None
+    assert read.audit_export.password.get_secret_value() == "correct horse"
+    assert read.patient_id.csv is not None and "P1,S1" in read.patient_id.csv.get_secret_value()
+    assert read.study_dates.offset_range_days == (-365, -30)  # defaults applied by the read
+    with pytest.raises(StageConfigError, match="arrived unsealed"):
+        read_stage_config(AnonymizationConfig, AUDIT, SETTINGS)
+
+
+def test_a_scoped_run_may_come_without_its_secrets() -> None:
+    sent = scoped_run_config(
+        public_config(validate_stage_config(Stage.anonymization, AUDIT, SETTINGS))
+    )
+    with pytest.raises(StageConfigError, match=r"audit_export\.password: Field required"):
+        read_stage_config(AnonymizationConfig, sent, SETTINGS)
+    read = read_stage_config(AnonymizationConfig, sent, SETTINGS, secrets_withheld=True)
+    assert read.audit_export.format == "csv" and read.audit_export.password is None
+    empty = read_stage_config(AnonymizationConfig, {}, SETTINGS, secrets_withheld=True)
+    assert empty.audit_export.password is None
+
+
+@pytest.mark.parametrize(
+    ("model", "raw", "where"),
+    [
+        # the limits the services honour are the ones the gateway checks (no silent clamp)
+        (ExtractionConfig, {"process_pool_workers": 65}, "less than or equal to 64"),
+        (ExtractionConfig, {"scan_thread_workers": 65}, "less than or equal to 64"),
+        (AnonymizationConfig, {"process_pool_workers": 65}, "less than or equal to 64"),
+        (ExportConfig, {"convert_timeout_s": 0}, "convert_timeout_s"),
+    ],
+)
+def test_limits_are_declared_once(model: Any, raw: dict[str, Any], where: str) -> None:
+    with pytest.raises(StageConfigError, match=where):
+        read_stage_config(model, raw, SETTINGS, secrets_withheld=True)
+
+
+def test_options_the_gateway_refused_can_be_set() -> None:
+    config = validate_stage_config(
+        Stage.export, {"convert_timeout_s": 60, "validate_timeout_s": 120}, SETTINGS
+    )
+    read = read_stage_config(ExportConfig, event_config(config, SETTINGS), SETTINGS)
+    assert (read.convert_timeout_s, read.validate_timeout_s) == (60, 120)
+    assert read_stage_config(ExtractionConfig, {"batch_files": 500}, SETTINGS).batch_files == 500
+
+
+def test_a_job_config_is_read_once() -> None:
+    configs = JobConfigs(SortingConfig, keep=2)
+    job = uuid.uuid4()
+    first = configs.read(job, {"profile": "research"}, SETTINGS)
+    assert configs.read(job, {"profile": "research"}, SETTINGS) is first
+    for _ in range(2):
+        configs.read(uuid.uuid4(), {}, SETTINGS)
+    assert configs.read(job, {"profile": "research"}, SETTINGS) is not first

@@ -59,6 +59,7 @@ from shared.events import ItemError, StageRequested, WorkItem
 from shared.settings import Settings, get_settings
 from shared.sources import check_destination
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
+from shared.stage_config import ExportConfig, JobConfigs
 from shared.storage import ObjectStore, parse_s3_uri, sha256_file
 from shared.topics import Stage
 
@@ -130,6 +131,12 @@ class ExporterPlugin:
     def __init__(self, settings: Settings | None = None) -> None:
         self._settings = settings
         self._store: ObjectStore | None = None
+        self._configs = JobConfigs(ExportConfig)
+
+    def options(self, job_id: uuid.UUID, raw: dict[str, Any]) -> ExportOptions:
+        """The job's export options, from its config read once per job."""
+        config = self._configs.read(job_id, raw, self._settings or get_settings())
+        return ExportOptions.from_config(config)
 
     @property
     def store(self) -> ObjectStore:
@@ -142,7 +149,7 @@ class ExporterPlugin:
     async def plan(
         self, pool: asyncpg.Pool, request: StageRequested, job_id: uuid.UUID
     ) -> list[PlannedItem]:
-        options = ExportOptions.from_config(request.config)
+        options = self.options(job_id, request.config)
         cohort_id = request.cohort.id
         async with pool.acquire() as conn:
             rows = await repo.cohort_stacks(conn, cohort_id)
@@ -220,7 +227,7 @@ class ExporterPlugin:
     # --- process ----------------------------------------------------------------------------------
 
     async def process(self, ctx: ItemContext, item: WorkItem) -> ItemResult:
-        options = ExportOptions.from_config(item.config)
+        options = self.options(ctx.job_id, item.config)
         cohort_id = item.cohort.id
         series_uid, stack_key = item.data["series"], item.data["stack_key"]
         async with ctx.pool.acquire() as conn:
@@ -413,7 +420,7 @@ class ExporterPlugin:
     # --- finalize ---------------------------------------------------------------------------------
 
     async def finalize(self, pool: asyncpg.Pool, run: RunInfo) -> tuple[dict[str, Any], str | None]:
-        options = ExportOptions.from_config(run.config)
+        options = self.options(run.job_id, run.config)
         prefix = export_prefix(run.cohort.id, run.job_id)
         async with pool.acquire() as conn:
             records = await repo.exported_records(conn, run.job_id)

@@ -22,21 +22,23 @@ from typing import Any
 
 import asyncpg
 
+from services.extractor import repository as repo
 from services.extractor.catalog import InstanceRecord, StackBuilder
 from services.extractor.catalog.records import as_dict
-from services.extractor.files import FileBatch, FileOutcome, extract_batch, open_location
+from services.extractor.worker import FileBatch, FileOutcome, extract_batch, open_location
 from shared.events import ItemError, StageRequested, WorkItem
 from shared.observability import FILES_PROCESSED
+from shared.settings import get_settings
 from shared.sources import SourceFile, anon_prefix, raw_prefix
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
+from shared.stage_config import ExtractionConfig, JobConfigs
 from shared.subjects import catalog_subject_id
 from shared.topics import Stage
-from shared.workers import ProcessPools, cpu_workers, pool_size
+from shared.workers import ProcessPools, cpu_workers
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-DEFAULT_BATCH_FILES = 128
 # series whose stacks are rebuilt together at finalize (one series' rows in memory at a time)
 _STACK_BATCH_SERIES = 200
 
@@ -63,7 +65,8 @@ class ExtractorPlugin:
         return [raw_prefix(cohort_id)]
 
     def __init__(self) -> None:
-        self._pools = ProcessPools(self.service, ["services.extractor.files"])
+        self._pools = ProcessPools(self.service, ["services.extractor.worker"])
+        self._configs = JobConfigs(ExtractionConfig)
 
     # --- plan -----------------------------------------------------------------------------------
 
@@ -82,27 +85,20 @@ class ExtractorPlugin:
         self, pool: asyncpg.Pool, request: StageRequested, job_id: uuid.UUID
     ) -> list[PlannedItem]:
         location, ingest = self._location(request)
-        folder_workers = pool_size(request.config, "folder_thread_workers", 4)
-        source = open_location(location, folder_workers)
+        config = self._configs.read(job_id, request.config, get_settings())
+        source = open_location(location, config.folder_thread_workers)
         entries = await asyncio.to_thread(lambda: list(source.list()))
         listed = [f for f in entries if f.rejected is None]
         skipped = [f for f in entries if f.rejected is not None]
         if skipped:  # links out of the roots, FIFOs, loops, ...: recorded, never read
             await self._record_skipped(pool, request.cohort.id, job_id, skipped)
         async with pool.acquire() as conn:
-            seen = {
-                (r["source_key"]): (r["size"], r["mtime_ns"])
-                for r in await conn.fetch(
-                    "SELECT source_key, size, mtime_ns FROM catalog.source_file WHERE cohort_id = $1",
-                    request.cohort.id,
-                )
-            }
+            seen = await repo.known_files(conn, request.cohort.id)
         todo = [
             (f.key, f.size, f.mtime_ns) for f in listed if seen.get(f.key) != (f.size, f.mtime_ns)
         ]
-        size = pool_size(request.config, "batch_files", DEFAULT_BATCH_FILES)
         items = []
-        for i, files in enumerate(_batches(todo, size)):
+        for i, files in enumerate(_batches(todo, config.batch_files)):
             folder = str(PurePosixPath(files[0][0]).parent)
             items.append(
                 PlannedItem(
@@ -132,27 +128,17 @@ class ExtractorPlugin:
             (cohort_id, f.key, f.size, f.mtime_ns, None, "rejected", None, job_id) for f in skipped
         ]
         async with pool.acquire() as conn, conn.transaction():
-            await conn.execute(_STAGING_DDL)
-            await _stage_and_merge(
-                conn,
-                [
-                    ("catalog.rejected_file", _REJECTED_COLUMNS, rejected, _REJECTED_COLUMNS[2:]),
-                    (
-                        "catalog.source_file",
-                        _SOURCE_COLUMNS,
-                        sources,
-                        [*_SOURCE_COLUMNS[2:], "updated_at"],
-                    ),
-                ],
-            )
+            await repo.prepare_staging(conn)
+            await repo.save_file_outcomes(conn, rejected, sources)
         FILES_PROCESSED.labels("extraction", "rejected").inc(len(skipped))
 
     # --- process ----------------------------------------------------------------------------------
 
     async def process(self, ctx: ItemContext, item: WorkItem) -> ItemResult:
         files = [tuple(f) for f in item.data["files"]]
-        workers = pool_size(item.config, "process_pool_workers", cpu_workers())
-        threads = pool_size(item.config, "scan_thread_workers", 4)
+        config = self._configs.read(ctx.job_id, item.config, ctx.settings)
+        workers = config.process_pool_workers or cpu_workers()
+        threads = config.scan_thread_workers
         # one chunk per worker, each loaded into the catalog as soon as it is parsed (measured:
         # two smaller chunks per worker overlap a little more but cost more round trips and CPU
         # than they save)
@@ -202,7 +188,7 @@ class ExtractorPlugin:
         studies: dict[str, tuple[Any, ...]] = {}
         series: dict[str, tuple[Any, ...]] = {}
         instances: dict[str, tuple[Any, ...]] = {}
-        details: dict[str, list[tuple[Any, ...]]] = {"mr": [], "ct": [], "pet": []}
+        details: dict[str, list[tuple[Any, ...]]] = {kind: [] for kind in repo.DETAIL_KINDS}
         duplicates: list[FileOutcome] = []
         for o in catalogued:
             rec: InstanceRecord = o.record
@@ -264,49 +250,24 @@ class ExtractorPlugin:
                 o.row_json,
                 o.header_json,
             )
-            for kind, columns in _DETAIL_COLUMNS.items():
+            for kind in repo.DETAIL_KINDS:
                 detail = getattr(rec, kind)
                 if detail is not None:
-                    details[kind].append(
-                        (cohort_id, uid, *[_column(getattr(detail, c, None)) for c in columns])
-                    )
+                    details[kind].append(repo.detail_row(cohort_id, uid, kind, detail))
 
         async with pool.acquire() as conn, conn.transaction():
-            # every table goes in through COPY into a staging table, then one INSERT ... SELECT per
-            # table, the merges sent together: a dozen round trips per chunk, whatever its size
-            await conn.execute(_STAGING_DDL)
-            inserted = 0
-            if await _stage(conn, "catalog.instance", _INSTANCE_COLUMNS, list(instances.values())):
-                inserted = _count(await conn.execute(_merge("catalog.instance", _INSTANCE_COLUMNS)))
-            await _stage_and_merge(
+            await repo.prepare_staging(conn)
+            inserted = await repo.save_catalog_rows(
                 conn,
-                [
-                    ("catalog.subject", _SUBJECT_COLUMNS, list(subjects.values()), None),
-                    ("catalog.study", _STUDY_COLUMNS, list(studies.values()), None),
-                    ("catalog.series", _SERIES_COLUMNS, list(series.values()), None),
-                    *(
-                        (f"catalog.{kind}_detail", _detail_columns(kind), rows, None)
-                        for kind, rows in details.items()
-                    ),
-                ],
-                then=[
-                    "UPDATE catalog.series s SET stacks_dirty = true FROM _stage_catalog_series t"
-                    " WHERE s.cohort_id = t.cohort_id AND s.series_instance_uid = t.series_instance_uid"
-                ]
-                if series
-                else [],
+                subjects=list(subjects.values()),
+                studies=list(studies.values()),
+                series=list(series.values()),
+                instances=list(instances.values()),
+                details=details,
             )
             # a SOP instance already catalogued from another file of the cohort: this file is a
             # duplicate (recorded as such); the same file again (a redelivered item) is not
-            owners = {
-                r["sop_instance_uid"]: r["source_key"]
-                for r in await conn.fetch(
-                    "SELECT sop_instance_uid, source_key FROM catalog.instance"
-                    " WHERE cohort_id = $1 AND sop_instance_uid = ANY($2::text[])",
-                    cohort_id,
-                    list(instances),
-                )
-            }
+            owners = await repo.instance_sources(conn, cohort_id, list(instances))
             duplicate_ids = {id(o) for o in duplicates}
             for o in catalogued:
                 uid = o.record.sop_instance_uid or ""
@@ -339,23 +300,7 @@ class ExtractorPlugin:
                 )
                 for o in outcomes
             ]
-            await _stage_and_merge(
-                conn,
-                [
-                    (
-                        "catalog.rejected_file",
-                        _REJECTED_COLUMNS,
-                        rejected_rows,
-                        _REJECTED_COLUMNS[2:],
-                    ),
-                    (
-                        "catalog.source_file",
-                        _SOURCE_COLUMNS,
-                        source_rows,
-                        [*_SOURCE_COLUMNS[2:], "updated_at"],
-                    ),
-                ],
-            )
+            await repo.save_file_outcomes(conn, rejected_rows, source_rows)
         catalogued_files = len(catalogued) - len(duplicates)
         FILES_PROCESSED.labels("extraction", "catalogued").inc(catalogued_files)
         FILES_PROCESSED.labels("extraction", "rejected").inc(len(reasons))
@@ -374,27 +319,11 @@ class ExtractorPlugin:
     async def finalize(self, pool: asyncpg.Pool, run: RunInfo) -> tuple[dict[str, Any], str | None]:
         cohort_id = run.cohort.id
         async with pool.acquire() as conn:
-            dirty = [
-                r["series_instance_uid"]
-                for r in await conn.fetch(
-                    "SELECT series_instance_uid FROM catalog.series WHERE cohort_id = $1 AND stacks_dirty ORDER BY 1",
-                    cohort_id,
-                )
-            ]
+            dirty = await repo.dirty_series(conn, cohort_id)
         for i in range(0, len(dirty), _STACK_BATCH_SERIES):
             await self._rebuild_stacks(pool, cohort_id, dirty[i : i + _STACK_BATCH_SERIES])
         async with pool.acquire() as conn:
-            counts = await conn.fetchrow(
-                """SELECT
-                    (SELECT count(*) FROM catalog.subject WHERE cohort_id = $1) AS subjects,
-                    (SELECT count(*) FROM catalog.study WHERE cohort_id = $1) AS studies,
-                    (SELECT count(*) FROM catalog.series WHERE cohort_id = $1) AS series,
-                    (SELECT count(*) FROM catalog.instance WHERE cohort_id = $1) AS instances,
-                    (SELECT count(*) FROM catalog.series_stack WHERE cohort_id = $1) AS stacks,
-                    (SELECT count(*) FROM catalog.rejected_file WHERE cohort_id = $1) AS rejected""",
-                cohort_id,
-            )
-        summary = {k: int(v) for k, v in dict(counts).items()}
+            summary = await repo.cohort_counts(conn, cohort_id)
         # the gateway's cohort metrics: a session is a study
         summary["sessions"] = summary["studies"]
         return summary, None
@@ -412,15 +341,7 @@ class ExtractorPlugin:
             series_uid: str, builder: StackBuilder, conn: asyncpg.Connection
         ) -> None:
             wanted = list(set(builder.representatives().values()))
-            headers = {
-                r["sop_instance_uid"]: r["header"]
-                for r in await conn.fetch(
-                    "SELECT sop_instance_uid, header FROM catalog.instance"
-                    " WHERE cohort_id = $1 AND sop_instance_uid = ANY($2::text[])",
-                    cohort_id,
-                    wanted,
-                )
-            }
+            headers = await repo.instance_headers(conn, cohort_id, wanted)
             stack_rows.extend(
                 (
                     cohort_id,
@@ -437,14 +358,7 @@ class ExtractorPlugin:
         async with pool.acquire() as conn, pool.acquire() as lookup, conn.transaction():
             current: str | None = None
             builder = StackBuilder()
-            async for r in conn.cursor(
-                "SELECT series_instance_uid, record FROM catalog.instance"
-                " WHERE cohort_id = $1 AND series_instance_uid = ANY($2::text[])"
-                " ORDER BY series_instance_uid",
-                cohort_id,
-                series_uids,
-                prefetch=500,
-            ):
+            async for r in repo.series_records(conn, cohort_id, series_uids):
                 if r["series_instance_uid"] != current:
                     if current is not None:
                         await summarize(current, builder, lookup)
@@ -453,191 +367,4 @@ class ExtractorPlugin:
             if current is not None:
                 await summarize(current, builder, lookup)
         async with pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "DELETE FROM catalog.series_stack WHERE cohort_id = $1 AND series_instance_uid = ANY($2::text[])",
-                cohort_id,
-                series_uids,
-            )
-            await conn.executemany(
-                "INSERT INTO catalog.series_stack (cohort_id, series_instance_uid, stack_key, n_instances, n_frames,"
-                " summary, sop_instance_uids) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                stack_rows,
-            )
-            # a series left without instances ends with no stacks, and clean, as well
-            await conn.execute(
-                "UPDATE catalog.series SET stacks_dirty = false WHERE cohort_id = $1 AND series_instance_uid = ANY($2::text[])",
-                cohort_id,
-                series_uids,
-            )
-
-
-_SUBJECT_COLUMNS = ["cohort_id", "subject_id", "patient_sex", "patient_age", "attributes"]
-_STUDY_COLUMNS = [
-    "cohort_id",
-    "study_instance_uid",
-    "subject_id",
-    "study_date",
-    "study_time",
-    "accession_number",
-    "study_description",
-    "attributes",
-]
-_SERIES_COLUMNS = [
-    "cohort_id",
-    "series_instance_uid",
-    "study_instance_uid",
-    "subject_id",
-    "modality",
-    "series_number",
-    "series_description",
-    "protocol_name",
-    "manufacturer",
-    "manufacturer_model",
-    "attributes",
-]
-_INSTANCE_COLUMNS = [
-    "cohort_id",
-    "sop_instance_uid",
-    "series_instance_uid",
-    "study_instance_uid",
-    "sop_class_uid",
-    "instance_number",
-    "n_frames",
-    "transfer_syntax_uid",
-    "source_key",
-    "object_key",
-    "sha256",
-    "size",
-    "job_id",
-    "record",
-    "header",
-]
-_REJECTED_COLUMNS = ["cohort_id", "source_key", "reason", "size", "sha256", "job_id"]
-_SOURCE_COLUMNS = [
-    "cohort_id",
-    "source_key",
-    "size",
-    "mtime_ns",
-    "sha256",
-    "status",
-    "sop_instance_uid",
-    "job_id",
-]
-_STAGED = [
-    "catalog.subject",
-    "catalog.study",
-    "catalog.series",
-    "catalog.instance",
-    "catalog.mr_detail",
-    "catalog.ct_detail",
-    "catalog.pet_detail",
-    "catalog.rejected_file",
-    "catalog.source_file",
-]
-
-
-def _staging(table: str) -> str:
-    return "_stage_" + table.replace(".", "_")
-
-
-# one round trip per transaction (the tables live as long as the connection; their rows, one
-# transaction)
-_STAGING_DDL = ";\n".join(
-    f"CREATE TEMP TABLE IF NOT EXISTS {_staging(t)} (LIKE {t} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-    for t in _STAGED
-)
-
-
-async def _stage(
-    conn: asyncpg.Connection, table: str, columns: list[str], rows: list[tuple[Any, ...]]
-) -> bool:
-    """COPY `rows` into `table`'s staging table (in the current transaction); False when none."""
-    if not rows:
-        return False
-    await conn.copy_records_to_table(_staging(table), records=rows, columns=columns)
-    return True
-
-
-def _merge(table: str, columns: list[str], update: list[str] | None = None) -> str:
-    """INSERT ... SELECT from the staging table. Rows whose natural key (the first two columns)
-    exists are left alone, or, with `update`, get those columns from the new row (a column not
-    among `columns` takes its default, e.g. `updated_at` -> now())."""
-    written = ", ".join([*columns, *(c for c in update or [] if c not in columns)])
-    on_conflict = (
-        "DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in update)
-        if update
-        else "DO NOTHING"
-    )
-    return (
-        f"INSERT INTO {table} ({written}) SELECT {written} FROM {_staging(table)}"
-        f" ON CONFLICT ({', '.join(columns[:2])}) {on_conflict}"
-    )
-
-
-async def _stage_and_merge(
-    conn: asyncpg.Connection,
-    tables: list[tuple[str, list[str], list[tuple[Any, ...]], list[str] | None]],
-    then: list[str] | None = None,
-) -> None:
-    """Stage each (table, columns, rows, update) that has rows, then send their merges, followed
-    by the statements in `then`, together in one round trip."""
-    statements = [
-        _merge(table, columns, update)
-        for table, columns, rows, update in tables
-        if await _stage(conn, table, columns, rows)
-    ]
-    statements += then or []
-    if statements:
-        await conn.execute(";\n".join(statements))
-
-
-def _count(status: str) -> int:
-    """Rows written, from a command status such as 'INSERT 0 12'."""
-    return int(status.split()[-1])
-
-
-_DETAIL_COLUMNS = {
-    "mr": [
-        "repetition_time",
-        "echo_time",
-        "inversion_time",
-        "flip_angle",
-        "echo_train_length",
-        "echo_numbers",
-        "scanning_sequence",
-        "sequence_variant",
-        "scan_options",
-        "mr_acquisition_type",
-        "sequence_name",
-        "b_value",
-        "magnetic_field_strength",
-        "pixel_bandwidth",
-    ],
-    "ct": [
-        "kvp",
-        "convolution_kernel",
-        "slice_thickness",
-        "exposure",
-        "xray_tube_current",
-        "contrast_bolus_agent",
-    ],
-    "pet": [
-        "radiopharmaceutical",
-        "units",
-        "corrected_image",
-        "decay_correction",
-        "frame_reference_time",
-        "actual_frame_duration",
-    ],
-}
-
-
-def _column(value: Any) -> Any:
-    """Multi-valued DICOM attributes (lists) go into text columns backslash-joined, as DICOM does."""
-    if isinstance(value, list):
-        return "\\".join(str(v) for v in value) if value else None
-    return value
-
-
-def _detail_columns(kind: str) -> list[str]:
-    return ["cohort_id", "sop_instance_uid", *_DETAIL_COLUMNS[kind]]
+            await repo.replace_stacks(conn, cohort_id, series_uids, stack_rows)

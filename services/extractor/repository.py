@@ -1,0 +1,348 @@
+"""The extractor's SQL: the `catalog` schema it owns.
+
+Rows go in through COPY into per-connection staging tables, then one INSERT ... SELECT per table,
+the merges sent together: a dozen round trips per chunk of files, whatever its size. Merges are
+keyed by natural ids (the first two columns), so a redelivered item writes nothing twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+DETAIL_KINDS = ("mr", "ct", "pet")
+
+
+async def known_files(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every source file recorded for the cohort, by source key."""
+    rows = await conn.fetch(
+        "SELECT source_key, size, mtime_ns FROM catalog.source_file WHERE cohort_id = $1",
+        cohort_id,
+    )
+    return {r["source_key"]: (r["size"], r["mtime_ns"]) for r in rows}
+
+
+async def prepare_staging(conn: asyncpg.Connection) -> None:
+    """The staging tables, once per connection (call inside the writing transaction)."""
+    await conn.execute(_STAGING_DDL)
+
+
+async def save_catalog_rows(
+    conn: asyncpg.Connection,
+    *,
+    subjects: list[tuple[Any, ...]],
+    studies: list[tuple[Any, ...]],
+    series: list[tuple[Any, ...]],
+    instances: list[tuple[Any, ...]],
+    details: dict[str, list[tuple[Any, ...]]],
+) -> int:
+    """Merge a chunk's rows; the series that gained rows are marked for a stack rebuild. Returns
+    the instances newly inserted."""
+    inserted = 0
+    if await _stage(conn, "catalog.instance", INSTANCE_COLUMNS, instances):
+        inserted = _count(await conn.execute(_merge("catalog.instance", INSTANCE_COLUMNS)))
+    await _stage_and_merge(
+        conn,
+        [
+            ("catalog.subject", SUBJECT_COLUMNS, subjects, None),
+            ("catalog.study", STUDY_COLUMNS, studies, None),
+            ("catalog.series", SERIES_COLUMNS, series, None),
+            *(
+                (f"catalog.{kind}_detail", _detail_columns(kind), rows, None)
+                for kind, rows in details.items()
+            ),
+        ],
+        then=[
+            "UPDATE catalog.series s SET stacks_dirty = true FROM _stage_catalog_series t"
+            " WHERE s.cohort_id = t.cohort_id AND s.series_instance_uid = t.series_instance_uid"
+        ]
+        if series
+        else [],
+    )
+    return inserted
+
+
+async def instance_sources(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, sop_instance_uids: Sequence[str]
+) -> dict[str, str]:
+    """The source key each of these SOP instances is catalogued from."""
+    rows = await conn.fetch(
+        "SELECT sop_instance_uid, source_key FROM catalog.instance"
+        " WHERE cohort_id = $1 AND sop_instance_uid = ANY($2::text[])",
+        cohort_id,
+        list(sop_instance_uids),
+    )
+    return {r["sop_instance_uid"]: r["source_key"] for r in rows}
+
+
+async def save_file_outcomes(
+    conn: asyncpg.Connection,
+    rejected: list[tuple[Any, ...]],
+    sources: list[tuple[Any, ...]],
+) -> None:
+    """Rejected files with their reasons, and every source file's state (size, mtime, status)."""
+    await _stage_and_merge(
+        conn,
+        [
+            ("catalog.rejected_file", REJECTED_COLUMNS, rejected, REJECTED_COLUMNS[2:]),
+            ("catalog.source_file", SOURCE_COLUMNS, sources, [*SOURCE_COLUMNS[2:], "updated_at"]),
+        ],
+    )
+
+
+async def dirty_series(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> list[str]:
+    """The series whose stacks are to be rebuilt (they gained instances)."""
+    rows = await conn.fetch(
+        "SELECT series_instance_uid FROM catalog.series WHERE cohort_id = $1 AND stacks_dirty ORDER BY 1",
+        cohort_id,
+    )
+    return [r["series_instance_uid"] for r in rows]
+
+
+def series_records(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, series_uids: Sequence[str]
+) -> Any:
+    """The instances' records of these series, streamed in series order without their headers
+    (`async for`, inside a transaction)."""
+    return conn.cursor(
+        "SELECT series_instance_uid, record FROM catalog.instance"
+        " WHERE cohort_id = $1 AND series_instance_uid = ANY($2::text[])"
+        " ORDER BY series_instance_uid",
+        cohort_id,
+        list(series_uids),
+        prefetch=500,
+    )
+
+
+async def instance_headers(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, sop_instance_uids: Sequence[str]
+) -> dict[str, Any]:
+    rows = await conn.fetch(
+        "SELECT sop_instance_uid, header FROM catalog.instance"
+        " WHERE cohort_id = $1 AND sop_instance_uid = ANY($2::text[])",
+        cohort_id,
+        list(sop_instance_uids),
+    )
+    return {r["sop_instance_uid"]: r["header"] for r in rows}
+
+
+async def replace_stacks(
+    conn: asyncpg.Connection,
+    cohort_id: uuid.UUID,
+    series_uids: Sequence[str],
+    stack_rows: list[tuple[Any, ...]],
+) -> None:
+    """The stacks of these series replaced by `stack_rows`, the series marked clean (a series left
+    without instances ends with no stacks, and clean, as well)."""
+    await conn.execute(
+        "DELETE FROM catalog.series_stack WHERE cohort_id = $1 AND series_instance_uid = ANY($2::text[])",
+        cohort_id,
+        list(series_uids),
+    )
+    await conn.executemany(
+        "INSERT INTO catalog.series_stack (cohort_id, series_instance_uid, stack_key, n_instances, n_frames,"
+        " summary, sop_instance_uids) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        stack_rows,
+    )
+    await conn.execute(
+        "UPDATE catalog.series SET stacks_dirty = false WHERE cohort_id = $1 AND series_instance_uid = ANY($2::text[])",
+        cohort_id,
+        list(series_uids),
+    )
+
+
+async def cohort_counts(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> dict[str, int]:
+    row = await conn.fetchrow(
+        """SELECT
+            (SELECT count(*) FROM catalog.subject WHERE cohort_id = $1) AS subjects,
+            (SELECT count(*) FROM catalog.study WHERE cohort_id = $1) AS studies,
+            (SELECT count(*) FROM catalog.series WHERE cohort_id = $1) AS series,
+            (SELECT count(*) FROM catalog.instance WHERE cohort_id = $1) AS instances,
+            (SELECT count(*) FROM catalog.series_stack WHERE cohort_id = $1) AS stacks,
+            (SELECT count(*) FROM catalog.rejected_file WHERE cohort_id = $1) AS rejected""",
+        cohort_id,
+    )
+    return {k: int(v) for k, v in dict(row).items()}
+
+
+SUBJECT_COLUMNS = ["cohort_id", "subject_id", "patient_sex", "patient_age", "attributes"]
+STUDY_COLUMNS = [
+    "cohort_id",
+    "study_instance_uid",
+    "subject_id",
+    "study_date",
+    "study_time",
+    "accession_number",
+    "study_description",
+    "attributes",
+]
+SERIES_COLUMNS = [
+    "cohort_id",
+    "series_instance_uid",
+    "study_instance_uid",
+    "subject_id",
+    "modality",
+    "series_number",
+    "series_description",
+    "protocol_name",
+    "manufacturer",
+    "manufacturer_model",
+    "attributes",
+]
+INSTANCE_COLUMNS = [
+    "cohort_id",
+    "sop_instance_uid",
+    "series_instance_uid",
+    "study_instance_uid",
+    "sop_class_uid",
+    "instance_number",
+    "n_frames",
+    "transfer_syntax_uid",
+    "source_key",
+    "object_key",
+    "sha256",
+    "size",
+    "job_id",
+    "record",
+    "header",
+]
+REJECTED_COLUMNS = ["cohort_id", "source_key", "reason", "size", "sha256", "job_id"]
+SOURCE_COLUMNS = [
+    "cohort_id",
+    "source_key",
+    "size",
+    "mtime_ns",
+    "sha256",
+    "status",
+    "sop_instance_uid",
+    "job_id",
+]
+_STAGED = [
+    "catalog.subject",
+    "catalog.study",
+    "catalog.series",
+    "catalog.instance",
+    "catalog.mr_detail",
+    "catalog.ct_detail",
+    "catalog.pet_detail",
+    "catalog.rejected_file",
+    "catalog.source_file",
+]
+
+
+def _staging(table: str) -> str:
+    return "_stage_" + table.replace(".", "_")
+
+
+# one round trip per transaction (the tables live as long as the connection; their rows, one
+# transaction)
+_STAGING_DDL = ";\n".join(
+    f"CREATE TEMP TABLE IF NOT EXISTS {_staging(t)} (LIKE {t} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    for t in _STAGED
+)
+
+
+async def _stage(
+    conn: asyncpg.Connection, table: str, columns: list[str], rows: list[tuple[Any, ...]]
+) -> bool:
+    """COPY `rows` into `table`'s staging table (in the current transaction); False when none."""
+    if not rows:
+        return False
+    await conn.copy_records_to_table(_staging(table), records=rows, columns=columns)
+    return True
+
+
+def _merge(table: str, columns: list[str], update: list[str] | None = None) -> str:
+    """INSERT ... SELECT from the staging table. Rows whose natural key (the first two columns)
+    exists are left alone, or, with `update`, get those columns from the new row (a column not
+    among `columns` takes its default, e.g. `updated_at` -> now())."""
+    written = ", ".join([*columns, *(c for c in update or [] if c not in columns)])
+    on_conflict = (
+        "DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in update)
+        if update
+        else "DO NOTHING"
+    )
+    return (
+        f"INSERT INTO {table} ({written}) SELECT {written} FROM {_staging(table)}"
+        f" ON CONFLICT ({', '.join(columns[:2])}) {on_conflict}"
+    )
+
+
+async def _stage_and_merge(
+    conn: asyncpg.Connection,
+    tables: list[tuple[str, list[str], list[tuple[Any, ...]], list[str] | None]],
+    then: list[str] | None = None,
+) -> None:
+    """Stage each (table, columns, rows, update) that has rows, then send their merges, followed
+    by the statements in `then`, together in one round trip."""
+    statements = [
+        _merge(table, columns, update)
+        for table, columns, rows, update in tables
+        if await _stage(conn, table, columns, rows)
+    ]
+    statements += then or []
+    if statements:
+        await conn.execute(";\n".join(statements))
+
+
+def _count(status: str) -> int:
+    """Rows written, from a command status such as 'INSERT 0 12'."""
+    return int(status.split()[-1])
+
+
+_DETAIL_COLUMNS = {
+    "mr": [
+        "repetition_time",
+        "echo_time",
+        "inversion_time",
+        "flip_angle",
+        "echo_train_length",
+        "echo_numbers",
+        "scanning_sequence",
+        "sequence_variant",
+        "scan_options",
+        "mr_acquisition_type",
+        "sequence_name",
+        "b_value",
+        "magnetic_field_strength",
+        "pixel_bandwidth",
+    ],
+    "ct": [
+        "kvp",
+        "convolution_kernel",
+        "slice_thickness",
+        "exposure",
+        "xray_tube_current",
+        "contrast_bolus_agent",
+    ],
+    "pet": [
+        "radiopharmaceutical",
+        "units",
+        "corrected_image",
+        "decay_correction",
+        "frame_reference_time",
+        "actual_frame_duration",
+    ],
+}
+
+
+def _column(value: Any) -> Any:
+    """Multi-valued DICOM attributes (lists) go into text columns backslash-joined, as DICOM does."""
+    if isinstance(value, list):
+        return "\\".join(str(v) for v in value) if value else None
+    return value
+
+
+def _detail_columns(kind: str) -> list[str]:
+    return ["cohort_id", "sop_instance_uid", *_DETAIL_COLUMNS[kind]]
+
+
+def detail_row(
+    cohort_id: uuid.UUID, sop_instance_uid: str, kind: str, detail: Any
+) -> tuple[Any, ...]:
+    """The row of `catalog.<kind>_detail` (kind: mr, ct or pet) of one instance."""
+    columns = _DETAIL_COLUMNS[kind]
+    return (cohort_id, sop_instance_uid, *[_column(getattr(detail, c, None)) for c in columns])
