@@ -40,6 +40,8 @@ from shared.topics import Stage
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.needs_dcm2niix,
+    pytest.mark.needs_validator,
     pytest.mark.asyncio(loop_scope="session"),
     pytest.mark.stack_services("gateway", "extractor", "sorter", "exporter"),
 ]
