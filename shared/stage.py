@@ -40,6 +40,7 @@ from shared.events import (
     ItemError,
     JobControl,
     JobProgress,
+    SlipStep,
     StageCompleted,
     StageFailed,
     StageRequested,
@@ -216,17 +217,39 @@ async def purge_cohort_rows(pool: asyncpg.Pool, schema: str, cohort_id: uuid.UUI
     return removed
 
 
-def _stored_request(request: StageRequested) -> dict[str, Any]:
+def _stored_request(request: StageRequested, settings: Settings) -> dict[str, Any]:
     """The request as kept in a run row: a scoped run's study UIDs (originals, before
     anonymization) are sealed, so no table holds them in clear."""
     data = request.model_dump(mode="json")
-    data["study_instance_uids"] = [seal(uid) for uid in request.study_instance_uids]
+    data["study_instance_uids"] = [seal(uid, settings) for uid in request.study_instance_uids]
     return data
 
 
-def _loaded_request(data: dict[str, Any]) -> StageRequested:
-    uids = [unseal(u) if is_sealed(u) else u for u in data.get("study_instance_uids", [])]
+def _loaded_request(data: dict[str, Any], settings: Settings) -> StageRequested:
+    uids = [unseal(u, settings) if is_sealed(u) else u for u in data.get("study_instance_uids", [])]
     return StageRequested.model_validate({**data, "study_instance_uids": uids})
+
+
+def next_request(
+    request: StageRequested, finished: Stage, output_prefix: str | None
+) -> tuple[SlipStep, StageRequested] | None:
+    """The routing slip's next step and its request, once stage `finished` completed `request`;
+    None when the slip is empty (the pipeline run ends here)."""
+    if not request.slip:
+        return None
+    step, rest = request.slip[0], request.slip[1:]
+    # anonymization gives every study a new UID: a scope of original UIDs means nothing (and
+    # must not travel) past it; extraction's resume then reads only what is new in the zone
+    scope = [] if finished == Stage.anonymization else request.study_instance_uids
+    return step, StageRequested(
+        stage=step.stage,
+        cohort=request.cohort,
+        config=step.config,
+        slip=rest,
+        study_instance_uids=scope,
+        input_prefix=output_prefix or request.input_prefix,
+        location=request.location,
+    )
 
 
 def _add_counts(summary: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
@@ -489,7 +512,7 @@ class StageRuntime:
             if row["status"] == "running":
                 await self._progress(conn, row, force=last)
             if last and row["status"] == "running":
-                request = _loaded_request(row["request"])
+                request = _loaded_request(row["request"], self.settings)
                 await self._enqueue_finalize(conn, request, job_id)
 
     async def _enqueue_finalize(
@@ -506,7 +529,7 @@ class StageRuntime:
             row = await conn.fetchrow(f"SELECT * FROM {self.schema}.runs WHERE job_id = $1", job_id)
         if row is None or row["status"] != "running":
             return
-        request = _loaded_request(row["request"])
+        request = _loaded_request(row["request"], self.settings)
         run = RunInfo(
             job_id=job_id,
             cohort=request.cohort,
@@ -573,21 +596,10 @@ class StageRuntime:
         self, conn: asyncpg.Connection, request: StageRequested, output_prefix: str | None
     ) -> None:
         """Request the next stage of the routing slip, if any."""
-        if not request.slip:
+        following = next_request(request, self.plugin.stage, output_prefix)
+        if following is None:
             return
-        step, rest = request.slip[0], request.slip[1:]
-        # anonymization gives every study a new UID: a scope of original UIDs means nothing (and
-        # must not travel) past it; extraction's resume then reads only what is new in the zone
-        scope = [] if self.plugin.stage == Stage.anonymization else request.study_instance_uids
-        nxt = StageRequested(
-            stage=step.stage,
-            cohort=request.cohort,
-            config=step.config,
-            slip=rest,
-            study_instance_uids=scope,
-            input_prefix=output_prefix or request.input_prefix,
-            location=request.location,
-        )
+        step, nxt = following
         env = Envelope.wrap(
             nxt, source=self.plugin.service, cohort_id=request.cohort.id, job_id=step.job_id
         )
@@ -696,6 +708,6 @@ class StageRuntime:
                 job_id,
                 request.cohort.id,
                 self.plugin.stage.value,
-                _stored_request(request),
+                _stored_request(request, self.settings),
                 status,
             )
