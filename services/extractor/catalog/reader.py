@@ -151,7 +151,8 @@ def _fast_dataset(content: bytes, position: int, state: _State) -> dict[str, Any
     except _fastreader.Unhandled:
         return None
     state.pixel_offset, state.private = offset, private
-    return data
+    dataset: dict[str, Any] = data
+    return dataset
 
 
 @functools.lru_cache(maxsize=64)
