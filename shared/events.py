@@ -109,14 +109,16 @@ class StageRequested(Payload):
 
 
 class WorkItem(Payload):
-    """One unit of a run's work, shared among a stage's replicas through a consumer group."""
+    """One unit of a run's work, shared among a stage's replicas through a consumer group.
+
+    Its attempts are counted in the item's row (`run_items.attempts`), not in the message: a
+    redelivered message is the same message, and a worker killed mid-item never sends another."""
 
     stage: Stage
     cohort: CohortRef
     item_key: str
     config: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)
-    attempt: int = 1
 
 
 class ItemError(BaseModel):

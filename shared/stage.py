@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from shared import topics
-from shared.db import migrate, relation_exists
+from shared.db import EVERY_SCHEMA_MIGRATIONS, migrate, relation_exists
 from shared.events import (
     CohortDeleted,
     CohortRef,
@@ -60,46 +60,18 @@ FINALIZE_KEY = "__finalize__"
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 _MAX_ERRORS_KEPT = 200
 
-RUNTIME_DDL = """
-CREATE TABLE IF NOT EXISTS {schema}.runs (
-    job_id           uuid PRIMARY KEY,
-    cohort_id        uuid NOT NULL,
-    stage            text NOT NULL,
-    request          jsonb NOT NULL,
-    status           text NOT NULL,
-    items_total      integer NOT NULL DEFAULT 0,
-    items_done       integer NOT NULL DEFAULT 0,
-    items_failed     integer NOT NULL DEFAULT 0,
-    errors           jsonb NOT NULL DEFAULT '[]',
-    summary          jsonb NOT NULL DEFAULT '{{}}',
-    last_progress_at timestamptz,
-    created_at       timestamptz NOT NULL DEFAULT now(),
-    updated_at       timestamptz NOT NULL DEFAULT now(),
-    finished_at      timestamptz
-);
-CREATE TABLE IF NOT EXISTS {schema}.run_items (
-    job_id     uuid NOT NULL REFERENCES {schema}.runs (job_id) ON DELETE CASCADE,
-    item_key   text NOT NULL,
-    status     text NOT NULL DEFAULT 'pending',
-    attempts   integer NOT NULL DEFAULT 0,
-    error      text,
-    result     jsonb,
-    worker     text,
-    updated_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (job_id, item_key)
-);
-ALTER TABLE {schema}.run_items ADD COLUMN IF NOT EXISTS worker text;
-"""
+# the runtime's tables (runs, run_items), created in every stage schema by its migrations
+STAGE_MIGRATIONS = Path(__file__).with_name("migrations") / "stage"
 
 
 async def migrate_stage_schema(
     pool: asyncpg.Pool, schema: str, migrations_dir: Path | None
 ) -> list[str]:
-    """Create a stage's schema with the runtime tables, then apply the stage's own migrations."""
-    await migrate(pool, schema, None)
-    async with pool.acquire() as conn:
-        await conn.execute(RUNTIME_DDL.format(schema=schema))
-    return await migrate(pool, schema, migrations_dir)
+    """Create a stage's schema with the outbox and the runtime tables, then apply the stage's own
+    migrations."""
+    return await migrate(
+        pool, schema, migrations_dir, shared=(EVERY_SCHEMA_MIGRATIONS, STAGE_MIGRATIONS)
+    )
 
 
 class ItemCancelled(Exception):

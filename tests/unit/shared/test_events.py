@@ -12,6 +12,7 @@ from shared.events import (
     Envelope,
     StageCompleted,
     StageRequested,
+    WorkItem,
     work_left_behind,
 )
 from shared.topics import STAGE_ORDER, Stage
@@ -87,3 +88,9 @@ def test_work_left_behind_says_why_a_completed_run_is_not_clean(
     total: int, failed: int, summary: dict[str, object], expected: str | None
 ) -> None:
     assert work_left_behind(total, failed, summary) == expected
+
+
+def test_a_work_item_from_an_older_producer_with_an_attempt_field_still_opens() -> None:
+    raw = {"stage": "sorting", "cohort": COHORT.model_dump(mode="json"), "item_key": "s1"}
+    envelope = Envelope(type="WorkItem", source="sorter", payload={**raw, "attempt": 2})
+    assert envelope.open(WorkItem).item_key == "s1"
