@@ -41,8 +41,11 @@ class Envelope(BaseModel):
     version: int = ENVELOPE_VERSION
     time: datetime = Field(default_factory=utcnow)
     source: str
+    # the pipeline run (the gateway's `run_id`) the event belongs to, carried unchanged through
+    # every stage's items, progress, completion and the next stage's request; None outside a run
     correlation_id: uuid.UUID | None = None
     cohort_id: uuid.UUID | None = None
+    # the stage job the event is about (one per stage of a run)
     job_id: uuid.UUID | None = None
     payload: dict[str, Any] = Field(default_factory=dict)
 

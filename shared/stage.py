@@ -24,6 +24,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,6 +60,9 @@ FINALIZE_KEY = "__finalize__"
 # who processed an item (host:pid), kept on the item row: replicas sharing a run can be told apart
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 _MAX_ERRORS_KEPT = 200
+# the pipeline run (the gateway's run id) of the message being handled: every event sent on its
+# behalf carries it on as `correlation_id` (docs/architecture.md, "Events")
+_correlation: ContextVar[uuid.UUID | None] = ContextVar("correlation_id", default=None)
 
 # the runtime's tables (runs, run_items), created in every stage schema by its migrations
 STAGE_MIGRATIONS = Path(__file__).with_name("migrations") / "stage"
@@ -246,15 +250,13 @@ class StageRuntime:
 
     # --- events out -------------------------------------------------------------------------
 
-    def _wrap(
-        self, payload: Any, run_cohort: uuid.UUID, job_id: uuid.UUID, corr: uuid.UUID | None
-    ) -> Envelope:
+    def _wrap(self, payload: Any, run_cohort: uuid.UUID, job_id: uuid.UUID) -> Envelope:
         return Envelope.wrap(
             payload,
             source=self.plugin.service,
             cohort_id=run_cohort,
             job_id=job_id,
-            correlation_id=corr,
+            correlation_id=_correlation.get(),
         )
 
     async def _progress(
@@ -284,7 +286,7 @@ class StageRuntime:
             errors=[ItemError(**e) for e in row["errors"][-20:]],
             summary=row["summary"],
         )
-        env = self._wrap(payload, row["cohort_id"], row["job_id"], row["job_id"])
+        env = self._wrap(payload, row["cohort_id"], row["job_id"])
         await enqueue(conn, self.schema, topics.JOBS_PROGRESS, env, key=str(row["job_id"]))
 
     async def _publish_item(
@@ -301,7 +303,7 @@ class StageRuntime:
             config=request.config,
             data=item.data,
         )
-        env = self._wrap(payload, request.cohort.id, job_id, job_id)
+        env = self._wrap(payload, request.cohort.id, job_id)
         await enqueue(
             conn,
             self.schema,
@@ -313,6 +315,7 @@ class StageRuntime:
     # --- requested ----------------------------------------------------------------------------
 
     async def handle_requested(self, envelope: Envelope) -> None:
+        _correlation.set(envelope.correlation_id)
         request: StageRequested = envelope.open(StageRequested)
         if request.stage != self.plugin.stage:
             return
@@ -359,6 +362,7 @@ class StageRuntime:
     # --- items ----------------------------------------------------------------------------------
 
     async def handle_item(self, envelope: Envelope) -> None:
+        _correlation.set(envelope.correlation_id)
         item: WorkItem = envelope.open(WorkItem)
         if item.stage != self.plugin.stage:
             return
@@ -428,7 +432,7 @@ class StageRuntime:
             attempts=self.settings.item_max_attempts,
             original=item.model_dump(mode="json"),
         )
-        env = self._wrap(letter, item.cohort.id, job_id, job_id)
+        env = self._wrap(letter, item.cohort.id, job_id)
         await self._end_item(
             job_id,
             item,
@@ -548,7 +552,7 @@ class StageRuntime:
                     slip=request.slip,
                     errors=errors[:_MAX_ERRORS_KEPT],
                 )
-                env = self._wrap(done, request.cohort.id, job_id, job_id)
+                env = self._wrap(done, request.cohort.id, job_id)
                 await enqueue(
                     conn,
                     self.schema,
@@ -573,7 +577,11 @@ class StageRuntime:
             return
         step, nxt = following
         env = Envelope.wrap(
-            nxt, source=self.plugin.service, cohort_id=request.cohort.id, job_id=step.job_id
+            nxt,
+            source=self.plugin.service,
+            cohort_id=request.cohort.id,
+            job_id=step.job_id,
+            correlation_id=_correlation.get(),
         )
         await enqueue(
             conn, self.schema, topics.requested(step.stage), env, key=str(request.cohort.id)
@@ -598,7 +606,7 @@ class StageRuntime:
             errors=errors[:50],
             slip=request.slip,
         )
-        env = self._wrap(failed, request.cohort.id, job_id, job_id)
+        env = self._wrap(failed, request.cohort.id, job_id)
         await enqueue(
             conn, self.schema, topics.failed(self.plugin.stage), env, key=str(request.cohort.id)
         )

@@ -113,9 +113,14 @@ class Harness:
         self.delivered = 0
 
     def request(self, slip: list[SlipStep] | None = None, **fields: Any) -> Envelope:
-        job_id = uuid.uuid4()
         payload = StageRequested(stage=STAGE, cohort=COHORT, slip=slip or [], **fields)
-        return Envelope.wrap(payload, source="gateway", cohort_id=COHORT.id, job_id=job_id)
+        return Envelope.wrap(
+            payload,
+            source="gateway",
+            cohort_id=COHORT.id,
+            job_id=uuid.uuid4(),
+            correlation_id=uuid.uuid4(),  # the gateway's pipeline run
+        )
 
     async def deliver(self, envelope: Envelope) -> None:
         handlers = {
@@ -171,6 +176,8 @@ async def test_a_run_fans_out_fans_in_and_requests_the_next_stage() -> None:
     assert (nxt.stage, nxt.config, nxt.slip) == (Stage.sorting, {"profile": "x"}, [export])
     assert nxt.input_prefix == f"out/{request.job_id}/"
     assert h.db.runs[request.job_id]["status"] == "completed"
+    # items, progress, completion and the next request all belong to the one pipeline run
+    assert {e.correlation_id for e in h.db.events()} == {request.correlation_id}
 
 
 async def test_an_empty_plan_still_finalizes_and_completes() -> None:
