@@ -1,7 +1,7 @@
 """Extraction end to end: the real gateway and extractor services on the real broker, Postgres and
 S3 of the test stack, driven through the public HTTP API.
 
-Checks issue 2's bar: catalog counts equal an independent pydicom count of the same files, bad files
+Checks what extraction promises: catalog counts equal an independent pydicom count of the same files, bad files
 are recorded as rejected while the run completes, cancel stops the work, and faults (a SIGKILLed
 extractor, two replicas, a restarted broker) cost time but never data.
 """

@@ -1,6 +1,6 @@
-"""Hostile sources and the one-way anonymization, against the real stack (issue 12, items 1 and 2).
+"""Hostile sources and the one-way anonymization, against the real stack.
 
-Each probe of the issue is a test here: a link to /etc inside a data root, `s3://` sources in the
+Each probe of the hardening pass (ADR 0017) is a test here: a link to /etc inside a data root, `s3://` sources in the
 system's own buckets (another cohort's raw zone, the audit and broker buckets), switching an
 anonymized cohort back, a file name that is not UTF-8, a self-referencing link, a FIFO and a
 dangling link. Every refused entry is recorded with its reason while the run completes; nothing
