@@ -96,9 +96,11 @@ async def database_ready(pool: asyncpg.Pool) -> bool:
         return bool(await conn.fetchval("SELECT true"))
 
 
-async def serve_stage(plugin: StagePlugin, migrations_dir: Path | None) -> None:
-    """Run one stage service until SIGTERM."""
-    settings = get_settings()
+async def serve_stage(
+    plugin: StagePlugin, migrations_dir: Path | None, settings: Settings | None = None
+) -> None:
+    """Run one stage service until SIGTERM, with `settings` (default: from the environment)."""
+    settings = settings or get_settings()
     configure_logging(plugin.service, settings)
     stop = asyncio.Event()
     install_stop_signals(stop)
