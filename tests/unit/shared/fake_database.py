@@ -30,6 +30,7 @@ class FakeDatabase:
         self.runs: dict[uuid.UUID | None, Row] = {}
         self.items: dict[tuple[uuid.UUID | None, str], Row] = {}
         self.outbox: list[tuple[str, str | None, Envelope]] = []
+        self.sent: set[int] = set()  # outbox positions the relay marked sent (seq = position + 1)
         # jobs the gateway's job_control_v says are cancelled (None: the view does not exist)
         self.gateway_cancelled: set[uuid.UUID | None] | None = set()
         statements: list[tuple[str, Callable[..., Any]]] = [
@@ -48,6 +49,11 @@ class FakeDatabase:
             (r"^INSERT INTO {s}\.runs ", self._insert_run),
             (r"^INSERT INTO {s}\.outbox ", self._enqueue),
             (r"^SELECT pg_notify", lambda *_: None),
+            (
+                r"^SELECT seq, topic, key, envelope FROM {s}\.outbox WHERE sent_at IS NULL",
+                self._unsent,
+            ),
+            (r"^UPDATE {s}\.outbox SET sent_at = now\(\)", self._mark_sent),
             (r"^SELECT to_regclass", self._relation_exists),
             (r"^SELECT cancelled FROM gateway\.job_control_v", self._gateway_cancel),
         ]
@@ -174,6 +180,17 @@ class FakeDatabase:
     def _enqueue(self, _id: uuid.UUID, topic: str, key: str | None, envelope: Row) -> None:
         self.outbox.append((topic, key, Envelope.model_validate(envelope)))
 
+    def _unsent(self, limit: int) -> list[Row]:
+        rows = [
+            {"seq": i + 1, "topic": t, "key": k, "envelope": e.model_dump(mode="json")}
+            for i, (t, k, e) in enumerate(self.outbox)
+            if i + 1 not in self.sent
+        ]
+        return rows[:limit]
+
+    def _mark_sent(self, seqs: list[int]) -> None:
+        self.sent.update(seqs)
+
     def _relation_exists(self, name: str) -> bool:
         return name == "gateway.job_control_v" and self.gateway_cancelled is not None
 
@@ -196,6 +213,10 @@ class FakeConnection:
     async def fetchval(self, sql: str, *args: Any) -> Any:
         return self._db.run(sql, args)
 
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        rows: list[Row] = self._db.run(sql, args)
+        return rows
+
     async def fetchrow(self, sql: str, *args: Any) -> Row | None:
         row: Row | None = self._db.run(sql, args)
         return row
@@ -215,3 +236,6 @@ class FakePool:
 
     def acquire(self) -> Any:
         return self._acquire()
+
+    async def release(self, conn: FakeConnection) -> None:
+        pass
