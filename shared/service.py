@@ -96,6 +96,37 @@ async def database_ready(pool: asyncpg.Pool) -> bool:
         return bool(await conn.fetchval("SELECT true"))
 
 
+def subscribe_stage(
+    broker: KafkaBroker, plugin: StagePlugin, runtime: StageRuntime, settings: Settings
+) -> None:
+    """Subscribe the runtime to the stage's topics: requests and items shared by the service's
+    replicas (a consumer group each), job control heard by every replica, cohort deletions."""
+    dlq = topics.dlq(plugin.stage)
+    subscriptions: list[tuple[str, str | None, Handler]] = [
+        (
+            topics.requested(plugin.stage),
+            topics.consumer_group(plugin.service, "requested"),
+            runtime.handle_requested,
+        ),
+        (
+            topics.items(plugin.stage),
+            topics.consumer_group(plugin.service, "items"),
+            runtime.handle_item,
+        ),
+        (topics.JOBS_CONTROL, None, runtime.handle_control),
+        (
+            topics.COHORTS_DELETED,
+            topics.consumer_group(plugin.service, "cohorts"),
+            runtime.handle_cohort_deleted,
+        ),
+    ]
+    for topic, group, handle in subscriptions:
+        options: dict[str, Any] = subscriber_kwargs(
+            settings, group, from_beginning=group is not None
+        )
+        broker.subscriber(topic, **options)(envelope_handler(broker, plugin.service, dlq, handle))
+
+
 async def serve_stage(
     plugin: StagePlugin, migrations_dir: Path | None, settings: Settings | None = None
 ) -> None:
@@ -111,27 +142,8 @@ async def serve_stage(
     await asyncio.to_thread(ObjectStore(settings).ensure_buckets)
 
     broker = make_broker(settings, plugin.service)
+    subscribe_stage(broker, plugin, runtime, settings)
     stage = plugin.stage
-    dlq = topics.dlq(stage)
-    subscriptions: list[tuple[str, str | None, Handler]] = [
-        (
-            topics.requested(stage),
-            topics.consumer_group(plugin.service, "requested"),
-            runtime.handle_requested,
-        ),
-        (topics.items(stage), topics.consumer_group(plugin.service, "items"), runtime.handle_item),
-        (topics.JOBS_CONTROL, None, runtime.handle_control),
-        (
-            topics.COHORTS_DELETED,
-            topics.consumer_group(plugin.service, "cohorts"),
-            runtime.handle_cohort_deleted,
-        ),
-    ]
-    for topic, group, handle in subscriptions:
-        options: dict[str, Any] = subscriber_kwargs(
-            settings, group, from_beginning=group is not None
-        )
-        broker.subscriber(topic, **options)(envelope_handler(broker, plugin.service, dlq, handle))
 
     relay = OutboxRelay(pool, plugin.schema, broker, settings)
 
