@@ -1,8 +1,9 @@
 """The registry of Cohortflow's services: name -> "module:callable" entry point.
 
 Each callable takes no arguments and runs its service until SIGTERM. `cohortflow <name>` (what
-containers and Kubernetes call) and the local stack launcher both start a service from this table;
-adding a service means adding one line here.
+containers and Kubernetes call) and the local stack launcher both start a service from this table.
+A line here makes a service runnable; a new stage service also needs its topics, its schema in
+`cohortflow/migrate.py` and its deployment (CONTRIBUTING.md, "Add a service").
 """
 
 from __future__ import annotations

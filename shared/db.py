@@ -2,8 +2,10 @@
 
 One database, one schema per service. A service owns its schema and migrates it at start-up with
 `migrate(pool, schema, migrations_dir)`: numbered `NNN_name.sql` files applied in order, each in its
-own transaction, under an advisory lock so that replicas starting together do not race. Every schema
-also gets the standard transactional outbox table (see `shared.outbox`).
+own transaction, under an advisory lock so that replicas starting together do not race. Before its
+own, every schema gets the shared migrations of `shared/migrations/every_schema/` (the transactional
+outbox, `shared.outbox`), and a stage service's schema those of `shared/migrations/stage/` (the stage
+runtime's tables, `shared.stage`): files written once with `{schema}` for the schema's name.
 """
 
 from __future__ import annotations
@@ -25,19 +27,8 @@ log = logging.getLogger(__name__)
 _MIGRATION_NAME = re.compile(r"^(\d{3,})_[\w-]+\.sql$")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 
-# every schema's outbox: rows written in the same transaction as the state change they announce
-OUTBOX_DDL = """
-CREATE TABLE IF NOT EXISTS {schema}.outbox (
-    seq        bigserial PRIMARY KEY,
-    id         uuid NOT NULL UNIQUE,
-    topic      text NOT NULL,
-    key        text,
-    envelope   jsonb NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    sent_at    timestamptz
-);
-CREATE INDEX IF NOT EXISTS outbox_unsent ON {schema}.outbox (seq) WHERE sent_at IS NULL;
-"""
+# migrations every schema gets before its own (the outbox), recorded as `every_schema/NNN_name`
+EVERY_SCHEMA_MIGRATIONS = Path(__file__).with_name("migrations") / "every_schema"
 
 
 class JsonText(str):
@@ -117,8 +108,27 @@ def migration_files(migrations_dir: Path) -> list[tuple[str, Path]]:
     return found
 
 
-async def migrate(pool: asyncpg.Pool, schema: str, migrations_dir: Path | None) -> list[str]:
-    """Create `schema`, its outbox, and apply the pending migrations; returns the ones applied."""
+def migrations_of(
+    schema: str, shared: tuple[Path, ...], migrations_dir: Path | None
+) -> list[tuple[str, str]]:
+    """(recorded name, SQL) of every migration of a schema, in order: the shared folders' first."""
+    found = [
+        (f"{folder.name}/{name}", path.read_text().replace("{schema}", schema))
+        for folder in shared
+        for name, path in migration_files(folder)
+    ]
+    own = migration_files(migrations_dir) if migrations_dir else []
+    return found + [(name, path.read_text()) for name, path in own]
+
+
+async def migrate(
+    pool: asyncpg.Pool,
+    schema: str,
+    migrations_dir: Path | None,
+    shared: tuple[Path, ...] = (EVERY_SCHEMA_MIGRATIONS,),
+) -> list[str]:
+    """Create `schema` and apply its pending migrations, the `shared` folders' first (their
+    `{schema}` replaced by the schema's name); returns the ones applied."""
     if not _SCHEMA_NAME.match(schema):
         raise ValueError(f"bad schema name {schema!r}")
     applied: list[str] = []
@@ -131,15 +141,14 @@ async def migrate(pool: asyncpg.Pool, schema: str, migrations_dir: Path | None) 
                         name text PRIMARY KEY,
                         applied_at timestamptz NOT NULL DEFAULT now())"""
             )
-            await conn.execute(OUTBOX_DDL.format(schema=schema))
             done = {
                 r["name"] for r in await conn.fetch(f"SELECT name FROM {schema}.schema_migrations")
             }
-            for name, path in migration_files(migrations_dir) if migrations_dir else []:
+            for name, sql in migrations_of(schema, shared, migrations_dir):
                 if name in done:
                     continue
                 async with conn.transaction():
-                    await conn.execute(path.read_text())
+                    await conn.execute(sql)
                     await conn.execute(
                         f"INSERT INTO {schema}.schema_migrations (name) VALUES ($1)", name
                     )

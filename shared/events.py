@@ -41,8 +41,11 @@ class Envelope(BaseModel):
     version: int = ENVELOPE_VERSION
     time: datetime = Field(default_factory=utcnow)
     source: str
+    # the pipeline run (the gateway's `run_id`) the event belongs to, carried unchanged through
+    # every stage's items, progress, completion and the next stage's request; None outside a run
     correlation_id: uuid.UUID | None = None
     cohort_id: uuid.UUID | None = None
+    # the stage job the event is about (one per stage of a run)
     job_id: uuid.UUID | None = None
     payload: dict[str, Any] = Field(default_factory=dict)
     subject: str | None = None  # outbound CloudEvents only: what the event is about
@@ -138,14 +141,16 @@ class StageRequested(Payload):
 
 
 class WorkItem(Payload):
-    """One unit of a run's work, shared among a stage's replicas through a consumer group."""
+    """One unit of a run's work, shared among a stage's replicas through a consumer group.
+
+    Its attempts are counted in the item's row (`run_items.attempts`), not in the message: a
+    redelivered message is the same message, and a worker killed mid-item never sends another."""
 
     stage: Stage
     cohort: CohortRef
     item_key: str
     config: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)
-    attempt: int = 1
 
 
 class ItemError(BaseModel):

@@ -96,28 +96,23 @@ async def database_ready(pool: asyncpg.Pool) -> bool:
         return bool(await conn.fetchval("SELECT true"))
 
 
-async def serve_stage(plugin: StagePlugin, migrations_dir: Path | None) -> None:
-    """Run one stage service until SIGTERM."""
-    settings = get_settings()
-    configure_logging(plugin.service, settings)
-    stop = asyncio.Event()
-    install_stop_signals(stop)
-
-    pool = await create_pool(settings)
-    runtime = StageRuntime(plugin, pool, settings)
-    await migrate_stage_schema(pool, plugin.schema, migrations_dir)
-    await asyncio.to_thread(ObjectStore(settings).ensure_buckets)
-
-    broker = make_broker(settings, plugin.service)
-    stage = plugin.stage
-    dlq = topics.dlq(stage)
+def subscribe_stage(
+    broker: KafkaBroker, plugin: StagePlugin, runtime: StageRuntime, settings: Settings
+) -> None:
+    """Subscribe the runtime to the stage's topics: requests and items shared by the service's
+    replicas (a consumer group each), job control heard by every replica, cohort deletions."""
+    dlq = topics.dlq(plugin.stage)
     subscriptions: list[tuple[str, str | None, Handler]] = [
         (
-            topics.requested(stage),
+            topics.requested(plugin.stage),
             topics.consumer_group(plugin.service, "requested"),
             runtime.handle_requested,
         ),
-        (topics.items(stage), topics.consumer_group(plugin.service, "items"), runtime.handle_item),
+        (
+            topics.items(plugin.stage),
+            topics.consumer_group(plugin.service, "items"),
+            runtime.handle_item,
+        ),
         (topics.JOBS_CONTROL, None, runtime.handle_control),
         (
             topics.COHORTS_DELETED,
@@ -130,6 +125,25 @@ async def serve_stage(plugin: StagePlugin, migrations_dir: Path | None) -> None:
             settings, group, from_beginning=group is not None
         )
         broker.subscriber(topic, **options)(envelope_handler(broker, plugin.service, dlq, handle))
+
+
+async def serve_stage(
+    plugin: StagePlugin, migrations_dir: Path | None, settings: Settings | None = None
+) -> None:
+    """Run one stage service until SIGTERM, with `settings` (default: from the environment)."""
+    settings = settings or get_settings()
+    configure_logging(plugin.service, settings)
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+
+    pool = await create_pool(settings)
+    runtime = StageRuntime(plugin, pool, settings)
+    await migrate_stage_schema(pool, plugin.schema, migrations_dir)
+    await asyncio.to_thread(ObjectStore(settings).ensure_buckets)
+
+    broker = make_broker(settings, plugin.service)
+    subscribe_stage(broker, plugin, runtime, settings)
+    stage = plugin.stage
 
     relay = OutboxRelay(pool, plugin.schema, broker, settings)
 

@@ -97,7 +97,9 @@ class Roots:
 
     @classmethod
     def of(cls, settings: Settings) -> Roots:
-        real = lambda p: os.path.realpath(os.path.expanduser(p))  # noqa: E731
+        def real(p: str | os.PathLike[str]) -> str:
+            return os.path.realpath(os.path.expanduser(p))
+
         return cls(
             tuple(real(r) for r in settings.data_roots),
             (real(settings.home),),

@@ -24,6 +24,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,7 +32,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from shared import topics
-from shared.db import migrate, relation_exists
+from shared.db import EVERY_SCHEMA_MIGRATIONS, migrate, relation_exists
 from shared.events import (
     CohortDeleted,
     CohortRef,
@@ -40,6 +41,7 @@ from shared.events import (
     ItemError,
     JobControl,
     JobProgress,
+    SlipStep,
     StageCompleted,
     StageFailed,
     StageRequested,
@@ -58,47 +60,22 @@ FINALIZE_KEY = "__finalize__"
 # who processed an item (host:pid), kept on the item row: replicas sharing a run can be told apart
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 _MAX_ERRORS_KEPT = 200
+# the pipeline run (the gateway's run id) of the message being handled: every event sent on its
+# behalf carries it on as `correlation_id` (docs/architecture.md, "Events")
+_correlation: ContextVar[uuid.UUID | None] = ContextVar("correlation_id", default=None)
 
-RUNTIME_DDL = """
-CREATE TABLE IF NOT EXISTS {schema}.runs (
-    job_id           uuid PRIMARY KEY,
-    cohort_id        uuid NOT NULL,
-    stage            text NOT NULL,
-    request          jsonb NOT NULL,
-    status           text NOT NULL,
-    items_total      integer NOT NULL DEFAULT 0,
-    items_done       integer NOT NULL DEFAULT 0,
-    items_failed     integer NOT NULL DEFAULT 0,
-    errors           jsonb NOT NULL DEFAULT '[]',
-    summary          jsonb NOT NULL DEFAULT '{{}}',
-    last_progress_at timestamptz,
-    created_at       timestamptz NOT NULL DEFAULT now(),
-    updated_at       timestamptz NOT NULL DEFAULT now(),
-    finished_at      timestamptz
-);
-CREATE TABLE IF NOT EXISTS {schema}.run_items (
-    job_id     uuid NOT NULL REFERENCES {schema}.runs (job_id) ON DELETE CASCADE,
-    item_key   text NOT NULL,
-    status     text NOT NULL DEFAULT 'pending',
-    attempts   integer NOT NULL DEFAULT 0,
-    error      text,
-    result     jsonb,
-    worker     text,
-    updated_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (job_id, item_key)
-);
-ALTER TABLE {schema}.run_items ADD COLUMN IF NOT EXISTS worker text;
-"""
+# the runtime's tables (runs, run_items), created in every stage schema by its migrations
+STAGE_MIGRATIONS = Path(__file__).with_name("migrations") / "stage"
 
 
 async def migrate_stage_schema(
     pool: asyncpg.Pool, schema: str, migrations_dir: Path | None
 ) -> list[str]:
-    """Create a stage's schema with the runtime tables, then apply the stage's own migrations."""
-    await migrate(pool, schema, None)
-    async with pool.acquire() as conn:
-        await conn.execute(RUNTIME_DDL.format(schema=schema))
-    return await migrate(pool, schema, migrations_dir)
+    """Create a stage's schema with the outbox and the runtime tables, then apply the stage's own
+    migrations."""
+    return await migrate(
+        pool, schema, migrations_dir, shared=(EVERY_SCHEMA_MIGRATIONS, STAGE_MIGRATIONS)
+    )
 
 
 class ItemCancelled(Exception):
@@ -216,17 +193,39 @@ async def purge_cohort_rows(pool: asyncpg.Pool, schema: str, cohort_id: uuid.UUI
     return removed
 
 
-def _stored_request(request: StageRequested) -> dict[str, Any]:
+def _stored_request(request: StageRequested, settings: Settings) -> dict[str, Any]:
     """The request as kept in a run row: a scoped run's study UIDs (originals, before
     anonymization) are sealed, so no table holds them in clear."""
     data = request.model_dump(mode="json")
-    data["study_instance_uids"] = [seal(uid) for uid in request.study_instance_uids]
+    data["study_instance_uids"] = [seal(uid, settings) for uid in request.study_instance_uids]
     return data
 
 
-def _loaded_request(data: dict[str, Any]) -> StageRequested:
-    uids = [unseal(u) if is_sealed(u) else u for u in data.get("study_instance_uids", [])]
+def _loaded_request(data: dict[str, Any], settings: Settings) -> StageRequested:
+    uids = [unseal(u, settings) if is_sealed(u) else u for u in data.get("study_instance_uids", [])]
     return StageRequested.model_validate({**data, "study_instance_uids": uids})
+
+
+def next_request(
+    request: StageRequested, finished: Stage, output_prefix: str | None
+) -> tuple[SlipStep, StageRequested] | None:
+    """The routing slip's next step and its request, once stage `finished` completed `request`;
+    None when the slip is empty (the pipeline run ends here)."""
+    if not request.slip:
+        return None
+    step, rest = request.slip[0], request.slip[1:]
+    # anonymization gives every study a new UID: a scope of original UIDs means nothing (and
+    # must not travel) past it; extraction's resume then reads only what is new in the zone
+    scope = [] if finished == Stage.anonymization else request.study_instance_uids
+    return step, StageRequested(
+        stage=step.stage,
+        cohort=request.cohort,
+        config=step.config,
+        slip=rest,
+        study_instance_uids=scope,
+        input_prefix=output_prefix or request.input_prefix,
+        location=request.location,
+    )
 
 
 def _add_counts(summary: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
@@ -251,15 +250,13 @@ class StageRuntime:
 
     # --- events out -------------------------------------------------------------------------
 
-    def _wrap(
-        self, payload: Any, run_cohort: uuid.UUID, job_id: uuid.UUID, corr: uuid.UUID | None
-    ) -> Envelope:
+    def _wrap(self, payload: Any, run_cohort: uuid.UUID, job_id: uuid.UUID) -> Envelope:
         return Envelope.wrap(
             payload,
             source=self.plugin.service,
             cohort_id=run_cohort,
             job_id=job_id,
-            correlation_id=corr,
+            correlation_id=_correlation.get(),
         )
 
     async def _progress(
@@ -289,7 +286,7 @@ class StageRuntime:
             errors=[ItemError(**e) for e in row["errors"][-20:]],
             summary=row["summary"],
         )
-        env = self._wrap(payload, row["cohort_id"], row["job_id"], row["job_id"])
+        env = self._wrap(payload, row["cohort_id"], row["job_id"])
         await enqueue(conn, self.schema, topics.JOBS_PROGRESS, env, key=str(row["job_id"]))
 
     async def _publish_item(
@@ -306,7 +303,7 @@ class StageRuntime:
             config=request.config,
             data=item.data,
         )
-        env = self._wrap(payload, request.cohort.id, job_id, job_id)
+        env = self._wrap(payload, request.cohort.id, job_id)
         await enqueue(
             conn,
             self.schema,
@@ -318,6 +315,7 @@ class StageRuntime:
     # --- requested ----------------------------------------------------------------------------
 
     async def handle_requested(self, envelope: Envelope) -> None:
+        _correlation.set(envelope.correlation_id)
         request: StageRequested = envelope.open(StageRequested)
         if request.stage != self.plugin.stage:
             return
@@ -364,6 +362,7 @@ class StageRuntime:
     # --- items ----------------------------------------------------------------------------------
 
     async def handle_item(self, envelope: Envelope) -> None:
+        _correlation.set(envelope.correlation_id)
         item: WorkItem = envelope.open(WorkItem)
         if item.stage != self.plugin.stage:
             return
@@ -433,7 +432,7 @@ class StageRuntime:
             attempts=self.settings.item_max_attempts,
             original=item.model_dump(mode="json"),
         )
-        env = self._wrap(letter, item.cohort.id, job_id, job_id)
+        env = self._wrap(letter, item.cohort.id, job_id)
         await self._end_item(
             job_id,
             item,
@@ -489,7 +488,7 @@ class StageRuntime:
             if row["status"] == "running":
                 await self._progress(conn, row, force=last)
             if last and row["status"] == "running":
-                request = _loaded_request(row["request"])
+                request = _loaded_request(row["request"], self.settings)
                 await self._enqueue_finalize(conn, request, job_id)
 
     async def _enqueue_finalize(
@@ -506,7 +505,7 @@ class StageRuntime:
             row = await conn.fetchrow(f"SELECT * FROM {self.schema}.runs WHERE job_id = $1", job_id)
         if row is None or row["status"] != "running":
             return
-        request = _loaded_request(row["request"])
+        request = _loaded_request(row["request"], self.settings)
         run = RunInfo(
             job_id=job_id,
             cohort=request.cohort,
@@ -553,7 +552,7 @@ class StageRuntime:
                     slip=request.slip,
                     errors=errors[:_MAX_ERRORS_KEPT],
                 )
-                env = self._wrap(done, request.cohort.id, job_id, job_id)
+                env = self._wrap(done, request.cohort.id, job_id)
                 await enqueue(
                     conn,
                     self.schema,
@@ -573,23 +572,16 @@ class StageRuntime:
         self, conn: asyncpg.Connection, request: StageRequested, output_prefix: str | None
     ) -> None:
         """Request the next stage of the routing slip, if any."""
-        if not request.slip:
+        following = next_request(request, self.plugin.stage, output_prefix)
+        if following is None:
             return
-        step, rest = request.slip[0], request.slip[1:]
-        # anonymization gives every study a new UID: a scope of original UIDs means nothing (and
-        # must not travel) past it; extraction's resume then reads only what is new in the zone
-        scope = [] if self.plugin.stage == Stage.anonymization else request.study_instance_uids
-        nxt = StageRequested(
-            stage=step.stage,
-            cohort=request.cohort,
-            config=step.config,
-            slip=rest,
-            study_instance_uids=scope,
-            input_prefix=output_prefix or request.input_prefix,
-            location=request.location,
-        )
+        step, nxt = following
         env = Envelope.wrap(
-            nxt, source=self.plugin.service, cohort_id=request.cohort.id, job_id=step.job_id
+            nxt,
+            source=self.plugin.service,
+            cohort_id=request.cohort.id,
+            job_id=step.job_id,
+            correlation_id=_correlation.get(),
         )
         await enqueue(
             conn, self.schema, topics.requested(step.stage), env, key=str(request.cohort.id)
@@ -614,7 +606,7 @@ class StageRuntime:
             errors=errors[:50],
             slip=request.slip,
         )
-        env = self._wrap(failed, request.cohort.id, job_id, job_id)
+        env = self._wrap(failed, request.cohort.id, job_id)
         await enqueue(
             conn, self.schema, topics.failed(self.plugin.stage), env, key=str(request.cohort.id)
         )
@@ -696,6 +688,6 @@ class StageRuntime:
                 job_id,
                 request.cohort.id,
                 self.plugin.stage.value,
-                _stored_request(request),
+                _stored_request(request, self.settings),
                 status,
             )

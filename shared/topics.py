@@ -19,7 +19,7 @@ class Stage(StrEnum):
     export = "export"
 
 
-# fixed order of the pipeline (seed/cohort-operations.txt)
+# fixed order of the pipeline (docs/architecture.md, "Stages")
 STAGE_ORDER: tuple[Stage, ...] = (
     Stage.anonymization,
     Stage.extraction,

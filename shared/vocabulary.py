@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-# `anonymize_categories` (seed/cohort-operations.txt, specs/deidentification.md)
+# `anonymize_categories`: which groups of identifying attributes a run de-identifies (ADR 0003)
 AnonymizeCategory = Literal[
     "patient",
     "clinical_trial",

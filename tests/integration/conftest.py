@@ -10,6 +10,7 @@ Which services run as subprocesses:
   (`"all"`: every registered service whose module exists); they run for that module only;
 - `COHORTFLOW_TEST_SERVICES=all|none|name,name` starts services for the whole session.
 A part that is missing or does not become ready fails the session loudly; nothing is skipped.
+Every test here is marked `integration` (`pytest -m "not integration"` is the fast loop).
 """
 
 from __future__ import annotations
@@ -35,11 +36,16 @@ SERVICES_ENV = "COHORTFLOW_TEST_SERVICES"
 TEST_S3_SOURCES = ["s3://cohortflow-test-sources", "s3://pacs-export"]
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "stack_services(*names): services this module needs running as subprocesses ('all')",
-    )
+_HERE = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test in this folder needs the stack: mark it `integration`, so that
+    `pytest -m "not integration"` leaves it out without each module saying so."""
+    for item in items:
+        if _HERE in item.path.resolve().parents:
+            item.add_marker(pytest.mark.integration)
 
 
 def _requested(names: tuple[str, ...] | list[str]) -> list[str]:

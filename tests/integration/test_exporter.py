@@ -10,12 +10,10 @@ dcm2niix's reference outputs in the sets' `Ref/` folders.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
 import shutil
-import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -37,9 +35,12 @@ from shared.settings import Settings
 from shared.stage import ItemContext
 from shared.storage import ObjectStore
 from shared.topics import Stage
+from tests.integration.polling import wait_job
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.needs_dcm2niix,
+    pytest.mark.needs_validator,
     pytest.mark.asyncio(loop_scope="session"),
     pytest.mark.stack_services("gateway", "extractor", "sorter", "exporter"),
 ]
@@ -54,7 +55,6 @@ SETS = {
 }
 EXPORT = {"outputModes": ["nii.gz", "dcm"]}
 JOB_TIMEOUT_S = 900.0
-TERMINAL = ("completed", "failed", "cancelled")
 
 
 def link_sets(dicom_root: Path, folder: Path) -> Path:
@@ -74,19 +74,6 @@ def link_sets(dicom_root: Path, folder: Path) -> Path:
     return folder
 
 
-async def wait_job(
-    api: httpx.AsyncClient, job_id: str, timeout: float = JOB_TIMEOUT_S
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        job: dict[str, Any] = (await api.get(f"/api/jobs/{job_id}")).json()
-        if job["status"] in TERMINAL:
-            return job
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} still {job['status']} after {timeout:.0f} s: {job}")
-        await asyncio.sleep(1.0)
-
-
 async def run_export(
     api: httpx.AsyncClient, cohort_id: str, config: dict[str, Any]
 ) -> dict[str, Any]:
@@ -94,7 +81,7 @@ async def run_export(
         f"/api/cohorts/{cohort_id}/stages/export/run", json={"config": config}
     )
     assert response.status_code == 202, response.text
-    job = await wait_job(api, response.json()["id"])
+    job = await wait_job(api, response.json()["id"], JOB_TIMEOUT_S)
     assert job["status"] == "completed", job
     return job
 
@@ -139,7 +126,7 @@ async def exported(
     assert run.status_code == 202, run.text
     jobs = {j["stage"]: j for j in run.json()["jobs"]}
     for stage in ("extraction", "sorting", "export"):
-        jobs[stage] = await wait_job(api, jobs[stage]["id"])
+        jobs[stage] = await wait_job(api, jobs[stage]["id"], JOB_TIMEOUT_S)
         assert jobs[stage]["status"] == "completed", json.dumps(jobs[stage], indent=1)[:4000]
     files = await manifest(api, cohort["id"], jobs["export"]["id"])
     tree = await download_tree(api, files, tmp_path_factory.mktemp("export-tree"))
@@ -361,7 +348,7 @@ async def test_a_cohort_sharing_the_same_files_exports_only_its_own(
     cohort = (await api.post("/api/cohorts", json=body)).json()
     run = await api.post(f"/api/cohorts/{cohort['id']}/pipeline", json={"export": EXPORT})
     assert run.status_code == 202, run.text
-    export_job = await wait_job(api, run.json()["jobs"][-1]["id"])
+    export_job = await wait_job(api, run.json()["jobs"][-1]["id"], JOB_TIMEOUT_S)
     assert export_job["status"] == "completed", export_job
     files = await manifest(api, cohort["id"], export_job["id"])
     images = raw_images(files)

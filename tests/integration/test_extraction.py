@@ -1,7 +1,7 @@
 """Extraction end to end: the real gateway and extractor services on the real broker, Postgres and
 S3 of the test stack, driven through the public HTTP API.
 
-Checks issue 2's bar: catalog counts equal an independent pydicom count of the same files, bad files
+Checks what extraction promises: catalog counts equal an independent pydicom count of the same files, bad files
 are recorded as rejected while the run completes, cancel stops the work, and faults (a SIGKILLed
 extractor, two replicas, a restarted broker) cost time but never data.
 """
@@ -28,6 +28,7 @@ from cohortflow.stack import LocalStack, processes
 from cohortflow.stack.processes import tree_pids
 from shared.storage import ObjectStore
 from shared.subjects import missing_patient_id
+from tests.integration.polling import eventually_blocking, wait_job_blocking
 
 pytestmark = [
     pytest.mark.integration,
@@ -112,33 +113,17 @@ def run_extraction(
     return dict(response.json())
 
 
-def wait_job(
-    api: httpx.Client,
-    job_id: str,
-    timeout: float = 300.0,
-    until: tuple[str, ...] = ("completed", "failed", "cancelled"),
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = api.get(f"/api/jobs/{job_id}").json()
-        if job["status"] in until:
-            return dict(job)
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} still {job['status']}: {job}")
-        time.sleep(0.5)
-
-
 def wait_progress(
     api: httpx.Client, job_id: str, at_least: int, timeout: float = 120.0
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = api.get(f"/api/jobs/{job_id}").json()
-        if (job.get("items_done") or 0) >= at_least or job["status"] in ("completed", "failed"):
-            return dict(job)
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} made no progress: {job}")
-        time.sleep(0.2)
+    """The job once `at_least` items are done (or it ended)."""
+
+    def probe() -> dict[str, Any] | None:
+        job: dict[str, Any] = api.get(f"/api/jobs/{job_id}").json()
+        done = (job.get("items_done") or 0) >= at_least
+        return job if done or job["status"] in ("completed", "failed") else None
+
+    return eventually_blocking(probe, timeout, 0.2, f"progress of job {job_id}")
 
 
 async def catalog_counts(db_pool: asyncpg.Pool, cohort_id: str) -> dict[str, int]:
@@ -183,7 +168,7 @@ async def test_extraction_counts_match_an_independent_pydicom_count(
 ) -> None:
     expected = independent_count(all_data)
     cohort = create_cohort(api, "extract-all", all_data)
-    job = wait_job(api, run_extraction(api, cohort["id"])["id"])
+    job = wait_job_blocking(api, run_extraction(api, cohort["id"])["id"])
     assert job["status"] == "completed", job
     counts = await catalog_counts(db_pool, cohort["id"])
     assert counts["files"] == expected["files"]
@@ -216,7 +201,7 @@ async def test_extraction_counts_match_an_independent_pydicom_count(
     assert any(k.startswith("MR|TE=") and "ORIENT=" in k for k in keys)
 
     # a second run re-reads nothing already catalogued
-    again = wait_job(api, run_extraction(api, cohort["id"])["id"])
+    again = wait_job_blocking(api, run_extraction(api, cohort["id"])["id"])
     assert again["status"] == "completed"
     assert again["items_total"] == 0
     assert (await catalog_counts(db_pool, cohort["id"])) == counts
@@ -244,7 +229,9 @@ async def test_deleting_a_cohort_removes_its_catalog_and_raw_zone(
     source = link_tree(tmp_path / "purge", {"ct": dicom_root / "dcm_qa_ct"})
     gone, kept = (create_cohort(api, f"extract-purge-{n}", source) for n in ("gone", "kept"))
     for cohort in (gone, kept):
-        assert wait_job(api, run_extraction(api, cohort["id"])["id"])["status"] == "completed"
+        assert (
+            wait_job_blocking(api, run_extraction(api, cohort["id"])["id"])["status"] == "completed"
+        )
     assert (await catalog_counts(db_pool, gone["id"]))["instances"] > 0
     assert any(object_store.list(f"raw/{gone['id']}/"))
 
@@ -277,7 +264,7 @@ async def test_cancel_mid_run_stops_the_work(
     wait_progress(api, job["id"], at_least=1)
     response = api.post(f"/api/jobs/{job['id']}/cancel")
     assert response.status_code in (200, 202), response.text
-    job = wait_job(api, job["id"])
+    job = wait_job_blocking(api, job["id"])
     assert job["status"] == "cancelled"
     time.sleep(3)
     first = await catalog_counts(db_pool, cohort["id"])
@@ -299,7 +286,7 @@ async def test_a_killed_extractor_costs_time_not_data(
     wait_progress(api, job["id"], at_least=2)
     stack.kill_service("extractor")
     stack.start_service("extractor")
-    job = wait_job(api, job["id"], timeout=600)
+    job = wait_job_blocking(api, job["id"], timeout=600)
     assert job["status"] == "completed", job
     counts = await catalog_counts(db_pool, cohort["id"])
     assert counts["instances"] == counts["distinct_instances"] == expected["instances"]
@@ -330,7 +317,7 @@ async def test_a_killed_service_takes_its_worker_processes_with_it(
         assert time.monotonic() < deadline, f"worker processes outlived their service: {left}"
         time.sleep(0.2)
     stack.start_service("extractor")
-    assert wait_job(api, job["id"], timeout=600)["status"] == "completed"
+    assert wait_job_blocking(api, job["id"], timeout=600)["status"] == "completed"
 
 
 async def test_two_replicas_share_one_run_and_a_broker_restart_loses_nothing(
@@ -347,7 +334,7 @@ async def test_two_replicas_share_one_run_and_a_broker_restart_loses_nothing(
         job = run_extraction(api, cohort["id"], {"batch_files": 8, "process_pool_workers": 1})
         wait_progress(api, job["id"], at_least=2)
         stack.restart_broker()
-        job = wait_job(api, job["id"], timeout=600)
+        job = wait_job_blocking(api, job["id"], timeout=600)
         assert job["status"] == "completed", job
         counts = await catalog_counts(db_pool, cohort["id"])
         assert counts["instances"] == counts["distinct_instances"] == expected["instances"]

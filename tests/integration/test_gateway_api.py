@@ -15,9 +15,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import httpx
@@ -51,24 +51,12 @@ from shared.secrets import unseal
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from shared.topics import Stage
+from tests.integration.polling import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
 TOKEN = "gateway-test-token"
 PASSWORD = "audit-password-4-tests"
-T = TypeVar("T")
-
-
-async def eventually(probe: Callable[[], Awaitable[T | None]], timeout: float = 20.0) -> T:
-    """Poll until `probe` returns something truthy (events travel through the broker)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,13 @@ import pytest
 
 from services.exporter.validate import run_bids_validator
 
-pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.stack_services("all")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.e2e,
+    pytest.mark.needs_dcm2niix,
+    pytest.mark.needs_validator,
+    pytest.mark.stack_services("all"),
+]
 
 PASSWORD = "e2e-audit-password"
 # attributes whose values identify a person, a place, a device or a study instance

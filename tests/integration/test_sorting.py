@@ -14,7 +14,8 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.integration.test_extraction import create_cohort, link_tree, run_extraction, wait_job
+from tests.integration.polling import wait_job_blocking
+from tests.integration.test_extraction import create_cohort, link_tree, run_extraction
 
 pytestmark = [
     pytest.mark.integration,
@@ -32,7 +33,7 @@ def api(gateway_url: str) -> Any:
 def run_sorting(api: httpx.Client, cohort_id: str, config: dict[str, Any]) -> dict[str, Any]:
     response = api.post(f"/api/cohorts/{cohort_id}/stages/sorting/run", json={"config": config})
     assert response.status_code == 202, response.text
-    job = wait_job(api, response.json()["id"])
+    job = wait_job_blocking(api, response.json()["id"])
     assert job["status"] == "completed", job
     return job
 
@@ -60,7 +61,7 @@ async def test_stacks_left_out_by_selected_modalities_are_classified_when_select
         },
     )
     cohort = create_cohort(api, "sorting-modalities", source)
-    extraction = wait_job(api, run_extraction(api, cohort["id"])["id"])
+    extraction = wait_job_blocking(api, run_extraction(api, cohort["id"])["id"])
     assert extraction["status"] == "completed", extraction
 
     run_sorting(api, cohort["id"], {"selectedModalities": ["CT"]})

@@ -1,6 +1,6 @@
-"""Hostile sources and the one-way anonymization, against the real stack (issue 12, items 1 and 2).
+"""Hostile sources and the one-way anonymization, against the real stack.
 
-Each probe of the issue is a test here: a link to /etc inside a data root, `s3://` sources in the
+Each probe of the hardening pass (ADR 0017) is a test here: a link to /etc inside a data root, `s3://` sources in the
 system's own buckets (another cohort's raw zone, the audit and broker buckets), switching an
 anonymized cohort back, a file name that is not UTF-8, a self-referencing link, a FIFO and a
 dangling link. Every refused entry is recorded with its reason while the run completes; nothing
@@ -26,12 +26,12 @@ import pytest
 
 from shared.settings import BROKER_BUCKET, Settings
 from shared.storage import ObjectStore
+from tests.integration.polling import wait_job_blocking
 from tests.integration.test_extraction import (
     create_cohort,
     independent_count,
     link_tree,
     run_extraction,
-    wait_job,
 )
 
 pytestmark = [
@@ -101,7 +101,7 @@ async def test_a_link_to_etc_is_rejected_and_never_read(
     (source / "state").symlink_to(stack_settings.home, target_is_directory=True)
     (source / "notes.txt").write_text("not DICOM: must never be copied into the raw zone\n")
     cohort = create_cohort(api, f"src-etc-{uuid.uuid4().hex[:6]}", source)
-    job = wait_job(api, run_extraction(api, cohort["id"])["id"])
+    job = wait_job_blocking(api, run_extraction(api, cohort["id"])["id"])
     assert job["status"] == "completed", job
 
     reasons = await rejected(db_pool, cohort["id"])
@@ -155,7 +155,7 @@ async def test_a_source_swapped_for_a_link_after_creation_fails_its_plan_with_th
     (source / "ct").unlink()
     source.rmdir()
     source.symlink_to("/etc", target_is_directory=True)
-    job = wait_job(api, run_extraction(api, cohort["id"])["id"], timeout=60)
+    job = wait_job_blocking(api, run_extraction(api, cohort["id"])["id"], timeout=60)
     assert job["status"] == "failed", job
     assert "outside the allowed data roots" in (job["status_reason"] or ""), job
 
@@ -184,7 +184,7 @@ async def test_hostile_entries_are_recorded_while_the_run_goes_on(
     sock.close()
 
     cohort = create_cohort(api, f"src-hostile-{uuid.uuid4().hex[:6]}", source)
-    job = wait_job(api, run_extraction(api, cohort["id"])["id"], timeout=120)
+    job = wait_job_blocking(api, run_extraction(api, cohort["id"])["id"], timeout=120)
     assert job["status"] == "completed", job
 
     reasons = await rejected(db_pool, cohort["id"])
@@ -204,7 +204,7 @@ async def test_hostile_entries_are_recorded_while_the_run_goes_on(
     assert len(rows) == expected
 
     # a second run re-reads nothing and still records nothing twice
-    again = wait_job(api, run_extraction(api, cohort["id"])["id"], timeout=120)
+    again = wait_job_blocking(api, run_extraction(api, cohort["id"])["id"], timeout=120)
     assert again["status"] == "completed", again
     assert len(await catalogued(db_pool, cohort["id"])) == expected
 
@@ -255,7 +255,7 @@ async def test_s3_sources_in_the_systems_own_buckets_are_refused(
         f"src-victim-{uuid.uuid4().hex[:6]}",
         link_tree(tmp_path / "v", {"ct": dicom_root / "dcm_qa_ct" / "In"}),
     )
-    job = wait_job(api, run_extraction(api, victim["id"])["id"])
+    job = wait_job_blocking(api, run_extraction(api, victim["id"])["id"])
     assert job["status"] == "completed", job
     own = [
         f"s3://cohortflow/raw/{victim['id']}",
@@ -312,7 +312,7 @@ def run_stage(
 ) -> dict[str, Any]:
     r = api.post(f"/api/cohorts/{cohort_id}/stages/{stage}/run", json={"config": config})
     assert r.status_code == 202, r.text
-    return wait_job(api, r.json()["id"], timeout=300)
+    return wait_job_blocking(api, r.json()["id"], timeout=300)
 
 
 async def test_no_route_brings_identified_instances_into_an_anonymized_catalog(
@@ -347,7 +347,7 @@ async def test_no_route_brings_identified_instances_into_an_anonymized_catalog(
 
     # the same the other way: an identified catalog cannot be turned into an anonymized one
     plain = create_cohort(api, f"src-plain-{uuid.uuid4().hex[:6]}", source)
-    assert wait_job(api, run_extraction(api, plain["id"])["id"])["status"] == "completed"
+    assert wait_job_blocking(api, run_extraction(api, plain["id"])["id"])["status"] == "completed"
     r = api.patch(f"/api/cohorts/{plain['id']}", json={"anonymization_enabled": True})
     assert r.status_code == 409 and "cannot be turned on" in r.json()["detail"], r.text
 
@@ -370,7 +370,7 @@ async def test_no_route_brings_identified_instances_into_an_anonymized_catalog(
     jobs = {j["stage"]: j for j in r.json()["jobs"]}
     assert list(jobs)[:2] == ["anonymization", "extraction"]
     for stage in ("anonymization", "extraction"):
-        assert wait_job(api, jobs[stage]["id"])["status"] == "completed"
+        assert wait_job_blocking(api, jobs[stage]["id"])["status"] == "completed"
     for stage in ("sorting", "export"):  # no sorter or exporter runs in this module
         api.post(f"/api/jobs/{jobs[stage]['id']}/cancel")
     await assert_only_deidentified(len(original_uids))

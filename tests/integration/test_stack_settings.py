@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from cohortflow.stack import LocalStack
+from tests.integration.polling import eventually_blocking
 
 pytestmark = pytest.mark.integration
 
@@ -79,13 +80,12 @@ def _auth(token: str = TOKEN) -> dict[str, str]:
 
 
 def _eventually_status(client: httpx.Client, path: str, code: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = client.get(path, headers=_auth()).status_code
-        if got == code:
-            return
-        assert time.monotonic() < deadline, f"{path}: {got}, waited for {code}"
-        time.sleep(0.3)
+    eventually_blocking(
+        lambda: client.get(path, headers=_auth()).status_code == code,
+        timeout,
+        0.3,
+        f"{path} answering {code}",
+    )
 
 
 def test_settings_are_stored_privately_and_shown_masked(own: OwnStack) -> None:

@@ -17,7 +17,6 @@ from services.anonymizer.profile.engine import (
     DeidentifiedFile,
     anonymize,
     anonymize_bytes,
-    dicom_bytes,
 )
 from services.anonymizer.profile.identifiers import IdentifierSet
 from services.anonymizer.profile.options import (
@@ -40,6 +39,7 @@ from services.anonymizer.profile.quarantine import Quarantine, burned_in_risk
 from services.anonymizer.profile.table import Profile, Rule, load_profile
 from services.anonymizer.profile.uids import new_uid
 from services.anonymizer.profile.verify import Finding, verify
+from services.anonymizer.profile.writer import dicom_bytes
 
 __all__ = [
     "CATEGORIES",

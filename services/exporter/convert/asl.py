@@ -73,7 +73,8 @@ def _type_of(ds: Dataset, source: Mapping[str, Any]) -> str | None:
     raw = _first(ds, Tag(int(source["tag"], 16))) if "tag" in source else _private_value(ds, source)
     if raw in (None, ""):
         return None
-    return source["values"].get(str(raw).strip().upper(), "?")
+    volume_type: str = source["values"].get(str(raw).strip().upper(), "?")
+    return volume_type
 
 
 def _frames(ds: Dataset) -> list[Dataset]:

@@ -64,7 +64,7 @@ def _siemens_csa(tags: PrivateTags) -> Diffusion:
         from nibabel.nicom import csareader
 
     try:
-        csa = csareader.read(blob)
+        csa = csareader.read(blob)  # type: ignore[no-untyped-call]  # nibabel has no annotations
     except (csareader.CSAReadError, ValueError, IndexError):
         return Diffusion()
     csa_tags = csa.get("tags", {})

@@ -319,7 +319,8 @@ def _tag_at(fp: BinaryIO, offset: int, ds: Dataset) -> int:
         return 0
     _, little = ds.original_encoding
     group, element = struct.unpack("<HH" if little is not False else ">HH", raw)
-    return group << 16 | element
+    tag: int = group << 16 | element
+    return tag
 
 
 def _vendor_hints(tags: PrivateTags) -> VendorImageHints:

@@ -25,7 +25,7 @@ from pydicom.charset import convert_encodings, default_encoding
 from .header_json import MAX_VALUE_BYTES, resolve_vr, tag_key, value_json
 
 try:  # the same reader compiled (pip install builds it); without it the Python reader does all
-    from . import _fastreader  # type: ignore[attr-defined]
+    from . import _fastreader as _fastreader  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - a build without a C compiler
     _fastreader = None
 from .sop_class import DICOMDIR_SOP_CLASS
@@ -151,7 +151,8 @@ def _fast_dataset(content: bytes, position: int, state: _State) -> dict[str, Any
     except _fastreader.Unhandled:
         return None
     state.pixel_offset, state.private = offset, private
-    return data
+    dataset: dict[str, Any] = data
+    return dataset
 
 
 @functools.lru_cache(maxsize=64)

@@ -18,7 +18,7 @@ from services.sorter.rules.checkup import (
     is_unselected,
     stored_classified_keys,
 )
-from services.sorter.rules.classify import Classification, Evidence, classify, classify_batch
+from services.sorter.rules.classify import Classification, classify, classify_batch
 from services.sorter.rules.completion import complete
 from services.sorter.rules.fingerprint import (
     Fingerprint,
@@ -26,7 +26,7 @@ from services.sorter.rules.fingerprint import (
     fingerprint_batch,
     fingerprint_version,
 )
-from services.sorter.rules.pack import RulePack, load_rules
+from services.sorter.rules.pack import Evidence, RulePack, load_rules
 
 __all__ = [
     "CheckupResult",

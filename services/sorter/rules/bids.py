@@ -52,7 +52,7 @@ def agent_label(agent: str) -> str:
     ("11 ml Omniscan" -> "omniscan", "ISOVUE300/100" -> "isovue300")."""
     for word in _AGENT_WORD.findall(agent):
         if word.lower() not in _UNITS:
-            return word.lower()
+            return str(word).lower()
     return ""
 
 

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from services.sorter.rules.bids import bids_entities, match_bids
-from services.sorter.rules.classify import Classification, Evidence
+from services.sorter.rules.classify import Classification
 from services.sorter.rules.fingerprint import Fingerprint
-from services.sorter.rules.pack import RulePack, load_rules
+from services.sorter.rules.pack import Evidence, RulePack, load_rules
 
 FILLABLE = ("base", "technique", "provenance")
 

@@ -19,6 +19,8 @@ import pytest
 
 from .conftest import dicom_files, run
 
+pytestmark = pytest.mark.needs_dcm2niix
+
 DCM2NIIX = Path(sys.executable).parent / "dcm2niix"
 # sidecar fields that name the institution or device, descriptions cleaned of identifying words,
 # and the de-identification markers

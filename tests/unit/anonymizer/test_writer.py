@@ -52,7 +52,7 @@ def test_output_is_pydicoms_byte_for_byte(dicom_root: Path) -> None:
 def test_other_encodings_are_written_by_pydicom(dicom_root: Path, syntax: str) -> None:
     """Big endian and deflated data sets are pydicom's to write (re-encoded, not copied)."""
     ds = pydicom.dcmread(sample(dicom_root)[0])
-    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(syntax)
     out = dicom_bytes(ds)
     back = pydicom.dcmread(io.BytesIO(out))
     assert back.file_meta.TransferSyntaxUID == syntax

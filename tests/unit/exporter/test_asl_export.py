@@ -263,6 +263,7 @@ def pcasl_with_m0(
     return root, exports
 
 
+@pytest.mark.needs_dcm2niix
 def test_pcasl_and_m0_are_exported_the_bids_way(
     pcasl_with_m0: tuple[Path, list[ExportedStack]],
 ) -> None:
@@ -295,6 +296,8 @@ def test_pcasl_and_m0_are_exported_the_bids_way(
     assert "sub-01_asl: sidecar lacks required BackgroundSuppression" in warnings
 
 
+@pytest.mark.needs_dcm2niix
+@pytest.mark.needs_validator
 def test_what_dicom_cannot_tell_is_reported_and_the_rest_validates(
     pcasl_with_m0: tuple[Path, list[ExportedStack]], tmp_path: Path
 ) -> None:
@@ -325,6 +328,8 @@ def test_what_dicom_cannot_tell_is_reported_and_the_rest_validates(
     assert report.errors == 0, report.issues
 
 
+@pytest.mark.needs_dcm2niix
+@pytest.mark.needs_validator
 def test_siemens_protocol_alone_gives_no_volume_types(dicom_root: Path, tmp_path: Path) -> None:
     """A Siemens mosaic pCASL with no per-volume attribute: dcm2niix's labelling fields are kept
     (its millisecond RepetitionTimePreparation corrected); the volume types, hence aslcontext.tsv,
@@ -348,6 +353,7 @@ def test_siemens_protocol_alone_gives_no_volume_types(dicom_root: Path, tmp_path
     assert run_bids_validator(root).errors == 0
 
 
+@pytest.mark.needs_dcm2niix
 def test_orphan_m0scan_is_listed_as_incomplete(dicom_root: Path, tmp_path: Path) -> None:
     write_asl_series(dicom_root, tmp_path / "m0", volumes=["M_ZERO_SCAN"], protocol=M0_PROTOCOL)
     root = tmp_path / "bids"
@@ -393,6 +399,8 @@ def test_derived_perfusion_maps_go_to_derivatives(fields: dict[str, Any], expect
     assert [str(p) for p in plan_names([stack]).values()] == [expected]
 
 
+@pytest.mark.needs_dcm2niix
+@pytest.mark.needs_validator
 def test_siemens_xa_enhanced_context_per_frame(dicom_root: Path, tmp_path: Path) -> None:
     """Siemens XA enhanced (one multi-frame file per volume): ASL Context per frame gives
     aslcontext.tsv; the only timing is ASL Pulse Train Duration, which dcm2niix reports as
@@ -415,6 +423,7 @@ def test_siemens_xa_enhanced_context_per_frame(dicom_root: Path, tmp_path: Path)
     assert run_bids_validator(root).errors == 0
 
 
+@pytest.mark.needs_dcm2niix
 def test_context_shifted_by_one_volume_is_refused(dicom_root: Path, tmp_path: Path) -> None:
     """An M0 volume recorded as LABEL (as reported on Siemens XA61): three volumes, one control
     and two labels. The context is not written; the reason is reported."""

@@ -15,6 +15,8 @@ from services.exporter.convert import ConverterError, convert_stack, copy_dicom_
 from services.exporter.convert import dcm2niix as dcm2niix_module
 from tests.unit.exporter.stacks import dicom_files
 
+pytestmark = pytest.mark.needs_dcm2niix
+
 # sidecar keys whose values must match the reference exactly (floats to 1e-6)
 SIDECAR_KEYS = (
     "EchoTime",

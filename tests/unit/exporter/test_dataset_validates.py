@@ -14,6 +14,8 @@ from services.exporter.convert.export import export_stack
 from services.exporter.validate import run_bids_validator
 from tests.unit.exporter.stacks import StackFactory, real_stack
 
+pytestmark = [pytest.mark.needs_dcm2niix, pytest.mark.needs_validator]
+
 
 @pytest.fixture(scope="module")
 def dataset(

@@ -416,6 +416,7 @@ def test_unseen_cases(
 def test_diffusion_without_readable_b_values_and_short_te_is_reviewed_not_bold() -> None:
     """An unseen vendor's DWI: 40 EPI volumes, TE 55 ms, b-values only in tags we do not read."""
     result = run(
+        None,
         **{
             **UIH,
             "Manufacturer": "Hyperfine",
@@ -426,7 +427,7 @@ def test_diffusion_without_readable_b_values_and_short_te_is_reviewed_not_bold()
             "ImageType": ORIG,
             "SeriesDescription": "DWI ax",
             "n_volumes": 40,
-        }
+        },
     )
     assert result.bids_suffix != "bold"
     assert result.review_required or result.bids_suffix == "dwi"
@@ -435,6 +436,7 @@ def test_diffusion_without_readable_b_values_and_short_te_is_reviewed_not_bold()
 def test_perfusion_without_a_technique_is_unknown_and_reviewed() -> None:
     """ImageType PERFUSION and a 'perfusion' name, nothing else: never guessed as DSC."""
     result = run(
+        None,
         **{
             **SIEMENS,
             "ScanningSequence": "GR",
@@ -442,7 +444,7 @@ def test_perfusion_without_a_technique_is_unknown_and_reviewed() -> None:
             "SeriesDescription": "perfusion",
             "RepetitionTime": 1500,
             "EchoTime": 30,
-        }
+        },
     )
     assert result.bids_suffix != "dsc" and result.review_required
 
@@ -450,6 +452,7 @@ def test_perfusion_without_a_technique_is_unknown_and_reviewed() -> None:
 def test_bidsguess_disagreement_lowers_confidence_and_says_why() -> None:
     """MESE source images: the rules say anat/MESE, the BidsGuess-style opinion T2w."""
     result = run(
+        None,
         **{
             **SIEMENS,
             "SequenceName": "se2d16",
@@ -460,7 +463,7 @@ def test_bidsguess_disagreement_lowers_confidence_and_says_why() -> None:
             "FlipAngle": 180,
             "ImageType": ORIG,
             "echo_times": [20.0, 40.0, 60.0, 80.0, 100.0],
-        }
+        },
     )
     assert result.bids_suffix == "MESE" and result.review_required
     assert any("BidsGuess-style check says anat/T2w" in r for r in result.review_reasons)

@@ -1,0 +1,132 @@
+"""Subscriber routing through FastStream's in-memory test broker: a valid envelope reaches its
+handler, a message that is not one is dead-lettered (and acknowledged), a handler's own error
+goes back to the broker so the message is redelivered."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+
+import orjson
+import pytest
+from faststream.kafka import KafkaBroker, TestKafkaBroker
+
+from shared import topics
+from shared.events import (
+    CohortDeleted,
+    CohortRef,
+    DeadLetter,
+    Envelope,
+    JobControl,
+    StageRequested,
+    WorkItem,
+)
+from shared.service import envelope_handler, subscribe_stage
+from shared.settings import Settings
+from shared.topics import Stage
+
+TOPIC = topics.COHORTS_DELETED
+DLQ = topics.dlq(Stage.sorting)
+
+
+def _broker(received: list[Envelope], letters: list[Envelope], fail: bool = False) -> KafkaBroker:
+    broker = KafkaBroker()
+
+    async def handle(envelope: Envelope) -> None:
+        if fail:
+            raise RuntimeError("database away")
+        received.append(envelope)
+
+    broker.subscriber(TOPIC)(envelope_handler(broker, "sorter", DLQ, handle))
+
+    @broker.subscriber(DLQ)
+    async def dead(letter: Envelope) -> None:  # FastStream decodes the JSON into the model
+        letters.append(letter)
+
+    return broker
+
+
+async def test_a_valid_envelope_reaches_its_handler() -> None:
+    received: list[Envelope] = []
+    letters: list[Envelope] = []
+    cohort = uuid.uuid4()
+    envelope = Envelope.wrap(CohortDeleted(cohort_id=cohort), source="gateway", cohort_id=cohort)
+    async with TestKafkaBroker(_broker(received, letters)) as br:
+        await br.publish(envelope.model_dump_json().encode(), topic=TOPIC)
+    assert [e.id for e in received] == [envelope.id]
+    assert received[0].open(CohortDeleted).cohort_id == cohort
+    assert letters == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json at all", orjson.dumps({"type": "CohortDeleted"}), orjson.dumps([1, 2])],
+    ids=["not-json", "no-source", "not-an-object"],
+)
+async def test_a_message_that_is_not_an_envelope_is_dead_lettered(body: bytes) -> None:
+    received: list[Envelope] = []
+    letters: list[Envelope] = []
+    async with TestKafkaBroker(_broker(received, letters)) as br:
+        await br.publish(body, topic=TOPIC)
+    assert received == []
+    (letter_env,) = letters
+    assert letter_env.source == "sorter"
+    letter = letter_env.open(DeadLetter)
+    assert letter.error.startswith("not a valid envelope")
+    assert letter.original == {"raw": body.decode()}
+
+
+async def test_a_handler_error_is_raised_to_the_broker_for_redelivery() -> None:
+    letters: list[Envelope] = []
+    envelope = Envelope.wrap(CohortDeleted(cohort_id=uuid.uuid4()), source="gateway")
+    async with TestKafkaBroker(_broker([], letters, fail=True)) as br:
+        with pytest.raises(RuntimeError, match="database away"):
+            await br.publish(envelope.model_dump_json().encode(), topic=TOPIC)
+    assert letters == [], "a handler's failure is retried, never dead-lettered here"
+
+
+class _Recorder:
+    """Stands in for StageRuntime: records which handler got which envelope."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def _record(self, name: str) -> Callable[[Envelope], Awaitable[None]]:
+        async def handle(envelope: Envelope) -> None:
+            self.calls.append((name, envelope.type))
+
+        return handle
+
+    def __getattr__(self, name: str) -> Callable[[Envelope], Awaitable[None]]:
+        return self._record(name)
+
+
+class _Sorter:
+    stage = Stage.sorting
+    service = "sorter"
+    schema = "sorting"
+
+
+async def test_a_stage_service_routes_each_topic_to_its_runtime_handler() -> None:
+    broker = KafkaBroker()
+    runtime = _Recorder()
+    subscribe_stage(broker, _Sorter(), runtime, Settings())  # type: ignore[arg-type]
+    cohort = uuid.uuid4()
+    ref = CohortRef(id=cohort, name="c", source_path="/d")
+    sent = [
+        (topics.requested(Stage.sorting), StageRequested(stage=Stage.sorting, cohort=ref)),
+        (topics.items(Stage.sorting), WorkItem(stage=Stage.sorting, cohort=ref, item_key="s")),
+        (topics.JOBS_CONTROL, JobControl(action="cancel")),
+        (topics.COHORTS_DELETED, CohortDeleted(cohort_id=cohort)),
+    ]
+    async with TestKafkaBroker(broker) as br:
+        for topic, payload in sent:
+            envelope = Envelope.wrap(payload, source="gateway", job_id=uuid.uuid4())
+            await br.publish(envelope.model_dump_json().encode(), topic=topic)
+        await br.publish(b"garbage", topic=topics.items(Stage.sorting))
+    assert runtime.calls == [
+        ("handle_requested", "StageRequested"),
+        ("handle_item", "WorkItem"),
+        ("handle_control", "JobControl"),
+        ("handle_cohort_deleted", "CohortDeleted"),
+    ]
