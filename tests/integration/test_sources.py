@@ -415,7 +415,9 @@ async def test_new_studies_with_the_same_file_names_do_not_collide(
         r = api.post("/api/studies", json=body)
         assert r.status_code == 202, r.text
         jobs = {j["stage"]: j for j in r.json()["jobs"]}
-        assert wait_job(api, jobs["extraction"]["id"], timeout=120)["status"] == "completed"
+        assert (
+            wait_job_blocking(api, jobs["extraction"]["id"], timeout=120)["status"] == "completed"
+        )
         for stage in ("sorting", "export"):  # no sorter or exporter runs in this module
             api.post(f"/api/jobs/{jobs[stage]['id']}/cancel")
 
@@ -426,6 +428,6 @@ async def test_new_studies_with_the_same_file_names_do_not_collide(
     for key, sample in zip(["study-1/IM0001", "study-2/IM0001", outside], samples, strict=True):
         assert object_store.get_bytes(rows[key]["object_key"]) == sample.read_bytes()
     # a whole-cohort run afterwards names the inside studies' files as they were: nothing new
-    job = wait_job(api, run_extraction(api, cohort["id"])["id"], timeout=120)
+    job = wait_job_blocking(api, run_extraction(api, cohort["id"])["id"], timeout=120)
     assert job["status"] == "completed", job
     assert {r["source_key"] for r in await catalogued(db_pool, cohort["id"])} == set(rows)
