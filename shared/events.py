@@ -242,10 +242,12 @@ class StudyOrigin(BaseModel):
     """Where a "new study" notice comes from: the sending system and the DICOM association."""
 
     model_config = ConfigDict(extra="allow")
-    system: str | None = Field(None, description="the sending system (router, PACS, gateway)")
-    calling_ae: str | None = Field(None, description="AE title of the modality or sender")
-    called_ae: str | None = Field(None, description="AE title that received the study")
-    host: str | None = Field(None, description="host the association came from")
+    system: str | None = Field(
+        default=None, description="the sending system (router, PACS, gateway)"
+    )
+    calling_ae: str | None = Field(default=None, description="AE title of the modality or sender")
+    called_ae: str | None = Field(default=None, description="AE title that received the study")
+    host: str | None = Field(default=None, description="host the association came from")
 
 
 class StudyReceived(Payload):
@@ -265,14 +267,16 @@ class StudyReceived(Payload):
     modalities: list[str] = Field(default_factory=list)
     run_pipeline: bool = True
     expected_instances: int | None = Field(
-        None, ge=0, description="how many instances the sender holds for the study"
+        default=None, ge=0, description="how many instances the sender holds for the study"
     )
     complete: bool | None = Field(
-        None, description="true when the sender asserts the study has arrived in full"
+        default=None, description="true when the sender asserts the study has arrived in full"
     )
     origin: StudyOrigin | None = None
-    study_description: str | None = Field(None, description="for the cohorts' routing rules")
-    institution: str | None = Field(None, description="InstitutionName, for routing rules")
+    study_description: str | None = Field(
+        default=None, description="for the cohorts' routing rules"
+    )
+    institution: str | None = Field(default=None, description="InstitutionName, for routing rules")
 
 
 class DeadLetter(Payload):
@@ -301,7 +305,7 @@ class JobEvent(Payload):
     items_done: int = 0
     items_failed: int = 0
     left_work_behind: bool = Field(
-        False, description="completed, but some work was not done (reason says what)"
+        default=False, description="completed, but some work was not done (reason says what)"
     )
 
 
@@ -311,7 +315,9 @@ class ExportPublished(Payload):
     job_id: uuid.UUID
     cohort_id: uuid.UUID
     scoped: bool = False
-    output_prefix: str | None = Field(None, description="where the tree is in the data bucket")
+    output_prefix: str | None = Field(
+        default=None, description="where the tree is in the data bucket"
+    )
     files_api: str = Field(description="the gateway path that lists and serves the files")
     validator: dict[str, Any] = Field(
         default_factory=dict, description="the BIDS validator's verdict and counts"

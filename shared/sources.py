@@ -23,6 +23,7 @@ What is checked (docs/adr-0017-sources.md):
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
 import re
@@ -400,14 +401,107 @@ class ObjectSource:
         return path
 
 
-def open_source(location: str, settings: Settings | None = None, folder_workers: int = 4) -> Source:
-    """The source at a cohort's location, checked (`check_location`) and confined to the roots."""
-    settings = settings or get_settings()
-    checked = check_location(location, settings)
+def _open_checked(checked: str, settings: Settings, folder_workers: int) -> Source:
     if checked.startswith("s3://"):
         bucket, prefix = parse_s3_uri(checked)
         return ObjectSource(ObjectStore(settings), bucket, prefix)
     return LocalSource(Path(checked), folder_workers, Roots.of(settings))
+
+
+def _relative(base: str, location: str) -> str | None:
+    """`location`'s path under `base` (POSIX), or None when it does not lie inside it."""
+    if base.startswith("s3://") != location.startswith("s3://"):
+        return None
+    if base.startswith("s3://"):
+        base_bucket, base_prefix = parse_s3_uri(base)
+        bucket, prefix = parse_s3_uri(location)
+        if bucket != base_bucket:
+            return None
+        base, location = "/" + base_prefix.strip("/"), "/" + prefix.strip("/")
+    if location == base or not _inside(location, base):
+        return None
+    return os.path.relpath(location, base).replace(os.sep, "/")
+
+
+class _StudyInside:
+    """A study's folder inside its cohort's source, listed alone but named and read through the
+    cohort's source: its keys are the ones a whole-cohort run gives the same files."""
+
+    def __init__(self, base: Source, study: Source, relative: str) -> None:
+        self.location = base.location
+        self._base, self._study, self._relative = base, study, relative
+
+    def list(self) -> Iterator[SourceFile]:
+        for f in self._study.list():
+            yield SourceFile(f"{self._relative}/{f.key}", f.size, f.mtime_ns, f.rejected)
+
+    def read(self, key: str) -> bytes:
+        return self._base.read(key)
+
+    def open(self, key: str) -> BinaryIO:
+        return self._base.open(key)
+
+    def as_file(self, key: str, scratch: Path) -> Path:
+        return self._base.as_file(key, scratch)
+
+
+class _StudyOutside:
+    """A study's folder outside its cohort's source: its keys carry `@<digest of the location>/`,
+    so two studies that both hold `IM0001` never share a key in the cohort's catalog or raw zone."""
+
+    def __init__(self, study: Source) -> None:
+        self.location = study.location
+        self._study = study
+        digest = hashlib.sha256(study.location.encode("utf-8", "surrogateescape")).hexdigest()
+        self._prefix = f"@{digest[:16]}/"
+
+    def _own(self, key: str) -> str:
+        if not key.startswith(self._prefix):
+            raise SourceError(f"{key!r} is not a key of the study at {self.location}")
+        return key[len(self._prefix) :]
+
+    def list(self) -> Iterator[SourceFile]:
+        for f in self._study.list():
+            yield SourceFile(self._prefix + f.key, f.size, f.mtime_ns, f.rejected)
+
+    def read(self, key: str) -> bytes:
+        return self._study.read(self._own(key))
+
+    def open(self, key: str) -> BinaryIO:
+        return self._study.open(self._own(key))
+
+    def as_file(self, key: str, scratch: Path) -> Path:
+        return self._study.as_file(self._own(key), scratch)
+
+
+def open_source(
+    location: str,
+    settings: Settings | None = None,
+    folder_workers: int = 4,
+    *,
+    within: str | None = None,
+) -> Source:
+    """The source at a cohort's location, checked (`check_location`) and confined to the roots.
+
+    `within` is the cohort's source when `location` is a new study's folder: the study's files are
+    then keyed as a whole-cohort run keys them (inside the cohort's source), or under a prefix of
+    their own (outside it), so studies never collide on a file name. Open it again with the same
+    arguments (or, inside, at `source.location`) to read what `list()` named.
+    """
+    settings = settings or get_settings()
+    checked = check_location(location, settings)
+    study = _open_checked(checked, settings, folder_workers)
+    if within is None:
+        return study
+    try:
+        base = check_location(within, settings)
+    except (SourceError, ValueError, OSError):
+        base = None  # the cohort's source is no longer allowed: the study still has its own keys
+    if base == checked:
+        return study
+    if base is not None and (relative := _relative(base, checked)) is not None:
+        return _StudyInside(_open_checked(base, settings, folder_workers), study, relative)
+    return _StudyOutside(study)
 
 
 RAW_ZONE = "raw"  # identified: ingested copies of the sources

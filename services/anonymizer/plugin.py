@@ -75,7 +75,7 @@ from services.anonymizer.worker import (
 from shared.events import ItemError, StageRequested, WorkItem
 from shared.observability import FILES_PROCESSED
 from shared.settings import Settings, get_settings
-from shared.sources import LocalSource, ObjectSource, Source, SourceFile, open_source
+from shared.sources import ObjectSource, Source, SourceFile, open_source
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
 from shared.stage_config import AnonymizationConfig, JobConfigs
 from shared.storage import ObjectStore
@@ -130,10 +130,7 @@ def study_head_of(source: Source, f: SourceFile) -> tuple[StudyHead | None, str 
     if f.rejected is not None:
         return None, f.rejected
     try:
-        if isinstance(source, LocalSource):
-            with source.open(f.key) as fh:
-                ds = _parse_until(fh, STUDY_UID, HEAD_TAGS)
-        elif isinstance(source, ObjectSource):
+        if isinstance(source, ObjectSource):
             full = f"{source.prefix}/{f.key}" if source.prefix else f.key
             head = source.store.get_range(full, 0, min(f.size, HEADER_RANGE), bucket=source.bucket)
             try:
@@ -142,8 +139,9 @@ def study_head_of(source: Source, f: SourceFile) -> tuple[StudyHead | None, str 
                 ds = Dataset()
             if "StudyInstanceUID" not in ds and f.size > HEADER_RANGE:
                 ds = _parse_until(source.read(f.key), STUDY_UID, HEAD_TAGS)
-        else:
-            ds = _parse_until(source.read(f.key), STUDY_UID, HEAD_TAGS)
+        else:  # a folder (or a study's folder within one): read as far as the study UID
+            with source.open(f.key) as fh:
+                ds = _parse_until(fh, STUDY_UID, HEAD_TAGS)
     except Exception as exc:  # pydicom raises many types on non-DICOM input
         return None, f"not a readable DICOM file ({type(exc).__name__})"
     uid = uid_value(ds, "StudyInstanceUID")
@@ -217,7 +215,9 @@ class AnonymizerPlugin:
         self.profile(options)  # a bad config fails here
         cohort_id = request.cohort.id
         location = request.location or request.cohort.source_path
-        source = open_source(location, settings)
+        # a new study's folder is keyed within the cohort's source: the same file has the same
+        # key (and `folder` strategy path) in a study run and a whole-cohort run
+        source = open_source(location, settings, within=request.cohort.source_path)
         listed = await asyncio.to_thread(lambda: list(source.list()))
         file_keys = {f.key: vault.key("file", f"{source.location}\x00{f.key}") for f in listed}
         studies = await self._studies_of(
@@ -337,7 +337,7 @@ class AnonymizerPlugin:
         config = self._configs.read(ctx.job_id, item.config, settings, secrets_withheld=True)
         options = ProfileOptions.from_config(config)
         study = await load_planned_study(ctx.pool, vault, ctx.job_id, item.item_key)
-        source = open_source(study.location, settings)
+        source = open_source(study.location, settings, within=item.cohort.source_path)
         mapping = (
             read_mapping(options.patient_id.csv_text or "")
             if options.patient_id.strategy == "csv"

@@ -15,10 +15,11 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from services.exporter.bids import ExportStack, select_stacks
-from services.exporter.bids.entities import Layout, subject_label
+from services.exporter.bids.entities import subject_label
 from services.exporter.bids.plan import load_naming_rules
-from services.exporter.convert.export import OutputMode, OverwritePolicy
 from shared.catalog import StackSummary
+from shared.vocabulary import ExportLayout as Layout
+from shared.vocabulary import OutputMode, OverwritePolicy
 
 if TYPE_CHECKING:  # a type only: the module would pull object storage into the core
     from shared.stage_config import ExportConfig

@@ -86,7 +86,9 @@ class ExtractorPlugin:
     ) -> list[PlannedItem]:
         location, ingest = self._location(request)
         config = self._configs.read(job_id, request.config, get_settings())
-        source = open_location(location, config.folder_thread_workers)
+        # a new study's folder is keyed within the cohort's source (studies never share a key)
+        within = request.cohort.source_path if ingest is not None and request.location else None
+        source = open_location(location, config.folder_thread_workers, within)
         entries = await asyncio.to_thread(lambda: list(source.list()))
         listed = [f for f in entries if f.rejected is None]
         skipped = [f for f in entries if f.rejected is not None]
@@ -103,7 +105,13 @@ class ExtractorPlugin:
             items.append(
                 PlannedItem(
                     key=f"{i:06d}:{folder}"[:512],
-                    data={"location": location, "ingest": ingest, "files": files},
+                    data={
+                        # inside the cohort's source a study is read through that source
+                        "location": source.location if within else location,
+                        "within": within,
+                        "ingest": ingest,
+                        "files": files,
+                    },
                     partition_key=folder,
                 )
             )
@@ -151,7 +159,13 @@ class ExtractorPlugin:
             loop.run_in_executor(
                 executor,
                 extract_batch,
-                FileBatch(item.data["location"], item.data["ingest"], chunk, threads),
+                FileBatch(
+                    item.data["location"],
+                    item.data["ingest"],
+                    chunk,
+                    threads,
+                    item.data.get("within"),
+                ),
             )
             for chunk in chunks
         ]

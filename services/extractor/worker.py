@@ -30,6 +30,7 @@ class FileBatch:
     ingest_prefix: str | None  # copy each file to `<ingest_prefix>/<key>` (the raw zone), or not
     files: list[tuple[str, int, int]]  # (key, size, mtime_ns)
     read_threads: int = 4
+    within: str | None = None  # the cohort's source, when `location` is a new study's folder
 
 
 @dataclass
@@ -48,12 +49,13 @@ class FileOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def open_location(location: str, folder_workers: int = 4) -> Source:
-    """A cohort source (local folder or s3://), or `zone:<prefix>` of our own bucket."""
+def open_location(location: str, folder_workers: int = 4, within: str | None = None) -> Source:
+    """A cohort source (local folder or s3://), a new study's folder `within` it
+    (`shared.sources.open_source`), or `zone:<prefix>` of our own bucket."""
     if location.startswith("zone:"):
         store = process_store()
         return ObjectSource(store, store.bucket, location[5:])
-    return open_source(location, get_settings(), folder_workers)
+    return open_source(location, get_settings(), folder_workers, within=within)
 
 
 def _zone_key(location: str, key: str) -> str | None:
@@ -112,7 +114,7 @@ def _fetch(
 
 def extract_batch(batch: FileBatch) -> list[FileOutcome]:
     """Read, hash, ingest and parse every file of the batch (in a worker process)."""
-    source = open_location(batch.location)
+    source = open_location(batch.location, within=batch.within)
     outcomes: list[FileOutcome] = []
     with (
         tempfile.TemporaryDirectory(prefix="cohortflow-extract-") as scratch,

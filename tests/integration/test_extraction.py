@@ -353,7 +353,7 @@ def test_large_files_are_streamed_not_held_in_memory(
     """Above `LARGE_FILE_BYTES` a file is hashed and uploaded from disk and parsed from its path,
     and a zone object is downloaded to a scratch file first: the outcomes are the same as for the
     in-memory route, the raw objects are the files, and no scratch file is left behind."""
-    from services.extractor import files as extractor_files
+    from services.extractor import worker as extractor_files
 
     source = link_tree(tmp_path / "large", {"ct": dicom_root / "dcm_qa_ct"})
     paths = [Path(d) / n for d, _, names in os.walk(source, followlinks=True) for n in names]

@@ -387,3 +387,47 @@ async def test_no_route_brings_identified_instances_into_an_anonymized_catalog(
     )  # fmt: skip
     assert done.returncode != 0, done.stdout + done.stderr
     assert "exists with anonymization enabled" in done.stdout + done.stderr
+
+
+async def test_new_studies_with_the_same_file_names_do_not_collide(
+    api: httpx.Client,
+    db_pool: asyncpg.Pool,
+    object_store: ObjectStore,
+    tmp_path: Path,
+    dicom_root: Path,
+) -> None:
+    """Three studies announced one by one, each holding a file named IM0001 (two inside the
+    cohort's folder, one outside it): each is catalogued and copied under its own key."""
+    samples = [
+        dicom_files(dicom_root / name / "In")[0]
+        for name in ("dcm_qa_ct", "dcm_qa_enh", "dcm_qa_nih")
+    ]
+    incoming = tmp_path / "incoming"
+    folders = [incoming / "study-1", incoming / "study-2", tmp_path / "elsewhere" / "study-3"]
+    for folder, sample in zip(folders, samples, strict=True):
+        folder.mkdir(parents=True)
+        (folder / "IM0001").write_bytes(sample.read_bytes())
+    cohort = create_cohort(api, f"src-studies-{uuid.uuid4().hex[:6]}", incoming)
+    for folder, sample in zip(folders, samples, strict=True):
+        uid = str(pydicom.dcmread(sample, stop_before_pixels=True).StudyInstanceUID)
+        body = {"study_instance_uid": uid, "location": str(folder), "cohort": cohort["id"],
+                "complete": True}  # fmt: skip
+        r = api.post("/api/studies", json=body)
+        assert r.status_code == 202, r.text
+        jobs = {j["stage"]: j for j in r.json()["jobs"]}
+        assert (
+            wait_job_blocking(api, jobs["extraction"]["id"], timeout=120)["status"] == "completed"
+        )
+        for stage in ("sorting", "export"):  # no sorter or exporter runs in this module
+            api.post(f"/api/jobs/{jobs[stage]['id']}/cancel")
+
+    rows = {r["source_key"]: r for r in await catalogued(db_pool, cohort["id"])}
+    assert {"study-1/IM0001", "study-2/IM0001"} <= set(rows), sorted(rows)
+    [outside] = [k for k in rows if k.startswith("@")]
+    assert outside.endswith("/IM0001") and len(rows) == 3
+    for key, sample in zip(["study-1/IM0001", "study-2/IM0001", outside], samples, strict=True):
+        assert object_store.get_bytes(rows[key]["object_key"]) == sample.read_bytes()
+    # a whole-cohort run afterwards names the inside studies' files as they were: nothing new
+    job = wait_job_blocking(api, run_extraction(api, cohort["id"])["id"], timeout=120)
+    assert job["status"] == "completed", job
+    assert {r["source_key"] for r in await catalogued(db_pool, cohort["id"])} == set(rows)

@@ -183,3 +183,56 @@ def test_destinations_are_never_the_systems_own_buckets(tmp_path: Path) -> None:
     for own in ("s3://cohortflow/export/x", "s3://cohortflow-audit", f"s3://{BROKER_BUCKET}"):
         with pytest.raises(SourceError, match="own buckets"):
             check_destination(own, s)
+
+
+def test_a_study_folder_is_keyed_within_its_cohort(tmp_path: Path) -> None:
+    """Two studies that both hold IM0001 never share a key: inside the cohort's source a study's
+    files are keyed as a whole-cohort run keys them, outside it under a prefix of their own."""
+    root = tmp_path / "data"
+    cohort = root / "incoming"
+    for study, content in (("s1", b"one"), ("s2", b"two")):
+        (cohort / study).mkdir(parents=True)
+        (cohort / study / "IM0001").write_bytes(content)
+    (root / "elsewhere" / "s3").mkdir(parents=True)
+    (root / "elsewhere" / "s3" / "IM0001").write_bytes(b"three")
+    env = settings(root)
+
+    whole = {f.key for f in open_source(str(cohort), env, within=str(cohort)).list()}
+    assert whole == {"s1/IM0001", "s2/IM0001"}
+    inside = open_source(str(cohort / "s2"), env, within=str(cohort))
+    assert [f.key for f in inside.list()] == ["s2/IM0001"]
+    assert inside.location == str(cohort)  # reopened there, the key reads the same file
+    assert open_source(inside.location, env).read("s2/IM0001") == b"two"
+
+    outside = open_source(str(root / "elsewhere" / "s3"), env, within=str(cohort))
+    [key] = [f.key for f in outside.list()]
+    assert key.startswith("@") and key.endswith("/IM0001") and key not in whole
+    again = open_source(outside.location, env, within=str(cohort))
+    assert again.read(key) == b"three"
+    with again.open(key) as fh:
+        assert fh.read() == b"three"
+    with pytest.raises(SourceError):
+        again.read("IM0001")
+    # without a cohort to be within, a folder is its own source, as before
+    assert [f.key for f in open_source(str(cohort / "s1"), env).list()] == ["IM0001"]
+
+
+@pytest.mark.parametrize(
+    ("base", "location", "relative"),
+    [
+        ("/data/in", "/data/in/s1", "s1"),
+        ("/data/in", "/data/in/a/b", "a/b"),
+        ("/data/in", "/data/in", None),
+        ("/data/in", "/data/inbox/s1", None),
+        ("s3://b/in", "s3://b/in/s1", "s1"),
+        ("s3://b", "s3://b/s1", "s1"),
+        ("s3://b/in", "s3://c/in/s1", None),
+        ("/data/in", "s3://b/in/s1", None),
+    ],
+)
+def test_where_a_study_lies_relative_to_its_cohort(
+    base: str, location: str, relative: str | None
+) -> None:
+    from shared.sources import _relative
+
+    assert _relative(base, location) == relative

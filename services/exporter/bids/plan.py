@@ -22,13 +22,13 @@ from typing import Any, Literal
 
 from services.exporter.bids.entities import (
     EntityValue,
-    Layout,
     bids_path,
     load_entity_table,
     ordered_entities,
     sanitize_label,
 )
 from services.exporter.bids.stack import ExportStack
+from shared.vocabulary import ExportLayout as Layout
 
 DERIVATIVES = PurePosixPath("derivatives")
 

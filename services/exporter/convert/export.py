@@ -17,13 +17,14 @@ from typing import Any
 
 from services.exporter.bids.asl import asl_sidecar, m0scan_sidecar, repeated_keys
 from services.exporter.bids.dataset import ExportedStack
-from services.exporter.bids.entities import Layout, parse_bids_name
+from services.exporter.bids.entities import parse_bids_name
 from services.exporter.bids.outputs import OutputName, images_of_stack, name_outputs
 from services.exporter.bids.sidecar import build_sidecar, missing_required, needs_time_series
 from services.exporter.bids.stack import ExportStack
 from services.exporter.convert.asl import read_asl_evidence
 from services.exporter.convert.outputs import ConvertedImage
 from services.exporter.convert.stack import convert_stack, copy_dicom_stack
+from shared.vocabulary import ExportLayout as Layout
 from shared.vocabulary import OutputMode, OverwritePolicy
 
 
