@@ -21,7 +21,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from services.gateway.api import catalog, cohorts, jobs, studies
+from services.gateway.api import (
+    catalog,
+    cohorts,
+    config_schema,
+    downloads,
+    jobs,
+    review,
+    studies,
+)
 from services.gateway.cohorts.stage_config import StageConfigError
 from services.gateway.errors import Conflict, Invalid, NotFound, Unavailable
 from shared.secrets import SecretError
@@ -47,7 +55,7 @@ UNREACHABLE: tuple[type[Exception], ...] = (
 
 def api_router() -> APIRouter:
     router = APIRouter(prefix="/api")
-    for module in (cohorts, catalog, jobs, studies):
+    for module in (cohorts, catalog, jobs, studies, review, downloads, config_schema):
         router.include_router(module.router)
     return router
 
