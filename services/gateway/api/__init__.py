@@ -29,6 +29,7 @@ from services.gateway.api import (
     jobs,
     review,
     studies,
+    thumbnails,
 )
 from services.gateway.cohorts.stage_config import StageConfigError
 from services.gateway.errors import Conflict, Invalid, NotFound, Unavailable
@@ -55,7 +56,16 @@ UNREACHABLE: tuple[type[Exception], ...] = (
 
 def api_router() -> APIRouter:
     router = APIRouter(prefix="/api")
-    for module in (cohorts, catalog, jobs, studies, review, downloads, config_schema):
+    for module in (
+        cohorts,
+        catalog,
+        jobs,
+        studies,
+        review,
+        downloads,
+        config_schema,
+        thumbnails,
+    ):
         router.include_router(module.router)
     return router
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -9,7 +10,7 @@ import asyncpg
 from fastapi import APIRouter, Query, Response, status
 
 from services.gateway import repository as repo
-from services.gateway import runs
+from services.gateway import runs, thumbnails
 from services.gateway.api.dependencies import Context, Publishing
 from services.gateway.api.schemas import (
     CohortCreate,
@@ -37,7 +38,10 @@ def _source_path(value: str, settings: Settings) -> str:
     try:
         return check_location(value, settings)
     except (SourceError, ValueError, OSError) as exc:  # NUL bytes, names too long, ...
-        raise Invalid(f"source_path: {exc}") from exc
+        message = str(exc)  # most already name the field: said once, not twice
+        raise Invalid(
+            message if message.startswith("source_path") else f"source_path: {message}"
+        ) from exc
 
 
 async def _cohort_out(conn: asyncpg.Connection, cohort: asyncpg.Record) -> CohortOut:
@@ -153,6 +157,8 @@ async def delete_cohort(cohort_id: uuid.UUID, ctx: Publishing) -> Response:
             CohortDeleted(cohort_id=cohort_id), source=SOURCE, cohort_id=cohort_id
         )
         await enqueue(conn, SCHEMA, topics.COHORTS_DELETED, deleted, key=str(cohort_id))
+    # the gateway's own objects of it: the cached stack pictures
+    await asyncio.to_thread(ctx.store.delete_prefix, thumbnails.cohort_prefix(cohort_id))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
