@@ -189,7 +189,7 @@ function table(headings, rows) {
 function facts(pairs) {
   return pairs
     .filter(([, v]) => v !== undefined && v !== null && v !== "")
-    .flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]);
+    .map(([k, v]) => el("div", { class: "fact" }, el("dt", {}, k), el("dd", {}, v)));
 }
 
 // --- notices: fixed to the viewport, so they are seen wherever the page is scrolled -------------
@@ -206,6 +206,8 @@ function notify(message, kind = "error") {
   $("#notices").append(box);
   // information goes by itself; an error stays until closed or the view changes
   if (kind !== "error") setTimeout(() => box.remove(), 6000);
+  // a success supersedes the errors before it
+  if (kind !== "error") for (const old of $("#notices").querySelectorAll(".notice.error")) old.remove();
 }
 
 function clearNotices() {
@@ -420,7 +422,10 @@ function unwrap(schema, root) {
 }
 
 function labelOf(key, schema) {
-  return schema.title || key.replaceAll("_", " ");
+  // a nested model's title is its class name ("PatientIdConfig"): the key reads better
+  if (schema.title && !/Config$/.test(schema.title)) return schema.title;
+  const words = key.replace(/([a-z])([A-Z])/g, "$1 $2").replaceAll("_", " ");
+  return words.charAt(0).toUpperCase() + words.slice(1);
 }
 
 // one field: returns {node, read()} where read() gives [present, value]
@@ -454,8 +459,9 @@ function fieldFor(key, raw, root, required, path) {
       input.checked = chosen.has(o);
       return { o, input };
     });
+    const hint = dflt === undefined ? el("small", { class: "hint" }, "none ticked: the stage's default") : null;
     const node = el("fieldset", { class: "choices" }, el("legend", {}, title),
-      boxes.map(({ o, input }) => el("label", { class: "check" }, input, o)), help);
+      boxes.map(({ o, input }) => el("label", { class: "check" }, input, o)), help, hint);
     return {
       node,
       read: () => {
@@ -642,7 +648,7 @@ async function openCohort(id, gen) {
   renderSidebar(gen).catch(() => {});
   await buildPipelineForm(cohort, gen).catch((error) => fail(error));
   await poll(refreshCohort, gen, "#poll-state");
-  loadSeries(gen);
+  loadSeries(gen, true);
 }
 
 async function refreshCohort(gen) {
@@ -690,7 +696,10 @@ async function refreshCohort(gen) {
   renderStages(cohort, jobs, gen);
   await renderResults(cohort, jobs, gen);
   // a stage that just finished changes the catalog: reload the series once
-  if (before && before.status === "in_progress" && cohort.status !== "in_progress") loadSeries(gen);
+  if (before && before.status === "in_progress" && cohort.status !== "in_progress") loadSeries(gen, true);
+  // the sidebar follows the cohort's state
+  const states = (c) => JSON.stringify([c.status, c.stages.map((s) => [s.state, s.job_id])]);
+  if (!before || states(before) !== states(cohort)) renderSidebar(gen).catch(() => {});
   if (before && JSON.stringify(before.stages.map((s) => s.stage)) !== JSON.stringify(cohort.stages.map((s) => s.stage))) {
     await buildPipelineForm(cohort, gen);
   }
@@ -750,11 +759,19 @@ function validatorReport(v) {
   const verdict = v.errors === 0
     ? el("p", { class: "ok verdict" }, `BIDS validator: valid (${v.warnings} warnings)`)
     : el("p", { class: "problem verdict" }, `BIDS validator: ${v.errors} errors, ${v.warnings} warnings`);
-  const issues = (v.issues || []).slice(0, 50).map((i) =>
+  // by code with counts; every issue (at most 200, errors first) one click away
+  const codes = [
+    ...Object.entries(v.error_codes || {}).map(([code, n]) => ["error", code, n]),
+    ...Object.entries(v.warning_codes || {}).map(([code, n]) => ["warning", code, n]),
+  ].map(([severity, code, n]) => el("tr", {}, el("td", {}, badge(severity === "error" ? "failed" : "cancelled", severity)),
+    el("td", { class: "mono" }, code), el("td", { class: "num" }, n)));
+  const issues = (v.issues || []).map((i) =>
     el("tr", {}, el("td", {}, badge(i.severity === "error" ? "failed" : "cancelled", i.severity)),
-      el("td", { class: "mono" }, i.code), el("td", { class: "mono" }, i.location), el("td", {}, i.message || "")));
+      el("td", { class: "mono" }, i.code), el("td", { class: "mono path" }, i.location), el("td", {}, i.message || "")));
   return el("div", { class: "validator" }, verdict,
-    issues.length ? table(["Severity", "Code", "Where", "Message"], issues) : null,
+    codes.length ? table(["Severity", "Code", "Count"], codes) : null,
+    issues.length ? el("details", { open: v.errors > 0 ? true : undefined }, el("summary", {}, `Every issue (${issues.length})`),
+      table(["Severity", "Code", "Where", "Message"], issues)) : null,
     el("small", { class: "muted" }, `bids-validator ${v.validator_version || ""} schema ${v.schema_version || ""}`));
 }
 
@@ -781,7 +798,7 @@ async function renderResults(cohort, jobs, gen) {
     const s = sorting.summary || {};
     const rows = Object.entries(s.by_intent || {}).map(([intent, n]) => el("tr", {}, el("td", {}, intent), el("td", { class: "num" }, n)));
     parts.push(el("section", { class: "result" }, el("h3", {}, "Sorting"),
-      el("dl", { class: "facts" }, facts([["Stacks for review", s.review_required_total], ["Rules", s.rule_version]])),
+      el("dl", { class: "facts" }, facts([["Stacks for review", s.review_required_total], ["Rule version", s.rule_version]])),
       rows.length ? table(["Intent", "Stacks"], rows) : null));
   }
   const exp = lastCompleted(jobs, "export");
@@ -846,12 +863,14 @@ function bidsName(st) {
   return `${st.bids_datatype}/${entities ? `${entities}_` : ""}${st.bids_suffix || "?"}`;
 }
 
-async function loadSeries(gen) {
+// `automatic` (after a stage ended): the open correction form is not swept away under the user
+async function loadSeries(gen, automatic = false) {
   const cohort = current.cohort;
   if (!cohort) return;
   try {
     const series = await api("GET", `/api/cohorts/${cohort.id}/series`);
     if (gen !== generation) return;
+    if (automatic && $("#series-table tr.editor")) return;
     current.series = series;
     renderSeries();
     renderBrowser(gen);
@@ -874,8 +893,7 @@ function renderSeries() {
         { class: st.review_required ? "flagged" : "", "data-series": s.series_instance_uid, "data-stack": st.stack_key },
         el("td", { class: "mono" }, s.subject_id || ""),
         el("td", {}, el("b", {}, s.series_number ?? ""), " ", s.description || "", el("div", { class: "muted small" }, s.modality || "")),
-        el("td", { class: "mono small stack-key" }, st.stack_key),
-        el("td", { class: "num" }, st.n_instances ?? ""),
+        el("td", { class: "mono small stack-key" }, st.stack_key, el("div", { class: "muted" }, `${st.n_instances ?? "?"} images`)),
         el("td", { class: "mono bids-name" }, bidsName(st),
           st.set_by === "person" && st.proposed ? el("div", { class: "muted small" }, `sorter: ${bidsName({ ...st, ...st.proposed })}`) : null),
         el("td", { class: "num" }, st.confidence == null ? "" : st.confidence.toFixed(2)),
@@ -934,7 +952,7 @@ function editStack(row, series, stack) {
       fail(error, problem);
     }
   };
-  const editor = el("tr", { class: "editor" }, el("td", { colspan: "9" },
+  const editor = el("tr", { class: "editor" }, el("td", { colspan: "8" },
     el("div", { class: "grid-form" },
       el("label", {}, "Datatype", datatype),
       el("label", {}, "Suffix", suffix),
