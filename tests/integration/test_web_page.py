@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import nibabel
 import pytest
 import pytest_asyncio
 
@@ -33,18 +32,23 @@ pytestmark = [
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "web"
 PASSWORD = "web-audit-password"
 PIPELINE_TIMEOUT_MS = 540_000
-NIBABEL_DATA = Path(nibabel.__file__).parent / "nicom" / "tests" / "data"
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory, dicom_root: Path) -> Path:
-    """Two real studies (a de-identification test set and a dual-echo PD/T2), linked in, and a
-    real Siemens EPI slice the sorter flags for review (its bold/sbref checks disagree)."""
+    """Two real studies (a de-identification test set and a dual-echo PD/T2), linked in."""
     folder = tmp_path_factory.mktemp("web-source")
     for name, data in (("deident", "dcm_qa_deident"), ("pdt2", "dcm_qa_pdt2")):
         (folder / name).symlink_to(dicom_root / data / "In", target_is_directory=True)
-    (folder / "epi").mkdir()
-    shutil.copy(NIBABEL_DATA / "csa_slice_norm.dcm", folder / "epi" / "csa_slice_norm.dcm")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flagged_source(tmp_path_factory: pytest.TempPathFactory, dev_corpus_root: Path) -> Path:
+    """A real Siemens multi-echo spin-echo excerpt (dev-corpus) that the sorter flags for review:
+    its rules say anat/MESE, its BidsGuess-style check anat/PDw."""
+    folder = tmp_path_factory.mktemp("web-flagged")
+    (folder / "qt2").symlink_to(dev_corpus_root / "dcmstack" / "2D_16Echo_qT2")
     return folder
 
 
@@ -97,9 +101,24 @@ def state() -> dict[str, Any]:
     return {}
 
 
-async def test_a_researcher_curates_a_cohort(
-    page: Any, gateway_url: str, source: Path, state: dict[str, Any]
-) -> None:
+async def run_to_end(page: Any, stages: int) -> None:
+    """Wait until every stage of the cohort page has ended; all must have completed."""
+    from playwright.async_api import expect
+
+    await page.wait_for_function(
+        "() => { const b = [...document.querySelectorAll('#stage-table tbody .badge')];"
+        " return b.length > 0 && b.every(x => /completed|failed|cancelled|incomplete/"
+        ".test(x.className)) }",
+        timeout=PIPELINE_TIMEOUT_MS,
+    )
+    badges = await page.locator("#stage-table tbody .badge").all_inner_texts()
+    assert badges == ["completed"] * stages, await page.locator("#main").inner_text()
+    await expect(page.locator("#stage-table tbody")).not_to_contain_text("not started")
+
+
+async def create_from_sidebar(
+    page: Any, gateway_url: str, source: Path, *, anonymize: bool
+) -> tuple[str, str]:
     from playwright.async_api import expect
 
     await page.goto(gateway_url + "/")
@@ -111,81 +130,76 @@ async def test_a_researcher_curates_a_cohort(
     await form.locator("[name=source_path]").fill("/etc")
     await form.locator("[name=owner]").fill("Dr Web")
     await form.locator("[name=tags]").fill("web, e2e")
-    await form.locator("[name=anonymization_enabled]").check()
+    if anonymize:
+        await form.locator("[name=anonymization_enabled]").check()
     await form.locator("button[type=submit]").click()
     # the refusal is said next to the form, readable (no "source_path: source_path")
     problem = form.locator(".form-problem")
     await expect(problem).to_contain_text("outside the allowed data roots")
     assert "source_path: source_path" not in await problem.inner_text()
-    await shot(page, "01-new-cohort-refused")
+    await shot(page, f"01-new-cohort-refused{'-anon' if anonymize else ''}")
     await form.locator("[name=source_path]").fill(str(source))
     await form.locator("button[type=submit]").click()
     await expect(page.locator("#cohort-name")).to_have_text(name)
     await expect(page.locator("#cohort-list")).to_contain_text(name)
-    await expect(page.locator("#stage-table tbody tr")).to_have_count(4)
-    cohort_id = page.url.rsplit("/", 1)[-1]
+    await expect(page.locator("#stage-table tbody tr")).to_have_count(4 if anonymize else 3)
+    return page.url.rsplit("/", 1)[-1], name
+
+
+async def test_a_researcher_curates_a_cohort(
+    page: Any, gateway_url: str, flagged_source: Path, state: dict[str, Any]
+) -> None:
+    from playwright.async_api import expect
+
+    cohort_id, name = await create_from_sidebar(page, gateway_url, flagged_source, anonymize=False)
     state["cohort_id"] = cohort_id
     state["name"] = name
 
     # the pipeline form, generated from the config schema: a section per stage
     await page.click("#pipeline-box summary")
-    await expect(page.locator("#pipeline-form .stage-section")).to_have_count(4)
-    secret = page.locator("#pipeline-form [name='anonymization.audit_export.password']")
-    assert await secret.get_attribute("type") == "password"
-    await page.click("#run-pipeline")  # no password: refused, and readably
-    await expect(page.locator("#pipeline-form .form-problem")).to_contain_text("audit export")
-    await secret.fill("short")
-    await page.click("#run-pipeline")
-    await expect(page.locator("#pipeline-form .form-problem")).to_contain_text(
-        "at least 8 characters"
-    )
-    await secret.fill(PASSWORD)
-    await page.check("#pipeline-form [name='anonymization.study_dates.timepoint_labels']")
+    await expect(page.locator("#pipeline-form .stage-section")).to_have_count(3)
+    await page.locator("#pipeline-form .stage-section > summary", has_text="Sorting").click()
+    await page.select_option("#pipeline-form [name='sorting.profile']", '"research"')
     await shot(page, "02-pipeline-form")
     await page.click("#run-pipeline")
     await expect(page.locator("#cohort-status")).to_contain_text("running")
     await shot(page, "03-pipeline-running")
 
     # followed to the end: every stage completed, 100 %
-    await expect(page.locator("#stage-table .badge.completed")).to_have_count(
-        4, timeout=PIPELINE_TIMEOUT_MS
-    )
+    await run_to_end(page, 3)
     await expect(page.locator("#stage-table tbody")).to_contain_text("100 %")
     await expect(page.locator("#export-result .verdict")).to_contain_text("BIDS validator")
-    await expect(page.locator("#audit-download")).to_be_visible()
     await expect(page.locator("#cohort-list li.active")).to_contain_text("completed")
     await shot(page, "04-pipeline-done")
 
-    # review: the flagged stack, corrected to what it is (a single-band reference)
+    # review: a flagged stack, corrected to what the second opinion says (proton density)
     await page.click("#load-series")
     flagged = page.locator("#series-table tbody tr.flagged")
-    await expect(flagged).to_have_count(1)
-    await expect(flagged).to_contain_text("BidsGuess-style check says func/sbref")
-    stack_key = await flagged.get_attribute("data-stack")
-    await flagged.locator("button.correct").click()
+    await expect(flagged.first).to_contain_text("BidsGuess-style check says anat/PDw")
+    first = flagged.first
+    stack_key = await first.get_attribute("data-stack")
+    await first.locator("button.correct").click()
     editor = page.locator("#series-table tr.editor")
-    await editor.locator("[name=bids_datatype]").select_option("func")
-    await editor.locator("[name=bids_suffix]").fill("sbref")
-    await editor.locator("[name=entities]").fill("task=rest, acq=corrected")
+    await editor.locator("[name=bids_datatype]").select_option("anat")
+    await editor.locator("[name=bids_suffix]").fill("PDw")
+    await editor.locator("[name=entities]").fill("acq=corrected")
     await shot(page, "05-correcting")
     await editor.locator("button.save-rule").click()
     corrected = page.locator(f"#series-table tr[data-stack='{stack_key}']").first
     await expect(corrected).to_contain_text("set by a person")
-    await expect(corrected).to_contain_text("acq-corrected_sbref")
+    await expect(corrected).to_contain_text("acq-corrected_PDw")
     await expect(corrected).not_to_have_class(re.compile("flagged"))
 
     # the export again, from its stage form: the corrected name is in it, the validator's report too
-    old_export = await page.locator("#stage-table tbody tr").nth(3).locator("a").inner_text()
+    old_export = await page.locator("#stage-table tbody tr").nth(2).locator("a").inner_text()
     await page.locator("#stage-table button[data-stage=export]").click()
     await page.locator("#stage-form button[type=submit]").click()
-    await expect(page.locator("#stage-table tbody tr").nth(3).locator("a")).not_to_have_text(
+    await expect(page.locator("#stage-table tbody tr").nth(2).locator("a")).not_to_have_text(
         old_export
     )
-    await expect(page.locator("#stage-table .badge.completed")).to_have_count(
-        4, timeout=PIPELINE_TIMEOUT_MS
-    )
+    await run_to_end(page, 3)
     await expect(page.locator("#export-files")).to_contain_text(
-        "acq-corrected_sbref.nii.gz", timeout=30_000
+        "acq-corrected_PDw.nii.gz", timeout=30_000
     )
     await expect(page.locator("#export-result .verdict")).to_have_class(re.compile("ok"))
     await expect(page.locator("#export-result .verdict")).to_contain_text("valid (")
@@ -199,12 +213,47 @@ async def test_a_researcher_curates_a_cohort(
     assert got.status_code == 200 and "BIDSVersion" in got.json()
 
 
+async def test_an_anonymized_cohort_shows_what_was_removed(
+    page: Any, gateway_url: str, source: Path, state: dict[str, Any]
+) -> None:
+    from playwright.async_api import expect
+
+    cohort_id, _ = await create_from_sidebar(page, gateway_url, source, anonymize=True)
+    state["anonymized_id"] = cohort_id
+    await page.click("#pipeline-box summary")
+    await expect(page.locator("#pipeline-form .stage-section")).to_have_count(4)
+    secret = page.locator("#pipeline-form [name='anonymization.audit_export.password']")
+    assert await secret.get_attribute("type") == "password"
+    await page.click("#run-pipeline")  # no password: refused, and readably
+    await expect(page.locator("#pipeline-form .form-problem")).to_contain_text("audit export")
+    await secret.fill("short")
+    await page.click("#run-pipeline")
+    await expect(page.locator("#pipeline-form .form-problem")).to_contain_text(
+        "at least 8 characters"
+    )
+    await secret.fill(PASSWORD)
+    await page.check("#pipeline-form [name='anonymization.study_dates.timepoint_labels']")
+    await shot(page, "02-pipeline-form-anon")
+    await page.click("#run-pipeline")
+    await run_to_end(page, 4)
+    result = page.locator("#results")
+    await expect(result).to_contain_text("Files listed")
+    await expect(page.locator("#audit-download")).to_be_visible()
+    await expect(page.locator("#export-result .verdict")).to_have_class(re.compile("ok"))
+    await shot(page, "04-anonymized-results")
+    assert PASSWORD not in await page.content()
+    async with httpx.AsyncClient(base_url=gateway_url) as client:
+        jobs = (await client.get(f"/api/jobs?cohort_id={cohort_id}&stage=anonymization")).json()
+        audit = await client.get(f"/api/jobs/{jobs[0]['id']}/audit-export")
+    assert audit.status_code == 200 and audit.content.startswith(b"\xd0\xcf\x11\xe0")
+
+
 async def test_the_job_page_and_the_jobs_tab(
     page: Any, gateway_url: str, state: dict[str, Any]
 ) -> None:
     from playwright.async_api import expect
 
-    cohort_id = state["cohort_id"]
+    cohort_id = state["anonymized_id"]
     await page.goto(f"{gateway_url}/#/jobs?cohort_id={cohort_id}&stage=anonymization")
     await expect(page.locator("#job-table tbody tr")).to_have_count(1)
     await page.locator("#job-table tbody tr a").click()
@@ -310,6 +359,6 @@ async def test_no_page_scrolls_sideways(
         await context.close()
 
 
-def test_screenshots_were_kept() -> None:
+async def test_screenshots_were_kept() -> None:
     kept = sorted(p.name for p in ARTIFACTS.glob("*.png"))
     assert any(n.startswith("06-") for n in kept), kept
