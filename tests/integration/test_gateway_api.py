@@ -1088,6 +1088,7 @@ async def test_web_page_creates_a_cohort_and_follows_its_jobs(
             await expect(page.locator("#stage-table tbody tr")).to_have_count(3)
 
             await page.click("#pipeline-box summary")
+            await page.locator("#pipeline-form summary", has_text="Sorting").click()
             await page.select_option("#pipeline-form [name='sorting.profile']", '"research"')
             await page.click("#run-pipeline")
             await expect(page.locator("#notices")).to_contain_text("Extraction")

@@ -45,7 +45,8 @@ class ApiError extends Error {
 
 async function api(method, path, body) {
   const headers = { Accept: "application/json" };
-  if (token()) headers.Authorization = `Bearer ${token()}`;
+  const sent = token();
+  if (sent) headers.Authorization = `Bearer ${sent}`;
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let response;
   try {
@@ -58,9 +59,13 @@ async function api(method, path, body) {
     throw new ApiError(0, "the gateway does not answer (is the stack running?)");
   }
   if (response.status === 401) {
-    const given = Boolean(token());
-    sessionStorage.removeItem("cohortflow-token");
-    showTokenForm(given ? "That token was refused: check it and try again." : "");
+    // requests in flight together all come back 401: the first says why, the others keep it
+    if (sent) {
+      if (token() === sent) sessionStorage.removeItem("cohortflow-token");
+      showTokenForm("That token was refused: check it and try again.");
+    } else if ($("#token-view").hidden) {
+      showTokenForm("");
+    }
     throw new ApiError(401, "an API token is needed");
   }
   if (response.status === 204) return null;
@@ -242,6 +247,7 @@ function showTokenForm(problem) {
   generation += 1;
   stopPolling();
   $("#app").hidden = true;
+  $("#forget-token").hidden = true;
   $("#token-view").hidden = false;
   $("#token-problem").textContent = problem || "";
   $("#token-problem").hidden = !problem;
@@ -593,8 +599,8 @@ async function buildPipelineForm(cohort, gen) {
   const problem = el("p", { class: "problem form-problem", role: "alert", hidden: true });
   const form = $("#pipeline-form");
   form.replaceChildren(
-    ...sections.map(({ stage, section }) =>
-      el("details", { class: "stage-section", open: stage === "anonymization" ? true : undefined },
+    ...sections.map(({ stage, section }, index) =>
+      el("details", { class: "stage-section", open: index === 0 ? true : undefined },
         el("summary", {}, STAGE_LABELS[stage]), section.node)),
     problem,
     el("div", { class: "actions" }, el("button", { type: "submit", id: "run-pipeline" }, "Run pipeline")),
