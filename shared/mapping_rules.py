@@ -35,6 +35,8 @@ class MappingRule(BaseModel):
     excluded: bool = False
     version: int = 0
     author: str = ""
+    # the sorter's proposal the person corrected (shown beside the correction)
+    proposed: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def match(self) -> tuple[str, str]:
@@ -83,7 +85,7 @@ async def load_rules(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> RuleBook
         return {}
     rows = await conn.fetch(
         "SELECT series_description, stack_key, bids_datatype, bids_suffix, entities, excluded,"
-        f" version, author FROM {RULES_VIEW} WHERE cohort_id = $1",
+        f" version, author, proposed FROM {RULES_VIEW} WHERE cohort_id = $1",
         cohort_id,
     )
     rules = [MappingRule.model_validate(dict(r)) for r in rows]

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 
 from shared.db import relation_exists
-from shared.mapping_rules import RuleBook, apply_rule, load_rules
+from shared.mapping_rules import RuleBook, apply_rule, load_rules, rule_key
 
 # the views, as their owners publish them (module constants: integration tests point them elsewhere)
 SERIES_VIEW = "catalog.series_v"
@@ -112,6 +112,11 @@ def _corrected(rules: RuleBook, description: str | None, stack: dict[str, Any]) 
     if stack.get("base") is None and stack.get("bids_datatype") is None:
         return stack  # not sorted yet: nothing to correct
     proposed = {f: stack.get(f) for f in ("bids_datatype", "bids_suffix", "entities", "intent")}
+    rule = rules.get(rule_key(description, stack["stack_key"]))
+    # the sorter applies the rules too (studies it classified after the correction): its stored
+    # proposal is then the correction, and the proposal the person saw is kept with the rule
+    if rule is not None and rule.proposed:
+        proposed = rule.proposed
     return {**apply_rule(rules, description, stack["stack_key"], stack), "proposed": proposed}
 
 

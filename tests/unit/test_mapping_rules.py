@@ -40,3 +40,25 @@ def test_an_exclusion_leaves_the_stack_out() -> None:
     rule = MappingRule(series_description="scout", stack_key="k", excluded=True)
     out = apply_rule(book(rule), "Scout", "k", SORTED)
     assert out["intent"] == "excluded" and out["excluded_reason"] == EXCLUDED_BY_PERSON
+
+
+def test_the_sorter_names_a_later_study_as_corrected() -> None:
+    from services.sorter.corrections import with_corrections
+    from services.sorter.rules.classify import Classification
+    from shared.catalog import StackSummary
+
+    stack = StackSummary(
+        subject_id="S2", study_instance_uid="2.1", series_instance_uid="2.1.1",
+        stack_key="MR|TE=90", series_description="ax flair",
+    )  # fmt: skip
+    proposed = Classification(
+        stack_key="MR|TE=90", rule_version="r", series_instance_uid="2.1.1", intent="anat",
+        bids_datatype="anat", bids_suffix="T2w", confidence=0.4, review_required=True,
+    )  # fmt: skip
+    rule = MappingRule(
+        series_description="AX FLAIR", stack_key="MR|TE=90", bids_datatype="anat",
+        bids_suffix="FLAIR", version=2,
+    )  # fmt: skip
+    [named] = with_corrections([proposed], [stack], book(rule))
+    assert (named.bids_suffix, named.review_required) == ("FLAIR", False)
+    assert with_corrections([proposed], [stack], {}) == [proposed]
