@@ -342,7 +342,7 @@ async function renderSidebar(gen) {
           "a",
           { href: `#/cohorts/${c.id}`, "data-id": c.id },
           el("span", { class: "cohort-title" }, c.name,
-            received[c.id] ? el("span", { class: "badge new", title: "studies received" }, `${received[c.id]} new`) : null),
+            received[c.id] ? el("span", { class: "badge new", title: "new studies received for this cohort" }, `${received[c.id]} received`) : null),
           el("span", { class: "cohort-line" }, badge(result.state, result.state === "in_progress" ? "running" : null),
             el("span", { class: "muted" }, result.text)),
         ),
