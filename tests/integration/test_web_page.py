@@ -189,6 +189,9 @@ async def test_a_researcher_curates_a_cohort(
     await expect(corrected).to_contain_text("set by a person")
     await expect(corrected).to_contain_text("acq-corrected_PDw")
     await expect(corrected).not_to_have_class(re.compile("flagged"))
+    await page.click("#rules-box summary")
+    await expect(page.locator("#rules tbody tr").first).to_contain_text("Dr Web")
+    await expect(page.locator("#rules tbody tr").first).to_contain_text("anat/echo-1_MESE")
 
     # the export again, from its stage form: the corrected name is in it, the validator's report too
     old_export = await page.locator("#stage-table tbody tr").nth(2).locator("a").inner_text()

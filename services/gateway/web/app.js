@@ -880,6 +880,7 @@ async function loadSeries(gen, automatic = false) {
     current.series = series;
     renderSeries();
     renderBrowser(gen);
+    renderRules(await api("GET", `/api/cohorts/${cohort.id}/mapping-rules?history=true`), gen);
   } catch (error) {
     if (gen === generation) fail(error);
   }
@@ -911,6 +912,22 @@ function renderSeries() {
     }
   }
   $("#series-table tbody").replaceChildren(...rows);
+}
+
+function renderRules(rules, gen) {
+  if (gen !== generation) return;
+  const what = (r) => {
+    if (r.withdrawn) return "given back to the sorter";
+    if (r.excluded) return "excluded";
+    return bidsName({ ...r, intent: r.bids_datatype });
+  };
+  $("#rules").replaceChildren(rules.length
+    ? table(["Version", "Series", "Stack", "Named", "Sorter proposed", "By", "When"], rules.map((r) => el("tr", {},
+      el("td", { class: "num" }, r.version), el("td", {}, r.series_description), el("td", { class: "mono small stack-key" }, r.stack_key),
+      el("td", { class: "mono" }, what(r)),
+      el("td", { class: "mono" }, r.proposed && r.proposed.bids_datatype ? bidsName(r.proposed) : ""),
+      el("td", {}, r.author), el("td", {}, when(r.created_at)))))
+    : el("p", { class: "muted" }, "No correction yet."));
 }
 
 function editStack(row, series, stack) {
