@@ -1094,6 +1094,7 @@ async def test_web_page_creates_a_cohort_and_follows_its_jobs(
             await expect(page.locator("#notices")).to_contain_text("Extraction")
             await expect(page.locator("#cohort-status")).to_contain_text("running")
             await expect(page.locator("#cohort-list li.active")).to_contain_text("running")
+            await expect(page.locator("#stage-table button", has_text="Cancel")).to_have_count(3)
 
             # cancelled from its job page; the sidebar then says "cancelled", not "idle"
             await page.locator("#stage-table tbody tr").first.locator("a").click()

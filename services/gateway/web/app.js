@@ -731,6 +731,9 @@ function renderStages(cohort, jobs, gen) {
       );
       run.disabled = !ready;
       run.title = ready ? "" : busy ? "a job is in progress" : `needs ${STAGE_LABELS[before.stage]} completed first`;
+      const cancel = s.job_id && (s.state === "running" || s.state === "pending")
+        ? el("button", { class: "danger", type: "button", onclick: () => cancelJob(s.job_id) }, "Cancel")
+        : null;
       const shown = stageShownState(s, jobs);
       const done = s.state === "completed" ? 100 : s.progress;
       return el(
@@ -740,7 +743,7 @@ function renderStages(cohort, jobs, gen) {
         el("td", {}, badge(shown)),
         el("td", {}, bar(done, s.state), el("small", { class: "muted" }, percent(done))),
         el("td", {}, s.job_id ? el("a", { href: `#/jobs/${s.job_id}`, class: "mono" }, s.job_id.slice(0, 8)) : ""),
-        el("td", {}, run),
+        el("td", {}, el("div", { class: "buttons" }, run, cancel)),
       );
     }),
   );
