@@ -873,13 +873,18 @@ function bidsName(st) {
 }
 
 // `automatic` (after a stage ended): the open correction form is not swept away under the user
+// (nor by a reload asked for before the form was opened)
+let editorsOpened = 0;
+
 async function loadSeries(gen, automatic = false) {
   const cohort = current.cohort;
   if (!cohort) return;
+  const opened = editorsOpened;
   try {
     const series = await api("GET", `/api/cohorts/${cohort.id}/series`);
     if (gen !== generation) return;
-    if (automatic && $("#series-table tr.editor")) return;
+    const editing = $("#series-table tr.editor");
+    if (editing && (automatic || opened !== editorsOpened)) return;
     current.series = series;
     renderSeries();
     renderBrowser(gen);
@@ -934,6 +939,7 @@ function renderRules(rules, gen) {
 }
 
 function editStack(row, series, stack) {
+  editorsOpened += 1;
   const next = row.nextElementSibling;
   if (next && next.classList.contains("editor")) {
     next.remove();
