@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import Any
 
@@ -32,6 +33,7 @@ from shared.sources import SourceError, check_location
 from shared.topics import Stage
 
 router = APIRouter(prefix="/cohorts", tags=["cohorts"])
+log = logging.getLogger(__name__)
 
 
 def _source_path(value: str, settings: Settings) -> str:
@@ -157,8 +159,15 @@ async def delete_cohort(cohort_id: uuid.UUID, ctx: Publishing) -> Response:
             CohortDeleted(cohort_id=cohort_id), source=SOURCE, cohort_id=cohort_id
         )
         await enqueue(conn, SCHEMA, topics.COHORTS_DELETED, deleted, key=str(cohort_id))
-    # the gateway's own objects of it: the cached stack pictures
-    await asyncio.to_thread(ctx.store.delete_prefix, thumbnails.cohort_prefix(cohort_id))
+    # the gateway's own objects of it, the cached stack pictures: best effort, the cohort is gone
+    # already (a picture left behind is never served: the route asks for the cohort first)
+    try:
+        await asyncio.to_thread(ctx.store.delete_prefix, thumbnails.cohort_prefix(cohort_id))
+    except Exception as exc:
+        log.warning(
+            "stack pictures not removed",
+            extra={"cohort_id": str(cohort_id), "error": str(exc)[:200]},
+        )
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

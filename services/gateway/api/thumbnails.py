@@ -33,12 +33,13 @@ async def stack_thumbnail(
     store = ctx.store
     key = thumbnails.cache_key(cohort_id, series_uid, stack_key)
     headers = {"Cache-Control": "private, max-age=3600"}
+    async with ctx.pool.acquire() as conn:
+        if await repo.get_cohort(conn, cohort_id) is None:  # a deleted cohort shows nothing
+            raise NotFound(f"no cohort with id {cohort_id}")
     if await asyncio.to_thread(store.exists, key):
         data = await asyncio.to_thread(store.get_bytes, key)
         return Response(data, media_type="image/png", headers=headers)
     async with ctx.pool.acquire() as conn:
-        if await repo.get_cohort(conn, cohort_id) is None:
-            raise NotFound(f"no cohort with id {cohort_id}")
         found = await thumbnails.middle_instance(conn, cohort_id, series_uid, stack_key)
     if found is None:
         raise NotFound("no catalogued image for this stack")
