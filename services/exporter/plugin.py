@@ -56,6 +56,7 @@ from services.exporter.selection import (
 from services.exporter.validate import ValidatorError, run_bids_validator
 from shared.catalog import StackSummary
 from shared.events import ItemError, StageRequested, WorkItem
+from shared.mapping_rules import RuleBook, apply_rule, load_rules
 from shared.settings import Settings, get_settings
 from shared.sources import check_destination
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
@@ -85,6 +86,7 @@ def catalog_stacks(
     rows: Sequence[asyncpg.Record],
     instances: dict[str, SourceInstance],
     sessions: dict[str, str],
+    rules: RuleBook | None = None,
 ) -> dict[str, tuple[ExportStack, dict[str, Any]]]:
     """Every catalog stack as the core's `ExportStack`, with its classification row, by key.
 
@@ -103,6 +105,10 @@ def catalog_stacks(
             summary.sop_instance_uids = series_members[summary.series_instance_uid]
         classification = {f: row[f] for f in CLASSIFICATION_FIELDS}
         classification["classified"] = row["classified"]
+        # a person's correction (the cohort's mapping rules) names the stack instead of the sorter
+        classification = apply_rule(
+            rules or {}, summary.series_description, summary.stack_key, classification
+        )
         stack = export_stack_of(summary, classification, sessions.get(row["study_instance_uid"]))
         by_key[stack.key] = (stack, classification)
     return by_key
@@ -155,6 +161,7 @@ class ExporterPlugin:
             rows = await repo.cohort_stacks(conn, cohort_id)
             studies = await repo.cohort_studies(conn, cohort_id)
             instances = await repo.cohort_instances(conn, cohort_id)
+            rules = await load_rules(conn, cohort_id)
         sessions = assign_sessions(
             StudyVisit(
                 subject=r["subject_id"],
@@ -165,7 +172,7 @@ class ExporterPlugin:
             )
             for r in studies
         )
-        by_key = catalog_stacks(rows, instances, sessions)
+        by_key = catalog_stacks(rows, instances, sessions, rules)
         candidates = [pair for pair in by_key.values() if pair[1]["classified"]]
         kept, reasons = split_selected(candidates, options)
         reasons.update({k: NOT_CLASSIFIED for k, (_, c) in by_key.items() if not c["classified"]})

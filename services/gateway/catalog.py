@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from shared.db import relation_exists
+from shared.mapping_rules import RuleBook, apply_rule, load_rules, rule_key
 
 # the views, as their owners publish them (module constants: integration tests point them elsewhere)
 SERIES_VIEW = "catalog.series_v"
@@ -38,6 +39,7 @@ CLASSIFICATION_FIELDS = (
     "confidence",
     "review_required",
     "review_reasons",
+    "excluded_reason",
 )
 
 
@@ -86,6 +88,10 @@ async def cohort_series(
             for stack in stacks[row["series_instance_uid"]]:
                 if stack["stack_key"] == row["stack_key"]:
                     stack.update({f: row[f] for f in fields})
+    rules = await load_rules(conn, cohort_id)
+    for r in series_rows:
+        uid = r["series_instance_uid"]
+        stacks[uid] = [_corrected(rules, r["series_description"], st) for st in stacks[uid]]
     return [
         {
             "series_instance_uid": r["series_instance_uid"],
@@ -99,6 +105,19 @@ async def cohort_series(
         }
         for r in series_rows
     ]
+
+
+def _corrected(rules: RuleBook, description: str | None, stack: dict[str, Any]) -> dict[str, Any]:
+    """The stack with the cohort's mapping rule applied, the sorter's proposal kept beside it."""
+    if stack.get("base") is None and stack.get("bids_datatype") is None:
+        return stack  # not sorted yet: nothing to correct
+    proposed = {f: stack.get(f) for f in ("bids_datatype", "bids_suffix", "entities", "intent")}
+    rule = rules.get(rule_key(description, stack["stack_key"]))
+    # the sorter applies the rules too (studies it classified after the correction): its stored
+    # proposal is then the correction, and the proposal the person saw is kept with the rule
+    if rule is not None and rule.proposed:
+        proposed = rule.proposed
+    return {**apply_rule(rules, description, stack["stack_key"], stack), "proposed": proposed}
 
 
 async def _columns(conn: asyncpg.Connection, view: str) -> set[str]:

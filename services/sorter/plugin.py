@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 
 from services.sorter import repository as repo
+from services.sorter.corrections import with_corrections
 from services.sorter.rules import (
     Classification,
     checkup,
@@ -34,6 +35,7 @@ from services.sorter.rules import (
 )
 from shared.catalog import StackSummary
 from shared.events import StageRequested, WorkItem
+from shared.mapping_rules import load_rules as load_mapping_rules
 from shared.settings import get_settings
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
 from shared.stage_config import JobConfigs, SortingConfig
@@ -87,6 +89,10 @@ class SorterPlugin:
         decisions = await asyncio.to_thread(
             lambda: complete(classify_batch(fingerprints, rules), fingerprints, rules)
         )
+        async with ctx.pool.acquire() as conn:  # a person's corrections of this cohort
+            decisions = with_corrections(
+                decisions, stacks, await load_mapping_rules(conn, cohort_id)
+            )
         excluded = [
             Classification(
                 stack_key=e.stack_key,

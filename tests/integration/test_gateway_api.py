@@ -1442,36 +1442,52 @@ async def test_web_page_creates_a_cohort_and_follows_its_jobs(
         try:
             await page.goto(served + "/")
             await expect(page.locator("#token-view")).to_be_visible()
+            # a wrong token is said to be wrong, not silently asked for again
+            await page.fill("#token-input", "not-the-token")
+            await page.click("#token-form button")
+            await expect(page.locator("#token-problem")).to_contain_text("refused")
             await page.fill("#token-input", TOKEN)
             await page.click("#token-form button")
-            await expect(page.locator("#list-view")).to_be_visible()
+            await expect(page.locator("#home-view")).to_be_visible()
 
             name = unique("web")
+            await page.click("#new-cohort")
             await page.fill("#cohort-form [name=name]", name)
             await page.fill("#cohort-form [name=source_path]", "/etc")
-            await page.click("#cohort-form button")
-            await expect(page.locator("#notice")).to_contain_text("outside the allowed data roots")
+            await page.click("#cohort-form button[type=submit]")
+            await expect(page.locator("#cohort-form .form-problem")).to_contain_text(
+                "outside the allowed data roots"
+            )
             await page.fill("#cohort-form [name=source_path]", str(data_root / "study-a"))
             await page.fill("#cohort-form [name=tags]", "web, test")
-            await page.click("#cohort-form button")
+            await page.click("#cohort-form button[type=submit]")
             await expect(page.locator("#cohort-name")).to_have_text(name)
             await expect(page.locator("#stage-table tbody tr")).to_have_count(3)
 
             await page.click("#pipeline-box summary")
-            await page.fill("#pipeline-config", '{"sorting": {"profile": "research"}}')
-            await page.click("#pipeline-form button")
-            await expect(page.locator("#notice")).to_contain_text("extraction")
-            await expect(page.locator("#job-table tbody tr")).to_have_count(3)
-            await expect(page.locator("#cohort-status")).to_have_text("in progress")
+            await page.locator("#pipeline-form summary", has_text="Sorting").click()
+            await page.select_option("#pipeline-form [name='sorting.profile']", '"research"')
+            await page.click("#run-pipeline")
+            await expect(page.locator("#notices")).to_contain_text("Extraction")
+            await expect(page.locator("#cohort-status")).to_contain_text("running")
+            await expect(page.locator("#cohort-list li.active")).to_contain_text("running")
+            await expect(page.locator("#stage-table button", has_text="Cancel")).to_have_count(3)
 
-            await page.locator("#job-table tbody tr").first.get_by_role("button").click()
-            await expect(page.locator("#job-table .badge.cancelled")).to_have_count(3)
-            await expect(page.locator("#cohort-status")).to_have_text("idle")
+            # cancelled from its job page; the sidebar then says "cancelled", not "idle"
+            await page.locator("#stage-table tbody tr").first.locator("a").click()
+            await expect(page.locator("#job-config")).to_contain_text("{")
+            await page.click("#cancel-job")
+            await expect(page.locator("#job-status")).to_have_text("cancelled")
+            await expect(page.locator("#job-progress")).to_be_attached()
+            await expect(page.locator("#cohort-list")).to_contain_text("cancelled")
 
-            await page.click("#load-series")
-            await expect(page.locator("#no-series")).to_be_visible()
+            # an export file list from signed links that open without the token header
+            link = (await api.post("/api/download-links", json={"path": "/api/cohorts"})).json()
+            async with httpx.AsyncClient(base_url=served) as bare:
+                assert (await bare.get("/api/cohorts")).status_code == 401
+                assert (await bare.get(link["url"])).status_code == 200
             await page.click("#home-link")
-            await expect(page.locator("#cohort-table")).to_contain_text(name)
+            await expect(page.locator("#cohort-list")).to_contain_text(name)
         finally:
             await browser.close()
     assert problems == []

@@ -21,7 +21,18 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from services.gateway.api import catalog, cohorts, jobs, routing, studies, webhooks
+from services.gateway.api import (
+    catalog,
+    cohorts,
+    config_schema,
+    downloads,
+    jobs,
+    review,
+    routing,
+    studies,
+    thumbnails,
+    webhooks,
+)
 from services.gateway.errors import Conflict, Invalid, NotFound, Unavailable
 from shared.secrets import SecretError
 from shared.stage_config import StageConfigError
@@ -47,7 +58,18 @@ UNREACHABLE: tuple[type[Exception], ...] = (
 
 def api_router() -> APIRouter:
     router = APIRouter(prefix="/api")
-    for module in (cohorts, catalog, jobs, routing, studies, webhooks):
+    for module in (
+        cohorts,
+        catalog,
+        jobs,
+        studies,
+        routing,
+        webhooks,
+        review,
+        downloads,
+        config_schema,
+        thumbnails,
+    ):
         router.include_router(module.router)
     return router
 

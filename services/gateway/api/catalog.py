@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from services.gateway import catalog
 from services.gateway import repository as repo
+from services.gateway.api.auth import sign_path
 from services.gateway.api.dependencies import Context
 from services.gateway.api.schemas import MAX_OFFSET, ExportFileOut, ExportOut, SeriesOut
 from services.gateway.errors import NotFound
@@ -57,7 +58,7 @@ async def export_files(cohort_id: uuid.UUID, job_id: uuid.UUID, ctx: Context) ->
     files = [
         ExportFileOut(
             **{k: r[k] for k in ExportFileOut.model_fields if k != "download_url"},
-            download_url=base + quote(r["path"]),
+            download_url=sign_path(ctx.settings, base + quote(r["path"])),
         )
         for r in rows
     ]

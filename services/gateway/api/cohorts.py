@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from typing import Any
 
@@ -9,7 +11,7 @@ import asyncpg
 from fastapi import APIRouter, Query, Response, status
 
 from services.gateway import repository as repo
-from services.gateway import runs
+from services.gateway import runs, thumbnails
 from services.gateway.api.dependencies import Context, Publishing
 from services.gateway.api.schemas import (
     CohortCreate,
@@ -31,13 +33,17 @@ from shared.sources import SourceError, check_location
 from shared.topics import Stage
 
 router = APIRouter(prefix="/cohorts", tags=["cohorts"])
+log = logging.getLogger(__name__)
 
 
 def _source_path(value: str, settings: Settings) -> str:
     try:
         return check_location(value, settings)
     except (SourceError, ValueError, OSError) as exc:  # NUL bytes, names too long, ...
-        raise Invalid(f"source_path: {exc}") from exc
+        message = str(exc)  # most already name the field: said once, not twice
+        raise Invalid(
+            message if message.startswith("source_path") else f"source_path: {message}"
+        ) from exc
 
 
 async def _cohort_out(conn: asyncpg.Connection, cohort: asyncpg.Record) -> CohortOut:
@@ -153,6 +159,15 @@ async def delete_cohort(cohort_id: uuid.UUID, ctx: Publishing) -> Response:
             CohortDeleted(cohort_id=cohort_id), source=SOURCE, cohort_id=cohort_id
         )
         await enqueue(conn, SCHEMA, topics.COHORTS_DELETED, deleted, key=str(cohort_id))
+    # the gateway's own objects of it, the cached stack pictures: best effort, the cohort is gone
+    # already (a picture left behind is never served: the route asks for the cohort first)
+    try:
+        await asyncio.to_thread(ctx.store.delete_prefix, thumbnails.cohort_prefix(cohort_id))
+    except Exception as exc:
+        log.warning(
+            "stack pictures not removed",
+            extra={"cohort_id": str(cohort_id), "error": str(exc)[:200]},
+        )
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

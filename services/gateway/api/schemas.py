@@ -215,6 +215,14 @@ class StackOut(BaseModel):
     confidence: float | None = None
     review_required: bool | None = None
     review_reasons: list[str] | None = None
+    excluded_reason: str | None = None
+    set_by: Literal["sorter", "person"] | None = Field(
+        default=None, description="who named the stack: the sorter, or a person's mapping rule"
+    )
+    rule_version: int | None = None
+    proposed: dict[str, Any] | None = Field(
+        default=None, description="the sorter's proposal (datatype, suffix, entities, intent)"
+    )
 
 
 class SeriesOut(BaseModel):
@@ -236,7 +244,9 @@ class ExportFileOut(BaseModel):
     series_instance_uid: str | None
     stack_key: str | None
     source_sop_instance_uids: list[str] | None
-    download_url: str
+    download_url: str = Field(
+        description="the file's link; with an API token, signed and valid for an hour (opens in a new tab)"
+    )
 
 
 class ExportOut(BaseModel):
