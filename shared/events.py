@@ -189,6 +189,14 @@ class JobProgress(Payload):
     summary: dict[str, Any] = Field(default_factory=dict)
 
 
+class JobHeartbeat(Payload):
+    """A stage service is at work on these runs (or on others they wait behind): sent while it
+    holds an item or a plan, every `heartbeat_interval_s`, so a long item is not a stalled job."""
+
+    stage: Stage
+    job_ids: list[uuid.UUID]
+
+
 class JobControl(Payload):
     action: Literal["cancel"]
     reason: str = ""

@@ -18,12 +18,13 @@ event discipline (ADR 0002) once, for all four stages:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +40,7 @@ from shared.events import (
     Envelope,
     ItemError,
     JobControl,
+    JobHeartbeat,
     JobProgress,
     StageCompleted,
     StageFailed,
@@ -254,6 +256,49 @@ class StageRuntime:
         self.schema = plugin.schema
         self._cancelled: set[uuid.UUID] = set()
         self._control_view = False  # the gateway's job_control_v exists (checked until it does)
+        self._in_hand = 0  # items and plans being worked on now
+        self._worked_since_beat = False
+        self._beating: asyncio.Task[None] | None = None
+
+    # --- heartbeat --------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _at_work(self) -> AsyncIterator[None]:
+        """Around an item or a plan: heartbeats go out while any is in hand (ADR 0019)."""
+        self._in_hand += 1
+        self._worked_since_beat = True
+        if self._beating is None or self._beating.done():
+            self._beating = asyncio.create_task(self._heartbeats())
+        try:
+            yield
+        finally:
+            self._in_hand -= 1
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            if not (self._in_hand or self._worked_since_beat):
+                continue
+            self._worked_since_beat = False
+            try:
+                await self.heartbeat()
+            except Exception:
+                log.warning("heartbeat not sent", exc_info=True)
+
+    async def heartbeat(self) -> list[uuid.UUID]:
+        """Tell the gateway this service is at work on its open runs (the one in hand, and those
+        whose items wait behind it); returns their job ids."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"SELECT job_id FROM {self.schema}.runs WHERE status IN ('planning', 'running')"
+                " ORDER BY updated_at DESC LIMIT 1000"
+            )
+            job_ids = [r["job_id"] for r in rows]
+            if job_ids:
+                beat = JobHeartbeat(stage=self.plugin.stage, job_ids=job_ids)
+                env = Envelope.wrap(beat, source=self.plugin.service)
+                await enqueue(conn, self.schema, topics.JOBS_PROGRESS, env, key=WORKER)
+        return job_ids
 
     # --- events out -------------------------------------------------------------------------
 
@@ -342,6 +387,18 @@ class StageRuntime:
         attempts = await self._count_plan_attempt(job_id)
         if attempts is None:
             return  # planned or ended meanwhile
+        if attempts > self.settings.item_max_attempts:  # each earlier one ended the service
+            error = f"planning gave up after {attempts - 1} attempts that did not finish"
+            await self._fail_run(
+                job_id, request, error, dead_letter=(envelope, error, attempts - 1)
+            )
+            return
+        async with self._at_work():
+            await self._plan(envelope, request, job_id, attempts)
+
+    async def _plan(
+        self, envelope: Envelope, request: StageRequested, job_id: uuid.UUID, attempts: int
+    ) -> None:
         log.info("planning run", extra={"job_id": str(job_id), "stage": self.plugin.stage.value})
         try:
             planned = await self.plugin.plan(self.pool, request, job_id)
@@ -431,6 +488,11 @@ class StageRuntime:
         if attempts > self.settings.item_max_attempts:
             await self._dead_letter(job_id, item, f"gave up after {attempts - 1} attempts")
             return
+        async with self._at_work():
+            await self._process(job_id, item, attempts)
+
+    async def _process(self, job_id: uuid.UUID, item: WorkItem, attempts: int) -> None:
+        """Process an item, retrying in place up to the attempts; then end it done or failed."""
         ctx = ItemContext(self.pool, self.settings, job_id, lambda: self.is_cancelled(job_id))
         started = time.monotonic()
         while True:

@@ -8,6 +8,7 @@ the broker with the gateway's subscribers and the outbox relay, and stops them i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from services.gateway.api import api_router, document_errors, install_error_hand
 from services.gateway.api.auth import token_middleware
 from services.gateway.api.dependencies import BrokerProbe, GatewayContext
 from services.gateway.api.limits import BodyLimit
+from services.gateway.stalls import watch_stalls
 from shared import topics
 from shared.broker import make_broker, subscriber_kwargs
 from shared.db import create_pool, migrate
@@ -115,11 +117,13 @@ def app_factory(settings: Settings | None = None) -> FastAPI:
             relay = OutboxRelay(pool, SCHEMA, broker, settings)
             await broker.start()
             await relay.start()
+            stalls = asyncio.create_task(watch_stalls(pool, settings))
             log.info("gateway started", extra={"port": settings.gateway_port})
             try:
                 yield
             finally:
                 log.info("gateway stopping")
+                stalls.cancel()
                 await relay.stop()
                 await broker.stop()
         finally:

@@ -4,6 +4,7 @@ the request is dead-lettered; a work item whose worker vanished is taken up agai
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -120,5 +121,82 @@ async def test_a_plan_that_cannot_be_stored_fails_the_run_after_the_attempts(
             f"SELECT envelope FROM {schema}.outbox WHERE topic = $1", topics.dlq(Stage.sorting)
         )
         assert str(request.id) in str(letter)  # the original request, for whoever replays it
+    finally:
+        await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@dataclass
+class SlowPlugin(ListPlugin):
+    """Each item takes `seconds`, or never ends while `hang` is set."""
+
+    seconds: float = 0.0
+    hang: bool = False
+
+    async def process(self, ctx: ItemContext, item: WorkItem) -> ItemResult:
+        if self.hang:
+            await asyncio.Event().wait()
+        await asyncio.sleep(self.seconds)
+        return ItemResult(counts={"processed": 1})
+
+
+async def _planned(runtime: StageRuntime, schema: str, db_pool: asyncpg.Pool) -> list[Envelope]:
+    """Plan a run; returns its WorkItem envelopes, as the items topic would deliver them."""
+    await runtime.handle_requested(_request())
+    rows = await db_pool.fetch(
+        f"SELECT envelope FROM {schema}.outbox WHERE topic = $1 ORDER BY seq",
+        topics.items(Stage.sorting),
+    )
+    return [Envelope.model_validate(r["envelope"]) for r in rows]
+
+
+async def test_a_long_item_sends_heartbeats_while_it_runs(
+    db_pool: asyncpg.Pool, stack_settings: Settings
+) -> None:
+    settings = stack_settings.model_copy(update={"heartbeat_interval_s": 0.3})
+    schema = f"rt_{uuid.uuid4().hex[:10]}"
+    await migrate_stage_schema(db_pool, schema, None)
+    runtime = StageRuntime(SlowPlugin(schema, ["long"], seconds=2.0), db_pool, settings)
+    try:
+        [item] = await _planned(runtime, schema, db_pool)
+        await runtime.handle_item(item)  # one item of 2 s: no progress event in between
+        beats = await db_pool.fetch(
+            f"SELECT envelope FROM {schema}.outbox WHERE envelope->>'type' = 'JobHeartbeat'"
+        )
+        assert len(beats) >= 4, len(beats)
+        assert all(b["envelope"]["payload"]["job_ids"] == [str(item.job_id)] for b in beats)
+    finally:
+        await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def test_an_item_whose_worker_vanished_is_taken_up_again(
+    db_pool: asyncpg.Pool, stack_settings: Settings
+) -> None:
+    """No lease to expire: an item is `pending` until its end is committed, and its message is
+    committed only after that, so the redelivery that follows a dead worker finds it pending."""
+    schema = f"rt_{uuid.uuid4().hex[:10]}"
+    await migrate_stage_schema(db_pool, schema, None)
+    plugin = SlowPlugin(schema, ["a", "b"], hang=True)
+    runtime = StageRuntime(plugin, db_pool, stack_settings)
+    try:
+        first, second = await _planned(runtime, schema, db_pool)
+        working = asyncio.create_task(runtime.handle_item(first))
+        await asyncio.sleep(0.5)
+        working.cancel()  # the worker is gone mid-item: nothing of it was committed
+        with pytest.raises(asyncio.CancelledError):
+            await working
+        item = await db_pool.fetchrow(
+            f"SELECT status, attempts FROM {schema}.run_items WHERE item_key = 'a'"
+        )
+        assert (item["status"], item["attempts"]) == ("pending", 1)
+
+        plugin.hang = False  # a new worker (the restarted service) gets both messages again
+        for envelope in (first, second, first):  # and a late duplicate changes nothing
+            await runtime.handle_item(envelope)
+        items = await db_pool.fetch(
+            f"SELECT item_key, status, attempts FROM {schema}.run_items ORDER BY item_key"
+        )
+        assert [tuple(r) for r in items] == [("a", "done", 2), ("b", "done", 1)]
+        run = await db_pool.fetchrow(f"SELECT items_done, items_failed FROM {schema}.runs")
+        assert tuple(run) == (2, 0)
     finally:
         await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -309,8 +309,9 @@ function renderJobs(jobs) {
     // a completed job that left work behind is not a clean success: an amber badge and its reason
     const shown = j.left_work_behind ? "incomplete" : j.status;
     const status = el("td", {}, badge(shown), j.scoped ? el("span", { class: "muted" }, " study") : null);
-    if (j.status_reason && (j.left_work_behind || j.status === "failed" || j.status === "cancelled")) {
-      status.append(el("div", { class: j.left_work_behind ? "left-behind" : "muted" }, j.status_reason));
+    const stalled = (j.status_reason || "").startsWith("stalled: ");
+    if (j.status_reason && (stalled || j.left_work_behind || j.status === "failed" || j.status === "cancelled")) {
+      status.append(el("div", { class: j.left_work_behind || stalled ? "left-behind" : "muted" }, j.status_reason));
     }
     rows.push(
       el(
