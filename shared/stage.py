@@ -285,6 +285,14 @@ class StageRuntime:
             except Exception:
                 log.warning("heartbeat not sent", exc_info=True)
 
+    async def stop_heartbeats(self) -> None:
+        """Cancel the heartbeat task (the service is stopping)."""
+        if self._beating is not None:
+            self._beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beating
+            self._beating = None
+
     async def heartbeat(self) -> list[uuid.UUID]:
         """Tell the gateway this service is at work on its open runs (the one in hand, and those
         whose items wait behind it); returns their job ids."""

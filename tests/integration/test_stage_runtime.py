@@ -122,6 +122,7 @@ async def test_a_plan_that_cannot_be_stored_fails_the_run_after_the_attempts(
         )
         assert str(request.id) in str(letter)  # the original request, for whoever replays it
     finally:
+        await runtime.stop_heartbeats()
         await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
@@ -165,6 +166,7 @@ async def test_a_long_item_sends_heartbeats_while_it_runs(
         assert len(beats) >= 4, len(beats)
         assert all(b["envelope"]["payload"]["job_ids"] == [str(item.job_id)] for b in beats)
     finally:
+        await runtime.stop_heartbeats()
         await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
@@ -199,4 +201,5 @@ async def test_an_item_whose_worker_vanished_is_taken_up_again(
         run = await db_pool.fetchrow(f"SELECT items_done, items_failed FROM {schema}.runs")
         assert tuple(run) == (2, 0)
     finally:
+        await runtime.stop_heartbeats()
         await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
