@@ -191,7 +191,7 @@ class JobProgress(Payload):
 
 class JobHeartbeat(Payload):
     """A stage service is at work on these runs (or on others they wait behind): sent while it
-    holds an item or a plan, every `heartbeat_interval_s`, so a long item is not a stalled job."""
+    holds an item, a plan or a finalize, every `heartbeat_interval_s`: a long one is no stall."""
 
     stage: Stage
     job_ids: list[uuid.UUID]

@@ -481,7 +481,8 @@ class StageRuntime:
         job_id = envelope.job_id
         assert job_id is not None, "work items always carry their job id"
         if item.item_key == FINALIZE_KEY:
-            await self._finalize(job_id)
+            async with self._at_work():  # a finalize can take minutes too (stacks, validation)
+                await self._finalize(job_id)
             return
         attempts = await self._count_attempt(job_id, item.item_key)
         async with self.pool.acquire() as conn:
