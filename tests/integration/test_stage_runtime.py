@@ -86,7 +86,10 @@ def _request() -> Envelope:
 
 
 async def _outbox_topics(db_pool: asyncpg.Pool, schema: str) -> list[str]:
-    rows = await db_pool.fetch(f"SELECT topic FROM {schema}.outbox ORDER BY seq")
+    """The events a run sent, but progress and heartbeats."""
+    rows = await db_pool.fetch(
+        f"SELECT topic FROM {schema}.outbox WHERE topic <> $1 ORDER BY seq", topics.JOBS_PROGRESS
+    )
     return [r["topic"] for r in rows]
 
 
@@ -200,6 +203,47 @@ async def test_an_item_whose_worker_vanished_is_taken_up_again(
         assert [tuple(r) for r in items] == [("a", "done", 2), ("b", "done", 1)]
         run = await db_pool.fetchrow(f"SELECT items_done, items_failed FROM {schema}.runs")
         assert tuple(run) == (2, 0)
+    finally:
+        await runtime.stop_heartbeats()
+        await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@dataclass
+class HangingPlan(ListPlugin):
+    """Planning never ends (the service is killed in the middle of it, every time)."""
+
+    async def plan(
+        self, pool: asyncpg.Pool, request: StageRequested, job_id: uuid.UUID
+    ) -> list[PlannedItem]:
+        await asyncio.Event().wait()
+        return []
+
+
+async def test_a_request_whose_planning_never_finishes_fails_after_the_attempts(
+    db_pool: asyncpg.Pool, stack_settings: Settings
+) -> None:
+    settings = stack_settings.model_copy(update={"item_max_attempts": 2})
+    schema = f"rt_{uuid.uuid4().hex[:10]}"
+    await migrate_stage_schema(db_pool, schema, None)
+    runtime = StageRuntime(HangingPlan(schema, []), db_pool, settings)
+    request = _request()
+    try:
+        for _ in range(2):  # the service dies while planning: nothing acknowledged
+            planning = asyncio.create_task(runtime.handle_requested(request))
+            await asyncio.sleep(0.3)
+            planning.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await planning
+        await runtime.handle_requested(request)  # the next delivery gives up at once
+        run = await db_pool.fetchrow(f"SELECT status, errors FROM {schema}.runs")
+        assert run["status"] == "failed"
+        assert (
+            run["errors"][0]["message"] == "planning gave up after 2 attempts that did not finish"
+        )
+        assert await _outbox_topics(db_pool, schema) == [
+            topics.failed(Stage.sorting),
+            topics.dlq(Stage.sorting),
+        ]
     finally:
         await runtime.stop_heartbeats()
         await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
