@@ -310,25 +310,20 @@ class LocalStack:
         """Start a recorded service instance that died again (the supervisor's one action).
 
         None when it is no longer recorded (stopped on purpose meanwhile); the running instance
-        when someone else restarted it first. Raises `StackError` when it does not become ready;
-        it then stays recorded, without a pid, for the next attempt."""
+        when someone else restarted it first. The new process is recorded under the stack's lock,
+        then awaited without it (`up` and `down` do not wait for a service that is slow to get
+        ready). Raises `StackError` when it does not become ready; it then stays recorded with a
+        pid that is gone, for the next attempt."""
         with self._locked():
             info = self._require()
             dead = info.services.get(key)
             if dead is None or processes.pid_alive(dead.pid, dead.program):
                 return dead
-            restarts = dead.restarts + 1
-            try:
-                svc = self._start_service(info, dead.service, dead.replica)
-                svc.restarts, svc.last_restart = restarts, why
-                return svc
-            except StackError:
-                info.services[key] = dead.model_copy(
-                    update={"pid": None, "restarts": restarts, "last_restart": why}
-                )
-                raise
-            finally:
-                self._save(info)
+            svc = self._launch_service(info, dead.service, dead.replica)
+            svc.restarts, svc.last_restart = dead.restarts + 1, why
+            self._save(info)
+        self._await_ready(key, svc)
+        return svc
 
     def kill_service(self, key: str, sig: int = signal.SIGKILL) -> None:
         """Send `sig` to a service instance's process group (a crash when SIGKILL)."""
@@ -557,6 +552,18 @@ class LocalStack:
 
     # ---- services -----------------------------------------------------------------------------
     def _start_service(self, info: StackInfo, name: str, replica: int) -> ServiceInfo:
+        """Launch an instance and wait until it is ready; it is no longer recorded if not."""
+        svc = self._launch_service(info, name, replica)
+        key = name if replica == 0 else f"{name}-{replica}"
+        try:
+            self._await_ready(key, svc)
+        except StackError:
+            info.services.pop(key, None)
+            raise
+        return svc
+
+    def _launch_service(self, info: StackInfo, name: str, replica: int) -> ServiceInfo:
+        """Spawn an instance and record it in `info` (not saved); does not wait."""
         if name not in self.registry:
             raise StackError(f"unknown service {name!r}; registered: {', '.join(self.registry)}")
         key = name if replica == 0 else f"{name}-{replica}"
@@ -584,13 +591,17 @@ class LocalStack:
             last_restart=previous.last_restart if previous else None,
         )
         info.services[key] = svc
-        handle = self._spawn(key, [*cohortflow_command(), name], Path(svc.log), env)
-        svc.pid = handle.pid
+        svc.pid = self._spawn(key, [*cohortflow_command(), name], Path(svc.log), env).pid
+        return svc
+
+    def _await_ready(self, key: str, svc: ServiceInfo) -> None:
+        """Wait for the instance's `/readyz`; raises `StackError` (with its log's tail) when it
+        exits first, or stops it and raises after `ready_timeout`."""
+        handle = self._handles[key]
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             code = handle.poll()
             if code is not None:
-                info.services.pop(key, None)
                 self.pid_file(key).unlink(missing_ok=True)
                 raise StackError(
                     f"service {key} exited with code {code} before it was ready; "
@@ -598,10 +609,9 @@ class LocalStack:
                 )
             if processes.http_ready(f"{svc.url}/readyz"):
                 svc.healthy = True
-                return svc
+                return
             time.sleep(0.2)
         self._stop_process(key, svc)
-        info.services.pop(key, None)
         raise StackError(
             f"service {key} did not answer {svc.url}/readyz within {self.ready_timeout:.0f}s; "
             f"last lines of {svc.log}:\n{processes.log_tail(Path(svc.log))}"

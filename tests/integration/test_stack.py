@@ -322,9 +322,10 @@ def test_the_supervisor_restarts_a_killed_service_with_backoff(stack: LocalStack
         os.kill(first.pid, signal.SIGKILL)  # the service alone, as the OOM killer would
 
         def restarted(count: int) -> Callable[[], bool]:
-            def check() -> bool:
+            def check() -> bool:  # ready, and the supervisor has seen it ready
                 svc = stack.status().services["sorter"]
-                return svc.healthy and svc.restarts == count
+                done = log.read_text().count("sorter restarted as pid")
+                return svc.healthy and svc.restarts == count and done == count
 
             return check
 
