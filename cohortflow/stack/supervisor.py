@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--home", type=Path, required=True, help="the stack's state dir")
     args = parser.parse_args(argv)
     configure_logging("supervisor")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness probe
     signal.signal(signal.SIGTERM, _leave)
     signal.signal(signal.SIGINT, _leave)
     try:
