@@ -49,6 +49,7 @@ from shared.events import (
 )
 from shared.observability import ITEM_SECONDS, ITEMS_PROCESSED, RUNS_ACTIVE
 from shared.outbox import enqueue
+from shared.retry import backoff_s
 from shared.secrets import is_sealed, seal, unseal
 from shared.settings import Settings, get_settings
 from shared.storage import ObjectStore
@@ -230,11 +231,6 @@ def _stored_request(request: StageRequested) -> dict[str, Any]:
 def _loaded_request(data: dict[str, Any]) -> StageRequested:
     uids = [unseal(u) if is_sealed(u) else u for u in data.get("study_instance_uids", [])]
     return StageRequested.model_validate({**data, "study_instance_uids": uids})
-
-
-def retry_delay_s(attempts: int) -> float:
-    """How long to wait before attempt `attempts + 1` of a message that failed: 1, 2, 4 .. 10 s."""
-    return min(2.0 ** (attempts - 1), 10.0)
 
 
 def _add_counts(summary: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
@@ -432,7 +428,7 @@ class StageRuntime:
                     dead_letter=(envelope, error, attempts),
                 )
                 return
-            await asyncio.sleep(retry_delay_s(attempts))
+            await asyncio.sleep(backoff_s(attempts))
             raise
 
     async def _count_plan_attempt(self, job_id: uuid.UUID) -> int | None:
@@ -525,7 +521,7 @@ class StageRuntime:
                     await self._dead_letter(job_id, item, f"{type(exc).__name__}: {exc}")
                     return
                 attempts = await self._count_attempt(job_id, item.item_key) or attempts + 1
-                await asyncio.sleep(retry_delay_s(attempts))
+                await asyncio.sleep(backoff_s(attempts))
                 continue
             break
         ITEM_SECONDS.labels(self.plugin.stage.value).observe(time.monotonic() - started)

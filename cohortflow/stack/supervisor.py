@@ -27,6 +27,7 @@ from types import FrameType
 from cohortflow.stack import processes
 from cohortflow.stack.launcher import LocalStack, StackError
 from shared.observability import configure_logging
+from shared.retry import backoff_s
 
 log = logging.getLogger("cohortflow.supervisor")
 
@@ -41,7 +42,7 @@ class Backoff:
     stable_after_s: float = 60.0
 
     def delay(self, deaths: int) -> float:
-        return min(self.max_s, self.initial_s * 2.0 ** max(0, deaths - 1))
+        return backoff_s(deaths, self.initial_s, self.max_s)
 
 
 @dataclass

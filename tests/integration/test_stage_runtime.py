@@ -96,7 +96,7 @@ async def _outbox_topics(db_pool: asyncpg.Pool, schema: str) -> list[str]:
 async def test_a_plan_that_cannot_be_stored_fails_the_run_after_the_attempts(
     db_pool: asyncpg.Pool, stack_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(stage_module, "retry_delay_s", lambda attempts: 0.0)
+    monkeypatch.setattr(stage_module, "backoff_s", lambda attempts: 0.0)
     settings = stack_settings.model_copy(update={"item_max_attempts": 3})
     # Postgres text cannot hold NUL: the item rows' insert fails every time (the poison request)
     runtime, schema = await _runtime(db_pool, settings, ["fine", "bad\x00key"])
