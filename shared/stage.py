@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from shared import topics
-from shared.db import migrate, relation_exists
+from shared.db import migrate, relation_exists, unreachable
 from shared.events import (
     CohortDeleted,
     CohortRef,
@@ -413,8 +413,15 @@ class StageRuntime:
         try:
             await self._store_plan(request, job_id, planned)
         except Exception as exc:
-            # recording the plan failed (a value the database refuses, a lost connection): the
-            # request comes back, a bounded number of times, like a work item (ADR 0002)
+            if unreachable(exc):
+                # the database went away: no fault of this request, which comes back as often as
+                # it takes (the attempt is given back if the database answers again in time)
+                with contextlib.suppress(Exception):
+                    await self._count_plan_attempt(job_id, -1)
+                await asyncio.sleep(backoff_s(attempts))
+                raise
+            # the plan holds a value the database cannot store: the request comes back a bounded
+            # number of times, like a work item (ADR 0002), then the run fails
             error = f"{type(exc).__name__}: {exc}"
             log.warning(
                 "storing the plan failed",
@@ -431,15 +438,16 @@ class StageRuntime:
             await asyncio.sleep(backoff_s(attempts))
             raise
 
-    async def _count_plan_attempt(self, job_id: uuid.UUID) -> int | None:
-        """Count a planning attempt before it is made (a service killed while planning used one);
-        None when the run is no longer being planned."""
+    async def _count_plan_attempt(self, job_id: uuid.UUID, step: int = 1) -> int | None:
+        """Count a planning attempt before it is made (a service killed while planning used one;
+        `step=-1` gives one back); None when the run is no longer being planned."""
         async with self.pool.acquire() as conn:
             attempts: int | None = await conn.fetchval(
-                f"UPDATE {self.schema}.runs SET plan_attempts = plan_attempts + 1,"
+                f"UPDATE {self.schema}.runs SET plan_attempts = plan_attempts + $2,"
                 " updated_at = now() WHERE job_id = $1 AND status = 'planning'"
                 " RETURNING plan_attempts",
                 job_id,
+                step,
             )
         return attempts
 

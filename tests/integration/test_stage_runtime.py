@@ -93,17 +93,23 @@ async def _outbox_topics(db_pool: asyncpg.Pool, schema: str) -> list[str]:
     return [r["topic"] for r in rows]
 
 
+# values the item rows' insert refuses every time (a poison request): Postgres text cannot hold
+# NUL (refused by the server); a lone surrogate, what a non-UTF-8 file name decodes to, cannot be
+# encoded (refused by the client, with an error of the family that also means "connection lost")
+@pytest.mark.parametrize("bad_key", ["bad\x00key", "bad\udcffkey"], ids=["nul", "surrogate"])
 async def test_a_plan_that_cannot_be_stored_fails_the_run_after_the_attempts(
-    db_pool: asyncpg.Pool, stack_settings: Settings, monkeypatch: pytest.MonkeyPatch
+    db_pool: asyncpg.Pool,
+    stack_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    bad_key: str,
 ) -> None:
     monkeypatch.setattr(stage_module, "backoff_s", lambda attempts: 0.0)
     settings = stack_settings.model_copy(update={"item_max_attempts": 3})
-    # Postgres text cannot hold NUL: the item rows' insert fails every time (the poison request)
-    runtime, schema = await _runtime(db_pool, settings, ["fine", "bad\x00key"])
+    runtime, schema = await _runtime(db_pool, settings, ["fine", bad_key])
     request = _request()
     try:
         for _ in range(2):  # raised: the message is nacked and comes back
-            with pytest.raises(asyncpg.PostgresError):
+            with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
                 await runtime.handle_requested(request)
         await runtime.handle_requested(request)  # the last attempt: given up, acknowledged
         await runtime.handle_requested(request)  # a late redelivery changes nothing
@@ -124,6 +130,34 @@ async def test_a_plan_that_cannot_be_stored_fails_the_run_after_the_attempts(
             f"SELECT envelope FROM {schema}.outbox WHERE topic = $1", topics.dlq(Stage.sorting)
         )
         assert str(request.id) in str(letter)  # the original request, for whoever replays it
+    finally:
+        await runtime.stop_heartbeats()
+        await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def test_a_plan_stored_while_the_database_is_away_is_retried_without_limit(
+    db_pool: asyncpg.Pool, stack_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stage_module, "backoff_s", lambda attempts: 0.0)
+    settings = stack_settings.model_copy(update={"item_max_attempts": 2})
+    runtime, schema = await _runtime(db_pool, settings, ["a", "b"])
+    store = runtime._store_plan
+
+    async def unreachable(*args: Any) -> None:
+        raise ConnectionRefusedError("Postgres is restarting")
+
+    request = _request()
+    try:
+        monkeypatch.setattr(runtime, "_store_plan", unreachable)
+        for _ in range(4):  # twice the attempts: none of them counts
+            with pytest.raises(ConnectionRefusedError):
+                await runtime.handle_requested(request)
+        run = await db_pool.fetchrow(f"SELECT status, plan_attempts FROM {schema}.runs")
+        assert tuple(run) == ("planning", 0)
+        monkeypatch.setattr(runtime, "_store_plan", store)  # the database is back
+        await runtime.handle_requested(request)
+        run = await db_pool.fetchrow(f"SELECT status, items_total FROM {schema}.runs")
+        assert tuple(run) == ("running", 2)
     finally:
         await runtime.stop_heartbeats()
         await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
