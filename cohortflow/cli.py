@@ -51,13 +51,20 @@ def _show(info: StackInfo, as_json: bool, headline: str | None = None) -> None:
     if headline:
         console.print(headline)
     table = Table(title=f"cohortflow stack in {info.home}")
-    for column in ("part", "pid", "url", "healthy", "log"):
+    for column in ("part", "pid", "url", "healthy", "restarts", "log"):
         table.add_column(column)
     rows = [*info.infra.items(), *info.services.items()]
     for name, proc in rows:
         health = "[green]yes[/green]" if proc.healthy else "[red]no[/red]"
-        table.add_row(name, str(proc.pid or "-"), proc.url, health, proc.log)
+        restarts = str(getattr(proc, "restarts", "-"))
+        table.add_row(name, str(proc.pid or "-"), proc.url, health, restarts, proc.log)
     console.print(table)
+    if info.services:
+        state = f"pid {info.supervisor_pid}" if info.supervisor_pid else "[red]not running[/red]"
+        console.print(f"supervisor: {state}, log {info.supervisor_log}")
+        for name, svc in info.services.items():
+            if svc.last_restart:
+                console.print(f"last restart of {name}: {svc.last_restart}", highlight=False)
     console.print(f"gateway: {info.gateway_url}   broker storage: {info.broker_storage}")
     if info.settings:
         settings = Table(title=f"settings (kept in {info.home / 'settings.json'})")

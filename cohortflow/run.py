@@ -5,6 +5,10 @@ requested stages in order, shows one progress bar per stage, prints a summary, o
 the export to `--out`, and exits non-zero unless everything asked for was done: `EXIT_FAILED` when
 a job failed or was cancelled, `EXIT_LEFT_BEHIND` when every job completed but one left work behind
 (files refused by de-identification, failed work items: the job's `status_reason` says what).
+A job the gateway marks stalled (no word from its stage service for `COHORTFLOW_STALL_AFTER_S`) ends
+the wait with that reason and exit 1 instead of waiting on; nothing is cancelled, and the same
+command run again follows the job once its service is back (a job still marked stalled then gets
+`STALL_GRACE_S` to be taken up again).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from rich.table import Table
 from shared.topics import STAGE_ORDER, Stage
 
 TERMINAL = {"completed", "failed", "cancelled"}
+STALLED = "stalled: "  # the status_reason prefix the gateway gives a job nobody works on
+STALL_GRACE_S = 60.0
 EXIT_FAILED = 1  # a job failed or was cancelled
 EXIT_LEFT_BEHIND = 3  # every job completed, but not everything came through (see status_reason)
 AUDIT_PASSWORD_ENV = "COHORTFLOW_AUDIT_PASSWORD"
@@ -178,6 +184,8 @@ def _watch(
     """Poll the jobs until each is terminal, one progress bar per stage."""
     deadline = time.monotonic() + options.timeout_s
     states = {j["id"]: j for j in jobs}
+    already = {j["id"] for j in jobs if _stalled(j)}
+    grace_until = time.monotonic() + STALL_GRACE_S
     with Progress(
         TextColumn("{task.description:<14}"),
         BarColumn(),
@@ -200,10 +208,26 @@ def _watch(
                 progress.update(bars[job_id], total=total, completed=done, status=job["status"])
             if all(j["status"] in TERMINAL for j in states.values()):
                 break
+            # a job already stalled when the watch began (a re-run, after fixing the service) gets
+            # a grace period to be taken up again; a stall seen arise during the watch ends it
+            if time.monotonic() > grace_until:
+                already.clear()
+            already &= {j["id"] for j in states.values() if _stalled(j)}
+            for job in states.values():
+                if job["status"] not in TERMINAL and _stalled(job) and job["id"] not in already:
+                    raise RunError(
+                        f"{job['stage']} job {job['id']} {job['status_reason']}. Nothing was"
+                        " cancelled: run the same command again to follow it once the service is"
+                        " back (`cohortflow stack status` shows the services and their logs)"
+                    )
             if time.monotonic() > deadline:
                 raise RunError("timed out waiting for the jobs; they go on in the background")
             time.sleep(options.poll_s)
     return [states[j["id"]] for j in jobs]
+
+
+def _stalled(job: dict[str, Any]) -> bool:
+    return str(job.get("status_reason") or "").startswith(STALLED)
 
 
 def _summary_table(cohort: dict[str, Any], jobs: list[dict[str, Any]]) -> Table:

@@ -18,6 +18,7 @@ from shared.events import (
     DeadLetter,
     Envelope,
     JobControl,
+    JobHeartbeat,
     JobProgress,
     Payload,
     StageCompleted,
@@ -103,8 +104,9 @@ def channels() -> list[Channel]:
         Channel(
             "jobsProgress",
             topics.JOBS_PROGRESS,
-            "throttled progress of runs, for the gateway's job rows",
-            (JobProgress,),
+            "throttled progress of runs, and heartbeats while a service works on them, for the"
+            " gateway's job rows (a job nothing is heard from is marked stalled)",
+            (JobProgress, JobHeartbeat),
             "the job id",
             stages,
             ("gateway",),

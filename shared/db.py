@@ -24,6 +24,26 @@ from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
+# what a database call meets while Postgres is away, restarting or dropped the connection: worth
+# trying again later, and no fault of the data being written
+UNREACHABLE: tuple[type[Exception], ...] = (
+    OSError,  # ConnectionRefusedError, ConnectionResetError, ...
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,  # "connection is closed", "pool is closing"
+)
+
+
+def unreachable(exc: BaseException) -> bool:
+    """True when `exc` says the database is away, not that the values sent are wrong (asyncpg's
+    client-side `DataError`, a value it cannot encode, is an `InterfaceError` too)."""
+    return isinstance(exc, UNREACHABLE) and not isinstance(exc, ValueError)
+
+
 _MIGRATION_NAME = re.compile(r"^(\d{3,})_[\w-]+\.sql$")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 

@@ -223,6 +223,14 @@ class JobProgress(Payload):
     summary: dict[str, Any] = Field(default_factory=dict)
 
 
+class JobHeartbeat(Payload):
+    """A stage service is at work on these runs (or on others they wait behind): sent while it
+    holds an item, a plan or a finalize, every `heartbeat_interval_s`: a long one is no stall."""
+
+    stage: Stage
+    job_ids: list[uuid.UUID]
+
+
 class JobControl(Payload):
     action: Literal["cancel"]
     reason: str = ""

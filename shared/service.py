@@ -161,6 +161,7 @@ async def serve_stage(
         log.error("health server failed; stopping", exc_info=health.exception())
     log.info("service stopping", extra={"service": plugin.service})
     await broker.stop()
+    await runtime.stop_heartbeats()
     await relay.stop()
     with contextlib.suppress(Exception):
         await health

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     # processing
     item_max_attempts: int = 3
     progress_interval_s: float = 1.0
+    # while a stage service works (an item or a plan in hand), it tells the gateway which runs it
+    # is on this often; a job nobody reported on (heartbeat or progress) for `stall_after_s` is
+    # marked stalled in its status reason (ADR 0019). A single long item is not a stall.
+    heartbeat_interval_s: float = Field(default=15.0, gt=0)
+    stall_after_s: float = Field(default=300.0, gt=0)
     outbox_poll_interval_s: float = 0.5
     # webhook deliveries: the first retry after this many seconds, doubling up to an hour; a
     # delivery that failed this many times is given up (and can be replayed through the API)

@@ -18,12 +18,13 @@ event discipline (ADR 0002) once, for all four stages:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from shared import topics
-from shared.db import EVERY_SCHEMA_MIGRATIONS, migrate, relation_exists
+from shared.db import EVERY_SCHEMA_MIGRATIONS, migrate, relation_exists, unreachable
 from shared.events import (
     CohortDeleted,
     CohortRef,
@@ -40,6 +41,7 @@ from shared.events import (
     Envelope,
     ItemError,
     JobControl,
+    JobHeartbeat,
     JobProgress,
     SlipStep,
     StageCompleted,
@@ -49,6 +51,7 @@ from shared.events import (
 )
 from shared.observability import ITEM_SECONDS, ITEMS_PROCESSED, RUNS_ACTIVE
 from shared.outbox import enqueue
+from shared.retry import backoff_s
 from shared.secrets import is_sealed, seal, unseal
 from shared.settings import Settings, get_settings
 from shared.storage import ObjectStore
@@ -247,6 +250,57 @@ class StageRuntime:
         self.schema = plugin.schema
         self._cancelled: set[uuid.UUID] = set()
         self._control_view = False  # the gateway's job_control_v exists (checked until it does)
+        self._in_hand = 0  # items and plans being worked on now
+        self._worked_since_beat = False
+        self._beating: asyncio.Task[None] | None = None
+
+    # --- heartbeat --------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _at_work(self) -> AsyncIterator[None]:
+        """Around an item or a plan: heartbeats go out while any is in hand (ADR 0019)."""
+        self._in_hand += 1
+        self._worked_since_beat = True
+        if self._beating is None or self._beating.done():
+            self._beating = asyncio.create_task(self._heartbeats())
+        try:
+            yield
+        finally:
+            self._in_hand -= 1
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            if not (self._in_hand or self._worked_since_beat):
+                continue
+            self._worked_since_beat = False
+            try:
+                await self.heartbeat()
+            except Exception:
+                log.warning("heartbeat not sent", exc_info=True)
+
+    async def stop_heartbeats(self) -> None:
+        """Cancel the heartbeat task (the service is stopping)."""
+        if self._beating is not None:
+            self._beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beating
+            self._beating = None
+
+    async def heartbeat(self) -> list[uuid.UUID]:
+        """Tell the gateway this service is at work on its open runs (the one in hand, and those
+        whose items wait behind it); returns their job ids."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"SELECT job_id FROM {self.schema}.runs WHERE status IN ('planning', 'running')"
+                " ORDER BY updated_at DESC LIMIT 1000"
+            )
+            job_ids = [r["job_id"] for r in rows]
+            if job_ids:
+                beat = JobHeartbeat(stage=self.plugin.stage, job_ids=job_ids)
+                env = Envelope.wrap(beat, source=self.plugin.service)
+                await enqueue(conn, self.schema, topics.JOBS_PROGRESS, env, key=WORKER)
+        return job_ids
 
     # --- events out -------------------------------------------------------------------------
 
@@ -331,6 +385,21 @@ class StageRuntime:
             await self._insert_run(job_id, request, "cancelled")
             return
         await self._insert_run(job_id, request, "planning")
+        attempts = await self._count_plan_attempt(job_id)
+        if attempts is None:
+            return  # planned or ended meanwhile
+        if attempts > self.settings.item_max_attempts:  # each earlier one ended the service
+            error = f"planning gave up after {attempts - 1} attempts that did not finish"
+            await self._fail_run(
+                job_id, request, error, dead_letter=(envelope, error, attempts - 1)
+            )
+            return
+        async with self._at_work():
+            await self._plan(envelope, request, job_id, attempts)
+
+    async def _plan(
+        self, envelope: Envelope, request: StageRequested, job_id: uuid.UUID, attempts: int
+    ) -> None:
         log.info("planning run", extra={"job_id": str(job_id), "stage": self.plugin.stage.value})
         try:
             planned = await self.plugin.plan(self.pool, request, job_id)
@@ -338,6 +407,51 @@ class StageRuntime:
             log.exception("planning failed", extra={"job_id": str(job_id)})
             await self._fail_run(job_id, request, f"planning failed: {exc}")
             return
+        try:
+            await self._store_plan(request, job_id, planned)
+        except Exception as exc:
+            if unreachable(exc):
+                # the database went away: no fault of this request, which comes back as often as
+                # it takes (the attempt is given back if the database answers again in time)
+                with contextlib.suppress(Exception):
+                    await self._count_plan_attempt(job_id, -1)
+                await asyncio.sleep(backoff_s(attempts))
+                raise
+            # the plan holds a value the database cannot store: the request comes back a bounded
+            # number of times, like a work item (ADR 0002), then the run fails
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "storing the plan failed",
+                extra={"job_id": str(job_id), "attempt": attempts, "error": error},
+            )
+            if attempts >= self.settings.item_max_attempts:
+                await self._fail_run(
+                    job_id,
+                    request,
+                    f"planning gave up after {attempts} attempts to store the plan: {error}",
+                    dead_letter=(envelope, error, attempts),
+                )
+                return
+            await asyncio.sleep(backoff_s(attempts))
+            raise
+
+    async def _count_plan_attempt(self, job_id: uuid.UUID, step: int = 1) -> int | None:
+        """Count a planning attempt before it is made (a service killed while planning used one;
+        `step=-1` gives one back); None when the run is no longer being planned."""
+        async with self.pool.acquire() as conn:
+            attempts: int | None = await conn.fetchval(
+                f"UPDATE {self.schema}.runs SET plan_attempts = plan_attempts + $2,"
+                " updated_at = now() WHERE job_id = $1 AND status = 'planning'"
+                " RETURNING plan_attempts",
+                job_id,
+                step,
+            )
+        return attempts
+
+    async def _store_plan(
+        self, request: StageRequested, job_id: uuid.UUID, planned: list[PlannedItem]
+    ) -> None:
+        """Item rows, the run's total and the `WorkItem` events, in one transaction."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.executemany(
                 f"INSERT INTO {self.schema}.run_items (job_id, item_key) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -369,7 +483,8 @@ class StageRuntime:
         job_id = envelope.job_id
         assert job_id is not None, "work items always carry their job id"
         if item.item_key == FINALIZE_KEY:
-            await self._finalize(job_id)
+            async with self._at_work():  # a finalize can take minutes too (stacks, validation)
+                await self._finalize(job_id)
             return
         attempts = await self._count_attempt(job_id, item.item_key)
         async with self.pool.acquire() as conn:
@@ -384,6 +499,11 @@ class StageRuntime:
         if attempts > self.settings.item_max_attempts:
             await self._dead_letter(job_id, item, f"gave up after {attempts - 1} attempts")
             return
+        async with self._at_work():
+            await self._process(job_id, item, attempts)
+
+    async def _process(self, job_id: uuid.UUID, item: WorkItem, attempts: int) -> None:
+        """Process an item, retrying in place up to the attempts; then end it done or failed."""
         ctx = ItemContext(self.pool, self.settings, job_id, lambda: self.is_cancelled(job_id))
         started = time.monotonic()
         while True:
@@ -407,7 +527,7 @@ class StageRuntime:
                     await self._dead_letter(job_id, item, f"{type(exc).__name__}: {exc}")
                     return
                 attempts = await self._count_attempt(job_id, item.item_key) or attempts + 1
-                await asyncio.sleep(min(2.0 ** (attempts - 1), 10.0))
+                await asyncio.sleep(backoff_s(attempts))
                 continue
             break
         ITEM_SECONDS.labels(self.plugin.stage.value).observe(time.monotonic() - started)
@@ -611,7 +731,15 @@ class StageRuntime:
             conn, self.schema, topics.failed(self.plugin.stage), env, key=str(request.cohort.id)
         )
 
-    async def _fail_run(self, job_id: uuid.UUID, request: StageRequested, error: str) -> None:
+    async def _fail_run(
+        self,
+        job_id: uuid.UUID,
+        request: StageRequested,
+        error: str,
+        dead_letter: tuple[Envelope, str, int] | None = None,
+    ) -> None:
+        """The run ends as failed with `error`; `dead_letter` (the message given up on, why,
+        after how many attempts) also goes to the stage's dead-letter topic."""
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 f"UPDATE {self.schema}.runs SET status = 'failed', finished_at = now(), updated_at = now(),"
@@ -624,6 +752,18 @@ class StageRuntime:
             await self._enqueue_failed(
                 conn, request, job_id, error, row, [ItemError(item="run", message=error)]
             )
+            if dead_letter is not None:
+                original, why, attempts = dead_letter
+                letter = DeadLetter(
+                    topic=topics.requested(self.plugin.stage),
+                    error=why,
+                    attempts=attempts,
+                    original=original.model_dump(mode="json"),
+                )
+                env = self._wrap(letter, request.cohort.id, job_id)
+                await enqueue(
+                    conn, self.schema, topics.dlq(self.plugin.stage), env, key=str(job_id)
+                )
 
     # --- cancellation -----------------------------------------------------------------------------
 

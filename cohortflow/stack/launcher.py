@@ -6,7 +6,9 @@ stack was created, reused on every restart: `cohortflow/stack/settings.py`, ADR 
 variables as `export` lines),
 `run/<name>.pid`, `logs/<name>.log`, `postgres/`, `s3/` and `secrets/`. `up` converges: what runs is
 left alone, what is missing (or died, leaving a stale pid file) is started again on the same ports.
-`down` stops exactly what the state file records.
+While services run, a supervisor (`cohortflow/stack/supervisor.py`, ADR 0019) restarts one that dies.
+`down` stops the supervisor, what the state file records, then every process still marked as the
+stack's (`processes.MEMBER_ENV`): orphaned worker pools and conversions included.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ DB_NAME = "cohortflow"
 LOCAL_KAFKA_SESSION_TIMEOUT_MS = 2000
 LOCAL_KAFKA_HEARTBEAT_INTERVAL_MS = 400
 INFRA = ("postgres", "s3", "broker")
+SUPERVISOR_MODULE = "cohortflow.stack.supervisor"
 
 
 class StackError(RuntimeError):
@@ -65,6 +68,9 @@ class ServiceInfo(ProcessInfo):
 
     service: str
     replica: int = 0
+    # how often the supervisor restarted it, and why it last did
+    restarts: int = 0
+    last_restart: str | None = None
 
 
 class StackInfo(BaseModel):
@@ -83,6 +89,8 @@ class StackInfo(BaseModel):
     # filled in by `status()` from settings.json, not stored here: every setting, secrets masked
     settings: dict[str, str] = Field(default_factory=dict, exclude=True)
     granted_roots: list[str] = Field(default_factory=list, exclude=True)
+    supervisor_pid: int | None = Field(default=None, exclude=True)
+    supervisor_log: str = Field(default="", exclude=True)
 
     @property
     def running(self) -> bool:
@@ -110,8 +118,16 @@ class StackInfo(BaseModel):
                 name: {"pid": p.pid, "url": p.url, "healthy": p.healthy, "log": p.log}
                 for name, p in self.infra.items()
             },
+            "supervisor": {"pid": self.supervisor_pid, "log": self.supervisor_log},
             "services": {
-                name: {"pid": s.pid, "url": s.url, "healthy": s.healthy, "log": s.log}
+                name: {
+                    "pid": s.pid,
+                    "url": s.url,
+                    "healthy": s.healthy,
+                    "log": s.log,
+                    "restarts": s.restarts,
+                    "last_restart": s.last_restart,
+                }
                 for name, s in self.services.items()
             },
         }
@@ -198,6 +214,8 @@ class LocalStack:
                             self._start_service(info, name, 0)
             finally:
                 self._save(info)
+                if info.services:
+                    self._ensure_supervisor(info)
         return self.status()
 
     def down(self) -> StackInfo | None:
@@ -206,12 +224,16 @@ class LocalStack:
             info = self._load()
             if info is None:
                 return None
+            self._stop_supervisor()  # first: it would restart what is stopped next
             for key in list(info.services):
                 self._stop_process(key, info.services[key])
             info.services.clear()
             for name in ("broker", "s3", "postgres"):
                 self._stop_infra(info, name)
             self._save(info)
+            orphans = processes.stop_members(self.home, self.stop_timeout)
+            if orphans:
+                log_line(self.log_file("supervisor"), f"down: stopped stray processes {orphans}")
         return self.status()
 
     def stop_infra(self, name: str) -> StackInfo:
@@ -243,6 +265,8 @@ class LocalStack:
         for svc in info.services.values():
             alive = processes.pid_alive(svc.pid, svc.program)
             svc.healthy = alive and processes.http_ready(f"{svc.url}/readyz")
+        info.supervisor_pid = self._supervisor_pid()
+        info.supervisor_log = str(self.log_file("supervisor"))
         return info
 
     def restart_broker(self, sig: int = signal.SIGTERM) -> StackInfo:
@@ -272,6 +296,34 @@ class LocalStack:
                 return self._start_service(info, name, replica)
             finally:
                 self._save(info)
+                self._ensure_supervisor(info)
+
+    def recorded(self) -> StackInfo | None:
+        """The state file as it is (no health measured); None if the stack was never started."""
+        return self._load()
+
+    def handle(self, key: str) -> subprocess.Popen[bytes] | None:
+        """The process handle of a part this object started (its exit status), if any."""
+        return self._handles.get(key)
+
+    def restart_service(self, key: str, why: str) -> ServiceInfo | None:
+        """Start a recorded service instance that died again (the supervisor's one action).
+
+        None when it is no longer recorded (stopped on purpose meanwhile); the running instance
+        when someone else restarted it first. The new process is recorded under the stack's lock,
+        then awaited without it (`up` and `down` do not wait for a service that is slow to get
+        ready). Raises `StackError` when it does not become ready; it then stays recorded with a
+        pid that is gone, for the next attempt."""
+        with self._locked():
+            info = self._require()
+            dead = info.services.get(key)
+            if dead is None or processes.pid_alive(dead.pid, dead.program):
+                return dead
+            svc = self._launch_service(info, dead.service, dead.replica)
+            svc.restarts, svc.last_restart = dead.restarts + 1, why
+            self._save(info)
+        self._await_ready(key, svc)
+        return svc
 
     def kill_service(self, key: str, sig: int = signal.SIGKILL) -> None:
         """Send `sig` to a service instance's process group (a crash when SIGKILL)."""
@@ -500,6 +552,18 @@ class LocalStack:
 
     # ---- services -----------------------------------------------------------------------------
     def _start_service(self, info: StackInfo, name: str, replica: int) -> ServiceInfo:
+        """Launch an instance and wait until it is ready; it is no longer recorded if not."""
+        svc = self._launch_service(info, name, replica)
+        key = name if replica == 0 else f"{name}-{replica}"
+        try:
+            self._await_ready(key, svc)
+        except StackError:
+            info.services.pop(key, None)
+            raise
+        return svc
+
+    def _launch_service(self, info: StackInfo, name: str, replica: int) -> ServiceInfo:
+        """Spawn an instance and record it in `info` (not saved); does not wait."""
         if name not in self.registry:
             raise StackError(f"unknown service {name!r}; registered: {', '.join(self.registry)}")
         key = name if replica == 0 else f"{name}-{replica}"
@@ -523,18 +587,21 @@ class LocalStack:
             port=port,
             url=f"http://127.0.0.1:{port}",
             log=str(self.log_file(key)),
+            restarts=previous.restarts if previous else 0,
+            last_restart=previous.last_restart if previous else None,
         )
         info.services[key] = svc
-        handle = processes.spawn(
-            [*cohortflow_command(), name], Path(svc.log), env, self.pid_file(key)
-        )
-        self._handles[key] = handle
-        svc.pid = handle.pid
+        svc.pid = self._spawn(key, [*cohortflow_command(), name], Path(svc.log), env).pid
+        return svc
+
+    def _await_ready(self, key: str, svc: ServiceInfo) -> None:
+        """Wait for the instance's `/readyz`; raises `StackError` (with its log's tail) when it
+        exits first, or stops it and raises after `ready_timeout`."""
+        handle = self._handles[key]
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             code = handle.poll()
             if code is not None:
-                info.services.pop(key, None)
                 self.pid_file(key).unlink(missing_ok=True)
                 raise StackError(
                     f"service {key} exited with code {code} before it was ready; "
@@ -542,21 +609,47 @@ class LocalStack:
                 )
             if processes.http_ready(f"{svc.url}/readyz"):
                 svc.healthy = True
-                return svc
+                return
             time.sleep(0.2)
         self._stop_process(key, svc)
-        info.services.pop(key, None)
         raise StackError(
             f"service {key} did not answer {svc.url}/readyz within {self.ready_timeout:.0f}s; "
             f"last lines of {svc.log}:\n{processes.log_tail(Path(svc.log))}"
         )
 
     # ---- processes ----------------------------------------------------------------------------
+    def _spawn(
+        self, name: str, argv: list[str], log: Path, env: Mapping[str, str]
+    ) -> subprocess.Popen[bytes]:
+        """Start one of the stack's processes, marked as a member of this stack."""
+        env = {**env, processes.MEMBER_ENV: str(self.home)}
+        handle = processes.spawn(argv, log, env, self.pid_file(name))
+        self._handles[name] = handle
+        return handle
+
+    def _supervisor_pid(self) -> int | None:
+        pid = processes.read_pid(self.pid_file("supervisor"))
+        return pid if processes.pid_alive(pid, SUPERVISOR_MODULE) else None
+
+    def _ensure_supervisor(self, info: StackInfo) -> None:
+        """Start the supervisor unless it runs (it watches the services `stack.json` records)."""
+        if self._supervisor_pid() is None:
+            argv = [sys.executable, "-m", SUPERVISOR_MODULE, "--home", str(self.home)]
+            self._spawn("supervisor", argv, self.log_file("supervisor"), self._service_env(info))
+
+    def _stop_supervisor(self) -> None:
+        pid = self._supervisor_pid()
+        if pid is not None:
+            processes.stop(
+                pid, SUPERVISOR_MODULE, self.stop_timeout, self._handles.get("supervisor")
+            )
+        self._reap("supervisor")
+        self.pid_file("supervisor").unlink(missing_ok=True)
+
     def _spawn_and_wait_port(
         self, name: str, proc: ProcessInfo, argv: list[str], env: Mapping[str, str]
     ) -> None:
-        handle = processes.spawn(argv, Path(proc.log), env, self.pid_file(name))
-        self._handles[name] = handle
+        handle = self._spawn(name, argv, Path(proc.log), env)
         proc.pid = handle.pid
         deadline = time.monotonic() + self.ready_timeout
         while not processes.port_open(proc.port):
@@ -660,6 +753,13 @@ def cohortflow_command() -> list[str]:
     if script.exists():
         return [str(script)]
     return [sys.executable, "-m", "cohortflow.cli"]
+
+
+def log_line(log_file: Path, message: str) -> None:
+    """Append one timestamped line to a log of the stack."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("a") as out:
+        out.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {message}\n")
 
 
 def _write_private(path: Path, text: str) -> None:

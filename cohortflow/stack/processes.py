@@ -158,3 +158,56 @@ def tree_pids(pid: int) -> list[int]:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return out
+
+
+# every process the stack starts carries this variable (its value: the stack's state dir), and so
+# does everything those processes start (worker pools, conversions): `down` finds them all by it
+MEMBER_ENV = "COHORTFLOW_STACK_MEMBER"
+
+
+def members(home: Path) -> list[int]:
+    """Pids of running processes whose environment marks them as started by the stack in `home`,
+    except this process and its ancestors (a `stack down` run from inside a member)."""
+    needle = f"{MEMBER_ENV}={home}".encode()
+    spared = _ancestors(os.getpid())
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in spared:
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if needle in environ.split(b"\0") and process_running(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def stop_members(home: Path, timeout: float = 10.0) -> list[int]:
+    """SIGTERM every member of the stack in `home` still running, SIGKILL what remains after
+    `timeout`; returns the pids found (orphans: a service's pool re-parented to init, a conversion
+    whose service died, a service started by an interrupted restart)."""
+    found = members(home)
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(process_running(p) for p in found):
+        time.sleep(0.05)
+    for pid in found:
+        if process_running(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    return found
+
+
+def _ancestors(pid: int) -> set[int]:
+    out = set()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat[stat.rfind(")") + 2 :].split()[1])
+    return out

@@ -30,6 +30,7 @@ from services.gateway.api.dependencies import BrokerProbe, GatewayContext
 from services.gateway.api.limits import BodyLimit
 from services.gateway.notices import NoticeError, is_kafka_cloudevent, notice_from_kafka
 from services.gateway.outbound import WebhookDispatcher
+from services.gateway.stalls import StallWatch
 from shared import topics
 from shared.asyncapi import asyncapi_document
 from shared.broker import make_broker, subscriber_kwargs
@@ -136,15 +137,18 @@ def app_factory(settings: Settings | None = None) -> FastAPI:
             relay = OutboxRelay(pool, SCHEMA, broker, settings)
             webhooks = WebhookDispatcher(pool, settings)
             watcher = handlers.StudyWatcher(pool, settings)
+            stalls = StallWatch(pool, settings)
             await broker.start()
             await relay.start()
             await webhooks.start()
             await watcher.start()
+            await stalls.start()
             log.info("gateway started", extra={"port": settings.gateway_port})
             try:
                 yield
             finally:
                 log.info("gateway stopping")
+                await stalls.stop()
                 await watcher.stop()
                 await webhooks.stop()
                 await relay.stop()

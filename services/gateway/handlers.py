@@ -29,6 +29,7 @@ from services.gateway.routing import Ambiguous, CohortRule, RouteRule, StudyFact
 from services.gateway.runs import RunStarted, start_study_run
 from shared.events import (
     Envelope,
+    JobHeartbeat,
     JobProgress,
     StageCompleted,
     StageFailed,
@@ -97,9 +98,19 @@ async def apply_progress(pool: asyncpg.Pool, envelope: Envelope) -> None:
             summary={**job["summary"], **progress.summary},
             **counts,
         )
+        await repo.heard_from(conn, job["id"])
         if job["stage"] == Stage.extraction.value and progress.summary:
             await repo.set_cohort_totals(conn, job["cohort_id"], progress.summary, exact=False)
         await repo.refresh_cohort_status(conn, job["cohort_id"])
+
+
+async def apply_heartbeat(pool: asyncpg.Pool, envelope: Envelope) -> None:
+    """A stage service is at work on these jobs: each is stamped as heard from (one statement
+    each, no cohort lock: it touches only the job's own row)."""
+    beat = envelope.open(JobHeartbeat)
+    async with pool.acquire() as conn:
+        for job_id in beat.job_ids:
+            await repo.heard_from(conn, job_id)
 
 
 async def apply_completed(pool: asyncpg.Pool, envelope: Envelope) -> None:
@@ -645,6 +656,8 @@ async def on_event(pool: asyncpg.Pool, settings: Settings, envelope: Envelope) -
     try:
         if envelope.type == JobProgress.__name__:
             await apply_progress(pool, envelope)
+        elif envelope.type == JobHeartbeat.__name__:
+            await apply_heartbeat(pool, envelope)
         elif envelope.type == StageCompleted.__name__:
             await apply_completed(pool, envelope)
         elif envelope.type == StageFailed.__name__:

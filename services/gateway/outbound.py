@@ -42,6 +42,7 @@ from shared.events import (
 )
 from shared.loops import BackgroundLoop
 from shared.outbox import enqueue
+from shared.retry import backoff_s
 from shared.secrets import seal, unseal
 from shared.settings import Settings
 
@@ -166,11 +167,6 @@ async def subscribe(
 # --- delivery ----------------------------------------------------------------------------------
 
 
-def backoff(attempts: int, base_s: float) -> float:
-    """Seconds before the next attempt after `attempts` failed ones: base, 2x, 4x, ... up to 1 h."""
-    return float(min(_MAX_BACKOFF_S, base_s * 2 ** max(0, attempts - 1)))
-
-
 class WebhookDispatcher(BackgroundLoop):
     """Delivers due webhook deliveries (every gateway replica runs one; rows are claimed with
     `FOR UPDATE SKIP LOCKED`, so each delivery goes out from one replica at a time)."""
@@ -237,7 +233,7 @@ class WebhookDispatcher(BackgroundLoop):
             )
             return
         gave_up = attempts >= self._settings.webhook_max_attempts
-        delay = backoff(attempts, self._settings.webhook_retry_base_s)
+        delay = backoff_s(attempts, self._settings.webhook_retry_base_s, _MAX_BACKOFF_S)
         await conn.execute(
             "UPDATE gateway.webhook_deliveries SET status = $2, attempts = $3, last_status = $4,"
             " last_error = $5, next_attempt_at = $6 WHERE id = $1",

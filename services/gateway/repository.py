@@ -364,6 +364,57 @@ class _Now:
 _NOW = _Now()
 
 
+# --- stalls -----------------------------------------------------------------------------------
+
+STALLED = "stalled: "  # the status_reason prefix of a job nobody works on
+
+# an active job whose stage should be at work on it (nothing before it in its run is still open)
+# and from which nothing was heard for $1 seconds: since its last report, its start, or the end of
+# the job before it, whichever came last
+_STALLED_SQL = """
+    j.status IN ('pending', 'running')
+    AND (j.status_reason IS NULL OR j.status_reason NOT LIKE 'stalled: %')
+    AND NOT EXISTS (SELECT 1 FROM gateway.jobs p WHERE p.run_id = j.run_id
+                    AND p.position < j.position AND p.status IN ('pending', 'running'))
+    AND GREATEST(j.heard_at, j.started_at, j.created_at,
+                 (SELECT max(p.finished_at) FROM gateway.jobs p
+                  WHERE p.run_id = j.run_id AND p.position < j.position))
+        < now() - make_interval(secs => $1)
+"""
+
+
+async def stall_candidates(conn: asyncpg.Connection, after_s: float) -> list[asyncpg.Record]:
+    """Active jobs nothing was heard from for `after_s` seconds and not yet marked stalled."""
+    return await conn.fetch(
+        f"SELECT j.id, j.cohort_id, j.stage FROM gateway.jobs j WHERE {_STALLED_SQL}", after_s
+    )
+
+
+async def mark_stalled(
+    conn: asyncpg.Connection, job_id: uuid.UUID, after_s: float, reason: str
+) -> bool:
+    """Put `reason` in the job's status_reason if it still qualifies (the caller holds the
+    cohort's lock); True when it did."""
+    marked = await conn.fetchval(
+        f"UPDATE gateway.jobs j SET status_reason = $3, updated_at = now()"
+        f" WHERE j.id = $2 AND {_STALLED_SQL} RETURNING true",
+        after_s,
+        job_id,
+        reason,
+    )
+    return bool(marked)
+
+
+async def heard_from(conn: asyncpg.Connection, job_id: uuid.UUID) -> None:
+    """A stage service reported on the job: stamp it, and lift a stall mark."""
+    await conn.execute(
+        "UPDATE gateway.jobs SET heard_at = now(), status_reason = CASE WHEN status_reason"
+        " LIKE 'stalled: %' THEN NULL ELSE status_reason END"
+        " WHERE id = $1 AND status IN ('pending', 'running')",
+        job_id,
+    )
+
+
 # --- inbox, received studies --------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
+from cohortflow.stack import LocalStack
 from services.exporter.plugin import ExporterPlugin
 from services.exporter.validate import run_bids_validator
 from shared.db import create_pool
@@ -493,3 +495,24 @@ async def test_a_stack_that_cannot_be_converted_fails_its_item_only(
             "SELECT count(*) FROM export.manifest WHERE job_id = $1", job_id
         )
     assert (status, listed) == ("failed", 0)
+
+
+async def test_object_storage_down_is_503_with_retry_after_and_recovers(
+    exported: dict[str, Any], api: httpx.AsyncClient, stack: LocalStack
+) -> None:
+    """The S3 server stopped: a download is a 503 in the API's error format, then works again
+    once `stack up` has started the server (last in this module: the outage touches every stage)."""
+    entry = exported["files"][0]
+    stack.stop_infra("s3")
+    try:
+        started = time.monotonic()
+        down = await api.get(entry["download_url"])
+        assert down.status_code == 503, down.text
+        assert down.headers["content-type"] == "application/json"
+        assert int(down.headers["retry-after"]) > 0
+        assert "unreachable" in down.json()["detail"]
+        assert time.monotonic() - started < 30, "a refused connection is not a long wait"
+    finally:
+        assert stack.up(infra_only=True).infra["s3"].healthy
+    back = await api.get(entry["download_url"])
+    assert back.status_code == 200 and hashlib.sha256(back.content).hexdigest() == entry["sha256"]

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from cohortflow.services import SERVICES
 from cohortflow.stack import LocalStack, StackError
-from cohortflow.stack.processes import pid_alive
+from cohortflow.stack.processes import MEMBER_ENV, pid_alive
+from cohortflow.stack.processes import members as stack_members
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from shared.topics import all_topics
@@ -298,3 +300,90 @@ def test_every_registered_service_has_a_cli_command() -> None:
     assert helped.returncode == 0
     for name in SERVICES:
         assert name in helped.stdout
+
+
+# ---- supervision --------------------------------------------------------------------------------
+def _wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> float:
+    """Seconds until `check()` held; fails the test after `timeout`."""
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < timeout, f"waited {timeout:.0f}s for {what}"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def test_the_supervisor_restarts_a_killed_service_with_backoff(stack: LocalStack) -> None:
+    first = stack.start_service("sorter")
+    supervisor = stack.status().supervisor_pid
+    assert supervisor is not None and pid_alive(supervisor)
+    log = Path(stack.status().supervisor_log)
+    assert first.pid
+    try:
+        os.kill(first.pid, signal.SIGKILL)  # the service alone, as the OOM killer would
+
+        def restarted(count: int) -> Callable[[], bool]:
+            def check() -> bool:  # ready, and the supervisor has seen it ready
+                svc = stack.status().services["sorter"]
+                done = log.read_text().count("sorter restarted as pid")
+                return svc.healthy and svc.restarts == count and done == count
+
+            return check
+
+        took = _wait_for("the first restart", restarted(1))
+        svc = stack.status().services["sorter"]
+        assert svc.pid != first.pid and svc.port == first.port  # same port again
+        assert svc.last_restart and "sorter (pid" in svc.last_restart
+        print(f"SIGKILL -> sorter ready again: {took:.1f}s")
+
+        assert svc.pid
+        os.kill(svc.pid, signal.SIGKILL)  # dies again at once: the delay doubles
+        took = _wait_for("the second restart", restarted(2))
+        print(f"second SIGKILL -> sorter ready again: {took:.1f}s")
+        text = log.read_text()
+        assert "restart in 1.0 s (death 1 in a row)" in text
+        assert "restart in 2.0 s (death 2 in a row)" in text
+        assert text.count("sorter restarted as pid") == 2
+        summary = stack.status().summary()
+        assert summary["services"]["sorter"]["restarts"] == 2
+        assert summary["supervisor"]["pid"] == supervisor
+    finally:
+        stack.stop_service("sorter")
+    time.sleep(2.5)  # longer than the next backoff: a service stopped on purpose stays stopped
+    assert "sorter" not in stack.status().services
+    assert log.read_text().count("sorter restarted as pid") == 2
+
+
+def test_down_stops_the_supervisor_the_services_and_their_orphans() -> None:
+    """A stack of its own with one service; an orphan marked as the stack's (a conversion whose
+    service died) is stopped by `down` too, and nothing of the stack runs afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="cohortflow-down-"))
+    root.chmod(0o755)
+    home = root / "state"
+    try:
+        up = _cli(home, "up", "-s", "sorter", "--json")
+        assert up.returncode == 0, up.stderr + up.stdout
+        status = json.loads(_cli(home, "status", "--json").stdout)
+        supervisor = status["supervisor"]["pid"]
+        assert supervisor and pid_alive(supervisor)
+        assert status["services"]["sorter"]["restarts"] == 0
+        table = _cli(home, "status")
+        assert "restarts" in table.stdout and "supervisor: pid" in table.stdout
+        orphan = subprocess.Popen(
+            ["sleep", "600"],
+            env={**os.environ, MEMBER_ENV: str(home.resolve())},
+            start_new_session=True,
+        )
+        members = stack_members(home.resolve())
+        assert orphan.pid in members and supervisor in members
+        assert status["services"]["sorter"]["pid"] in members
+
+        down = _cli(home, "down", "--json")
+        assert down.returncode == 0, down.stderr
+        orphan.wait(timeout=15)  # stopped (and reaped here, its parent)
+        assert stack_members(home.resolve()) == []
+        assert not pid_alive(supervisor)
+        after = json.loads(_cli(home, "status", "--json").stdout)
+        assert after["supervisor"]["pid"] is None and after["services"] == {}
+    finally:
+        _cli(home, "down")
+        subprocess.run(["rm", "-rf", str(root)], check=False)

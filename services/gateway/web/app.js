@@ -712,9 +712,18 @@ async function refreshCohort(gen) {
   return true;
 }
 
+// a job nobody works on keeps its status; the gateway says so in its reason ("stalled: ...")
+const isStalled = (job) => Boolean(job && !TERMINAL.has(job.status) && (job.status_reason || "").startsWith("stalled: "));
+
+function jobShownState(job) {
+  if (isStalled(job)) return "stalled";
+  return job.left_work_behind ? "incomplete" : job.status;
+}
+
 function stageShownState(stage, jobs) {
   const job = jobs.find((j) => j.id === stage.job_id);
   if (stage.state === "completed" && job && job.left_work_behind) return "incomplete";
+  if (isStalled(job)) return "stalled";
   return stage.state;
 }
 
@@ -1070,7 +1079,7 @@ async function renderJobList(gen, filters) {
   $("#job-table tbody").replaceChildren(...jobs.map((j) => el("tr", { class: "clickable", onclick: () => (location.hash = `#/jobs/${j.id}`) },
     el("td", {}, names[j.cohort_id] || j.cohort_id.slice(0, 8)),
     el("td", {}, el("a", { href: `#/jobs/${j.id}` }, STAGE_LABELS[j.stage]), j.scoped ? el("span", { class: "muted" }, " (study)") : null),
-    el("td", {}, badge(j.left_work_behind ? "incomplete" : j.status)),
+    el("td", {}, badge(jobShownState(j))),
     el("td", {}, bar(j.progress, j.status), el("small", { class: "muted" }, percent(j.progress))),
     el("td", {}, when(j.created_at)),
     el("td", {}, when(j.finished_at)))));
@@ -1157,9 +1166,9 @@ async function openJob(id, gen) {
 
 function renderJob(job, events) {
   $("#job-title").textContent = `${STAGE_LABELS[job.stage]} job ${job.id.slice(0, 8)}`;
-  $("#job-status").replaceWith(Object.assign(badge(job.left_work_behind ? "incomplete" : job.status), { id: "job-status" }));
+  $("#job-status").replaceWith(Object.assign(badge(jobShownState(job)), { id: "job-status" }));
   $("#job-reason").textContent = job.status_reason || "";
-  $("#job-reason").className = job.status === "failed" || job.left_work_behind ? "problem" : "muted";
+  $("#job-reason").className = job.status === "failed" || job.left_work_behind || isStalled(job) ? "problem" : "muted";
   const progress = $("#job-progress");
   progress.style.width = `${job.progress}%`;
   progress.parentElement.className = `progress big ${job.status}`;

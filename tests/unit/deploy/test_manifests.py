@@ -123,8 +123,8 @@ def instruction(stage: list[dict[str, Any]], name: str) -> list[str]:
 
 def expand_compose_defaults(value: str) -> str:
     """`${VAR:-default}` -> default, `${VAR:?msg}` -> a stand-in, as compose would with VAR unset."""
-    value = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
-    return re.sub(r"\$\{[A-Z_]+:\?[^}]*\}", "set-by-operator", value)
+    value = re.sub(r"\$\{[A-Z][A-Z0-9_]*:-([^}]*)\}", r"\1", value)
+    return re.sub(r"\$\{[A-Z][A-Z0-9_]*:\?[^}]*\}", "set-by-operator", value)
 
 
 # --- Dockerfile ---------------------------------------------------------------------------------
@@ -354,6 +354,7 @@ def test_compose_settings_are_real_settings_that_parse(monkeypatch: pytest.Monke
     assert settings.kafka_session_timeout_ms >= 6000, "real Kafka needs >= 6000"
     assert settings.service_port == 8080 and settings.gateway_port == 8000
     assert settings.data_roots == [Path("/data/incoming")]
+    assert settings.s3_sources == []  # unset: no s3:// source is accepted
     assert settings.api_max_body_bytes == 16 * 1024 * 1024
 
 

@@ -47,6 +47,8 @@ class FakeDatabase:
             (r"^UPDATE {s}\.runs SET status = 'failed'", self._fail_run),
             (r"^UPDATE {s}\.runs SET status = 'cancelled'", self._cancel_run),
             (r"^INSERT INTO {s}\.runs ", self._insert_run),
+            (r"^UPDATE {s}\.runs SET plan_attempts = plan_attempts \+ \$2", self._count_plan),
+            (r"^SELECT job_id FROM {s}\.runs WHERE status IN", self._open_runs),
             (r"^INSERT INTO {s}\.outbox ", self._enqueue),
             (r"^SELECT pg_notify", lambda *_: None),
             (
@@ -105,8 +107,23 @@ class FakeDatabase:
                 "errors": [],
                 "summary": {},
                 "last_progress_at": None,
+                "plan_attempts": 0,
             },
         )
+
+    def _count_plan(self, job_id: uuid.UUID, step: int) -> int | None:
+        row = self.runs.get(job_id)
+        if row is None or row["status"] != "planning":
+            return None
+        row["plan_attempts"] += step
+        return int(row["plan_attempts"])
+
+    def _open_runs(self) -> list[Row]:
+        return [
+            {"job_id": r["job_id"]}
+            for r in self.runs.values()
+            if r["status"] in ("planning", "running")
+        ]
 
     def _progress_due(self, job_id: uuid.UUID, interval_s: float) -> bool | None:
         row = self.runs[job_id]

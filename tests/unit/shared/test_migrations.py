@@ -15,8 +15,9 @@ def test_a_stage_schema_gets_the_outbox_then_the_runtime_then_its_own() -> None:
     own = _migrations_dir("services.sorter")
     found = migrations_of("sorting", (EVERY_SCHEMA_MIGRATIONS, STAGE_MIGRATIONS), own)
     names = [name for name, _ in found]
-    assert names[:2] == ["every_schema/001_outbox", "stage/001_runtime"]
-    assert names[2:] == [name for name, _ in migration_files(own or Path())]
+    shared = ["every_schema/001_outbox", "stage/001_runtime", "stage/002_plan_attempts"]
+    assert names[: len(shared)] == shared
+    assert names[len(shared) :] == [name for name, _ in migration_files(own or Path())]
     outbox, runtime = found[0][1], found[1][1]
     assert "CREATE TABLE IF NOT EXISTS sorting.outbox" in outbox
     assert "CREATE TABLE IF NOT EXISTS sorting.runs" in runtime

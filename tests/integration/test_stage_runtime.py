@@ -1,0 +1,283 @@
+"""The stage runtime's delivery rules on the real Postgres, with a minimal plugin: a request whose
+plan cannot be stored is retried a bounded number of times, then the run fails with the reason and
+the request is dead-lettered; a work item whose worker vanished is taken up again."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from shared import stage as stage_module
+from shared import topics
+from shared.db import create_pool
+from shared.events import CohortRef, Envelope, StageRequested, WorkItem
+from shared.settings import Settings
+from shared.stage import (
+    ItemContext,
+    ItemResult,
+    PlannedItem,
+    RunInfo,
+    StageRuntime,
+    migrate_stage_schema,
+)
+from shared.topics import Stage
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class ListPlugin:
+    """Plans the given item keys; processing an item counts it."""
+
+    schema: str
+    keys: list[str]
+    stage: Stage = Stage.sorting
+    service: str = "runtime-probe"
+
+    async def plan(
+        self, pool: asyncpg.Pool, request: StageRequested, job_id: uuid.UUID
+    ) -> list[PlannedItem]:
+        return [PlannedItem(key=k) for k in self.keys]
+
+    async def process(self, ctx: ItemContext, item: WorkItem) -> ItemResult:
+        return ItemResult(counts={"processed": 1})
+
+    async def finalize(self, pool: asyncpg.Pool, run: RunInfo) -> tuple[dict[str, Any], str | None]:
+        return {}, None
+
+    def cohort_prefixes(self, cohort_id: uuid.UUID) -> list[str]:
+        return []
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def db_pool(stack_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """The services' pool (JSON codecs and all)."""
+    pool = await create_pool(stack_settings)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def _runtime(
+    db_pool: asyncpg.Pool, settings: Settings, keys: list[str]
+) -> tuple[StageRuntime, str]:
+    schema = f"rt_{uuid.uuid4().hex[:10]}"
+    await migrate_stage_schema(db_pool, schema, None)
+    runtime = StageRuntime(ListPlugin(schema, keys), db_pool, settings)
+    return runtime, schema
+
+
+def _request() -> Envelope:
+    cohort = CohortRef(id=uuid.uuid4(), name="probe", source_path="/nowhere")
+    return Envelope.wrap(
+        StageRequested(stage=Stage.sorting, cohort=cohort),
+        source="test",
+        cohort_id=cohort.id,
+        job_id=uuid.uuid4(),
+    )
+
+
+async def _outbox_topics(db_pool: asyncpg.Pool, schema: str) -> list[str]:
+    """The events a run sent, but progress and heartbeats."""
+    rows = await db_pool.fetch(
+        f"SELECT topic FROM {schema}.outbox WHERE topic <> $1 ORDER BY seq", topics.JOBS_PROGRESS
+    )
+    return [r["topic"] for r in rows]
+
+
+# values the item rows' insert refuses every time (a poison request): Postgres text cannot hold
+# NUL (refused by the server); a lone surrogate, what a non-UTF-8 file name decodes to, cannot be
+# encoded (refused by the client, with an error of the family that also means "connection lost")
+@pytest.mark.parametrize("bad_key", ["bad\x00key", "bad\udcffkey"], ids=["nul", "surrogate"])
+async def test_a_plan_that_cannot_be_stored_fails_the_run_after_the_attempts(
+    db_pool: asyncpg.Pool,
+    stack_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    bad_key: str,
+) -> None:
+    monkeypatch.setattr(stage_module, "backoff_s", lambda attempts: 0.0)
+    settings = stack_settings.model_copy(update={"item_max_attempts": 3})
+    runtime, schema = await _runtime(db_pool, settings, ["fine", bad_key])
+    request = _request()
+    try:
+        for _ in range(2):  # raised: the message is nacked and comes back
+            with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
+                await runtime.handle_requested(request)
+        await runtime.handle_requested(request)  # the last attempt: given up, acknowledged
+        await runtime.handle_requested(request)  # a late redelivery changes nothing
+
+        run = await db_pool.fetchrow(
+            f"SELECT status, plan_attempts, errors FROM {schema}.runs WHERE job_id = $1",
+            request.job_id,
+        )
+        assert run["status"] == "failed" and run["plan_attempts"] == 3
+        reason = run["errors"][0]["message"]
+        assert reason.startswith("planning gave up after 3 attempts to store the plan:")
+        assert await db_pool.fetchval(f"SELECT count(*) FROM {schema}.run_items") == 0
+        assert await _outbox_topics(db_pool, schema) == [
+            topics.failed(Stage.sorting),
+            topics.dlq(Stage.sorting),
+        ]
+        letter = await db_pool.fetchval(
+            f"SELECT envelope FROM {schema}.outbox WHERE topic = $1", topics.dlq(Stage.sorting)
+        )
+        assert str(request.id) in str(letter)  # the original request, for whoever replays it
+    finally:
+        await runtime.stop_heartbeats()
+        await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def test_a_plan_stored_while_the_database_is_away_is_retried_without_limit(
+    db_pool: asyncpg.Pool, stack_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stage_module, "backoff_s", lambda attempts: 0.0)
+    settings = stack_settings.model_copy(update={"item_max_attempts": 2})
+    runtime, schema = await _runtime(db_pool, settings, ["a", "b"])
+    store = runtime._store_plan
+
+    async def unreachable(*args: Any) -> None:
+        raise ConnectionRefusedError("Postgres is restarting")
+
+    request = _request()
+    try:
+        monkeypatch.setattr(runtime, "_store_plan", unreachable)
+        for _ in range(4):  # twice the attempts: none of them counts
+            with pytest.raises(ConnectionRefusedError):
+                await runtime.handle_requested(request)
+        run = await db_pool.fetchrow(f"SELECT status, plan_attempts FROM {schema}.runs")
+        assert tuple(run) == ("planning", 0)
+        monkeypatch.setattr(runtime, "_store_plan", store)  # the database is back
+        await runtime.handle_requested(request)
+        run = await db_pool.fetchrow(f"SELECT status, items_total FROM {schema}.runs")
+        assert tuple(run) == ("running", 2)
+    finally:
+        await runtime.stop_heartbeats()
+        await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@dataclass
+class SlowPlugin(ListPlugin):
+    """Each item takes `seconds`, or never ends while `hang` is set."""
+
+    seconds: float = 0.0
+    hang: bool = False
+
+    async def process(self, ctx: ItemContext, item: WorkItem) -> ItemResult:
+        if self.hang:
+            await asyncio.Event().wait()
+        await asyncio.sleep(self.seconds)
+        return ItemResult(counts={"processed": 1})
+
+
+async def _planned(runtime: StageRuntime, schema: str, db_pool: asyncpg.Pool) -> list[Envelope]:
+    """Plan a run; returns its WorkItem envelopes, as the items topic would deliver them."""
+    await runtime.handle_requested(_request())
+    rows = await db_pool.fetch(
+        f"SELECT envelope FROM {schema}.outbox WHERE topic = $1 ORDER BY seq",
+        topics.items(Stage.sorting),
+    )
+    return [Envelope.model_validate(r["envelope"]) for r in rows]
+
+
+async def test_a_long_item_sends_heartbeats_while_it_runs(
+    db_pool: asyncpg.Pool, stack_settings: Settings
+) -> None:
+    settings = stack_settings.model_copy(update={"heartbeat_interval_s": 0.3})
+    schema = f"rt_{uuid.uuid4().hex[:10]}"
+    await migrate_stage_schema(db_pool, schema, None)
+    runtime = StageRuntime(SlowPlugin(schema, ["long"], seconds=2.0), db_pool, settings)
+    try:
+        [item] = await _planned(runtime, schema, db_pool)
+        await runtime.handle_item(item)  # one item of 2 s: no progress event in between
+        beats = await db_pool.fetch(
+            f"SELECT envelope FROM {schema}.outbox WHERE envelope->>'type' = 'JobHeartbeat'"
+        )
+        assert len(beats) >= 4, len(beats)
+        assert all(b["envelope"]["payload"]["job_ids"] == [str(item.job_id)] for b in beats)
+    finally:
+        await runtime.stop_heartbeats()
+        await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def test_an_item_whose_worker_vanished_is_taken_up_again(
+    db_pool: asyncpg.Pool, stack_settings: Settings
+) -> None:
+    """No lease to expire: an item is `pending` until its end is committed, and its message is
+    committed only after that, so the redelivery that follows a dead worker finds it pending."""
+    schema = f"rt_{uuid.uuid4().hex[:10]}"
+    await migrate_stage_schema(db_pool, schema, None)
+    plugin = SlowPlugin(schema, ["a", "b"], hang=True)
+    runtime = StageRuntime(plugin, db_pool, stack_settings)
+    try:
+        first, second = await _planned(runtime, schema, db_pool)
+        working = asyncio.create_task(runtime.handle_item(first))
+        await asyncio.sleep(0.5)
+        working.cancel()  # the worker is gone mid-item: nothing of it was committed
+        with pytest.raises(asyncio.CancelledError):
+            await working
+        item = await db_pool.fetchrow(
+            f"SELECT status, attempts FROM {schema}.run_items WHERE item_key = 'a'"
+        )
+        assert (item["status"], item["attempts"]) == ("pending", 1)
+
+        plugin.hang = False  # a new worker (the restarted service) gets both messages again
+        for envelope in (first, second, first):  # and a late duplicate changes nothing
+            await runtime.handle_item(envelope)
+        items = await db_pool.fetch(
+            f"SELECT item_key, status, attempts FROM {schema}.run_items ORDER BY item_key"
+        )
+        assert [tuple(r) for r in items] == [("a", "done", 2), ("b", "done", 1)]
+        run = await db_pool.fetchrow(f"SELECT items_done, items_failed FROM {schema}.runs")
+        assert tuple(run) == (2, 0)
+    finally:
+        await runtime.stop_heartbeats()
+        await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@dataclass
+class HangingPlan(ListPlugin):
+    """Planning never ends (the service is killed in the middle of it, every time)."""
+
+    async def plan(
+        self, pool: asyncpg.Pool, request: StageRequested, job_id: uuid.UUID
+    ) -> list[PlannedItem]:
+        await asyncio.Event().wait()
+        return []
+
+
+async def test_a_request_whose_planning_never_finishes_fails_after_the_attempts(
+    db_pool: asyncpg.Pool, stack_settings: Settings
+) -> None:
+    settings = stack_settings.model_copy(update={"item_max_attempts": 2})
+    schema = f"rt_{uuid.uuid4().hex[:10]}"
+    await migrate_stage_schema(db_pool, schema, None)
+    runtime = StageRuntime(HangingPlan(schema, []), db_pool, settings)
+    request = _request()
+    try:
+        for _ in range(2):  # the service dies while planning: nothing acknowledged
+            planning = asyncio.create_task(runtime.handle_requested(request))
+            await asyncio.sleep(0.3)
+            planning.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await planning
+        await runtime.handle_requested(request)  # the next delivery gives up at once
+        run = await db_pool.fetchrow(f"SELECT status, errors FROM {schema}.runs")
+        assert run["status"] == "failed"
+        assert (
+            run["errors"][0]["message"] == "planning gave up after 2 attempts that did not finish"
+        )
+        assert await _outbox_topics(db_pool, schema) == [
+            topics.failed(Stage.sorting),
+            topics.dlq(Stage.sorting),
+        ]
+    finally:
+        await runtime.stop_heartbeats()
+        await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
