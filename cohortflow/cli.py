@@ -360,9 +360,10 @@ def describe(exc: BaseException) -> str:
     """One readable paragraph for an error that ends a command: what happened, what to do."""
     from pydantic import ValidationError
 
+    from cohortflow.stack.objectstore import ObjectStoreError
     from cohortflow.stack.postgres import PostgresError
 
-    if isinstance(exc, RunError | StackError | PostgresError):
+    if isinstance(exc, RunError | StackError | PostgresError | ObjectStoreError):
         return str(exc)
     if isinstance(exc, _connection_errors()) or (
         isinstance(exc, OSError) and "connect" in str(exc).lower()
