@@ -298,3 +298,19 @@ def test_a_config_the_gateway_refuses_creates_no_cohort(
     assert "\n  export.destination: " in done.stderr and "Traceback" not in done.stderr
     cohorts = httpx.get(f"{gateway_url}/api/cohorts", timeout=10).json()
     assert name not in [c["name"] for c in cohorts]
+
+
+def test_an_export_with_a_failed_stack_exits_3_and_names_the_stack(
+    gateway_url: str, tmp_path: Path, dicom_root: Path
+) -> None:
+    """One stack of the export cannot be converted (a single-volume series classified bold), the
+    others are: the run completed but is not a clean success."""
+    source = tmp_path / "incoming"
+    source.mkdir()
+    (source / "pdt2").symlink_to(dicom_root / "dcm_qa_pdt2" / "In", target_is_directory=True)
+    (source / "ts").symlink_to(dicom_root / "dcm_qa_ts" / "In", target_is_directory=True)
+    name = f"failed-stack-{tmp_path.name}"
+    done = _cli_run(gateway_url, str(source), "--name", name)
+    assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "export: completed with work left behind" in done.stdout
+    assert "not exported" in done.stdout
