@@ -63,8 +63,16 @@ def root(
     Every command finds the local stack by itself (state in COHORTFLOW_HOME, or --home)."""
 
 
-console = Console()
-errors = Console(stderr=True)
+def _console(stderr: bool = False) -> Console:
+    """A terminal's own width; written to a file or a pipe, wide enough that tables keep one
+    line per row (cells wrap, never cut, either way)."""
+    stream = sys.stderr if stderr else sys.stdout
+    wide = None if stream.isatty() or os.environ.get("COLUMNS") else 200
+    return Console(stderr=stderr, width=wide)
+
+
+console = _console()
+errors = _console(stderr=True)
 
 HomeOption = Annotated[
     Path | None,
