@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cohortflow import services
@@ -109,8 +110,29 @@ def _show(info: StackInfo, as_json: bool, headline: str | None = None) -> None:
 
 
 def _fail(message: str) -> typer.Exit:
-    errors.print(f"[bold red]error:[/bold red] {message}", highlight=False, markup=True)
+    _print_error(message)
     return typer.Exit(code=1)
+
+
+def _print_error(message: str) -> None:
+    errors.print(f"[bold red]error:[/bold red] {escape(without_frames(message))}", highlight=False)
+
+
+def without_frames(text: str) -> str:
+    """`text` less the frames of Python tracebacks it quotes (a service log's tail): the error
+    lines stay, the log file named in the message has the rest."""
+    kept: list[str] = []
+    in_frame = False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("Traceback (most recent call last)", 'File "')):
+            in_frame = True
+            continue
+        if in_frame and (line.startswith("    ") or (stripped and set(stripped) <= set("^~ "))):
+            continue
+        in_frame = False
+        kept.append(line)
+    return "\n".join(kept)
 
 
 def _pids(info: StackInfo | None) -> dict[str, int | None]:
@@ -418,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         code = exc.code if isinstance(exc, RunError) else 1
-        errors.print(f"[bold red]error:[/bold red] {describe(exc)}", highlight=False)
+        _print_error(describe(exc))
         sys.exit(code)
 
 

@@ -290,3 +290,22 @@ def test_an_existing_cluster_keeps_its_postgres_version(
         postgres.find_bin_dir(tmp_path)
     monkeypatch.setattr(postgres, "major_version", lambda bin_dir: "9")
     assert postgres.find_bin_dir(tmp_path) == Path("/x/bin")
+
+
+def test_quoted_log_tracebacks_keep_only_their_error_lines() -> None:
+    message = (
+        "service extractor exited with code 1 before it was ready; last lines of x.log:\n"
+        "Traceback (most recent call last):\n"
+        '  File "/v/shared/db.py", line 142, in migrate\n'
+        "    await conn.execute(path.read_text())\n"
+        "          ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n"
+        "asyncpg.exceptions.FeatureNotSupportedError: compression method lz4 not supported\n"
+        "[body] stays as text"
+    )
+    brief = cli.without_frames(message)
+    assert "File" not in brief and "^^^" not in brief and "await" not in brief
+    assert brief.splitlines() == [
+        message.splitlines()[0],
+        "asyncpg.exceptions.FeatureNotSupportedError: compression method lz4 not supported",
+        "[body] stays as text",
+    ]
