@@ -149,6 +149,7 @@ class DicomScan:
     first_dicom: Path | None
     kinds: Counter[str] = field(default_factory=Counter)
     unreadable: int = 0
+    complete: bool = True  # False: stopped at the limit before a DICOM file was met
 
     def describe(self) -> str:
         if not self.kinds and not self.unreadable:
@@ -173,9 +174,14 @@ def _kind(path: Path, head: bytes) -> str:
     return f"{suffix} files" if suffix else "files without an extension"
 
 
-def scan_for_dicom(source: Path) -> DicomScan:
+# files looked at before the run goes on without a verdict (the extraction then decides; a run
+# that catalogues nothing still ends with an error)
+SCAN_LIMIT = 20_000
+
+
+def scan_for_dicom(source: Path, limit: int = SCAN_LIMIT) -> DicomScan:
     """Walk `source` (following links, each real folder once) until a DICOM file is met, judging
-    content like the extractor does (`sniff`), never names."""
+    content like the extractor does (`sniff`), never names; at most `limit` files."""
     scan = DicomScan(first_dicom=None)
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(source, followlinks=True):
@@ -202,6 +208,9 @@ def scan_for_dicom(source: Path) -> DicomScan:
                 scan.first_dicom = path
                 return scan
             scan.kinds[_kind(path, head)] += 1
+            if sum(scan.kinds.values()) + scan.unreadable >= limit:
+                scan.complete = False
+                return scan
     return scan
 
 
@@ -292,7 +301,7 @@ def prepare(options: RunOptions, stack_home: Path | None = None) -> Prepared:
     configs = stage_configs(options, wanted)
     if wanted[0] in (Stage.anonymization, Stage.extraction):
         scan = scan_for_dicom(source)
-        if scan.first_dicom is None:
+        if scan.first_dicom is None and scan.complete:
             raise refused(
                 f"no DICOM found in {source}: {scan.describe()}. Files are recognised by their"
                 " content (a DICM preamble or a DICOM data set), not their names; point at the"

@@ -85,6 +85,13 @@ def test_dicom_is_found_by_content_not_name(dicom_root: Path, tmp_path: Path) ->
     assert scan.first_dicom == tmp_path / "weird-name.txt"
 
 
+def test_the_scan_gives_no_verdict_past_its_limit(tmp_path: Path) -> None:
+    for i in range(5):
+        (tmp_path / f"{i}.txt").write_text("x")
+    assert scan_for_dicom(tmp_path, limit=3).complete is False
+    assert scan_for_dicom(tmp_path, limit=10).complete is True
+
+
 def test_a_link_loop_does_not_hang_the_scan(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "loop").symlink_to(tmp_path, target_is_directory=True)
