@@ -61,7 +61,8 @@ def root(
 ) -> None:
     """Cohortflow: DICOM to de-identified, catalogued, classified, BIDS-exported research data.
 
-    Every command finds the local stack by itself (state in COHORTFLOW_HOME, or --home)."""
+    Every command finds the local stack by itself (state in COHORTFLOW_HOME, or --home).
+    """
 
 
 def _console(stderr: bool = False) -> Console:
@@ -282,12 +283,10 @@ def run_command(
     as_json: JsonOption = False,
     home: HomeOption = None,
 ) -> None:
-    """The main job: check the input, bring the local stack up if needed, run the pipeline on
-    SOURCE, print a summary and write the export to --out.
+    """The main job: check the input, bring the local stack up if needed, run the pipeline on SOURCE, print a summary and write the export to --out.
 
-    Run again, the same command starts nothing: it follows a run still going on, or delivers the
-    finished result again (summary, --out). COHORTFLOW_GATEWAY_URL (with COHORTFLOW_API_TOKEN)
-    sends the run to that gateway instead of the local stack."""
+    Run again, the same command starts nothing: it follows a run still going on, or delivers the finished result again (summary, --out). COHORTFLOW_GATEWAY_URL (with COHORTFLOW_API_TOKEN) sends the run to that gateway instead of the local stack.
+    """
     options = RunOptions(
         source=source,
         name=name or source.expanduser().resolve().name,
@@ -333,7 +332,8 @@ def _all_up(local: LocalStack) -> bool:
 def migrate_command() -> None:
     """Apply every service's schema migrations and create the Kafka topics (the migration Job).
 
-    Without COHORTFLOW_DATABASE_URL / _KAFKA_BOOTSTRAP / _S3_ENDPOINT it works on the local stack."""
+    Without COHORTFLOW_DATABASE_URL / _KAFKA_BOOTSTRAP / _S3_ENDPOINT it works on the local stack.
+    """
     import asyncio
 
     from cohortflow.migrate import migrate_all
