@@ -116,7 +116,12 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _print_error(message: str) -> None:
-    errors.print(f"[bold red]error:[/bold red] {escape(without_frames(message))}", highlight=False)
+    # soft wrap: the terminal wraps the paragraph, a log file keeps its lines whole
+    errors.print(
+        f"[bold red]error:[/bold red] {escape(without_frames(message))}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def without_frames(text: str) -> str:

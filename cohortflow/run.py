@@ -316,6 +316,10 @@ def prepare(options: RunOptions, stack_home: Path | None = None) -> Prepared:
 class GatewayError(RunError):
     """The gateway refused a request; the message holds its reason, as readable lines."""
 
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 class GatewayClient:
     def __init__(self, base_url: str, token: str | None = None) -> None:
@@ -336,7 +340,7 @@ class GatewayClient:
                 text = f"{detail} ({what}: {response.status_code})"
             if response.status_code == 401:
                 text += "; set COHORTFLOW_API_TOKEN to the gateway's token"
-            raise GatewayError(text)
+            raise GatewayError(text, response.status_code)
         return response.json() if response.content else None
 
     def find_cohort(self, name: str) -> dict[str, Any] | None:
@@ -603,7 +607,15 @@ def run(
                     )
                 finished = []
                 for stage in to_run:
-                    job = client.run_stage(cohort_id, stage, configs.get(stage.value, {}))
+                    try:
+                        job = client.run_stage(cohort_id, stage, configs.get(stage.value, {}))
+                    except GatewayError as exc:
+                        if exc.status != 409:
+                            raise
+                        raise RunError(
+                            f"{exc}; --stages runs only the stages it names: add the earlier"
+                            " ones, or leave --stages out to run whatever is not done yet"
+                        ) from exc
                     ended = _watch(client, [job], console, options)
                     finished.extend(ended)
                     if ended[0]["status"] != "completed":

@@ -314,3 +314,17 @@ def test_an_export_with_a_failed_stack_exits_3_and_names_the_stack(
     assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
     assert "export: completed with work left behind" in done.stdout
     assert "not exported" in done.stdout
+
+
+def test_stages_out_of_order_say_how_to_run_them(
+    gateway_url: str, tmp_path: Path, dicom_root: Path
+) -> None:
+    source = tmp_path / "incoming"
+    source.mkdir()
+    (source / "ct").symlink_to(dicom_root / "dcm_qa_ct" / "In", target_is_directory=True)
+    done = _cli_run(
+        gateway_url, str(source), "--name", f"order-{tmp_path.name}", "--stages", "sorting"
+    )
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "sorting needs extraction completed first" in done.stderr
+    assert "--stages runs only the stages it names" in done.stderr
