@@ -321,6 +321,16 @@ class GatewayError(RunError):
         self.status = status
 
 
+def _about_config(detail: list[Any], stage: str | None) -> bool:
+    """True when a 422's errors are about stage configs (`["body", <stage>, ...]` or a stage
+    run's `["config", ...]`), not about other input such as a cohort's name."""
+    if stage is not None:
+        return True
+    stages = {s.value for s in Stage}
+    locs = [list(e.get("loc") or []) if isinstance(e, dict) else [] for e in detail]
+    return all(len(loc) > 1 and str(loc[1]) in stages for loc in locs)
+
+
 class GatewayClient:
     def __init__(self, base_url: str, token: str | None = None) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -335,7 +345,8 @@ class GatewayClient:
                 detail = response.text.strip()
             what = f"the gateway refused {response.request.method} {response.request.url.path}"
             if isinstance(detail, list):
-                text = "the stage config is not valid:\n" + config_error_lines(detail, stage)
+                header = "the stage config" if _about_config(detail, stage) else "the input"
+                text = f"{header} is not valid ({what}):\n" + config_error_lines(detail, stage)
             else:
                 text = f"{detail} ({what}: {response.status_code})"
             if response.status_code == 401:

@@ -186,6 +186,28 @@ def test_an_export_with_a_failed_stack_is_left_work_behind() -> None:
     assert reason is not None and "1 of 28 work items failed" in reason
 
 
+def test_a_gateway_422_names_what_it_is_about() -> None:
+    import httpx
+
+    from cohortflow.run import GatewayClient, GatewayError
+
+    def reply(detail: object) -> httpx.Response:
+        request = httpx.Request("POST", "http://gateway/api/cohorts")
+        return httpx.Response(422, json={"detail": detail}, request=request)
+
+    client = GatewayClient("http://gateway")
+    with pytest.raises(GatewayError) as caught:
+        client._check(reply([{"loc": ["body", "name"], "msg": "too long"}]))
+    assert str(caught.value).startswith("the input is not valid")
+    assert str(caught.value).endswith("\n  name: too long")
+    with pytest.raises(GatewayError) as caught:
+        client._check(reply([{"loc": ["body", "export", "layout"], "msg": "bad"}]))
+    assert str(caught.value).startswith("the stage config is not valid")
+    with pytest.raises(GatewayError) as caught:
+        client._check(reply("a cohort named 'x' already exists"))
+    assert caught.value.status == 422 and "already exists" in str(caught.value)
+
+
 def test_gateway_validation_errors_read_as_stage_key_lines() -> None:
     detail = [
         {"loc": ["body", "extraction", "process_pool_wrkers"], "msg": "unknown key"},
