@@ -446,6 +446,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         code = exc.code if isinstance(exc, RunError) else 1
         _print_error(describe(exc))
+        if "--json" in args:  # a machine reading stdout gets the error too
+            print(json.dumps({"error": without_frames(describe(exc)), "exit_code": code}))
         sys.exit(code)
 
 

@@ -246,6 +246,9 @@ def test_errors_are_one_paragraph_without_traceback(tmp_path: Path) -> None:
     assert missing.returncode == EXIT_REFUSED
     assert missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
     assert not (tmp_path / "state").exists()  # nothing was started or created
+    as_json = _cli("run", str(tmp_path / "nope"), "--json", env=env)
+    assert as_json.returncode == EXIT_REFUSED
+    assert json.loads(as_json.stdout)["exit_code"] == EXIT_REFUSED
     # a client command with no server to reach: a paragraph saying what to do, exit 1
     refused = _cli(
         "migrate",
