@@ -578,6 +578,7 @@ def run(
     delivered = False
     cohort = client.find_cohort(options.name)
     if cohort is None and options.stages is None and options.rerun is None:
+        # the common case: cohort and pipeline in one request (a refused config creates nothing)
         cohort = client.create_cohort(options.name, source, options.anonymize, configs)
         say(f"created cohort [bold]{cohort['name']}[/] ({cohort['id']})")
         finished = _watch(client, client.newest_run(cohort["id"]), console, options)
@@ -588,8 +589,7 @@ def run(
         else:
             _check_reuse(cohort, options, source)
             say(f"reusing cohort [bold]{cohort['name']}[/] ({cohort['id']})")
-        cohort_id = cohort["id"]
-        attached = client.run_in_progress(cohort_id)
+        attached = client.run_in_progress(cohort["id"])
         if attached:  # the same command again while its run goes on: follow it, start nothing
             say(
                 f"a run of this cohort is in progress ({', '.join(j['stage'] for j in attached)});"
@@ -597,40 +597,8 @@ def run(
             )
             finished = _watch(client, attached, console, options)
         else:
-            states = {Stage(s["stage"]): s["state"] for s in cohort.get("stages") or []}
-            done, to_run = plan_stages(wanted, states, options.rerun)
-            jobs_of = {Stage(s["stage"]): s.get("job_id") for s in cohort.get("stages") or []}
-            kept = [client.job(jobs_of[s]) for s in done if jobs_of.get(s)]
-            if not to_run:
-                delivered = True
-                say(
-                    f"nothing to do: {', '.join(s.value for s in wanted)} already completed for"
-                    f" this cohort; here is its result again (`--rerun STAGE` redoes a stage and"
-                    f" the ones after it; stages: {', '.join(s.value for s in wanted)})"
-                )
-                finished = []
-            elif options.stages is None and options.rerun is None:
-                finished = _watch(client, client.run_pipeline(cohort_id, configs), console, options)
-            else:
-                if options.rerun is not None:
-                    say(
-                        f"--rerun {options.rerun.value}: running {', '.join(s.value for s in to_run)}"
-                    )
-                finished = []
-                for stage in to_run:
-                    try:
-                        job = client.run_stage(cohort_id, stage, configs.get(stage.value, {}))
-                    except GatewayError as exc:
-                        if exc.status != 409:
-                            raise
-                        raise RunError(
-                            f"{exc}; --stages runs only the stages it names: add the earlier"
-                            " ones, or leave --stages out to run whatever is not done yet"
-                        ) from exc
-                    ended = _watch(client, [job], console, options)
-                    finished.extend(ended)
-                    if ended[0]["status"] != "completed":
-                        break
+            kept, finished = _run_what_is_left(client, cohort, wanted, configs, console, options)
+            delivered = not finished
     jobs = kept + finished
     cohort = client.cohort(cohort["id"])
     code = exit_code(jobs)
@@ -672,6 +640,50 @@ def run(
                 highlight=False,
             )
     return code, doc
+
+
+def _run_what_is_left(
+    client: GatewayClient,
+    cohort: dict[str, Any],
+    wanted: Sequence[Stage],
+    configs: dict[str, dict[str, Any]],
+    console: Console,
+    options: RunOptions,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(jobs done before and kept, jobs run now) for a cohort with no run in progress: nothing
+    when every wanted stage is done (its result is delivered again), else the rest in order."""
+    say = (lambda *a, **k: None) if options.as_json else console.print
+    states = {Stage(s["stage"]): s["state"] for s in cohort.get("stages") or []}
+    jobs_of = {Stage(s["stage"]): s.get("job_id") for s in cohort.get("stages") or []}
+    done, to_run = plan_stages(wanted, states, options.rerun)
+    kept = [client.job(jobs_of[s]) for s in done if jobs_of.get(s)]
+    names = ", ".join(s.value for s in wanted)
+    if not to_run:
+        say(
+            f"nothing to do: {names} already completed for this cohort; here is its result again"
+            f" (`--rerun STAGE` redoes a stage and the ones after it; stages: {names})"
+        )
+        return kept, []
+    if options.stages is None and options.rerun is None:
+        return kept, _watch(client, client.run_pipeline(cohort["id"], configs), console, options)
+    if options.rerun is not None:
+        say(f"--rerun {options.rerun.value}: running {', '.join(s.value for s in to_run)}")
+    finished: list[dict[str, Any]] = []
+    for stage in to_run:
+        try:
+            job = client.run_stage(cohort["id"], stage, configs.get(stage.value, {}))
+        except GatewayError as exc:
+            if exc.status != 409 or options.stages is None:
+                raise
+            raise RunError(
+                f"{exc}; --stages runs only the stages it names: add the earlier ones, or leave"
+                " --stages out to run whatever is not done yet"
+            ) from exc
+        ended = _watch(client, [job], console, options)
+        finished.extend(ended)
+        if ended[0]["status"] != "completed":
+            break
+    return kept, finished
 
 
 def _check_reuse(cohort: dict[str, Any], options: RunOptions, source: Path) -> None:
