@@ -8,16 +8,31 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cohortflow import services
+from cohortflow.run import (
+    EXIT_CODES_HELP,
+    GATEWAY_URL_ENV,
+    STAGE_NAMES,
+    RunError,
+    RunOptions,
+    load_config,
+    parse_stage,
+    parse_stages,
+    prepare,
+    run,
+)
 from cohortflow.stack import LocalStack, StackError, StackInfo
 
 app = typer.Typer(
@@ -34,8 +49,32 @@ stack_app = typer.Typer(
 )
 app.add_typer(stack_app, name="stack")
 
-console = Console()
-errors = Console(stderr=True)
+
+@app.callback()
+def root(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug", help="On an error, show its traceback (may stand anywhere on the line)."
+        ),
+    ] = False,
+) -> None:
+    """Cohortflow: DICOM to de-identified, catalogued, classified, BIDS-exported research data.
+
+    Every command finds the local stack by itself (state in COHORTFLOW_HOME, or --home).
+    """
+
+
+def _console(stderr: bool = False) -> Console:
+    """A terminal's own width; written to a file or a pipe, wide enough that tables keep one
+    line per row (cells wrap, never cut, either way)."""
+    stream = sys.stderr if stderr else sys.stdout
+    wide = None if stream.isatty() or os.environ.get("COLUMNS") else 200
+    return Console(stderr=stderr, width=wide)
+
+
+console = _console()
+errors = _console(stderr=True)
 
 HomeOption = Annotated[
     Path | None,
@@ -52,7 +91,8 @@ def _show(info: StackInfo, as_json: bool, headline: str | None = None) -> None:
         console.print(headline)
     table = Table(title=f"cohortflow stack in {info.home}")
     for column in ("part", "pid", "url", "healthy", "restarts", "log"):
-        table.add_column(column)
+        # long urls and paths wrap, never cut (narrow terminals, output to a file)
+        table.add_column(column, overflow="fold")
     rows = [*info.infra.items(), *info.services.items()]
     for name, proc in rows:
         health = "[green]yes[/green]" if proc.healthy else "[red]no[/red]"
@@ -68,8 +108,8 @@ def _show(info: StackInfo, as_json: bool, headline: str | None = None) -> None:
     console.print(f"gateway: {info.gateway_url}   broker storage: {info.broker_storage}")
     if info.settings:
         settings = Table(title=f"settings (kept in {info.home / 'settings.json'})")
-        settings.add_column("variable")
-        settings.add_column("value")
+        settings.add_column("variable", overflow="fold")
+        settings.add_column("value", overflow="fold")
         for key, value in info.settings.items():
             settings.add_row(key, value)
         console.print(settings)
@@ -78,8 +118,34 @@ def _show(info: StackInfo, as_json: bool, headline: str | None = None) -> None:
 
 
 def _fail(message: str) -> typer.Exit:
-    errors.print(f"[bold red]error:[/bold red] {message}", highlight=False, markup=True)
+    _print_error(message)
     return typer.Exit(code=1)
+
+
+def _print_error(message: str) -> None:
+    # soft wrap: the terminal wraps the paragraph, a log file keeps its lines whole
+    errors.print(
+        f"[bold red]error:[/bold red] {escape(without_frames(message))}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def without_frames(text: str) -> str:
+    """`text` less the frames of Python tracebacks it quotes (a service log's tail): the error
+    lines stay, the log file named in the message has the rest."""
+    kept: list[str] = []
+    in_frame = False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("Traceback (most recent call last)", 'File "')):
+            in_frame = True
+            continue
+        if in_frame and (line.startswith("    ") or (stripped and set(stripped) <= set("^~ "))):
+            continue
+        in_frame = False
+        kept.append(line)
+    return "\n".join(kept)
 
 
 def _pids(info: StackInfo | None) -> dict[str, int | None]:
@@ -191,7 +257,7 @@ for _name in services.SERVICES:
 # ---- further sub-commands -----------------------------------------------------------------------
 
 
-@app.command("run")
+@app.command("run", epilog=EXIT_CODES_HELP)
 def run_command(
     source: Annotated[Path, typer.Argument(help="Folder of DICOM files (any layout, any names).")],
     name: Annotated[
@@ -200,7 +266,9 @@ def run_command(
     stages: Annotated[
         str | None,
         typer.Option(
-            "--stages", help="Comma-separated stages to run (default: every stage that applies)."
+            "--stages",
+            help=f"Comma-separated stages to run, of: {STAGE_NAMES} (default: every stage that "
+            "applies; anonymization only with --anonymize).",
         ),
     ] = None,
     anonymize: Annotated[
@@ -208,47 +276,76 @@ def run_command(
         typer.Option("--anonymize", help="De-identify first (needs COHORTFLOW_AUDIT_PASSWORD)."),
     ] = False,
     config: Annotated[
-        Path | None, typer.Option("--config", help="JSON/YAML file of per-stage configs.")
+        Path | None,
+        typer.Option("--config", help=f"JSON/YAML file of options keyed by stage ({STAGE_NAMES})."),
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Write the export tree here.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write the export tree here (needs the export stage)."),
+    ] = None,
+    rerun: Annotated[
+        str | None,
+        typer.Option(
+            "--rerun",
+            metavar="STAGE",
+            help=f"Redo STAGE ({STAGE_NAMES}) and the stages after it, although they completed. "
+            "Without it, the same command again only delivers the last result again.",
+        ),
+    ] = None,
     as_json: JsonOption = False,
     home: HomeOption = None,
 ) -> None:
-    """The main job: bring the local stack up if needed, then run the pipeline on SOURCE."""
-    import os
+    """The main job: check the input, bring the local stack up if needed, run the pipeline on SOURCE, print a summary and write the export to --out.
 
-    from cohortflow.run import RunError, RunOptions, load_config, parse_stages, run
-
-    try:
-        options = RunOptions(
-            source=source,
-            name=name or source.expanduser().resolve().name,
-            stages=parse_stages(stages),
-            anonymize=anonymize,
-            config=load_config(config),
-            out=out.expanduser().resolve() if out else None,
-            as_json=as_json,
-        )
-        gateway_url = os.environ.get("COHORTFLOW_GATEWAY_URL")
-        token = os.environ.get("COHORTFLOW_API_TOKEN") or None
-        if not gateway_url:
-            if not as_json:
-                console.print("starting the local stack (first time: about a minute) ...")
-            # naming a folder here is what allows the local stack to read it
-            info = LocalStack(home).up(allow=[options.source.expanduser().resolve()])
-            gateway_url = info.gateway_url
-            token = info.env_vars.get("COHORTFLOW_API_TOKEN") or None
-        code, doc = run(options, gateway_url, token, console)
-    except (RunError, StackError) as exc:
-        raise _fail(str(exc)) from exc
+    Run again, the same command starts nothing: it follows a run still going on, or delivers the finished result again (summary, --out). COHORTFLOW_GATEWAY_URL (with COHORTFLOW_API_TOKEN) sends the run to that gateway instead of the local stack.
+    """
+    options = RunOptions(
+        source=source,
+        name=name or source.expanduser().resolve().name,
+        stages=parse_stages(stages),
+        anonymize=anonymize,
+        config=load_config(config),
+        out=out.expanduser().resolve() if out else None,
+        as_json=as_json,
+        rerun=parse_stage(rerun, "--rerun"),
+    )
+    gateway_url = os.environ.get(GATEWAY_URL_ENV)
+    local = None if gateway_url else LocalStack(home)
+    # everything that can be checked without a server, before anything starts
+    prepared = prepare(options, local.home if local else None)
+    token = os.environ.get("COHORTFLOW_API_TOKEN") or None
+    if local is not None:
+        if not as_json and not _all_up(local):
+            console.print("starting the local stack (first time: about a minute) ...")
+        # naming a folder here is what allows the local stack to read it
+        info = local.up(allow=[prepared.source])
+        gateway_url = info.gateway_url
+        token = info.env_vars.get("COHORTFLOW_API_TOKEN") or None
+    assert gateway_url is not None
+    code, doc = run(options, prepared, gateway_url, token, console)
     if as_json:
         print(json.dumps(doc, indent=2, default=str))
     raise typer.Exit(code)
 
 
+def _all_up(local: LocalStack) -> bool:
+    """True when the local stack and every installed service already run (nothing to start)."""
+    try:
+        info = local.status()
+    except StackError:
+        return False
+    wanted = services.installed_services()
+    return info.running and all(
+        name in info.services and info.services[name].healthy for name in wanted
+    )
+
+
 @app.command("migrate")
 def migrate_command() -> None:
-    """Apply every service's schema migrations and create the Kafka topics (the migration Job)."""
+    """Apply every service's schema migrations and create the Kafka topics (the migration Job).
+
+    Without COHORTFLOW_DATABASE_URL / _KAFKA_BOOTSTRAP / _S3_ENDPOINT it works on the local stack.
+    """
     import asyncio
 
     from cohortflow.migrate import migrate_all
@@ -263,9 +360,102 @@ from services.anonymizer.cli import app as audit_app  # noqa: E402
 app.add_typer(audit_app, name="audit", help="Open encrypted audit exports.")
 
 
-def main() -> None:
-    """Console entry point (`cohortflow` in pyproject's [project.scripts])."""
-    app()
+# client commands that reach the stack's servers directly: they use the local stack's when the
+# environment names none
+CLIENT_COMMANDS = frozenset({"migrate", "audit"})
+CONNECTION_ENV = ("COHORTFLOW_DATABASE_URL", "COHORTFLOW_KAFKA_BOOTSTRAP", "COHORTFLOW_S3_ENDPOINT")
+DEBUG_FLAG = "--debug"
+
+
+def adopt_local_stack(home: Path | None = None) -> bool:
+    """Export the local stack's `COHORTFLOW_*` variables into this process when the environment
+    names no server of its own (what `eval "$(cohortflow stack env)"` did by hand); True if so."""
+    from shared.settings import get_settings
+
+    if any(os.environ.get(name) for name in CONNECTION_ENV):
+        return False
+    try:
+        info = LocalStack(home).status()
+    except StackError:
+        return False
+    os.environ.update(info.env())
+    get_settings.cache_clear()
+    return True
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "a server did not answer", from the clients we use."""
+    import httpx
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    found: list[type[BaseException]] = [ConnectionError, httpx.TransportError, Urllib3Error]
+    try:
+        from aiokafka.errors import KafkaConnectionError
+
+        found.append(KafkaConnectionError)
+    except ImportError:  # pragma: no cover - aiokafka is a dependency
+        pass
+    return tuple(found)
+
+
+def describe(exc: BaseException) -> str:
+    """One readable paragraph for an error that ends a command: what happened, what to do."""
+    from pydantic import ValidationError
+
+    from cohortflow.stack.objectstore import ObjectStoreError
+    from cohortflow.stack.postgres import PostgresError
+
+    if isinstance(exc, RunError | StackError | PostgresError | ObjectStoreError):
+        return str(exc)
+    if isinstance(exc, _connection_errors()) or (
+        isinstance(exc, OSError) and "connect" in str(exc).lower()
+    ):
+        return (
+            f"a server did not answer ({type(exc).__name__}: {exc}). For the local stack: "
+            "`cohortflow stack status` shows what runs and `cohortflow stack up` starts it; for "
+            "another deployment set COHORTFLOW_DATABASE_URL, COHORTFLOW_KAFKA_BOOTSTRAP and "
+            f"COHORTFLOW_S3_ENDPOINT (or {GATEWAY_URL_ENV} for `cohortflow run`)."
+        )
+    if isinstance(exc, ValidationError):
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+        return f"a setting is not valid ({problems}); fix the COHORTFLOW_* variable it names."
+    return (
+        f"unexpected error: {type(exc).__name__}: {exc}. Run the command again with {DEBUG_FLAG} "
+        "to see where it happened."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (`cohortflow` in pyproject's [project.scripts]).
+
+    Every error of a command ends it with one readable paragraph on stderr and a non-zero exit
+    code; `--debug` (anywhere on the line) shows the traceback instead. A service
+    (`cohortflow gateway`, ...) is left alone: its log keeps the whole traceback."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in services.SERVICES:
+        app(args=args, prog_name="cohortflow")
+        return
+    debug = DEBUG_FLAG in args
+    args = [a for a in args if a != DEBUG_FLAG]
+    if args and args[0] in CLIENT_COMMANDS:
+        adopt_local_stack()
+    try:
+        app(args=args, prog_name="cohortflow")
+    except KeyboardInterrupt:
+        errors.print(
+            "interrupted; a run started on the stack goes on (the same command follows it)"
+        )
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        code = exc.code if isinstance(exc, RunError) else 1
+        _print_error(describe(exc))
+        if "--json" in args:  # a machine reading stdout gets the error too
+            print(json.dumps({"error": without_frames(describe(exc)), "exit_code": code}))
+        sys.exit(code)
 
 
 if __name__ == "__main__":

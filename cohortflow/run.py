@@ -1,10 +1,13 @@
 """`cohortflow run SOURCE`: the main job, through the gateway's public API, with progress bars.
 
-It brings the local stack up when no gateway is configured, creates (or reuses) the cohort, runs the
-requested stages in order, shows one progress bar per stage, prints a summary, optionally downloads
-the export to `--out`, and exits non-zero unless everything asked for was done: `EXIT_FAILED` when
-a job failed or was cancelled, `EXIT_LEFT_BEHIND` when every job completed but one left work behind
-(files refused by de-identification, failed work items: the job's `status_reason` says what).
+`prepare` checks everything that can be checked before any server is asked (the source folder, the
+stage configs against the models the gateway validates with, the audit password, whether the folder
+holds DICOM at all), so a typo is reported in a second, not after the stack has started. `run` then
+finds or creates the cohort (a new cohort and its pipeline in one request: a config the gateway
+refuses leaves no cohort behind), runs what is not done yet with one progress bar per stage, prints
+a summary, writes the export to `--out`, and returns one of the documented exit codes (`EXIT_*`).
+The same command again is a no-op that re-delivers the result (or follows a run still going on);
+`--rerun STAGE` redoes a stage and the ones after it.
 A job the gateway marks stalled (no word from its stage service for `COHORTFLOW_STALL_AFTER_S`) ends
 the wait with that reason and exit 1 instead of waiting on; nothing is cancelled, and the same
 command run again follows the job once its service is back (a job still marked stalled then gets
@@ -16,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,18 +31,45 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from services.extractor.catalog.sniff import SNIFF_BYTES, sniff
+from shared.settings import Settings
+
+# The stage config models the gateway validates with: this is the one place the CLI imports them
+# from (repoint here when they move).
+from shared.stage_config import StageConfigError, validate_stage_config
 from shared.topics import STAGE_ORDER, Stage
 
 TERMINAL = {"completed", "failed", "cancelled"}
 STALLED = "stalled: "  # the status_reason prefix the gateway gives a job nobody works on
 STALL_GRACE_S = 60.0
-EXIT_FAILED = 1  # a job failed or was cancelled
+# exit codes (README "Exit codes", `cohortflow run --help`)
+EXIT_OK = 0  # everything asked for was done
+EXIT_FAILED = 1  # a job failed or was cancelled, nothing usable came out, or a server refused
+EXIT_REFUSED = 2  # nothing was started: bad arguments, source, config or password, or no DICOM
 EXIT_LEFT_BEHIND = 3  # every job completed, but not everything came through (see status_reason)
+EXIT_CODES_HELP = (
+    "Exit codes: 0 everything asked for was done; 1 a job failed or was cancelled, nothing "
+    "usable came out, or a server refused; 2 nothing was started (bad arguments, source, config "
+    "or password, or no DICOM in the source); 3 every job completed but work was left behind "
+    "(files de-identification refused, stacks not exported, failed work items)."
+)
 AUDIT_PASSWORD_ENV = "COHORTFLOW_AUDIT_PASSWORD"
+# the gateway `run` talks to instead of the local stack's (with COHORTFLOW_API_TOKEN)
+GATEWAY_URL_ENV = "COHORTFLOW_GATEWAY_URL"
+STAGE_NAMES = ", ".join(s.value for s in STAGE_ORDER)
 
 
 class RunError(RuntimeError):
-    """The run cannot go on; the message says what to do."""
+    """The run cannot go on; the message says what to do, `code` is the exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def refused(message: str) -> RunError:
+    """An error found before anything was started (exit code 2)."""
+    return RunError(message, EXIT_REFUSED)
 
 
 @dataclass
@@ -49,8 +81,12 @@ class RunOptions:
     config: dict[str, dict[str, Any]] = field(default_factory=dict)
     out: Path | None = None
     as_json: bool = False
+    rerun: Stage | None = None
     poll_s: float = 0.5
     timeout_s: float = 24 * 3600
+
+
+# ---- before anything starts ------------------------------------------------------------------
 
 
 def load_config(path: Path | None) -> dict[str, dict[str, Any]]:
@@ -58,32 +94,247 @@ def load_config(path: Path | None) -> dict[str, dict[str, Any]]:
     if path is None:
         return {}
     try:
-        text = path.read_text()
+        text = path.expanduser().read_text()
     except OSError as exc:
-        raise RunError(f"cannot read config file {path}: {exc}") from exc
+        raise refused(f"cannot read the config file {path}: {exc.strerror or exc}") from exc
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise RunError(f"config file {path} is not valid JSON/YAML: {exc}") from exc
+        raise refused(f"the config file {path} is not valid JSON/YAML: {exc}") from exc
     data = data or {}
     if not isinstance(data, dict):
-        raise RunError(f"config file {path} must hold an object keyed by stage")
-    unknown = set(data) - {s.value for s in Stage}
+        raise refused(f"the config file {path} must hold an object keyed by stage ({STAGE_NAMES})")
+    unknown = sorted(str(k) for k in set(data) - {s.value for s in Stage})
     if unknown:
-        raise RunError(
-            f"config file {path}: unknown stage(s) {sorted(unknown)}; use {[s.value for s in Stage]}"
+        raise refused(
+            f"the config file {path} names unknown stage(s) {', '.join(unknown)}; "
+            f"the stages are {STAGE_NAMES}"
         )
+    for key, value in data.items():
+        if value is not None and not isinstance(value, dict):
+            raise refused(f"the config file {path}: {key} must be an object of options")
     return {k: dict(v or {}) for k, v in data.items()}
 
 
 def parse_stages(text: str | None) -> list[Stage] | None:
     if not text:
         return None
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in {s.value for s in Stage}]
+    if unknown:
+        raise refused(f"--stages: unknown stage(s) {', '.join(unknown)}; choose from {STAGE_NAMES}")
+    return [s for s in STAGE_ORDER if s.value in names] or None
+
+
+def parse_stage(text: str | None, option: str) -> Stage | None:
+    if not text:
+        return None
     try:
-        wanted = {Stage(s.strip()) for s in text.split(",") if s.strip()}
+        return Stage(text.strip())
     except ValueError as exc:
-        raise RunError(f"--stages: {exc}; choose from {[s.value for s in Stage]}") from exc
-    return [s for s in STAGE_ORDER if s in wanted]
+        raise refused(f"{option}: unknown stage {text!r}; choose from {STAGE_NAMES}") from exc
+
+
+def config_error_lines(errors: Iterable[Mapping[str, Any]], stage: str | None = None) -> str:
+    """`stage.key: message` lines from `{loc, msg}` errors (the gateway's 422 or the models')."""
+    lines = []
+    for error in errors:
+        loc = [str(p) for p in error.get("loc") or []]
+        if loc[:1] == ["body"]:
+            loc = loc[1:]
+        if loc[:1] == ["config"]:
+            loc = ([stage] if stage else []) + loc[1:]
+        lines.append(f"  {'.'.join(loc) or '(body)'}: {error.get('msg')}")
+    return "\n".join(lines)
+
+
+@dataclass
+class DicomScan:
+    """What a source folder holds: the first DICOM file met, else every file counted by kind."""
+
+    first_dicom: Path | None
+    kinds: Counter[str] = field(default_factory=Counter)
+    unreadable: int = 0
+    complete: bool = True  # False: stopped at the limit before a DICOM file was met
+
+    def describe(self) -> str:
+        if not self.kinds and not self.unreadable:
+            return "it holds no files at all"
+        found = ", ".join(f"{n} {kind}" for kind, n in self.kinds.most_common(8))
+        more = len(self.kinds) - 8
+        found += f" and {more} more kinds" if more > 0 else ""
+        if self.unreadable:
+            found += f"{', ' if found else ''}{self.unreadable} that could not be read"
+        return f"it holds {found}"
+
+
+def _kind(path: Path, head: bytes) -> str:
+    """A file's kind for the user's eyes only (what was found instead of DICOM)."""
+    if not head:
+        return "empty files"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip archives (unpack them first)"
+    if head.startswith(b"\x1f\x8b"):
+        return ".gz files" if not path.name.endswith(".nii.gz") else ".nii.gz files"
+    suffix = path.suffix.lower()
+    return f"{suffix} files" if suffix else "files without an extension"
+
+
+# files looked at before the run goes on without a verdict (the extraction then decides; a run
+# that catalogues nothing still ends with an error)
+SCAN_LIMIT = 20_000
+
+
+def scan_for_dicom(source: Path, limit: int = SCAN_LIMIT) -> DicomScan:
+    """Walk `source` (following links, each real folder once) until a DICOM file is met, judging
+    content like the extractor does (`sniff`), never names; at most `limit` files."""
+    scan = DicomScan(first_dicom=None)
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(source, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            try:
+                if not path.is_file():
+                    continue
+                with path.open("rb") as fh:
+                    head = fh.read(SNIFF_BYTES)
+            except OSError:
+                scan.unreadable += 1
+                continue
+            if sniff(head).is_dicom:
+                scan.first_dicom = path
+                return scan
+            scan.kinds[_kind(path, head)] += 1
+            if sum(scan.kinds.values()) + scan.unreadable >= limit:
+                scan.complete = False
+                return scan
+    return scan
+
+
+@dataclass
+class Prepared:
+    """What `prepare` checked: the resolved source and the configs to send (password included)."""
+
+    source: Path
+    configs: dict[str, dict[str, Any]]
+
+
+def check_source(source: Path, stack_home: Path | None) -> Path:
+    """The source as an absolute folder this user can read, outside the stack's own state."""
+    resolved = source.expanduser().resolve()
+    if not resolved.exists():
+        raise refused(f"{source} does not exist; give the folder that holds your DICOM files")
+    if not resolved.is_dir():
+        raise refused(f"{source} is not a folder; give the folder that holds your DICOM files")
+    if not os.access(resolved, os.R_OK | os.X_OK):
+        raise refused(
+            f"{resolved} cannot be read by this user; fix its permissions or run as its owner"
+        )
+    if stack_home is not None:
+        home = stack_home.expanduser().resolve()
+        if resolved == home or home in resolved.parents or resolved in home.parents:
+            raise refused(
+                f"{resolved} overlaps the stack's own state folder {home} (its database, objects"
+                " and logs), which is never a source; give a folder outside it"
+            )
+    return resolved
+
+
+def stage_configs(options: RunOptions, stages: Sequence[Stage]) -> dict[str, dict[str, Any]]:
+    """The configs to send, the audit password put in for anonymization; each one checked
+    against the gateway's own models so a typo is reported before anything starts."""
+    configs = {k: dict(v) for k, v in options.config.items()}
+    if Stage.anonymization.value in configs and not options.anonymize:
+        raise refused(
+            "the config has anonymization options but --anonymize was not given; add --anonymize"
+            " (a cohort's anonymization is decided when it is created) or drop them"
+        )
+    if options.anonymize and Stage.anonymization in stages:
+        anon = configs.setdefault(Stage.anonymization.value, {})
+        audit = anon.setdefault("audit_export", {})
+        if isinstance(audit, dict) and not audit.get("password"):
+            password = os.environ.get(AUDIT_PASSWORD_ENV)
+            if not password:
+                raise refused(
+                    f"--anonymize needs a password for the encrypted audit export (the only key"
+                    f" from pseudonyms back to patients): set {AUDIT_PASSWORD_ENV}, or"
+                    " anonymization.audit_export.password in --config; keep it, `cohortflow"
+                    " audit decrypt` asks for it"
+                )
+            audit["password"] = password
+    # locations are checked by the gateway against its data roots; here only their form
+    settings = Settings(data_roots=[Path("/")])
+    lines = []
+    for stage in stages:
+        try:
+            validate_stage_config(stage, configs.get(stage.value), settings)
+        except StageConfigError as exc:
+            lines.append(config_error_lines(exc.errors, stage.value))
+    if lines:
+        raise refused("the stage config is not valid:\n" + "\n".join(lines))
+    return configs
+
+
+def prepare(options: RunOptions, stack_home: Path | None = None) -> Prepared:
+    """Everything checkable before a server is asked; raises `RunError` (exit code 2)."""
+    source = check_source(options.source, stack_home)
+    applicable = [s for s in STAGE_ORDER if options.anonymize or s is not Stage.anonymization]
+    wanted = options.stages or applicable
+    if Stage.anonymization in wanted and not options.anonymize:
+        raise refused("--stages names anonymization: add --anonymize to de-identify")
+    if options.rerun is not None and options.rerun not in wanted:
+        raise refused(
+            f"--rerun {options.rerun.value}: that stage is not among the stages to run"
+            f" ({', '.join(s.value for s in wanted)})"
+        )
+    if options.out is not None:
+        if Stage.export not in wanted:
+            raise refused(
+                f"--out writes the export, but the stages to run ({', '.join(s.value for s in wanted)})"
+                " do not include export; add it to --stages or drop --out"
+            )
+        if options.out.exists() and not options.out.is_dir():
+            raise refused(f"--out {options.out} exists and is not a folder")
+    configs = stage_configs(options, wanted)
+    if wanted[0] in (Stage.anonymization, Stage.extraction):
+        scan = scan_for_dicom(source)
+        if scan.first_dicom is None and scan.complete:
+            raise refused(
+                f"no DICOM found in {source}: {scan.describe()}. Files are recognised by their"
+                " content (a DICM preamble or a DICOM data set), not their names; point at the"
+                " folder that holds the scanner's DICOM files"
+            )
+    return Prepared(source=source, configs=configs)
+
+
+# ---- the gateway ----------------------------------------------------------------------------
+
+
+class GatewayError(RunError):
+    """The gateway refused a request; the message holds its reason, as readable lines."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _about_config(detail: list[Any], stage: str | None) -> bool:
+    """True when a 422's errors are about stage configs (`["body", <stage>, ...]` or a stage
+    run's `["config", ...]`), not about other input such as a cohort's name."""
+    if stage is not None:
+        return True
+    stages = {s.value for s in Stage}
+    locs = [list(e.get("loc") or []) if isinstance(e, dict) else [] for e in detail]
+    return all(len(loc) > 1 and str(loc[1]) in stages for loc in locs)
 
 
 class GatewayClient:
@@ -92,25 +343,39 @@ class GatewayClient:
         self.base_url = base_url.rstrip("/")
         self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=60.0)
 
-    def _check(self, response: httpx.Response) -> Any:
+    def _check(self, response: httpx.Response, stage: str | None = None) -> Any:
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail")
             except ValueError:
-                detail = response.text
-            raise RunError(
-                f"{response.request.method} {response.request.url.path}: {response.status_code} {detail}"
-            )
+                detail = response.text.strip()
+            what = f"the gateway refused {response.request.method} {response.request.url.path}"
+            if isinstance(detail, list):
+                header = "the stage config" if _about_config(detail, stage) else "the input"
+                text = f"{header} is not valid ({what}):\n" + config_error_lines(detail, stage)
+            else:
+                text = f"{detail} ({what}: {response.status_code})"
+            if response.status_code == 401:
+                text += "; set COHORTFLOW_API_TOKEN to the gateway's token"
+            raise GatewayError(text, response.status_code)
         return response.json() if response.content else None
 
     def find_cohort(self, name: str) -> dict[str, Any] | None:
         for cohort in self._check(self.http.get("/api/cohorts")):
-            if cohort["name"] == name:
+            if cohort["name"].casefold() == name.casefold():
                 return dict(cohort)
         return None
 
-    def create_cohort(self, name: str, source: Path, anonymize: bool) -> dict[str, Any]:
-        body = {
+    def create_cohort(
+        self,
+        name: str,
+        source: Path,
+        anonymize: bool,
+        pipeline: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A new cohort; with `pipeline` (configs by stage) its pipeline starts in the same
+        transaction, so a config the gateway refuses creates nothing."""
+        body: dict[str, Any] = {
             "name": name,
             "source_path": str(source),
             "description": f"created by cohortflow run from {source}",
@@ -118,6 +383,8 @@ class GatewayClient:
             "tags": ["cli"],
             "anonymization_enabled": anonymize,
         }
+        if pipeline is not None:
+            body["pipeline"] = pipeline
         return dict(self._check(self.http.post("/api/cohorts", json=body)))
 
     def cohort(self, cohort_id: str) -> dict[str, Any]:
@@ -128,20 +395,22 @@ class GatewayClient:
         return list(result["jobs"] if isinstance(result, dict) else result)
 
     def run_stage(self, cohort_id: str, stage: Stage, config: dict[str, Any]) -> dict[str, Any]:
-        return dict(
-            self._check(
-                self.http.post(
-                    f"/api/cohorts/{cohort_id}/stages/{stage.value}/run", json={"config": config}
-                )
-            )
+        response = self.http.post(
+            f"/api/cohorts/{cohort_id}/stages/{stage.value}/run", json={"config": config}
         )
+        return dict(self._check(response, stage.value))
 
-    def run_in_progress(self, cohort_id: str) -> list[dict[str, Any]]:
-        """The jobs of the cohort's newest run when any of them is not finished, else []."""
+    def newest_run(self, cohort_id: str) -> list[dict[str, Any]]:
+        """The jobs of the cohort's newest run, in stage order."""
         jobs = self._check(self.http.get(f"/api/cohorts/{cohort_id}/jobs", params={"limit": 50}))
         if not jobs:
             return []
         newest = [j for j in jobs if j["run_id"] == jobs[0]["run_id"]]
+        return sorted(newest, key=lambda j: STAGE_ORDER.index(Stage(j["stage"])))
+
+    def run_in_progress(self, cohort_id: str) -> list[dict[str, Any]]:
+        """The jobs of the cohort's newest run when any of them is not finished, else []."""
+        newest = self.newest_run(cohort_id)
         return newest if any(j["status"] not in TERMINAL for j in newest) else []
 
     def job(self, job_id: str) -> dict[str, Any]:
@@ -156,26 +425,51 @@ class GatewayClient:
         url = f"/api/cohorts/{cohort_id}/exports/{job_id}/files/{path}"
         with self.http.stream("GET", url) as response:
             if response.status_code >= 400:
-                raise RunError(f"download {path}: {response.status_code}")
+                raise RunError(
+                    f"download of {path} from the gateway failed: {response.status_code}"
+                )
             with dest.open("wb") as fh:
                 for chunk in response.iter_bytes():
                     fh.write(chunk)
 
 
-def _stage_configs(options: RunOptions) -> dict[str, dict[str, Any]]:
-    configs = {k: dict(v) for k, v in options.config.items()}
-    if options.anonymize:
-        anon = configs.setdefault(Stage.anonymization.value, {})
-        audit = anon.setdefault("audit_export", {})
-        if not audit.get("password"):
-            password = os.environ.get(AUDIT_PASSWORD_ENV)
-            if not password:
-                raise RunError(
-                    f"--anonymize needs an audit password: set {AUDIT_PASSWORD_ENV} or"
-                    " anonymization.audit_export.password in --config (it is never stored in clear)"
-                )
-            audit["password"] = password
-    return configs
+# ---- what to run ----------------------------------------------------------------------------
+
+
+def plan_stages(
+    wanted: Sequence[Stage], states: Mapping[Stage, str], rerun: Stage | None = None
+) -> tuple[list[Stage], list[Stage]]:
+    """(stages already done and kept, stages to run now) of `wanted`, in order.
+
+    Without `rerun`: from the first wanted stage that is not completed on; nothing when every one
+    is (the command was run before: its result is delivered again). With `rerun`: from that stage
+    on, whatever its state."""
+    wanted = list(wanted)
+    if rerun is not None:
+        start = wanted.index(rerun)
+    else:
+        start = next((i for i, s in enumerate(wanted) if states.get(s) != "completed"), len(wanted))
+    return wanted[:start], wanted[start:]
+
+
+def exit_code(jobs: Sequence[Mapping[str, Any]]) -> int:
+    """The exit code of a run whose (terminal) jobs are `jobs`."""
+    if not jobs or any(j["status"] != "completed" for j in jobs) or no_dicom_catalogued(jobs):
+        return EXIT_FAILED
+    return EXIT_LEFT_BEHIND if any(j.get("left_work_behind") for j in jobs) else EXIT_OK
+
+
+def no_dicom_catalogued(jobs: Sequence[Mapping[str, Any]]) -> bool:
+    """True when an extraction completed without cataloguing a single DICOM instance."""
+    return any(
+        j["stage"] == Stage.extraction.value
+        and j["status"] == "completed"
+        and (j.get("summary") or {}).get("instances") == 0
+        for j in jobs
+    )
+
+
+# ---- watching and reporting -----------------------------------------------------------------
 
 
 def _watch(
@@ -221,7 +515,10 @@ def _watch(
                         " back (`cohortflow stack status` shows the services and their logs)"
                     )
             if time.monotonic() > deadline:
-                raise RunError("timed out waiting for the jobs; they go on in the background")
+                raise RunError(
+                    "timed out waiting for the jobs; they go on in the background: the same"
+                    " command again follows them"
+                )
             time.sleep(options.poll_s)
     return [states[j["id"]] for j in jobs]
 
@@ -230,10 +527,12 @@ def _stalled(job: dict[str, Any]) -> bool:
     return str(job.get("status_reason") or "").startswith(STALLED)
 
 
-def _summary_table(cohort: dict[str, Any], jobs: list[dict[str, Any]]) -> Table:
+def summary_table(cohort: dict[str, Any], jobs: list[dict[str, Any]]) -> Table:
+    """One row per job; cells wrap (never cut), so object keys and reasons are shown whole."""
     table = Table(title=f"cohort {cohort['name']}: {cohort.get('status')}")
-    for col in ("stage", "status", "items", "failed", "summary"):
-        table.add_column(col)
+    for col in ("stage", "status", "items", "failed"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("summary", overflow="fold")
     for job in jobs:
         summary = job.get("summary") or {}
         brief = ", ".join(
@@ -244,110 +543,9 @@ def _summary_table(cohort: dict[str, Any], jobs: list[dict[str, Any]]) -> Table:
             job["status"],
             f"{job.get('items_done', 0)}/{job.get('items_total', 0)}",
             str(job.get("items_failed", 0)),
-            brief[:120],
+            brief,
         )
     return table
-
-
-def run(
-    options: RunOptions, gateway_url: str, token: str | None, console: Console
-) -> tuple[int, dict[str, Any]]:
-    """Run the job; returns the exit code and the `--json` document."""
-    source = options.source.expanduser().resolve()
-    if not source.is_dir():
-        raise RunError(f"{source} is not a folder")
-    client = GatewayClient(gateway_url, token)
-    configs = _stage_configs(options)
-    cohort = client.find_cohort(options.name)
-    verb = "reusing"
-    if cohort is None:
-        cohort = client.create_cohort(options.name, source, options.anonymize)
-        verb = "created"
-    elif cohort["anonymization_enabled"] != options.anonymize:
-        # never run an identified pipeline when --anonymize was asked for, nor the reverse: a
-        # cohort's anonymization does not change once it has run (docs/adr-0017-sources.md)
-        raise RunError(
-            f"cohort {options.name!r} exists with anonymization "
-            f"{'enabled' if cohort['anonymization_enabled'] else 'disabled'}; run"
-            f" {'with' if cohort['anonymization_enabled'] else 'without'} --anonymize, or give"
-            " another --name for a new cohort"
-        )
-    if not options.as_json:
-        console.print(f"{verb} cohort [bold]{options.name}[/] ({cohort['id']})")
-    cohort_id = cohort["id"]
-
-    attached = client.run_in_progress(cohort_id) if verb == "reusing" else []
-    if attached:  # the same command again while its run goes on: follow it, start nothing
-        if not options.as_json:
-            console.print(
-                f"a run of this cohort is in progress ({', '.join(j['stage'] for j in attached)});"
-                " following it"
-            )
-        finished = _watch(client, attached, console, options)
-    elif options.stages is None:
-        jobs = client.run_pipeline(cohort_id, configs)
-        finished = _watch(client, jobs, console, options)
-    else:
-        finished = []
-        for stage in options.stages:
-            job = client.run_stage(cohort_id, stage, configs.get(stage.value, {}))
-            done = _watch(client, [job], console, options)
-            finished.extend(done)
-            if done[0]["status"] != "completed":
-                break
-
-    if options.out is not None:
-        exports = [
-            j for j in finished if j["stage"] == Stage.export.value and j["status"] == "completed"
-        ]
-        for job in exports:
-            files = client.export_files(cohort_id, job["id"])
-            for f in files:
-                client.download(cohort_id, job["id"], f["path"], options.out / f["path"])
-            if not options.as_json:
-                console.print(f"wrote {len(files)} files to {options.out}")
-
-    cohort = client.cohort(cohort_id)
-    failed = any(j["status"] != "completed" for j in finished)
-    behind = [j for j in finished if j.get("left_work_behind")]
-    doc = {
-        "cohort_id": cohort_id,
-        "gateway_url": gateway_url,
-        "cohort": cohort,
-        "jobs": [
-            {
-                k: j.get(k)
-                for k in (
-                    "id",
-                    "stage",
-                    "status",
-                    "progress",
-                    "items_total",
-                    "items_done",
-                    "items_failed",
-                    "started_at",
-                    "finished_at",
-                    "errors",
-                    "summary",
-                    "status_reason",
-                    "left_work_behind",
-                )
-            }
-            for j in finished
-        ],
-    }
-    if not options.as_json:
-        console.print(_summary_table(cohort, finished))
-        for job in finished:
-            for err in (job.get("errors") or [])[:10]:
-                console.print(
-                    f"  [yellow]{job['stage']}[/] {err.get('item')}: {err.get('message')}"
-                )
-        for job in behind:
-            _print_left_behind(console, job)
-    if failed:
-        return EXIT_FAILED, doc
-    return (EXIT_LEFT_BEHIND if behind else 0), doc
 
 
 def _print_left_behind(console: Console, job: dict[str, Any]) -> None:
@@ -359,4 +557,174 @@ def _print_left_behind(console: Console, job: dict[str, Any]) -> None:
             f"  [red]{group.get('files')} files in {group.get('studies')} studies[/]:"
             f" {group.get('reason')}" + (f" (studies {labels})" if labels else ""),
             highlight=False,
+        )
+    for stack in (job.get("summary") or {}).get("failed_stacks") or []:
+        console.print(
+            f"  [red]stack {stack.get('stack_key')} not exported[/]: {stack.get('error')}",
+            highlight=False,
+        )
+
+
+_JOB_FIELDS = (
+    "id",
+    "stage",
+    "status",
+    "progress",
+    "items_total",
+    "items_done",
+    "items_failed",
+    "started_at",
+    "finished_at",
+    "errors",
+    "summary",
+    "status_reason",
+    "left_work_behind",
+)
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+
+def run(
+    options: RunOptions,
+    prepared: Prepared,
+    gateway_url: str,
+    token: str | None,
+    console: Console,
+) -> tuple[int, dict[str, Any]]:
+    """Run the job; returns the exit code and the `--json` document."""
+    say = (lambda *a, **k: None) if options.as_json else console.print
+    client = GatewayClient(gateway_url, token)
+    source, configs = prepared.source, prepared.configs
+    applicable = [s for s in STAGE_ORDER if options.anonymize or s is not Stage.anonymization]
+    wanted = options.stages or applicable
+    kept: list[dict[str, Any]] = []
+    delivered = False
+    cohort = client.find_cohort(options.name)
+    if cohort is None and options.stages is None and options.rerun is None:
+        # the common case: cohort and pipeline in one request (a refused config creates nothing)
+        cohort = client.create_cohort(options.name, source, options.anonymize, configs)
+        say(f"created cohort [bold]{cohort['name']}[/] ({cohort['id']})")
+        finished = _watch(client, client.newest_run(cohort["id"]), console, options)
+    else:
+        if cohort is None:
+            cohort = client.create_cohort(options.name, source, options.anonymize)
+            say(f"created cohort [bold]{cohort['name']}[/] ({cohort['id']})")
+        else:
+            _check_reuse(cohort, options, source)
+            say(f"reusing cohort [bold]{cohort['name']}[/] ({cohort['id']})")
+        attached = client.run_in_progress(cohort["id"])
+        if attached:  # the same command again while its run goes on: follow it, start nothing
+            say(
+                f"a run of this cohort is in progress ({', '.join(j['stage'] for j in attached)});"
+                " following it"
+            )
+            finished = _watch(client, attached, console, options)
+        else:
+            kept, finished = _run_what_is_left(client, cohort, wanted, configs, console, options)
+            delivered = not finished
+    jobs = kept + finished
+    cohort = client.cohort(cohort["id"])
+    code = exit_code(jobs)
+    if options.out is not None:
+        exports = [
+            j for j in jobs if j["stage"] == Stage.export.value and j["status"] == "completed"
+        ]
+        for job in exports[-1:]:
+            files = client.export_files(cohort["id"], job["id"])
+            for f in files:
+                client.download(cohort["id"], job["id"], f["path"], options.out / f["path"])
+            say(f"wrote {len(files)} files to {options.out}")
+    doc = {
+        "cohort_id": cohort["id"],
+        "gateway_url": gateway_url,
+        "cohort": cohort,
+        "exit_code": code,
+        "delivered_again": delivered,
+        "jobs": [{k: j.get(k) for k in _JOB_FIELDS} for j in jobs],
+    }
+    if not options.as_json:
+        console.print(summary_table(cohort, jobs))
+        for job in jobs:
+            for err in (job.get("errors") or [])[:10]:
+                console.print(
+                    f"  [yellow]{job['stage']}[/] {err.get('item')}: {err.get('message')}",
+                    highlight=False,
+                )
+        for job in jobs:
+            if job.get("left_work_behind"):
+                _print_left_behind(console, job)
+        if no_dicom_catalogued(jobs):
+            extraction = next(j for j in jobs if j["stage"] == Stage.extraction.value)
+            rejected = (extraction.get("summary") or {}).get("rejected", 0)
+            console.print(
+                f"[bold red]no DICOM was catalogued from {cohort['source_path']}[/]"
+                f" ({rejected} files rejected: links leaving the data roots, unreadable or not"
+                " DICOM); point at the folder that holds the scanner's DICOM files",
+                highlight=False,
+            )
+    return code, doc
+
+
+def _run_what_is_left(
+    client: GatewayClient,
+    cohort: dict[str, Any],
+    wanted: Sequence[Stage],
+    configs: dict[str, dict[str, Any]],
+    console: Console,
+    options: RunOptions,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(jobs done before and kept, jobs run now) for a cohort with no run in progress: nothing
+    when every wanted stage is done (its result is delivered again), else the rest in order."""
+    say = (lambda *a, **k: None) if options.as_json else console.print
+    states = {Stage(s["stage"]): s["state"] for s in cohort.get("stages") or []}
+    jobs_of = {Stage(s["stage"]): s.get("job_id") for s in cohort.get("stages") or []}
+    done, to_run = plan_stages(wanted, states, options.rerun)
+    kept = [client.job(jobs_of[s]) for s in done if jobs_of.get(s)]
+    names = ", ".join(s.value for s in wanted)
+    if not to_run:
+        say(
+            f"nothing to do: {names} already completed for this cohort; here is its result again"
+            f" (`--rerun STAGE` redoes a stage and the ones after it; stages: {names})"
+        )
+        return kept, []
+    if options.stages is None and options.rerun is None:
+        return kept, _watch(client, client.run_pipeline(cohort["id"], configs), console, options)
+    if options.rerun is not None:
+        say(f"--rerun {options.rerun.value}: running {', '.join(s.value for s in to_run)}")
+    finished: list[dict[str, Any]] = []
+    for stage in to_run:
+        try:
+            job = client.run_stage(cohort["id"], stage, configs.get(stage.value, {}))
+        except GatewayError as exc:
+            if exc.status != 409 or options.stages is None:
+                raise
+            raise RunError(
+                f"{exc}; --stages runs only the stages it names: add the earlier ones, or leave"
+                " --stages out to run whatever is not done yet"
+            ) from exc
+        ended = _watch(client, [job], console, options)
+        finished.extend(ended)
+        if ended[0]["status"] != "completed":
+            break
+    return kept, finished
+
+
+def _check_reuse(cohort: dict[str, Any], options: RunOptions, source: Path) -> None:
+    """A cohort found by name must be the one this command means."""
+    if cohort["anonymization_enabled"] != options.anonymize:
+        # never run an identified pipeline when --anonymize was asked for, nor the reverse: a
+        # cohort's anonymization does not change once it has run (docs/adr-0017-sources.md)
+        raise RunError(
+            f"cohort {cohort['name']!r} exists with anonymization "
+            f"{'enabled' if cohort['anonymization_enabled'] else 'disabled'}; run"
+            f" {'with' if cohort['anonymization_enabled'] else 'without'} --anonymize, or give"
+            " another --name for a new cohort",
+            EXIT_REFUSED,
+        )
+    if cohort["source_path"] != str(source):
+        raise RunError(
+            f"cohort {cohort['name']!r} reads {cohort['source_path']}, not {source}; give another"
+            " --name for a new cohort",
+            EXIT_REFUSED,
         )

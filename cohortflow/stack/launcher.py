@@ -196,7 +196,11 @@ class LocalStack:
             stored = self._settings(previous, reconfigure, allow)
             info = previous or self._new_info(stored)
             changed = self._sync_env(info, stored)
+            before = self._running_pids(info)
             try:
+                # find Postgres' binaries before starting anything, so a machine without them
+                # gets the message, not a half-started stack
+                self._cluster(info.infra["postgres"].port)
                 self._ensure_s3(info)
                 self._ensure_broker(info)
                 self._ensure_postgres(info)
@@ -212,11 +216,38 @@ class LocalStack:
                         current = info.services.get(name)
                         if current is None or not processes.pid_alive(current.pid, current.program):
                             self._start_service(info, name, 0)
+            except BaseException as exc:
+                self._stop_started(info, before)
+                if isinstance(exc, PostgresError):
+                    raise StackError(f"the stack's Postgres cannot start: {exc}") from exc
+                raise
             finally:
                 self._save(info)
                 if info.services:
                     self._ensure_supervisor(info)
         return self.status()
+
+    def _running_pids(self, info: StackInfo) -> dict[str, int]:
+        """The pid of each part that runs now (before an `up` starts anything)."""
+        running = {"postgres": self._cluster_pid()}
+        for name, proc in [*info.infra.items(), *info.services.items()]:
+            if name != "postgres" and processes.pid_alive(proc.pid, proc.program):
+                running[name] = proc.pid
+        return {name: pid for name, pid in running.items() if pid is not None}
+
+    def _stop_started(self, info: StackInfo, before: Mapping[str, int]) -> None:
+        """After a failed `up`: stop what it started, leave what ran before it (errors ignored:
+        the failure that got us here is the one to report)."""
+        for key, svc in list(info.services.items()):
+            if svc.pid is not None and svc.pid != before.get(key):
+                with contextlib.suppress(Exception):
+                    self._stop_process(key, svc)
+                info.services.pop(key, None)
+        for name in ("broker", "s3", "postgres"):
+            pid = self._cluster_pid() if name == "postgres" else info.infra[name].pid
+            if pid is not None and pid != before.get(name):
+                with contextlib.suppress(Exception):
+                    self._stop_infra(info, name)
 
     def down(self) -> StackInfo | None:
         """Stop every recorded process (services first, Postgres last); None if never started."""

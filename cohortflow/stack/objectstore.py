@@ -1,8 +1,8 @@
 """The S3 server of the local stack and its buckets.
 
 `roto-server` (PyPI `roto-aws`) keeps objects on disk under the state dir and passed every `minio`
-client operation we use; `moto_server` (PyPI `moto[server]`) is the in-memory fallback when roto is not
-installed. Neither checks request signatures. See docs/adr-0001-local-stack.md.
+client operation we use; `moto_server` (PyPI `moto[server]`, installed with the test tools only) is
+the in-memory fallback when roto is not installed. Neither checks request signatures. See docs/adr-0001-local-stack.md.
 """
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ def s3_server(port: int, data_dir: Path) -> S3Server:
     roto = venv_program("roto-server") if wanted in ("", "roto") else None
     if wanted == "roto" and not roto:
         raise ObjectStoreError(f"{ENGINE_ENV}=roto but roto-server is not installed")
+    if wanted == "moto" and not venv_program("moto_server"):
+        raise ObjectStoreError(
+            f"{ENGINE_ENV}=moto but moto_server is not installed: `.venv/bin/pip install"
+            " 'moto[server]'` (scripts/test installs it)"
+        )
     if roto:
         data_dir.mkdir(parents=True, exist_ok=True)
         return S3Server(
@@ -64,7 +69,10 @@ def s3_server(port: int, data_dir: Path) -> S3Server:
         return S3Server(
             engine="moto", argv=[moto, "-H", "127.0.0.1", "-p", str(port)], persistent=False
         )
-    raise ObjectStoreError("no S3 server: `pip install roto-aws` (or moto[server])")
+    raise ObjectStoreError(
+        "no S3 server: install roto-aws (`.venv/bin/pip install roto-aws`, a dependency of the"
+        " project), or for the in-memory fallback `.venv/bin/pip install 'moto[server]'`"
+    )
 
 
 def s3_client(endpoint: str, access_key: str, secret_key: str, region: str) -> Minio:

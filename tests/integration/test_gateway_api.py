@@ -468,6 +468,32 @@ async def test_stage_order_and_config_are_enforced(
     }
 
 
+async def test_a_cohort_created_with_its_pipeline_exists_only_if_the_config_is_valid(
+    api: httpx.AsyncClient, data_root: Path
+) -> None:
+    """`pipeline` in the create body: configs checked and the cohort written in one transaction,
+    so a refused config (422) leaves no cohort behind; a valid one starts the pipeline."""
+    name = f"with-pipeline-{uuid.uuid4().hex[:8]}"
+    body = {"name": name, "source_path": str(data_root / "study-a")}
+    bad = await api.post(
+        "/api/cohorts", json={**body, "pipeline": {"extraction": {"process_pool_wrkers": 2}}}
+    )
+    assert bad.status_code == 422, bad.text
+    assert bad.json()["detail"][0]["loc"] == ["body", "extraction", "process_pool_wrkers"]
+    names = [c["name"] for c in (await api.get("/api/cohorts")).json()]
+    assert name not in names
+    made = await api.post(
+        "/api/cohorts", json={**body, "pipeline": {"extraction": {"batch_files": 16}}}
+    )
+    assert made.status_code == 201, made.text
+    cohort = made.json()
+    assert [s["state"] for s in cohort["stages"]] == ["pending"] * 3
+    jobs = (await api.get(f"/api/cohorts/{cohort['id']}/jobs")).json()
+    assert sorted(j["stage"] for j in jobs) == ["export", "extraction", "sorting"]
+    extraction = next(j for j in jobs if j["stage"] == "extraction")
+    assert extraction["config"] == {"batch_files": 16}
+
+
 async def test_pipeline_request_carries_the_routing_slip_and_sealed_secrets(
     api: httpx.AsyncClient, data_root: Path, settings: Settings, db: asyncpg.Pool
 ) -> None:

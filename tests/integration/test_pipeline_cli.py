@@ -240,3 +240,97 @@ def test_the_same_command_again_follows_the_run_in_progress(
     assert first.returncode == 0
     ids = [j["id"] for j in json.loads(second.stdout)["jobs"]]
     assert ids == [j["id"] for j in json.loads(out)["jobs"]] == [jobs[0]["id"]]
+
+
+def _cli_run(gateway_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COHORTFLOW_GATEWAY_URL": gateway_url}
+    return subprocess.run(
+        [sys.executable, "-m", "cohortflow.cli", "run", *args],
+        env=env, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+
+
+def test_the_same_command_again_delivers_the_result_and_rerun_redoes_a_stage(
+    gateway_url: str, tmp_path: Path, dicom_root: Path
+) -> None:
+    """A finished command run again starts nothing: it writes the latest export to the new
+    --out and prints the summary, exit 0; `--rerun export` runs the export again."""
+    source = tmp_path / "incoming"
+    source.mkdir()
+    (source / "ct").symlink_to(dicom_root / "dcm_qa_ct" / "In", target_is_directory=True)
+    name = f"again-{tmp_path.name}"
+    first = _cli_run(
+        gateway_url, str(source), "--name", name, "--out", str(tmp_path / "a"), "--json"
+    )
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    jobs = json.loads(first.stdout)["jobs"]
+    assert [j["stage"] for j in jobs] == ["extraction", "sorting", "export"]
+
+    again = _cli_run(gateway_url, str(source), "--name", name, "--out", str(tmp_path / "b"))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "nothing to do" in again.stdout and "--rerun STAGE" in again.stdout
+    written = sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*"))
+    assert written == sorted(
+        str(p.relative_to(tmp_path / "b")) for p in (tmp_path / "b").rglob("*")
+    )
+    as_json = _cli_run(gateway_url, str(source), "--name", name, "--json")
+    doc = json.loads(as_json.stdout)
+    assert doc["delivered_again"] is True
+    assert [j["id"] for j in doc["jobs"]] == [j["id"] for j in jobs]
+
+    redo = _cli_run(gateway_url, str(source), "--name", name, "--rerun", "export", "--json")
+    assert redo.returncode == 0, redo.stdout[-3000:] + redo.stderr[-3000:]
+    redone = json.loads(redo.stdout)["jobs"]
+    assert [j["stage"] for j in redone] == ["extraction", "sorting", "export"]
+    assert [j["id"] for j in redone[:2]] == [j["id"] for j in jobs[:2]]
+    assert redone[2]["id"] != jobs[2]["id"] and redone[2]["status"] == "completed"
+
+
+def test_a_config_the_gateway_refuses_creates_no_cohort(
+    gateway_url: str, tmp_path: Path, dicom_root: Path
+) -> None:
+    """A config only the gateway can judge (an export destination outside its data roots) is
+    printed as `stage.key: message`, exits 1, and leaves no cohort behind."""
+    import httpx
+
+    source = tmp_path / "incoming"
+    source.mkdir()
+    (source / "ct").symlink_to(dicom_root / "dcm_qa_ct" / "In", target_is_directory=True)
+    config = tmp_path / "config.yaml"
+    config.write_text("export:\n  destination: /proc/not-a-data-root\n")
+    name = f"refused-{tmp_path.name}"
+    done = _cli_run(gateway_url, str(source), "--name", name, "--config", str(config))
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "\n  export.destination: " in done.stderr and "Traceback" not in done.stderr
+    cohorts = httpx.get(f"{gateway_url}/api/cohorts", timeout=10).json()
+    assert name not in [c["name"] for c in cohorts]
+
+
+def test_an_export_with_a_failed_stack_exits_3_and_names_the_stack(
+    gateway_url: str, tmp_path: Path, dicom_root: Path
+) -> None:
+    """One stack of the export cannot be converted (a single-volume series classified bold), the
+    others are: the run completed but is not a clean success."""
+    source = tmp_path / "incoming"
+    source.mkdir()
+    (source / "pdt2").symlink_to(dicom_root / "dcm_qa_pdt2" / "In", target_is_directory=True)
+    (source / "ts").symlink_to(dicom_root / "dcm_qa_ts" / "In", target_is_directory=True)
+    name = f"failed-stack-{tmp_path.name}"
+    done = _cli_run(gateway_url, str(source), "--name", name)
+    assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "export: completed with work left behind" in done.stdout
+    assert "not exported" in done.stdout
+
+
+def test_stages_out_of_order_say_how_to_run_them(
+    gateway_url: str, tmp_path: Path, dicom_root: Path
+) -> None:
+    source = tmp_path / "incoming"
+    source.mkdir()
+    (source / "ct").symlink_to(dicom_root / "dcm_qa_ct" / "In", target_is_directory=True)
+    done = _cli_run(
+        gateway_url, str(source), "--name", f"order-{tmp_path.name}", "--stages", "sorting"
+    )
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "sorting needs extraction completed first" in done.stderr
+    assert "--stages runs only the stages it names" in done.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -216,7 +217,7 @@ def test_broker_down_refuses_new_work_with_503_and_recovers(own: OwnStack) -> No
 
 
 def test_cohortflow_run_from_a_clean_shell_uses_the_stored_token_and_grants_its_folder(
-    own: OwnStack,
+    own: OwnStack, dicom_root: Path
 ) -> None:
     """`cohortflow run FOLDER` with no COHORTFLOW_* exported: it brings the stack up on its stored
     settings, talks to the gateway with the stored token, and may read FOLDER although no root
@@ -224,6 +225,9 @@ def test_cohortflow_run_from_a_clean_shell_uses_the_stored_token_and_grants_its_
     elsewhere = own.root / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "not-dicom.txt").write_text("hello")
+    # a copy, not a link: a link would lead out of the folder the run grants
+    one = next(p for p in sorted((dicom_root / "dcm_qa_ct" / "In").rglob("*")) if p.is_file())
+    shutil.copy(one, elsewhere / "one-file")
     before = own.status()["services"]["gateway"]["pid"]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("COHORTFLOW_")}
     ran = subprocess.run(

@@ -23,7 +23,7 @@ from services.gateway.api.schemas import (
     RunOut,
     StageRunRequest,
 )
-from services.gateway.errors import Conflict, Invalid, NotFound
+from services.gateway.errors import Conflict, Invalid, NotFound, Unavailable
 from services.gateway.runs import SCHEMA, SOURCE
 from shared import topics
 from shared.events import CohortDeleted, Envelope
@@ -56,13 +56,20 @@ def _name_taken(name: str) -> Conflict:
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=CohortOut)
 async def create_cohort(body: CohortCreate, ctx: Context) -> CohortOut:
-    values = body.model_dump()
+    """Create a cohort; with `pipeline`, also start its pipeline in the same transaction (so a
+    refused config, 422, or a busy broker, 503, leaves no cohort behind)."""
+    values = body.model_dump(exclude={"pipeline"})
     values["source_path"] = _source_path(body.source_path, ctx.settings)
+    if body.pipeline is not None and not await ctx.broker.reachable():
+        raise Unavailable("the message broker is unreachable; retry later")
     async with ctx.pool.acquire() as conn, conn.transaction():
         try:
             cohort = await repo.insert_cohort(conn, values)
         except asyncpg.UniqueViolationError as exc:
             raise _name_taken(body.name) from exc
+        if body.pipeline is not None:
+            await runs.start_pipeline_locked(conn, ctx.settings, cohort, body.pipeline.configs())
+            cohort = await _existing(conn, cohort["id"])
         return await _cohort_out(conn, cohort)
 
 

@@ -48,6 +48,18 @@ def _not_a_uuid(name: str | None) -> str | None:
     return name
 
 
+class PipelineRequest(_Input):
+    """Per-stage configs; a stage left out runs with its defaults."""
+
+    anonymization: dict[str, Any] | None = None
+    extraction: dict[str, Any] | None = None
+    sorting: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None
+
+    def configs(self) -> dict[Stage, dict[str, Any] | None]:
+        return {stage: getattr(self, stage.value) for stage in Stage}
+
+
 class CohortCreate(_Input):
     name: CohortName
     source_path: str = Field(min_length=1, max_length=4096, pattern=_NO_CONTROL_CHARACTERS)
@@ -61,6 +73,11 @@ class CohortCreate(_Input):
         le=86400,
         description="a new study whose sender does not say it is complete starts once its files"
         " have not changed for this long (0: at once)",
+    )
+    pipeline: PipelineRequest | None = Field(
+        default=None,
+        description="start the pipeline with these stage configs in the same transaction: a"
+        " config that is refused (422) creates no cohort",
     )
 
     _name = field_validator("name")(_not_a_uuid)
@@ -128,18 +145,6 @@ class CohortOut(BaseModel):
 
 class StageRunRequest(_Input):
     config: dict[str, Any] = Field(default_factory=dict)
-
-
-class PipelineRequest(_Input):
-    """Per-stage configs; a stage left out runs with its defaults."""
-
-    anonymization: dict[str, Any] | None = None
-    extraction: dict[str, Any] | None = None
-    sorting: dict[str, Any] | None = None
-    export: dict[str, Any] | None = None
-
-    def configs(self) -> dict[Stage, dict[str, Any] | None]:
-        return {stage: getattr(self, stage.value) for stage in Stage}
 
 
 class JobError(BaseModel):
