@@ -14,13 +14,18 @@ from shared.db import create_pool, migrate
 from shared.settings import Settings, get_settings
 from shared.stage import migrate_stage_schema
 
-# schema -> (migrations folder module, has a stage runtime)
+# the services that own a schema, and whether it holds a stage runtime
+SERVICE_PACKAGES: tuple[tuple[str, bool], ...] = (
+    ("services.gateway", False),
+    ("services.anonymizer", True),
+    ("services.extractor", True),
+    ("services.sorter", True),
+    ("services.exporter", True),
+)
+# schema -> (its service's package, has a stage runtime); each package names its schema (`SCHEMA`)
 SCHEMAS: dict[str, tuple[str, bool]] = {
-    "gateway": ("services.gateway", False),
-    "anonymizer": ("services.anonymizer", True),
-    "catalog": ("services.extractor", True),
-    "sorting": ("services.sorter", True),
-    "export": ("services.exporter", True),
+    importlib.import_module(module).SCHEMA: (module, runtime)
+    for module, runtime in SERVICE_PACKAGES
 }
 
 

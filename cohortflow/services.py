@@ -2,7 +2,7 @@
 
 Each callable takes no arguments and runs its service until SIGTERM. `cohortflow <name>` (what
 containers and Kubernetes call) and the local stack launcher both start a service from this table.
-A line here makes a service runnable; a new stage service also needs its topics, its schema in
+A line here makes a service runnable; a new stage service also needs its topics, its package in
 `cohortflow/migrate.py` and its deployment (CONTRIBUTING.md, "Add a service").
 """
 

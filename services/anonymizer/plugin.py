@@ -35,6 +35,7 @@ import asyncpg
 from pydicom import Dataset
 from pydicom.filereader import read_partial
 
+from services.anonymizer import SCHEMA
 from services.anonymizer.audit import write_audit
 from services.anonymizer.profile import (
     PatientIdOptions,
@@ -173,7 +174,7 @@ def subject_folder(subject: Subject, secret: bytes, patient_id: str, strategy: s
 class AnonymizerPlugin:
     stage = Stage.anonymization
     service = "anonymizer"
-    schema = "anonymizer"
+    schema = SCHEMA
 
     def cohort_prefixes(self, cohort_id: uuid.UUID) -> list[str]:
         """Removed with the cohort: its de-identified zone (audit exports stay)."""

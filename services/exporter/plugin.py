@@ -31,6 +31,7 @@ from typing import Any
 
 import asyncpg
 
+from services.exporter import SCHEMA
 from services.exporter import repository as repo
 from services.exporter.bids import (
     ExportedStack,
@@ -128,7 +129,7 @@ def membership_problem(stack: ExportStack, instances: dict[str, SourceInstance])
 class ExporterPlugin:
     stage = Stage.export
     service = "exporter"
-    schema = "export"
+    schema = SCHEMA
 
     def cohort_prefixes(self, cohort_id: uuid.UUID) -> list[str]:
         """Removed with the cohort: its export trees in the bucket (destinations stay)."""

@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 
+from services.extractor import SCHEMA
 from services.extractor import repository as repo
 from services.extractor.catalog import InstanceRecord, StackBuilder
 from services.extractor.catalog.records import as_dict
@@ -58,7 +59,7 @@ def _batches(files: list[tuple[str, int, int]], size: int) -> list[list[tuple[st
 class ExtractorPlugin:
     stage = Stage.extraction
     service = "extractor"
-    schema = "catalog"
+    schema = SCHEMA
 
     def cohort_prefixes(self, cohort_id: uuid.UUID) -> list[str]:
         """Removed with the cohort: its raw zone (the ingested copies of the source)."""

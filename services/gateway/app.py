@@ -23,7 +23,7 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
-from services.gateway import handlers
+from services.gateway import SCHEMA, handlers
 from services.gateway.api import api_router, document_errors, install_error_handlers
 from services.gateway.api.auth import token_middleware
 from services.gateway.api.dependencies import BrokerProbe, GatewayContext
@@ -45,7 +45,6 @@ from shared.topics import STAGE_ORDER
 log = logging.getLogger(__name__)
 
 SERVICE = "gateway"
-SCHEMA = "gateway"
 HERE = Path(__file__).resolve().parent
 MIGRATIONS = HERE / "migrations"
 WEB = HERE / "web"

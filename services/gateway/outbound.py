@@ -30,6 +30,7 @@ import asyncpg
 import httpx
 from standardwebhooks import Webhook
 
+from services.gateway import SCHEMA
 from shared import topics
 from shared.events import (
     OUTBOUND_EVENTS,
@@ -48,7 +49,6 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "gateway"
 SOURCE = "/cohortflow/gateway"
 EVENT_NAMES = tuple(OUTBOUND_EVENTS)
 _JOB_EVENTS = {

@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from services.gateway import SCHEMA
 from services.gateway import repository as repo
 from services.gateway.cohorts.stage_order import (
     StageOrderError,
@@ -38,7 +39,6 @@ from shared.stage_config import (
 )
 from shared.topics import Stage
 
-SCHEMA = "gateway"
 SOURCE = "gateway"
 
 

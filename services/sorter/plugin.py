@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 
+from services.sorter import SCHEMA
 from services.sorter import repository as repo
 from services.sorter.corrections import with_corrections
 from services.sorter.rules import (
@@ -49,7 +50,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 class SorterPlugin:
     stage = Stage.sorting
     service = "sorter"
-    schema = "sorting"
+    schema = SCHEMA
 
     def __init__(self) -> None:
         self._configs = JobConfigs(SortingConfig)

@@ -50,13 +50,16 @@ async def test_runtime_tables_made_before_the_migrations_are_completed(
         applied = await migrate_stage_schema(pool, "legacy_stage", None)
     finally:
         await pool.close()
-    assert applied == ["every_schema/001_outbox", "stage/001_runtime"]
-    columns = {
-        r["column_name"]
-        for r in await db_pool.fetch(
+    assert applied == ["every_schema/001_outbox", "stage/001_runtime", "stage/002_plan_attempts"]
+
+    async def columns(table: str) -> set[str]:
+        rows = await db_pool.fetch(
             "SELECT column_name FROM information_schema.columns"
-            " WHERE table_schema = 'legacy_stage' AND table_name = 'run_items'"
+            " WHERE table_schema = 'legacy_stage' AND table_name = $1",
+            table,
         )
-    }
-    assert "worker" in columns  # the one column added after the table
+        return {r["column_name"] for r in rows}
+
+    assert "worker" in await columns("run_items")  # columns added after the tables were made
+    assert "plan_attempts" in await columns("runs")
     await db_pool.execute("DROP SCHEMA legacy_stage CASCADE")

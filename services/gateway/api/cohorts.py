@@ -10,8 +10,8 @@ from typing import Any
 import asyncpg
 from fastapi import APIRouter, Query, Response, status
 
+from services.gateway import SCHEMA, runs, thumbnails
 from services.gateway import repository as repo
-from services.gateway import runs, thumbnails
 from services.gateway.api.dependencies import Context, Publishing
 from services.gateway.api.schemas import (
     CohortCreate,
@@ -24,7 +24,7 @@ from services.gateway.api.schemas import (
     StageRunRequest,
 )
 from services.gateway.errors import Conflict, Invalid, NotFound, Unavailable
-from services.gateway.runs import SCHEMA, SOURCE
+from services.gateway.runs import SOURCE
 from shared import topics
 from shared.events import CohortDeleted, Envelope
 from shared.outbox import enqueue
