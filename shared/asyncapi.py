@@ -92,11 +92,12 @@ def channels() -> list[Channel]:
             Channel(
                 f"{name}DeadLetters",
                 topics.dlq(stage),
-                f"{name} work items given up after bounded retries, for a person to look at",
+                f"{name} work items, plans and unreadable messages given up on, kept by the"
+                " gateway for a person to replay or discard (/api/dead-letters)",
                 (DeadLetter,),
-                "the cohort id",
+                "the item key (the job id for a plan)",
                 (service,),
-                (),
+                ("gateway",),
             ),
         ]
     stages = tuple(STAGE_SERVICE[s] for s in STAGE_ORDER)
