@@ -627,3 +627,34 @@ async def delete_routing_rule(
         cohort_id,
     )
     return bool(deleted)
+
+
+async def retract_study(
+    conn: asyncpg.Connection,
+    cohort_id: uuid.UUID,
+    study_instance_uid: str,
+    reason: str,
+    notice: int,
+) -> None:
+    """The study leaves the cohort's next export (the newest retraction's reason is kept)."""
+    await conn.execute(
+        "INSERT INTO gateway.retracted_studies (cohort_id, study_instance_uid, reason, notice)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (cohort_id, study_instance_uid) DO UPDATE"
+        " SET reason = EXCLUDED.reason, notice = EXCLUDED.notice, retracted_at = now()",
+        cohort_id,
+        _storable(study_instance_uid),
+        reason,
+        notice,
+    )
+
+
+async def unretract_study(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, study_instance_uid: str
+) -> bool:
+    """Take a retraction back (the study was announced available again); True if there was one."""
+    status = await conn.execute(
+        "DELETE FROM gateway.retracted_studies WHERE cohort_id = $1 AND study_instance_uid = $2",
+        cohort_id,
+        _storable(study_instance_uid),
+    )
+    return bool(status != "DELETE 0")

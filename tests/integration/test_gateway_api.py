@@ -937,14 +937,14 @@ async def test_cloudevent_notices_are_processed_once(
         content=json.dumps(data),
         headers=cloudevent_headers(source, "6", uid, kind="retracted"),
     )
-    assert retracted.status_code == 422 and "not supported" in retracted.json()["detail"]
+    assert retracted.status_code == 200 and retracted.json()["outcome"] == "retracted"
 
     log = (await api.get(f"/api/studies?cohort_id={cohort['id']}")).json()
     outcomes = [(r["notice_id"], r["outcome"], r["files"]) for r in reversed(log)]
     assert outcomes == [("1", "accepted", 1), ("1", "duplicate", 1), ("2", "duplicate", 1),
-                        ("3", "accepted", 2)]  # fmt: skip
+                        ("3", "accepted", 2), ("6", "retracted", None)]  # fmt: skip
     assert log[-1]["sender"] == data["origin"] and log[-1]["notice_source"] == source
-    assert log[1]["duplicate_of"] == log[-1]["seq"]
+    assert log[2]["duplicate_of"] == log[-1]["seq"]
     duplicates = (await api.get(f"/api/studies?cohort_id={cohort['id']}&outcome=duplicate")).json()
     assert len(duplicates) == 2
     jobs = (await api.get(f"/api/jobs?cohort_id={cohort['id']}")).json()
@@ -953,6 +953,70 @@ async def test_cloudevent_notices_are_processed_once(
         rows = await conn.fetch("SELECT row_to_json(r)::text AS j FROM gateway.received_studies r")
     kept = "".join(r["j"] for r in rows)
     assert "PAT-SECRET-77" not in kept and "ACC-SECRET-88" not in kept
+
+
+async def test_a_retracted_study_leaves_the_next_export_until_it_is_available_again(
+    api: httpx.AsyncClient, data_root: Path, db: asyncpg.Pool
+) -> None:
+    cohort = await new_cohort(api, data_root, study_quiet_period_s=0)
+    source, uid = "/hospital/pacs-r", f"1.2.826.0.1.{uuid.uuid4().int % 10**12}"
+    folder = data_root / "study-a" / unique("retract")
+    folder.mkdir()
+    (folder / "IM0001").write_bytes(b"first")
+    data = {"location": str(folder), "cohort": cohort["name"], "complete": True}
+    available = await api.post(
+        "/api/events", content=json.dumps(data), headers=cloudevent_headers(source, "a1", uid)
+    )
+    assert available.status_code == 202, available.text
+
+    async def retracted_view() -> dict[str, str]:
+        async with db.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT study_instance_uid, reason FROM gateway.retracted_studies_v"
+                " WHERE cohort_id = $1",
+                uuid.UUID(cohort["id"]),
+            )
+        return {r["study_instance_uid"]: r["reason"] for r in rows}
+
+    # no cohort named: the one the study was accepted into
+    retraction = {"location": str(folder), "reason": "consent withdrawn"}
+    response = await api.post(
+        "/api/events",
+        content=json.dumps(retraction),
+        headers=cloudevent_headers(source, "r1", uid, kind="retracted"),
+    )
+    assert response.status_code == 200, response.text
+    assert (response.json()["outcome"], response.json()["cohort_id"]) == ("retracted", cohort["id"])
+    assert await retracted_view() == {uid: f"retracted by {source}: consent withdrawn"}
+    resent = await api.post(
+        "/api/events",
+        content=json.dumps(retraction),
+        headers=cloudevent_headers(source, "r1", uid, kind="retracted"),
+    )
+    assert resent.status_code == 200 and resent.json()["outcome"] == "duplicate"
+
+    unknown = await api.post(
+        "/api/events",
+        content=json.dumps(retraction),
+        headers=cloudevent_headers(source, "r2", "1.2.3.999", kind="retracted"),
+    )
+    assert unknown.status_code == 422 and "name the cohort" in unknown.json()["detail"]
+    anonymized = await new_cohort(api, data_root, anonymization=True)
+    refused = await api.post(
+        "/api/events",
+        content=json.dumps({**retraction, "cohort": anonymized["name"]}),
+        headers=cloudevent_headers(source, "r3", uid, kind="retracted"),
+    )
+    assert refused.status_code == 422 and "anonymized" in refused.json()["detail"]
+
+    # available again (the same files: a duplicate run-wise, but the retraction no longer holds)
+    again = await api.post(
+        "/api/events", content=json.dumps(data), headers=cloudevent_headers(source, "a2", uid)
+    )
+    assert again.status_code in (200, 202), again.text
+    assert await retracted_view() == {}
+    log = (await api.get(f"/api/studies?cohort_id={cohort['id']}&outcome=retracted")).json()
+    assert [r["notice_id"] for r in log] == ["r1"]
 
 
 async def test_cloudevents_on_kafka_binary_mode(

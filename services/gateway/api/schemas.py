@@ -265,11 +265,12 @@ class StudyAcceptedOut(BaseModel):
     cohort_id: uuid.UUID
     study_instance_uid: str
     location: str
-    outcome: Literal["accepted", "duplicate", "waiting"] = Field(
+    outcome: Literal["accepted", "duplicate", "waiting", "retracted"] = Field(
         description="accepted: this notice started the run (or none was asked for); duplicate:"
         " an earlier notice (`duplicate_of`) already brought these files, nothing new started;"
         " waiting: the sender did not say the study is complete, so its run starts once its"
-        " files have not changed for the cohort's `study_quiet_period_s`"
+        " files have not changed for the cohort's `study_quiet_period_s`; retracted: a"
+        " `study.retracted` notice, the study is left out of the cohort's next export"
     )
     notice: int | None = Field(None, description="this notice's `seq` in GET /api/studies")
     duplicate_of: int | None = Field(None, description="the earlier notice's `seq`")
@@ -284,7 +285,7 @@ class ReceivedStudyOut(BaseModel):
     study_instance_uid: str
     location: str
     origin: Literal["http", "kafka"] = Field(description="the channel the notice came by")
-    outcome: Literal["accepted", "duplicate", "refused", "waiting"]
+    outcome: Literal["accepted", "duplicate", "refused", "waiting", "retracted"]
     run_id: uuid.UUID | None
     refused_reason: str | None
     duplicate_of: int | None
