@@ -176,8 +176,8 @@ class ExporterPlugin:
             for r in studies
         )
         by_key = catalog_stacks(rows, instances, sessions, rules)
-        candidates = [pair for pair in by_key.values() if pair[1]["classified"]]
-        candidates, withdrawn = leave_out_retracted(candidates, retracted)
+        classified = [pair for pair in by_key.values() if pair[1]["classified"]]
+        candidates, withdrawn = leave_out_retracted(classified, retracted)
         kept, reasons = split_selected(candidates, options)
         reasons.update(withdrawn)
         reasons.update({k: NOT_CLASSIFIED for k, (_, c) in by_key.items() if not c["classified"]})

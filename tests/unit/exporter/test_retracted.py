@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from services.exporter.bids import ExportStack
 from services.exporter.selection import leave_out_retracted
 from shared.catalog import StackSummary
@@ -26,5 +29,5 @@ def test_stacks_of_a_retracted_study_are_left_out_with_the_reason() -> None:
 
 
 def test_nothing_retracted_leaves_everything() -> None:
-    stacks = [(_stack("1.1", "1.1.1"), {})]
+    stacks: list[tuple[ExportStack, Mapping[str, Any]]] = [(_stack("1.1", "1.1.1"), {})]
     assert leave_out_retracted(stacks, {}) == (stacks, {})
