@@ -251,6 +251,10 @@ async def start_replay(
     scope: list[str] = list(original["study_instance_uids"]) if original is not None else []
     location = original["location"] if original is not None else None
     stage = Stage(job["stage"])
+    if cohort["anonymization_enabled"] and stage is not Stage.anonymization:
+        # past anonymization the original study UIDs name nothing (the slip drops them too):
+        # the stage is redone on the cohort, reading what its zone holds
+        scope, location = [], None
     if not scope:
         await _no_study_runs(conn, cohort["id"])
         states = repo.stage_states(await repo.latest_stage_jobs(conn, cohort["id"]))
