@@ -379,14 +379,20 @@ def _gateway(home: Path | None) -> GatewayClient:
 
 
 def _letters_table(letters: list[dict[str, Any]]) -> Table:
-    table = Table("id", "stage", "kind", "status", "cohort", "job", "item", "attempts", "error")
+    """One line per letter where the width allows; ids never wrap (they are copied to commands)."""
+    table = Table()
+    table.add_column("id", no_wrap=True)
+    for name in ("stage", "kind", "status"):
+        table.add_column(name)
+    table.add_column("job", no_wrap=True)
+    for name in ("item", "attempts", "error"):
+        table.add_column(name)
     for d in letters:
         table.add_row(
             d["id"],
             d["stage"],
             d["kind"],
             d["status"],
-            d["cohort_id"] or "",
             d["job_id"] or "",
             escape(d["item_key"] or ""),
             str(d["attempts"]),
