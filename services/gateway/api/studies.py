@@ -21,7 +21,10 @@ from shared.events import StudyReceived
 router = APIRouter(tags=["studies"])
 
 _ACCEPTED_DOC: dict[int | str, dict[str, Any]] = {
-    200: {"model": StudyAcceptedOut, "description": "a duplicate: nothing new started"},
+    200: {
+        "model": StudyAcceptedOut,
+        "description": "a duplicate (nothing new started), or a retraction recorded",
+    },
 }
 
 
