@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from shared import topics
 from shared.broker import make_broker, subscriber_kwargs
 from shared.db import create_pool
-from shared.events import DeadLetter, Envelope
+from shared.events import DeadLetter, Envelope, WrongPayload
 from shared.observability import configure_logging, health_router
 from shared.outbox import OutboxRelay
 from shared.settings import Settings, get_settings
@@ -62,7 +62,7 @@ def envelope_handler(
             return
         try:
             await handle(envelope)
-        except ValidationError as exc:
+        except (ValidationError, WrongPayload) as exc:
             # a valid envelope whose payload is not: no redelivery could read it differently
             # (and with one record per poll it would block its partition), so it is
             # dead-lettered and acknowledged (work items are also failed: StageRuntime.handle_item)
@@ -72,7 +72,7 @@ def envelope_handler(
             )
             letter = DeadLetter(
                 topic=topic,
-                error=f"not a valid {envelope.type}: {exc.errors()[:3]}"[:2000],
+                error=f"not a valid {envelope.type}: {exc}"[:2000],
                 attempts=1,
                 original=envelope.payload,
             )
