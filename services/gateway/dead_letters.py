@@ -37,7 +37,7 @@ def stage_of_topic(dlq_topic: str) -> Stage | None:
     return None
 
 
-def _kind(letter: DeadLetter, stage: Stage) -> str:
+def letter_kind(letter: DeadLetter, stage: Stage) -> str:
     """What was given up on, by the topic it came from and whether it still reads as its model:
     only a readable work item or request can be replayed."""
     try:
@@ -65,7 +65,7 @@ async def record(pool: asyncpg.Pool, envelope: Envelope, dlq_topic: str) -> bool
         log.warning("dead letter on an unknown topic skipped", extra={"topic": dlq_topic})
         return False
     letter = envelope.open(DeadLetter)
-    kind = _kind(letter, stage)
+    kind = letter_kind(letter, stage)
     async with pool.acquire() as conn:
         cohort_id = envelope.cohort_id
         if cohort_id is not None and await repo.get_cohort(conn, cohort_id) is None:
@@ -138,7 +138,7 @@ def _open(letter: asyncpg.Record) -> None:
         raise Conflict(f"dead letter {letter['id']} was already {letter['status']}")
 
 
-def _sent_config(letter: asyncpg.Record) -> dict[str, Any]:
+def sent_config(letter: asyncpg.Record) -> dict[str, Any]:
     """The stage config the dead-lettered message carried (secrets sealed, as sent)."""
     original = letter["original"]
     if letter["kind"] == "item":
@@ -172,7 +172,7 @@ async def replay(pool: asyncpg.Pool, settings: Settings, letter_id: uuid.UUID) -
                 f"job {job['id']} is still {job['status']}: replay once it has ended (its other"
                 " items may yet succeed)"
             )
-        started = await start_replay(conn, settings, job, _sent_config(letter))
+        started = await start_replay(conn, settings, job, sent_config(letter))
         await conn.execute(
             "UPDATE gateway.dead_letters SET status = 'replayed', replay_run_id = $2,"
             " resolved_at = now() WHERE id = $1",
