@@ -70,24 +70,21 @@ async def record(pool: asyncpg.Pool, envelope: Envelope, dlq_topic: str) -> bool
         cohort_id = envelope.cohort_id
         if cohort_id is not None and await repo.get_cohort(conn, cohort_id) is None:
             cohort_id = None  # the cohort was deleted meanwhile: the letter is kept, unattached
-        kept = await conn.fetchval(
-            "INSERT INTO gateway.dead_letters (id, stage, kind, topic, cohort_id, job_id,"
-            " correlation_id, item_key, error, attempts, original, source, dead_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
-            " ON CONFLICT (id) DO NOTHING RETURNING true",
-            envelope.id,
-            stage.value,
-            kind,
-            letter.topic,
-            cohort_id,
-            envelope.job_id,
-            envelope.correlation_id,
-            _item_key(letter, kind),
-            letter.error[:4000],
-            letter.attempts,
-            letter.original,
-            envelope.source,
-            envelope.time,
+        kept = await repo.insert_dead_letter(
+            conn,
+            id=envelope.id,
+            stage=stage.value,
+            kind=kind,
+            topic=letter.topic,
+            cohort_id=cohort_id,
+            job_id=envelope.job_id,
+            correlation_id=envelope.correlation_id,
+            item_key=_item_key(letter, kind),
+            error=letter.error[:4000],
+            attempts=letter.attempts,
+            original=letter.original,
+            source=envelope.source,
+            dead_at=envelope.time,
         )
     if kept:
         log.warning(
@@ -107,27 +104,20 @@ async def list_letters(
     offset: int,
 ) -> list[asyncpg.Record]:
     async with pool.acquire() as conn:
-        return list(
-            await conn.fetch(
-                "SELECT * FROM gateway.dead_letters WHERE ($1::text IS NULL OR stage = $1)"
-                " AND ($2::uuid IS NULL OR cohort_id = $2) AND ($3::text IS NULL OR status = $3)"
-                " ORDER BY received_at DESC, id LIMIT $4 OFFSET $5",
-                stage.value if stage else None,
-                cohort_id,
-                status,
-                limit,
-                offset,
-            )
+        return await repo.list_dead_letters(
+            conn,
+            stage=stage.value if stage else None,
+            cohort_id=cohort_id,
+            status=status,
+            limit=limit,
+            offset=offset,
         )
 
 
 async def get_letter(
     conn: asyncpg.Connection, letter_id: uuid.UUID, *, for_update: bool = False
 ) -> asyncpg.Record:
-    row = await conn.fetchrow(
-        "SELECT * FROM gateway.dead_letters WHERE id = $1" + (" FOR UPDATE" if for_update else ""),
-        letter_id,
-    )
+    row = await repo.get_dead_letter(conn, letter_id, for_update=for_update)
     if row is None:
         raise NotFound(f"no dead letter with id {letter_id}")
     return row
@@ -173,12 +163,7 @@ async def replay(pool: asyncpg.Pool, settings: Settings, letter_id: uuid.UUID) -
                 " items may yet succeed)"
             )
         started = await start_replay(conn, settings, job, sent_config(letter))
-        await conn.execute(
-            "UPDATE gateway.dead_letters SET status = 'replayed', replay_run_id = $2,"
-            " resolved_at = now() WHERE id = $1",
-            letter_id,
-            started.run_id,
-        )
+        await repo.resolve_dead_letter(conn, letter_id, "replayed", replay_run_id=started.run_id)
     return started
 
 
@@ -187,10 +172,4 @@ async def discard(pool: asyncpg.Pool, letter_id: uuid.UUID, note: str | None) ->
     async with pool.acquire() as conn, conn.transaction():
         letter = await get_letter(conn, letter_id, for_update=True)
         _open(letter)
-        row: asyncpg.Record = await conn.fetchrow(
-            "UPDATE gateway.dead_letters SET status = 'discarded', note = $2, resolved_at = now()"
-            " WHERE id = $1 RETURNING *",
-            letter_id,
-            note,
-        )
-    return row
+        return await repo.resolve_dead_letter(conn, letter_id, "discarded", note=note)

@@ -245,9 +245,7 @@ async def start_replay(
     cohort = await repo.get_cohort(conn, job["cohort_id"])
     if cohort is None:
         raise NotFound(f"no cohort with id {job['cohort_id']}")
-    original = await conn.fetchrow(
-        "SELECT * FROM gateway.pipeline_runs WHERE id = $1", job["run_id"]
-    )
+    original = await repo.get_run(conn, job["run_id"])
     scope: list[str] = list(original["study_instance_uids"]) if original is not None else []
     location = original["location"] if original is not None else None
     stage = Stage(job["stage"])
@@ -262,12 +260,7 @@ async def start_replay(
             check_stage_run(stage, cohort["anonymization_enabled"], states)
         except StageOrderError as exc:
             raise Conflict(str(exc)) from exc
-    of_run = {
-        Stage(r["stage"]): r["config"]
-        for r in await conn.fetch(
-            "SELECT stage, config FROM gateway.jobs WHERE run_id = $1", job["run_id"]
-        )
-    }
+    of_run = {Stage(j["stage"]): j["config"] for j in await repo.jobs_of_run(conn, job["run_id"])}
     latest = await repo.latest_stage_jobs(conn, cohort["id"])
     stages = applicable_stages(cohort["anonymization_enabled"])
     planned = [_PlannedJob(stage, uuid.uuid4(), job["config"], sent_config)]

@@ -1632,7 +1632,7 @@ async def test_dead_letters_are_kept_listed_replayed_and_discarded(
         topic=topics.items(Stage.sorting),
         error="not a valid envelope",
         attempts=1,
-        original={"raw": "garbage"},
+        original={"raw": "garbage\x00tail"},  # jsonb cannot hold a NUL: kept escaped
     )
     junk_letter = Envelope.wrap(junk, source="sorter")
     await publish(producer, topics.dlq(Stage.sorting), junk_letter)
@@ -1683,6 +1683,8 @@ async def test_dead_letters_are_kept_listed_replayed_and_discarded(
     again = await api.post(f"/api/dead-letters/{item_letter.id}/replay")
     assert again.status_code == 409
 
+    kept_junk = (await api.get(f"/api/dead-letters/{junk_letter.id}")).json()
+    assert (kept_junk["kind"], kept_junk["original"]) == ("message", {"raw": "garbage\\x00tail"})
     refused = await api.post(f"/api/dead-letters/{junk_letter.id}/replay")
     assert refused.status_code == 409 and "discard" in refused.json()["detail"]
     discarded = await api.post(
