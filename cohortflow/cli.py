@@ -2,6 +2,7 @@
 
 - `cohortflow stack up|down|status|env|restart-broker`: the whole system on this machine, no Docker.
 - `cohortflow <service>`: run one registered service in the foreground (what containers call).
+- `cohortflow dlq list|show|replay|discard`: dead letters, through the gateway.
 - other sub-commands (`run`, `audit`, ...) are added at the marked place below.
 """
 
@@ -13,7 +14,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -25,6 +26,7 @@ from cohortflow.run import (
     EXIT_CODES_HELP,
     GATEWAY_URL_ENV,
     STAGE_NAMES,
+    GatewayClient,
     RunError,
     RunOptions,
     load_config,
@@ -353,6 +355,106 @@ def migrate_command() -> None:
     applied = asyncio.run(migrate_all())
     for schema, names in applied.items():
         console.print(f"{schema}: {', '.join(names) if names else 'up to date'}")
+
+
+dlq_app = typer.Typer(
+    help="Dead letters: work the stage services gave up on; list, show, replay, discard.",
+    no_args_is_help=True,
+)
+app.add_typer(dlq_app, name="dlq")
+
+
+def _gateway(home: Path | None) -> GatewayClient:
+    """The gateway of COHORTFLOW_GATEWAY_URL (with COHORTFLOW_API_TOKEN), else the local stack's."""
+    url = os.environ.get(GATEWAY_URL_ENV)
+    token = os.environ.get("COHORTFLOW_API_TOKEN") or None
+    if not url:
+        try:
+            info = LocalStack(home).status()
+        except StackError as exc:
+            raise _fail(f"{exc} (start it with `cohortflow stack up`)") from exc
+        url = info.gateway_url
+        token = info.env_vars.get("COHORTFLOW_API_TOKEN") or None
+    return GatewayClient(url, token)
+
+
+def _letters_table(letters: list[dict[str, Any]]) -> Table:
+    """One line per letter where the width allows; ids never wrap (they are copied to commands)."""
+    table = Table()
+    table.add_column("id", no_wrap=True)
+    for name in ("stage", "kind", "status"):
+        table.add_column(name)
+    table.add_column("job", no_wrap=True)
+    for name in ("item", "attempts", "error"):
+        table.add_column(name)
+    for d in letters:
+        table.add_row(
+            d["id"],
+            d["stage"],
+            d["kind"],
+            d["status"],
+            d["job_id"] or "",
+            escape(d["item_key"] or ""),
+            str(d["attempts"]),
+            escape(d["error"][:200]),
+        )
+    return table
+
+
+@dlq_app.command("list")
+def dlq_list(
+    stage: Annotated[str | None, typer.Option("--stage", help=f"One of: {STAGE_NAMES}.")] = None,
+    cohort: Annotated[str | None, typer.Option("--cohort", help="A cohort id.")] = None,
+    status: Annotated[
+        str, typer.Option("--status", help="open, replayed, discarded or all.")
+    ] = "open",
+    home: HomeOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Dead letters, newest first (the open ones unless --status says otherwise)."""
+    params = {"stage": stage, "cohort_id": cohort, "status": None if status == "all" else status}
+    client = _gateway(home)
+    letters = client._check(
+        client.http.get("/api/dead-letters", params={k: v for k, v in params.items() if v})
+    )
+    if as_json:
+        print(json.dumps(letters, indent=2))
+    elif not letters:
+        console.print("no dead letters")
+    else:
+        console.print(_letters_table(letters))
+
+
+@dlq_app.command("show")
+def dlq_show(letter_id: str, home: HomeOption = None) -> None:
+    """One dead letter with the payload given up on (JSON)."""
+    client = _gateway(home)
+    print(json.dumps(client._check(client.http.get(f"/api/dead-letters/{letter_id}")), indent=2))
+
+
+@dlq_app.command("replay")
+def dlq_replay(letter_id: str, home: HomeOption = None, as_json: JsonOption = False) -> None:
+    """Redo the work: a new run of the letter's stage (same config and scope) and the stages after
+    it; follow it with `GET /api/jobs?cohort_id=...`."""
+    client = _gateway(home)
+    run = client._check(client.http.post(f"/api/dead-letters/{letter_id}/replay"))
+    if as_json:
+        print(json.dumps(run, indent=2))
+        return
+    stages = ", ".join(f"{j['stage']} ({j['id']})" for j in run["jobs"])
+    console.print(f"replay started: run {run['run_id']}: {stages}")
+
+
+@dlq_app.command("discard")
+def dlq_discard(
+    letter_id: str,
+    note: Annotated[str | None, typer.Option("--note", help="Why it is set aside.")] = None,
+    home: HomeOption = None,
+) -> None:
+    """Set a dead letter aside for good."""
+    client = _gateway(home)
+    client._check(client.http.post(f"/api/dead-letters/{letter_id}/discard", json={"note": note}))
+    console.print(f"discarded {letter_id}")
 
 
 from services.anonymizer.cli import app as audit_app  # noqa: E402

@@ -92,11 +92,12 @@ def channels() -> list[Channel]:
             Channel(
                 f"{name}DeadLetters",
                 topics.dlq(stage),
-                f"{name} work items given up after bounded retries, for a person to look at",
+                f"{name} work items, plans and unreadable messages given up on, kept by the"
+                " gateway for a person to replay or discard (/api/dead-letters)",
                 (DeadLetter,),
-                "the cohort id",
+                "the item key (the job id for a plan)",
                 (service,),
-                (),
+                ("gateway",),
             ),
         ]
     stages = tuple(STAGE_SERVICE[s] for s in STAGE_ORDER)
@@ -125,12 +126,16 @@ def channels() -> list[Channel]:
             topics.STUDIES_RECEIVED,
             "a hospital system announces a new study: a CloudEvent in binary mode (`ce_*` headers,"
             " type `<reverse-dns>.study.available.v1`, subject the StudyInstanceUID, the notice as"
-            " the value) or a `StudyReceived` envelope",
+            " the value) or a `StudyReceived` envelope; `<reverse-dns>.study.retracted.v1` (the"
+            " same data, with an optional `reason`) takes the study out of its cohort's next export",
             (StudyReceived,),
             "the StudyInstanceUID",
             ("hospital systems",),
             ("gateway",),
-            (("<reverse-dns>.study.available.v1", StudyReceived),),
+            (
+                ("<reverse-dns>.study.available.v1", StudyReceived),
+                ("<reverse-dns>.study.retracted.v1", StudyReceived),
+            ),
         ),
         Channel(
             "cohortsDeleted",

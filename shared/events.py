@@ -33,6 +33,10 @@ class Payload(BaseModel):
 P = TypeVar("P", bound=Payload)
 
 
+class WrongPayload(ValueError):
+    """An envelope whose `type` is not the payload its consumer expects (no retry can fix it)."""
+
+
 class Envelope(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -70,9 +74,10 @@ class Envelope(BaseModel):
         )
 
     def open(self, model: builtins.type[P]) -> P:
-        """The payload as its model; raises `ValueError` when the type does not match."""
+        """The payload as its model; raises `WrongPayload` (a `ValueError`) when the type does not
+        match, pydantic's `ValidationError` when the payload is not valid."""
         if self.type != model.__name__:
-            raise ValueError(f"expected a {model.__name__} event, got {self.type}")
+            raise WrongPayload(f"expected a {model.__name__} event, got {self.type}")
         return model.model_validate(self.payload)
 
 

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from shared import topics
 from shared.broker import make_broker, subscriber_kwargs
 from shared.db import create_pool
-from shared.events import DeadLetter, Envelope
+from shared.events import DeadLetter, Envelope, WrongPayload
 from shared.observability import configure_logging, health_router
 from shared.outbox import OutboxRelay
 from shared.settings import Settings, get_settings
@@ -40,8 +40,9 @@ Handler = Callable[[Envelope], Awaitable[None]]
 def envelope_handler(
     broker: KafkaBroker, service: str, dlq_topic: str, handle: Handler
 ) -> Callable[[KafkaMessage], Awaitable[None]]:
-    """Wrap a handler of envelopes: a message that is not a valid envelope is dead-lettered and
-    acknowledged (retrying it cannot help), anything else the handler raises is retried."""
+    """Wrap a handler of envelopes: a message that is not a valid envelope, or whose payload does
+    not validate, is dead-lettered and acknowledged (retrying it cannot help), anything else the
+    handler raises is retried."""
 
     async def consume(message: KafkaMessage) -> None:
         try:
@@ -59,7 +60,30 @@ def envelope_handler(
                 Envelope.wrap(letter, source=service).model_dump_json().encode(), topic=dlq_topic
             )
             return
-        await handle(envelope)
+        try:
+            await handle(envelope)
+        except (ValidationError, WrongPayload) as exc:
+            # a valid envelope whose payload is not: no redelivery could read it differently
+            # (and with one record per poll it would block its partition), so it is
+            # dead-lettered and acknowledged (work items are also failed: StageRuntime.handle_item)
+            topic = str(getattr(message.raw_message, "topic", "?"))
+            log.error(
+                "unreadable payload dead-lettered", extra={"topic": topic, "type": envelope.type}
+            )
+            letter = DeadLetter(
+                topic=topic,
+                error=f"not a valid {envelope.type}: {exc}"[:2000],
+                attempts=1,
+                original=envelope.payload,
+            )
+            dead = Envelope.wrap(
+                letter,
+                source=service,
+                cohort_id=envelope.cohort_id,
+                job_id=envelope.job_id,
+                correlation_id=envelope.correlation_id,
+            )
+            await broker.publish(dead.model_dump_json().encode(), topic=dlq_topic)
 
     return consume
 

@@ -477,7 +477,11 @@ class StageRuntime:
 
     async def handle_item(self, envelope: Envelope) -> None:
         _correlation.set(envelope.correlation_id)
-        item: WorkItem = envelope.open(WorkItem)
+        try:
+            item: WorkItem = envelope.open(WorkItem)
+        except ValueError as exc:  # a pydantic ValidationError too
+            await self._unreadable_item(envelope, exc)
+            return
         if item.stage != self.plugin.stage:
             return
         job_id = envelope.job_id
@@ -494,7 +498,7 @@ class StageRuntime:
         if attempts is None or run_status != "running":
             return  # already done (redelivery), unknown, or the run ended
         if await self.is_cancelled(job_id):
-            await self._end_item(job_id, item, "cancelled", ItemResult(), None)
+            await self._end_item(job_id, item.item_key, "cancelled", ItemResult(), None)
             return
         if attempts > self.settings.item_max_attempts:
             await self._dead_letter(job_id, item, f"gave up after {attempts - 1} attempts")
@@ -510,7 +514,7 @@ class StageRuntime:
             try:
                 result = await self.plugin.process(ctx, item)
             except ItemCancelled:
-                await self._end_item(job_id, item, "cancelled", ItemResult(), None)
+                await self._end_item(job_id, item.item_key, "cancelled", ItemResult(), None)
                 return
             except Exception as exc:
                 log.warning(
@@ -531,7 +535,49 @@ class StageRuntime:
                 continue
             break
         ITEM_SECONDS.labels(self.plugin.stage.value).observe(time.monotonic() - started)
-        await self._end_item(job_id, item, "failed" if result.failed else "done", result, None)
+        await self._end_item(
+            job_id, item.item_key, "failed" if result.failed else "done", result, None
+        )
+
+    async def _unreadable_item(self, envelope: Envelope, exc: ValueError) -> None:
+        """A work item whose envelope is valid but whose payload is not: no attempt could read it
+        differently, so its one attempt is counted and it is dead-lettered at once (and, when its
+        row is known, failed, so its run still ends). Never raised: redelivering it would block
+        its partition (one record per poll) forever."""
+        error = f"not a valid {WorkItem.__name__}: {exc}"[:2000]
+        payload = envelope.payload if isinstance(envelope.payload, dict) else {}
+        key = payload.get("item_key")
+        job_id = envelope.job_id
+        log.error(
+            "unreadable work item dead-lettered",
+            extra={"job_id": str(job_id), "item": key, "type": envelope.type},
+        )
+        letter = DeadLetter(
+            topic=topics.items(self.plugin.stage), error=error, attempts=1, original=payload
+        )
+        env = Envelope.wrap(
+            letter,
+            source=self.plugin.service,
+            cohort_id=envelope.cohort_id,
+            job_id=job_id,
+            correlation_id=envelope.correlation_id,
+        )
+        if job_id is not None and isinstance(key, str) and key != FINALIZE_KEY:
+            if await self._count_attempt(job_id, key) is None:
+                return  # its row already ended (a redelivery) or is unknown, like a good item's
+            result = ItemResult(errors=[ItemError(item=key, message=error)], failed=True)
+            await self._end_item(
+                job_id, key, "failed", result, (topics.dlq(self.plugin.stage), env)
+            )
+            return
+        async with self.pool.acquire() as conn:  # no job or key to find a row by: the letter alone
+            await enqueue(
+                conn,
+                self.schema,
+                topics.dlq(self.plugin.stage),
+                env,
+                key=str(key) if key is not None else None,
+            )
 
     async def _count_attempt(self, job_id: uuid.UUID, item_key: str) -> int | None:
         """Count an attempt before it is made (a worker killed mid-item still used one);
@@ -555,7 +601,7 @@ class StageRuntime:
         env = self._wrap(letter, item.cohort.id, job_id)
         await self._end_item(
             job_id,
-            item,
+            item.item_key,
             "failed",
             ItemResult(errors=[ItemError(item=item.item_key, message=error)], failed=True),
             (topics.dlq(self.plugin.stage), env),
@@ -564,7 +610,7 @@ class StageRuntime:
     async def _end_item(
         self,
         job_id: uuid.UUID,
-        item: WorkItem,
+        item_key: str,
         status: str,
         result: ItemResult,
         extra_event: tuple[str, Envelope] | None,
@@ -579,7 +625,7 @@ class StageRuntime:
                 " updated_at = now()"
                 " WHERE job_id = $1 AND item_key = $2 AND status = 'pending' RETURNING true",
                 job_id,
-                item.item_key,
+                item_key,
                 status,
                 "; ".join(e["message"] for e in errors)[:2000] or None,
                 {"counts": result.counts},
@@ -603,7 +649,7 @@ class StageRuntime:
                 kept,
             )
             if extra_event is not None:
-                await enqueue(conn, self.schema, extra_event[0], extra_event[1], key=item.item_key)
+                await enqueue(conn, self.schema, extra_event[0], extra_event[1], key=item_key)
             last = row["items_done"] + row["items_failed"] >= row["items_total"]
             if row["status"] == "running":
                 await self._progress(conn, row, force=last)

@@ -51,6 +51,7 @@ from services.exporter.selection import (
     ExportOptions,
     export_stack_of,
     file_kind,
+    leave_out_retracted,
     split_selected,
     stack_fingerprint,
 )
@@ -58,6 +59,7 @@ from services.exporter.validate import ValidatorError, run_bids_validator
 from shared.catalog import StackSummary
 from shared.events import ItemError, StageRequested, WorkItem
 from shared.mapping_rules import RuleBook, apply_rule, load_rules
+from shared.retractions import load_retracted
 from shared.settings import Settings, get_settings
 from shared.sources import check_destination
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
@@ -163,6 +165,7 @@ class ExporterPlugin:
             studies = await repo.cohort_studies(conn, cohort_id)
             instances = await repo.cohort_instances(conn, cohort_id)
             rules = await load_rules(conn, cohort_id)
+            retracted = await load_retracted(conn, cohort_id)
         sessions = assign_sessions(
             StudyVisit(
                 subject=r["subject_id"],
@@ -174,8 +177,10 @@ class ExporterPlugin:
             for r in studies
         )
         by_key = catalog_stacks(rows, instances, sessions, rules)
-        candidates = [pair for pair in by_key.values() if pair[1]["classified"]]
+        classified = [pair for pair in by_key.values() if pair[1]["classified"]]
+        candidates, withdrawn = leave_out_retracted(classified, retracted)
         kept, reasons = split_selected(candidates, options)
+        reasons.update(withdrawn)
         reasons.update({k: NOT_CLASSIFIED for k, (_, c) in by_key.items() if not c["classified"]})
         problems = naming_problems(kept, group_symri=options.group_symri)
         for stack in kept:

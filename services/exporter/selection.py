@@ -105,6 +105,22 @@ def not_exported_reason(stack: ExportStack, classification: Mapping[str, Any]) -
     return f"intent {intent or stack.datatype} not in includeIntents"
 
 
+def leave_out_retracted(
+    stacks: Iterable[tuple[ExportStack, Mapping[str, Any]]], retracted: Mapping[str, str]
+) -> tuple[list[tuple[ExportStack, Mapping[str, Any]]], dict[str, str]]:
+    """The stacks whose study was not retracted and, by key, why the others are not exported
+    (`retracted`: StudyInstanceUID -> the retraction's reason)."""
+    kept: list[tuple[ExportStack, Mapping[str, Any]]] = []
+    reasons: dict[str, str] = {}
+    for stack, classification in stacks:
+        why = retracted.get(stack.summary.study_instance_uid)
+        if why is None:
+            kept.append((stack, classification))
+        else:
+            reasons[stack.key] = f"study {why}"
+    return kept, reasons
+
+
 def split_selected(
     stacks: Iterable[tuple[ExportStack, Mapping[str, Any]]], options: ExportOptions
 ) -> tuple[list[ExportStack], dict[str, str]]:

@@ -23,7 +23,7 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
-from services.gateway import SCHEMA, handlers
+from services.gateway import SCHEMA, dead_letters, handlers
 from services.gateway.api import api_router, document_errors, install_error_handlers
 from services.gateway.api.auth import token_middleware
 from services.gateway.api.dependencies import BrokerProbe, GatewayContext
@@ -83,7 +83,8 @@ def _consumer(
 def subscribe(
     broker: KafkaBroker, pool_ref: Callable[[], asyncpg.Pool], settings: Settings
 ) -> None:
-    """Attach the gateway's consumers: one group for run events, one for received studies."""
+    """Attach the gateway's consumers: one group each for run events, received studies and dead
+    letters."""
 
     async def on_event(envelope: Envelope) -> None:
         await handlers.on_event(pool_ref(), settings, envelope)
@@ -107,6 +108,23 @@ def subscribe(
             log.error("unreadable study CloudEvent skipped", extra={"error": str(exc)[:500]})
             return
         await handlers.on_study_cloudevent(pool_ref(), settings, notice)
+
+    async def on_dead_letter(message: KafkaMessage) -> None:
+        # the topic names the stage (a letter of an undecodable message carries no more)
+        topic = str(getattr(message.raw_message, "topic", ""))
+
+        async def keep(envelope: Envelope) -> None:
+            try:
+                await dead_letters.record(pool_ref(), envelope, topic)
+            except (ValueError, asyncpg.DataError) as exc:
+                log.error("dead letter skipped: it cannot be kept", extra={"error": str(exc)[:500]})
+
+        await _consumer(keep)(message)
+
+    broker.subscriber(
+        *(topics.dlq(s) for s in STAGE_ORDER),
+        **subscriber_kwargs(settings, topics.consumer_group(SERVICE, "dead-letters")),
+    )(on_dead_letter)
 
     broker.subscriber(
         topics.STUDIES_RECEIVED,

@@ -199,7 +199,7 @@ class StudyAccepted:
     study_instance_uid: str
     location: str
     run: RunStarted | None
-    outcome: Literal["accepted", "duplicate", "waiting"] = "accepted"
+    outcome: Literal["accepted", "duplicate", "waiting", "retracted"] = "accepted"
     seq: int | None = None  # the notice's row in gateway.received_studies
     duplicate_of: int | None = None  # the earlier notice's row, for a duplicate
 
@@ -272,6 +272,8 @@ async def receive_study(
             refused: Invalid | NotFound = exc
         else:
             uid = study.study_instance_uid
+            # the study is available again: a retraction of it no longer holds
+            await repo.unretract_study(conn, cohort["id"], uid)
             waiting = None
             if study.run_pipeline:
                 if content.fingerprint is not None:
@@ -583,25 +585,99 @@ async def receive_notice(
     notice: Notice,
     origin: Literal["http", "kafka"],
 ) -> StudyAccepted:
-    """A CloudEvent study notice: `available` as `receive_study`; `retracted` is recorded and
-    refused with its reason (removing a study from a cohort's export is not supported yet)."""
+    """A CloudEvent study notice: `available` as `receive_study`; `retracted` as `retract_study`."""
     if notice.kind == "available":
         return await receive_study(pool, settings, notice.study, origin, key=notice.key)
+    return await retract_study(pool, notice.study, origin, notice.key)
+
+
+async def retract_study(
+    pool: asyncpg.Pool,
+    study: StudyReceived,
+    origin: Literal["http", "kafka"],
+    key: NoticeKey | None = None,
+) -> StudyAccepted:
+    """Leave a study out of its cohort's next export (recorded, with the reason the sender gave
+    in `data.reason`); a later `study.available` for it takes that back. The cohort is the one the
+    notice names, else the one the study was last accepted into. Nothing already exported is
+    deleted: the next export plans without the study's stacks (`not_exported`: retracted).
+
+    Refused (`Invalid`/`NotFound`, recorded) without a cohort, and for an anonymized cohort: its
+    catalog holds only the new study UIDs, so the retraction could not find the study's stacks."""
+    uid = study.study_instance_uid.strip()
+    extra = study.model_extra or {}
+    why = str(extra.get("reason") or "").strip()[:500]
+    reason = f"retracted by {key.source if key else origin}" + (f": {why}" if why else "")
     async with pool.acquire() as conn, conn.transaction():
-        reason = "retracting a study is not supported yet: remove it from the source and re-export"
-        await repo.record_received_study(
-            conn,
-            event_id=None,
-            study_instance_uid=notice.study.study_instance_uid,
-            origin=origin,
-            key=notice.key,
-            cohort_id=None,
-            location=notice.study.location,
-            run_id=None,
-            outcome="refused",
-            refused_reason=reason,
+        if key is not None:
+            earlier = await repo.notice_seen(conn, key.source, key.id)
+            if earlier is not None:  # a resent retraction: logged, nothing more
+                seq = await repo.record_received_study(
+                    conn,
+                    event_id=None,
+                    study_instance_uid=uid or study.study_instance_uid,
+                    origin=origin,
+                    key=key,
+                    cohort_id=earlier["cohort_id"],
+                    location=study.location,
+                    run_id=None,
+                    outcome="duplicate",
+                    duplicate_of=earlier["seq"],
+                )
+                return StudyAccepted(
+                    earlier["cohort_id"],
+                    uid,
+                    study.location,
+                    None,
+                    outcome="duplicate",
+                    seq=seq,
+                    duplicate_of=earlier["seq"],
+                )
+        refused: Invalid | NotFound | None = None
+        cohort = None
+        if not uid:
+            refused = Invalid("study_instance_uid is empty")
+        elif study.cohort:
+            cohort = await repo.find_cohort(conn, study.cohort)
+            if cohort is None:
+                refused = NotFound(f"no cohort named or numbered {study.cohort!r}")
+        else:
+            cohort_id = await conn.fetchval(
+                "SELECT cohort_id FROM gateway.received_studies WHERE study_instance_uid = $1"
+                " AND outcome = 'accepted' AND cohort_id IS NOT NULL ORDER BY seq DESC LIMIT 1",
+                uid,
+            )
+            cohort = await repo.get_cohort(conn, cohort_id) if cohort_id else None
+            if cohort is None:
+                refused = Invalid(
+                    "no cohort given and the study was never accepted into one: name the cohort"
+                )
+        if cohort is not None and cohort["anonymization_enabled"]:
+            refused = Invalid(
+                "retracting a study of an anonymized cohort is not supported yet (its catalog"
+                " holds only the new study UIDs): remove it from the source and re-export"
+            )
+        notice: dict[str, Any] = {
+            "event_id": None,
+            "study_instance_uid": uid or study.study_instance_uid,
+            "origin": origin,
+            "key": key,
+            "location": study.location,
+            "run_id": None,
+        }
+        if refused is not None or cohort is None:
+            assert refused is not None
+            await repo.record_received_study(
+                conn, **notice, cohort_id=None, outcome="refused", refused_reason=str(refused)
+            )
+            raise refused
+        await repo.lock_cohort(conn, cohort["id"])
+        seq = await repo.record_received_study(
+            conn, **notice, cohort_id=cohort["id"], outcome="retracted"
         )
-    raise Invalid(reason)
+        await repo.retract_study(conn, cohort["id"], uid, reason, seq)
+    log.info("study retracted", extra={"cohort_id": str(cohort["id"]), "notice": seq})
+    return StudyAccepted(cohort["id"], uid, study.location, None, outcome="retracted", seq=seq)
 
 
 async def on_study_received(pool: asyncpg.Pool, settings: Settings, envelope: Envelope) -> None:

@@ -5,8 +5,8 @@ in `study.available.v1` (any reverse-DNS prefix: `org.example.pacs.study.availab
 `subject` is the StudyInstanceUID and whose `data` is the study notice (`StudyReceived`: location,
 cohort hint, modalities, expected instance count, completeness, origin). It arrives in binary mode
 on the Kafka topic (`ce_*` headers, the data as the value) or over HTTP in binary (`ce-*` headers) or
-structured mode (`application/cloudevents+json`). `study.retracted.v1` is recognised and refused
-with its reason until retraction is supported.
+structured mode (`application/cloudevents+json`). `study.retracted.v1` leaves the study out of its
+cohort's next export (services/gateway/handlers.py, `retract_study`).
 
 A notice is a duplicate when its (`source`, `id`) was seen before, the CloudEvents rule for the same
 event sent again; or when it names a study of the cohort whose files are the ones an earlier

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -627,3 +628,140 @@ async def delete_routing_rule(
         cohort_id,
     )
     return bool(deleted)
+
+
+async def retract_study(
+    conn: asyncpg.Connection,
+    cohort_id: uuid.UUID,
+    study_instance_uid: str,
+    reason: str,
+    notice: int,
+) -> None:
+    """The study leaves the cohort's next export (the newest retraction's reason is kept)."""
+    await conn.execute(
+        "INSERT INTO gateway.retracted_studies (cohort_id, study_instance_uid, reason, notice)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (cohort_id, study_instance_uid) DO UPDATE"
+        " SET reason = EXCLUDED.reason, notice = EXCLUDED.notice, retracted_at = now()",
+        cohort_id,
+        _storable(study_instance_uid),
+        reason,
+        notice,
+    )
+
+
+async def unretract_study(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, study_instance_uid: str
+) -> bool:
+    """Take a retraction back (the study was announced available again); True if there was one."""
+    status = await conn.execute(
+        "DELETE FROM gateway.retracted_studies WHERE cohort_id = $1 AND study_instance_uid = $2",
+        cohort_id,
+        _storable(study_instance_uid),
+    )
+    return bool(status != "DELETE 0")
+
+
+async def get_run(conn: asyncpg.Connection, run_id: uuid.UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM gateway.pipeline_runs WHERE id = $1", run_id)
+
+
+# --- dead letters (docs/adr-0022-dead-letters.md) ----------------------------------------------
+
+
+def _storable_json(value: dict[str, Any]) -> Any:
+    """`value` as jsonb can hold it: a NUL (which jsonb refuses) kept as the text `\\x00`."""
+    text = json.dumps(value)
+    return json.loads(text.replace("\\u0000", "\\\\x00")) if "\\u0000" in text else value
+
+
+async def insert_dead_letter(
+    conn: asyncpg.Connection,
+    *,
+    id: uuid.UUID,
+    stage: str,
+    kind: str,
+    topic: str,
+    cohort_id: uuid.UUID | None,
+    job_id: uuid.UUID | None,
+    correlation_id: uuid.UUID | None,
+    item_key: str | None,
+    error: str,
+    attempts: int,
+    original: dict[str, Any],
+    source: str,
+    dead_at: datetime,
+) -> bool:
+    """Keep a dead letter once (False when its id was kept before)."""
+    kept = await conn.fetchval(
+        "INSERT INTO gateway.dead_letters (id, stage, kind, topic, cohort_id, job_id,"
+        " correlation_id, item_key, error, attempts, original, source, dead_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        " ON CONFLICT (id) DO NOTHING RETURNING true",
+        id,
+        stage,
+        kind,
+        _storable(topic),
+        cohort_id,
+        job_id,
+        correlation_id,
+        _storable(item_key),
+        _storable(error),
+        attempts,
+        _storable_json(original),
+        _storable(source),
+        dead_at,
+    )
+    return bool(kept)
+
+
+async def list_dead_letters(
+    conn: asyncpg.Connection,
+    *,
+    stage: str | None,
+    cohort_id: uuid.UUID | None,
+    status: str | None,
+    limit: int,
+    offset: int,
+) -> list[asyncpg.Record]:
+    """Newest first."""
+    return list(
+        await conn.fetch(
+            "SELECT * FROM gateway.dead_letters WHERE ($1::text IS NULL OR stage = $1)"
+            " AND ($2::uuid IS NULL OR cohort_id = $2) AND ($3::text IS NULL OR status = $3)"
+            " ORDER BY received_at DESC, id LIMIT $4 OFFSET $5",
+            stage,
+            cohort_id,
+            status,
+            limit,
+            offset,
+        )
+    )
+
+
+async def get_dead_letter(
+    conn: asyncpg.Connection, letter_id: uuid.UUID, *, for_update: bool = False
+) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT * FROM gateway.dead_letters WHERE id = $1" + (" FOR UPDATE" if for_update else ""),
+        letter_id,
+    )
+
+
+async def resolve_dead_letter(
+    conn: asyncpg.Connection,
+    letter_id: uuid.UUID,
+    status: str,
+    *,
+    replay_run_id: uuid.UUID | None = None,
+    note: str | None = None,
+) -> asyncpg.Record:
+    """The letter replayed (by `replay_run_id`) or discarded (with `note`)."""
+    row: asyncpg.Record = await conn.fetchrow(
+        "UPDATE gateway.dead_letters SET status = $2, replay_run_id = $3, note = $4,"
+        " resolved_at = now() WHERE id = $1 RETURNING *",
+        letter_id,
+        status,
+        replay_run_id,
+        _storable(note),
+    )
+    return row

@@ -231,6 +231,48 @@ async def start_study_run(
     )
 
 
+async def start_replay(
+    conn: asyncpg.Connection,
+    settings: Settings,
+    job: asyncpg.Record,
+    sent_config: dict[str, Any],
+) -> RunStarted:
+    """A run that redoes an ended job's stage with the config it was sent (`sent_config`, secrets
+    sealed) and the scope of its run, then the stages after it (each with the config its
+    original run gave it, or the cohort's last, secrets left out). A whole-cohort replay obeys the
+    stage order like any whole-cohort run (409). Call inside a transaction holding the cohort
+    lock (docs/adr-0022-dead-letters.md)."""
+    cohort = await repo.get_cohort(conn, job["cohort_id"])
+    if cohort is None:
+        raise NotFound(f"no cohort with id {job['cohort_id']}")
+    original = await repo.get_run(conn, job["run_id"])
+    scope: list[str] = list(original["study_instance_uids"]) if original is not None else []
+    location = original["location"] if original is not None else None
+    stage = Stage(job["stage"])
+    if cohort["anonymization_enabled"] and stage is not Stage.anonymization:
+        # past anonymization the original study UIDs name nothing (the slip drops them too):
+        # the stage is redone on the cohort, reading what its zone holds
+        scope, location = [], None
+    if not scope:
+        await _no_study_runs(conn, cohort["id"])
+        states = repo.stage_states(await repo.latest_stage_jobs(conn, cohort["id"]))
+        try:
+            check_stage_run(stage, cohort["anonymization_enabled"], states)
+        except StageOrderError as exc:
+            raise Conflict(str(exc)) from exc
+    of_run = {Stage(j["stage"]): j["config"] for j in await repo.jobs_of_run(conn, job["run_id"])}
+    latest = await repo.latest_stage_jobs(conn, cohort["id"])
+    stages = applicable_stages(cohort["anonymization_enabled"])
+    planned = [_PlannedJob(stage, uuid.uuid4(), job["config"], sent_config)]
+    for later in stages[stages.index(stage) + 1 :]:
+        previous = of_run.get(later) or (latest[later]["config"] if later in latest else None)
+        config = scoped_run_config(previous)
+        planned.append(_PlannedJob(later, uuid.uuid4(), config, config))
+    return await _write_run(
+        conn, cohort, "replay", planned, study_instance_uids=scope, location=location
+    )
+
+
 async def cancel_job(
     pool: asyncpg.Pool, job_id: uuid.UUID, reason: str = "cancelled by user"
 ) -> asyncpg.Record:

@@ -516,3 +516,42 @@ async def test_object_storage_down_is_503_with_retry_after_and_recovers(
         assert stack.up(infra_only=True).infra["s3"].healthy
     back = await api.get(entry["download_url"])
     assert back.status_code == 200 and hashlib.sha256(back.content).hexdigest() == entry["sha256"]
+
+
+async def test_a_retracted_study_is_left_out_of_the_next_export(
+    exported: dict[str, Any], api: httpx.AsyncClient
+) -> None:
+    """A `study.retracted.v1` notice: the next export plans without the study's stacks and says
+    why in `not_exported`; the other studies are exported as before."""
+    cohort = exported["cohort"]
+    series = (await api.get(f"/api/cohorts/{cohort['id']}/series")).json()
+    studies = sorted({s["study_instance_uid"] for s in series if s["study_instance_uid"]})
+    assert len(studies) > 1
+    uid = studies[0]
+    notice = {
+        "specversion": "1.0",
+        "type": "org.example.pacs.study.retracted.v1",
+        "source": "/hospital/pacs-it",
+        "id": uuid.uuid4().hex,
+        "subject": uid,
+        "data": {
+            "location": cohort["source_path"],
+            "cohort": cohort["id"],
+            "reason": "consent withdrawn",
+        },
+    }
+    response = await api.post(
+        "/api/events",
+        content=json.dumps(notice),
+        headers={"content-type": "application/cloudevents+json"},
+    )
+    assert response.status_code == 200 and response.json()["outcome"] == "retracted", response.text
+    job = await run_export(api, cohort["id"], {"outputModes": ["nii"]})
+    files = await manifest(api, cohort["id"], job["id"])
+    exported_series = {f["series_instance_uid"] for f in files if f["kind"] == "nifti"}
+    retracted_series = {s["series_instance_uid"] for s in series if s["study_instance_uid"] == uid}
+    assert exported_series and not exported_series & retracted_series
+    reason = "study retracted by /hospital/pacs-it: consent withdrawn"
+    n_stacks = sum(len(s["stacks"]) for s in series if s["study_instance_uid"] == uid)
+    assert job["summary"]["not_exported"][reason] == n_stacks
+    assert job["summary"]["validator"]["errors"] == 0

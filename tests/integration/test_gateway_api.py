@@ -39,13 +39,16 @@ from shared import topics
 from shared.db import create_pool
 from shared.events import (
     CohortRef,
+    DeadLetter,
     Envelope,
     ItemError,
     JobProgress,
     Payload,
     StageCompleted,
     StageFailed,
+    StageRequested,
     StudyReceived,
+    WorkItem,
 )
 from shared.secrets import unseal
 from shared.settings import Settings
@@ -934,14 +937,14 @@ async def test_cloudevent_notices_are_processed_once(
         content=json.dumps(data),
         headers=cloudevent_headers(source, "6", uid, kind="retracted"),
     )
-    assert retracted.status_code == 422 and "not supported" in retracted.json()["detail"]
+    assert retracted.status_code == 200 and retracted.json()["outcome"] == "retracted"
 
     log = (await api.get(f"/api/studies?cohort_id={cohort['id']}")).json()
     outcomes = [(r["notice_id"], r["outcome"], r["files"]) for r in reversed(log)]
     assert outcomes == [("1", "accepted", 1), ("1", "duplicate", 1), ("2", "duplicate", 1),
-                        ("3", "accepted", 2)]  # fmt: skip
+                        ("3", "accepted", 2), ("6", "retracted", None)]  # fmt: skip
     assert log[-1]["sender"] == data["origin"] and log[-1]["notice_source"] == source
-    assert log[1]["duplicate_of"] == log[-1]["seq"]
+    assert log[2]["duplicate_of"] == log[-1]["seq"]
     duplicates = (await api.get(f"/api/studies?cohort_id={cohort['id']}&outcome=duplicate")).json()
     assert len(duplicates) == 2
     jobs = (await api.get(f"/api/jobs?cohort_id={cohort['id']}")).json()
@@ -950,6 +953,70 @@ async def test_cloudevent_notices_are_processed_once(
         rows = await conn.fetch("SELECT row_to_json(r)::text AS j FROM gateway.received_studies r")
     kept = "".join(r["j"] for r in rows)
     assert "PAT-SECRET-77" not in kept and "ACC-SECRET-88" not in kept
+
+
+async def test_a_retracted_study_leaves_the_next_export_until_it_is_available_again(
+    api: httpx.AsyncClient, data_root: Path, db: asyncpg.Pool
+) -> None:
+    cohort = await new_cohort(api, data_root, study_quiet_period_s=0)
+    source, uid = "/hospital/pacs-r", f"1.2.826.0.1.{uuid.uuid4().int % 10**12}"
+    folder = data_root / "study-a" / unique("retract")
+    folder.mkdir()
+    (folder / "IM0001").write_bytes(b"first")
+    data = {"location": str(folder), "cohort": cohort["name"], "complete": True}
+    available = await api.post(
+        "/api/events", content=json.dumps(data), headers=cloudevent_headers(source, "a1", uid)
+    )
+    assert available.status_code == 202, available.text
+
+    async def retracted_view() -> dict[str, str]:
+        async with db.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT study_instance_uid, reason FROM gateway.retracted_studies_v"
+                " WHERE cohort_id = $1",
+                uuid.UUID(cohort["id"]),
+            )
+        return {r["study_instance_uid"]: r["reason"] for r in rows}
+
+    # no cohort named: the one the study was accepted into
+    retraction = {"location": str(folder), "reason": "consent withdrawn"}
+    response = await api.post(
+        "/api/events",
+        content=json.dumps(retraction),
+        headers=cloudevent_headers(source, "r1", uid, kind="retracted"),
+    )
+    assert response.status_code == 200, response.text
+    assert (response.json()["outcome"], response.json()["cohort_id"]) == ("retracted", cohort["id"])
+    assert await retracted_view() == {uid: f"retracted by {source}: consent withdrawn"}
+    resent = await api.post(
+        "/api/events",
+        content=json.dumps(retraction),
+        headers=cloudevent_headers(source, "r1", uid, kind="retracted"),
+    )
+    assert resent.status_code == 200 and resent.json()["outcome"] == "duplicate"
+
+    unknown = await api.post(
+        "/api/events",
+        content=json.dumps(retraction),
+        headers=cloudevent_headers(source, "r2", "1.2.3.999", kind="retracted"),
+    )
+    assert unknown.status_code == 422 and "name the cohort" in unknown.json()["detail"]
+    anonymized = await new_cohort(api, data_root, anonymization=True)
+    refused = await api.post(
+        "/api/events",
+        content=json.dumps({**retraction, "cohort": anonymized["name"]}),
+        headers=cloudevent_headers(source, "r3", uid, kind="retracted"),
+    )
+    assert refused.status_code == 422 and "anonymized" in refused.json()["detail"]
+
+    # available again (the same files: a duplicate run-wise, but the retraction no longer holds)
+    again = await api.post(
+        "/api/events", content=json.dumps(data), headers=cloudevent_headers(source, "a2", uid)
+    )
+    assert again.status_code in (200, 202), again.text
+    assert await retracted_view() == {}
+    log = (await api.get(f"/api/studies?cohort_id={cohort['id']}&outcome=retracted")).json()
+    assert [r["notice_id"] for r in log] == ["r1"]
 
 
 async def test_cloudevents_on_kafka_binary_mode(
@@ -1520,3 +1587,116 @@ async def test_web_page_creates_a_cohort_and_follows_its_jobs(
     cohorts = (await api.get("/api/cohorts")).json()
     created = next(c for c in cohorts if c["name"] == name)
     assert created["tags"] == ["web", "test"]
+
+
+# --- dead letters ------------------------------------------------------------------------------
+
+
+async def test_dead_letters_are_kept_listed_replayed_and_discarded(
+    api: httpx.AsyncClient, data_root: Path, producer: AIOKafkaProducer, settings: Settings
+) -> None:
+    """Letters from the stage dead-letter topics land in the API; a replay starts a new run of
+    the letter's stage and the stages after it, with the config the item carried; a letter of a
+    message that never was one can only be discarded."""
+    cohort = await new_cohort(api, data_root)
+    jobs = (await api.post(f"/api/cohorts/{cohort['id']}/pipeline", json={})).json()["jobs"]
+    extraction, sorting, _export = (j["id"] for j in jobs)
+    done = StageCompleted(
+        stage=Stage.extraction, cohort=ref(cohort), items_total=1, items_done=1, items_failed=0
+    )
+    await publish(
+        producer, topics.completed(Stage.extraction), event(done, cohort["id"], extraction)
+    )
+    await publish(
+        producer,
+        topics.JOBS_PROGRESS,
+        event(JobProgress(stage=Stage.sorting, items_total=2), cohort["id"], sorting),
+    )
+    item = WorkItem(
+        stage=Stage.sorting,
+        cohort=ref(cohort),
+        item_key="stack-7",
+        config={"profile": "replayed"},
+        data={"series": "1.2.3"},
+    )
+    letter = DeadLetter(
+        topic=topics.items(Stage.sorting),
+        error="RuntimeError: boom",
+        attempts=3,
+        original=item.model_dump(mode="json"),
+    )
+    item_letter = event(letter, cohort["id"], sorting, source="sorter")
+    await publish(producer, topics.dlq(Stage.sorting), item_letter, key="stack-7")
+    await publish(producer, topics.dlq(Stage.sorting), item_letter, key="stack-7")  # redelivered
+    junk = DeadLetter(
+        topic=topics.items(Stage.sorting),
+        error="not a valid envelope",
+        attempts=1,
+        original={"raw": "garbage\x00tail"},  # jsonb cannot hold a NUL: kept escaped
+    )
+    junk_letter = Envelope.wrap(junk, source="sorter")
+    await publish(producer, topics.dlq(Stage.sorting), junk_letter)
+
+    async def both_kept() -> list[dict[str, Any]] | None:
+        found = (await api.get("/api/dead-letters", params={"stage": "sorting"})).json()
+        ids = {d["id"] for d in found}
+        return found if {str(item_letter.id), str(junk_letter.id)} <= ids else None
+
+    await eventually(both_kept)
+    mine = (await api.get("/api/dead-letters", params={"cohort_id": cohort["id"]})).json()
+    assert [(d["id"], d["kind"], d["item_key"], d["status"]) for d in mine] == [
+        (str(item_letter.id), "item", "stack-7", "open")
+    ], "kept once, with its cohort, job and item"
+    assert mine[0]["job_id"] == sorting and mine[0]["error"] == "RuntimeError: boom"
+    shown = (await api.get(f"/api/dead-letters/{item_letter.id}")).json()
+    assert shown["original"]["item_key"] == "stack-7" and shown["attempts"] == 3
+    assert (await api.get(f"/api/dead-letters/{uuid.uuid4()}")).status_code == 404
+    assert (await api.get("/api/dead-letters", params={"status": "lost"})).status_code == 422
+
+    # the job still runs: its other items may succeed, so no replay yet
+    early = await api.post(f"/api/dead-letters/{item_letter.id}/replay")
+    assert early.status_code == 409 and "replay once it has ended" in early.json()["detail"]
+
+    failure = StageFailed(
+        stage=Stage.sorting, cohort=ref(cohort), error="every item failed", items_total=1
+    )
+    await publish(producer, topics.failed(Stage.sorting), event(failure, cohort["id"], sorting))
+
+    async def sorting_failed() -> bool:
+        return (await job(api, sorting))["status"] == "failed"
+
+    await eventually(sorting_failed)
+    replayed = await api.post(f"/api/dead-letters/{item_letter.id}/replay")
+    assert replayed.status_code == 202, replayed.text
+    run = replayed.json()
+    assert [j["stage"] for j in run["jobs"]] == ["sorting", "export"]
+    new_sorting = run["jobs"][0]["id"]
+    request_env = await find_on_topic(
+        settings, topics.requested(Stage.sorting), lambda e: str(e.job_id) == new_sorting
+    )
+    request = request_env.open(StageRequested)
+    assert request.config == {"profile": "replayed"}, "the config the item was sent with"
+    assert [s.stage for s in request.slip] == [Stage.export]
+    assert str(request_env.correlation_id) == run["run_id"]
+    after = (await api.get(f"/api/dead-letters/{item_letter.id}")).json()
+    assert (after["status"], after["replay_run_id"]) == ("replayed", run["run_id"])
+    again = await api.post(f"/api/dead-letters/{item_letter.id}/replay")
+    assert again.status_code == 409
+
+    kept_junk = (await api.get(f"/api/dead-letters/{junk_letter.id}")).json()
+    assert (kept_junk["kind"], kept_junk["original"]) == ("message", {"raw": "garbage\\x00tail"})
+    refused = await api.post(f"/api/dead-letters/{junk_letter.id}/replay")
+    assert refused.status_code == 409 and "discard" in refused.json()["detail"]
+    discarded = await api.post(
+        f"/api/dead-letters/{junk_letter.id}/discard", json={"note": "garbage from a test"}
+    )
+    assert discarded.status_code == 200, discarded.text
+    assert (discarded.json()["status"], discarded.json()["note"]) == (
+        "discarded",
+        "garbage from a test",
+    )
+    assert (await api.post(f"/api/dead-letters/{junk_letter.id}/discard")).status_code == 409
+    gone = (
+        await api.get("/api/dead-letters", params={"status": "open", "stage": "sorting"})
+    ).json()
+    assert str(junk_letter.id) not in {d["id"] for d in gone}

@@ -281,3 +281,44 @@ async def test_a_request_whose_planning_never_finishes_fails_after_the_attempts(
     finally:
         await runtime.stop_heartbeats()
         await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def test_a_work_item_whose_payload_is_not_valid_is_failed_and_dead_lettered_once(
+    db_pool: asyncpg.Pool, stack_settings: Settings
+) -> None:
+    """Not redelivered forever: its attempt is counted, its row failed with the reason, the dead
+    letter written in the same transaction, and the run still ends when the other items do."""
+    runtime, schema = await _runtime(db_pool, stack_settings, ["broken", "fine"])
+    request = _request()
+    try:
+        await runtime.handle_requested(request)
+        rows = await db_pool.fetch(
+            f"SELECT envelope FROM {schema}.outbox WHERE topic = $1 ORDER BY seq",
+            topics.items(Stage.sorting),
+        )
+        items = {
+            e.payload["item_key"]: e for e in (Envelope.model_validate(r["envelope"]) for r in rows)
+        }
+        broken = items["broken"].model_copy(
+            update={"payload": {**items["broken"].payload, "cohort": {"id": "not a uuid"}}}
+        )
+        await runtime.handle_item(broken)  # returns: acknowledged
+        await runtime.handle_item(broken)  # a redelivery changes nothing
+        await runtime.handle_item(items["fine"])
+        await runtime.handle_item(items["broken"])  # the original finds its row ended
+        item = await db_pool.fetchrow(
+            f"SELECT status, attempts, error FROM {schema}.run_items WHERE item_key = 'broken'"
+        )
+        assert (item["status"], item["attempts"]) == ("failed", 1)
+        assert item["error"].startswith("not a valid WorkItem")
+        run = await db_pool.fetchrow(
+            f"SELECT items_done, items_failed FROM {schema}.runs WHERE job_id = $1",
+            request.job_id,
+        )
+        assert (run["items_done"], run["items_failed"]) == (1, 1)
+        sent = await _outbox_topics(db_pool, schema)
+        assert sent.count(topics.dlq(Stage.sorting)) == 1
+        assert sent[-1] == topics.items(Stage.sorting), "the finalize item: the run ends"
+    finally:
+        await runtime.stop_heartbeats()
+        await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")

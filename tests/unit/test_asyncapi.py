@@ -52,3 +52,9 @@ def test_every_topic_is_described_and_every_ref_resolves() -> None:
     assert "org.cohortflow.export.published.v1" in names
     studies = doc["components"]["messages"]
     assert any(m["name"] == "<reverse-dns>.study.available.v1" for m in studies.values())
+    assert any(m["name"] == "<reverse-dns>.study.retracted.v1" for m in studies.values())
+    dead = doc["operations"]
+    assert any(
+        op["action"] == "receive" and op["channel"]["$ref"] == "#/channels/sortingDeadLetters"
+        for op in dead.values()
+    ), "the gateway keeps the dead letters"

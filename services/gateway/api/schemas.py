@@ -265,11 +265,12 @@ class StudyAcceptedOut(BaseModel):
     cohort_id: uuid.UUID
     study_instance_uid: str
     location: str
-    outcome: Literal["accepted", "duplicate", "waiting"] = Field(
+    outcome: Literal["accepted", "duplicate", "waiting", "retracted"] = Field(
         description="accepted: this notice started the run (or none was asked for); duplicate:"
         " an earlier notice (`duplicate_of`) already brought these files, nothing new started;"
         " waiting: the sender did not say the study is complete, so its run starts once its"
-        " files have not changed for the cohort's `study_quiet_period_s`"
+        " files have not changed for the cohort's `study_quiet_period_s`; retracted: a"
+        " `study.retracted` notice, the study is left out of the cohort's next export"
     )
     notice: int | None = Field(None, description="this notice's `seq` in GET /api/studies")
     duplicate_of: int | None = Field(None, description="the earlier notice's `seq`")
@@ -284,7 +285,7 @@ class ReceivedStudyOut(BaseModel):
     study_instance_uid: str
     location: str
     origin: Literal["http", "kafka"] = Field(description="the channel the notice came by")
-    outcome: Literal["accepted", "duplicate", "refused", "waiting"]
+    outcome: Literal["accepted", "duplicate", "refused", "waiting", "retracted"]
     run_id: uuid.UUID | None
     refused_reason: str | None
     duplicate_of: int | None
@@ -296,3 +297,41 @@ class ReceivedStudyOut(BaseModel):
     complete: bool | None
     files: int | None = Field(description="files found at the location when the notice came")
     received_at: datetime
+
+
+DeadLetterStatus = Literal["open", "replayed", "discarded"]
+
+
+class DeadLetterOut(BaseModel):
+    id: uuid.UUID
+    stage: Stage
+    kind: Literal["item", "plan", "message"] = Field(
+        description="item: a work item; plan: a run's request whose plan could not be made or"
+        " stored; message: a message that was no valid envelope or payload (discard only)"
+    )
+    topic: str = Field(description="the topic the message given up on was consumed from")
+    cohort_id: uuid.UUID | None
+    job_id: uuid.UUID | None
+    correlation_id: uuid.UUID | None = Field(description="the pipeline run it belonged to")
+    item_key: str | None
+    error: str
+    attempts: int
+    source: str
+    status: DeadLetterStatus
+    replay_run_id: uuid.UUID | None
+    note: str | None
+    dead_at: datetime
+    received_at: datetime
+    resolved_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> DeadLetterOut:
+        return cls(**{k: row[k] for k in cls.model_fields})
+
+
+class DeadLetterDetail(DeadLetterOut):
+    original: dict[str, Any] = Field(description="the payload given up on, as it was sent")
+
+
+class DiscardIn(BaseModel):
+    note: str | None = Field(default=None, max_length=2000, description="why it is set aside")

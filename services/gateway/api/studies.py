@@ -21,12 +21,15 @@ from shared.events import StudyReceived
 router = APIRouter(tags=["studies"])
 
 _ACCEPTED_DOC: dict[int | str, dict[str, Any]] = {
-    200: {"model": StudyAcceptedOut, "description": "a duplicate: nothing new started"},
+    200: {
+        "model": StudyAcceptedOut,
+        "description": "a duplicate (nothing new started), or a retraction recorded",
+    },
 }
 
 
 def _out(accepted: StudyAccepted, response: Response) -> StudyAcceptedOut:
-    if accepted.outcome == "duplicate":
+    if accepted.outcome in ("duplicate", "retracted"):
         response.status_code = status.HTTP_200_OK
     return StudyAcceptedOut(
         cohort_id=accepted.cohort_id,
@@ -116,6 +119,10 @@ async def post_event(request: Request, ctx: Publishing, response: Response) -> S
     StudyInstanceUID; `data` is the study notice (location, cohort, modalities, expected_instances,
     complete, origin). The same `source` and `id` again, or the same files of the same study, start
     nothing (200, `outcome: duplicate`).
+
+    `type` ending in `.study.retracted.v1` leaves the study out of its cohort's next export (200,
+    `outcome: retracted`; `data.reason` is kept with it); the cohort is `data.cohort`, else the one
+    the study was accepted into. A later `.study.available.v1` for the study takes that back.
     """
     try:
         notice = notice_from_http(dict(request.headers), await request.body())
@@ -129,7 +136,7 @@ async def list_received_studies(
     ctx: Context,
     cohort_id: uuid.UUID | None = None,
     refused: bool | None = None,
-    outcome: Literal["accepted", "duplicate", "refused", "waiting"] | None = None,
+    outcome: Literal["accepted", "duplicate", "refused", "waiting", "retracted"] | None = None,
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> list[ReceivedStudyOut]:

@@ -328,7 +328,7 @@ async function renderSidebar(gen) {
   if (gen !== undefined && gen !== generation) return cohorts;
   const received = {};
   for (const s of studies) {
-    if (s.cohort_id && !s.refused_reason) received[s.cohort_id] = (received[s.cohort_id] || 0) + 1;
+    if (s.cohort_id && !s.refused_reason && s.outcome !== "retracted") received[s.cohort_id] = (received[s.cohort_id] || 0) + 1;
   }
   const open = current.cohort ? current.cohort.id : null;
   $("#no-cohorts").hidden = cohorts.length > 0;

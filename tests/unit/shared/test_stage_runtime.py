@@ -386,3 +386,40 @@ async def test_cancel_checks_inside_an_item_are_throttled() -> None:
     ctx.check_interval_s = 0.0
     with pytest.raises(Exception, match=str(ctx.job_id)):
         await ctx.check_cancelled()
+
+
+async def test_a_work_item_whose_payload_is_not_valid_is_counted_failed_and_dead_lettered() -> None:
+    """A valid envelope around a payload that is not a WorkItem: its attempt is counted, the item
+    fails with the reason and goes to the dead-letter topic at once (never redelivered forever),
+    and the run still ends."""
+    h = Harness(Plugin(["bad", "good"]))
+    request = h.request()
+    await h.deliver(request)
+    bad = next(e for e in h.item_envelopes() if e.payload["item_key"] == "bad")
+    broken = bad.model_copy(update={"payload": {**bad.payload, "cohort": "not a cohort"}})
+    await h.deliver(broken)  # returns: nothing raised for the broker to redeliver
+    row = h.db.items[(request.job_id, "bad")]
+    assert (row["attempts"], row["status"]) == (1, "failed")
+    assert "not a valid WorkItem" in row["error"]
+    letter_env = h.one(topics.dlq(STAGE))
+    letter = letter_env.open(DeadLetter)
+    assert letter.topic == topics.items(STAGE) and letter.attempts == 1
+    assert letter.original["item_key"] == "bad"
+    assert letter_env.job_id == request.job_id
+    assert letter_env.correlation_id == request.correlation_id
+    await h.deliver(broken)  # a redelivery changes nothing
+    assert len(h.db.events(topics.dlq(STAGE))) == 1
+    await h.drain()  # the good item; the original bad envelope finds its row ended
+    assert h.plugin.processed == ["good"]
+    done = h.one(topics.completed(STAGE)).open(StageCompleted)
+    assert (done.items_done, done.items_failed) == (1, 1)
+
+
+async def test_an_unreadable_work_item_without_a_row_is_dead_lettered_alone() -> None:
+    h = Harness(Plugin([]))
+    envelope = Envelope(
+        type="WorkItem", source="sorter", job_id=uuid.uuid4(), payload={"stage": STAGE.value}
+    )
+    await h.deliver(envelope)
+    letter = h.one(topics.dlq(STAGE)).open(DeadLetter)
+    assert letter.error.startswith("not a valid WorkItem") and letter.original == envelope.payload
