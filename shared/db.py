@@ -24,10 +24,8 @@ from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-# what a database call meets while Postgres is away, restarting or dropped the connection: worth
-# trying again later, and no fault of the data being written
-UNREACHABLE: tuple[type[Exception], ...] = (
-    OSError,  # ConnectionRefusedError, ConnectionResetError, ...
+# asyncpg's ways of saying Postgres is away, restarting, full or dropped the connection
+POSTGRES_AWAY: tuple[type[Exception], ...] = (
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
@@ -36,6 +34,9 @@ UNREACHABLE: tuple[type[Exception], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.InterfaceError,  # "connection is closed", "pool is closing"
 )
+# what a database call meets while Postgres is away: worth trying again later, and no fault of the
+# data being written (OSError: ConnectionRefusedError, ConnectionResetError, ...)
+UNREACHABLE: tuple[type[Exception], ...] = (OSError, *POSTGRES_AWAY)
 
 
 def unreachable(exc: BaseException) -> bool:

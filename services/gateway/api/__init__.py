@@ -35,6 +35,7 @@ from services.gateway.api import (
     webhooks,
 )
 from services.gateway.errors import Conflict, Invalid, NotFound, Unavailable
+from shared.db import POSTGRES_AWAY
 from shared.secrets import SecretError
 from shared.stage_config import StageConfigError
 
@@ -44,14 +45,8 @@ RETRY_AFTER_S = 5
 # what a request meets when Postgres is down, restarting or dropped its connection, or when a
 # server (Postgres, object storage) refuses or resets the connection or does not answer in time
 UNREACHABLE: tuple[type[Exception], ...] = (
-    ConnectionError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.InterfaceError,  # "connection is closed", "pool is closing" (others are bugs: 500)
+    ConnectionError,  # not every OSError: a missing file is a bug here, not an outage
+    *POSTGRES_AWAY,
     urllib3.exceptions.MaxRetryError,  # object storage (minio's client) refused or unresolvable
     urllib3.exceptions.ProtocolError,  # object storage dropped the connection
 )
