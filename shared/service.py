@@ -96,6 +96,14 @@ async def database_ready(pool: asyncpg.Pool) -> bool:
         return bool(await conn.fetchval("SELECT true"))
 
 
+def item_consumers(plugin: StagePlugin) -> dict[str, Any]:
+    """Subscriber options for a plugin that works on several items at once (`item_workers`, default
+    1): that many consumers of the items topic in this process, in the service's group, each with
+    its own partitions and commit-after-processing, as that many replicas would be."""
+    workers = int(getattr(plugin, "item_workers", 1))
+    return {"max_workers": workers} if workers > 1 else {}
+
+
 def subscribe_stage(
     broker: KafkaBroker, plugin: StagePlugin, runtime: StageRuntime, settings: Settings
 ) -> None:
@@ -124,6 +132,8 @@ def subscribe_stage(
         options: dict[str, Any] = subscriber_kwargs(
             settings, group, from_beginning=group is not None
         )
+        if handle == runtime.handle_item:
+            options.update(item_consumers(plugin))
         broker.subscriber(topic, **options)(envelope_handler(broker, plugin.service, dlq, handle))
 
 
