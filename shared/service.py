@@ -110,31 +110,34 @@ def subscribe_stage(
     """Subscribe the runtime to the stage's topics: requests and items shared by the service's
     replicas (a consumer group each), job control heard by every replica, cohort deletions."""
     dlq = topics.dlq(plugin.stage)
-    subscriptions: list[tuple[str, str | None, Handler]] = [
+    subscriptions: list[tuple[str, str | None, Handler, dict[str, Any]]] = [
         (
             topics.requested(plugin.stage),
             topics.consumer_group(plugin.service, "requested"),
             runtime.handle_requested,
+            {},
         ),
         (
             topics.items(plugin.stage),
             topics.consumer_group(plugin.service, "items"),
             runtime.handle_item,
+            item_consumers(plugin),
         ),
-        (topics.JOBS_CONTROL, None, runtime.handle_control),
+        (topics.JOBS_CONTROL, None, runtime.handle_control, {}),
         (
             topics.COHORTS_DELETED,
             topics.consumer_group(plugin.service, "cohorts"),
             runtime.handle_cohort_deleted,
+            {},
         ),
     ]
-    for topic, group, handle in subscriptions:
+    for topic, group, handle, extra in subscriptions:
         options: dict[str, Any] = subscriber_kwargs(
             settings, group, from_beginning=group is not None
         )
-        if handle == runtime.handle_item:
-            options.update(item_consumers(plugin))
-        broker.subscriber(topic, **options)(envelope_handler(broker, plugin.service, dlq, handle))
+        broker.subscriber(topic, **options, **extra)(
+            envelope_handler(broker, plugin.service, dlq, handle)
+        )
 
 
 async def serve_stage(
