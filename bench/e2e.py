@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,9 @@ from cohortflow.stack import LocalStack
 from services.exporter.convert.dcm2niix import dcm2niix_binary
 
 ROOT = Path(__file__).resolve().parents[1]
+# dcm2niix's exit codes for a folder converted whole or in part (8: some files were not
+# convertible, as in any real folder with reports or localizers it cannot read)
+DCM2NIIX_OK = (0, 8)
 AUDIT_PASSWORD = "bench-e2e-audit-password"  # a throwaway stack's audit export
 
 
@@ -60,18 +63,22 @@ def run_dcm2niix(source: Path, out: Path) -> tuple[float, float, int]:
     """(wall s, CPU s, NIfTI files written) of dcm2niix alone over the whole folder."""
     out.mkdir(parents=True)
     cpu, start = children_cpu(), time.perf_counter()
-    subprocess.run(
+    done = subprocess.run(
         [str(dcm2niix_binary()), "-z", "y", "-ba", "y", "-o", str(out), str(source)],
-        check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    if done.returncode not in DCM2NIIX_OK:
+        raise SystemExit(f"dcm2niix alone exited {done.returncode}")
     wall = time.perf_counter() - start
     return wall, children_cpu() - cpu, sum(1 for p in out.rglob("*.nii.gz"))
 
 
 def _when(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None
+    if not value:
+        return None
+    when = datetime.fromisoformat(value)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def stage_spans(jobs: list[dict[str, Any]]) -> dict[str, float]:
@@ -86,6 +93,27 @@ def stage_spans(jobs: list[dict[str, Any]]) -> dict[str, float]:
     return {stage: (end - start).total_seconds() for stage, (start, end) in spans.items()}
 
 
+def idle_time(jobs: list[dict[str, Any]], began: datetime, ended: datetime) -> dict[str, float]:
+    """Where the run is in no stage: before the first starts (cohort, checks, request), between
+    stages (hand-over), after the last ends (the CLI's polling, the download to --out)."""
+    spans = sorted(
+        (start, end)
+        for job in jobs
+        if (start := _when(job.get("started_at"))) and (end := _when(job.get("finished_at")))
+    )
+    if not spans:
+        return {}
+    gaps, reach = 0.0, spans[0][1]
+    for start, end in spans[1:]:
+        gaps += max(0.0, (start - reach).total_seconds())
+        reach = max(reach, end)
+    return {
+        "before the first stage": (spans[0][0] - began).total_seconds(),
+        "between stages": gaps,
+        "after the last stage": (ended - reach).total_seconds(),
+    }
+
+
 def run_cohortflow(
     stack: LocalStack, source: Path, out: Path, name: str, *, anonymize: bool
 ) -> dict[str, Any]:
@@ -97,9 +125,9 @@ def run_cohortflow(
     env = {**os.environ, "COHORTFLOW_AUDIT_PASSWORD": AUDIT_PASSWORD}
     env.pop("COHORTFLOW_GATEWAY_URL", None)  # this stack, not one the shell points at
     before, cli_cpu = cpu_by_process(stack), children_cpu()
-    start = time.perf_counter()
+    start, began = time.perf_counter(), datetime.now(UTC)
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - start
+    wall, ended = time.perf_counter() - start, datetime.now(UTC)
     spent = {k: v - before.get(k, 0.0) for k, v in cpu_by_process(stack).items()}
     spent["cohortflow run (CLI)"] = children_cpu() - cli_cpu
     try:
@@ -114,6 +142,7 @@ def run_cohortflow(
         "exit": done.returncode,
         "statuses": statuses,
         "spans": stage_spans(doc["jobs"]),
+        "idle": idle_time(doc["jobs"], began, ended),
         "cpu": spent,
         "niftis": sum(1 for p in out.rglob("*.nii.gz")),
     }
@@ -130,6 +159,8 @@ def report(label: str, result: dict[str, Any], baseline: float) -> None:
             f"  {stage:<14} {span:7.1f} s  {span / wall:6.1%} of the run"
             f"  ({result['statuses'].get(stage)})"
         )
+    if result["idle"]:
+        print("  in no stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["idle"].items()))
     ranked = sorted(result["cpu"].items(), key=lambda kv: -kv[1])
     print("  CPU s by process: " + ", ".join(f"{k} {v:.1f}" for k, v in ranked if v >= 0.05))
 

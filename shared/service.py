@@ -120,35 +120,48 @@ async def database_ready(pool: asyncpg.Pool) -> bool:
         return bool(await conn.fetchval("SELECT true"))
 
 
+def item_consumers(plugin: StagePlugin) -> dict[str, Any]:
+    """Subscriber options for a plugin that works on several items at once (`item_workers`, default
+    1): that many consumers of the items topic in this process, in the service's group, each with
+    its own partitions and commit-after-processing, as that many replicas would be."""
+    workers = int(getattr(plugin, "item_workers", 1))
+    return {"max_workers": workers} if workers > 1 else {}
+
+
 def subscribe_stage(
     broker: KafkaBroker, plugin: StagePlugin, runtime: StageRuntime, settings: Settings
 ) -> None:
     """Subscribe the runtime to the stage's topics: requests and items shared by the service's
     replicas (a consumer group each), job control heard by every replica, cohort deletions."""
     dlq = topics.dlq(plugin.stage)
-    subscriptions: list[tuple[str, str | None, Handler]] = [
+    subscriptions: list[tuple[str, str | None, Handler, dict[str, Any]]] = [
         (
             topics.requested(plugin.stage),
             topics.consumer_group(plugin.service, "requested"),
             runtime.handle_requested,
+            {},
         ),
         (
             topics.items(plugin.stage),
             topics.consumer_group(plugin.service, "items"),
             runtime.handle_item,
+            item_consumers(plugin),
         ),
-        (topics.JOBS_CONTROL, None, runtime.handle_control),
+        (topics.JOBS_CONTROL, None, runtime.handle_control, {}),
         (
             topics.COHORTS_DELETED,
             topics.consumer_group(plugin.service, "cohorts"),
             runtime.handle_cohort_deleted,
+            {},
         ),
     ]
-    for topic, group, handle in subscriptions:
+    for topic, group, handle, extra in subscriptions:
         options: dict[str, Any] = subscriber_kwargs(
             settings, group, from_beginning=group is not None
         )
-        broker.subscriber(topic, **options)(envelope_handler(broker, plugin.service, dlq, handle))
+        broker.subscriber(topic, **options, **extra)(
+            envelope_handler(broker, plugin.service, dlq, handle)
+        )
 
 
 async def serve_stage(

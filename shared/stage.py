@@ -139,6 +139,10 @@ class ItemContext:
 
 
 class StagePlugin(Protocol):
+    """A stage's own work. A plugin may also set `item_workers` (default 1): how many of its items
+    one process works on at once (`shared.service.item_consumers`); its `process` must then be
+    safe to run concurrently."""
+
     stage: Stage
     service: str
     schema: str

@@ -64,8 +64,9 @@ from shared.settings import Settings, get_settings
 from shared.sources import check_destination
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
 from shared.stage_config import ExportConfig, JobConfigs
-from shared.storage import ObjectStore, parse_s3_uri, sha256_file
+from shared.storage import ObjectStore, parse_s3_uri
 from shared.topics import Stage
+from shared.workers import cpu_workers
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,9 @@ class ExporterPlugin:
     stage = Stage.export
     service = "exporter"
     schema = SCHEMA
+    # stacks are independent once named: convert as many at once as there are cores, each item's
+    # upload overlapping the other's conversion
+    item_workers = cpu_workers()
 
     def cohort_prefixes(self, cohort_id: uuid.UUID) -> list[str]:
         """Removed with the cohort: its export trees in the bucket (destinations stay)."""
@@ -232,7 +236,8 @@ class ExporterPlugin:
                     "series": stack.summary.series_instance_uid,
                     "stack_key": stack.summary.stack_key,
                 },
-                partition_key=stack.summary.study_instance_uid,
+                # by stack, not by study: a study's stacks spread over the consumers
+                partition_key=stack.key,
             )
             for stack in sorted(kept, key=lambda s: s.key)
         ]
@@ -329,8 +334,8 @@ class ExporterPlugin:
         def fetch(indexed: tuple[int, SourceInstance]) -> Path:
             index, source = indexed
             path = folder / f"{index:06d}.dcm"
-            self.store.download(source.object_key, path)
-            if source.sha256 and sha256_file(path) != source.sha256:
+            digest = self.store.download(source.object_key, path)
+            if source.sha256 and digest != source.sha256:
                 raise RuntimeError(
                     f"{source.object_key}: content differs from the catalog's SHA-256"
                 )

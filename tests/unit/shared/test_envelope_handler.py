@@ -177,3 +177,23 @@ async def test_an_envelope_of_another_type_than_expected_is_dead_lettered() -> N
         await br.publish(envelope.model_dump_json().encode(), topic=TOPIC)
     (letter_env,) = letters
     assert "expected a CohortDeleted event, got JobControl" in letter_env.open(DeadLetter).error
+
+
+class _Exporter:
+    stage = Stage.export
+    service = "exporter"
+    schema = "export"
+    item_workers = 2
+
+
+def test_a_plugin_with_item_workers_gets_that_many_item_consumers_and_only_there() -> None:
+    broker = KafkaBroker()
+    subscribe_stage(broker, _Exporter(), _Recorder(), Settings())  # type: ignore[arg-type]
+    workers = {
+        name: getattr(sub, "max_workers", 1)
+        for sub in broker.subscribers
+        for name in sub.topic_names  # type: ignore[attr-defined]
+    }
+    assert workers[topics.items(Stage.export)] == 2
+    assert workers[topics.requested(Stage.export)] == 1
+    assert workers[topics.JOBS_CONTROL] == 1
