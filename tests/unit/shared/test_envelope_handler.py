@@ -132,8 +132,9 @@ async def test_a_stage_service_routes_each_topic_to_its_runtime_handler() -> Non
     ]
 
 
-async def test_a_valid_envelope_whose_payload_is_not_is_dead_lettered_and_acknowledged() -> None:
-    """Not redelivered: with one record per poll it would block its partition forever."""
+async def _dead_letters_of(envelope: Envelope) -> list[Envelope]:
+    """What a handler that expects `CohortDeleted` dead-letters when `envelope` arrives (publishing
+    does not raise: the message is acknowledged, not redelivered)."""
     letters: list[Envelope] = []
     broker = KafkaBroker()
 
@@ -146,13 +147,18 @@ async def test_a_valid_envelope_whose_payload_is_not_is_dead_lettered_and_acknow
     async def dead(letter: Envelope) -> None:
         letters.append(letter)
 
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(envelope.model_dump_json().encode(), topic=TOPIC)
+    return letters
+
+
+async def test_a_valid_envelope_whose_payload_is_not_is_dead_lettered_and_acknowledged() -> None:
+    """Not redelivered: with one record per poll it would block its partition forever."""
     job = uuid.uuid4()
     envelope = Envelope(
         type="CohortDeleted", source="gateway", job_id=job, payload={"cohort_id": "nope"}
     )
-    async with TestKafkaBroker(broker) as br:
-        await br.publish(envelope.model_dump_json().encode(), topic=TOPIC)  # does not raise
-    (letter_env,) = letters
+    (letter_env,) = await _dead_letters_of(envelope)
     letter = letter_env.open(DeadLetter)
     assert letter.error.startswith("not a valid CohortDeleted")
     assert letter.original == {"cohort_id": "nope"} and letter.topic == TOPIC
@@ -160,22 +166,8 @@ async def test_a_valid_envelope_whose_payload_is_not_is_dead_lettered_and_acknow
 
 
 async def test_an_envelope_of_another_type_than_expected_is_dead_lettered() -> None:
-    letters: list[Envelope] = []
-    broker = KafkaBroker()
-
-    async def handle(envelope: Envelope) -> None:
-        envelope.open(CohortDeleted)
-
-    broker.subscriber(TOPIC)(envelope_handler(broker, "sorter", DLQ, handle))
-
-    @broker.subscriber(DLQ)
-    async def dead(letter: Envelope) -> None:
-        letters.append(letter)
-
     envelope = Envelope.wrap(JobControl(action="cancel"), source="gateway")
-    async with TestKafkaBroker(broker) as br:
-        await br.publish(envelope.model_dump_json().encode(), topic=TOPIC)
-    (letter_env,) = letters
+    (letter_env,) = await _dead_letters_of(envelope)
     assert "expected a CohortDeleted event, got JobControl" in letter_env.open(DeadLetter).error
 
 
