@@ -107,8 +107,7 @@ class ExtractorPlugin:
                 PlannedItem(
                     key=f"{i:06d}:{folder}"[:512],
                     data={
-                        # inside the cohort's source a study is read through that source
-                        "location": source.location if within else location,
+                        "location": location,
                         "within": within,
                         "ingest": ingest,
                         "files": files,

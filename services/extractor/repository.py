@@ -65,17 +65,23 @@ async def save_catalog_rows(
     return inserted
 
 
-async def instance_sources(
-    conn: asyncpg.Connection, cohort_id: uuid.UUID, sop_instance_uids: Sequence[str]
-) -> dict[str, str]:
-    """The source key each of these SOP instances is catalogued from."""
+async def _by_sop(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, sop_instance_uids: Sequence[str], column: str
+) -> dict[str, Any]:
     rows = await conn.fetch(
-        "SELECT sop_instance_uid, source_key FROM catalog.instance"
+        f"SELECT sop_instance_uid, {column} FROM catalog.instance"
         " WHERE cohort_id = $1 AND sop_instance_uid = ANY($2::text[])",
         cohort_id,
         list(sop_instance_uids),
     )
-    return {r["sop_instance_uid"]: r["source_key"] for r in rows}
+    return {r["sop_instance_uid"]: r[column] for r in rows}
+
+
+async def instance_sources(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, sop_instance_uids: Sequence[str]
+) -> dict[str, str]:
+    """The source key each of these SOP instances is catalogued from."""
+    return await _by_sop(conn, cohort_id, sop_instance_uids, "source_key")
 
 
 async def save_file_outcomes(
@@ -120,13 +126,8 @@ def series_records(
 async def instance_headers(
     conn: asyncpg.Connection, cohort_id: uuid.UUID, sop_instance_uids: Sequence[str]
 ) -> dict[str, Any]:
-    rows = await conn.fetch(
-        "SELECT sop_instance_uid, header FROM catalog.instance"
-        " WHERE cohort_id = $1 AND sop_instance_uid = ANY($2::text[])",
-        cohort_id,
-        list(sop_instance_uids),
-    )
-    return {r["sop_instance_uid"]: r["header"] for r in rows}
+    """The catalogued DICOM JSON header of each of these SOP instances."""
+    return await _by_sop(conn, cohort_id, sop_instance_uids, "header")
 
 
 async def replace_stacks(

@@ -206,11 +206,14 @@ def app_factory(settings: Settings | None = None) -> FastAPI:
     async def web_page() -> FileResponse:
         return FileResponse(WEB / "index.html")
 
-    contracts = asyncapi_document(settings.kafka_bootstrap)
+    contracts: dict[str, Any] = {}
 
     @app.get("/api/asyncapi.json", include_in_schema=False)
     async def asyncapi() -> dict[str, Any]:
-        """Every topic (address, key, headers, payload schema), as AsyncAPI 3.0."""
+        """Every topic (address, key, headers, payload schema), as AsyncAPI 3.0 (built once, on
+        first request: start-up does not wait for the payload models' schemas)."""
+        if not contracts:
+            contracts.update(asyncapi_document(settings.kafka_bootstrap))
         return contracts
 
     return app

@@ -134,8 +134,3 @@ def content_fingerprint(files: Iterable[SourceFile]) -> tuple[str, int]:
     for key, size, mtime in entries:
         digest.update(f"{key}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest(), len(entries)
-
-
-def public_data(study: StudyReceived) -> dict[str, Any]:
-    """The notice as it may be kept and shown: the patient's id and accession number left out."""
-    return study.model_dump(mode="json", exclude={"patient_id", "accession_number"})
