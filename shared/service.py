@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,24 @@ def item_consumers(plugin: StagePlugin) -> dict[str, Any]:
     return {"max_workers": workers} if workers > 1 else {}
 
 
+async def warm_up(plugin: StagePlugin) -> None:
+    """Start the plugin's worker processes in the background (`warm_up()`, when it has one); a
+    failure is logged, never fatal: the first item would start them anyway."""
+    warm = getattr(plugin, "warm_up", None)
+    if warm is None:
+        return
+    started = time.perf_counter()
+    try:
+        workers = await asyncio.to_thread(warm)
+    except Exception:
+        log.warning("worker processes did not start ahead of the first item", exc_info=True)
+        return
+    log.info(
+        "worker processes started",
+        extra={"workers": workers, "seconds": round(time.perf_counter() - started, 2)},
+    )
+
+
 def subscribe_stage(
     broker: KafkaBroker, plugin: StagePlugin, runtime: StageRuntime, settings: Settings
 ) -> None:
@@ -190,6 +209,7 @@ async def serve_stage(
     health = asyncio.create_task(run_health_server(settings, ready, stop))
     await broker.start()
     await relay.start()
+    warming = asyncio.create_task(warm_up(plugin))
     log.info("service started", extra={"service": plugin.service, "stage": stage.value})
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({stopping, health}, return_when=asyncio.FIRST_COMPLETED)
@@ -197,6 +217,7 @@ async def serve_stage(
         stop.set()
         log.error("health server failed; stopping", exc_info=health.exception())
     log.info("service stopping", extra={"service": plugin.service})
+    warming.cancel()
     await broker.stop()
     await runtime.stop_heartbeats()
     await relay.stop()

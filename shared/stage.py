@@ -141,7 +141,8 @@ class ItemContext:
 class StagePlugin(Protocol):
     """A stage's own work. A plugin may also set `item_workers` (default 1): how many of its items
     one process works on at once (`shared.service.item_consumers`); its `process` must then be
-    safe to run concurrently."""
+    safe to run concurrently. And a plugin with worker processes may have `warm_up()` (blocking),
+    which the service calls in a thread once it has started, so the first item finds them up."""
 
     stage: Stage
     service: str

@@ -80,16 +80,12 @@ def cpu_by_process(stack: LocalStack) -> dict[str, float]:
 def tree_rss_kib(pid: int) -> int:
     """Resident memory of a process and its children (the extractor and its worker pool)."""
     total = 0
-    pids = [pid]
-    while pids:
-        current = pids.pop()
+    for current in tree_pids(pid):
         try:
             with open(f"/proc/{current}/status") as fh:
                 for line in fh:
                     if line.startswith("VmRSS:"):
                         total += int(line.split()[1])
-            with open(f"/proc/{current}/task/{current}/children") as fh:
-                pids.extend(int(p) for p in fh.read().split())
         except (FileNotFoundError, ProcessLookupError):
             continue
     return total

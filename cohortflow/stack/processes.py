@@ -145,6 +145,24 @@ def http_ready(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of a process, whichever of its threads started them (Linux /proc lists
+    a child under the thread that forked it: a worker pool started from a thread is not among
+    the main thread's children)."""
+    found: list[int] = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return found
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                found.extend(int(p) for p in fh.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
+
+
 def tree_pids(pid: int) -> list[int]:
     """A process and all its descendants (Linux /proc)."""
     out: list[int] = []
@@ -152,11 +170,7 @@ def tree_pids(pid: int) -> list[int]:
     while pids:
         current = pids.pop()
         out.append(current)
-        try:
-            with open(f"/proc/{current}/task/{current}/children") as fh:
-                pids.extend(int(p) for p in fh.read().split())
-        except (FileNotFoundError, ProcessLookupError):
-            continue
+        pids.extend(children(current))
     return out
 
 

@@ -45,14 +45,23 @@ _STACK_BATCH_SERIES = 200
 
 
 def _batches(files: list[tuple[str, int, int]], size: int) -> list[list[tuple[str, int, int]]]:
-    """Files grouped by folder, each folder cut into runs of at most `size` files."""
+    """Files grouped by folder, each folder cut into runs of at most `size` files, and runs of
+    small folders packed together up to `size` (one item per folder of a few files would cost
+    an item's round trips for each: the shared data has 93 folders for 2,571 files)."""
     by_folder: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
     for f in files:
         by_folder[str(PurePosixPath(f[0]).parent)].append(f)
     out: list[list[tuple[str, int, int]]] = []
+    packing: list[tuple[str, int, int]] = []
     for folder in sorted(by_folder):
         group = by_folder[folder]
-        out.extend(group[i : i + size] for i in range(0, len(group), size))
+        for run in (group[i : i + size] for i in range(0, len(group), size)):
+            if len(packing) + len(run) > size:
+                out.append(packing)
+                packing = []
+            packing = packing + run
+    if packing:
+        out.append(packing)
     return out
 
 
@@ -60,6 +69,10 @@ class ExtractorPlugin:
     stage = Stage.extraction
     service = "extractor"
     schema = SCHEMA
+    # two items in hand per process: one is parsed by the pool while the other's rows are loaded
+    # and its end recorded, so the worker processes never wait for the catalog (items share rows
+    # of a study or series: the merges take their row locks in key order)
+    item_workers = 2
 
     def cohort_prefixes(self, cohort_id: uuid.UUID) -> list[str]:
         """Removed with the cohort: its raw zone (the ingested copies of the source)."""
@@ -68,6 +81,10 @@ class ExtractorPlugin:
     def __init__(self) -> None:
         self._pools = ProcessPools(self.service, ["services.extractor.worker"])
         self._configs = JobConfigs(ExtractionConfig)
+
+    def warm_up(self) -> int:
+        """Start the default pool (the size a config without `process_pool_workers` uses)."""
+        return self._pools.warm(cpu_workers())
 
     # --- plan -----------------------------------------------------------------------------------
 

@@ -49,18 +49,15 @@ async def save_catalog_rows(
         [
             ("catalog.subject", SUBJECT_COLUMNS, subjects, None),
             ("catalog.study", STUDY_COLUMNS, studies, None),
-            ("catalog.series", SERIES_COLUMNS, series, None),
+            # a series that gains rows is marked for a stack rebuild (its staged rows carry the
+            # column's default, true), in the merge itself: rows are locked in key order, so
+            # two items merging rows of the same series at once cannot deadlock
+            ("catalog.series", SERIES_COLUMNS, series, ["stacks_dirty"]),
             *(
                 (f"catalog.{kind}_detail", _detail_columns(kind), rows, None)
                 for kind, rows in details.items()
             ),
         ],
-        then=[
-            "UPDATE catalog.series s SET stacks_dirty = true FROM _stage_catalog_series t"
-            " WHERE s.cohort_id = t.cohort_id AND s.series_instance_uid = t.series_instance_uid"
-        ]
-        if series
-        else [],
     )
     return inserted
 
@@ -268,23 +265,21 @@ def _merge(table: str, columns: list[str], update: list[str] | None = None) -> s
     )
     return (
         f"INSERT INTO {table} ({written}) SELECT {written} FROM {_staging(table)}"
-        f" ON CONFLICT ({', '.join(columns[:2])}) {on_conflict}"
+        f" ORDER BY {', '.join(columns[:2])} ON CONFLICT ({', '.join(columns[:2])}) {on_conflict}"
     )
 
 
 async def _stage_and_merge(
     conn: asyncpg.Connection,
     tables: list[tuple[str, list[str], list[tuple[Any, ...]], list[str] | None]],
-    then: list[str] | None = None,
 ) -> None:
-    """Stage each (table, columns, rows, update) that has rows, then send their merges, followed
-    by the statements in `then`, together in one round trip."""
+    """Stage each (table, columns, rows, update) that has rows, then send their merges together
+    in one round trip."""
     statements = [
         _merge(table, columns, update)
         for table, columns, rows, update in tables
         if await _stage(conn, table, columns, rows)
     ]
-    statements += then or []
     if statements:
         await conn.execute(";\n".join(statements))
 
