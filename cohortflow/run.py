@@ -505,8 +505,8 @@ def _watch(
             j["id"]: progress.add_task(j["stage"], total=None, status=j["status"]) for j in jobs
         }
         while True:
-            for job_id in list(states):
-                job = client.job(job_id)
+            for job_id in [i for i, j in states.items() if j["status"] not in TERMINAL]:
+                job = client.job(job_id)  # a job that ended does not change: asked once
                 states[job_id] = job
                 total = job.get("items_total") or None
                 done = (job.get("items_done") or 0) + (job.get("items_failed") or 0)
