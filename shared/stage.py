@@ -147,7 +147,9 @@ class ItemContext:
 class StagePlugin(Protocol):
     """A stage's own work. A plugin may also set `item_workers` (default 1): how many of its items
     one process works on at once (`shared.service.item_consumers`); its `process` must then be
-    safe to run concurrently."""
+    safe to run concurrently. It may also have `subscriptions(pool)`: topics it handles itself, as
+    (topic, purpose, envelope handler) (`shared.service.subscribe_stage`; the anonymizer's
+    retractions, ADR 0025)."""
 
     stage: Stage
     service: str

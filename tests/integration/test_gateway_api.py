@@ -48,6 +48,7 @@ from shared.events import (
     StageFailed,
     StageRequested,
     StudyReceived,
+    StudyRetraction,
     WorkItem,
 )
 from shared.secrets import unseal
@@ -1001,13 +1002,30 @@ async def test_a_retracted_study_leaves_the_next_export_until_it_is_available_ag
         headers=cloudevent_headers(source, "r2", "1.2.3.999", kind="retracted"),
     )
     assert unknown.status_code == 422 and "name the cohort" in unknown.json()["detail"]
+    # an anonymized cohort: the anonymizer is asked (ADR 0025), the original UID sealed, and the
+    # sender's free text stays behind; the gateway's own view holds nothing of it
     anonymized = await new_cohort(api, data_root, anonymization=True)
-    refused = await api.post(
+    forwarded = await api.post(
         "/api/events",
         content=json.dumps({**retraction, "cohort": anonymized["name"]}),
         headers=cloudevent_headers(source, "r3", uid, kind="retracted"),
     )
-    assert refused.status_code == 422 and "anonymized" in refused.json()["detail"]
+    assert forwarded.status_code == 200 and forwarded.json()["outcome"] == "retracted"
+    async with db.acquire() as conn:
+        asked = await conn.fetch(
+            "SELECT envelope::text AS envelope FROM gateway.outbox WHERE topic = $1"
+            " AND envelope ->> 'cohort_id' = $2",
+            topics.STUDY_RETRACTIONS,
+            anonymized["id"],
+        )
+        anonymized_view = await conn.fetchval(
+            "SELECT count(*) FROM gateway.retracted_studies_v WHERE cohort_id = $1",
+            uuid.UUID(anonymized["id"]),
+        )
+    assert len(asked) == 1 and anonymized_view == 0
+    assert uid not in asked[0]["envelope"] and "consent withdrawn" not in asked[0]["envelope"]
+    message = Envelope.model_validate_json(asked[0]["envelope"]).open(StudyRetraction)
+    assert message.retracted and message.reason.startswith(f"retracted by {source} (notice ")
 
     # available again (the same files: a duplicate run-wise, but the retraction no longer holds)
     again = await api.post(
