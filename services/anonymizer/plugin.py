@@ -179,7 +179,7 @@ def subject_folder(subject: Subject, secret: bytes, patient_id: str, strategy: s
 def deidentified_study_uid(settings: Settings, retraction: StudyRetraction) -> str:
     """The StudyInstanceUID the de-identified copy of the retracted study carries: `new_uid` of the
     original under the core secret, as `anonymize` and the object keys have it. Not under
-    `retain_uids` (the copy keeps its original UID): ADR 0025, "Limits"."""
+    `retain_uids` (the copy keeps its original UID): the gateway covers that case, ADR 0025, "Retain UIDs"."""
     original = unseal(retraction.study_instance_uid, settings).strip()
     return new_uid(Vault(settings).core_secret, original)
 

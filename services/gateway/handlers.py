@@ -608,13 +608,16 @@ async def _retraction_changed(
     """Record that the cohort's study `uid` (the original StudyInstanceUID) is retracted, or no
     longer is. Without anonymization in the gateway's own table, which the exporter reads. With it,
     only the anonymizer knows the de-identified study the original became: it is asked on its own
-    topic, the UID sealed, and records the retraction under the de-identified UID (ADR 0025)."""
-    if not cohort["anonymization_enabled"]:
-        if retracted:
-            assert notice is not None
-            await repo.retract_study(conn, cohort["id"], uid, reason, notice)
-        else:
-            await repo.unretract_study(conn, cohort["id"], uid)
+    topic, the UID sealed, and records the retraction under the de-identified UID (ADR 0025). An
+    anonymized cohort whose UIDs were kept (`retain_uids`) has the original in its catalog: the
+    gateway's table holds the retraction too, as for a cohort without anonymization."""
+    anonymized = bool(cohort["anonymization_enabled"])
+    if not retracted:
+        await repo.unretract_study(conn, cohort["id"], uid)
+    elif not anonymized or await repo.keeps_original_uids(conn, cohort["id"]):
+        assert notice is not None
+        await repo.retract_study(conn, cohort["id"], uid, reason, notice)
+    if not anonymized:
         return
     if not retracted and not await repo.was_retracted(conn, cohort["id"], uid):
         return  # nothing to take back: the anonymizer is not told about every new study

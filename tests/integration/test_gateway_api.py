@@ -957,7 +957,7 @@ async def test_cloudevent_notices_are_processed_once(
 
 
 async def test_a_retracted_study_leaves_the_next_export_until_it_is_available_again(
-    api: httpx.AsyncClient, data_root: Path, db: asyncpg.Pool
+    api: httpx.AsyncClient, data_root: Path, db: asyncpg.Pool, producer: AIOKafkaProducer
 ) -> None:
     cohort = await new_cohort(api, data_root, study_quiet_period_s=0)
     source, uid = "/hospital/pacs-r", f"1.2.826.0.1.{uuid.uuid4().int % 10**12}"
@@ -1026,6 +1026,43 @@ async def test_a_retracted_study_leaves_the_next_export_until_it_is_available_ag
     assert uid not in asked[0]["envelope"] and "consent withdrawn" not in asked[0]["envelope"]
     message = Envelope.model_validate_json(asked[0]["envelope"]).open(StudyRetraction)
     assert message.retracted and message.reason.startswith(f"retracted by {source} (notice ")
+
+    # an anonymized cohort whose UIDs were kept (retain_uids): its catalog holds the original, so
+    # the gateway's view holds the retraction too (without the sender's words)
+    kept = await new_cohort(api, data_root, anonymization=True)
+    config = {"retain_uids": True, "audit_export": {"format": "csv", "password": PASSWORD}}
+    started = await api.post(
+        f"/api/cohorts/{kept['id']}/stages/anonymization/run", json={"config": config}
+    )
+    assert started.status_code == 202, started.text
+    anonymization = started.json()["id"]
+    done = StageCompleted(
+        stage=Stage.anonymization, cohort=ref(kept), items_total=1, items_done=1, items_failed=0,
+        summary={}, output_prefix=f"anon/{kept['id']}",
+    )  # fmt: skip
+    await publish(
+        producer, topics.completed(Stage.anonymization), event(done, kept["id"], anonymization)
+    )
+
+    async def anonymized_done() -> bool:
+        return (await api.get(f"/api/jobs/{anonymization}")).json()["status"] == "completed"
+
+    await eventually(anonymized_done)
+    retained = await api.post(
+        "/api/events",
+        content=json.dumps({**retraction, "cohort": kept["name"]}),
+        headers=cloudevent_headers(source, "r4", uid, kind="retracted"),
+    )
+    assert retained.status_code == 200 and retained.json()["outcome"] == "retracted"
+    async with db.acquire() as conn:
+        kept_view = await conn.fetch(
+            "SELECT study_instance_uid, reason FROM gateway.retracted_studies_v"
+            " WHERE cohort_id = $1",
+            uuid.UUID(kept["id"]),
+        )
+    assert [tuple(r) for r in kept_view] == [
+        (uid, f"retracted by {source} (notice {retained.json()['notice']})")
+    ]
 
     # available again (the same files: a duplicate run-wise, but the retraction no longer holds)
     again = await api.post(
