@@ -25,6 +25,7 @@ from shared.events import (
     StageFailed,
     StageRequested,
     StudyReceived,
+    StudyRetraction,
     WorkItem,
     cloudevent_type,
 )
@@ -136,6 +137,17 @@ def channels() -> list[Channel]:
                 ("<reverse-dns>.study.available.v1", StudyReceived),
                 ("<reverse-dns>.study.retracted.v1", StudyReceived),
             ),
+        ),
+        Channel(
+            "studyRetractions",
+            topics.STUDY_RETRACTIONS,
+            "a study of an anonymized cohort was retracted or is available again: the anonymizer"
+            " records it under the de-identified study UID for the exporter (the original UID"
+            " travels sealed)",
+            (StudyRetraction,),
+            "the cohort id",
+            ("gateway",),
+            ("anonymizer",),
         ),
         Channel(
             "cohortsDeleted",

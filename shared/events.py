@@ -292,6 +292,20 @@ class StudyReceived(Payload):
     institution: str | None = Field(default=None, description="InstitutionName, for routing rules")
 
 
+class StudyRetraction(Payload):
+    """The gateway to the anonymizer: a study of an anonymized cohort was retracted (or announced
+    available again). Only the anonymizer knows which de-identified study an original
+    StudyInstanceUID became, so it records the retraction under the new UID (ADR 0025).
+    `study_instance_uid` is the original, sealed (`shared.secrets.seal`): the outbox and the
+    broker's log never hold it in clear. No free-text reason travels: a sender's words may name
+    the patient."""
+
+    study_instance_uid: str = Field(description="the original StudyInstanceUID, sealed")
+    retracted: bool = Field(description="true: leave it out of exports; false: take that back")
+    reason: str = Field(description="what the export says, e.g. `retracted by <source>`")
+    notice: int | None = Field(default=None, description="the notice's row at the gateway")
+
+
 class DeadLetter(Payload):
     """A message that failed after bounded retries, with the error, for a person to look at."""
 

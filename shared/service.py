@@ -151,7 +151,8 @@ def subscribe_stage(
     broker: KafkaBroker, plugin: StagePlugin, runtime: StageRuntime, settings: Settings
 ) -> None:
     """Subscribe the runtime to the stage's topics: requests and items shared by the service's
-    replicas (a consumer group each), job control heard by every replica, cohort deletions."""
+    replicas (a consumer group each), job control heard by every replica, cohort deletions, and
+    the topics the plugin handles itself."""
     dlq = topics.dlq(plugin.stage)
     subscriptions: list[tuple[str, str | None, Handler, dict[str, Any]]] = [
         (
@@ -174,6 +175,11 @@ def subscribe_stage(
             {},
         ),
     ]
+    # a plugin's own topics (`subscriptions(pool)`: topic, purpose, handler), each in a group of
+    # the service's replicas, e.g. the anonymizer's retractions (ADR 0025)
+    own = getattr(plugin, "subscriptions", None)
+    for topic, purpose, handle in own(runtime.pool) if own is not None else []:
+        subscriptions.append((topic, topics.consumer_group(plugin.service, purpose), handle, {}))
     for topic, group, handle, extra in subscriptions:
         options: dict[str, Any] = subscriber_kwargs(
             settings, group, from_beginning=group is not None

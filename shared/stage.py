@@ -33,7 +33,13 @@ from typing import Any, Protocol
 import asyncpg
 
 from shared import topics
-from shared.db import EVERY_SCHEMA_MIGRATIONS, migrate, relation_exists, unreachable
+from shared.db import (
+    EVERY_SCHEMA_MIGRATIONS,
+    POSTGRES_AWAY,
+    migrate,
+    relation_exists,
+    unreachable,
+)
 from shared.events import (
     CohortDeleted,
     CohortRef,
@@ -141,7 +147,9 @@ class ItemContext:
 class StagePlugin(Protocol):
     """A stage's own work. A plugin may also set `item_workers` (default 1): how many of its items
     one process works on at once (`shared.service.item_consumers`); its `process` must then be
-    safe to run concurrently. And a plugin with worker processes may have `warm_up()` (blocking),
+    safe to run concurrently. It may also have `subscriptions(pool)`: topics it handles itself, as
+    (topic, purpose, envelope handler) (`shared.service.subscribe_stage`; the anonymizer's
+    retractions, ADR 0025). And a plugin with worker processes may have `warm_up()` (blocking),
     which the service calls in a thread once it has started, so the first item finds them up."""
 
     stage: Stage
@@ -199,6 +207,13 @@ async def purge_cohort_rows(pool: asyncpg.Pool, schema: str, cohort_id: uuid.UUI
                 )
                 removed += int(status.split()[-1])
     return removed
+
+
+def _servers_away(exc: BaseException) -> bool:
+    """A plan() failure that says a server (Postgres, object storage) is away rather than that the
+    request cannot be planned. Narrower than `unreachable`: a plan lists sources, and a missing
+    folder's `FileNotFoundError` is an `OSError` that no retry mends."""
+    return isinstance(exc, (*POSTGRES_AWAY, ConnectionError)) and not isinstance(exc, ValueError)
 
 
 def _stored_request(request: StageRequested, settings: Settings) -> dict[str, Any]:
@@ -406,12 +421,38 @@ class StageRuntime:
         self, envelope: Envelope, request: StageRequested, job_id: uuid.UUID, attempts: int
     ) -> None:
         log.info("planning run", extra={"job_id": str(job_id), "stage": self.plugin.stage.value})
-        try:
-            planned = await self.plugin.plan(self.pool, request, job_id)
-        except Exception as exc:
-            log.exception("planning failed", extra={"job_id": str(job_id)})
-            await self._fail_run(job_id, request, f"planning failed: {exc}")
-            return
+        while True:
+            try:
+                planned = await self.plugin.plan(self.pool, request, job_id)
+            except Exception as exc:
+                if _servers_away(exc):  # no fault of the request: as for storing, below
+                    with contextlib.suppress(Exception):
+                        await self._count_plan_attempt(job_id, -1)
+                    await asyncio.sleep(backoff_s(attempts))
+                    raise
+                # retried in place within the attempts, like a work item's `process`; then the
+                # run fails and the request is dead-lettered (kind `plan`: ADR 0022 replays it)
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "planning failed",
+                    extra={"job_id": str(job_id), "attempt": attempts, "error": error},
+                    exc_info=True,
+                )
+                if attempts >= self.settings.item_max_attempts:
+                    await self._fail_run(
+                        job_id,
+                        request,
+                        f"planning failed after {attempts} attempts: {exc}",
+                        dead_letter=(envelope, error, attempts),
+                    )
+                    return
+                counted = await self._count_plan_attempt(job_id)
+                if counted is None:
+                    return  # planned or ended meanwhile
+                attempts = counted
+                await asyncio.sleep(backoff_s(attempts))
+                continue
+            break
         try:
             await self._store_plan(request, job_id, planned)
         except Exception as exc:

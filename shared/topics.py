@@ -61,6 +61,9 @@ JOBS_CONTROL = f"{PREFIX}.jobs.control"
 STUDIES_RECEIVED = f"{PREFIX}.studies.received"
 # a cohort was deleted at the gateway: every stage service drops its rows and objects of it
 COHORTS_DELETED = f"{PREFIX}.cohorts.deleted"
+# a study of an anonymized cohort retracted (or available again): the gateway asks the anonymizer,
+# the one service that can map the original StudyInstanceUID to the de-identified one (ADR 0025)
+STUDY_RETRACTIONS = f"{PREFIX}.anonymization.retractions"
 # what the system tells other systems (jobs, studies, exports), as CloudEvents in binary mode
 EVENTS_OUT = f"{PREFIX}.events"
 
@@ -68,6 +71,7 @@ EVENTS_OUT = f"{PREFIX}.events"
 def all_topics() -> list[str]:
     """Every topic the system uses; the local stack creates them up front."""
     names = [JOBS_PROGRESS, JOBS_CONTROL, STUDIES_RECEIVED, COHORTS_DELETED, EVENTS_OUT]
+    names.append(STUDY_RETRACTIONS)
     for stage in STAGE_ORDER:
         names += [requested(stage), items(stage), completed(stage), failed(stage), dlq(stage)]
     return names

@@ -46,6 +46,7 @@ from services.anonymizer.profile import (
     read_mapping,
 )
 from services.anonymizer.profile.pseudonyms import hashed_pseudonym, identity_of, subject_key
+from services.anonymizer.profile.uids import new_uid
 from services.anonymizer.repository import (
     FileAudit,
     PlannedStudy,
@@ -58,6 +59,7 @@ from services.anonymizer.repository import (
     mark_exported,
     plan_numbers,
     record_plan,
+    record_retraction,
     record_source_files,
     record_study_subjects,
     refusal_groups,
@@ -73,8 +75,11 @@ from services.anonymizer.worker import (
     uid_value,
     worker_options,
 )
-from shared.events import ItemError, StageRequested, WorkItem
+from shared import topics
+from shared.events import Envelope, ItemError, StageRequested, StudyRetraction, WorkItem
 from shared.observability import FILES_PROCESSED
+from shared.secrets import unseal
+from shared.service import Handler
 from shared.settings import Settings, get_settings
 from shared.sources import ObjectSource, Source, SourceFile, open_source
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
@@ -171,6 +176,14 @@ def subject_folder(subject: Subject, secret: bytes, patient_id: str, strategy: s
 # --- the plugin -----------------------------------------------------------------------------------
 
 
+def deidentified_study_uid(settings: Settings, retraction: StudyRetraction) -> str:
+    """The StudyInstanceUID the de-identified copy of the retracted study carries: `new_uid` of the
+    original under the core secret, as `anonymize` and the object keys have it. Not under
+    `retain_uids` (the copy keeps its original UID): the gateway covers that case, ADR 0025, "Retain UIDs"."""
+    original = unseal(retraction.study_instance_uid, settings).strip()
+    return new_uid(Vault(settings).core_secret, original)
+
+
 class AnonymizerPlugin:
     stage = Stage.anonymization
     service = "anonymizer"
@@ -201,6 +214,37 @@ class AnonymizerPlugin:
         if options not in self._profiles:
             self._profiles[options] = load_profile(options)
         return self._profiles[options]
+
+    # --- retractions (ADR 0025) ------------------------------------------------------------------
+
+    def subscriptions(self, pool: asyncpg.Pool) -> list[tuple[str, str, Handler]]:
+        """Topics this service handles besides the stage's (`shared.service.subscribe_stage`)."""
+
+        async def on_retraction(envelope: Envelope) -> None:
+            await self.handle_retraction(pool, envelope)
+
+        return [(topics.STUDY_RETRACTIONS, "retractions", on_retraction)]
+
+    async def handle_retraction(self, pool: asyncpg.Pool, envelope: Envelope) -> None:
+        """A study of an anonymized cohort retracted, or available again: recorded under the
+        de-identified StudyInstanceUID, which the exporter reads (`retracted_studies_v`)."""
+        retraction = envelope.open(StudyRetraction)
+        if envelope.cohort_id is None:
+            log.warning("retraction without a cohort skipped", extra={"event_id": str(envelope.id)})
+            return
+        uid = deidentified_study_uid(self.settings, retraction)
+        changed = await record_retraction(
+            pool,
+            envelope.cohort_id,
+            uid,
+            retracted=retraction.retracted,
+            reason=retraction.reason,
+            changed_at=envelope.time,
+        )
+        log.info(
+            "study retraction recorded" if retraction.retracted else "study retraction taken back",
+            extra={"cohort_id": str(envelope.cohort_id), "study": uid, "changed": changed},
+        )
 
     # --- plan -------------------------------------------------------------------------------------
 

@@ -505,3 +505,34 @@ async def mark_exported(pool: asyncpg.Pool, cohort_id: uuid.UUID, job_id: uuid.U
             cohort_id,
             job_id,
         )
+
+
+# --- retractions (ADR 0025) ----------------------------------------------------------------------
+
+
+async def record_retraction(
+    pool: asyncpg.Pool,
+    cohort_id: uuid.UUID,
+    study_instance_uid: str,
+    *,
+    retracted: bool,
+    reason: str,
+    changed_at: Any,
+) -> bool:
+    """Retract (or take back the retraction of) a de-identified study of the cohort; a message
+    older than the row's last change does nothing (False)."""
+    async with pool.acquire() as conn:
+        status = await conn.execute(
+            "INSERT INTO anonymizer.retracted_study"
+            " (cohort_id, study_instance_uid, retracted, reason, changed_at)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (cohort_id, study_instance_uid) DO UPDATE SET"
+            " retracted = EXCLUDED.retracted, reason = EXCLUDED.reason,"
+            " changed_at = EXCLUDED.changed_at"
+            " WHERE anonymizer.retracted_study.changed_at < EXCLUDED.changed_at",
+            cohort_id,
+            study_instance_uid,
+            retracted,
+            reason,
+            changed_at,
+        )
+    return bool(status.endswith(" 1"))

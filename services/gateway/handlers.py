@@ -20,13 +20,14 @@ import pydicom
 from prometheus_client import Counter
 from pydantic import ValidationError
 
-from services.gateway import outbound
+from services.gateway import SCHEMA, outbound
 from services.gateway import repository as repo
 from services.gateway.cohorts.progress import job_progress, merge_job_errors
 from services.gateway.errors import Invalid, NotFound
 from services.gateway.notices import Notice, NoticeKey, content_fingerprint
 from services.gateway.routing import Ambiguous, CohortRule, RouteRule, StudyFacts, choose
 from services.gateway.runs import RunStarted, start_study_run
+from shared import topics
 from shared.events import (
     Envelope,
     JobHeartbeat,
@@ -35,10 +36,13 @@ from shared.events import (
     StageFailed,
     StudyNoticeEvent,
     StudyReceived,
+    StudyRetraction,
     work_left_behind,
 )
 from shared.loops import BackgroundLoop
 from shared.observability import REGISTRY
+from shared.outbox import enqueue
+from shared.secrets import seal
 from shared.settings import Settings
 from shared.sources import SourceError, check_location, open_source
 from shared.topics import Stage
@@ -273,7 +277,7 @@ async def receive_study(
         else:
             uid = study.study_instance_uid
             # the study is available again: a retraction of it no longer holds
-            await repo.unretract_study(conn, cohort["id"], uid)
+            await _retraction_changed(conn, settings, cohort, uid, retracted=False, reason="")
             waiting = None
             if study.run_pipeline:
                 if content.fingerprint is not None:
@@ -588,7 +592,43 @@ async def receive_notice(
     """A CloudEvent study notice: `available` as `receive_study`; `retracted` as `retract_study`."""
     if notice.kind == "available":
         return await receive_study(pool, settings, notice.study, origin, key=notice.key)
-    return await retract_study(pool, notice.study, origin, notice.key)
+    return await retract_study(pool, notice.study, origin, notice.key, settings)
+
+
+async def _retraction_changed(
+    conn: asyncpg.Connection,
+    settings: Settings | None,
+    cohort: asyncpg.Record,
+    uid: str,
+    *,
+    retracted: bool,
+    reason: str,
+    notice: int | None = None,
+) -> None:
+    """Record that the cohort's study `uid` (the original StudyInstanceUID) is retracted, or no
+    longer is. Without anonymization in the gateway's own table, which the exporter reads. With it,
+    only the anonymizer knows the de-identified study the original became: it is asked on its own
+    topic, the UID sealed, and records the retraction under the de-identified UID (ADR 0025). An
+    anonymized cohort whose UIDs were kept (`retain_uids`) has the original in its catalog: the
+    gateway's table holds the retraction too, as for a cohort without anonymization."""
+    anonymized = bool(cohort["anonymization_enabled"])
+    if not retracted:
+        await repo.unretract_study(conn, cohort["id"], uid)
+    elif not anonymized or await repo.keeps_original_uids(conn, cohort["id"]):
+        assert notice is not None
+        await repo.retract_study(conn, cohort["id"], uid, reason, notice)
+    if not anonymized:
+        return
+    if not retracted and not await repo.was_retracted(conn, cohort["id"], uid):
+        return  # nothing to take back: the anonymizer is not told about every new study
+    message = StudyRetraction(
+        study_instance_uid=seal(uid, settings),
+        retracted=retracted,
+        reason=reason,
+        notice=notice,
+    )
+    envelope = Envelope.wrap(message, source="gateway", cohort_id=cohort["id"])
+    await enqueue(conn, SCHEMA, topics.STUDY_RETRACTIONS, envelope, key=str(cohort["id"]))
 
 
 async def retract_study(
@@ -596,18 +636,22 @@ async def retract_study(
     study: StudyReceived,
     origin: Literal["http", "kafka"],
     key: NoticeKey | None = None,
+    settings: Settings | None = None,
 ) -> StudyAccepted:
     """Leave a study out of its cohort's next export (recorded, with the reason the sender gave
     in `data.reason`); a later `study.available` for it takes that back. The cohort is the one the
     notice names, else the one the study was last accepted into. Nothing already exported is
     deleted: the next export plans without the study's stacks (`not_exported`: retracted).
 
-    Refused (`Invalid`/`NotFound`, recorded) without a cohort, and for an anonymized cohort: its
-    catalog holds only the new study UIDs, so the retraction could not find the study's stacks."""
+    For an anonymized cohort the anonymizer records it under the de-identified study UID, a moment
+    later (ADR 0025); the sender's free-text reason stays out of it (it may name the patient): the
+    export says who retracted it and the notice's number. Refused (`Invalid`/`NotFound`, recorded)
+    without a cohort."""
     uid = study.study_instance_uid.strip()
     extra = study.model_extra or {}
     why = str(extra.get("reason") or "").strip()[:500]
-    reason = f"retracted by {key.source if key else origin}" + (f": {why}" if why else "")
+    sender = f"retracted by {key.source if key else origin}"
+    reason = sender + (f": {why}" if why else "")
     async with pool.acquire() as conn, conn.transaction():
         if key is not None:
             earlier = await repo.notice_seen(conn, key.source, key.id)
@@ -652,11 +696,6 @@ async def retract_study(
                 refused = Invalid(
                     "no cohort given and the study was never accepted into one: name the cohort"
                 )
-        if cohort is not None and cohort["anonymization_enabled"]:
-            refused = Invalid(
-                "retracting a study of an anonymized cohort is not supported yet (its catalog"
-                " holds only the new study UIDs): remove it from the source and re-export"
-            )
         notice: dict[str, Any] = {
             "event_id": None,
             "study_instance_uid": uid or study.study_instance_uid,
@@ -675,7 +714,11 @@ async def retract_study(
         seq = await repo.record_received_study(
             conn, **notice, cohort_id=cohort["id"], outcome="retracted"
         )
-        await repo.retract_study(conn, cohort["id"], uid, reason, seq)
+        if cohort["anonymization_enabled"]:
+            reason = f"{sender} (notice {seq})"
+        await _retraction_changed(
+            conn, settings, cohort, uid, retracted=True, reason=reason, notice=seq
+        )
     log.info("study retracted", extra={"cohort_id": str(cohort["id"]), "notice": seq})
     return StudyAccepted(cohort["id"], uid, study.location, None, outcome="retracted", seq=seq)
 

@@ -661,6 +661,32 @@ async def unretract_study(
     return bool(status != "DELETE 0")
 
 
+async def was_retracted(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, study_instance_uid: str
+) -> bool:
+    """Whether a retraction of the study was ever recorded for the cohort (the notice log)."""
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM gateway.received_studies WHERE cohort_id = $1"
+            " AND study_instance_uid = $2 AND outcome = 'retracted')",
+            cohort_id,
+            _storable(study_instance_uid),
+        )
+    )
+
+
+async def keeps_original_uids(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> bool:
+    """Whether the cohort's latest completed anonymization kept the original UIDs (`retain_uids`):
+    then its catalog holds the original StudyInstanceUIDs (ADR 0025, "Retain UIDs")."""
+    kept = await conn.fetchval(
+        "SELECT (config ->> 'retain_uids')::boolean FROM gateway.jobs WHERE cohort_id = $1"
+        " AND stage = 'anonymization' AND status = 'completed'"
+        " ORDER BY finished_at DESC NULLS LAST, created_at DESC LIMIT 1",
+        cohort_id,
+    )
+    return bool(kept)
+
+
 async def get_run(conn: asyncpg.Connection, run_id: uuid.UUID) -> asyncpg.Record | None:
     return await conn.fetchrow("SELECT * FROM gateway.pipeline_runs WHERE id = $1", run_id)
 

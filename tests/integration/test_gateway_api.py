@@ -48,6 +48,7 @@ from shared.events import (
     StageFailed,
     StageRequested,
     StudyReceived,
+    StudyRetraction,
     WorkItem,
 )
 from shared.secrets import unseal
@@ -956,7 +957,7 @@ async def test_cloudevent_notices_are_processed_once(
 
 
 async def test_a_retracted_study_leaves_the_next_export_until_it_is_available_again(
-    api: httpx.AsyncClient, data_root: Path, db: asyncpg.Pool
+    api: httpx.AsyncClient, data_root: Path, db: asyncpg.Pool, producer: AIOKafkaProducer
 ) -> None:
     cohort = await new_cohort(api, data_root, study_quiet_period_s=0)
     source, uid = "/hospital/pacs-r", f"1.2.826.0.1.{uuid.uuid4().int % 10**12}"
@@ -1001,13 +1002,67 @@ async def test_a_retracted_study_leaves_the_next_export_until_it_is_available_ag
         headers=cloudevent_headers(source, "r2", "1.2.3.999", kind="retracted"),
     )
     assert unknown.status_code == 422 and "name the cohort" in unknown.json()["detail"]
+    # an anonymized cohort: the anonymizer is asked (ADR 0025), the original UID sealed, and the
+    # sender's free text stays behind; the gateway's own view holds nothing of it
     anonymized = await new_cohort(api, data_root, anonymization=True)
-    refused = await api.post(
+    forwarded = await api.post(
         "/api/events",
         content=json.dumps({**retraction, "cohort": anonymized["name"]}),
         headers=cloudevent_headers(source, "r3", uid, kind="retracted"),
     )
-    assert refused.status_code == 422 and "anonymized" in refused.json()["detail"]
+    assert forwarded.status_code == 200 and forwarded.json()["outcome"] == "retracted"
+    async with db.acquire() as conn:
+        asked = await conn.fetch(
+            "SELECT envelope::text AS envelope FROM gateway.outbox WHERE topic = $1"
+            " AND envelope ->> 'cohort_id' = $2",
+            topics.STUDY_RETRACTIONS,
+            anonymized["id"],
+        )
+        anonymized_view = await conn.fetchval(
+            "SELECT count(*) FROM gateway.retracted_studies_v WHERE cohort_id = $1",
+            uuid.UUID(anonymized["id"]),
+        )
+    assert len(asked) == 1 and anonymized_view == 0
+    assert uid not in asked[0]["envelope"] and "consent withdrawn" not in asked[0]["envelope"]
+    message = Envelope.model_validate_json(asked[0]["envelope"]).open(StudyRetraction)
+    assert message.retracted and message.reason.startswith(f"retracted by {source} (notice ")
+
+    # an anonymized cohort whose UIDs were kept (retain_uids): its catalog holds the original, so
+    # the gateway's view holds the retraction too (without the sender's words)
+    kept = await new_cohort(api, data_root, anonymization=True)
+    config = {"retain_uids": True, "audit_export": {"format": "csv", "password": PASSWORD}}
+    started = await api.post(
+        f"/api/cohorts/{kept['id']}/stages/anonymization/run", json={"config": config}
+    )
+    assert started.status_code == 202, started.text
+    anonymization = started.json()["id"]
+    done = StageCompleted(
+        stage=Stage.anonymization, cohort=ref(kept), items_total=1, items_done=1, items_failed=0,
+        summary={}, output_prefix=f"anon/{kept['id']}",
+    )  # fmt: skip
+    await publish(
+        producer, topics.completed(Stage.anonymization), event(done, kept["id"], anonymization)
+    )
+
+    async def anonymized_done() -> bool:
+        return (await api.get(f"/api/jobs/{anonymization}")).json()["status"] == "completed"
+
+    await eventually(anonymized_done)
+    retained = await api.post(
+        "/api/events",
+        content=json.dumps({**retraction, "cohort": kept["name"]}),
+        headers=cloudevent_headers(source, "r4", uid, kind="retracted"),
+    )
+    assert retained.status_code == 200 and retained.json()["outcome"] == "retracted"
+    async with db.acquire() as conn:
+        kept_view = await conn.fetch(
+            "SELECT study_instance_uid, reason FROM gateway.retracted_studies_v"
+            " WHERE cohort_id = $1",
+            uuid.UUID(kept["id"]),
+        )
+    assert [tuple(r) for r in kept_view] == [
+        (uid, f"retracted by {source} (notice {retained.json()['notice']})")
+    ]
 
     # available again (the same files: a duplicate run-wise, but the retraction no longer holds)
     again = await api.post(

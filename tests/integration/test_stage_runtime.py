@@ -1,6 +1,6 @@
 """The stage runtime's delivery rules on the real Postgres, with a minimal plugin: a request whose
-plan cannot be stored is retried a bounded number of times, then the run fails with the reason and
-the request is dead-lettered; a work item whose worker vanished is taken up again."""
+plan cannot be made or stored is retried a bounded number of times, then the run fails with the
+reason and the request is dead-lettered; a work item whose worker vanished is taken up again."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from services.gateway.dead_letters import letter_kind
 from shared import stage as stage_module
 from shared import topics
 from shared.db import create_pool
-from shared.events import CohortRef, Envelope, StageRequested, WorkItem
+from shared.events import CohortRef, DeadLetter, Envelope, StageRequested, WorkItem
 from shared.settings import Settings
 from shared.stage import (
     ItemContext,
@@ -130,6 +131,59 @@ async def test_a_plan_that_cannot_be_stored_fails_the_run_after_the_attempts(
             f"SELECT envelope FROM {schema}.outbox WHERE topic = $1", topics.dlq(Stage.sorting)
         )
         assert str(request.id) in str(letter)  # the original request, for whoever replays it
+    finally:
+        await runtime.stop_heartbeats()
+        await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@dataclass
+class FailingPlan(ListPlugin):
+    """plan() itself raises, every time (a source it cannot read)."""
+
+    calls: int = 0
+
+    async def plan(
+        self, pool: asyncpg.Pool, request: StageRequested, job_id: uuid.UUID
+    ) -> list[PlannedItem]:
+        self.calls += 1
+        raise RuntimeError("the source listing is corrupt")
+
+
+async def test_a_plan_that_raises_fails_the_run_after_the_attempts_and_is_dead_lettered(
+    db_pool: asyncpg.Pool, stack_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stage_module, "backoff_s", lambda attempts: 0.0)
+    settings = stack_settings.model_copy(update={"item_max_attempts": 3})
+    schema = f"rt_{uuid.uuid4().hex[:10]}"
+    await migrate_stage_schema(db_pool, schema, None)
+    plugin = FailingPlan(schema, [])
+    runtime = StageRuntime(plugin, db_pool, settings)
+    request = _request()
+    try:
+        await runtime.handle_requested(request)  # retried in place, then given up: acknowledged
+        await runtime.handle_requested(request)  # a late redelivery changes nothing
+        assert plugin.calls == 3
+        run = await db_pool.fetchrow(
+            f"SELECT status, plan_attempts, errors FROM {schema}.runs WHERE job_id = $1",
+            request.job_id,
+        )
+        assert run["status"] == "failed" and run["plan_attempts"] == 3
+        assert run["errors"][0]["message"] == (
+            "planning failed after 3 attempts: the source listing is corrupt"
+        )
+        assert await _outbox_topics(db_pool, schema) == [
+            topics.failed(Stage.sorting),
+            topics.dlq(Stage.sorting),
+        ]
+        row = await db_pool.fetchrow(
+            f"SELECT key, envelope FROM {schema}.outbox WHERE topic = $1",
+            topics.dlq(Stage.sorting),
+        )
+        letter = Envelope.model_validate(row["envelope"]).open(DeadLetter)
+        assert row["key"] == str(request.job_id) and letter.attempts == 3
+        assert letter.error == "RuntimeError: the source listing is corrupt"
+        # the gateway keeps it as a replayable `plan` letter (GET /api/dead-letters, ADR 0022)
+        assert letter_kind(letter, Stage.sorting) == "plan"
     finally:
         await runtime.stop_heartbeats()
         await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -121,8 +121,10 @@ async def post_event(request: Request, ctx: Publishing, response: Response) -> S
     nothing (200, `outcome: duplicate`).
 
     `type` ending in `.study.retracted.v1` leaves the study out of its cohort's next export (200,
-    `outcome: retracted`; `data.reason` is kept with it); the cohort is `data.cohort`, else the one
-    the study was accepted into. A later `.study.available.v1` for the study takes that back.
+    `outcome: retracted`; `data.reason` is kept with it, except in an anonymized cohort, where it
+    may name the patient); the cohort is `data.cohort`, else the one the study was accepted into.
+    `subject` is the original StudyInstanceUID in an anonymized cohort too. A later
+    `.study.available.v1` for the study takes that back.
     """
     try:
         notice = notice_from_http(dict(request.headers), await request.body())

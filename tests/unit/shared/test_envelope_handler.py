@@ -19,9 +19,10 @@ from shared.events import (
     Envelope,
     JobControl,
     StageRequested,
+    StudyRetraction,
     WorkItem,
 )
-from shared.service import envelope_handler, subscribe_stage
+from shared.service import Handler, envelope_handler, subscribe_stage
 from shared.settings import Settings
 from shared.topics import Stage
 
@@ -130,6 +131,38 @@ async def test_a_stage_service_routes_each_topic_to_its_runtime_handler() -> Non
         ("handle_control", "JobControl"),
         ("handle_cohort_deleted", "CohortDeleted"),
     ]
+
+
+class _WithOwnTopic(_Sorter):
+    """A plugin that handles a topic of its own besides the stage's (as the anonymizer does)."""
+
+    def __init__(self) -> None:
+        self.heard: list[str] = []
+
+    def subscriptions(self, pool: object) -> list[tuple[str, str, Handler]]:
+        async def handle(envelope: Envelope) -> None:
+            self.heard.append(envelope.type)
+
+        return [(topics.STUDY_RETRACTIONS, "retractions", handle)]
+
+
+async def test_a_plugins_own_topic_reaches_its_handler_and_bad_messages_are_dead_lettered() -> None:
+    broker = KafkaBroker()
+    plugin = _WithOwnTopic()
+    subscribe_stage(broker, plugin, _Recorder(), Settings())  # type: ignore[arg-type]
+    letters: list[Envelope] = []
+
+    @broker.subscriber(topics.dlq(Stage.sorting))
+    async def dead(letter: Envelope) -> None:
+        letters.append(letter)
+
+    retraction = StudyRetraction(study_instance_uid="sealed", retracted=True, reason="r")
+    envelope = Envelope.wrap(retraction, source="gateway", cohort_id=uuid.uuid4())
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(envelope.model_dump_json().encode(), topic=topics.STUDY_RETRACTIONS)
+        await br.publish(b"garbage", topic=topics.STUDY_RETRACTIONS)
+    assert plugin.heard == ["StudyRetraction"]
+    assert len(letters) == 1
 
 
 async def _dead_letters_of(envelope: Envelope) -> list[Envelope]:

@@ -53,7 +53,9 @@ def test_fields_a_newer_producer_adds_are_kept_not_refused() -> None:
 
 def test_every_stage_has_its_five_topics_and_no_name_is_used_twice() -> None:
     names = topics.all_topics()
-    assert len(names) == len(set(names)) == 5 + 5 * len(STAGE_ORDER)  # and the events out
+    # six of the system (progress, control, studies in, deletions, events out, retractions)
+    # and five per stage
+    assert len(names) == len(set(names)) == 6 + 5 * len(STAGE_ORDER)
     for stage in Stage:
         assert {
             topics.requested(stage),

@@ -306,16 +306,74 @@ async def test_a_request_for_a_cancelled_job_is_recorded_and_not_planned() -> No
     assert h.db.events(topics.items(STAGE)) == []
 
 
-async def test_planning_that_raises_fails_the_run_with_the_reason() -> None:
-    plugin = Plugin(["s1"])
-    plugin.plan_error = ValueError("source folder is gone")
+class FlakyPlan(Plugin):
+    """`plan` raises each of `plan_errors` in turn, then plans."""
+
+    def __init__(self, keys: list[str], plan_errors: list[Exception]) -> None:
+        super().__init__(keys)
+        self.plan_errors = plan_errors
+        self.plan_calls = 0
+
+    async def plan(
+        self, pool: Any, request: StageRequested, job_id: uuid.UUID
+    ) -> list[PlannedItem]:
+        self.plan_calls += 1
+        if self.plan_errors:
+            raise self.plan_errors.pop(0)
+        return await super().plan(pool, request, job_id)
+
+
+async def test_planning_that_raises_once_is_retried_and_counts_its_attempts(
+    no_backoff: list[float],
+) -> None:
+    plugin = FlakyPlan(["s1"], [FileNotFoundError("source not mounted yet")])
     h = Harness(plugin)
     request = h.request()
     await h.deliver(request)
+    run = h.db.runs[request.job_id]
+    assert plugin.plan_calls == 2 and run["plan_attempts"] == 2
+    assert run["status"] == "running" and len(h.item_envelopes()) == 1
+    assert no_backoff == [2.0]  # backs off before the second attempt
+    assert h.db.events(topics.dlq(STAGE)) == []
+
+
+async def test_planning_that_keeps_raising_fails_the_run_and_dead_letters_the_request(
+    no_backoff: list[float],
+) -> None:
+    errors: list[Exception] = [ValueError("source folder is gone") for _ in range(5)]
+    plugin = FlakyPlan(["s1"], errors)
+    h = Harness(plugin, settings(item_max_attempts=3))
+    request = h.request()
+    await h.deliver(request)
+    assert plugin.plan_calls == 3 and h.db.runs[request.job_id]["plan_attempts"] == 3
     failed = h.one(topics.failed(STAGE)).open(StageFailed)
-    assert failed.error == "planning failed: source folder is gone"
+    assert failed.error == "planning failed after 3 attempts: source folder is gone"
     assert h.db.runs[request.job_id]["status"] == "failed"
     assert h.db.events(topics.items(STAGE)) == []
+    letter_env = h.one(topics.dlq(STAGE))
+    letter = letter_env.open(DeadLetter)
+    # what the gateway keeps as a `plan` letter: the request's topic and its whole envelope
+    assert letter.topic == topics.requested(STAGE) and letter.attempts == 3
+    assert letter.error == "ValueError: source folder is gone"
+    assert letter.original["id"] == str(request.id)
+    assert letter_env.job_id == request.job_id
+    assert [k for t, k, _ in h.db.outbox if t == topics.dlq(STAGE)] == [str(request.job_id)]
+    await h.deliver(request)  # a late redelivery changes nothing
+    assert plugin.plan_calls == 3 and len(h.db.events(topics.dlq(STAGE))) == 1
+
+
+async def test_planning_while_the_database_is_away_gives_the_attempt_back(
+    no_backoff: list[float],
+) -> None:
+    plugin = FlakyPlan(["s1"], [ConnectionRefusedError("database away")])
+    h = Harness(plugin)
+    request = h.request()
+    with pytest.raises(ConnectionRefusedError):  # nacked: the broker delivers it again
+        await h.deliver(request)
+    assert h.db.runs[request.job_id]["plan_attempts"] == 0
+    await h.deliver(request)
+    assert h.db.runs[request.job_id]["status"] == "running"
+    assert h.db.events(topics.dlq(STAGE)) == []
 
 
 async def test_a_scoped_run_keeps_its_study_uids_sealed_in_the_run_row() -> None:
