@@ -293,13 +293,13 @@ class LocalStack:
             if not alive:
                 proc.pid = None
             proc.healthy = alive and processes.port_open(proc.port)
-        alive = [s for s in info.services.values() if processes.pid_alive(s.pid, s.program)]
+        running = [s for s in info.services.values() if processes.pid_alive(s.pid, s.program)]
         for svc in info.services.values():
             svc.healthy = False
         # each /readyz asks its service's database and broker (~0.1 s): all at once
-        with ThreadPoolExecutor(max_workers=max(1, len(alive))) as probes:
-            ready = list(probes.map(lambda s: processes.http_ready(f"{s.url}/readyz"), alive))
-        for svc, healthy in zip(alive, ready, strict=True):
+        with ThreadPoolExecutor(max_workers=max(1, len(running))) as probes:
+            ready = list(probes.map(lambda s: processes.http_ready(f"{s.url}/readyz"), running))
+        for svc, healthy in zip(running, ready, strict=True):
             svc.healthy = healthy
         info.supervisor_pid = self._supervisor_pid()
         info.supervisor_log = str(self.log_file("supervisor"))
