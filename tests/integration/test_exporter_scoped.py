@@ -194,12 +194,17 @@ async def counted_scoped_export(
             monkeypatch.setattr(repo, name, counting(name))
     validate = plugin._validate
 
+    validated = 0.0
+
     async def validating(*args: Any, **kwargs: Any) -> Any:
+        nonlocal validated
         store.phase = "validate"
+        began = time.perf_counter()
         try:
             return await validate(*args, **kwargs)
         finally:
             store.phase = "work"
+            validated = time.perf_counter() - began
 
     monkeypatch.setattr(plugin, "_validate", validating)
 
@@ -239,6 +244,7 @@ async def counted_scoped_export(
             "plan": round(planned - started, 2),
             "items": round(processed - planned, 2),
             "finalize": round(finished - processed, 2),
+            "of_which_validator": round(validated, 2),
         },
         "summary": summary,
     }
@@ -281,7 +287,8 @@ async def test_a_new_study_is_exported_at_the_cost_of_its_subject(
             2,
         )
         measured[subjects] = counted
-        print(json.dumps({k: v for k, v in counted.items() if k != "summary"}))
+        carried = {k: counted["summary"].get(k) for k in ("subjects_planned", "files_carried")}
+        print(json.dumps({**{k: v for k, v in counted.items() if k != "summary"}, **carried}))
 
     small, large = measured[2], measured[6]
     assert small["items"] == large["items"] > 0
