@@ -25,6 +25,7 @@ import httpx
 import pydicom
 import pytest
 import pytest_asyncio
+from pydicom.uid import generate_uid
 
 from services.exporter import repository as repo
 from services.exporter.plugin import ExporterPlugin
@@ -119,11 +120,41 @@ async def service_pool(stack_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
+def new_subject(dicom_root: Path, folder: Path) -> Path:
+    """A new subject's study (hard links to its QA set) under `folder`."""
+    return link_sets(dicom_root, folder, NEW_SUBJECT) / "irc"
+
+
+def second_visit_same_day(dicom_root: Path, folder: Path) -> Path:
+    """Another study of the `dev` subject, the same day, later: its set with new study, series and
+    instance UIDs and a later StudyTime. Two studies on one day give the subject sessions `<day>a`
+    and `<day>b`, so its earlier files are renamed."""
+    target = folder / "dev-again"
+    target.mkdir(parents=True)
+    series: dict[str, str] = {}
+    study = generate_uid()
+    for path in sorted((dicom_root / SUBJECTS["dev"]).rglob("*")):
+        if not path.is_file() or not pydicom.misc.is_dicom(path):
+            continue
+        dataset = pydicom.dcmread(path)
+        dataset.StudyInstanceUID = study
+        dataset.SeriesInstanceUID = series.setdefault(dataset.SeriesInstanceUID, generate_uid())
+        dataset.SOPInstanceUID = generate_uid()
+        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+        dataset.StudyTime = "235900"
+        dataset.save_as(target / f"{path.parent.name}-{path.name}")
+    return target
+
+
 async def cohort_with_new_study(
-    api: httpx.AsyncClient, dicom_root: Path, folder: Path, subjects: int
+    api: httpx.AsyncClient,
+    dicom_root: Path,
+    folder: Path,
+    subjects: int,
+    new_study: Callable[[Path, Path], Path] = new_subject,
 ) -> dict[str, Any]:
-    """A cohort of the first `subjects` sets exported whole, then the new subject's study
-    announced and run through every stage (scoped)."""
+    """A cohort of the first `subjects` sets exported whole, then a new study (`new_study` makes
+    it) announced and run through every stage (scoped)."""
     source = link_sets(dicom_root, folder, dict(list(SUBJECTS.items())[:subjects]))
     body = {"name": f"scoped-{subjects}-{uuid.uuid4().hex[:8]}", "source_path": str(source)}
     created = await api.post("/api/cohorts", json=body)
@@ -138,7 +169,7 @@ async def cohort_with_new_study(
         whole[stage] = await wait_job(api, whole[stage]["id"], JOB_TIMEOUT_S)
         assert whole[stage]["status"] == "completed", json.dumps(whole[stage], indent=1)[:4000]
 
-    new = link_sets(dicom_root, folder / "incoming", NEW_SUBJECT) / "irc"
+    new = new_study(dicom_root, folder / "incoming")
     uid = study_uid(new)
     notice = {"study_instance_uid": uid, "location": str(new), "cohort": cohort["id"],
               "complete": True}  # fmt: skip
@@ -296,3 +327,36 @@ async def test_a_new_study_is_exported_at_the_cost_of_its_subject(
     work = {k: v for k, v in small["s3"].items() if k.startswith("work.")}
     assert work == {k: v for k, v in large["s3"].items() if k.startswith("work.")}
     assert "work.list" not in work  # nothing of the earlier subjects is listed
+
+
+async def test_a_second_visit_renames_its_subject_only(
+    api: httpx.AsyncClient, dicom_root: Path, tmp_path: Path, service_pool: asyncpg.Pool
+) -> None:
+    """A known subject's new study on the day of its first: the subject is re-planned whole (its
+    session becomes `<day>a`, the new one `<day>b`), the other subject is carried unchanged, and
+    participants.tsv still lists both."""
+    run = await cohort_with_new_study(api, dicom_root, tmp_path, 2, second_visit_same_day)
+    cohort, scoped = run["cohort"], run["scoped"]
+    assert scoped["summary"]["subjects_planned"] == 1, scoped["summary"]
+    assert scoped["summary"]["validator"]["errors"] == 0, scoped["summary"]["validator"]
+    before = await object_keys(service_pool, run["whole"]["id"])
+    after = await object_keys(service_pool, scoped["id"])
+    subjects = {p.split("/")[0] for p in before if p.startswith("sub-")}
+    assert len(subjects) == 2
+
+    def sessions(subject: str, paths: dict[str, str]) -> set[str]:
+        return {p.split("/")[1] for p in paths if p.startswith(f"{subject}/ses-")}
+
+    (renamed,) = {s for s in subjects if len(sessions(s, after)) == 2}
+    (other,) = subjects - {renamed}
+    assert len(sessions(renamed, before)) == 1
+    for path, key in before.items():
+        if path.startswith(f"{other}/"):
+            assert after[path] == key, path
+        elif path.startswith(f"{renamed}/ses-"):
+            assert path not in after, path  # named again: its day now has two sessions
+    (day,) = sessions(renamed, before)
+    assert sessions(renamed, after) == {f"{day}a", f"{day}b"}
+    files = {f["path"]: f for f in await manifest(api, cohort["id"], scoped["id"])}
+    rows = (await api.get(files["participants.tsv"]["download_url"])).text.splitlines()
+    assert sorted(r.split("\t")[0] for r in rows[1:]) == sorted(subjects)
