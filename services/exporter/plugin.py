@@ -517,7 +517,10 @@ class ExporterPlugin:
             "layout": options.layout,
             "output_modes": list(options.output_modes),
             "overwrite": options.overwrite,
-            "stacks_with_output": len(exports),
+            "stacks_with_output": len(exports)
+            if tree_info["stacks"] is None
+            else tree_info["stacks"],
+            "stacks_planned_with_output": len(exports),
             "files_total": len(files),
             "bytes_total": sum(f.size for f in files),
             "files_written": sum(1 for f in files if f.object_key.startswith(prefix + "/")),
@@ -596,13 +599,12 @@ class ExporterPlugin:
                         run.cohort.id,
                         {s: p.model_dump(mode="json") for s, p in parts.items()},
                     )
-                    stored = await repo.subject_parts(conn, run.job_id)
+                    stored = [
+                        SubjectPart.model_validate(p)
+                        for p in await repo.subject_parts(conn, run.job_id)
+                    ]
                 if options.layout == "bids":
-                    texts.update(
-                        merged_dataset_files(
-                            [SubjectPart.model_validate(p) for p in stored], name=run.cohort.name
-                        )
-                    )
+                    texts.update(merged_dataset_files(stored, name=run.cohort.name))
                 written = await self._publish_dataset_files(pool, run, texts, options, prefix)
                 async with pool.acquire() as conn:
                     await repo.finish_tree(conn, run.job_id, base["job_id"] if base else None)
@@ -610,6 +612,8 @@ class ExporterPlugin:
                 await repo.unlock_trees(lock, run.cohort.id)
         return {
             "dataset_files_written": written,
+            # the tree's stacks: this run's and the ones carried with their subjects
+            "stacks": sum(p.stacks for p in stored) if options.layout == "bids" else None,
             "subjects_planned": "all" if subjects is None else len(subjects),
             "files_carried": carried,
             "carried_from": str(base["job_id"]) if base else None,
