@@ -172,7 +172,8 @@ class ExporterPlugin:
         options = self.options(job_id, request.config)
         cohort_id = request.cohort.id
         async with pool.acquire() as conn:
-            scope = await self._scope(conn, request, job_id, options)
+            retracted = await load_retracted(conn, cohort_id)
+            scope = await self._scope(conn, request, job_id, options, retracted)
             subjects = None if scope is None else sorted(scope)
             studies = await repo.cohort_studies(conn, cohort_id, subjects)
             study_uids = None if scope is None else [r["study_instance_uid"] for r in studies]
@@ -180,7 +181,6 @@ class ExporterPlugin:
             series = None if scope is None else sorted({r["series_instance_uid"] for r in rows})
             instances = await repo.cohort_instances(conn, cohort_id, series)
             rules = await load_rules(conn, cohort_id)
-            retracted = await load_retracted(conn, cohort_id)
         sessions = assign_sessions(
             StudyVisit(
                 subject=r["subject_id"],
@@ -262,6 +262,7 @@ class ExporterPlugin:
         request: StageRequested,
         job_id: uuid.UUID,
         options: ExportOptions,
+        retracted: dict[str, str],
     ) -> set[str] | None:
         """The catalog subjects a scoped export re-plans, or None to plan the whole cohort.
 
@@ -278,7 +279,6 @@ class ExporterPlugin:
         base = await repo.latest_tree(conn, cohort_id, options.tree_shape(), job_id)
         if base is None:
             return None
-        retracted = await load_retracted(conn, cohort_id)
         studies = sorted({*request.study_instance_uids, *retracted})
         subjects = await repo.subjects_of_studies(conn, cohort_id, studies)
         labels = sorted({subject_label(s) for s in subjects})

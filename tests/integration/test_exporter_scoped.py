@@ -152,9 +152,10 @@ async def cohort_with_new_study(
     folder: Path,
     subjects: int,
     new_study: Callable[[Path, Path], Path] = new_subject,
+    retract: str | None = None,
 ) -> dict[str, Any]:
-    """A cohort of the first `subjects` sets exported whole, then a new study (`new_study` makes
-    it) announced and run through every stage (scoped)."""
+    """A cohort of the first `subjects` sets exported whole, then (`retract`) a study retracted,
+    then a new study (`new_study` makes it) announced and run through every stage (scoped)."""
     source = link_sets(dicom_root, folder, dict(list(SUBJECTS.items())[:subjects]))
     body = {"name": f"scoped-{subjects}-{uuid.uuid4().hex[:8]}", "source_path": str(source)}
     created = await api.post("/api/cohorts", json=body)
@@ -169,6 +170,25 @@ async def cohort_with_new_study(
         whole[stage] = await wait_job(api, whole[stage]["id"], JOB_TIMEOUT_S)
         assert whole[stage]["status"] == "completed", json.dumps(whole[stage], indent=1)[:4000]
 
+    if retract is not None:
+        notice = {
+            "specversion": "1.0",
+            "type": "org.example.pacs.study.retracted.v1",
+            "source": "/hospital/pacs-it",
+            "id": uuid.uuid4().hex,
+            "subject": retract,
+            "data": {
+                "location": str(source),
+                "cohort": cohort["id"],
+                "reason": "consent withdrawn",
+            },
+        }
+        retracted = await api.post(
+            "/api/events",
+            content=json.dumps(notice),
+            headers={"content-type": "application/cloudevents+json"},
+        )
+        assert retracted.json()["outcome"] == "retracted", retracted.text
     new = new_study(dicom_root, folder / "incoming")
     uid = study_uid(new)
     notice = {"study_instance_uid": uid, "location": str(new), "cohort": cohort["id"],
@@ -360,3 +380,29 @@ async def test_a_second_visit_renames_its_subject_only(
     files = {f["path"]: f for f in await manifest(api, cohort["id"], scoped["id"])}
     rows = (await api.get(files["participants.tsv"]["download_url"])).text.splitlines()
     assert sorted(r.split("\t")[0] for r in rows[1:]) == sorted(subjects)
+
+
+async def test_a_study_retracted_before_a_new_one_leaves_the_next_tree(
+    api: httpx.AsyncClient, dicom_root: Path, tmp_path: Path, service_pool: asyncpg.Pool
+) -> None:
+    """A retraction takes its study out of the cohort's next export, and a new study's export is
+    one: the retracted study's subject is re-planned (here: left with nothing), not carried."""
+    retracted_uid = study_uid(dicom_root / SUBJECTS["rogers"])
+
+    run_before = await cohort_with_new_study(
+        api, dicom_root, tmp_path, 2, new_subject, retract=retracted_uid
+    )
+    scoped = run_before["scoped"]
+    assert scoped["summary"]["subjects_planned"] == 2, scoped["summary"]
+    assert scoped["summary"]["validator"]["errors"] == 0, scoped["summary"]["validator"]
+    before = await object_keys(service_pool, run_before["whole"]["id"])
+    after = await object_keys(service_pool, scoped["id"])
+    subjects_before = {p.split("/")[0] for p in before if p.startswith("sub-")}
+    subjects_after = {p.split("/")[0] for p in after if p.startswith("sub-")}
+    assert len(subjects_before) == 2 and len(subjects_after) == 2
+    (kept,) = subjects_before & subjects_after  # the other earlier subject, carried
+    assert all(after[p] == k for p, k in before.items() if p.startswith(f"{kept}/"))
+    files = await manifest(api, run_before["cohort"]["id"], scoped["id"])
+    participants = next(f for f in files if f["path"] == "participants.tsv")
+    rows = (await api.get(participants["download_url"])).text.splitlines()
+    assert sorted(r.split("\t")[0] for r in rows[1:]) == sorted(subjects_after)
