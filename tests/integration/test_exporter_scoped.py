@@ -171,7 +171,7 @@ async def cohort_with_new_study(
         assert whole[stage]["status"] == "completed", json.dumps(whole[stage], indent=1)[:4000]
 
     if retract is not None:
-        notice = {
+        retraction = {
             "specversion": "1.0",
             "type": "org.example.pacs.study.retracted.v1",
             "source": "/hospital/pacs-it",
@@ -185,7 +185,7 @@ async def cohort_with_new_study(
         }
         retracted = await api.post(
             "/api/events",
-            content=json.dumps(notice),
+            content=json.dumps(retraction),
             headers={"content-type": "application/cloudevents+json"},
         )
         assert retracted.json()["outcome"] == "retracted", retracted.text
