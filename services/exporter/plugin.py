@@ -3,13 +3,16 @@
 - plan: the cohort's stacks and their classification (through the catalog and sorting views,
   filtered by cohort), the selection of `includeIntents`/`includeProvenance` (the rest recorded with
   the reason), and the whole naming plan (sessions, `run-` numbers by acquisition time) computed once
-  by the core and stored in `export.planned_stack`; one work item per exported stack.
+  by the core and stored in `export.planned_stack`; one work item per exported stack. A scoped
+  ("new study") run plans only the subjects of its studies and carries the others' files over from
+  the previous export as manifest rows, without touching their objects (ADR 0024).
 - process: download the stack's DICOM objects, convert (dcm2niix in a subprocess with a timeout,
   dicom2nifti as fallback) and/or copy the DICOM, upload to `export/<cohort>/<job>/<path>`, write the
   manifest. A stack that cannot be converted fails its item only. With `overwrite: skip` a stack whose
   fingerprint (names, DICOM bytes, modes, classification) matches an earlier export of the cohort
   lists that export's objects and writes nothing.
-- finalize: dataset files and field-map links (core), in the manifest too; the BIDS validator on the
+- finalize: dataset files and field-map links (core; the root files merged from every subject's
+  part, carried or computed), in the manifest too; the BIDS validator on the
   materialized tree (bids layout) as the last step, its report in the summary; the copy to
   `destination` when asked.
 """
@@ -37,12 +40,16 @@ from services.exporter.bids import (
     ExportedStack,
     ExportStack,
     StudyVisit,
+    SubjectPart,
     assign_sessions,
     dataset_files,
     incomplete_images,
+    merged_dataset_files,
     naming_problems,
     plan_names,
+    subject_files,
 )
+from services.exporter.bids.entities import subject_label
 from services.exporter.convert import ConverterError
 from services.exporter.convert.export import export_stack
 from services.exporter.repository import ManifestRow, SourceInstance
@@ -165,11 +172,15 @@ class ExporterPlugin:
         options = self.options(job_id, request.config)
         cohort_id = request.cohort.id
         async with pool.acquire() as conn:
-            rows = await repo.cohort_stacks(conn, cohort_id)
-            studies = await repo.cohort_studies(conn, cohort_id)
-            instances = await repo.cohort_instances(conn, cohort_id)
-            rules = await load_rules(conn, cohort_id)
             retracted = await load_retracted(conn, cohort_id)
+            scope = await self._scope(conn, request, job_id, options, retracted)
+            subjects = None if scope is None else sorted(scope)
+            studies = await repo.cohort_studies(conn, cohort_id, subjects)
+            study_uids = None if scope is None else [r["study_instance_uid"] for r in studies]
+            rows = await repo.cohort_stacks(conn, cohort_id, study_uids)
+            series = None if scope is None else sorted({r["series_instance_uid"] for r in rows})
+            instances = await repo.cohort_instances(conn, cohort_id, series)
+            rules = await load_rules(conn, cohort_id)
         sessions = assign_sessions(
             StudyVisit(
                 subject=r["subject_id"],
@@ -217,12 +228,15 @@ class ExporterPlugin:
                     problems.get(key),
                 )
             )
+        labels = None if scope is None else sorted({subject_label(s) for s in scope})
         async with pool.acquire() as conn, conn.transaction():
             await repo.save_plan(conn, plan_rows)
+            await repo.save_tree(conn, job_id, cohort_id, options.tree_shape(), labels)
         log.info(
             "export planned",
             extra={
                 "job_id": str(job_id),
+                "subjects": "all" if labels is None else len(labels),
                 "stacks": len(by_key),
                 "exported": len(kept),
                 "not_exported": len(reasons),
@@ -241,6 +255,34 @@ class ExporterPlugin:
             )
             for stack in sorted(kept, key=lambda s: s.key)
         ]
+
+    async def _scope(
+        self,
+        conn: asyncpg.Connection,
+        request: StageRequested,
+        job_id: uuid.UUID,
+        options: ExportOptions,
+        retracted: dict[str, str],
+    ) -> set[str] | None:
+        """The catalog subjects a scoped export re-plans, or None to plan the whole cohort.
+
+        A subject is the unit: a new study of a known subject can change the session and `run-`
+        names of its other studies (naming is per subject, ADR 0005). Also re-planned: the
+        subjects of retracted studies (their files leave the tree) and every catalog subject the
+        previous export gave one of the same `sub-` labels. The whole cohort is planned when the
+        run is not scoped, the layout is flat, or no earlier export of the cohort has this tree's
+        options to carry the other subjects from (ADR 0024).
+        """
+        if not request.study_instance_uids or options.layout != "bids":
+            return None
+        cohort_id = request.cohort.id
+        base = await repo.latest_tree(conn, cohort_id, options.tree_shape(), job_id)
+        if base is None:
+            return None
+        studies = sorted({*request.study_instance_uids, *retracted})
+        subjects = await repo.subjects_of_studies(conn, cohort_id, studies)
+        labels = sorted({subject_label(s) for s in subjects})
+        return subjects | await repo.subject_ids_of_parts(conn, base["job_id"], labels)
 
     # --- process ----------------------------------------------------------------------------------
 
@@ -446,19 +488,23 @@ class ExporterPlugin:
             left_out = await repo.not_exported(conn, run.job_id)
             review_required = await repo.review_required_planned(conn, run.job_id)
         exports = [ExportedStack.model_validate(r["record"]) for r in records]
-        versions = [e.tool_version for e in exports if e.tool == "dcm2niix" and e.tool_version]
-        texts = dataset_files(
-            exports,
-            name=run.cohort.name,
-            dcm2niix_version=versions[0] if versions else None,
-            layout=options.layout,
-        )
+        if options.layout == "bids":
+            parts, texts = subject_files(exports)
+        else:
+            versions = [e.tool_version for e in exports if e.tool == "dcm2niix" and e.tool_version]
+            parts = {}
+            texts = dataset_files(
+                exports,
+                name=run.cohort.name,
+                dcm2niix_version=versions[0] if versions else None,
+                layout=options.layout,
+            )
         # every sidecar as this job must list it: linked where links apply, else as converted (a
         # reused stack's listed sidecar may carry the links of the export it came from)
         for exported in exports:
             for path, content in exported.sidecars.items():
                 texts.setdefault(PurePosixPath(path), json.dumps(content, indent=2) + "\n")
-        written = await self._publish_dataset_files(pool, run, texts, options, prefix)
+        tree_info = await self._complete_tree(pool, run, options, parts, texts, prefix)
         async with pool.acquire() as conn:
             files = await repo.manifest(conn, run.job_id)
         with tempfile.TemporaryDirectory(prefix="cohortflow-tree-") as scratch:
@@ -471,11 +517,17 @@ class ExporterPlugin:
             "layout": options.layout,
             "output_modes": list(options.output_modes),
             "overwrite": options.overwrite,
-            "stacks_with_output": len(exports),
+            "stacks_with_output": len(exports)
+            if tree_info["stacks"] is None
+            else tree_info["stacks"],
+            "stacks_planned_with_output": len(exports),
             "files_total": len(files),
             "bytes_total": sum(f.size for f in files),
             "files_written": sum(1 for f in files if f.object_key.startswith(prefix + "/")),
-            "dataset_files_written": written,
+            "dataset_files_written": tree_info["dataset_files_written"],
+            "subjects_planned": tree_info["subjects_planned"],
+            "files_carried": tree_info["files_carried"],
+            "carried_from": tree_info["carried_from"],
             "not_exported": dict(Counter(r["not_exported_reason"] for r in left_out)),
             "not_exported_stacks": [
                 {
@@ -507,6 +559,66 @@ class ExporterPlugin:
         }
         return summary, prefix
 
+    async def _complete_tree(
+        self,
+        pool: asyncpg.Pool,
+        run: RunInfo,
+        options: ExportOptions,
+        parts: dict[str, SubjectPart],
+        texts: dict[PurePosixPath, str],
+        prefix: str,
+    ) -> dict[str, Any]:
+        """Carry the other subjects from the previous export (a scoped run), merge every subject's
+        part into the dataset-level files (the one writer of participants.tsv), publish them, and
+        mark the tree complete; one export of the cohort at a time (ADR 0024)."""
+        async with pool.acquire() as conn:
+            planned = await repo.tree(conn, run.job_id)
+        subjects = None if planned is None else planned["subjects"]
+        base: asyncpg.Record | None = None
+        carried = 0
+        async with pool.acquire() as lock:
+            await repo.lock_trees(lock, run.cohort.id)
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    if subjects is not None:
+                        base = await repo.latest_tree(
+                            conn, run.cohort.id, options.tree_shape(), run.job_id
+                        )
+                        if base is None:
+                            log.warning(
+                                "scoped export found no earlier export to carry from",
+                                extra={"job_id": str(run.job_id)},
+                            )
+                        else:
+                            carried = await repo.carry_over(
+                                conn, run.job_id, base["job_id"], subjects
+                            )
+                    await repo.save_parts(
+                        conn,
+                        run.job_id,
+                        run.cohort.id,
+                        {s: p.model_dump(mode="json") for s, p in parts.items()},
+                    )
+                    stored = [
+                        SubjectPart.model_validate(p)
+                        for p in await repo.subject_parts(conn, run.job_id)
+                    ]
+                if options.layout == "bids":
+                    texts.update(merged_dataset_files(stored, name=run.cohort.name))
+                written = await self._publish_dataset_files(pool, run, texts, options, prefix)
+                async with pool.acquire() as conn:
+                    await repo.finish_tree(conn, run.job_id, base["job_id"] if base else None)
+            finally:
+                await repo.unlock_trees(lock, run.cohort.id)
+        return {
+            "dataset_files_written": written,
+            # the tree's stacks: this run's and the ones carried with their subjects
+            "stacks": sum(p.stacks for p in stored) if options.layout == "bids" else None,
+            "subjects_planned": "all" if subjects is None else len(subjects),
+            "files_carried": carried,
+            "carried_from": str(base["job_id"]) if base else None,
+        }
+
     async def _publish_dataset_files(
         self,
         pool: asyncpg.Pool,
@@ -518,7 +630,9 @@ class ExporterPlugin:
         """Dataset files and linked sidecars into storage and the manifest; returns how many
         objects were written (with `overwrite: skip`, identical earlier objects are listed instead)."""
         async with pool.acquire() as conn:
-            current = {f.path: f for f in await repo.manifest(conn, run.job_id)}
+            current = {
+                f.path: f for f in await repo.manifest_at(conn, run.job_id, [str(p) for p in texts])
+            }
             rows: list[ManifestRow] = []
             to_write: list[tuple[str, bytes]] = []
             for relative, text in sorted(texts.items()):

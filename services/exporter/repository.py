@@ -62,9 +62,13 @@ def _manifest_row(record: asyncpg.Record) -> ManifestRow:
 # --- inputs (other services' views) -----------------------------------------------------------
 
 
-async def cohort_stacks(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> list[asyncpg.Record]:
-    """Every stack of the cohort with its current classification (columns NULL when unsorted)."""
+async def cohort_stacks(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, studies: Sequence[str] | None = None
+) -> list[asyncpg.Record]:
+    """Every stack of the cohort (or of these studies) with its current classification (columns
+    NULL when unsorted)."""
     columns = ", ".join(f"c.{f}" for f in CLASSIFICATION_FIELDS)
+    scope = "" if studies is None else " AND s.study_instance_uid = ANY($2::text[])"
     return list(
         await conn.fetch(
             "SELECT s.series_instance_uid, s.stack_key, s.summary, s.sop_instance_uids,"
@@ -72,32 +76,54 @@ async def cohort_stacks(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> list[
             " FROM catalog.stack_summary_v s LEFT JOIN sorting.classification_v c"
             " ON c.cohort_id = s.cohort_id AND c.series_instance_uid = s.series_instance_uid"
             " AND c.stack_key = s.stack_key"
-            " WHERE s.cohort_id = $1 ORDER BY s.study_instance_uid, s.series_instance_uid, s.stack_key",
+            f" WHERE s.cohort_id = $1{scope}"
+            " ORDER BY s.study_instance_uid, s.series_instance_uid, s.stack_key",
             cohort_id,
+            *([] if studies is None else [list(studies)]),
         )
     )
 
 
-async def cohort_studies(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> list[asyncpg.Record]:
+async def cohort_studies(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, subjects: Sequence[str] | None = None
+) -> list[asyncpg.Record]:
+    """The cohort's studies (or those of these catalog subjects)."""
+    scope = "" if subjects is None else " AND subject_id = ANY($2::text[])"
     return list(
         await conn.fetch(
             "SELECT study_instance_uid, subject_id, study_date, study_time, timepoint"
-            " FROM catalog.study_v"
-            " WHERE cohort_id = $1",
+            f" FROM catalog.study_v WHERE cohort_id = $1{scope}",
             cohort_id,
+            *([] if subjects is None else [list(subjects)]),
         )
     )
 
 
+async def subjects_of_studies(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, studies: Sequence[str]
+) -> set[str]:
+    """The catalog subjects these studies belong to (the studies the catalog does not hold add none)."""
+    rows = await conn.fetch(
+        "SELECT DISTINCT subject_id FROM catalog.study_v"
+        " WHERE cohort_id = $1 AND study_instance_uid = ANY($2::text[])",
+        cohort_id,
+        list(studies),
+    )
+    return {r["subject_id"] for r in rows}
+
+
 async def cohort_instances(
-    conn: asyncpg.Connection, cohort_id: uuid.UUID
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, series: Sequence[str] | None = None
 ) -> dict[str, SourceInstance]:
-    """Where the bytes of every instance of the cohort are, by SOP Instance UID."""
+    """Where the bytes of every instance of the cohort (or of these series) are, by SOP Instance
+    UID."""
+    scope = "" if series is None else " AND series_instance_uid = ANY($2::text[])"
     rows = await conn.fetch(
         "SELECT sop_instance_uid, object_key, sha256, size, series_instance_uid, instance_number"
-        " FROM catalog.instance_v WHERE cohort_id = $1"
+        f" FROM catalog.instance_v WHERE cohort_id = $1{scope}"
         " ORDER BY series_instance_uid, instance_number NULLS LAST, sop_instance_uid",
         cohort_id,
+        *([] if series is None else [list(series)]),
     )
     return {r["sop_instance_uid"]: SourceInstance(**dict(r)) for r in rows}
 
@@ -283,3 +309,148 @@ async def object_with_content(
         sha256,
     )
     return key
+
+
+async def manifest_at(
+    conn: asyncpg.Connection, job_id: uuid.UUID, paths: Sequence[str]
+) -> list[ManifestRow]:
+    """The job's manifest rows at these paths."""
+    rows = await conn.fetch(
+        f"SELECT {', '.join(_MANIFEST_COLUMNS)} FROM export.manifest"
+        " WHERE job_id = $1 AND path = ANY($2::text[]) ORDER BY path",
+        job_id,
+        list(paths),
+    )
+    return [_manifest_row(r) for r in rows]
+
+
+# --- the tree: what an export holds, and what a scoped export carries from the previous one ------
+
+
+async def save_tree(
+    conn: asyncpg.Connection,
+    job_id: uuid.UUID,
+    cohort_id: uuid.UUID,
+    options: dict[str, Any],
+    subjects: Sequence[str] | None,
+) -> None:
+    """The job's tree options and the subjects it plans (None: the whole cohort)."""
+    await conn.execute(
+        "INSERT INTO export.tree (job_id, cohort_id, options, subjects) VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT (job_id) DO UPDATE SET options = EXCLUDED.options,"
+        " subjects = EXCLUDED.subjects",
+        job_id,
+        cohort_id,
+        options,
+        None if subjects is None else list(subjects),
+    )
+
+
+async def tree(conn: asyncpg.Connection, job_id: uuid.UUID) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT * FROM export.tree WHERE job_id = $1", job_id
+    )
+    return row
+
+
+async def latest_tree(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, options: dict[str, Any], job_id: uuid.UUID
+) -> asyncpg.Record | None:
+    """The cohort's most recently completed export tree with these options, other than `job_id`."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT * FROM export.tree WHERE cohort_id = $1 AND options = $2 AND job_id <> $3"
+        " AND finalized_at IS NOT NULL ORDER BY finalized_at DESC LIMIT 1",
+        cohort_id,
+        options,
+        job_id,
+    )
+    return row
+
+
+async def lock_trees(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> None:
+    """One export of a cohort at a time chooses what it carries and completes its tree (held until
+    `unlock_trees` or the connection's end): two scoped exports finishing together must not
+    both carry the same previous tree, each without the other's subjects."""
+    await conn.execute(
+        "SELECT pg_advisory_lock(hashtextextended($1, 0))", f"export.tree:{cohort_id}"
+    )
+
+
+async def unlock_trees(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> None:
+    await conn.execute(
+        "SELECT pg_advisory_unlock(hashtextextended($1, 0))", f"export.tree:{cohort_id}"
+    )
+
+
+async def carry_over(
+    conn: asyncpg.Connection, job_id: uuid.UUID, base_job_id: uuid.UUID, subjects: Sequence[str]
+) -> int:
+    """List in this job every file and subject part of `base_job_id` that belongs to a subject
+    other than `subjects`: rows copied inside Postgres, objects referenced where they are (no
+    object is read, listed or copied). Returns how many files were carried."""
+    columns = ", ".join(_MANIFEST_COLUMNS)
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _MANIFEST_COLUMNS if c != "path")
+    status = await conn.execute(
+        f"INSERT INTO export.manifest (job_id, cohort_id, {columns})"
+        f" SELECT $1, cohort_id, {columns} FROM export.manifest"
+        " WHERE job_id = $2 AND subject IS NOT NULL AND NOT (subject = ANY($3::text[]))"
+        f" ON CONFLICT (job_id, path) DO UPDATE SET {updates}",
+        job_id,
+        base_job_id,
+        list(subjects),
+    )
+    await conn.execute(
+        "INSERT INTO export.subject_part (job_id, cohort_id, subject, part)"
+        " SELECT $1, cohort_id, subject, part FROM export.subject_part"
+        " WHERE job_id = $2 AND NOT (subject = ANY($3::text[]))"
+        " ON CONFLICT (job_id, subject) DO UPDATE SET part = EXCLUDED.part",
+        job_id,
+        base_job_id,
+        list(subjects),
+    )
+    return int(status.split()[-1])
+
+
+async def subject_ids_of_parts(
+    conn: asyncpg.Connection, job_id: uuid.UUID, subjects: Sequence[str]
+) -> set[str]:
+    """The catalog subject ids an export gave these `sub-` labels."""
+    rows = await conn.fetch(
+        "SELECT json_array_elements_text(part -> 'subject_ids') AS subject_id"
+        " FROM export.subject_part WHERE job_id = $1 AND subject = ANY($2::text[])",
+        job_id,
+        list(subjects),
+    )
+    return {r["subject_id"] for r in rows}
+
+
+async def save_parts(
+    conn: asyncpg.Connection,
+    job_id: uuid.UUID,
+    cohort_id: uuid.UUID,
+    parts: dict[str, dict[str, Any]],
+) -> None:
+    await conn.executemany(
+        "INSERT INTO export.subject_part (job_id, cohort_id, subject, part) VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT (job_id, subject) DO UPDATE SET part = EXCLUDED.part",
+        [(job_id, cohort_id, subject, part) for subject, part in parts.items()],
+    )
+
+
+async def subject_parts(conn: asyncpg.Connection, job_id: uuid.UUID) -> list[Any]:
+    """Every subject part of the job (its own and the carried ones), in label order."""
+    rows = await conn.fetch(
+        "SELECT part FROM export.subject_part WHERE job_id = $1 ORDER BY subject", job_id
+    )
+    return [r["part"] for r in rows]
+
+
+async def finish_tree(
+    conn: asyncpg.Connection, job_id: uuid.UUID, carried_from: uuid.UUID | None
+) -> None:
+    """The job's tree is complete: a later scoped export may carry from it."""
+    await conn.execute(
+        "UPDATE export.tree SET carried_from = $2, finalized_at = now() WHERE job_id = $1",
+        job_id,
+        carried_from,
+    )

@@ -66,6 +66,17 @@ class ExportOptions:
             validate_timeout_s=config.validate_timeout_s,
         )
 
+    def tree_shape(self) -> dict[str, Any]:
+        """The options that decide which files a tree holds and how they are named: a scoped
+        export carries the previous export's other subjects only when these are equal."""
+        return {
+            "output_modes": sorted(self.output_modes),
+            "layout": self.layout,
+            "include_intents": sorted(self.include_intents),
+            "include_provenance": sorted(self.include_provenance),
+            "group_symri": self.group_symri,
+        }
+
     @property
     def nifti(self) -> bool:
         return any(m in ("nii", "nii.gz") for m in self.output_modes)

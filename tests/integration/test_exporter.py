@@ -59,11 +59,12 @@ EXPORT = {"outputModes": ["nii.gz", "dcm"]}
 JOB_TIMEOUT_S = 900.0
 
 
-def link_sets(dicom_root: Path, folder: Path) -> Path:
-    """A cohort folder of hard links to the QA files (a temporary copy where links are refused).
+def link_sets(dicom_root: Path, folder: Path, sets: dict[str, str] | None = None) -> Path:
+    """A cohort folder of hard links to the QA files of `sets` (folder in the cohort -> folder of
+    the QA set; default `SETS`), a temporary copy where links are refused.
 
     Symlinks will not do: the source refuses files that resolve outside the cohort's folder."""
-    for name, relative in SETS.items():
+    for name, relative in (SETS if sets is None else sets).items():
         source = dicom_root / relative
         for path in sorted(source.rglob("*")):
             if path.is_file():

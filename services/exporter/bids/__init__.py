@@ -2,9 +2,12 @@
 
 from services.exporter.bids.dataset import (
     ExportedStack,
+    SubjectPart,
     dataset_description,
     dataset_files,
     incomplete_images,
+    merged_dataset_files,
+    subject_files,
     write_dataset_files,
 )
 from services.exporter.bids.entities import (
@@ -34,6 +37,7 @@ __all__ = [
     "OutputName",
     "ScanRecord",
     "StudyVisit",
+    "SubjectPart",
     "Target",
     "assign_sessions",
     "bids_name",
@@ -45,6 +49,7 @@ __all__ = [
     "incomplete_images",
     "link_fieldmaps",
     "load_entity_table",
+    "merged_dataset_files",
     "missing_required",
     "name_outputs",
     "naming_problems",
@@ -53,5 +58,6 @@ __all__ = [
     "sanitize_label",
     "select_stacks",
     "stack_target",
+    "subject_files",
     "write_dataset_files",
 ]

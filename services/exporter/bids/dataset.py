@@ -87,6 +87,7 @@ def dataset_description(
     return description
 
 
+PARTICIPANT_COLUMNS = ("age", "sex", "label_source")  # after participant_id
 PARTICIPANTS_JSON: dict[str, Any] = {
     "age": {
         "Description": "age of the participant at the first exported study, from PatientAge (0010,1010)",
@@ -155,6 +156,180 @@ def _is_raw(path: PurePosixPath) -> bool:
     return path.parts[0] not in (DERIVATIVES.name, "sourcedata")
 
 
+class SubjectPart(BaseModel):
+    """What one subject adds to the dataset-level files (participants.tsv's row, the tools that
+    converted its stacks, its `.bidsignore` patterns, ...): JSON-serializable, so an export can keep
+    it and a later export of other subjects merge it without reading this subject's stacks again."""
+
+    subject: str  # the `sub-` label
+    subject_ids: list[str] = Field(default_factory=list)  # the catalog ids that give this label
+    participant: dict[str, str] = Field(default_factory=dict)  # age, sex, label_source
+    tools: dict[str, str] = Field(default_factory=dict)
+    dcm2niix_version: str | None = None
+    stacks: int = 0
+    pipelines: list[str] = Field(default_factory=list)  # derivatives/<pipeline>/
+    sourcedata: bool = False
+    bidsignore: list[str] = Field(default_factory=list)
+    incomplete: dict[str, list[str]] = Field(default_factory=dict)  # image path -> what it lacks
+
+
+def subject_files(
+    exports: Sequence[ExportedStack],
+) -> tuple[dict[str, SubjectPart], dict[PurePosixPath, str]]:
+    """Each subject's part of the dataset-level files, by label, and the files that live in the
+    subjects' own folders: `sessions.tsv`, `scans.tsv` and the sidecars that field-map and M0
+    links change (links never cross a subject). Pure; `bids` layout only."""
+    by_subject: dict[str, list[ExportedStack]] = defaultdict(list)
+    for exported in exports:
+        by_subject[sanitize_label(exported.stack.subject)].append(exported)
+    parts: dict[str, SubjectPart] = {}
+    files: dict[PurePosixPath, str] = {}
+    for subject, own in sorted(by_subject.items()):
+        part, texts = _subject_part(subject, own)
+        parts[subject] = part
+        files.update(texts)
+    return parts, files
+
+
+def _subject_part(
+    subject: str, exports: Sequence[ExportedStack]
+) -> tuple[SubjectPart, dict[PurePosixPath, str]]:
+    files: dict[PurePosixPath, str] = {}
+    records, links, sidecars = _linked(exports)
+    for image, additions in sorted(links.items()):
+        path = sidecar_path(image)
+        files[path] = json.dumps({**sidecars.get(str(path), {}), **additions}, indent=2) + "\n"
+    incomplete = _incomplete(exports, records, links, sidecars)
+
+    participant: dict[str, str] = {}
+    sessions: dict[str, list[str]] = defaultdict(list)
+    scans: dict[PurePosixPath, list[tuple[str, str]]] = defaultdict(list)
+    # earliest acquisition first, so that age is the age at the first exported study
+    for exported in sorted(
+        exports, key=lambda e: (e.stack.acquired_at or datetime.max, str(e.base))
+    ):
+        stack = exported.stack
+        info = participant_info(stack)
+        info["label_source"] = subject_id_basis(stack.summary.subject_id)
+        for column, value in info.items():
+            if participant.get(column, "n/a") == "n/a":
+                participant[column] = value
+        acq_time = format_acq_time(
+            stack.acquisition_date or stack.summary.study_date,
+            stack.acquisition_time or stack.summary.acquisition_time,
+        )
+        for image in exported.images:
+            if not _is_raw(image):
+                continue
+            session_dir = image.parent.parent
+            scans[session_dir].append((image.relative_to(session_dir).as_posix(), acq_time))
+            if stack.session:
+                sessions[sanitize_label(stack.session)].append(acq_time)
+    if sessions:
+        session_rows = []
+        for session, times in sorted(sessions.items()):
+            known_times = sorted(t for t in times if t != "n/a")
+            session_rows.append([f"ses-{session}", known_times[0] if known_times else "n/a"])
+        files[PurePosixPath(f"sub-{subject}/sub-{subject}_sessions.tsv")] = tsv(
+            ["session_id", "acq_time"], session_rows
+        )
+    for session_dir, scan_rows in sorted(scans.items()):
+        prefix = "_".join(session_dir.parts)
+        unique = sorted(dict(sorted(scan_rows, reverse=True)).items())  # one row per file
+        files[session_dir / f"{prefix}_scans.tsv"] = tsv(["filename", "acq_time"], unique)
+
+    versions = [e.tool_version for e in exports if e.tool == "dcm2niix" and e.tool_version]
+    part = SubjectPart(
+        subject=subject,
+        subject_ids=sorted({e.stack.summary.subject_id for e in exports}),
+        participant=participant,
+        tools={e.tool: e.tool_version for e in exports if e.tool and e.tool_version},
+        dcm2niix_version=versions[0] if versions else None,
+        stacks=len(exports),
+        pipelines=sorted({e.base.parts[1] for e in exports if e.base.parts[0] == DERIVATIVES.name}),
+        sourcedata=any(e.base.parts[0] == "sourcedata" for e in exports)
+        or any(f.parts[0] == "sourcedata" for e in exports for f in e.files),
+        bidsignore=sorted(_bidsignore_patterns(exports, incomplete)),
+        incomplete={str(p): list(m) for p, m in incomplete.items()},
+    )
+    return part, files
+
+
+def merged_dataset_files(
+    parts: Sequence[SubjectPart],
+    *,
+    name: str,
+    dcm2niix_version: str | None = None,
+    readme: str | None = None,
+) -> dict[PurePosixPath, str]:
+    """The files at the dataset's root (and each derivative pipeline's description), from every
+    subject's part: the one writer of `participants.tsv`, whether the parts were computed in this
+    export or carried from the previous one. Pure; `bids` layout only."""
+    ordered = sorted(parts, key=lambda p: p.subject)
+    tools: dict[str, str] = {}
+    for part in ordered:
+        tools.update(part.tools)
+    if dcm2niix_version is None:
+        dcm2niix_version = next((p.dcm2niix_version for p in ordered if p.dcm2niix_version), None)
+    files: dict[PurePosixPath, str] = {}
+
+    def put(relative: str | PurePosixPath, text: str) -> None:
+        files[PurePosixPath(str(relative))] = text
+
+    put(
+        "dataset_description.json",
+        json.dumps(
+            dataset_description(name, dcm2niix_version=dcm2niix_version, tools=tools), indent=2
+        )
+        + "\n",
+    )
+    incomplete = {
+        PurePosixPath(path): missing
+        for part in ordered
+        for path, missing in part.incomplete.items()
+    }
+    pipelines = sorted({p for part in ordered for p in part.pipelines})
+    put(
+        "README",
+        readme
+        or _readme_text(
+            name,
+            "bids",
+            subjects=len(ordered),
+            stacks=sum(p.stacks for p in ordered),
+            pipelines=pipelines,
+            sourcedata=any(p.sourcedata for p in ordered),
+            incomplete=incomplete,
+        ),
+    )
+    put(
+        "participants.tsv",
+        tsv(
+            ["participant_id", "age", "sex", "label_source"],
+            [
+                [f"sub-{p.subject}", *(p.participant.get(c, "n/a") for c in PARTICIPANT_COLUMNS)]
+                for p in ordered
+            ],
+        ),
+    )
+    put("participants.json", json.dumps(PARTICIPANTS_JSON, indent=2) + "\n")
+    for pipeline in pipelines:
+        description = dataset_description(
+            f"{name} ({pipeline})",
+            dcm2niix_version=dcm2niix_version,
+            dataset_type="derivative",
+            tools=tools,
+        )
+        put(
+            DERIVATIVES / pipeline / "dataset_description.json",
+            json.dumps(description, indent=2) + "\n",
+        )
+    put(
+        ".bidsignore", "".join(f"{p}\n" for p in sorted({b for p in ordered for b in p.bidsignore}))
+    )
+    return files
+
+
 def dataset_files(
     exports: Sequence[ExportedStack],
     *,
@@ -166,100 +341,24 @@ def dataset_files(
     """The dataset-level files of an export, by path relative to the root, with their text.
 
     Includes the sidecars that field-map and M0 links change. Pure: computed from the
-    `ExportedStack` records alone. For the `flat` layout only `dataset_description.json` and
-    `README` (a flat folder is not a BIDS dataset and is not validated).
+    `ExportedStack` records alone (each subject's files and part, `subject_files`, merged by
+    `merged_dataset_files`). For the `flat` layout only `dataset_description.json` and `README`
+    (a flat folder is not a BIDS dataset and is not validated).
     """
-    files: dict[PurePosixPath, str] = {}
-
-    def put(relative: str | PurePosixPath, text: str) -> None:
-        files[PurePosixPath(str(relative))] = text
-
-    tools = {e.tool: e.tool_version for e in exports if e.tool and e.tool_version}
-    put(
-        "dataset_description.json",
-        json.dumps(
-            dataset_description(name, dcm2niix_version=dcm2niix_version, tools=tools), indent=2
-        )
-        + "\n",
-    )
     if layout == "flat":
-        put("README", readme or _readme(name, exports, layout, {}))
-        return files
-
-    records, links, sidecars = _linked(exports)
-    for image, additions in sorted(links.items()):
-        path = sidecar_path(image)
-        put(path, json.dumps({**sidecars.get(str(path), {}), **additions}, indent=2) + "\n")
-    incomplete = _incomplete(exports, records, links, sidecars)
-    put("README", readme or _readme(name, exports, layout, incomplete))
-
-    subjects: dict[str, dict[str, str]] = {}
-    sessions: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-    scans: dict[PurePosixPath, list[tuple[str, str]]] = defaultdict(list)
-    # earliest acquisition first, so that age is the age at the first exported study
-    for exported in sorted(
-        exports, key=lambda e: (e.stack.acquired_at or datetime.max, str(e.base))
-    ):
-        stack = exported.stack
-        subject = sanitize_label(stack.subject)
-        info = participant_info(stack)
-        info["label_source"] = subject_id_basis(stack.summary.subject_id)
-        known = subjects.setdefault(subject, info)
-        for column, value in info.items():
-            if known[column] == "n/a":
-                known[column] = value
-        acq_time = format_acq_time(
-            stack.acquisition_date or stack.summary.study_date,
-            stack.acquisition_time or stack.summary.acquisition_time,
-        )
-        for image in exported.images:
-            if not _is_raw(image):
-                continue
-            session_dir = image.parent.parent
-            scans[session_dir].append((image.relative_to(session_dir).as_posix(), acq_time))
-            if stack.session:
-                sessions[subject][sanitize_label(stack.session)].append(acq_time)
-
-    put(
-        "participants.tsv",
-        tsv(
-            ["participant_id", "age", "sex", "label_source"],
-            [
-                [f"sub-{s}", i["age"], i["sex"], i["label_source"]]
-                for s, i in sorted(subjects.items())
-            ],
+        tools = {e.tool: e.tool_version for e in exports if e.tool and e.tool_version}
+        description = dataset_description(name, dcm2niix_version=dcm2niix_version, tools=tools)
+        return {
+            PurePosixPath("dataset_description.json"): json.dumps(description, indent=2) + "\n",
+            PurePosixPath("README"): readme or _readme(name, exports, layout, {}),
+        }
+    parts, files = subject_files(exports)
+    return {
+        **merged_dataset_files(
+            list(parts.values()), name=name, dcm2niix_version=dcm2niix_version, readme=readme
         ),
-    )
-    put("participants.json", json.dumps(PARTICIPANTS_JSON, indent=2) + "\n")
-    for subject, by_session in sorted(sessions.items()):
-        session_rows = []
-        for session, times in sorted(by_session.items()):
-            known_times = sorted(t for t in times if t != "n/a")
-            session_rows.append([f"ses-{session}", known_times[0] if known_times else "n/a"])
-        put(
-            f"sub-{subject}/sub-{subject}_sessions.tsv",
-            tsv(["session_id", "acq_time"], session_rows),
-        )
-    for session_dir, scan_rows in sorted(scans.items()):
-        prefix = "_".join(session_dir.parts)
-        unique = sorted(dict(sorted(scan_rows, reverse=True)).items())  # one row per file
-        put(session_dir / f"{prefix}_scans.tsv", tsv(["filename", "acq_time"], unique))
-
-    for pipeline in sorted(
-        {e.base.parts[1] for e in exports if e.base.parts[0] == DERIVATIVES.name}
-    ):
-        description = dataset_description(
-            f"{name} ({pipeline})",
-            dcm2niix_version=dcm2niix_version,
-            dataset_type="derivative",
-            tools=tools,
-        )
-        put(
-            DERIVATIVES / pipeline / "dataset_description.json",
-            json.dumps(description, indent=2) + "\n",
-        )
-    put(".bidsignore", bidsignore(exports, incomplete))
-    return files
+        **files,
+    }
 
 
 def _linked(
@@ -372,6 +471,13 @@ def bidsignore(
 ) -> str:
     """Patterns for the raw files BIDS has no name for yet (e.g. `swi`, CT), and the files of the
     `incomplete` perf images (see `incomplete_perf`), so validation stays clean."""
+    return "".join(f"{p}\n" for p in sorted(_bidsignore_patterns(exports, incomplete)))
+
+
+def _bidsignore_patterns(
+    exports: Sequence[ExportedStack],
+    incomplete: Mapping[PurePosixPath, Sequence[str]] | None = None,
+) -> set[str]:
     rules = load_naming_rules()
     patterns: set[str] = set()
     for image in incomplete or {}:
@@ -389,7 +495,7 @@ def bidsignore(
                 patterns.add(f"**/{datatype}")  # the folder itself: the validator skips its files
             elif not rules.is_standard(datatype, suffix):
                 patterns.add(f"*_{suffix}.*")
-    return "".join(f"{p}\n" for p in sorted(patterns))
+    return patterns
 
 
 def _readme(
@@ -398,13 +504,33 @@ def _readme(
     layout: str,
     incomplete: Mapping[PurePosixPath, Sequence[str]],
 ) -> str:
-    subjects = sorted({sanitize_label(e.stack.subject) for e in exports})
-    pipelines = sorted({e.base.parts[1] for e in exports if e.base.parts[0] == DERIVATIVES.name})
+    return _readme_text(
+        name,
+        layout,
+        subjects=len({sanitize_label(e.stack.subject) for e in exports}),
+        stacks=len(exports),
+        pipelines=sorted({e.base.parts[1] for e in exports if e.base.parts[0] == DERIVATIVES.name}),
+        sourcedata=any(e.base.parts[0] == "sourcedata" for e in exports)
+        or any(f.parts[0] == "sourcedata" for e in exports for f in e.files),
+        incomplete=incomplete,
+    )
+
+
+def _readme_text(
+    name: str,
+    layout: str,
+    *,
+    subjects: int,
+    stacks: int,
+    pipelines: Sequence[str],
+    sourcedata: bool,
+    incomplete: Mapping[PurePosixPath, Sequence[str]],
+) -> str:
     lines = [
         f"# {name}",
         "",
         f"Exported by Cohortflow {cohortflow_version()} from DICOM ({layout} layout): "
-        f"{len(subjects)} subject(s), {len(exports)} series stack(s).",
+        f"{subjects} subject(s), {stacks} series stack(s).",
         "Images were converted with dcm2niix (dicom2nifti where dcm2niix failed; the sidecar's "
         "ConversionSoftware says which). Dates are as stored after de-identification: when study "
         "dates were shifted, acq_time values are shifted by the same per-subject offset.",
@@ -416,9 +542,7 @@ def _readme(
             + ", ".join(f"derivatives/{p}/" for p in pipelines)
             + ".",
         ]
-    if any(e.base.parts[0] == "sourcedata" for e in exports) or any(
-        f.parts[0] == "sourcedata" for e in exports for f in e.files
-    ):
+    if sourcedata:
         lines += [
             "",
             "sourcedata/dicom/ holds the DICOM instances of each exported stack (de-identified when the cohort was anonymized).",

@@ -8,7 +8,15 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from services.exporter.bids import ExportedStack, dataset_files, plan_names, write_dataset_files
+from services.exporter.bids import (
+    ExportedStack,
+    SubjectPart,
+    dataset_files,
+    merged_dataset_files,
+    plan_names,
+    subject_files,
+    write_dataset_files,
+)
 from services.exporter.convert.dcm2niix import dcm2niix_version
 from services.exporter.convert.export import export_stack
 from services.exporter.validate import run_bids_validator
@@ -255,6 +263,28 @@ def test_dataset_files_from_stored_records(dataset: tuple[Path, list[ExportedSta
     assert PurePosixPath("sub-01/ses-1/fmap/sub-01_ses-1_phasediff.json") in texts
     for relative, text in texts.items():
         assert (root / str(relative)).read_text() == text, relative
+
+
+def test_one_subject_again_with_the_others_carried_gives_the_same_files(
+    dataset: tuple[Path, list[ExportedStack]],
+) -> None:
+    """A scoped export recomputes one subject's files and merges the parts the previous export kept
+    for the others: the same bytes as computing the whole dataset (ADR 0024)."""
+    _, exports = dataset
+    whole = dataset_files(exports, name="Cohortflow test", dcm2niix_version=None)
+    kept, _ = subject_files(exports)
+    stored = {s: SubjectPart.model_validate_json(p.model_dump_json()) for s, p in kept.items()}
+    again, own = subject_files([e for e in exports if e.stack.subject == "02"])
+    assert set(again) == {"02"}
+    merged = merged_dataset_files(
+        [*again.values(), *(p for s, p in stored.items() if s != "02")], name="Cohortflow test"
+    )
+    assert {**merged, **own} == {
+        path: text
+        for path, text in whole.items()
+        if not path.parts[0].startswith("sub-") or path.parts[0] == "sub-02"
+    }
+    assert "sub-01\t" in merged[PurePosixPath("participants.tsv")]
 
 
 def test_dual_echo_series_kept_together_is_split_by_echo(dicom_root: Path, tmp_path: Path) -> None:
