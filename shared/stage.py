@@ -149,7 +149,8 @@ class StagePlugin(Protocol):
     one process works on at once (`shared.service.item_consumers`); its `process` must then be
     safe to run concurrently. It may also have `subscriptions(pool)`: topics it handles itself, as
     (topic, purpose, envelope handler) (`shared.service.subscribe_stage`; the anonymizer's
-    retractions, ADR 0025). And a plugin with worker processes may have `warm_up()` (blocking),
+    retractions, ADR 0025). A plugin that gives studies new UIDs has `scope_after(request)`: the
+    study UIDs a scoped run's next stage works on. And a plugin with worker processes may have `warm_up()` (blocking),
     which the service calls in a thread once it has started, so the first item finds them up."""
 
     stage: Stage
@@ -230,16 +231,16 @@ def _loaded_request(data: dict[str, Any], settings: Settings) -> StageRequested:
 
 
 def next_request(
-    request: StageRequested, finished: Stage, output_prefix: str | None
+    request: StageRequested, output_prefix: str | None, scope: list[str] | None = None
 ) -> tuple[SlipStep, StageRequested] | None:
-    """The routing slip's next step and its request, once stage `finished` completed `request`;
-    None when the slip is empty (the pipeline run ends here)."""
+    """The routing slip's next step and its request, once its stage completed `request`; None
+    when the slip is empty (the pipeline run ends here). `scope`: the study UIDs the next stage
+    works on, when the finished stage changed them (default: the request's)."""
     if not request.slip:
         return None
     step, rest = request.slip[0], request.slip[1:]
-    # anonymization gives every study a new UID: a scope of original UIDs means nothing (and
-    # must not travel) past it; extraction's resume then reads only what is new in the zone
-    scope = [] if finished == Stage.anonymization else request.study_instance_uids
+    if scope is None:
+        scope = request.study_instance_uids
     return step, StageRequested(
         stage=step.stage,
         cohort=request.cohort,
@@ -784,7 +785,11 @@ class StageRuntime:
         self, conn: asyncpg.Connection, request: StageRequested, output_prefix: str | None
     ) -> None:
         """Request the next stage of the routing slip, if any."""
-        following = next_request(request, self.plugin.stage, output_prefix)
+        # a stage that gives studies new UIDs (anonymization) says what the scope becomes:
+        # original UIDs must not travel past it
+        scope_after = getattr(self.plugin, "scope_after", None)
+        scope = scope_after(request) if scope_after is not None else None
+        following = next_request(request, output_prefix, scope)
         if following is None:
             return
         step, nxt = following

@@ -83,7 +83,7 @@ from shared.service import Handler
 from shared.settings import Settings, get_settings
 from shared.sources import ObjectSource, Source, SourceFile, open_source
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
-from shared.stage_config import AnonymizationConfig, JobConfigs
+from shared.stage_config import AnonymizationConfig, JobConfigs, read_stage_config
 from shared.storage import ObjectStore
 from shared.topics import Stage
 from shared.workers import ProcessPools, cpu_workers
@@ -180,8 +180,13 @@ def deidentified_study_uid(settings: Settings, retraction: StudyRetraction) -> s
     """The StudyInstanceUID the de-identified copy of the retracted study carries: `new_uid` of the
     original under the core secret, as `anonymize` and the object keys have it. Not under
     `retain_uids` (the copy keeps its original UID): the gateway covers that case, ADR 0025, "Retain UIDs"."""
-    original = unseal(retraction.study_instance_uid, settings).strip()
-    return new_uid(Vault(settings).core_secret, original)
+    return study_uid_of_copy(settings, unseal(retraction.study_instance_uid, settings))
+
+
+def study_uid_of_copy(settings: Settings, original: str) -> str:
+    """The StudyInstanceUID the de-identified copy of study `original` carries (without
+    `retain_uids`): `new_uid` under the core secret, as `anonymize` gives it."""
+    return new_uid(Vault(settings).core_secret, original.strip())
 
 
 class AnonymizerPlugin:
@@ -203,6 +208,20 @@ class AnonymizerPlugin:
     @property
     def settings(self) -> Settings:
         return self._settings or get_settings()
+
+    def scope_after(self, request: StageRequested) -> list[str]:
+        """The studies a new study's run works on after this stage: their de-identified copies'
+        UIDs (`new_uid` under the core secret, as `anonymize` gives them), or under `retain_uids`
+        the same UIDs (the copies keep them). So sorting and export stay scoped to the new
+        studies, and no original UID travels past this stage."""
+        if not request.study_instance_uids:
+            return []
+        config = read_stage_config(
+            AnonymizationConfig, request.config, self.settings, secrets_withheld=True
+        )
+        if config.retain_uids:
+            return list(request.study_instance_uids)
+        return [study_uid_of_copy(self.settings, uid) for uid in request.study_instance_uids]
 
     @property
     def store(self) -> ObjectStore:

@@ -4,12 +4,13 @@ to the UID its de-identified copy carries, which is what the catalog, and so the
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pydicom
 from pydantic import SecretStr
 
-from services.anonymizer.plugin import deidentified_study_uid
+from services.anonymizer.plugin import AnonymizerPlugin, deidentified_study_uid
 from services.anonymizer.profile import (
     AnonymizationContext,
     ProfileOptions,
@@ -17,9 +18,10 @@ from services.anonymizer.profile import (
     load_profile,
 )
 from services.anonymizer.repository import Vault
-from shared.events import StudyRetraction
+from shared.events import CohortRef, StageRequested, StudyRetraction
 from shared.secrets import seal
 from shared.settings import Settings
+from shared.topics import Stage
 
 SETTINGS = Settings(project_secret=SecretStr("unit-test project secret for retractions"))
 
@@ -52,3 +54,29 @@ def test_the_same_study_of_another_notice_maps_to_the_same_uid() -> None:
 
     assert mapped(uid) == mapped(f" {uid} ")  # senders pad; the core strips too
     assert mapped(uid) != mapped(uid + "1")
+
+
+def test_a_new_studys_run_stays_scoped_past_anonymization_without_its_original_uid() -> None:
+    """Sorting and export of a new study's run work on the de-identified copy's UID (so their
+    cost is the study's, not the cohort's); the original UID does not travel past the stage."""
+    original = "1.2.840.113619.2.1.1.322987881.621.736170080.681"
+    plugin = AnonymizerPlugin(SETTINGS)
+
+    def after(config: dict[str, object]) -> list[str]:
+        request = StageRequested(
+            stage=Stage.anonymization,
+            cohort=CohortRef(id=uuid.uuid4(), name="c", source_path="/data/c"),
+            config=config,
+            study_instance_uids=[original],
+        )
+        return plugin.scope_after(request)
+
+    retraction = StudyRetraction(
+        study_instance_uid=seal(original, SETTINGS), retracted=True, reason=""
+    )
+    assert after({}) == [deidentified_study_uid(SETTINGS, retraction)] != [original]
+    assert after({"retain_uids": True}) == [original]  # the copy keeps its UID
+    whole = StageRequested(
+        stage=Stage.anonymization, cohort=CohortRef(id=uuid.uuid4(), name="c", source_path="/d")
+    )
+    assert plugin.scope_after(whole) == []

@@ -410,24 +410,24 @@ def _slip_request(stage: Stage, uids: list[str]) -> StageRequested:
 
 def test_the_slip_passes_scope_location_and_the_output_prefix_on() -> None:
     request = _slip_request(Stage.extraction, ["1.2.3"])
-    step, nxt = next_request(request, Stage.extraction, "catalog/c1/") or (None, None)
+    step, nxt = next_request(request, "catalog/c1/") or (None, None)
     assert step is request.slip[0] and nxt is not None
     assert nxt.slip == request.slip[1:] and nxt.config == {"a": 1}
     assert nxt.study_instance_uids == ["1.2.3"] and nxt.location == "/incoming/study"
     assert nxt.input_prefix == "catalog/c1/"
-    _, kept = next_request(request, Stage.extraction, None) or (None, None)
+    _, kept = next_request(request, None) or (None, None)
     assert kept is not None and kept.input_prefix == "raw/c1/"
 
 
-def test_original_study_uids_do_not_travel_past_anonymization() -> None:
+def test_a_stage_that_renames_studies_passes_the_new_scope_on() -> None:
     request = _slip_request(Stage.anonymization, ["1.2.3"])
-    _, nxt = next_request(request, Stage.anonymization, "anon/c1/") or (None, None)
-    assert nxt is not None and nxt.study_instance_uids == []
+    _, nxt = next_request(request, "anon/c1/", ["2.25.9"]) or (None, None)
+    assert nxt is not None and nxt.study_instance_uids == ["2.25.9"]
 
 
 def test_the_slip_ends_with_its_last_stage() -> None:
     request = StageRequested(stage=Stage.export, cohort=COHORT)
-    assert next_request(request, Stage.export, "export/") is None
+    assert next_request(request, "export/") is None
 
 
 async def test_cancel_checks_inside_an_item_are_throttled() -> None:
