@@ -111,7 +111,7 @@ def main() -> None:
             f"CPU s by process (median): anonymizer service process {service_cpu:.1f},"
             f" its worker pool {cpu - service_cpu:.1f}, "
             + ", ".join(f"{k} {v:.1f}" for k, v in sorted(others.items(), key=lambda kv: -kv[1]))
-            + f"; bare loop {bare:.1f}"
+            + f"; the bare loop: {bare:.1f} s wall"
         )
         per_file = cpu / n
         print(

@@ -6,8 +6,10 @@
   rest by study. A study already done for this cohort with the same file set is skipped; a failed
   one is planned again. Item keys are HMACs of the original StudyInstanceUID; the file lists stay in
   `anonymizer.planned_study`, encrypted, so no path or UID travels on the bus.
-- process: per file, resolve the patient's pseudonym and date offset (stored, project-wide),
-  `anonymize`, serialize, `verify` the written bytes and the object key, and only then upload to
+- process: batches of the study's file keys go to worker processes, which read each file
+  themselves (ADR 0026); the patient's pseudonym and date offset (stored, project-wide) are
+  resolved here, once per patient; per file the worker runs `anonymize`, serializes, `verify`s the
+  written bytes and the object key, and only then uploads to
   `anon/<cohort>/<pseudonym>/<study>/<series>/<sop>.dcm` (deterministic keys: a redelivery
   overwrites, so every file ends up exactly once). Quarantined objects are not uploaded; a
   verification hit fails the file and the study (tried again by the next run), and the objects of
