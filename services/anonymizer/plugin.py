@@ -27,13 +27,11 @@ import json
 import logging
 import uuid
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-from pydicom import Dataset
 
 from services.anonymizer import SCHEMA
 from services.anonymizer.audit import write_audit
@@ -67,8 +65,6 @@ from services.anonymizer.repository import (
 )
 from services.anonymizer.worker import (
     ANON_ZONE,
-    ISSUER,
-    PATIENT_ID,
     FileOutcome,
     StudyBatch,
     SubjectKey,
@@ -76,15 +72,14 @@ from services.anonymizer.worker import (
     Unresolved,
     deidentify_batch,
     load_worker_profile,
-    parse_until,
+    study_heads,
     subject_key_of,
-    uid_value,
     worker_options,
 )
 from shared.events import ItemError, StageRequested, WorkItem
 from shared.observability import FILES_PROCESSED
 from shared.settings import Settings, get_settings
-from shared.sources import ObjectSource, Source, SourceFile, open_source
+from shared.sources import Source, SourceFile, open_source
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
 from shared.stage_config import AnonymizationConfig, JobConfigs
 from shared.storage import ObjectStore
@@ -96,65 +91,13 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 AUDIT_PREFIX = "audit"
 AUDIT_SUFFIX = {"encrypted_excel": "xlsx", "csv": "csv.enc"}
-HEADER_RANGE = 256 * 1024  # bytes read from object storage to find a StudyInstanceUID
-PLAN_READERS = 8  # header reads in flight while planning (I/O bound)
-
-STUDY_DATE = 0x00080020
-STUDY_UID = 0x0020000D
+PLAN_READERS = 8  # header reads in flight while planning (I/O bound), over the worker pool
+PLAN_BATCH_FILES = 64  # files per header-reading batch of a worker
 WITHDRAWN = "withdrawn: a file of its series failed"
 # files of a study per batch for a worker process: a handful of batches per worker, so the last
 # ones of a study still spread over every worker, and a cancel is heard between batches
 MAX_BATCH_FILES = 16
 BATCHES_PER_WORKER = 4
-
-
-# --- reading headers ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StudyHead:
-    """What a plan reads of a file: its study, and the patient and date that study belongs to."""
-
-    study_uid: str
-    patient_id: str
-    issuer: str
-    study_date: str | None
-
-
-HEAD_TAGS = [STUDY_DATE, PATIENT_ID, ISSUER, STUDY_UID]
-
-
-def study_head_of(source: Source, f: SourceFile) -> tuple[StudyHead | None, str | None]:
-    """(StudyHead, None) of a file, or (None, reason) when it is not a DICOM object of a study.
-    Reads only the header up to the study UID (a ranged read on object storage); an entry the
-    listing refused (a link out of the roots, a FIFO, ...) is not read, its reason is kept."""
-    if f.rejected is not None:
-        return None, f.rejected
-    try:
-        if isinstance(source, ObjectSource):
-            full = f"{source.prefix}/{f.key}" if source.prefix else f.key
-            head = source.store.get_range(full, 0, min(f.size, HEADER_RANGE), bucket=source.bucket)
-            try:
-                ds = parse_until(head, STUDY_UID, HEAD_TAGS)
-            except Exception:
-                ds = Dataset()
-            if "StudyInstanceUID" not in ds and f.size > HEADER_RANGE:
-                ds = parse_until(source.read(f.key), STUDY_UID, HEAD_TAGS)
-        else:  # a folder (or a study's folder within one): read as far as the study UID
-            with source.open(f.key) as fh:
-                ds = parse_until(fh, STUDY_UID, HEAD_TAGS)
-    except Exception as exc:  # pydicom raises many types on non-DICOM input
-        return None, f"not a readable DICOM file ({type(exc).__name__})"
-    uid = uid_value(ds, "StudyInstanceUID")
-    if not uid:
-        return None, "no StudyInstanceUID: not a DICOM object of a study"
-    date = str(ds.get("StudyDate", "") or "").strip()[:8]
-    return StudyHead(
-        uid,
-        str(ds.get("PatientID", "") or ""),
-        str(ds.get("IssuerOfPatientID", "") or ""),
-        date if len(date) == 8 and date.isdigit() else None,
-    ), None
 
 
 # --- one file -------------------------------------------------------------------------------------
@@ -227,7 +170,14 @@ class AnonymizerPlugin:
         listed = await asyncio.to_thread(lambda: list(source.list()))
         file_keys = {f.key: vault.key("file", f"{source.location}\x00{f.key}") for f in listed}
         studies = await self._studies_of(
-            pool, vault, source, listed, file_keys, cohort_id, job_id, options.patient_id
+            pool,
+            vault,
+            (source, request.cohort.source_path, workers),
+            listed,
+            file_keys,
+            cohort_id,
+            job_id,
+            options.patient_id,
         )
         rejected = len(studies.pop(None, []))
         by_study = {k: v for k, v in studies.items() if k is not None}
@@ -273,15 +223,17 @@ class AnonymizerPlugin:
         self,
         pool: asyncpg.Pool,
         vault: Vault,
-        source: Source,
+        reading: tuple[Source, str | None, int],
         listed: list[SourceFile],
         file_keys: dict[str, str],
         cohort_id: uuid.UUID,
         job_id: uuid.UUID,
         patient: PatientIdOptions,
     ) -> dict[str | None, list[tuple[str, int, int]]]:
-        """Listed files grouped by study key (None: rejected). Only new or changed files are read;
-        what they turned out to be is recorded for the next plan."""
+        """Listed files grouped by study key (None: rejected). Only new or changed files are read
+        (`reading`: the source, the cohort's source it lies within, the worker pool's size); what
+        they turned out to be is recorded for the next plan."""
+        source, within, workers = reading
         known = await known_files(pool, cohort_id)
         fresh = [
             f
@@ -289,11 +241,23 @@ class AnonymizerPlugin:
             if (k := known.get(file_keys[f.key])) is None
             or (k.size, k.mtime_ns) != (f.size, f.mtime_ns)
         ]
+        # the headers are read and parsed by the worker pool (a few reads in flight in each)
         loop = asyncio.get_running_loop()
-        with ThreadPoolExecutor(max_workers=PLAN_READERS) as readers:
-            read = await asyncio.gather(
-                *(loop.run_in_executor(readers, study_head_of, source, f) for f in fresh)
+        threads = max(1, PLAN_READERS // workers)
+        parts = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self._pools.get(workers),
+                    study_heads,
+                    source.location,
+                    within,
+                    fresh[i : i + PLAN_BATCH_FILES],
+                    threads,
+                )
+                for i in range(0, len(fresh), PLAN_BATCH_FILES)
             )
+        )
+        read = [head for part in parts for head in part]
         study_of = {k: known[k].study_key for k in known}
         rows = []
         subjects: dict[str, tuple[str, str | None]] = {}  # study key -> (subject key, date)

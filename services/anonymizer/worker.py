@@ -40,7 +40,7 @@ from services.anonymizer.profile import (
 )
 from services.anonymizer.repository import Vault
 from shared.settings import get_settings
-from shared.sources import ANON_ZONE, Source, open_source
+from shared.sources import ANON_ZONE, ObjectSource, Source, SourceFile, open_source
 from shared.storage import process_store
 
 log = logging.getLogger(__name__)
@@ -321,3 +321,66 @@ def _deidentify_read(
         output=batch.output,
     )
     return deidentify_file(job)
+
+
+# --- what a plan reads of each file --------------------------------------------------------------
+
+HEADER_RANGE = 256 * 1024  # bytes read from object storage to find a StudyInstanceUID
+STUDY_DATE = 0x00080020
+STUDY_UID = 0x0020000D
+
+
+@dataclass(frozen=True)
+class StudyHead:
+    """What a plan reads of a file: its study, and the patient and date that study belongs to."""
+
+    study_uid: str
+    patient_id: str
+    issuer: str
+    study_date: str | None
+
+
+HEAD_TAGS = [STUDY_DATE, PATIENT_ID, ISSUER, STUDY_UID]
+
+
+def study_head_of(source: Source, f: SourceFile) -> tuple[StudyHead | None, str | None]:
+    """(StudyHead, None) of a file, or (None, reason) when it is not a DICOM object of a study.
+    Reads only the header up to the study UID (a ranged read on object storage); an entry the
+    listing refused (a link out of the roots, a FIFO, ...) is not read, its reason is kept."""
+    if f.rejected is not None:
+        return None, f.rejected
+    try:
+        if isinstance(source, ObjectSource):
+            full = f"{source.prefix}/{f.key}" if source.prefix else f.key
+            head = source.store.get_range(full, 0, min(f.size, HEADER_RANGE), bucket=source.bucket)
+            try:
+                ds = parse_until(head, STUDY_UID, HEAD_TAGS)
+            except Exception:
+                ds = Dataset()
+            if "StudyInstanceUID" not in ds and f.size > HEADER_RANGE:
+                ds = parse_until(source.read(f.key), STUDY_UID, HEAD_TAGS)
+        else:  # a folder (or a study's folder within one): read as far as the study UID
+            with source.open(f.key) as fh:
+                ds = parse_until(fh, STUDY_UID, HEAD_TAGS)
+    except Exception as exc:  # pydicom raises many types on non-DICOM input
+        return None, f"not a readable DICOM file ({type(exc).__name__})"
+    uid = uid_value(ds, "StudyInstanceUID")
+    if not uid:
+        return None, "no StudyInstanceUID: not a DICOM object of a study"
+    date = str(ds.get("StudyDate", "") or "").strip()[:8]
+    return StudyHead(
+        uid,
+        str(ds.get("PatientID", "") or ""),
+        str(ds.get("IssuerOfPatientID", "") or ""),
+        date if len(date) == 8 and date.isdigit() else None,
+    ), None
+
+
+def study_heads(
+    location: str, within: str | None, files: list[SourceFile], threads: int
+) -> list[tuple[StudyHead | None, str | None]]:
+    """`study_head_of` each file of a plan (in a worker process), `threads` reads in flight."""
+    quiet_pydicom()
+    source = _source(location, within)
+    with ThreadPoolExecutor(max_workers=threads) as readers:
+        return list(readers.map(lambda f: study_head_of(source, f), files))
