@@ -12,6 +12,7 @@ back.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import uuid
@@ -251,15 +252,13 @@ class StudyBatch:
     output: Literal["upload", "return", "discard"] = "upload"
 
 
-_sources: dict[tuple[str, str | None], Source] = {}  # per worker process
 _readers: ThreadPoolExecutor | None = None
 READ_AHEAD = 2  # files read while the one before is de-identified (bounded: files can be large)
 
 
+@functools.lru_cache(maxsize=8)  # per worker process: the studies of the last few runs
 def _source(location: str, within: str | None) -> Source:
-    if (location, within) not in _sources:
-        _sources[location, within] = open_source(location, get_settings(), within=within)
-    return _sources[location, within]
+    return open_source(location, get_settings(), within=within)
 
 
 def _read_ahead(source: Source, keys: list[str]) -> Iterator[bytes]:
