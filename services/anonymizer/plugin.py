@@ -6,8 +6,10 @@
   rest by study. A study already done for this cohort with the same file set is skipped; a failed
   one is planned again. Item keys are HMACs of the original StudyInstanceUID; the file lists stay in
   `anonymizer.planned_study`, encrypted, so no path or UID travels on the bus.
-- process: per file, resolve the patient's pseudonym and date offset (stored, project-wide),
-  `anonymize`, serialize, `verify` the written bytes and the object key, and only then upload to
+- process: batches of the study's file keys go to worker processes, which read each file
+  themselves (ADR 0026); the patient's pseudonym and date offset (stored, project-wide) are
+  resolved here, once per patient; per file the worker runs `anonymize`, serializes, `verify`s the
+  written bytes and the object key, and only then uploads to
   `anon/<cohort>/<pseudonym>/<study>/<series>/<sop>.dcm` (deterministic keys: a redelivery
   overwrites, so every file ends up exactly once). Quarantined objects are not uploaded; a
   verification hit fails the file and the study (tried again by the next run), and the objects of
@@ -21,19 +23,15 @@ Nothing identifying goes to logs, tables (except encrypted), object keys or even
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import uuid
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import asyncpg
-from pydicom import Dataset
-from pydicom.filereader import read_partial
 
 from services.anonymizer import SCHEMA
 from services.anonymizer.audit import write_audit
@@ -69,10 +67,15 @@ from services.anonymizer.repository import (
 )
 from services.anonymizer.worker import (
     ANON_ZONE,
-    FileJob,
     FileOutcome,
-    deidentify_file,
-    uid_value,
+    StudyBatch,
+    SubjectKey,
+    SubjectRef,
+    Unresolved,
+    deidentify_batch,
+    load_worker_profile,
+    study_heads,
+    subject_key_of,
     worker_options,
 )
 from shared import topics
@@ -81,7 +84,7 @@ from shared.observability import FILES_PROCESSED
 from shared.secrets import unseal
 from shared.service import Handler
 from shared.settings import Settings, get_settings
-from shared.sources import ObjectSource, Source, SourceFile, open_source
+from shared.sources import Source, SourceFile, open_source
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
 from shared.stage_config import AnonymizationConfig, JobConfigs, read_stage_config
 from shared.storage import ObjectStore
@@ -93,73 +96,13 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 AUDIT_PREFIX = "audit"
 AUDIT_SUFFIX = {"encrypted_excel": "xlsx", "csv": "csv.enc"}
-HEADER_RANGE = 256 * 1024  # bytes read from object storage to find a StudyInstanceUID
-PLAN_READERS = 8  # header reads in flight while planning (I/O bound)
-
-SOP_INSTANCE_UID = 0x00080018
-STUDY_DATE = 0x00080020
-STUDY_UID = 0x0020000D
-PATIENT_ID = 0x00100020
+PLAN_READERS = 8  # header reads in flight while planning (I/O bound), over the worker pool
+PLAN_BATCH_FILES = 64  # files per header-reading batch of a worker
 WITHDRAWN = "withdrawn: a file of its series failed"
-ISSUER = 0x00100021
-
-
-# --- reading headers ------------------------------------------------------------------------------
-
-
-def _stop_after(last: int) -> Any:
-    return lambda tag, vr, length: int(tag) > last
-
-
-def _parse_until(data: bytes | BinaryIO, last: int, tags: list[int]) -> Dataset:
-    fp = io.BytesIO(data) if isinstance(data, bytes) else data
-    return read_partial(fp, stop_when=_stop_after(last), force=True, specific_tags=tags)
-
-
-@dataclass(frozen=True)
-class StudyHead:
-    """What a plan reads of a file: its study, and the patient and date that study belongs to."""
-
-    study_uid: str
-    patient_id: str
-    issuer: str
-    study_date: str | None
-
-
-HEAD_TAGS = [STUDY_DATE, PATIENT_ID, ISSUER, STUDY_UID]
-
-
-def study_head_of(source: Source, f: SourceFile) -> tuple[StudyHead | None, str | None]:
-    """(StudyHead, None) of a file, or (None, reason) when it is not a DICOM object of a study.
-    Reads only the header up to the study UID (a ranged read on object storage); an entry the
-    listing refused (a link out of the roots, a FIFO, ...) is not read, its reason is kept."""
-    if f.rejected is not None:
-        return None, f.rejected
-    try:
-        if isinstance(source, ObjectSource):
-            full = f"{source.prefix}/{f.key}" if source.prefix else f.key
-            head = source.store.get_range(full, 0, min(f.size, HEADER_RANGE), bucket=source.bucket)
-            try:
-                ds = _parse_until(head, STUDY_UID, HEAD_TAGS)
-            except Exception:
-                ds = Dataset()
-            if "StudyInstanceUID" not in ds and f.size > HEADER_RANGE:
-                ds = _parse_until(source.read(f.key), STUDY_UID, HEAD_TAGS)
-        else:  # a folder (or a study's folder within one): read as far as the study UID
-            with source.open(f.key) as fh:
-                ds = _parse_until(fh, STUDY_UID, HEAD_TAGS)
-    except Exception as exc:  # pydicom raises many types on non-DICOM input
-        return None, f"not a readable DICOM file ({type(exc).__name__})"
-    uid = uid_value(ds, "StudyInstanceUID")
-    if not uid:
-        return None, "no StudyInstanceUID: not a DICOM object of a study"
-    date = str(ds.get("StudyDate", "") or "").strip()[:8]
-    return StudyHead(
-        uid,
-        str(ds.get("PatientID", "") or ""),
-        str(ds.get("IssuerOfPatientID", "") or ""),
-        date if len(date) == 8 and date.isdigit() else None,
-    ), None
+# files of a study per batch for a worker process: a handful of batches per worker, so the last
+# ones of a study still spread over every worker, and a cancel is heard between batches
+MAX_BATCH_FILES = 16
+BATCHES_PER_WORKER = 4
 
 
 # --- one file -------------------------------------------------------------------------------------
@@ -277,6 +220,11 @@ class AnonymizerPlugin:
         config = self._configs.read(job_id, request.config, settings, secrets_withheld=scoped)
         options = ProfileOptions.from_config(config)
         self.profile(options)  # a bad config fails here
+        # the worker pool starts (once per service) and loads the profile while the plan reads
+        workers = config.process_pool_workers or cpu_workers()
+        executor = self._pools.get(workers)
+        for _ in range(workers):
+            executor.submit(load_worker_profile, worker_options(options))
         cohort_id = request.cohort.id
         location = request.location or request.cohort.source_path
         # a new study's folder is keyed within the cohort's source: the same file has the same
@@ -285,7 +233,14 @@ class AnonymizerPlugin:
         listed = await asyncio.to_thread(lambda: list(source.list()))
         file_keys = {f.key: vault.key("file", f"{source.location}\x00{f.key}") for f in listed}
         studies = await self._studies_of(
-            pool, vault, source, listed, file_keys, cohort_id, job_id, options.patient_id
+            pool,
+            vault,
+            (source, request.cohort.source_path, workers),
+            listed,
+            file_keys,
+            cohort_id,
+            job_id,
+            options.patient_id,
         )
         rejected = len(studies.pop(None, []))
         by_study = {k: v for k, v in studies.items() if k is not None}
@@ -331,15 +286,17 @@ class AnonymizerPlugin:
         self,
         pool: asyncpg.Pool,
         vault: Vault,
-        source: Source,
+        reading: tuple[Source, str | None, int],
         listed: list[SourceFile],
         file_keys: dict[str, str],
         cohort_id: uuid.UUID,
         job_id: uuid.UUID,
         patient: PatientIdOptions,
     ) -> dict[str | None, list[tuple[str, int, int]]]:
-        """Listed files grouped by study key (None: rejected). Only new or changed files are read;
-        what they turned out to be is recorded for the next plan."""
+        """Listed files grouped by study key (None: rejected). Only new or changed files are read
+        (`reading`: the source, the cohort's source it lies within, the worker pool's size); what
+        they turned out to be is recorded for the next plan."""
+        source, within, workers = reading
         known = await known_files(pool, cohort_id)
         fresh = [
             f
@@ -347,11 +304,23 @@ class AnonymizerPlugin:
             if (k := known.get(file_keys[f.key])) is None
             or (k.size, k.mtime_ns) != (f.size, f.mtime_ns)
         ]
+        # the headers are read and parsed by the worker pool (a few reads in flight in each)
         loop = asyncio.get_running_loop()
-        with ThreadPoolExecutor(max_workers=PLAN_READERS) as readers:
-            read = await asyncio.gather(
-                *(loop.run_in_executor(readers, study_head_of, source, f) for f in fresh)
+        threads = max(1, PLAN_READERS // workers)
+        parts = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self._pools.get(workers),
+                    study_heads,
+                    source.location,
+                    within,
+                    fresh[i : i + PLAN_BATCH_FILES],
+                    threads,
+                )
+                for i in range(0, len(fresh), PLAN_BATCH_FILES)
             )
+        )
+        read = [head for part in parts for head in part]
         study_of = {k: known[k].study_key for k in known}
         rows = []
         subjects: dict[str, tuple[str, str | None]] = {}  # study key -> (subject key, date)
@@ -401,7 +370,6 @@ class AnonymizerPlugin:
         config = self._configs.read(ctx.job_id, item.config, settings, secrets_withheld=True)
         options = ProfileOptions.from_config(config)
         study = await load_planned_study(ctx.pool, vault, ctx.job_id, item.item_key)
-        source = open_source(study.location, settings, within=item.cohort.source_path)
         mapping = (
             read_mapping(options.patient_id.csv_text or "")
             if options.patient_id.strategy == "csv"
@@ -413,87 +381,94 @@ class AnonymizerPlugin:
             if options.timepoint_labels
             else None
         )
-        subjects: dict[tuple[str, str, str], Subject | PseudonymError] = {}
-        resolving = asyncio.Lock()  # files of one patient resolve it once, not concurrently
-        # files in flight: enough to keep every worker busy while others are read or resolved
-        workers = config.process_pool_workers or cpu_workers()
-        slots = asyncio.Semaphore(2 * workers + 1)
+        strategy = options.patient_id.strategy
         cohort_id = item.cohort.id
+        subjects: dict[SubjectKey, SubjectRef | str] = {}  # a reason when it cannot be resolved
 
-        async def subject_of(patient_id: str, issuer: str, path: str) -> Subject:
-            # `folder` derives the pseudonym from the path: its folder is part of the cache key
-            where = (
-                str(PurePosixPath(path).parent) if options.patient_id.strategy == "folder" else ""
-            )
-            cache = (patient_id, issuer, where)  # one study per item: the study is fixed
-            async with resolving:
-                known = subjects.get(cache)
-                if known is None:
-                    try:
-                        known = await resolve_subject(
-                            ctx.pool,
-                            vault,
-                            cohort_id=cohort_id,
-                            patient_id=patient_id,
-                            issuer=issuer,
-                            opts=options.patient_id,
-                            relative_path=path,
-                            mapping=mapping,
-                            offset_range=offset_range,
-                            study_key=study.study_key,
-                        )
-                    except PseudonymError as exc:
-                        known = exc
-                    subjects[cache] = known
-            if isinstance(known, PseudonymError):
-                raise known
-            return known
-
-        loop = asyncio.get_running_loop()
-        executor = self._pools.get(workers)
-        job_options = worker_options(options)
-
-        async def one(index: int, key: str) -> FileOutcome:
-            async with slots:
-                await ctx.check_cancelled()
-                file_key = vault.key("file", f"{source.location}\x00{key}")
-                data = await asyncio.to_thread(source.read, key)
-                try:  # who the file belongs to: the first elements are enough
-                    head = _parse_until(data, ISSUER, [SOP_INSTANCE_UID, PATIENT_ID, ISSUER])
-                except Exception as exc:
-                    reason = f"not a readable DICOM file ({type(exc).__name__})"
-                    return FileOutcome("rejected", reason, file_key, "", None, None)
-                sop = uid_value(head, "SOPInstanceUID")
-                sop_key = vault.key("sop", sop) if sop else file_key
-                patient_id = str(head.get("PatientID", "") or "")
-                issuer = str(head.get("IssuerOfPatientID", "") or "")
-                try:
-                    subject = await subject_of(patient_id, issuer, key)
-                except PseudonymError as exc:
-                    return FileOutcome("failed", f"pseudonym: {exc}", sop_key, "", None, None)
-                job = FileJob(
-                    data=data,
-                    options=job_options,
-                    secret=vault.core_secret,
-                    pseudonym=subject.pseudonym,
-                    date_offset_days=subject.date_offset_days,
+        async def resolve(file: Unresolved) -> None:
+            known = subject_key_of(file.patient_id, file.issuer, file.path, strategy)
+            if known in subjects:
+                return
+            try:
+                subject = await resolve_subject(
+                    ctx.pool,
+                    vault,
                     cohort_id=cohort_id,
-                    folder=subject_folder(
-                        subject, vault.core_secret, patient_id, options.patient_id.strategy
-                    ),
-                    sop_key=sop_key,
-                    timepoint_label=timepoint,
+                    patient_id=file.patient_id,
+                    issuer=file.issuer,
+                    opts=options.patient_id,
+                    relative_path=file.path,
+                    mapping=mapping,
+                    offset_range=offset_range,
+                    study_key=study.study_key,
                 )
-                del data
-                # parse, de-identify, write, verify and upload in a worker process
-                return await loop.run_in_executor(executor, deidentify_file, job)
+            except PseudonymError as exc:
+                subjects[known] = str(exc)
+                return
+            folder = subject_folder(subject, vault.core_secret, file.patient_id, strategy)
+            subjects[known] = SubjectRef(subject.pseudonym, subject.date_offset_days, folder)
 
-        try:
-            async with asyncio.TaskGroup() as group:  # a cancel or an error stops the siblings
-                tasks = [group.create_task(one(i, f[0])) for i, f in enumerate(study.files)]
-        except BaseExceptionGroup as failure:
-            raise failure.exceptions[0] from None
-        return await self._settle(ctx, item, study, [t.result() for t in tasks])
+        workers = config.process_pool_workers or cpu_workers()
+        executor = self._pools.get(workers)
+        loop = asyncio.get_running_loop()
+        keys = [f[0] for f in study.files]
+        job_options = worker_options(options)
+        outcomes: list[FileOutcome | None] = [None] * len(keys)
+
+        async def run(indices: list[int]) -> list[tuple[int, Unresolved]]:
+            """De-identify these files in batches across the worker pool; the files whose subject
+            is not resolved yet come back."""
+            size = max(1, min(MAX_BATCH_FILES, -(-len(indices) // (BATCHES_PER_WORKER * workers))))
+            slots = asyncio.Semaphore(2 * workers)  # batches in flight: every worker kept busy
+            missing: list[tuple[int, Unresolved]] = []
+
+            async def batch(part: list[int]) -> None:
+                async with slots:
+                    await ctx.check_cancelled()
+                    job = StudyBatch(
+                        location=study.location,
+                        within=item.cohort.source_path,
+                        keys=[keys[i] for i in part],
+                        vault=vault,
+                        options=job_options,
+                        subjects=dict(subjects),
+                        cohort_id=cohort_id,
+                        timepoint_label=timepoint,
+                    )
+                    # read, parse, de-identify, write, verify and upload in a worker process
+                    results = await loop.run_in_executor(executor, deidentify_batch, job)
+                for i, result in zip(part, results, strict=True):
+                    if isinstance(result, Unresolved):
+                        missing.append((i, result))
+                    else:
+                        outcomes[i] = result
+
+            try:
+                async with asyncio.TaskGroup() as group:  # a cancel or an error stops the siblings
+                    for start in range(0, len(indices), size):
+                        group.create_task(batch(indices[start : start + size]))
+            except BaseExceptionGroup as failure:
+                raise failure.exceptions[0] from None
+            return sorted(missing, key=lambda m: m[0])
+
+        # the first file alone finds the study's patient (usually its only one); the rest then go
+        # out with it resolved, and a file of another patient comes back once to be resolved
+        waves = [list(range(min(1, len(keys)))), list(range(1, len(keys)))]
+        returned: set[int] = set()
+        while waves:
+            missing = await run(waves.pop(0))
+            for _, file in missing:
+                await resolve(file)
+            again = [i for i, _ in missing]
+            if returned.intersection(again):
+                raise RuntimeError("a file came back unresolved after its subject was resolved")
+            returned.update(again)
+            if again:
+                waves = [sorted(again + waves.pop(0))] if waves else [again]
+        done = [o for o in outcomes if o is not None]
+        if len(done) != len(keys):
+            raise RuntimeError("a file of the study has no outcome")
+        return await self._settle(ctx, item, study, done)
 
     async def _settle(
         self, ctx: ItemContext, item: WorkItem, study: PlannedStudy, outcomes: list[FileOutcome]

@@ -1,23 +1,31 @@
-"""The per-file work of anonymization, run in worker processes: parse, de-identify, write, verify,
-upload.
+"""The per-file work of anonymization, run in worker processes: read, parse, de-identify, write,
+verify, upload.
 
-The service process reads each file, learns its patient from the first elements and resolves the
-pseudonym and date offset in Postgres (one place decides them); everything that costs CPU happens
-here, one file per call, so a study's files spread over every core of the machine. Only the outcome
-(status, reason, object key, audit row) travels back: the output bytes go from the worker straight
-to object storage.
+The service process passes a batch of a study's file keys and what it has decided about their
+subjects (pseudonym and date offset, resolved in Postgres: one place decides them); a worker reads
+each file from the source itself, learns its patient from the first elements, and de-identifies,
+writes, verifies and uploads it. A file whose patient the service has not resolved yet comes back
+unresolved, with the identity to resolve (the service then sends it again). So no file's bytes pass
+through the service process, and only small outcomes (status, reason, object key, audit row) travel
+back.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import uuid
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Literal
+from pathlib import PurePosixPath
+from typing import Any, BinaryIO, Literal
 
 import pydicom
 from pydicom import Dataset
+from pydicom.filereader import read_partial
 
 from services.anonymizer.audit import AuditRow, audit_row
 from services.anonymizer.profile import (
@@ -31,7 +39,9 @@ from services.anonymizer.profile import (
     new_uid,
     verify,
 )
-from shared.sources import ANON_ZONE
+from services.anonymizer.repository import Vault
+from shared.settings import get_settings
+from shared.sources import ANON_ZONE, ObjectSource, Source, SourceFile, open_source
 from shared.storage import process_store
 
 log = logging.getLogger(__name__)
@@ -61,6 +71,21 @@ class FileOutcome:
 
 def uid_value(ds: Dataset, keyword: str) -> str:
     return str(ds.get(keyword, "") or "").strip().rstrip("\x00")
+
+
+SOP_INSTANCE_UID = 0x00080018
+PATIENT_ID = 0x00100020
+ISSUER = 0x00100021
+
+
+def parse_until(data: bytes | BinaryIO, last: int, tags: list[int]) -> Dataset:
+    """The elements `tags` of a file, parsed no further than the tag `last`."""
+
+    def stop(tag: Any, vr: Any, length: Any) -> bool:
+        return int(tag) > last
+
+    fp = io.BytesIO(data) if isinstance(data, bytes) else data
+    return read_partial(fp, stop_when=stop, force=True, specific_tags=tags)
 
 
 def deidentify(
@@ -144,6 +169,12 @@ def _profile(options: ProfileOptions) -> Profile:
     return _profiles[options]
 
 
+def load_worker_profile(options: ProfileOptions) -> None:
+    """Load the profile in this worker before its first file (and pydicom's settings)."""
+    quiet_pydicom()
+    _profile(options)
+
+
 def deidentify_file(job: FileJob) -> FileOutcome:
     """Parse, de-identify, serialize and verify one file; upload it when it may be released."""
     quiet_pydicom()
@@ -172,3 +203,183 @@ def deidentify_file(job: FileJob) -> FileOutcome:
             outcome.object_key, outcome.data, content_type="application/dicom"
         )
     return outcome if job.output == "return" else replace(outcome, data=None)
+
+
+# --- a batch of a study's files, read by the worker itself ----------------------------------------
+
+SubjectKey = tuple[str, str, str]  # (PatientID, IssuerOfPatientID, folder under `folder`, else "")
+
+
+def subject_key_of(patient_id: str, issuer: str, path: str, strategy: str) -> SubjectKey:
+    """What decides a file's subject within a study: its patient, and under `folder` (which
+    derives the pseudonym from the path) its folder too."""
+    where = str(PurePosixPath(path).parent) if strategy == "folder" else ""
+    return patient_id, issuer, where
+
+
+@dataclass(frozen=True)
+class SubjectRef:
+    """A subject the service resolved, as a worker needs it."""
+
+    pseudonym: str
+    date_offset_days: int | None
+    folder: str  # the object-key folder (`plugin.subject_folder`)
+
+
+@dataclass(frozen=True)
+class Unresolved:
+    """A file whose subject the service has not resolved yet: the identity to resolve. It travels
+    only between the worker and the service process (never to a table, log or event)."""
+
+    patient_id: str
+    issuer: str
+    path: str
+
+
+@dataclass(frozen=True)
+class StudyBatch:
+    """Some files of one study for a worker: where to read them, and the study's subjects resolved
+    so far (a reason instead when the patient could not be resolved)."""
+
+    location: str  # the study's source location, opened as the service lists it (`open_source`)
+    within: str | None  # the cohort's source, when `location` is a new study's folder
+    keys: list[str]
+    vault: Vault
+    options: ProfileOptions  # `worker_options`
+    subjects: dict[SubjectKey, SubjectRef | str]
+    cohort_id: uuid.UUID
+    timepoint_label: str | None = None
+    output: Literal["upload", "return", "discard"] = "upload"
+
+
+_readers: ThreadPoolExecutor | None = None
+READ_AHEAD = 2  # files read while the one before is de-identified (bounded: files can be large)
+
+
+@functools.lru_cache(maxsize=8)  # per worker process: the studies of the last few runs
+def _source(location: str, within: str | None) -> Source:
+    return open_source(location, get_settings(), within=within)
+
+
+def _read_ahead(source: Source, keys: list[str]) -> Iterator[bytes]:
+    """The files' bytes in order, the next ones read in threads meanwhile (object storage)."""
+    global _readers
+    if _readers is None:
+        _readers = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="read")
+    pending: deque[Future[bytes]] = deque()
+    rest = iter(keys)
+    for key in rest:
+        pending.append(_readers.submit(source.read, key))
+        if len(pending) > READ_AHEAD:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def deidentify_batch(batch: StudyBatch) -> list[FileOutcome | Unresolved]:
+    """Read each file of the batch, find its subject among those resolved, and de-identify it
+    (`deidentify_file`); one result per key, in order."""
+    quiet_pydicom()
+    source = _source(batch.location, batch.within)
+    return [
+        _deidentify_read(batch, source, key, data)
+        for key, data in zip(batch.keys, _read_ahead(source, batch.keys), strict=True)
+    ]
+
+
+def _deidentify_read(
+    batch: StudyBatch, source: Source, key: str, data: bytes
+) -> FileOutcome | Unresolved:
+    vault = batch.vault
+    file_key = vault.key("file", f"{source.location}\x00{key}")
+    try:  # who the file belongs to: the first elements are enough
+        head = parse_until(data, ISSUER, [SOP_INSTANCE_UID, PATIENT_ID, ISSUER])
+    except Exception as exc:
+        reason = f"not a readable DICOM file ({type(exc).__name__})"
+        return FileOutcome("rejected", reason, file_key, "", None, None)
+    sop = uid_value(head, "SOPInstanceUID")
+    sop_key = vault.key("sop", sop) if sop else file_key
+    patient_id = str(head.get("PatientID", "") or "")
+    issuer = str(head.get("IssuerOfPatientID", "") or "")
+    strategy = batch.options.patient_id.strategy
+    subject = batch.subjects.get(subject_key_of(patient_id, issuer, key, strategy))
+    if subject is None:
+        return Unresolved(patient_id, issuer, key)
+    if isinstance(subject, str):
+        return FileOutcome("failed", f"pseudonym: {subject}", sop_key, "", None, None)
+    job = FileJob(
+        data=data,
+        options=batch.options,
+        secret=vault.core_secret,
+        pseudonym=subject.pseudonym,
+        date_offset_days=subject.date_offset_days,
+        cohort_id=batch.cohort_id,
+        folder=subject.folder,
+        sop_key=sop_key,
+        timepoint_label=batch.timepoint_label,
+        output=batch.output,
+    )
+    return deidentify_file(job)
+
+
+# --- what a plan reads of each file --------------------------------------------------------------
+
+HEADER_RANGE = 256 * 1024  # bytes read from object storage to find a StudyInstanceUID
+STUDY_DATE = 0x00080020
+STUDY_UID = 0x0020000D
+
+
+@dataclass(frozen=True)
+class StudyHead:
+    """What a plan reads of a file: its study, and the patient and date that study belongs to."""
+
+    study_uid: str
+    patient_id: str
+    issuer: str
+    study_date: str | None
+
+
+HEAD_TAGS = [STUDY_DATE, PATIENT_ID, ISSUER, STUDY_UID]
+
+
+def study_head_of(source: Source, f: SourceFile) -> tuple[StudyHead | None, str | None]:
+    """(StudyHead, None) of a file, or (None, reason) when it is not a DICOM object of a study.
+    Reads only the header up to the study UID (a ranged read on object storage); an entry the
+    listing refused (a link out of the roots, a FIFO, ...) is not read, its reason is kept."""
+    if f.rejected is not None:
+        return None, f.rejected
+    try:
+        if isinstance(source, ObjectSource):
+            full = f"{source.prefix}/{f.key}" if source.prefix else f.key
+            head = source.store.get_range(full, 0, min(f.size, HEADER_RANGE), bucket=source.bucket)
+            try:
+                ds = parse_until(head, STUDY_UID, HEAD_TAGS)
+            except Exception:
+                ds = Dataset()
+            if "StudyInstanceUID" not in ds and f.size > HEADER_RANGE:
+                ds = parse_until(source.read(f.key), STUDY_UID, HEAD_TAGS)
+        else:  # a folder (or a study's folder within one): read as far as the study UID
+            with source.open(f.key) as fh:
+                ds = parse_until(fh, STUDY_UID, HEAD_TAGS)
+    except Exception as exc:  # pydicom raises many types on non-DICOM input
+        return None, f"not a readable DICOM file ({type(exc).__name__})"
+    uid = uid_value(ds, "StudyInstanceUID")
+    if not uid:
+        return None, "no StudyInstanceUID: not a DICOM object of a study"
+    date = str(ds.get("StudyDate", "") or "").strip()[:8]
+    return StudyHead(
+        uid,
+        str(ds.get("PatientID", "") or ""),
+        str(ds.get("IssuerOfPatientID", "") or ""),
+        date if len(date) == 8 and date.isdigit() else None,
+    ), None
+
+
+def study_heads(
+    location: str, within: str | None, files: list[SourceFile], threads: int
+) -> list[tuple[StudyHead | None, str | None]]:
+    """`study_head_of` each file of a plan (in a worker process), `threads` reads in flight."""
+    quiet_pydicom()
+    source = _source(location, within)
+    with ThreadPoolExecutor(max_workers=threads) as readers:
+        return list(readers.map(lambda f: study_head_of(source, f), files))
