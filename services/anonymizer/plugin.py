@@ -152,6 +152,11 @@ class AnonymizerPlugin:
     def settings(self) -> Settings:
         return self._settings or get_settings()
 
+    def warm_up(self) -> int:
+        """Start the default pool (the size a config without `process_pool_workers` uses) when
+        the service starts; each run's plan still loads its profile into the workers."""
+        return self._pools.warm(cpu_workers())
+
     def scope_after(self, request: StageRequested) -> list[str]:
         """The studies a new study's run works on after this stage: their de-identified copies'
         UIDs (`new_uid` under the core secret, as `anonymize` gives them), or under `retain_uids`
