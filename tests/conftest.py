@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from pathlib import Path
 
@@ -45,6 +46,40 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     if collection_path == INTEGRATION_TESTS and _excludes_integration(config.option.markexpr):
         return True
     return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """`pytest -m "not integration"` (the whole fast loop) runs on every core, with pytest-xdist.
+
+    Only when the run cannot select an integration test: those share one stack per session (the
+    servers `tests/integration/conftest.py` starts), which worker processes must not each start.
+    So: no paths given (the whole suite, from `testpaths`), a `-m` expression that is false for
+    every test marked `integration` whatever its other marks, more than one core, and nothing that
+    needs one process (`--pdb`, `--trace`, `-s`). An explicit `-n` wins (`-n 0`: one process).
+    A file runs whole on one worker (`--dist loadfile`), so a module's fixtures are built once; a
+    session fixture (the shared data's parse) is built once per worker."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if not cores or cores < 2 or not _fast_loop_may_spread(config):
+        return
+    config.option.numprocesses = cores  # xdist's own hook turns it into workers
+    config.option.dist = "loadfile"
+
+
+def _fast_loop_may_spread(config: pytest.Config) -> bool:
+    option = config.option
+    return (
+        config.pluginmanager.hasplugin("xdist")
+        and not hasattr(config, "workerinput")  # a worker runs what it is given
+        and config.args_source == pytest.Config.ArgsSource.TESTPATHS
+        and getattr(option, "numprocesses", None) is None
+        and getattr(option, "dist", "no") == "no"
+        and not getattr(option, "tx", None)
+        and not option.usepdb
+        and not option.trace
+        and option.capture != "no"
+        and _excludes_integration(option.markexpr)
+    )
 
 
 def _excludes_integration(markexpr: str) -> bool:
