@@ -6,6 +6,7 @@ import itertools
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,13 +58,45 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
     So: no paths given (the whole suite, from `testpaths`), a `-m` expression that is false for
     every test marked `integration` whatever its other marks, more than one core, and nothing that
     needs one process (`--pdb`, `--trace`, `-s`). An explicit `-n` wins (`-n 0`: one process).
-    A file runs whole on one worker (`--dist loadfile`), so a module's fixtures are built once; a
-    session fixture (the shared data's parse) is built once per worker."""
+    A file runs whole on one worker (`--dist loadfile`), so a module's fixtures are built once, and
+    the files sharing an expensive session result go to one worker together (`_SHARED_WORK`); any
+    other session fixture is built once per worker."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if not cores or cores < 2 or not _fast_loop_may_spread(config):
         return
     config.option.numprocesses = cores  # xdist's own hook turns it into workers
     config.option.dist = "loadfile"
+    config.stash[_SPREAD] = True
+
+
+_SPREAD = pytest.StashKey[bool]()
+# test files that read one expensive session-wide result go to the same worker, which builds it
+# once: the shared data through the extraction core (`parsed`), and the sorter's test stack builder
+# over the labelled folders
+_SHARED_WORK = {
+    "tests/unit/extractor/test_parse.py": "parsed",
+    "tests/unit/extractor/test_stacks.py": "parsed",
+    "tests/unit/sorter/test_with_extractor.py": "parsed",
+    "tests/unit/sorter/test_bidsguess_ref.py": "parsed",
+    "tests/unit/sorter/test_labelled_set.py": "stack_builder",
+    "tests/unit/sorter/test_fingerprint.py": "stack_builder",
+    "tests/unit/sorter/test_checkup_completion.py": "stack_builder",
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile`, with the files of one `_SHARED_WORK` entry as one unit."""
+    if not config.stash.get(_SPREAD, False):
+        return None  # a distribution asked for on the command line: xdist's own
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesAndSharedWork(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return _SHARED_WORK.get(path, path)
+
+    return FilesAndSharedWork(config, log)
 
 
 def _fast_loop_may_spread(config: pytest.Config) -> bool:
