@@ -227,6 +227,7 @@ def test_gateway_validation_errors_read_as_stage_key_lines() -> None:
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m cohortflow.cli ARGS` in a process of its own (a fresh interpreter and settings)."""
     return subprocess.run(
         [sys.executable, "-m", "cohortflow.cli", *args],
         capture_output=True,
@@ -237,34 +238,51 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
-def test_run_help_lists_stages_and_exit_codes() -> None:
-    shown = _cli("run", "--help", env={"COLUMNS": "200"})
-    assert shown.returncode == 0
-    assert "anonymization, extraction, sorting, export" in shown.stdout
-    assert "--rerun" in shown.stdout and "Exit codes: 0" in shown.stdout
+def _cli_here(capfd: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`cohortflow ARGS` through the console entry point in this process: exit code, stdout,
+    stderr (captured at the file descriptors, so whatever reaches the terminal is seen). A command
+    that needs no server runs here; starting an interpreter for it costs about 1.5 s."""
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        cli.main(list(args))
+    out, err = capfd.readouterr()
+    code = ended.value.code
+    return code if isinstance(code, int) else 1, out, err
 
 
-def test_errors_are_one_paragraph_without_traceback(tmp_path: Path) -> None:
-    env = {"COHORTFLOW_HOME": str(tmp_path / "state")}
-    missing = _cli("run", str(tmp_path / "nope"), env=env)
-    assert missing.returncode == EXIT_REFUSED
-    assert missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
+def test_run_help_lists_stages_and_exit_codes(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = _cli_here(capfd, "run", "--help")
+    assert code == 0
+    assert "anonymization, extraction, sorting, export" in out
+    assert "--rerun" in out and "Exit codes: 0" in out
+
+
+def test_errors_are_one_paragraph_without_traceback(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "state"))
+    code, _, err = _cli_here(capfd, "run", str(tmp_path / "nope"))
+    assert code == EXIT_REFUSED
+    assert err.startswith("error: ") and "Traceback" not in err
     assert not (tmp_path / "state").exists()  # nothing was started or created
-    as_json = _cli("run", str(tmp_path / "nope"), "--json", env=env)
-    assert as_json.returncode == EXIT_REFUSED
-    assert json.loads(as_json.stdout)["exit_code"] == EXIT_REFUSED
-    # a client command with no server to reach: a paragraph saying what to do, exit 1
-    refused = _cli(
-        "migrate",
-        env={**env, "COHORTFLOW_DATABASE_URL": "postgresql://x@127.0.0.1:9/x"},
-    )
+    code, out, _ = _cli_here(capfd, "run", str(tmp_path / "nope"), "--json")
+    assert code == EXIT_REFUSED
+    assert json.loads(out)["exit_code"] == EXIT_REFUSED
+
+
+def test_a_client_command_without_a_server_says_what_to_do(tmp_path: Path) -> None:
+    """In a process of its own: the settings are read fresh from the environment it is given."""
+    env = {
+        "COHORTFLOW_HOME": str(tmp_path / "state"),
+        "COHORTFLOW_DATABASE_URL": "postgresql://x@127.0.0.1:9/x",
+    }
+    refused = _cli("migrate", env=env)
     assert refused.returncode == 1, refused.stderr
     assert "Traceback" not in refused.stderr and "cohortflow stack up" in refused.stderr
-    debug = _cli(
-        "migrate",
-        "--debug",
-        env={**env, "COHORTFLOW_DATABASE_URL": "postgresql://x@127.0.0.1:9/x"},
-    )
+    debug = _cli("migrate", "--debug", env=env)
     assert "Traceback" in debug.stderr
 
 

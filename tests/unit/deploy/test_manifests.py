@@ -8,6 +8,8 @@ ships with a package or in deploy/schemas/: nothing is fetched.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import re
@@ -61,7 +63,14 @@ def secret_env_names() -> set[str]:
 
 
 def load_docs(path: Path) -> list[Doc]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    """The file's objects, a fresh copy each call (a test may change what it gets)."""
+    return copy.deepcopy(_parsed_yaml(path.read_text()))
+
+
+@functools.cache
+def _parsed_yaml(text: str) -> list[Doc]:
+    # parsed once per text: the checks read the same manifests about a thousand times
+    return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
 def kustomization() -> Doc:

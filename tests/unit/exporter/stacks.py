@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,12 @@ from shared.catalog import StackSummary
 
 def dicom_files(folder: Path, echo: int | None = None) -> list[Path]:
     """The DICOM files of a folder (recursively), optionally only those of one EchoNumbers value."""
+    return list(_dicom_files(folder, echo))
+
+
+@functools.cache
+def _dicom_files(folder: Path, echo: int | None) -> tuple[Path, ...]:
+    # read once per folder and echo: many tests export the same real series
     found = []
     for path in sorted(folder.rglob("*")):
         if not path.is_file() or path.suffix.lower() in (".txt", ".md", ".json"):
@@ -26,7 +33,7 @@ def dicom_files(folder: Path, echo: int | None = None) -> list[Path]:
         if echo is not None and int(header.get("EchoNumbers", 1)) != echo:
             continue
         found.append(path)
-    return found
+    return tuple(found)
 
 
 def summary_of(files: list[Path], stack_key: str) -> StackSummary:

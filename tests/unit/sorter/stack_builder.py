@@ -8,6 +8,7 @@ it later; the sorter tests only need the same contract (`shared.catalog.StackSum
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 from collections import defaultdict
@@ -213,11 +214,11 @@ def _stacks_from_enhanced(files: list[Dataset]) -> list[StackSummary]:
         key = (tuple(ftype.get("FrameType", [])), ftype.get("ComplexImageComponent"), te)
         groups[key].append(index)
     stacks = []
+    whole = _header_json(ds)  # once per file: its per-frame sequence alone holds every frame
     for (frame_type, component, te), indices in groups.items():
-        header = _header_json(ds)
-        header["52009230"]["Value"] = [
-            frames[indices[0]].to_json_dict(4096, lambda _el: "", suppress_invalid_tags=True)
-        ]
+        # the stack's header keeps one item of the sequence: the stack's first frame
+        frame = frames[indices[0]].to_json_dict(4096, lambda _el: "", suppress_invalid_tags=True)
+        header = {**whole, "52009230": {**whole["52009230"], "Value": [frame]}}
         positions = set()
         b_values = set()
         directions = set()
@@ -260,11 +261,17 @@ def _stacks_from_enhanced(files: list[Dataset]) -> list[StackSummary]:
 
 
 def build_stacks(paths: Iterable[Path]) -> list[StackSummary]:
-    """StackSummary records for a set of files (any mix of series)."""
+    """StackSummary records for a set of files (any mix of series), the caller's own copies."""
+    return [stack.model_copy(deep=True) for stack in _built(tuple(sorted(paths)))]
+
+
+@functools.cache
+def _built(paths: tuple[Path, ...]) -> tuple[StackSummary, ...]:
+    # built once per set of files: the labelled set and several sorter tests read the same folders
     series: dict[str, list[Dataset]] = defaultdict(list)
     enhanced: dict[str, list[Dataset]] = defaultdict(list)
     stacks: list[StackSummary] = []
-    for path in sorted(paths):
+    for path in paths:
         if not path.is_file():
             continue
         ds = read_header(path)
@@ -285,4 +292,4 @@ def build_stacks(paths: Iterable[Path]) -> list[StackSummary]:
             by_key[_classic_key(ds)].append(ds)
         for group in by_key.values():
             stacks.append(_stack_from_classic(files, group))
-    return stacks
+    return tuple(stacks)

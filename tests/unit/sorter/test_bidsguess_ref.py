@@ -10,16 +10,18 @@ import json
 import re
 from pathlib import Path
 
-from services.extractor.catalog.parse import parse_instance
-from services.extractor.catalog.records import InstanceRecord
+from services.extractor.catalog.records import InstanceRecord, Rejection
 from services.extractor.catalog.stacks import build_stacks
 from services.sorter.rules import fingerprint_batch
 from services.sorter.rules.bidsguess import bids_guess, comparable
+from tests.unit.real_dicom import records_in
 
 _SUFFIX = re.compile(r"_([A-Za-z0-9]+)$")
 
 
-def test_bidsguess_opinion_matches_the_reference_sidecars(dicom_root: Path) -> None:
+def test_bidsguess_opinion_matches_the_reference_sidecars(
+    dicom_root: Path, parsed: dict[str, InstanceRecord | Rejection]
+) -> None:
     agree, total, differ = 0, 0, []
     for dataset in sorted(p.parent for p in dicom_root.glob("*/Ref")):
         sidecars = []
@@ -29,9 +31,7 @@ def test_bidsguess_opinion_matches_the_reference_sidecars(dicom_root: Path) -> N
                 sidecars.append((path.name, sidecar))
         if not sidecars:
             continue
-        records = [
-            parse_instance(p, str(p)) for p in sorted((dataset / "In").rglob("*")) if p.is_file()
-        ]
+        records = records_in(parsed, f"{dataset.name}/In", recursive=True)
         stacks = build_stacks(r for r in records if isinstance(r, InstanceRecord))
         fingerprints = fingerprint_batch(stacks)
         for name, sidecar in sidecars:

@@ -22,15 +22,17 @@ _RECORDED = re.compile(r"BidsGuess: ([a-z]+):([A-Za-z0-9_]+)")
 
 
 @pytest.fixture(scope="module")
-def results() -> list[Any]:
+def parsed() -> list[Any]:
+    """Every labelled folder through the extraction core, read once for the module's tests."""
     root = require_dev_corpus()
     bench = accuracy_bench()
-    return [bench.classify_folder(p, bench.load_rules("standard")) for p in _parsed(root)]
-
-
-def _parsed(root: Any) -> list[Any]:
-    bench = accuracy_bench()
     return [bench.parse_folder(root, row) for row in bench.read_labels(LABELS_TSV)]
+
+
+@pytest.fixture(scope="module")
+def results(parsed: list[Any]) -> list[Any]:
+    bench = accuracy_bench()
+    return [bench.classify_folder(p, bench.load_rules("standard")) for p in parsed]
 
 
 def test_dev_corpus_accuracy_and_unreviewed_errors(results: list[Any]) -> None:
@@ -61,12 +63,11 @@ def test_review_reasons_say_what_disagreed(results: list[Any]) -> None:
             assert r.reasons and all(len(reason) > 10 for reason in r.reasons), r.row.folder
 
 
-def test_bidsguess_opinion_follows_dcm2niix_where_it_recorded_one() -> None:
-    root = require_dev_corpus()
+def test_bidsguess_opinion_follows_dcm2niix_where_it_recorded_one(parsed: list[Any]) -> None:
     agree, total, differ = 0, 0, []
-    for parsed in _parsed(root):
-        recorded = _RECORDED.search(parsed.row.why)
-        fingerprints = fingerprint_batch(build_stacks(parsed.records))
+    for folder in parsed:
+        recorded = _RECORDED.search(folder.row.why)
+        fingerprints = fingerprint_batch(build_stacks(folder.records))
         if recorded is None or not fingerprints:
             continue
         ours = bids_guess(fingerprints[0])
@@ -74,7 +75,7 @@ def test_bidsguess_opinion_follows_dcm2niix_where_it_recorded_one() -> None:
         if ours is not None and comparable(*ours) == comparable(*recorded.groups()):
             agree += 1
         else:
-            differ.append((parsed.row.folder, recorded.groups(), ours))
+            differ.append((folder.row.folder, recorded.groups(), ours))
     print("\n".join(map(str, differ)))
     assert total == 46
     # the 8 that differ: Philips T1 TSE/FFE (dcm2niix says PDw/T2starw), a 35-slice 2D FLASH and a

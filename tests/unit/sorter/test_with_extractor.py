@@ -7,27 +7,24 @@ datatype/suffix. Non-image objects never reach the sorter here: the extractor re
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import yaml
 
-from services.extractor.catalog.parse import parse_instance
-from services.extractor.catalog.records import InstanceRecord
+from services.extractor.catalog.records import InstanceRecord, Rejection
 from services.extractor.catalog.stacks import build_stacks
 from services.sorter.rules import classify_batch, complete, fingerprint_batch, load_rules
+from tests.unit.real_dicom import records_in
 from tests.unit.sorter.labelled import LABELS
 
 
-def test_shared_data_through_the_real_extractor(dicom_root: Path) -> None:
+def test_shared_data_through_the_real_extractor(
+    parsed: dict[str, InstanceRecord | Rejection],
+) -> None:
     rules = load_rules("standard")
     labels = yaml.safe_load(LABELS.read_text(encoding="utf-8"))["shared"]
     wrong: list[str] = []
     for folder in sorted({label["folder"] for label in labels}):
-        records = [
-            parse_instance(p, str(p))
-            for p in sorted((dicom_root / folder).iterdir())
-            if p.is_file()
-        ]
+        records = records_in(parsed, folder)
         stacks = build_stacks(r for r in records if isinstance(r, InstanceRecord))
         fps = fingerprint_batch(stacks)
         results = complete(classify_batch(fps, rules), fps, rules)
