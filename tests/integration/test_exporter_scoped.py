@@ -36,6 +36,7 @@ from shared.stage import ItemContext, RunInfo
 from shared.storage import ObjectStore
 from shared.topics import Stage
 from tests.integration.polling import eventually, wait_job
+from tests.integration.studies import study_uid
 from tests.integration.test_exporter import link_sets, manifest
 
 pytestmark = [
@@ -95,16 +96,6 @@ class CountingStore(ObjectStore):
     def list(self, prefix: str, bucket: str | None = None) -> Any:
         self._count("list")
         return super().list(prefix, bucket)
-
-
-def study_uid(folder: Path) -> str:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            try:
-                return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
-            except Exception:
-                continue
-    raise AssertionError(f"no DICOM under {folder}")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -21,6 +21,7 @@ import pydicom
 import pytest
 
 from tests.integration.polling import eventually_blocking
+from tests.integration.studies import study_uid
 
 pytestmark = [
     pytest.mark.integration,
@@ -29,16 +30,6 @@ pytestmark = [
     pytest.mark.needs_validator,
     pytest.mark.stack_services("all"),
 ]
-
-
-def study_uid(folder: Path) -> str:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            try:
-                return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
-            except Exception:
-                continue
-    raise AssertionError(f"no DICOM under {folder}")
 
 
 def dicom_files(folder: Path) -> list[Path]:

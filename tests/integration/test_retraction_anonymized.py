@@ -19,13 +19,13 @@ from typing import Any
 
 import asyncpg
 import httpx
-import pydicom
 import pytest
 import pytest_asyncio
 
 from cohortflow.stack import LocalStack
 from shared import topics
 from tests.integration.polling import eventually, wait_job
+from tests.integration.studies import study_uid
 
 pytestmark = [
     pytest.mark.integration,
@@ -38,16 +38,6 @@ SENDER = "/hospital/pacs-it"
 WHY = "consent withdrawn by Jane Roe-Whitfield"  # free text that names a person
 JOB_TIMEOUT_S = 900.0
 EXPORT: dict[str, Any] = {}  # the defaults, as `cohortflow run` exported
-
-
-def study_uid(folder: Path) -> str:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            try:
-                return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
-            except Exception:
-                continue
-    raise AssertionError(f"no DICOM under {folder}")
 
 
 @pytest_asyncio.fixture(loop_scope="session")
