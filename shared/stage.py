@@ -427,9 +427,7 @@ class StageRuntime:
                 planned = await self.plugin.plan(self.pool, request, job_id)
             except Exception as exc:
                 if _servers_away(exc):  # no fault of the request: as for storing, below
-                    with contextlib.suppress(Exception):
-                        await self._count_plan_attempt(job_id, -1)
-                    await asyncio.sleep(backoff_s(attempts))
+                    await self._give_plan_attempt_back(job_id, attempts)
                     raise
                 # retried in place within the attempts, like a work item's `process`; then the
                 # run fails and the request is dead-lettered (kind `plan`: ADR 0022 replays it)
@@ -460,9 +458,7 @@ class StageRuntime:
             if unreachable(exc):
                 # the database went away: no fault of this request, which comes back as often as
                 # it takes (the attempt is given back if the database answers again in time)
-                with contextlib.suppress(Exception):
-                    await self._count_plan_attempt(job_id, -1)
-                await asyncio.sleep(backoff_s(attempts))
+                await self._give_plan_attempt_back(job_id, attempts)
                 raise
             # the plan holds a value the database cannot store: the request comes back a bounded
             # number of times, like a work item (ADR 0002), then the run fails
@@ -481,6 +477,13 @@ class StageRuntime:
                 return
             await asyncio.sleep(backoff_s(attempts))
             raise
+
+    async def _give_plan_attempt_back(self, job_id: uuid.UUID, attempts: int) -> None:
+        """A server was away while planning: the attempt does not count (when the database
+        answers again in time to take it back), and the request comes again after a pause."""
+        with contextlib.suppress(Exception):
+            await self._count_plan_attempt(job_id, -1)
+        await asyncio.sleep(backoff_s(attempts))
 
     async def _count_plan_attempt(self, job_id: uuid.UUID, step: int = 1) -> int | None:
         """Count a planning attempt before it is made (a service killed while planning used one;
