@@ -62,6 +62,7 @@ from services.exporter.selection import (
     split_selected,
     stack_fingerprint,
 )
+from services.exporter.tree_cache import TreeCache
 from services.exporter.validate import ValidatorError, run_bids_validator
 from shared.catalog import StackSummary
 from shared.events import ItemError, StageRequested, WorkItem
@@ -152,6 +153,22 @@ class ExporterPlugin:
         self._settings = settings
         self._store: ObjectStore | None = None
         self._configs = JobConfigs(ExportConfig)
+        self._trees: TreeCache | None = None
+
+    @property
+    def trees(self) -> TreeCache:
+        """The cohorts' last validated trees on this process's disk (ADR 0024)."""
+        if self._trees is None:
+            settings = self._settings or get_settings()
+            self._trees = TreeCache(
+                settings.export_tree_cache_dir, settings.export_tree_cache_cohorts
+            )
+        return self._trees
+
+    async def forget_cohort(self, cohort_id: uuid.UUID) -> None:
+        """A deleted cohort's tree leaves this process's disk too."""
+        async with self.trees.lock(cohort_id):
+            await asyncio.to_thread(self.trees.remove, cohort_id)
 
     def options(self, job_id: uuid.UUID, raw: dict[str, Any]) -> ExportOptions:
         """The job's export options, from its config read once per job."""
@@ -507,10 +524,9 @@ class ExporterPlugin:
         tree_info = await self._complete_tree(pool, run, options, parts, texts, prefix)
         async with pool.acquire() as conn:
             files = await repo.manifest(conn, run.job_id)
+        validator = await self._validate(run.cohort.id, files, options, bool(exports))
         with tempfile.TemporaryDirectory(prefix="cohortflow-tree-") as scratch:
-            tree = Path(scratch)
-            validator = await self._validate(files, tree, options, bool(exports))
-            destination = await self._copy_to_destination(files, tree, options)
+            destination = await self._copy_to_destination(files, Path(scratch), options)
         warnings = [f"{e.base.name}: {w}" for e in exports for w in [*e.warnings, *e.skipped]]
         summary = {
             "output_prefix": prefix,
@@ -669,23 +685,43 @@ class ExporterPlugin:
         _parallel(files, fetch)
 
     async def _validate(
-        self, files: Sequence[ManifestRow], tree: Path, options: ExportOptions, has_stacks: bool
+        self,
+        cohort_id: uuid.UUID,
+        files: Sequence[ManifestRow],
+        options: ExportOptions,
+        has_stacks: bool,
     ) -> dict[str, Any]:
-        """The BIDS validator's report on the tree (sourcedata/ is not validated, so not fetched)."""
+        """The BIDS validator's report on the tree (sourcedata/ is not validated, so not fetched),
+        run on the cohort's tree kept on disk, synced by manifest: only files this export changed
+        are downloaded (`tree_cache`)."""
         if options.layout != "bids":
             return {"skipped": "flat layout is not a BIDS dataset"}
         if not options.nifti or not has_stacks:
             return {"skipped": "no NIfTI output to validate"}
         bids = [f for f in files if not f.path.startswith("sourcedata/")]
-        await asyncio.to_thread(self._materialize, bids, tree)
-        try:
-            report = await asyncio.to_thread(
-                run_bids_validator, tree, timeout_s=options.validate_timeout_s
+        async with self.trees.lock(cohort_id):
+            synced = await asyncio.to_thread(
+                self.trees.sync, cohort_id, bids, self.store.download, _parallel
             )
-        except ValidatorError as exc:
-            log.error("BIDS validator did not run", extra={"error": str(exc)})
-            return {"error": str(exc)}
-        return report.as_json()
+            log.info(
+                "export tree synced",
+                extra={
+                    "cohort_id": str(cohort_id),
+                    "downloaded": synced.downloaded,
+                    "kept": synced.kept,
+                    "removed": synced.removed,
+                },
+            )
+            try:
+                report = await asyncio.to_thread(
+                    run_bids_validator, synced.tree, timeout_s=options.validate_timeout_s
+                )
+                result = report.as_json()
+            except ValidatorError as exc:
+                log.error("BIDS validator did not run", extra={"error": str(exc)})
+                result = {"error": str(exc)}
+        await self.trees.evict()
+        return result
 
     async def _copy_to_destination(
         self, files: Sequence[ManifestRow], tree: Path, options: ExportOptions
