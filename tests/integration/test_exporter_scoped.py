@@ -353,6 +353,16 @@ async def test_a_new_study_is_exported_at_the_cost_of_its_subject(
     assert small["cold_validate_get"] < large["cold_validate_get"]
     assert small["s3"].get("validate.get", 0) == large["s3"].get("validate.get", 0)
 
+    # the exporter service kept the last cohort's tree on its disk; deleting the cohort removes it
+    kept = stack_settings.export_tree_cache_dir / str(cohort["id"])
+    assert (kept / "tree" / "participants.tsv").is_file()
+    assert (await api.delete(f"/api/cohorts/{cohort['id']}")).status_code == 204
+
+    async def forgotten() -> bool:
+        return not kept.exists()
+
+    await eventually(forgotten, what="the deleted cohort's kept tree removed")
+
 
 async def test_a_second_visit_renames_its_subject_only(
     api: httpx.AsyncClient, dicom_root: Path, tmp_path: Path, service_pool: asyncpg.Pool
