@@ -524,9 +524,11 @@ class ExporterPlugin:
         tree_info = await self._complete_tree(pool, run, options, parts, texts, prefix)
         async with pool.acquire() as conn:
             files = await repo.manifest(conn, run.job_id)
-        validator = await self._validate(run.cohort.id, files, options, bool(exports))
-        with tempfile.TemporaryDirectory(prefix="cohortflow-tree-") as scratch:
-            destination = await self._copy_to_destination(files, Path(scratch), options)
+        # the cohort's kept tree: one finalize of the cohort uses it at a time (ADR 0024)
+        async with self.trees.lock(run.cohort.id):
+            validator = await self._validate(run.cohort.id, files, options, bool(exports))
+            destination = await self._copy_to_destination(run.cohort.id, files, options)
+        await self.trees.evict()
         warnings = [f"{e.base.name}: {w}" for e in exports for w in [*e.warnings, *e.skipped]]
         summary = {
             "output_prefix": prefix,
@@ -676,13 +678,22 @@ class ExporterPlugin:
             await repo.upsert_manifest(conn, run.job_id, run.cohort.id, rows)
         return len(to_write)
 
-    def _materialize(self, files: Sequence[ManifestRow], tree: Path) -> None:
-        def fetch(row: ManifestRow) -> None:
-            target = tree / row.path
-            if not target.exists():
-                self.store.download(row.object_key, target)
-
-        _parallel(files, fetch)
+    async def _sync_tree(self, cohort_id: uuid.UUID, files: Sequence[ManifestRow]) -> Path:
+        """The cohort's kept tree holding exactly `files`, fetching only what changed since it
+        was last synced (`tree_cache`); the caller holds the cohort's lock."""
+        synced = await asyncio.to_thread(
+            self.trees.sync, cohort_id, files, self.store.download, _parallel
+        )
+        log.info(
+            "export tree synced",
+            extra={
+                "cohort_id": str(cohort_id),
+                "downloaded": synced.downloaded,
+                "kept": synced.kept,
+                "removed": synced.removed,
+            },
+        )
+        return synced.tree
 
     async def _validate(
         self,
@@ -699,37 +710,25 @@ class ExporterPlugin:
         if not options.nifti or not has_stacks:
             return {"skipped": "no NIfTI output to validate"}
         bids = [f for f in files if not f.path.startswith("sourcedata/")]
-        async with self.trees.lock(cohort_id):
-            synced = await asyncio.to_thread(
-                self.trees.sync, cohort_id, bids, self.store.download, _parallel
+        tree = await self._sync_tree(cohort_id, bids)
+        try:
+            report = await asyncio.to_thread(
+                run_bids_validator, tree, timeout_s=options.validate_timeout_s
             )
-            log.info(
-                "export tree synced",
-                extra={
-                    "cohort_id": str(cohort_id),
-                    "downloaded": synced.downloaded,
-                    "kept": synced.kept,
-                    "removed": synced.removed,
-                },
-            )
-            try:
-                report = await asyncio.to_thread(
-                    run_bids_validator, synced.tree, timeout_s=options.validate_timeout_s
-                )
-                result = report.as_json()
-            except ValidatorError as exc:
-                log.error("BIDS validator did not run", extra={"error": str(exc)})
-                result = {"error": str(exc)}
-        await self.trees.evict()
-        return result
+        except ValidatorError as exc:
+            log.error("BIDS validator did not run", extra={"error": str(exc)})
+            return {"error": str(exc)}
+        return report.as_json()
 
     async def _copy_to_destination(
-        self, files: Sequence[ManifestRow], tree: Path, options: ExportOptions
+        self, cohort_id: uuid.UUID, files: Sequence[ManifestRow], options: ExportOptions
     ) -> dict[str, Any] | None:
-        """Copy the whole tree to the user's folder or s3:// prefix (checked again here)."""
+        """Copy the whole tree (sourcedata/ too) to the user's folder or s3:// prefix (checked
+        again here), from the cohort's kept tree synced with every row; the caller holds the
+        cohort's lock."""
         if not options.destination:
             return None
-        await asyncio.to_thread(self._materialize, files, tree)
+        tree = await self._sync_tree(cohort_id, files)
         if options.destination.startswith("s3://"):
             bucket, dest_prefix = parse_s3_uri(options.destination)
 
