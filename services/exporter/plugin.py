@@ -12,9 +12,10 @@
   fingerprint (names, DICOM bytes, modes, classification) matches an earlier export of the cohort
   lists that export's objects and writes nothing.
 - finalize: dataset files and field-map links (core; the root files merged from every subject's
-  part, carried or computed), in the manifest too; the BIDS validator on the
-  materialized tree (bids layout) as the last step, its report in the summary; the copy to
-  `destination` when asked.
+  part, carried or computed), in the manifest too; the BIDS validator (bids layout) as the last
+  step, its report in the summary, on the cohort's tree kept on this process's disk and synced by
+  manifest (`tree_cache`: only what changed is downloaded); the copy to `destination` when asked,
+  from the same tree.
 """
 
 from __future__ import annotations
