@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -92,6 +93,13 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     # how often the gateway looks at new studies waiting for their quiet period
     study_watch_interval_s: float = Field(default=2.0, gt=0)
+
+    # the exporter keeps the last validated tree of this many cohorts here (least recently used
+    # go first) and syncs it by manifest, so the BIDS validator downloads only what changed
+    export_tree_cache_dir: Path = Field(
+        default_factory=lambda: Path(tempfile.gettempdir()) / "cohortflow-export-trees"
+    )
+    export_tree_cache_cohorts: int = Field(default=4, ge=1)
 
     log_level: str = "INFO"
     log_json: bool = False

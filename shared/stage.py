@@ -151,7 +151,10 @@ class StagePlugin(Protocol):
     (topic, purpose, envelope handler) (`shared.service.subscribe_stage`; the anonymizer's
     retractions, ADR 0025). A plugin that gives studies new UIDs has `scope_after(request)`: the
     study UIDs a scoped run's next stage works on. And a plugin with worker processes may have `warm_up()` (blocking),
-    which the service calls in a thread once it has started, so the first item finds them up."""
+    which the service calls in a thread once it has started, so the first item finds them up. A
+    plugin that keeps a cohort's data on its own disk has `async forget_cohort(cohort_id)`, which
+    the runtime awaits when the cohort is deleted, after its rows and objects (the exporter's kept
+    trees, ADR 0024)."""
 
     stage: Stage
     service: str
@@ -876,6 +879,9 @@ class StageRuntime:
         objects = 0
         for prefix in self.plugin.cohort_prefixes(deleted.cohort_id):
             objects += await asyncio.to_thread(store.delete_prefix, prefix.rstrip("/") + "/")
+        forget = getattr(self.plugin, "forget_cohort", None)
+        if forget is not None:
+            await forget(deleted.cohort_id)
         log.info(
             "cohort purged",
             extra={"cohort_id": str(deleted.cohort_id), "rows": rows, "objects": objects},

@@ -12,9 +12,10 @@
   fingerprint (names, DICOM bytes, modes, classification) matches an earlier export of the cohort
   lists that export's objects and writes nothing.
 - finalize: dataset files and field-map links (core; the root files merged from every subject's
-  part, carried or computed), in the manifest too; the BIDS validator on the
-  materialized tree (bids layout) as the last step, its report in the summary; the copy to
-  `destination` when asked.
+  part, carried or computed), in the manifest too; the BIDS validator (bids layout) as the last
+  step, its report in the summary, on the cohort's tree kept on this process's disk and synced by
+  manifest (`tree_cache`: only what changed is downloaded); the copy to `destination` when asked,
+  from the same tree.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from services.exporter.selection import (
     split_selected,
     stack_fingerprint,
 )
+from services.exporter.tree_cache import TreeCache
 from services.exporter.validate import ValidatorError, run_bids_validator
 from shared.catalog import StackSummary
 from shared.events import ItemError, StageRequested, WorkItem
@@ -152,6 +154,22 @@ class ExporterPlugin:
         self._settings = settings
         self._store: ObjectStore | None = None
         self._configs = JobConfigs(ExportConfig)
+        self._trees: TreeCache | None = None
+
+    @property
+    def trees(self) -> TreeCache:
+        """The cohorts' last validated trees on this process's disk (ADR 0024)."""
+        if self._trees is None:
+            settings = self._settings or get_settings()
+            self._trees = TreeCache(
+                settings.export_tree_cache_dir, settings.export_tree_cache_cohorts
+            )
+        return self._trees
+
+    async def forget_cohort(self, cohort_id: uuid.UUID) -> None:
+        """A deleted cohort's tree leaves this process's disk too."""
+        async with self.trees.lock(cohort_id):
+            await asyncio.to_thread(self.trees.remove, cohort_id)
 
     def options(self, job_id: uuid.UUID, raw: dict[str, Any]) -> ExportOptions:
         """The job's export options, from its config read once per job."""
@@ -507,10 +525,11 @@ class ExporterPlugin:
         tree_info = await self._complete_tree(pool, run, options, parts, texts, prefix)
         async with pool.acquire() as conn:
             files = await repo.manifest(conn, run.job_id)
-        with tempfile.TemporaryDirectory(prefix="cohortflow-tree-") as scratch:
-            tree = Path(scratch)
-            validator = await self._validate(files, tree, options, bool(exports))
-            destination = await self._copy_to_destination(files, tree, options)
+        # the cohort's kept tree: one finalize of the cohort uses it at a time (ADR 0024)
+        async with self.trees.lock(run.cohort.id):
+            validator = await self._validate(run.cohort.id, files, options, bool(exports))
+            destination = await self._copy_to_destination(run.cohort.id, files, options)
+        await self.trees.evict()
         warnings = [f"{e.base.name}: {w}" for e in exports for w in [*e.warnings, *e.skipped]]
         summary = {
             "output_prefix": prefix,
@@ -660,24 +679,39 @@ class ExporterPlugin:
             await repo.upsert_manifest(conn, run.job_id, run.cohort.id, rows)
         return len(to_write)
 
-    def _materialize(self, files: Sequence[ManifestRow], tree: Path) -> None:
-        def fetch(row: ManifestRow) -> None:
-            target = tree / row.path
-            if not target.exists():
-                self.store.download(row.object_key, target)
-
-        _parallel(files, fetch)
+    async def _sync_tree(self, cohort_id: uuid.UUID, files: Sequence[ManifestRow]) -> Path:
+        """The cohort's kept tree holding exactly `files`, fetching only what changed since it
+        was last synced (`tree_cache`); the caller holds the cohort's lock."""
+        synced = await asyncio.to_thread(
+            self.trees.sync, cohort_id, files, self.store.download, _parallel
+        )
+        log.info(
+            "export tree synced",
+            extra={
+                "cohort_id": str(cohort_id),
+                "downloaded": synced.downloaded,
+                "kept": synced.kept,
+                "removed": synced.removed,
+            },
+        )
+        return synced.tree
 
     async def _validate(
-        self, files: Sequence[ManifestRow], tree: Path, options: ExportOptions, has_stacks: bool
+        self,
+        cohort_id: uuid.UUID,
+        files: Sequence[ManifestRow],
+        options: ExportOptions,
+        has_stacks: bool,
     ) -> dict[str, Any]:
-        """The BIDS validator's report on the tree (sourcedata/ is not validated, so not fetched)."""
+        """The BIDS validator's report on the tree (sourcedata/ is not validated, so not fetched),
+        run on the cohort's tree kept on disk, synced by manifest: only files this export changed
+        are downloaded (`tree_cache`)."""
         if options.layout != "bids":
             return {"skipped": "flat layout is not a BIDS dataset"}
         if not options.nifti or not has_stacks:
             return {"skipped": "no NIfTI output to validate"}
         bids = [f for f in files if not f.path.startswith("sourcedata/")]
-        await asyncio.to_thread(self._materialize, bids, tree)
+        tree = await self._sync_tree(cohort_id, bids)
         try:
             report = await asyncio.to_thread(
                 run_bids_validator, tree, timeout_s=options.validate_timeout_s
@@ -688,12 +722,14 @@ class ExporterPlugin:
         return report.as_json()
 
     async def _copy_to_destination(
-        self, files: Sequence[ManifestRow], tree: Path, options: ExportOptions
+        self, cohort_id: uuid.UUID, files: Sequence[ManifestRow], options: ExportOptions
     ) -> dict[str, Any] | None:
-        """Copy the whole tree to the user's folder or s3:// prefix (checked again here)."""
+        """Copy the whole tree (sourcedata/ too) to the user's folder or s3:// prefix (checked
+        again here), from the cohort's kept tree synced with every row; the caller holds the
+        cohort's lock."""
         if not options.destination:
             return None
-        await asyncio.to_thread(self._materialize, files, tree)
+        tree = await self._sync_tree(cohort_id, files)
         if options.destination.startswith("s3://"):
             bucket, dest_prefix = parse_s3_uri(options.destination)
 

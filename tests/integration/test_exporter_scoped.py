@@ -6,7 +6,7 @@ through every stage. The scoped export must plan that subject only, carry the ot
 reference (the same object keys), and pass the validator on the whole tree. Then the same scoped
 export is run again in this process with counting wrappers: the items planned, the catalog rows
 read and the object-storage operations of planning, items and dataset files are the same for both
-cohorts; only the validator's download of the whole tree grows with the cohort.
+cohorts, and so are the validator's downloads once its kept tree has been synced before.
 """
 
 from __future__ import annotations
@@ -210,13 +210,13 @@ async def object_keys(pool: asyncpg.Pool, job_id: str) -> dict[str, str]:
 
 async def counted_scoped_export(
     pool: asyncpg.Pool,
+    plugin: ExporterPlugin,
     settings: Settings,
     cohort: dict[str, Any],
     study: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> dict[str, Any]:
     """The same scoped export once more, in this process: what it planned, read and touched."""
-    plugin = ExporterPlugin(settings)
     store = CountingStore(settings)
     plugin._store = store
     rows: Counter[str] = Counter()
@@ -316,9 +316,19 @@ async def test_a_new_study_is_exported_at_the_cost_of_its_subject(
         assert summary["files_carried"] == len(earlier)
         listed = {f["path"] for f in await manifest(api, cohort["id"], scoped["id"])}
         assert listed == set(after) and "participants.tsv" in listed
-        counted = await counted_scoped_export(
-            service_pool, stack_settings, cohort, run["study"], monkeypatch
+        # this process's exporter keeps its trees apart from the service's: the first export
+        # syncs its kept tree from nothing (every file), the next one only what changed
+        settings = stack_settings.model_copy(
+            update={"export_tree_cache_dir": tmp_path / "trees" / str(subjects)}
         )
+        plugin = ExporterPlugin(settings)
+        cold = await counted_scoped_export(
+            service_pool, plugin, settings, cohort, run["study"], monkeypatch
+        )
+        counted = await counted_scoped_export(
+            service_pool, plugin, settings, cohort, run["study"], monkeypatch
+        )
+        counted["cold_validate_get"] = cold["s3"].get("validate.get", 0)
         assert counted["failed"] == 0 and counted["summary"]["validator"]["errors"] == 0
         counted["subjects"] = subjects
         counted["service_export_s"] = round(
@@ -338,6 +348,20 @@ async def test_a_new_study_is_exported_at_the_cost_of_its_subject(
     work = {k: v for k, v in small["s3"].items() if k.startswith("work.")}
     assert work == {k: v for k, v in large["s3"].items() if k.startswith("work.")}
     assert "work.list" not in work  # nothing of the earlier subjects is listed
+    # the validator's tree is synced, not downloaded: what it fetches is the cohort's the first
+    # time only, then the same for both cohorts
+    assert small["cold_validate_get"] < large["cold_validate_get"]
+    assert small["s3"].get("validate.get", 0) == large["s3"].get("validate.get", 0)
+
+    # the exporter service kept the last cohort's tree on its disk; deleting the cohort removes it
+    kept = stack_settings.export_tree_cache_dir / str(cohort["id"])
+    assert (kept / "tree" / "participants.tsv").is_file()
+    assert (await api.delete(f"/api/cohorts/{cohort['id']}")).status_code == 204
+
+    async def forgotten() -> bool:
+        return not kept.exists()
+
+    await eventually(forgotten, what="the deleted cohort's kept tree removed")
 
 
 async def test_a_second_visit_renames_its_subject_only(

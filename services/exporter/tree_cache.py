@@ -1,0 +1,182 @@
+"""The last validated tree of each cohort, kept on the exporter's disk and synced by manifest.
+
+The BIDS validator needs the tree as files. Downloading every file of it at each export makes a
+new study's export cost the cohort (ADR 0024); instead each cohort's tree stays in a folder under
+`export_tree_cache_dir`, with an index beside it (path -> object key and SHA-256) of the files
+that are current. A sync downloads the rows whose path is missing or whose key or content
+changed, deletes the files the manifest no longer lists, and writes the index.
+
+The index never marks a file current that is not: before a sync touches anything it drops from
+the index every entry it is about to replace or delete, and it writes the new entries only after
+every download has succeeded. At most `keep` cohorts' trees stay; the least recently synced go
+first. One sync of a cohort at a time: the caller holds `lock(cohort)` around sync and use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+INDEX = "index.json"
+TREE = "tree"
+
+
+class TreeFile(Protocol):
+    """What a sync needs of a manifest row."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def object_key(self) -> str: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+
+# fetch(object_key, local_path) -> SHA-256 of what was written
+Fetch = Callable[[str, Path], str]
+# runs fn over the work (in parallel or not)
+Parallel = Callable[[Iterable[TreeFile], Callable[[TreeFile], None]], object]
+
+
+@dataclass(frozen=True)
+class Synced:
+    """What a sync did."""
+
+    tree: Path
+    downloaded: int
+    kept: int
+    removed: int
+
+
+def _serial(work: Iterable[TreeFile], fn: Callable[[TreeFile], None]) -> None:
+    for item in work:
+        fn(item)
+
+
+def read_index(folder: Path) -> dict[str, list[str]]:
+    """path -> [object key, SHA-256] of the files marked current; empty when none or unreadable."""
+    try:
+        data = json.loads((folder / INDEX).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_index(folder: Path, index: dict[str, list[str]]) -> None:
+    partial = folder / (INDEX + ".part")
+    partial.write_text(json.dumps(index, sort_keys=True))
+    partial.replace(folder / INDEX)
+
+
+def sync_tree(
+    folder: Path, files: Sequence[TreeFile], fetch: Fetch, parallel: Parallel = _serial
+) -> Synced:
+    """Make `folder/tree` hold exactly `files` (the manifest rows), downloading only what the
+    index does not mark current. A failed download raises; the index then marks only files that
+    are current (the ones the sync did not need to touch)."""
+    tree = folder / TREE
+    tree.mkdir(parents=True, exist_ok=True)
+    wanted = {f.path: f for f in files}
+    for path in wanted:
+        if Path(path).is_absolute() or ".." in Path(path).parts:
+            raise ValueError(f"manifest path leaves the tree: {path!r}")
+    index = read_index(folder)
+    current = {
+        p: entry
+        for p, entry in index.items()
+        if p in wanted
+        and entry == [wanted[p].object_key, wanted[p].sha256]
+        and (tree / p).is_file()
+    }
+    if current != index:
+        _write_index(folder, current)  # nothing about to change stays marked current
+    missing = [f for p, f in sorted(wanted.items()) if p not in current]
+
+    def fetch_one(row: TreeFile) -> None:
+        digest = fetch(row.object_key, tree / row.path)
+        if row.sha256 and digest != row.sha256:
+            raise RuntimeError(f"{row.object_key}: content differs from the manifest's SHA-256")
+
+    parallel(missing, fetch_one)
+    removed = 0
+    for local in sorted(tree.rglob("*"), reverse=True):  # children before their folders
+        relative = local.relative_to(tree).as_posix()
+        if local.is_dir() and not local.is_symlink():
+            if not any(local.iterdir()):
+                local.rmdir()
+        elif relative not in wanted:
+            local.unlink()
+            removed += 1
+    _write_index(folder, {p: [f.object_key, f.sha256] for p, f in wanted.items()})
+    return Synced(tree=tree, downloaded=len(missing), kept=len(current), removed=removed)
+
+
+class TreeCache:
+    """The cohorts' trees under `root`, at most `keep` of them, one user per cohort at a time."""
+
+    def __init__(self, root: Path, keep: int) -> None:
+        self.root = root
+        self.keep = keep
+        self._locks: dict[uuid.UUID, asyncio.Lock] = {}
+
+    def folder(self, cohort_id: uuid.UUID) -> Path:
+        return self.root / str(cohort_id)
+
+    def lock(self, cohort_id: uuid.UUID) -> asyncio.Lock:
+        """Held around a cohort's sync and every use of its tree (the validator, a copy)."""
+        return self._locks.setdefault(cohort_id, asyncio.Lock())
+
+    def sync(
+        self,
+        cohort_id: uuid.UUID,
+        files: Sequence[TreeFile],
+        fetch: Fetch,
+        parallel: Parallel = _serial,
+    ) -> Synced:
+        """Sync the cohort's tree (blocking; hold `lock(cohort_id)`)."""
+        return sync_tree(self.folder(cohort_id), files, fetch, parallel)
+
+    def remove(self, cohort_id: uuid.UUID) -> bool:
+        """Delete the cohort's tree (blocking; hold `lock(cohort_id)`); whether there was one."""
+        folder = self.folder(cohort_id)
+        if not folder.exists():
+            return False
+        shutil.rmtree(folder)
+        return True
+
+    async def evict(self) -> int:
+        """Delete the least recently synced trees beyond `keep` that nobody holds; how many."""
+
+        def synced_at(folder: Path) -> float:
+            try:
+                return os.stat(folder / INDEX).st_mtime
+            except OSError:
+                return 0.0
+
+        if not self.root.is_dir():
+            return 0
+        folders = sorted(
+            (f for f in self.root.iterdir() if f.is_dir()), key=synced_at, reverse=True
+        )
+        evicted = 0
+        for folder in folders[self.keep :]:
+            try:
+                cohort = uuid.UUID(folder.name)
+            except ValueError:
+                continue  # not a cohort's tree
+            lock = self.lock(cohort)
+            if lock.locked():
+                continue  # in use: the next eviction looks again
+            async with lock:
+                await asyncio.to_thread(shutil.rmtree, folder, True)
+            evicted += 1
+        return evicted
