@@ -474,6 +474,8 @@ class LocalStack:
             "COHORTFLOW_S3_SECURE": "false",
             "COHORTFLOW_GATEWAY_HOST": "127.0.0.1",
             "COHORTFLOW_GATEWAY_PORT": str(ports["gateway"]),
+            # the exporter's kept trees live with the stack's other data, never shared by two
+            "COHORTFLOW_EXPORT_TREE_CACHE_DIR": str(self.home / "export-trees"),
             **stored.environment(),
         }
         server = objectstore.s3_server(ports["s3"], self.home / "s3")
