@@ -293,14 +293,16 @@ class LocalStack:
             if not alive:
                 proc.pid = None
             proc.healthy = alive and processes.port_open(proc.port)
-        running = [s for s in info.services.values() if processes.pid_alive(s.pid, s.program)]
-        for svc in info.services.values():
-            svc.healthy = False
+
+        def healthy(svc: ServiceInfo) -> bool:
+            alive = processes.pid_alive(svc.pid, svc.program)
+            return alive and processes.http_ready(f"{svc.url}/readyz")
+
         # each /readyz asks its service's database and broker (~0.1 s): all at once
-        with ThreadPoolExecutor(max_workers=max(1, len(running))) as probes:
-            ready = list(probes.map(lambda s: processes.http_ready(f"{s.url}/readyz"), running))
-        for svc, healthy in zip(running, ready, strict=True):
-            svc.healthy = healthy
+        services = list(info.services.values())
+        with ThreadPoolExecutor(max_workers=max(1, len(services))) as probes:
+            for svc, ok in zip(services, probes.map(healthy, services), strict=True):
+                svc.healthy = ok
         info.supervisor_pid = self._supervisor_pid()
         info.supervisor_log = str(self.log_file("supervisor"))
         return info

@@ -525,9 +525,16 @@ class ExporterPlugin:
         tree_info = await self._complete_tree(pool, run, options, parts, texts, prefix)
         async with pool.acquire() as conn:
             files = await repo.manifest(conn, run.job_id)
-        # the cohort's kept tree: one finalize of the cohort uses it at a time (ADR 0024)
+        # the cohort's kept tree: one finalize of the cohort uses it at a time (ADR 0024); it
+        # holds sourcedata/ only when a destination copy needs it (the validator skips it), so
+        # the copy never fetches again what the validation's sync just removed
+        kept = (
+            files
+            if options.destination
+            else [f for f in files if not f.path.startswith("sourcedata/")]
+        )
         async with self.trees.lock(run.cohort.id):
-            validator = await self._validate(run.cohort.id, files, options, bool(exports))
+            validator = await self._validate(run.cohort.id, kept, options, bool(exports))
             destination = await self._copy_to_destination(run.cohort.id, files, options)
         await self.trees.evict()
         warnings = [f"{e.base.name}: {w}" for e in exports for w in [*e.warnings, *e.skipped]]
@@ -703,15 +710,13 @@ class ExporterPlugin:
         options: ExportOptions,
         has_stacks: bool,
     ) -> dict[str, Any]:
-        """The BIDS validator's report on the tree (sourcedata/ is not validated, so not fetched),
-        run on the cohort's tree kept on disk, synced by manifest: only files this export changed
-        are downloaded (`tree_cache`)."""
+        """The BIDS validator's report on the cohort's tree kept on disk, synced to `files` by
+        manifest: only files this export changed are downloaded (`tree_cache`)."""
         if options.layout != "bids":
             return {"skipped": "flat layout is not a BIDS dataset"}
         if not options.nifti or not has_stacks:
             return {"skipped": "no NIfTI output to validate"}
-        bids = [f for f in files if not f.path.startswith("sourcedata/")]
-        tree = await self._sync_tree(cohort_id, bids)
+        tree = await self._sync_tree(cohort_id, files)
         try:
             report = await asyncio.to_thread(
                 run_bids_validator, tree, timeout_s=options.validate_timeout_s
@@ -725,8 +730,8 @@ class ExporterPlugin:
         self, cohort_id: uuid.UUID, files: Sequence[ManifestRow], options: ExportOptions
     ) -> dict[str, Any] | None:
         """Copy the whole tree (sourcedata/ too) to the user's folder or s3:// prefix (checked
-        again here), from the cohort's kept tree synced with every row; the caller holds the
-        cohort's lock."""
+        again here), from the cohort's kept tree synced with every row (already current when the
+        validator ran on it); the caller holds the cohort's lock."""
         if not options.destination:
             return None
         tree = await self._sync_tree(cohort_id, files)
