@@ -29,6 +29,7 @@ from shared.db import create_pool
 from shared.events import DeadLetter, Envelope, WrongPayload
 from shared.observability import configure_logging, health_router
 from shared.outbox import OutboxRelay
+from shared.secrets import SecretError
 from shared.settings import Settings, get_settings
 from shared.stage import StagePlugin, StageRuntime, migrate_stage_schema
 from shared.storage import ObjectStore
@@ -63,10 +64,11 @@ def envelope_handler(
             return
         try:
             await handle(envelope)
-        except (ValidationError, WrongPayload) as exc:
-            # a valid envelope whose payload is not: no redelivery could read it differently
-            # (and with one record per poll it would block its partition), so it is
-            # dead-lettered and acknowledged (work items are also failed: StageRuntime.handle_item)
+        except (ValidationError, WrongPayload, SecretError) as exc:
+            # a valid envelope whose payload is not (or holds a value sealed under another
+            # project secret): no redelivery could read it differently (and with one record per
+            # poll it would block its partition), so it is dead-lettered and acknowledged (work
+            # items are also failed: StageRuntime.handle_item)
             topic = str(getattr(message.raw_message, "topic", "?"))
             log.error(
                 "unreadable payload dead-lettered", extra={"topic": topic, "type": envelope.type}

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 import pytest
 from faststream.kafka import KafkaBroker, TestKafkaBroker
+from pydantic import SecretStr
 
 from shared import topics
 from shared.events import (
@@ -22,6 +23,7 @@ from shared.events import (
     StudyRetraction,
     WorkItem,
 )
+from shared.secrets import seal, unseal
 from shared.service import Handler, envelope_handler, subscribe_stage
 from shared.settings import Settings
 from shared.topics import Stage
@@ -202,6 +204,33 @@ async def test_an_envelope_of_another_type_than_expected_is_dead_lettered() -> N
     envelope = Envelope.wrap(JobControl(action="cancel"), source="gateway")
     (letter_env,) = await _dead_letters_of(envelope)
     assert "expected a CohortDeleted event, got JobControl" in letter_env.open(DeadLetter).error
+
+
+async def test_a_value_sealed_under_another_project_secret_is_dead_lettered() -> None:
+    """A retraction sealed by another deployment's gateway can never be opened here: retried, it
+    blocked its partition (and every later message on it) for good."""
+    sender = Settings(project_secret=SecretStr("another deployment's secret"))
+    here = Settings(project_secret=SecretStr("this deployment's secret"))
+    sealed = seal("1.2.3.4", sender)
+    letters: list[Envelope] = []
+    broker = KafkaBroker()
+
+    async def handle(envelope: Envelope) -> None:
+        unseal(envelope.open(StudyRetraction).study_instance_uid, here)
+
+    broker.subscriber(TOPIC)(envelope_handler(broker, "anonymizer", DLQ, handle))
+
+    @broker.subscriber(DLQ)
+    async def dead(letter: Envelope) -> None:
+        letters.append(letter)
+
+    retraction = StudyRetraction(study_instance_uid=sealed, retracted=True, reason="r")
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(
+            Envelope.wrap(retraction, source="gateway").model_dump_json().encode(), topic=TOPIC
+        )
+    (letter_env,) = letters
+    assert "cannot be opened" in letter_env.open(DeadLetter).error
 
 
 class _Exporter:
