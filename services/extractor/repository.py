@@ -3,6 +3,7 @@
 Rows go in through COPY into per-connection staging tables, then one INSERT ... SELECT per table,
 the merges sent together: a dozen round trips per chunk of files, whatever its size. Merges are
 keyed by natural ids (the first two columns), so a redelivered item writes nothing twice.
+Instances, the bulk of the bytes, are copied straight into their table when they are new.
 """
 
 from __future__ import annotations
@@ -41,9 +42,7 @@ async def save_catalog_rows(
 ) -> int:
     """Merge a chunk's rows; the series that gained rows are marked for a stack rebuild. Returns
     the instances newly inserted."""
-    inserted = 0
-    if await _stage(conn, "catalog.instance", INSTANCE_COLUMNS, instances):
-        inserted = _count(await conn.execute(_merge("catalog.instance", INSTANCE_COLUMNS)))
+    inserted = await _insert_instances(conn, instances)
     await _stage_and_merge(
         conn,
         [
@@ -60,6 +59,33 @@ async def save_catalog_rows(
         ],
     )
     return inserted
+
+
+async def _insert_instances(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> int:
+    """Insert the instances not catalogued yet; returns how many were inserted.
+
+    Their rows (the header is most of a chunk's bytes) are copied straight into the table, not
+    through a staging table, which would have Postgres write, compress and read every header one
+    more time. Rows already there (a redelivered item, the same object in another file) are left
+    out first; should another item insert one of the rest meanwhile, the copy fails on the key and
+    the chunk goes through the merge instead, which leaves existing rows alone. Rows go in key
+    order, as the merges do, so two chunks waiting on each other's keys cannot deadlock."""
+    if not rows:
+        return 0
+    cohort_id = rows[0][0]
+    existing = await _by_sop(conn, cohort_id, [r[1] for r in rows], "cohort_id")
+    new = sorted((r for r in rows if r[1] not in existing), key=lambda r: r[1])
+    if not new:
+        return 0
+    try:
+        async with conn.transaction():  # a savepoint: the merge below runs when it rolls back
+            await conn.copy_records_to_table(
+                "instance", schema_name="catalog", records=new, columns=INSTANCE_COLUMNS
+            )
+        return len(new)
+    except asyncpg.UniqueViolationError:
+        await _stage(conn, "catalog.instance", INSTANCE_COLUMNS, new)
+        return _count(await conn.execute(_merge("catalog.instance", INSTANCE_COLUMNS)))
 
 
 async def _by_sop(
