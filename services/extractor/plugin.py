@@ -298,7 +298,7 @@ class ExtractorPlugin:
 
         async with pool.acquire() as conn, conn.transaction():
             await repo.prepare_staging(conn)
-            inserted = await repo.save_catalog_rows(
+            inserted, owners = await repo.save_catalog_rows(
                 conn,
                 subjects=list(subjects.values()),
                 studies=list(studies.values()),
@@ -308,7 +308,6 @@ class ExtractorPlugin:
             )
             # a SOP instance already catalogued from another file of the cohort: this file is a
             # duplicate (recorded as such); the same file again (a redelivered item) is not
-            owners = await repo.instance_sources(conn, cohort_id, list(instances))
             duplicate_ids = {id(o) for o in duplicates}
             for o in catalogued:
                 uid = o.record.sop_instance_uid or ""

@@ -39,10 +39,11 @@ async def save_catalog_rows(
     series: list[tuple[Any, ...]],
     instances: list[tuple[Any, ...]],
     details: dict[str, list[tuple[Any, ...]]],
-) -> int:
+) -> tuple[int, dict[str, str]]:
     """Merge a chunk's rows; the series that gained rows are marked for a stack rebuild. Returns
-    the instances newly inserted."""
-    inserted = await _insert_instances(conn, instances)
+    the instances newly inserted, and the source key each SOP instance of `instances` is
+    catalogued from (its own, or another file's when the instance was catalogued before)."""
+    inserted, owners = await _insert_instances(conn, instances)
     await _stage_and_merge(
         conn,
         [
@@ -58,11 +59,14 @@ async def save_catalog_rows(
             ),
         ],
     )
-    return inserted
+    return inserted, owners
 
 
-async def _insert_instances(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> int:
-    """Insert the instances not catalogued yet; returns how many were inserted.
+async def _insert_instances(
+    conn: asyncpg.Connection, rows: list[tuple[Any, ...]]
+) -> tuple[int, dict[str, str]]:
+    """Insert the instances not catalogued yet: (how many were inserted, the source key each of
+    the rows' SOP instances is now catalogued from).
 
     Their rows (the header is most of a chunk's bytes) are copied straight into the table, not
     through a staging table, which would have Postgres write, compress and read every header one
@@ -71,21 +75,24 @@ async def _insert_instances(conn: asyncpg.Connection, rows: list[tuple[Any, ...]
     the chunk goes through the merge instead, which leaves existing rows alone. Rows go in key
     order, as the merges do, so two chunks waiting on each other's keys cannot deadlock."""
     if not rows:
-        return 0
+        return 0, {}
     cohort_id = rows[0][0]
-    existing = await _by_sop(conn, cohort_id, [r[1] for r in rows], "cohort_id")
-    new = sorted((r for r in rows if r[1] not in existing), key=lambda r: r[1])
+    uids = [r[1] for r in rows]
+    owners = await instance_sources(conn, cohort_id, uids)
+    new = sorted((r for r in rows if r[1] not in owners), key=lambda r: r[1])
     if not new:
-        return 0
+        return 0, owners
     try:
         async with conn.transaction():  # a savepoint: the merge below runs when it rolls back
             await conn.copy_records_to_table(
                 "instance", schema_name="catalog", records=new, columns=INSTANCE_COLUMNS
             )
-        return len(new)
     except asyncpg.UniqueViolationError:
         await _stage(conn, "catalog.instance", INSTANCE_COLUMNS, new)
-        return _count(await conn.execute(_merge("catalog.instance", INSTANCE_COLUMNS)))
+        inserted = _count(await conn.execute(_merge("catalog.instance", INSTANCE_COLUMNS)))
+        return inserted, await instance_sources(conn, cohort_id, uids)
+    owners.update((r[1], r[_SOURCE_KEY]) for r in new)
+    return len(new), owners
 
 
 async def _by_sop(
@@ -233,6 +240,7 @@ INSTANCE_COLUMNS = [
     "record",
     "header",
 ]
+_SOURCE_KEY = INSTANCE_COLUMNS.index("source_key")
 REJECTED_COLUMNS = ["cohort_id", "source_key", "reason", "size", "sha256", "job_id"]
 SOURCE_COLUMNS = [
     "cohort_id",

@@ -96,7 +96,7 @@ class HeaderView:
         kwargs: dict[str, Any] = {}
         for name, lookups, converter in _compiled(record):
             for lookup in lookups:
-                elem = flat.get(lookup) if type(lookup) is str else self.element(lookup)
+                elem = flat.get(lookup) if isinstance(lookup, str) else self.element(lookup)
                 if elem is None:
                     continue
                 values = elem.get("Value")
