@@ -309,7 +309,7 @@ class ExtractionConfig(_Config):
         default=4, ge=1, le=MAX_POOL, description="Threads listing folders of the source."
     )
     batch_files: int = Field(
-        default=128,
+        default=256,
         ge=1,
         le=10_000,
         description="Files per work item (smaller: finer sharing among replicas, quicker cancel).",

@@ -27,6 +27,7 @@ from services.extractor import repository as repo
 from services.extractor.catalog import InstanceRecord, StackBuilder
 from services.extractor.catalog.records import as_dict
 from services.extractor.worker import FileBatch, FileOutcome, extract_batch, open_location
+from shared.catalog import StackSummary
 from shared.events import ItemError, StageRequested, WorkItem
 from shared.observability import FILES_PROCESSED
 from shared.settings import get_settings
@@ -63,6 +64,15 @@ def _batches(files: list[tuple[str, int, int]], size: int) -> list[list[tuple[st
     if packing:
         out.append(packing)
     return out
+
+
+def _summary_json(summary: StackSummary, cohort_id: uuid.UUID) -> dict[str, Any]:
+    """A stack summary as the catalog stores it. The representative's header is already plain
+    JSON (it was read from the catalog): it goes in as it is, not walked by the model's dump."""
+    data = summary.model_dump(mode="json", exclude={"header"})
+    data["cohort_id"] = str(cohort_id)
+    data["header"] = summary.header
+    return data
 
 
 class ExtractorPlugin:
@@ -288,7 +298,7 @@ class ExtractorPlugin:
 
         async with pool.acquire() as conn, conn.transaction():
             await repo.prepare_staging(conn)
-            inserted = await repo.save_catalog_rows(
+            inserted, owners = await repo.save_catalog_rows(
                 conn,
                 subjects=list(subjects.values()),
                 studies=list(studies.values()),
@@ -298,7 +308,6 @@ class ExtractorPlugin:
             )
             # a SOP instance already catalogued from another file of the cohort: this file is a
             # duplicate (recorded as such); the same file again (a redelivered item) is not
-            owners = await repo.instance_sources(conn, cohort_id, list(instances))
             duplicate_ids = {id(o) for o in duplicates}
             for o in catalogued:
                 uid = o.record.sop_instance_uid or ""
@@ -380,7 +389,7 @@ class ExtractorPlugin:
                     s.stack_key,
                     s.n_instances,
                     s.n_frames,
-                    s.model_copy(update={"cohort_id": cohort_id}).model_dump(mode="json"),
+                    _summary_json(s, cohort_id),
                     sorted(getattr(s, "sop_instance_uids", []) or []),
                 )
                 for s in builder.summaries(headers=headers)

@@ -3,6 +3,7 @@
 Rows go in through COPY into per-connection staging tables, then one INSERT ... SELECT per table,
 the merges sent together: a dozen round trips per chunk of files, whatever its size. Merges are
 keyed by natural ids (the first two columns), so a redelivered item writes nothing twice.
+Instances, the bulk of the bytes, are copied straight into their table when they are new.
 """
 
 from __future__ import annotations
@@ -38,12 +39,11 @@ async def save_catalog_rows(
     series: list[tuple[Any, ...]],
     instances: list[tuple[Any, ...]],
     details: dict[str, list[tuple[Any, ...]]],
-) -> int:
+) -> tuple[int, dict[str, str]]:
     """Merge a chunk's rows; the series that gained rows are marked for a stack rebuild. Returns
-    the instances newly inserted."""
-    inserted = 0
-    if await _stage(conn, "catalog.instance", INSTANCE_COLUMNS, instances):
-        inserted = _count(await conn.execute(_merge("catalog.instance", INSTANCE_COLUMNS)))
+    the instances newly inserted, and the source key each SOP instance of `instances` is
+    catalogued from (its own, or another file's when the instance was catalogued before)."""
+    inserted, owners = await _insert_instances(conn, instances)
     await _stage_and_merge(
         conn,
         [
@@ -59,7 +59,40 @@ async def save_catalog_rows(
             ),
         ],
     )
-    return inserted
+    return inserted, owners
+
+
+async def _insert_instances(
+    conn: asyncpg.Connection, rows: list[tuple[Any, ...]]
+) -> tuple[int, dict[str, str]]:
+    """Insert the instances not catalogued yet: (how many were inserted, the source key each of
+    the rows' SOP instances is now catalogued from).
+
+    Their rows (the header is most of a chunk's bytes) are copied straight into the table, not
+    through a staging table, which would have Postgres write, compress and read every header one
+    more time. Rows already there (a redelivered item, the same object in another file) are left
+    out first; should another item insert one of the rest meanwhile, the copy fails on the key and
+    the chunk goes through the merge instead, which leaves existing rows alone. Rows go in key
+    order, as the merges do, so two chunks waiting on each other's keys cannot deadlock."""
+    if not rows:
+        return 0, {}
+    cohort_id = rows[0][0]
+    uids = [r[1] for r in rows]
+    owners = await instance_sources(conn, cohort_id, uids)
+    new = sorted((r for r in rows if r[1] not in owners), key=lambda r: r[1])
+    if not new:
+        return 0, owners
+    try:
+        async with conn.transaction():  # a savepoint: the merge below runs when it rolls back
+            await conn.copy_records_to_table(
+                "instance", schema_name="catalog", records=new, columns=INSTANCE_COLUMNS
+            )
+    except asyncpg.UniqueViolationError:
+        await _stage(conn, "catalog.instance", INSTANCE_COLUMNS, new)
+        inserted = _count(await conn.execute(_merge("catalog.instance", INSTANCE_COLUMNS)))
+        return inserted, await instance_sources(conn, cohort_id, uids)
+    owners.update((r[1], r[_SOURCE_KEY]) for r in new)
+    return len(new), owners
 
 
 async def _by_sop(
@@ -207,6 +240,7 @@ INSTANCE_COLUMNS = [
     "record",
     "header",
 ]
+_SOURCE_KEY = INSTANCE_COLUMNS.index("source_key")
 REJECTED_COLUMNS = ["cohort_id", "source_key", "reason", "size", "sha256", "job_id"]
 SOURCE_COLUMNS = [
     "cohort_id",
