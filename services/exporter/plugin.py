@@ -95,6 +95,15 @@ def _parallel(work: Iterable[Any], fn: Any) -> list[Any]:
         return list(pool.map(fn, work))
 
 
+def kept_in_tree(path: str, options: ExportOptions) -> bool:
+    """Whether finalize puts the file in the cohort's kept tree: everything for a destination
+    copy; else what the validator reads (a validated tree without sourcedata/, which it skips)."""
+    if options.destination:
+        return True
+    validated = options.layout == "bids" and options.nifti
+    return validated and not path.startswith("sourcedata/")
+
+
 def catalog_stacks(
     rows: Sequence[asyncpg.Record],
     instances: dict[str, SourceInstance],
@@ -352,7 +361,7 @@ class ExporterPlugin:
                 )
             await ctx.check_cancelled()
             rows = await asyncio.to_thread(
-                self._upload, exported, folder / "out", prefix, planned, local_sop
+                self._upload, exported, folder / "out", prefix, planned, local_sop, options
             )
         record = exported.model_copy(
             update={
@@ -410,13 +419,19 @@ class ExporterPlugin:
         prefix: str,
         planned: asyncpg.Record,
         local_sop: dict[str, str],
+        options: ExportOptions,
     ) -> list[ManifestRow]:
+        """Every output into the job's prefix, each also staged for the cohort's kept tree when
+        finalize will sync it, so that sync need not download it again (ADR 0027)."""
         all_sops = [s[0] for s in planned["sources"]]
+        cohort_id = planned["cohort_id"]
 
         def put(relative: PurePosixPath) -> ManifestRow:
             path = root / str(relative)
             key = f"{prefix}/{relative}"
             digest = self.store.put_file(key, path)
+            if kept_in_tree(str(relative), options):
+                self.trees.stage_file(cohort_id, path, digest)
             local = exported.sources.get(str(relative))
             return ManifestRow(
                 path=str(relative),
@@ -528,11 +543,7 @@ class ExporterPlugin:
         # the cohort's kept tree: one finalize of the cohort uses it at a time (ADR 0024); it
         # holds sourcedata/ only when a destination copy needs it (the validator skips it), so
         # the copy never fetches again what the validation's sync just removed
-        kept = (
-            files
-            if options.destination
-            else [f for f in files if not f.path.startswith("sourcedata/")]
-        )
+        kept = [f for f in files if kept_in_tree(f.path, options)]
         async with self.trees.lock(run.cohort.id):
             validator = await self._validate(run.cohort.id, kept, options, bool(exports))
             destination = await self._copy_to_destination(run.cohort.id, files, options)
@@ -682,6 +693,11 @@ class ExporterPlugin:
                     )
                 )
         await asyncio.to_thread(_parallel, to_write, lambda kd: self.store.put_bytes(kd[0], kd[1]))
+        # the sync that follows takes them from here instead of downloading them (ADR 0027)
+        for relative, text in texts.items():
+            if kept_in_tree(str(relative), options):
+                data = text.encode("utf-8")
+                self.trees.stage_bytes(run.cohort.id, data, hashlib.sha256(data).hexdigest())
         async with pool.acquire() as conn, conn.transaction():
             await repo.upsert_manifest(conn, run.job_id, run.cohort.id, rows)
         return len(to_write)
@@ -697,6 +713,7 @@ class ExporterPlugin:
             extra={
                 "cohort_id": str(cohort_id),
                 "downloaded": synced.downloaded,
+                "staged": synced.staged,
                 "kept": synced.kept,
                 "removed": synced.removed,
             },
