@@ -151,9 +151,6 @@ class ExporterPlugin:
     stage = Stage.export
     service = "exporter"
     schema = SCHEMA
-    # stacks are independent once named: convert as many at once as there are cores, each item's
-    # upload overlapping the other's conversion
-    item_workers = cpu_workers()
 
     def cohort_prefixes(self, cohort_id: uuid.UUID) -> list[str]:
         """Removed with the cohort: its export trees in the bucket (destinations stay)."""
@@ -164,6 +161,22 @@ class ExporterPlugin:
         self._store: ObjectStore | None = None
         self._configs = JobConfigs(ExportConfig)
         self._trees: TreeCache | None = None
+        self._converting: asyncio.Semaphore | None = None
+
+    @property
+    def item_workers(self) -> int:
+        """Stacks are independent once named: twice as many items in flight as there are cores
+        (no more than the items topic has partitions), so that one item's download and upload
+        overlap another's conversion, while `converting` keeps the conversions to the cores."""
+        settings = self._settings or get_settings()
+        return max(1, min(2 * cpu_workers(), settings.kafka_partitions))
+
+    @property
+    def converting(self) -> asyncio.Semaphore:
+        """Held around each stack's conversion: as many at once as there are cores (ADR 0027)."""
+        if self._converting is None:
+            self._converting = asyncio.Semaphore(cpu_workers())
+        return self._converting
 
     @property
     def trees(self) -> TreeCache:
@@ -340,16 +353,17 @@ class ExporterPlugin:
                 str(path): s.sop_instance_uid for path, s in zip(files, sources, strict=True)
             }
             try:
-                exported = await asyncio.to_thread(
-                    export_stack,
-                    stack.model_copy(update={"files": files}),
-                    base,
-                    folder / "out",
-                    output_modes=options.output_modes,
-                    layout=options.layout,
-                    overwrite="overwrite",
-                    timeout_s=options.convert_timeout_s,
-                )
+                async with self.converting:
+                    exported = await asyncio.to_thread(
+                        export_stack,
+                        stack.model_copy(update={"files": files}),
+                        base,
+                        folder / "out",
+                        output_modes=options.output_modes,
+                        layout=options.layout,
+                        overwrite="overwrite",
+                        timeout_s=options.convert_timeout_s,
+                    )
             except (ConverterError, ValueError) as exc:
                 return await self._fail(
                     ctx, item, planned, f"{type(exc).__name__}: {exc}", fingerprint
