@@ -66,11 +66,17 @@ from services.exporter.selection import (
 from services.exporter.tree_cache import TreeCache
 from services.exporter.validate import ValidatorError, run_bids_validator
 from shared.catalog import StackSummary
-from shared.events import ItemError, StageRequested, WorkItem
+from shared.events import CohortRef, ItemError, StageRequested, WorkItem
 from shared.mapping_rules import RuleBook, apply_rule, load_rules
 from shared.retractions import load_retracted
 from shared.settings import Settings, get_settings
-from shared.sources import check_destination
+from shared.sources import (
+    LocalSource,
+    SourceError,
+    check_destination,
+    open_source,
+    raw_prefix,
+)
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
 from shared.stage_config import ExportConfig, JobConfigs
 from shared.storage import ObjectStore, parse_s3_uri
@@ -83,6 +89,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 NOT_CLASSIFIED = "not classified (run sorting first)"
 _TRANSFER_THREADS = 8
 _LISTED_MAX = 200
+_COPY_CHUNK = 1 << 20
 
 
 def export_prefix(cohort_id: uuid.UUID, job_id: uuid.UUID) -> str:
@@ -102,6 +109,27 @@ def kept_in_tree(path: str, options: ExportOptions) -> bool:
         return True
     validated = options.layout == "bids" and options.nifti
     return validated and not path.startswith("sourcedata/")
+
+
+def copy_if_unchanged(source: LocalSource, key: str, target: Path, sha256: str) -> bool:
+    """Copy the source's file `key` to `target` (hashing it on the way) when its content still has
+    the catalogued `sha256`; False, with nothing written, when it is gone, unreadable, refused
+    (a link out of the roots) or changed since it was ingested."""
+    partial = target.with_name(target.name + ".part")
+    digest = hashlib.sha256()
+    try:
+        with source.open(key) as fh, partial.open("wb") as sink:
+            while chunk := fh.read(_COPY_CHUNK):
+                digest.update(chunk)
+                sink.write(chunk)
+    except (SourceError, OSError):
+        partial.unlink(missing_ok=True)
+        return False
+    if digest.hexdigest() != sha256:
+        partial.unlink()
+        return False
+    partial.replace(target)
+    return True
 
 
 def catalog_stacks(
@@ -348,7 +376,9 @@ class ExporterPlugin:
         prefix = export_prefix(cohort_id, ctx.job_id)
         with tempfile.TemporaryDirectory(prefix="cohortflow-export-") as scratch:
             folder = Path(scratch)
-            files = await asyncio.to_thread(self._download_sources, sources, folder / "dicom")
+            files = await asyncio.to_thread(
+                self._download_sources, sources, folder / "dicom", item.cohort
+            )
             local_sop = {
                 str(path): s.sop_instance_uid for path, s in zip(files, sources, strict=True)
             }
@@ -410,13 +440,26 @@ class ExporterPlugin:
             }
         )
 
-    def _download_sources(self, sources: Sequence[SourceInstance], folder: Path) -> list[Path]:
-        """The stack's DICOM objects on local disk, checked against the catalog's SHA-256."""
+    def _download_sources(
+        self, sources: Sequence[SourceInstance], folder: Path, cohort: CohortRef
+    ) -> list[Path]:
+        """The stack's DICOM objects on local disk, checked against the catalog's SHA-256; an
+        identified cohort's raw copy is read from the cohort's source folder instead when this
+        process may read it and the file there still has that SHA-256 (ADR 0027)."""
         folder.mkdir(parents=True)
+        local = self._local_source(cohort)
+        raw = raw_prefix(cohort.id) + "/"
 
         def fetch(indexed: tuple[int, SourceInstance]) -> Path:
             index, source = indexed
             path = folder / f"{index:06d}.dcm"
+            if (
+                local is not None
+                and source.sha256
+                and source.object_key.startswith(raw)
+                and copy_if_unchanged(local, source.object_key[len(raw) :], path, source.sha256)
+            ):
+                return path
             digest = self.store.download(source.object_key, path)
             if source.sha256 and digest != source.sha256:
                 raise RuntimeError(
@@ -425,6 +468,17 @@ class ExporterPlugin:
             return path
 
         return _parallel(enumerate(sources), fetch)
+
+    def _local_source(self, cohort: CohortRef) -> LocalSource | None:
+        """The cohort's source folder, when it is one this process may read (inside its data
+        roots) and the cohort is identified: an anonymized cohort's stages never read it."""
+        if cohort.anonymization_enabled:
+            return None
+        try:
+            source = open_source(cohort.source_path, self._settings or get_settings())
+        except (SourceError, ValueError, OSError):
+            return None
+        return source if isinstance(source, LocalSource) else None
 
     def _upload(
         self,
