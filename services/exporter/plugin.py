@@ -26,6 +26,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -90,6 +91,7 @@ NOT_CLASSIFIED = "not classified (run sorting first)"
 _TRANSFER_THREADS = 8
 _LISTED_MAX = 200
 _COPY_CHUNK = 1 << 20
+_SWEEP_EVERY_S = 600.0  # how often items clear stale staged files (tree_cache)
 
 
 def export_prefix(cohort_id: uuid.UUID, job_id: uuid.UUID) -> str:
@@ -190,6 +192,7 @@ class ExporterPlugin:
         self._configs = JobConfigs(ExportConfig)
         self._trees: TreeCache | None = None
         self._converting: asyncio.Semaphore | None = None
+        self._swept = time.monotonic()
 
     @property
     def item_workers(self) -> int:
@@ -430,6 +433,7 @@ class ExporterPlugin:
                 tool=exported.tool,
                 tool_version=exported.tool_version,
             )
+        await self._sweep_staged()
         return ItemResult(
             counts={
                 "stacks_exported": 1,
@@ -439,6 +443,14 @@ class ExporterPlugin:
                 "converted_with_fallback": int(exported.tool == "dicom2nifti"),
             }
         )
+
+    async def _sweep_staged(self) -> None:
+        """Now and then, drop what items staged for runs this process never finalized."""
+        now = time.monotonic()
+        if now - self._swept < _SWEEP_EVERY_S:
+            return
+        self._swept = now
+        await asyncio.to_thread(self.trees.sweep_staged)
 
     def _download_sources(
         self, sources: Sequence[SourceInstance], folder: Path, cohort: CohortRef

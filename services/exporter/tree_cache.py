@@ -19,7 +19,8 @@ the row's SHA-256 is staged, and downloads it otherwise: the index rules are unc
 row converted by another replica, or staged on a disk this process no longer has, is simply
 downloaded. Staging is best effort and takes no lock: it only ever adds complete files under
 their content's name; the sync removes what it took and what is older than `STALE_STAGED_S`
-(a run that failed or was cancelled before its finalize).
+(a run that failed or was cancelled before its finalize, or that another replica finalized),
+and so does `sweep_staged`, which the items of a replica that syncs nothing call now and then.
 """
 
 from __future__ import annotations
@@ -240,6 +241,16 @@ class TreeCache:
     def stage_bytes(self, cohort_id: uuid.UUID, data: bytes, sha256: str) -> bool:
         """Offer content this process wrote to the cohort's next sync (no lock needed)."""
         return stage_bytes(self.folder(cohort_id), data, sha256)
+
+    def sweep_staged(self, now: float | None = None) -> None:
+        """Remove every cohort's staged files older than `STALE_STAGED_S` (blocking; no lock: a
+        sync that finds one gone downloads it). A replica that converts items but finalizes none
+        of their runs never syncs those cohorts, so its items call this now and then."""
+        if not self.root.is_dir():
+            return
+        now = time.time() if now is None else now
+        for folder in self.root.iterdir():
+            _clear_staged(folder / STAGED, set(), now)
 
     def remove(self, cohort_id: uuid.UUID) -> bool:
         """Delete the cohort's tree (blocking; hold `lock(cohort_id)`); whether there was one."""

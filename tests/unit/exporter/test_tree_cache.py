@@ -177,3 +177,16 @@ def test_a_stale_staged_file_goes_and_a_missing_one_is_downloaded(tmp_path: Path
     synced = sync_tree(folder, rows, store.fetch)
     assert (synced.downloaded, synced.staged) == (len(rows), 0)
     assert sorted(p.name for p in (folder / STAGED).iterdir()) == ["1" * 64]
+
+
+def test_a_sweep_drops_stale_staged_files_of_every_cohort(tmp_path: Path) -> None:
+    cache = TreeCache(tmp_path, keep=2)
+    cohorts = [uuid.uuid4(), uuid.uuid4()]
+    for cohort in cohorts:
+        assert cache.stage_bytes(cohort, b"old", "0" * 64)
+        assert cache.stage_bytes(cohort, b"new", "1" * 64)
+    later = os.stat(cache.folder(cohorts[0]) / STAGED / ("1" * 64)).st_mtime + STALE_STAGED_S / 2
+    cache.sweep_staged(later)
+    assert all(len(list((cache.folder(c) / STAGED).iterdir())) == 2 for c in cohorts)
+    cache.sweep_staged(later + STALE_STAGED_S)
+    assert all(not any((cache.folder(c) / STAGED).iterdir()) for c in cohorts)
