@@ -16,11 +16,14 @@ command run again follows the job once its service is back (a job still marked s
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import tarfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -443,6 +446,90 @@ class GatewayClient:
             for _ in pool.map(lambda p: self.download(cohort_id, job_id, p, out / p), paths):
                 pass
 
+    def download_export(
+        self, cohort_id: str, job_id: str, files: Sequence[Mapping[str, Any]], out: Path
+    ) -> None:
+        """The listed files of the export into `out`, in one request for the whole tree (the
+        gateway's tar stream), each checked against its listed SHA-256; file by file from a
+        gateway that has no archive route."""
+        listed = {str(f["path"]): f for f in files}
+        url = f"/api/cohorts/{cohort_id}/exports/{job_id}/archive"
+        try:
+            with self.http.stream("GET", url) as response:
+                if response.status_code < 400:
+                    _extract(response.iter_bytes(1 << 20), listed, out)
+                    return
+                response.read()
+                if not _no_such_route(response):
+                    self._check(response)
+        except (httpx.HTTPError, tarfile.TarError) as exc:
+            raise RunError(f"download of the export from the gateway failed: {exc}") from exc
+        self.download_all(cohort_id, job_id, list(listed), out)
+
+
+def _no_such_route(response: httpx.Response) -> bool:
+    """True for the answer of a gateway without the route (FastAPI's own 404/405), not a refusal
+    about the export itself."""
+    if response.status_code not in (404, 405):
+        return False
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        return False
+    return detail in ("Not Found", "Method Not Allowed")
+
+
+class _Chunks(io.RawIOBase):
+    """A readable stream over an iterator of byte chunks (a response body, for `tarfile`)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._left = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._left:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._left = chunk
+        n = min(len(buffer), len(self._left))
+        buffer[:n] = self._left[:n]
+        self._left = self._left[n:]
+        return n
+
+
+def _extract(chunks: Iterator[bytes], listed: Mapping[str, Mapping[str, Any]], out: Path) -> None:
+    """Write the archive's files under `out`: only regular files the listing names, each
+    checked against its SHA-256 and renamed into place when complete; all of them, or it raises."""
+    written: set[str] = set()
+    stream = io.BufferedReader(_Chunks(chunks), 1 << 20)
+    with tarfile.open(fileobj=stream, mode="r|") as archive:
+        for member in archive:
+            row = listed.get(member.name)
+            source = archive.extractfile(member) if member.isfile() else None
+            if row is None or source is None:
+                raise RunError(
+                    f"the export's archive holds {member.name!r}, which it does not list"
+                )
+            target = out / member.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".part")
+            digest = hashlib.sha256()
+            with partial.open("wb") as sink:
+                while block := source.read(1 << 20):
+                    digest.update(block)
+                    sink.write(block)
+            if row.get("sha256") and digest.hexdigest() != row["sha256"]:
+                partial.unlink()
+                raise RunError(f"{member.name}: the downloaded content differs from its SHA-256")
+            partial.replace(target)
+            written.add(member.name)
+    if missing := sorted(set(listed) - written):
+        raise RunError(f"the export's archive lacks {len(missing)} file(s), e.g. {missing[0]}")
+
 
 # ---- what to run ----------------------------------------------------------------------------
 
@@ -643,7 +730,7 @@ def run(
         ]
         for job in exports[-1:]:
             files = client.export_files(cohort["id"], job["id"])
-            client.download_all(cohort["id"], job["id"], [f["path"] for f in files], options.out)
+            client.download_export(cohort["id"], job["id"], files, options.out)
             say(f"wrote {len(files)} files to {options.out}")
     doc = {
         "cohort_id": cohort["id"],

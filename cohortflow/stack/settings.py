@@ -38,6 +38,8 @@ STACK_OWNED = frozenset(
         "gateway_port",
         "service_host",
         "service_port",
+        # under the stack's home: two stacks on one machine never share the exporter's trees
+        "export_tree_cache_dir",
     }
 )
 # data already depends on these: the project secret keys every pseudonym and seals secrets in

@@ -26,6 +26,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -66,11 +67,17 @@ from services.exporter.selection import (
 from services.exporter.tree_cache import TreeCache
 from services.exporter.validate import ValidatorError, run_bids_validator
 from shared.catalog import StackSummary
-from shared.events import ItemError, StageRequested, WorkItem
+from shared.events import CohortRef, ItemError, StageRequested, WorkItem
 from shared.mapping_rules import RuleBook, apply_rule, load_rules
 from shared.retractions import load_retracted
 from shared.settings import Settings, get_settings
-from shared.sources import check_destination
+from shared.sources import (
+    LocalSource,
+    SourceError,
+    check_destination,
+    open_source,
+    raw_prefix,
+)
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
 from shared.stage_config import ExportConfig, JobConfigs
 from shared.storage import ObjectStore, parse_s3_uri
@@ -83,6 +90,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 NOT_CLASSIFIED = "not classified (run sorting first)"
 _TRANSFER_THREADS = 8
 _LISTED_MAX = 200
+_COPY_CHUNK = 1 << 20
+_SWEEP_EVERY_S = 600.0  # how often items clear stale staged files (tree_cache)
 
 
 def export_prefix(cohort_id: uuid.UUID, job_id: uuid.UUID) -> str:
@@ -93,6 +102,36 @@ def export_prefix(cohort_id: uuid.UUID, job_id: uuid.UUID) -> str:
 def _parallel(work: Iterable[Any], fn: Any) -> list[Any]:
     with ThreadPoolExecutor(max_workers=_TRANSFER_THREADS) as pool:
         return list(pool.map(fn, work))
+
+
+def kept_in_tree(path: str, options: ExportOptions) -> bool:
+    """Whether finalize puts the file in the cohort's kept tree: everything for a destination
+    copy; else what the validator reads (a validated tree without sourcedata/, which it skips)."""
+    if options.destination:
+        return True
+    validated = options.layout == "bids" and options.nifti
+    return validated and not path.startswith("sourcedata/")
+
+
+def copy_if_unchanged(source: LocalSource, key: str, target: Path, sha256: str) -> bool:
+    """Copy the source's file `key` to `target` (hashing it on the way) when its content still has
+    the catalogued `sha256`; False, with nothing written, when it is gone, unreadable, refused
+    (a link out of the roots) or changed since it was ingested."""
+    partial = target.with_name(target.name + ".part")
+    digest = hashlib.sha256()
+    try:
+        with source.open(key) as fh, partial.open("wb") as sink:
+            while chunk := fh.read(_COPY_CHUNK):
+                digest.update(chunk)
+                sink.write(chunk)
+    except (SourceError, OSError):
+        partial.unlink(missing_ok=True)
+        return False
+    if digest.hexdigest() != sha256:
+        partial.unlink()
+        return False
+    partial.replace(target)
+    return True
 
 
 def catalog_stacks(
@@ -142,9 +181,6 @@ class ExporterPlugin:
     stage = Stage.export
     service = "exporter"
     schema = SCHEMA
-    # stacks are independent once named: convert as many at once as there are cores, each item's
-    # upload overlapping the other's conversion
-    item_workers = cpu_workers()
 
     def cohort_prefixes(self, cohort_id: uuid.UUID) -> list[str]:
         """Removed with the cohort: its export trees in the bucket (destinations stay)."""
@@ -155,6 +191,23 @@ class ExporterPlugin:
         self._store: ObjectStore | None = None
         self._configs = JobConfigs(ExportConfig)
         self._trees: TreeCache | None = None
+        self._converting: asyncio.Semaphore | None = None
+        self._swept = time.monotonic()
+
+    @property
+    def item_workers(self) -> int:
+        """Stacks are independent once named: twice as many items in flight as there are cores
+        (no more than the items topic has partitions), so that one item's download and upload
+        overlap another's conversion, while `converting` keeps the conversions to the cores."""
+        settings = self._settings or get_settings()
+        return max(1, min(2 * cpu_workers(), settings.kafka_partitions))
+
+    @property
+    def converting(self) -> asyncio.Semaphore:
+        """Held around each stack's conversion: as many at once as there are cores (ADR 0027)."""
+        if self._converting is None:
+            self._converting = asyncio.Semaphore(cpu_workers())
+        return self._converting
 
     @property
     def trees(self) -> TreeCache:
@@ -326,21 +379,24 @@ class ExporterPlugin:
         prefix = export_prefix(cohort_id, ctx.job_id)
         with tempfile.TemporaryDirectory(prefix="cohortflow-export-") as scratch:
             folder = Path(scratch)
-            files = await asyncio.to_thread(self._download_sources, sources, folder / "dicom")
+            files = await asyncio.to_thread(
+                self._download_sources, sources, folder / "dicom", item.cohort
+            )
             local_sop = {
                 str(path): s.sop_instance_uid for path, s in zip(files, sources, strict=True)
             }
             try:
-                exported = await asyncio.to_thread(
-                    export_stack,
-                    stack.model_copy(update={"files": files}),
-                    base,
-                    folder / "out",
-                    output_modes=options.output_modes,
-                    layout=options.layout,
-                    overwrite="overwrite",
-                    timeout_s=options.convert_timeout_s,
-                )
+                async with self.converting:
+                    exported = await asyncio.to_thread(
+                        export_stack,
+                        stack.model_copy(update={"files": files}),
+                        base,
+                        folder / "out",
+                        output_modes=options.output_modes,
+                        layout=options.layout,
+                        overwrite="overwrite",
+                        timeout_s=options.convert_timeout_s,
+                    )
             except (ConverterError, ValueError) as exc:
                 return await self._fail(
                     ctx, item, planned, f"{type(exc).__name__}: {exc}", fingerprint
@@ -352,7 +408,7 @@ class ExporterPlugin:
                 )
             await ctx.check_cancelled()
             rows = await asyncio.to_thread(
-                self._upload, exported, folder / "out", prefix, planned, local_sop
+                self._upload, exported, folder / "out", prefix, planned, local_sop, options
             )
         record = exported.model_copy(
             update={
@@ -377,6 +433,7 @@ class ExporterPlugin:
                 tool=exported.tool,
                 tool_version=exported.tool_version,
             )
+        await self._sweep_staged()
         return ItemResult(
             counts={
                 "stacks_exported": 1,
@@ -387,13 +444,34 @@ class ExporterPlugin:
             }
         )
 
-    def _download_sources(self, sources: Sequence[SourceInstance], folder: Path) -> list[Path]:
-        """The stack's DICOM objects on local disk, checked against the catalog's SHA-256."""
+    async def _sweep_staged(self) -> None:
+        """Now and then, drop what items staged for runs this process never finalized."""
+        now = time.monotonic()
+        if now - self._swept < _SWEEP_EVERY_S:
+            return
+        self._swept = now
+        await asyncio.to_thread(self.trees.sweep_staged)
+
+    def _download_sources(
+        self, sources: Sequence[SourceInstance], folder: Path, cohort: CohortRef
+    ) -> list[Path]:
+        """The stack's DICOM objects on local disk, checked against the catalog's SHA-256; an
+        identified cohort's raw copy is read from the cohort's source folder instead when this
+        process may read it and the file there still has that SHA-256 (ADR 0027)."""
         folder.mkdir(parents=True)
+        local = self._local_source(cohort)
+        raw = raw_prefix(cohort.id) + "/"
 
         def fetch(indexed: tuple[int, SourceInstance]) -> Path:
             index, source = indexed
             path = folder / f"{index:06d}.dcm"
+            if (
+                local is not None
+                and source.sha256
+                and source.object_key.startswith(raw)
+                and copy_if_unchanged(local, source.object_key[len(raw) :], path, source.sha256)
+            ):
+                return path
             digest = self.store.download(source.object_key, path)
             if source.sha256 and digest != source.sha256:
                 raise RuntimeError(
@@ -403,6 +481,17 @@ class ExporterPlugin:
 
         return _parallel(enumerate(sources), fetch)
 
+    def _local_source(self, cohort: CohortRef) -> LocalSource | None:
+        """The cohort's source folder, when it is one this process may read (inside its data
+        roots) and the cohort is identified: an anonymized cohort's stages never read it."""
+        if cohort.anonymization_enabled:
+            return None
+        try:
+            source = open_source(cohort.source_path, self._settings or get_settings())
+        except (SourceError, ValueError, OSError):
+            return None
+        return source if isinstance(source, LocalSource) else None
+
     def _upload(
         self,
         exported: ExportedStack,
@@ -410,13 +499,19 @@ class ExporterPlugin:
         prefix: str,
         planned: asyncpg.Record,
         local_sop: dict[str, str],
+        options: ExportOptions,
     ) -> list[ManifestRow]:
+        """Every output into the job's prefix, each also staged for the cohort's kept tree when
+        finalize will sync it, so that sync need not download it again (ADR 0027)."""
         all_sops = [s[0] for s in planned["sources"]]
+        cohort_id = planned["cohort_id"]
 
         def put(relative: PurePosixPath) -> ManifestRow:
             path = root / str(relative)
             key = f"{prefix}/{relative}"
             digest = self.store.put_file(key, path)
+            if kept_in_tree(str(relative), options):
+                self.trees.stage_file(cohort_id, path, digest)
             local = exported.sources.get(str(relative))
             return ManifestRow(
                 path=str(relative),
@@ -528,11 +623,7 @@ class ExporterPlugin:
         # the cohort's kept tree: one finalize of the cohort uses it at a time (ADR 0024); it
         # holds sourcedata/ only when a destination copy needs it (the validator skips it), so
         # the copy never fetches again what the validation's sync just removed
-        kept = (
-            files
-            if options.destination
-            else [f for f in files if not f.path.startswith("sourcedata/")]
-        )
+        kept = [f for f in files if kept_in_tree(f.path, options)]
         async with self.trees.lock(run.cohort.id):
             validator = await self._validate(run.cohort.id, kept, options, bool(exports))
             destination = await self._copy_to_destination(run.cohort.id, files, options)
@@ -682,6 +773,11 @@ class ExporterPlugin:
                     )
                 )
         await asyncio.to_thread(_parallel, to_write, lambda kd: self.store.put_bytes(kd[0], kd[1]))
+        # the sync that follows takes them from here instead of downloading them (ADR 0027)
+        for relative, text in texts.items():
+            if kept_in_tree(str(relative), options):
+                data = text.encode("utf-8")
+                self.trees.stage_bytes(run.cohort.id, data, hashlib.sha256(data).hexdigest())
         async with pool.acquire() as conn, conn.transaction():
             await repo.upsert_manifest(conn, run.job_id, run.cohort.id, rows)
         return len(to_write)
@@ -697,6 +793,7 @@ class ExporterPlugin:
             extra={
                 "cohort_id": str(cohort_id),
                 "downloaded": synced.downloaded,
+                "staged": synced.staged,
                 "kept": synced.kept,
                 "removed": synced.removed,
             },

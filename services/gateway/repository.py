@@ -260,6 +260,14 @@ async def get_job(
     return await conn.fetchrow(f"SELECT * FROM gateway.jobs WHERE id = $1{lock}", job_id)
 
 
+async def job_brief(conn: asyncpg.Connection, job_id: uuid.UUID) -> asyncpg.Record | None:
+    """A job's cohort, stage and status only (asked once per file an export serves: not the
+    summary, which can be large)."""
+    return await conn.fetchrow(
+        "SELECT cohort_id, stage, status FROM gateway.jobs WHERE id = $1", job_id
+    )
+
+
 async def list_jobs(
     conn: asyncpg.Connection,
     *,

@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from services.exporter.tree_cache import TreeCache, read_index, sync_tree
+from services.exporter.tree_cache import (
+    STAGED,
+    STALE_STAGED_S,
+    TreeCache,
+    read_index,
+    stage_bytes,
+    stage_file,
+    sync_tree,
+)
 
 
 @dataclass(frozen=True)
@@ -130,3 +138,55 @@ def test_the_least_recently_synced_trees_beyond_the_bound_go(tmp_path: Path) -> 
     assert [c for c in cohorts if cache.folder(c).exists()] == cohorts[1:]
     assert cache.remove(cohorts[1]) and not cache.folder(cohorts[1]).exists()
     assert not cache.remove(cohorts[1])
+
+
+def test_staged_outputs_are_taken_instead_of_downloaded(tmp_path: Path) -> None:
+    """What this process converted or published is not fetched back (ADR 0027); a row whose
+    content is not staged (another replica's item) is downloaded as before."""
+    store = FakeStore()
+    rows = _cohort(store, "job1", ["01", "02"])
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    folder = tmp_path / "cohort"
+    for row in rows:
+        if row.path.startswith("sub-01/"):  # sub-02 was converted elsewhere
+            local = scratch / row.path.replace("/", "_")
+            local.write_bytes(store.objects[row.object_key])
+            assert stage_file(folder, local, row.sha256)
+        elif row.path == "participants.tsv":  # a dataset file finalize published
+            assert stage_bytes(folder, store.objects[row.object_key], row.sha256)
+    synced = sync_tree(folder, rows, store.fetch)
+    # content addressed: sub-02's sidecar has the bytes of sub-01's, so it is taken too
+    assert store.downloads == ["export/c/job1/sub-02/anat/sub-02_T1w.nii.gz"]
+    assert (synced.downloaded, synced.staged) == (1, 4)
+    assert _files(synced.tree) == {r.path: store.objects[r.object_key] for r in rows}
+    assert read_index(folder) == {r.path: [r.object_key, r.sha256] for r in rows}
+    # taken files leave the staging area; the scratch copy is untouched
+    assert not any((folder / STAGED).iterdir())
+    assert len(list(scratch.iterdir())) == 2
+
+
+def test_a_stale_staged_file_goes_and_a_missing_one_is_downloaded(tmp_path: Path) -> None:
+    store = FakeStore()
+    rows = _cohort(store, "job1", ["01"])
+    folder = tmp_path / "cohort"
+    assert stage_bytes(folder, b"from a run that never finalized", "0" * 64)
+    old = os.stat(folder / STAGED / ("0" * 64)).st_mtime - STALE_STAGED_S - 1
+    os.utime(folder / STAGED / ("0" * 64), (old, old))
+    assert stage_bytes(folder, b"a run still converting", "1" * 64)
+    synced = sync_tree(folder, rows, store.fetch)
+    assert (synced.downloaded, synced.staged) == (len(rows), 0)
+    assert sorted(p.name for p in (folder / STAGED).iterdir()) == ["1" * 64]
+
+
+def test_a_sweep_drops_stale_staged_files_of_every_cohort(tmp_path: Path) -> None:
+    cache = TreeCache(tmp_path, keep=2)
+    cohorts = [uuid.uuid4(), uuid.uuid4()]
+    for cohort in cohorts:
+        assert cache.stage_bytes(cohort, b"old", "0" * 64)
+        assert cache.stage_bytes(cohort, b"new", "1" * 64)
+    later = os.stat(cache.folder(cohorts[0]) / STAGED / ("1" * 64)).st_mtime + STALE_STAGED_S / 2
+    cache.sweep_staged(later)
+    assert all(len(list((cache.folder(c) / STAGED).iterdir())) == 2 for c in cohorts)
+    cache.sweep_staged(later + STALE_STAGED_S)
+    assert all(not any((cache.folder(c) / STAGED).iterdir()) for c in cohorts)
