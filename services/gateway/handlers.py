@@ -93,7 +93,11 @@ async def apply_progress(pool: asyncpg.Pool, envelope: Envelope) -> None:
             conn,
             job,
             status="running",
-            reason="first progress from the stage workers",
+            # a streamed pipeline run's later job runs from the start, planning studies as they
+            # pass the stage before it (ADR 0023)
+            reason="open: takes studies as they pass the stage before it"
+            if progress.upstream_open
+            else "first progress from the stage workers",
             event_id=envelope.id,
             progress=job_progress(
                 counts["items_total"], counts["items_done"], counts["items_failed"]
