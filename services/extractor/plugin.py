@@ -132,7 +132,8 @@ class ExtractorPlugin:
         if skipped:  # links out of the roots, FIFOs, loops, ...: recorded, never read
             await self._record_skipped(pool, request.cohort.id, job_id, skipped)
         async with pool.acquire() as conn:
-            seen = await repo.known_files(conn, request.cohort.id)
+            only = [f.key for f in listed] if request.study_prefixes else None
+            seen = await repo.known_files(conn, request.cohort.id, only)
         todo = [
             (f.key, f.size, f.mtime_ns) for f in listed if seen.get(f.key) != (f.size, f.mtime_ns)
         ]
