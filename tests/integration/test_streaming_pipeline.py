@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
+
+from tests.integration.polling import eventually
 
 pytestmark = [
     pytest.mark.integration,
@@ -131,3 +134,54 @@ async def test_a_streamed_run_overlaps_the_stages_and_gives_the_same_result(
     assert tree_a.keys() == tree_b.keys()
     differ = sorted(p for p in tree_a if tree_a[p] != tree_b[p])
     assert differ == [], differ
+
+
+async def test_a_cancel_ends_the_open_runs_of_a_streamed_run(
+    gateway_url: str, tmp_path: Path, dicom_root: Path, db_pool: asyncpg.Pool
+) -> None:
+    source = tmp_path / "incoming"
+    source.mkdir()
+    for name in ("dcm_qa_deident", "dcm_qa_fmap"):
+        (source / name).symlink_to(dicom_root / name / "In", target_is_directory=True)
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as api:
+        body = {
+            "name": f"cancel-streamed-{uuid.uuid4().hex[:6]}",
+            "source_path": str(source),
+            "anonymization_enabled": True,
+        }
+        cohort = (await api.post("/api/cohorts", json=body)).json()
+        config = {"audit_export": {"format": "csv", "password": "streaming-audit-password"}}
+        started = await api.post(
+            f"/api/cohorts/{cohort['id']}/pipeline", json={"anonymization": config}
+        )
+        assert started.status_code == 202, started.text
+        jobs = [j["id"] for j in started.json()["jobs"]]
+
+        async def job(job_id: str) -> dict[str, Any]:
+            return dict((await api.get(f"/api/jobs/{job_id}")).json())
+
+        async def open_and_waiting() -> bool:
+            later = [await job(j) for j in jobs[1:]]
+            return all(
+                j["status"] == "running" and j["status_reason"].startswith("open:") for j in later
+            )
+
+        # the later jobs run from the start, open, while the anonymizer works
+        await eventually(open_and_waiting, timeout=60, what="every later job open")
+        assert (await job(jobs[0]))["status"] == "running"
+        assert (await api.post(f"/api/jobs/{jobs[0]}/cancel")).status_code == 200
+
+        async def runs_ended() -> list[str] | None:
+            statuses = []
+            for schema, job_id in zip(
+                ("anonymizer", "catalog", "sorting", "export"), jobs, strict=True
+            ):
+                status = await db_pool.fetchval(
+                    f"SELECT status FROM {schema}.runs WHERE job_id = $1", uuid.UUID(job_id)
+                )
+                statuses.append(status)
+            return statuses if set(statuses) == {"cancelled"} else None
+
+        # every stage's run, open ones included, ends cancelled: none is left waiting
+        await eventually(runs_ended, timeout=60, what="every stage run cancelled")
+        assert [(await job(j))["status"] for j in jobs] == ["cancelled"] * 4
