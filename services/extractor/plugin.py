@@ -140,24 +140,28 @@ class ExtractorPlugin:
         items = []
         if request.streamed and location.startswith("zone:"):
             # one item per study, keyed by its prefix: the study's hand-over and the closing plan
-            # of a streamed run name it alike
-            for study, files in _by_study(todo):
+            # of a streamed run name it alike. A study handed over under several prefixes (its
+            # files went to two subjects) is one item, so sorting gets it whole.
+            studies = request.study_prefixes
+            groups = [(studies[0].strip("/"), todo)] if studies and todo else _by_study(todo)
+            for study, files in groups:
                 data = {"location": location, "ingest": None, "files": files, "study": study}
                 items.append(PlannedItem(key=f"study:{study}"[:512], data=data))
-        for i, files in enumerate(() if items else _batches(todo, config.batch_files)):
-            folder = str(PurePosixPath(files[0][0]).parent)
-            items.append(
-                PlannedItem(
-                    key=f"{i:06d}:{folder}"[:512],
-                    data={
-                        "location": location,
-                        "within": within,
-                        "ingest": ingest,
-                        "files": files,
-                    },
-                    partition_key=folder,
+        else:
+            for i, files in enumerate(_batches(todo, config.batch_files)):
+                folder = str(PurePosixPath(files[0][0]).parent)
+                items.append(
+                    PlannedItem(
+                        key=f"{i:06d}:{folder}"[:512],
+                        data={
+                            "location": location,
+                            "within": within,
+                            "ingest": ingest,
+                            "files": files,
+                        },
+                        partition_key=folder,
+                    )
                 )
-            )
         log.info(
             "extraction planned",
             extra={
