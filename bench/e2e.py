@@ -93,6 +93,16 @@ def stage_spans(jobs: list[dict[str, Any]]) -> dict[str, float]:
     return {stage: (end - start).total_seconds() for stage, (start, end) in spans.items()}
 
 
+def stage_ends(jobs: list[dict[str, Any]], began: datetime) -> dict[str, float]:
+    """Seconds from the command's start to the last finish of each stage's jobs: in a streamed
+    run (ADR 0023) a later stage's job starts, open, with the run, so its span alone says little."""
+    ends: dict[str, float] = {}
+    for job in jobs:
+        if (end := _when(job.get("finished_at"))) is not None:
+            ends[job["stage"]] = max(ends.get(job["stage"], 0.0), (end - began).total_seconds())
+    return ends
+
+
 def idle_time(jobs: list[dict[str, Any]], began: datetime, ended: datetime) -> dict[str, float]:
     """Where the run is in no stage: before the first starts (cohort, checks, request), between
     stages (hand-over), after the last ends (the CLI's polling, the download to --out)."""
@@ -142,6 +152,7 @@ def run_cohortflow(
         "exit": done.returncode,
         "statuses": statuses,
         "spans": stage_spans(doc["jobs"]),
+        "ends": stage_ends(doc["jobs"], began),
         "idle": idle_time(doc["jobs"], began, ended),
         "cpu": spent,
         "niftis": sum(1 for p in out.rglob("*.nii.gz")),
@@ -157,7 +168,7 @@ def report(label: str, result: dict[str, Any], baseline: float) -> None:
     for stage, span in result["spans"].items():
         print(
             f"  {stage:<14} {span:7.1f} s  {span / wall:6.1%} of the run"
-            f"  ({result['statuses'].get(stage)})"
+            f"  done at {result['ends'].get(stage, 0.0):6.1f} s  ({result['statuses'].get(stage)})"
         )
     if result["idle"]:
         print("  in no stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["idle"].items()))

@@ -24,6 +24,7 @@ from shared.events import (
     StageCompleted,
     StageFailed,
     StageRequested,
+    StudiesPassed,
     StudyReceived,
     StudyRetraction,
     WorkItem,
@@ -57,8 +58,9 @@ def channels() -> list[Channel]:
             Channel(
                 f"{name}Requested",
                 topics.requested(stage),
-                f"a run of {name} was asked for, with the routing slip of the stages after it",
-                (StageRequested,),
+                f"a run of {name} was asked for, with the routing slip of the stages after it;"
+                " in a streamed pipeline run, the studies that passed the stage before it",
+                (StageRequested, StudiesPassed),
                 "the cohort id",
                 ("gateway", *before),
                 (service,),

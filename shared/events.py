@@ -143,6 +143,33 @@ class StageRequested(Payload):
     input_prefix: str | None = None
     # read this location instead of the cohort's source_path (a new study's folder or s3:// prefix)
     location: str | None = None
+    # streamed pipeline run (ADR 0023): this run hands its studies on as they pass it, and its
+    # end closes the next stage's run (which exists from the start) instead of requesting it
+    streamed: bool = False
+    # an open run of a streamed pipeline: created now, its studies arrive by `StudiesPassed`
+    upstream_open: bool = False
+    # where, under `input_prefix`, the scoped studies' objects are (a streamed hand-over of
+    # studies laid out one prefix each, e.g. the de-identified zone); empty = anywhere
+    study_prefixes: list[str] = Field(default_factory=list)
+
+
+class StudiesPassed(Payload):
+    """Studies that passed the stage before `stage` in a streamed pipeline run (ADR 0023), sent
+    on `stage`'s requested topic (keyed by cohort, so it follows the run's own request) to its open
+    run (the envelope's `job_id`). The last one of the upstream run is `closed`: it carries the
+    request's scope and the upstream's output prefix, as the routing slip's `StageRequested` does
+    in a run that is not streamed, and after it no more studies come. `abandoned`: the upstream
+    run failed (why); the open run ends cancelled, as the gateway already shows it."""
+
+    stage: Stage
+    cohort: CohortRef
+    # as the next stage knows them (de-identified UIDs past anonymization)
+    study_instance_uids: list[str] = Field(default_factory=list)
+    # where, under `input_prefix`, these studies' objects are (when the stage lays them out so)
+    study_prefixes: list[str] = Field(default_factory=list)
+    input_prefix: str | None = None
+    closed: bool = False
+    abandoned: str | None = None
 
 
 class WorkItem(Payload):
@@ -226,6 +253,8 @@ class JobProgress(Payload):
     items_failed: int = 0
     errors: list[ItemError] = Field(default_factory=list)
     summary: dict[str, Any] = Field(default_factory=dict)
+    # an open run of a streamed pipeline (ADR 0023): more studies, hence items, are still to come
+    upstream_open: bool = False
 
 
 class JobHeartbeat(Payload):

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     # processing
     item_max_attempts: int = 3
     progress_interval_s: float = 1.0
+    # a pipeline run streams studies through its stages (ADR 0023): a study's next stage starts
+    # when it passed this one, while other studies are still in it. Off: each stage waits for the
+    # whole cohort to finish the one before. Read by the run's first stage.
+    stream_stages: bool = True
     # while a stage service works (an item or a plan in hand), it tells the gateway which runs it
     # is on this often; a job nobody reported on (heartbeat or progress) for `stall_after_s` is
     # marked stalled in its status reason (ADR 0019). A single long item is not a stall.

@@ -53,6 +53,7 @@ from shared.events import (
     StageCompleted,
     StageFailed,
     StageRequested,
+    StudiesPassed,
     WorkItem,
 )
 from shared.observability import ITEM_SECONDS, ITEMS_PROCESSED, RUNS_ACTIVE
@@ -108,6 +109,13 @@ class ItemResult:
     errors: list[ItemError] = field(default_factory=list)
     # an item whose every unit failed is a failed item (its errors say why)
     failed: bool = False
+    # the studies this item held whole, as the next stage knows them (ADR 0023): when it ends
+    # done in a streamed pipeline run they have passed this stage and the next one starts on them
+    studies: list[str] = field(default_factory=list)
+    # where those studies' objects are, one prefix each under `output_prefix`, for a next stage
+    # that reads objects (extraction after anonymization); empty when it reads the catalog
+    study_prefixes: list[str] = field(default_factory=list)
+    output_prefix: str | None = None
 
 
 @dataclass
@@ -154,7 +162,10 @@ class StagePlugin(Protocol):
     which the service calls in a thread once it has started, so the first item finds them up. A
     plugin that keeps a cohort's data on its own disk has `async forget_cohort(cohort_id)`, which
     the runtime awaits when the cohort is deleted, after its rows and objects (the exporter's kept
-    trees, ADR 0024)."""
+    trees, ADR 0024). In a streamed pipeline run (ADR 0023) a plugin plans the studies that passed
+    the stage before, a few at a time, with its scoped plan; one that cannot (its work is
+    cohort-wide: the exporter's naming) sets `streams_in = False` and plans once that stage
+    closed its run. Its items then say which studies they held whole (`ItemResult.studies`)."""
 
     stage: Stage
     service: str
@@ -363,6 +374,7 @@ class StageRuntime:
             items_failed=row["items_failed"],
             errors=[ItemError(**e) for e in row["errors"][-20:]],
             summary=row["summary"],
+            upstream_open=bool(row.get("upstream_open", False)),
         )
         env = self._wrap(payload, row["cohort_id"], row["job_id"])
         await enqueue(conn, self.schema, topics.JOBS_PROGRESS, env, key=str(row["job_id"]))
@@ -394,10 +406,16 @@ class StageRuntime:
 
     async def handle_requested(self, envelope: Envelope) -> None:
         _correlation.set(envelope.correlation_id)
+        if envelope.type == StudiesPassed.__name__:
+            await self.handle_passed(envelope)
+            return
         request: StageRequested = envelope.open(StageRequested)
         if request.stage != self.plugin.stage:
             return
         job_id = envelope.job_id or envelope.id
+        if request.slip and not request.streamed and self.settings.stream_stages:
+            # the first stage of a pipeline run: its studies stream through the stages after it
+            request = request.model_copy(update={"streamed": True})
         async with self.pool.acquire() as conn:
             status = await conn.fetchval(
                 f"SELECT status FROM {self.schema}.runs WHERE job_id = $1", job_id
@@ -407,6 +425,9 @@ class StageRuntime:
             return
         if await self.is_cancelled(job_id):
             await self._insert_run(job_id, request, "cancelled")
+            return
+        if request.upstream_open:
+            await self._open_run(job_id, request)
             return
         await self._insert_run(job_id, request, "planning")
         attempts = await self._count_plan_attempt(job_id)
@@ -521,6 +542,8 @@ class StageRuntime:
             for p in planned:
                 await self._publish_item(conn, request, job_id, p)
             await self._progress(conn, row, force=True)
+            if request.streamed:
+                await self._open_next(conn, request)
             if not planned:
                 await self._enqueue_finalize(conn, request, job_id)
         RUNS_ACTIVE.labels(self.plugin.stage.value).inc()
@@ -703,12 +726,19 @@ class StageRuntime:
             )
             if extra_event is not None:
                 await enqueue(conn, self.schema, extra_event[0], extra_event[1], key=item_key)
-            last = row["items_done"] + row["items_failed"] >= row["items_total"]
+            last = (
+                row["items_done"] + row["items_failed"] >= row["items_total"]
+                and not row["upstream_open"]
+            )
             if row["status"] == "running":
                 await self._progress(conn, row, force=last)
-            if last and row["status"] == "running":
+            passed = status == "done" and bool(result.studies or result.study_prefixes)
+            if row["status"] == "running" and (last or passed):
                 request = _loaded_request(row["request"], self.settings)
-                await self._enqueue_finalize(conn, request, job_id)
+                if passed and request.streamed:
+                    await self._pass_studies(conn, request, result)
+                if last:
+                    await self._enqueue_finalize(conn, request, job_id)
 
     async def _enqueue_finalize(
         self, conn: asyncpg.Connection, request: StageRequested, job_id: uuid.UUID
@@ -787,20 +817,23 @@ class StageRuntime:
             extra={"job_id": str(job_id), "status": ended["status"], "summary": summary},
         )
 
-    async def _advance_slip(
-        self, conn: asyncpg.Connection, request: StageRequested, output_prefix: str | None
-    ) -> None:
-        """Request the next stage of the routing slip, if any."""
+    def _following(
+        self, request: StageRequested, output_prefix: str | None
+    ) -> tuple[SlipStep, StageRequested] | None:
+        """The routing slip's next step and its request (`next_request`)."""
         # a stage that gives studies new UIDs (anonymization) says what the scope becomes:
         # original UIDs must not travel past it
         scope_after = getattr(self.plugin, "scope_after", None)
         scope = scope_after(request) if scope_after is not None else None
-        following = next_request(request, output_prefix, scope)
-        if following is None:
-            return
-        step, nxt = following
+        return next_request(request, output_prefix, scope)
+
+    async def _send_next(
+        self, conn: asyncpg.Connection, request: StageRequested, step: SlipStep, payload: Any
+    ) -> None:
+        """An event to the next stage of the slip: on its requested topic, keyed by the cohort
+        (so it follows that stage's own request), about its job."""
         env = Envelope.wrap(
-            nxt,
+            payload,
             source=self.plugin.service,
             cohort_id=request.cohort.id,
             job_id=step.job_id,
@@ -809,6 +842,204 @@ class StageRuntime:
         await enqueue(
             conn, self.schema, topics.requested(step.stage), env, key=str(request.cohort.id)
         )
+
+    async def _advance_slip(
+        self, conn: asyncpg.Connection, request: StageRequested, output_prefix: str | None
+    ) -> None:
+        """Request the next stage of the routing slip, if any; in a streamed run, close its open
+        run with the request it would have got (scope and input prefix)."""
+        following = self._following(request, output_prefix)
+        if following is None:
+            return
+        step, nxt = following
+        if not request.streamed:
+            await self._send_next(conn, request, step, nxt)
+            return
+        closing = StudiesPassed(
+            stage=step.stage,
+            cohort=request.cohort,
+            study_instance_uids=nxt.study_instance_uids,
+            input_prefix=nxt.input_prefix,
+            closed=True,
+        )
+        await self._send_next(conn, request, step, closing)
+
+    # --- streaming (ADR 0023) ---------------------------------------------------------------------
+
+    async def _open_next(self, conn: asyncpg.Connection, request: StageRequested) -> None:
+        """A streamed run's next stage gets its run now, open: its studies follow as they pass."""
+        following = self._following(request, None)
+        if following is not None:
+            step, nxt = following
+            opening = nxt.model_copy(update={"streamed": True, "upstream_open": True})
+            await self._send_next(conn, request, step, opening)
+
+    async def _pass_studies(
+        self, conn: asyncpg.Connection, request: StageRequested, result: ItemResult
+    ) -> None:
+        """Studies an item held whole passed this stage: the next stage's open run plans them."""
+        if not request.slip:
+            return
+        step = request.slip[0]
+        passed = StudiesPassed(
+            stage=step.stage,
+            cohort=request.cohort,
+            study_instance_uids=result.studies,
+            study_prefixes=result.study_prefixes,
+            input_prefix=result.output_prefix,
+        )
+        await self._send_next(conn, request, step, passed)
+
+    async def _open_run(self, job_id: uuid.UUID, request: StageRequested) -> None:
+        """An open run of a streamed pipeline: no items yet, shown running (waiting for studies)
+        from now on; the stage after it gets its open run in the same transaction."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"INSERT INTO {self.schema}.runs (job_id, cohort_id, stage, request, status, upstream_open)"
+                " VALUES ($1, $2, $3, $4, 'running', true) ON CONFLICT (job_id) DO NOTHING RETURNING *",
+                job_id,
+                request.cohort.id,
+                self.plugin.stage.value,
+                _stored_request(request, self.settings),
+            )
+            if row is None:
+                return  # a redelivery
+            await self._progress(conn, row, force=True)
+            await self._open_next(conn, request)
+        RUNS_ACTIVE.labels(self.plugin.stage.value).inc()
+        log.info("run opened", extra={"job_id": str(job_id), "stage": self.plugin.stage.value})
+
+    async def handle_passed(self, envelope: Envelope) -> None:
+        """Studies that passed the stage before, for this stage's open run: planned (the
+        plugin's scoped plan) and appended to the run. The closing one plans what its request
+        covers that is not planned yet (items are keyed: none twice) and ends the wait."""
+        passed = envelope.open(StudiesPassed)
+        job_id = envelope.job_id
+        if passed.stage != self.plugin.stage or job_id is None:
+            return
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(f"SELECT * FROM {self.schema}.runs WHERE job_id = $1", job_id)
+        if row is None or row["status"] != "running" or not row["upstream_open"]:
+            log.info("studies passed to no open run", extra={"job_id": str(job_id)})
+            return
+        stored = _loaded_request(row["request"], self.settings)
+        if passed.abandoned is not None:
+            await self._abandon(job_id, stored, passed.abandoned)
+            return
+        scoped = bool(passed.study_instance_uids or passed.study_prefixes)
+        if not passed.closed and (not scoped or not getattr(self.plugin, "streams_in", True)):
+            return  # this stage plans once the stage before closed its run
+        request = stored.model_copy(
+            update={
+                "study_instance_uids": passed.study_instance_uids,
+                "study_prefixes": passed.study_prefixes,
+                "input_prefix": passed.input_prefix or stored.input_prefix,
+                "upstream_open": False,
+            }
+        )
+        async with self._at_work():
+            planned = await self._plan_passed(envelope, request, stored, job_id)
+            if planned is not None:
+                await self._append(request, job_id, planned, passed.closed)
+
+    async def _plan_passed(
+        self,
+        envelope: Envelope,
+        request: StageRequested,
+        stored: StageRequested,
+        job_id: uuid.UUID,
+    ) -> list[PlannedItem] | None:
+        """The plan of passed studies, retried in place like a run's plan; None when it gave up
+        (the run failed, the message is dead-lettered)."""
+        attempts = 0
+        while True:
+            try:
+                return await self.plugin.plan(self.pool, request, job_id)
+            except Exception as exc:
+                if _servers_away(exc):
+                    await asyncio.sleep(backoff_s(1))
+                    raise
+                attempts += 1
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "planning passed studies failed",
+                    extra={"job_id": str(job_id), "attempt": attempts, "error": error},
+                    exc_info=True,
+                )
+                if attempts >= self.settings.item_max_attempts:
+                    await self._fail_run(
+                        job_id,
+                        stored,
+                        f"planning failed after {attempts} attempts: {exc}",
+                        dead_letter=(envelope, error, attempts),
+                    )
+                    return None
+                await asyncio.sleep(backoff_s(attempts))
+
+    async def _append(
+        self, request: StageRequested, job_id: uuid.UUID, planned: list[PlannedItem], closed: bool
+    ) -> None:
+        """Items of passed studies added to the open run (an item planned before is not added
+        again), in one transaction with their events; the closing one ends the wait and, when
+        every item has ended, schedules finalize."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"SELECT * FROM {self.schema}.runs WHERE job_id = $1 FOR UPDATE", job_id
+            )
+            if row is None or row["status"] != "running" or not row["upstream_open"]:
+                return  # ended, or closed by a redelivery of this message
+            inserted = await conn.fetch(
+                f"INSERT INTO {self.schema}.run_items (job_id, item_key)"
+                " SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING RETURNING item_key",
+                job_id,
+                [p.key for p in planned],
+            )
+            new_keys = {r["item_key"] for r in inserted}
+            new = [p for p in planned if p.key in new_keys]
+            row = await conn.fetchrow(
+                f"UPDATE {self.schema}.runs SET items_total = items_total + $2, upstream_open = $3,"
+                " updated_at = now() WHERE job_id = $1 RETURNING *",
+                job_id,
+                len(new),
+                not closed,
+            )
+            for p in new:
+                await self._publish_item(conn, request, job_id, p)
+            last = closed and row["items_done"] + row["items_failed"] >= row["items_total"]
+            await self._progress(conn, row, force=closed or bool(new))
+            if last:
+                await self._enqueue_finalize(conn, request, job_id)
+        log.info(
+            "studies passed planned",
+            extra={"job_id": str(job_id), "items": len(new), "closed": closed},
+        )
+
+    async def _abandon(self, job_id: uuid.UUID, request: StageRequested, reason: str) -> None:
+        """The stage before failed: this open run ends cancelled (the gateway cancelled its job
+        already) and so does the next one."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"UPDATE {self.schema}.runs SET status = 'cancelled', finished_at = now(),"
+                " updated_at = now(), errors = errors || $2::jsonb"
+                " WHERE job_id = $1 AND status IN ('planning', 'running') RETURNING *",
+                job_id,
+                [{"item": "run", "message": reason}],
+            )
+            if row is None:
+                return
+            await self._abandon_next(conn, request, reason)
+        RUNS_ACTIVE.labels(self.plugin.stage.value).dec()
+
+    async def _abandon_next(
+        self, conn: asyncpg.Connection, request: StageRequested, reason: str
+    ) -> None:
+        """A streamed run that failed ends the open runs after it."""
+        if request.streamed and request.slip:
+            step = request.slip[0]
+            abandoned = StudiesPassed(
+                stage=step.stage, cohort=request.cohort, closed=True, abandoned=reason
+            )
+            await self._send_next(conn, request, step, abandoned)
 
     async def _enqueue_failed(
         self,
@@ -833,6 +1064,7 @@ class StageRuntime:
         await enqueue(
             conn, self.schema, topics.failed(self.plugin.stage), env, key=str(request.cohort.id)
         )
+        await self._abandon_next(conn, request, f"{self.plugin.stage.value} failed: {error}")
 
     async def _fail_run(
         self,

@@ -548,7 +548,25 @@ class AnonymizerPlugin:
         for name in ("released", "quarantined", "rejected", "failed"):
             if status[name]:
                 FILES_PROCESSED.labels("anonymization", name).inc(status[name])
-        return ItemResult(counts=counts, errors=errors[:50], failed=failed)
+        # the study's de-identified prefixes (`<subject>/<new study UID>` under the zone): a
+        # streamed run's extraction reads them as soon as this item ends (ADR 0023); the
+        # replacement UID in the key, never an original, names the study
+        zone = f"{ANON_ZONE}/{item.cohort.id}"
+        prefixes = sorted(
+            {
+                o.object_key.rsplit("/", 2)[0][len(zone) + 1 :]
+                for o in outcomes
+                if o.status == "released" and o.sop_key not in withdrawn
+            }
+        )
+        return ItemResult(
+            counts=counts,
+            errors=errors[:50],
+            failed=failed,
+            studies=sorted({p.rsplit("/", 1)[-1] for p in prefixes}),
+            study_prefixes=prefixes,
+            output_prefix=zone,
+        )
 
     # --- finalize ---------------------------------------------------------------------------------
 

@@ -181,6 +181,9 @@ class ExporterPlugin:
     stage = Stage.export
     service = "exporter"
     schema = SCHEMA
+    # BIDS names are cohort-wide (sessions per subject, runs by time): a streamed pipeline run's
+    # export plans once sorting has closed its run, not study by study (ADR 0023)
+    streams_in = False
 
     def cohort_prefixes(self, cohort_id: uuid.UUID) -> list[str]:
         """Removed with the cohort: its export trees in the bucket (destinations stay)."""

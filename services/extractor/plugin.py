@@ -8,6 +8,10 @@
   (one row per SOP Instance UID within the cohort).
 - finalize: rebuild the stacks of every series that gained instances, one series at a time (memory
   stays flat), and report the cohort's counts.
+
+In a streamed pipeline run after anonymization (ADR 0023) the de-identified zone is laid out one
+prefix per study: each study is one item (keyed by its prefix, so the closing plan does not plan
+it again), which builds its own stacks and hands the study on to sorting when it ends.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -75,6 +80,19 @@ def _summary_json(summary: StackSummary, cohort_id: uuid.UUID) -> dict[str, Any]
     return data
 
 
+def _study_folder(key: str) -> str:
+    """The study's prefix of a key in the de-identified zone (`<subject>/<study>/<series>/<sop>`)."""
+    return str(PurePosixPath(key).parent.parent)
+
+
+def _by_study(files: list[tuple[str, int, int]]) -> list[tuple[str, list[tuple[str, int, int]]]]:
+    """Files of the de-identified zone grouped by study prefix, in key order."""
+    by_study: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
+    for f in files:
+        by_study[_study_folder(f[0])].append(f)
+    return sorted(by_study.items())
+
+
 class ExtractorPlugin:
     stage = Stage.extraction
     service = "extractor"
@@ -116,32 +134,44 @@ class ExtractorPlugin:
         config = self._configs.read(job_id, request.config, get_settings())
         # a new study's folder is keyed within the cohort's source (studies never share a key)
         within = request.cohort.source_path if ingest is not None and request.location else None
-        source = open_location(location, config.folder_thread_workers, within)
-        entries = await asyncio.to_thread(lambda: list(source.list()))
+        entries = await asyncio.to_thread(
+            self._listing, location, request.study_prefixes, config.folder_thread_workers, within
+        )
         listed = [f for f in entries if f.rejected is None]
         skipped = [f for f in entries if f.rejected is not None]
         if skipped:  # links out of the roots, FIFOs, loops, ...: recorded, never read
             await self._record_skipped(pool, request.cohort.id, job_id, skipped)
         async with pool.acquire() as conn:
-            seen = await repo.known_files(conn, request.cohort.id)
+            only = [f.key for f in listed] if request.study_prefixes else None
+            seen = await repo.known_files(conn, request.cohort.id, only)
         todo = [
             (f.key, f.size, f.mtime_ns) for f in listed if seen.get(f.key) != (f.size, f.mtime_ns)
         ]
         items = []
-        for i, files in enumerate(_batches(todo, config.batch_files)):
-            folder = str(PurePosixPath(files[0][0]).parent)
-            items.append(
-                PlannedItem(
-                    key=f"{i:06d}:{folder}"[:512],
-                    data={
-                        "location": location,
-                        "within": within,
-                        "ingest": ingest,
-                        "files": files,
-                    },
-                    partition_key=folder,
+        if request.streamed and location.startswith("zone:"):
+            # one item per study, keyed by its prefix: the study's hand-over and the closing plan
+            # of a streamed run name it alike. A study handed over under several prefixes (its
+            # files went to two subjects) is one item, so sorting gets it whole.
+            studies = request.study_prefixes
+            groups = [(studies[0].strip("/"), todo)] if studies and todo else _by_study(todo)
+            for study, files in groups:
+                data = {"location": location, "ingest": None, "files": files, "study": study}
+                items.append(PlannedItem(key=f"study:{study}"[:512], data=data))
+        else:
+            for i, files in enumerate(_batches(todo, config.batch_files)):
+                folder = str(PurePosixPath(files[0][0]).parent)
+                items.append(
+                    PlannedItem(
+                        key=f"{i:06d}:{folder}"[:512],
+                        data={
+                            "location": location,
+                            "within": within,
+                            "ingest": ingest,
+                            "files": files,
+                        },
+                        partition_key=folder,
+                    )
                 )
-            )
         log.info(
             "extraction planned",
             extra={
@@ -152,6 +182,20 @@ class ExtractorPlugin:
             },
         )
         return items
+
+    @staticmethod
+    def _listing(
+        location: str, study_prefixes: list[str], folder_workers: int, within: str | None
+    ) -> list[SourceFile]:
+        """The files to plan: the whole location, or only these studies' prefixes under a zone
+        (keyed as in the whole zone's listing, so the catalog is the same either way)."""
+        if not study_prefixes or not location.startswith("zone:"):
+            return list(open_location(location, folder_workers, within).list())
+        found: list[SourceFile] = []
+        for study in study_prefixes:
+            part = open_location(f"{location.rstrip('/')}/{study.strip('/')}", folder_workers)
+            found += [replace(f, key=f"{study.strip('/')}/{f.key}") for f in part.list()]
+        return found
 
     @staticmethod
     async def _record_skipped(
@@ -198,10 +242,16 @@ class ExtractorPlugin:
         ]
         started = time.perf_counter()
         total = ItemResult()
+        studies: set[str] = set()
+        series: set[str] = set()
         try:
             for future in asyncio.as_completed(futures):
                 outcomes = await future
                 await ctx.check_cancelled()
+                for o in outcomes:
+                    if o.record is not None:
+                        studies.add(o.record.study.study_instance_uid or "")
+                        series.add(o.record.series.series_instance_uid or "")
                 part = await self._load(ctx.pool, item.cohort.id, ctx.job_id, outcomes)
                 for key, value in part.counts.items():
                     total.counts[key] = total.counts.get(key, 0) + value
@@ -210,6 +260,9 @@ class ExtractorPlugin:
             for future in futures:
                 future.cancel()
         total.errors = total.errors[:50]
+        if "study" in item.data:  # a study whole (streamed): its stacks now, then sorting
+            await self._rebuild_stacks(ctx.pool, item.cohort.id, sorted(series))
+            total.studies = sorted(studies)
         log.debug(
             "item extracted",
             extra={"files": len(files), "seconds": round(time.perf_counter() - started, 3)},

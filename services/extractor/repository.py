@@ -17,11 +17,16 @@ import asyncpg
 DETAIL_KINDS = ("mr", "ct", "pet")
 
 
-async def known_files(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> dict[str, tuple[int, int]]:
-    """(size, mtime_ns) of every source file recorded for the cohort, by source key."""
+async def known_files(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, only: Sequence[str] | None = None
+) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every source file recorded for the cohort (of these keys, when
+    given: a study's hand-over looks up its own files, not the cohort's), by source key."""
     rows = await conn.fetch(
-        "SELECT source_key, size, mtime_ns FROM catalog.source_file WHERE cohort_id = $1",
+        "SELECT source_key, size, mtime_ns FROM catalog.source_file WHERE cohort_id = $1"
+        " AND ($2::text[] IS NULL OR source_key = ANY($2::text[]))",
         cohort_id,
+        None if only is None else list(only),
     )
     return {r["source_key"]: (r["size"], r["mtime_ns"]) for r in rows}
 

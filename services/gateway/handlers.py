@@ -93,10 +93,16 @@ async def apply_progress(pool: asyncpg.Pool, envelope: Envelope) -> None:
             conn,
             job,
             status="running",
-            reason="first progress from the stage workers",
+            # a streamed pipeline run's later job runs from the start, planning studies as they
+            # pass the stage before it (ADR 0023)
+            reason="open: takes studies as they pass the stage before it"
+            if progress.upstream_open
+            else "first progress from the stage workers",
             event_id=envelope.id,
-            progress=job_progress(
-                counts["items_total"], counts["items_done"], counts["items_failed"]
+            # an open job that has caught up with the studies passed so far is not done
+            progress=min(
+                job_progress(counts["items_total"], counts["items_done"], counts["items_failed"]),
+                99.0 if progress.upstream_open else 100.0,
             ),
             errors=merge_job_errors(job["errors"], [e.model_dump() for e in progress.errors]),
             summary={**job["summary"], **progress.summary},

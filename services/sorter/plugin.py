@@ -128,7 +128,8 @@ class SorterPlugin:
             review_required=sum(1 for c in decisions if c.review_required),
             recovered_dates=len(checked.recovered_dates),
         )
-        return ItemResult(counts=counts)
+        # the study passed sorting whole (completion looks at this study's stacks only)
+        return ItemResult(counts=counts, studies=[study_uid])
 
     async def finalize(self, pool: asyncpg.Pool, run: RunInfo) -> tuple[dict[str, Any], str | None]:
         async with pool.acquire() as conn:

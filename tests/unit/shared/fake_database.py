@@ -36,6 +36,7 @@ class FakeDatabase:
         statements: list[tuple[str, Callable[..., Any]]] = [
             (r"^SELECT status FROM {s}\.runs WHERE job_id", self._run_status),
             (r"^UPDATE {s}\.runs SET last_progress_at", self._progress_due),
+            (r"^INSERT INTO {s}\.run_items \(job_id, item_key\) SELECT", self._append_items),
             (r"^INSERT INTO {s}\.run_items", self._insert_item),
             (r"^UPDATE {s}\.runs SET status = 'running', items_total", self._start_run),
             (r"^UPDATE {s}\.run_items SET attempts = attempts \+ 1", self._count_attempt),
@@ -45,8 +46,11 @@ class FakeDatabase:
             (r"^SELECT \* FROM {s}\.runs WHERE job_id", self._run_row),
             (r"^UPDATE {s}\.runs SET status = \$2, summary = \$3", self._end_run),
             (r"^UPDATE {s}\.runs SET status = 'failed'", self._fail_run),
+            (r"^UPDATE {s}\.runs SET status = 'cancelled', .* errors = errors", self._abandon_run),
             (r"^UPDATE {s}\.runs SET status = 'cancelled'", self._cancel_run),
+            (r"^INSERT INTO {s}\.runs \(.*upstream_open\)", self._open_run),
             (r"^INSERT INTO {s}\.runs ", self._insert_run),
+            (r"^UPDATE {s}\.runs SET items_total = items_total \+ \$2", self._grow_run),
             (r"^UPDATE {s}\.runs SET plan_attempts = plan_attempts \+ \$2", self._count_plan),
             (r"^SELECT job_id FROM {s}\.runs WHERE status IN", self._open_runs),
             (r"^INSERT INTO {s}\.outbox ", self._enqueue),
@@ -108,8 +112,31 @@ class FakeDatabase:
                 "summary": {},
                 "last_progress_at": None,
                 "plan_attempts": 0,
+                "upstream_open": False,
             },
         )
+
+    def _open_run(
+        self, job_id: uuid.UUID, cohort_id: uuid.UUID, stage: str, request: Row
+    ) -> Row | None:
+        if job_id in self.runs:
+            return None
+        self._insert_run(job_id, cohort_id, stage, request, "running")
+        self.runs[job_id]["upstream_open"] = True
+        return dict(self.runs[job_id])
+
+    def _grow_run(self, job_id: uuid.UUID, added: int, upstream_open: bool) -> Row:
+        row = self.runs[job_id]
+        row["items_total"] += added
+        row["upstream_open"] = upstream_open
+        return dict(row)
+
+    def _abandon_run(self, job_id: uuid.UUID, errors: list[Row]) -> Row | None:
+        row = self.runs.get(job_id)
+        if row is None or row["status"] not in ("planning", "running"):
+            return None
+        row.update(status="cancelled", errors=row["errors"] + errors)
+        return dict(row)
 
     def _count_plan(self, job_id: uuid.UUID, step: int) -> int | None:
         row = self.runs.get(job_id)
@@ -175,6 +202,12 @@ class FakeDatabase:
             (job_id, key),
             {"status": "pending", "attempts": 0, "error": None, "result": None, "worker": None},
         )
+
+    def _append_items(self, job_id: uuid.UUID, keys: list[str]) -> list[Row]:
+        new = [k for k in dict.fromkeys(keys) if (job_id, k) not in self.items]
+        for key in new:
+            self._insert_item(job_id, key)
+        return [{"item_key": k} for k in new]
 
     def _count_attempt(self, job_id: uuid.UUID, key: str) -> int | None:
         item = self.items.get((job_id, key))

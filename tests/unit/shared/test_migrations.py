@@ -15,7 +15,12 @@ def test_a_stage_schema_gets_the_outbox_then_the_runtime_then_its_own() -> None:
     own = _migrations_dir("services.sorter")
     found = migrations_of("sorting", (EVERY_SCHEMA_MIGRATIONS, STAGE_MIGRATIONS), own)
     names = [name for name, _ in found]
-    shared = ["every_schema/001_outbox", "stage/001_runtime", "stage/002_plan_attempts"]
+    shared = [
+        "every_schema/001_outbox",
+        "stage/001_runtime",
+        "stage/002_plan_attempts",
+        "stage/003_upstream_open",
+    ]
     assert names[: len(shared)] == shared
     assert names[len(shared) :] == [name for name, _ in migration_files(own or Path())]
     outbox, runtime = found[0][1], found[1][1]

@@ -86,6 +86,8 @@ def settings(**overrides: Any) -> Settings:
         "item_max_attempts": 3,
         "progress_interval_s": 0.0,
         "project_secret": "unit-test-secret",
+        # one stage at a time, its slip's next request at its end (test_streaming.py: streamed)
+        "stream_stages": False,
     }
     return Settings(**{**values, **overrides})
 
