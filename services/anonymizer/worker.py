@@ -34,10 +34,10 @@ from services.anonymizer.profile import (
     Profile,
     ProfileOptions,
     anonymize,
-    dicom_bytes,
     load_profile,
     new_uid,
     verify,
+    write_file,
 )
 from services.anonymizer.repository import Vault
 from shared.settings import get_settings
@@ -116,9 +116,10 @@ def deidentify(
         row = audit_row(result, "", "quarantined")
         reason = result.quarantine.reason
         return FileOutcome("quarantined", reason, sop_key, "", None, row, series=series)
-    data = dicom_bytes(result.dataset)
+    written = write_file(result.dataset)
+    data = written.data
     excused: list[Finding] = []
-    findings = verify(data, result.identifiers, object_key, excused)
+    findings = verify(data, result.identifiers, object_key, excused, written.pixel_data)
     if findings:
         where = sorted({f"{f.kind} in {f.location}" for f in findings})
         reason = f"verification found an original {', '.join(where[:5])}"
