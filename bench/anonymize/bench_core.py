@@ -31,9 +31,9 @@ from services.anonymizer.profile import (
     ProfileOptions,
     anonymize,
     date_offset_days,
-    dicom_bytes,
     load_profile,
     verify,
+    write_file,
 )
 from services.anonymizer.repository import Vault
 from services.anonymizer.worker import (
@@ -107,8 +107,8 @@ def core(paths: list[Path], check: bool) -> float:
     for path in paths:
         ctx = AnonymizationContext(profile, SECRET, "subBENCH", date_offset_days=offset)
         result = anonymize(pydicom.dcmread(path), ctx)
-        data = dicom_bytes(result.dataset)
-        if check and verify(data, result.identifiers):
+        written = write_file(result.dataset)
+        if check and verify(written.data, result.identifiers, pixel_data=written.pixel_data):
             raise SystemExit(f"verification failed on {path}")
     return time.perf_counter() - start
 

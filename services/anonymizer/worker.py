@@ -25,6 +25,7 @@ from typing import Any, BinaryIO, Literal
 
 import pydicom
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.filereader import read_partial
 
 from services.anonymizer.audit import AuditRow, audit_row
@@ -34,10 +35,10 @@ from services.anonymizer.profile import (
     Profile,
     ProfileOptions,
     anonymize,
-    dicom_bytes,
     load_profile,
     new_uid,
     verify,
+    write_file,
 )
 from services.anonymizer.repository import Vault
 from shared.settings import get_settings
@@ -78,6 +79,24 @@ PATIENT_ID = 0x00100020
 ISSUER = 0x00100021
 
 
+def read_dicom(data: bytes) -> Dataset:
+    """A whole file, parsed as the core takes it (element values converted only when used)."""
+    return pydicom.dcmread(io.BytesIO(data), force=True)
+
+
+def converted_apart(ds: Dataset, tags: list[int]) -> Dataset:
+    """The elements `tags` of a parsed file, converted in a data set of their own: the file's own
+    elements stay as read (so the writer copies what de-identification leaves alone)."""
+    out = Dataset()
+    for tag in tags:
+        elem = ds.get_item(tag)
+        if isinstance(elem, RawDataElement):
+            elem = convert_raw_data_element(elem, encoding=ds._character_set, ds=ds)
+        if elem is not None:
+            out[tag] = elem
+    return out
+
+
 def parse_until(data: bytes | BinaryIO, last: int, tags: list[int]) -> Dataset:
     """The elements `tags` of a file, parsed no further than the tag `last`."""
 
@@ -116,9 +135,10 @@ def deidentify(
         row = audit_row(result, "", "quarantined")
         reason = result.quarantine.reason
         return FileOutcome("quarantined", reason, sop_key, "", None, row, series=series)
-    data = dicom_bytes(result.dataset)
+    written = write_file(result.dataset)
+    data = written.data
     excused: list[Finding] = []
-    findings = verify(data, result.identifiers, object_key, excused)
+    findings = verify(data, result.identifiers, object_key, excused, written.pixel_data)
     if findings:
         where = sorted({f"{f.kind} in {f.location}" for f in findings})
         reason = f"verification found an original {', '.join(where[:5])}"
@@ -175,11 +195,12 @@ def load_worker_profile(options: ProfileOptions) -> None:
     _profile(options)
 
 
-def deidentify_file(job: FileJob) -> FileOutcome:
-    """Parse, de-identify, serialize and verify one file; upload it when it may be released."""
+def deidentify_file(job: FileJob, parsed: Dataset | None = None) -> FileOutcome:
+    """Parse, de-identify, serialize and verify one file; upload it when it may be released.
+    `parsed`: `job.data` already parsed (`read_dicom`), so it is not parsed twice."""
     quiet_pydicom()
     try:
-        ds = pydicom.dcmread(io.BytesIO(job.data), force=True)
+        ds = parsed if parsed is not None else read_dicom(job.data)
     except Exception as exc:
         reason = f"not a readable DICOM file ({type(exc).__name__})"
         return FileOutcome("rejected", reason, job.sop_key, "", None, None)
@@ -292,8 +313,15 @@ def _deidentify_read(
 ) -> FileOutcome | Unresolved:
     vault = batch.vault
     file_key = vault.key("file", f"{source.location}\x00{key}")
+    try:  # parsed once, for its subject and its de-identification
+        parsed: Dataset | None = read_dicom(data)
+    except Exception:
+        parsed = None  # its first elements may still be readable: the subject is resolved as before
+    tags = [SOP_INSTANCE_UID, PATIENT_ID, ISSUER]
     try:  # who the file belongs to: the first elements are enough
-        head = parse_until(data, ISSUER, [SOP_INSTANCE_UID, PATIENT_ID, ISSUER])
+        head = (
+            converted_apart(parsed, tags) if parsed is not None else parse_until(data, ISSUER, tags)
+        )
     except Exception as exc:
         reason = f"not a readable DICOM file ({type(exc).__name__})"
         return FileOutcome("rejected", reason, file_key, "", None, None)
@@ -319,7 +347,7 @@ def _deidentify_read(
         timepoint_label=batch.timepoint_label,
         output=batch.output,
     )
-    return deidentify_file(job)
+    return deidentify_file(job, parsed)
 
 
 # --- what a plan reads of each file --------------------------------------------------------------

@@ -39,7 +39,7 @@ from services.anonymizer.profile.quarantine import Quarantine, burned_in_risk
 from services.anonymizer.profile.table import Profile, Rule, load_profile
 from services.anonymizer.profile.uids import new_uid
 from services.anonymizer.profile.verify import Finding, verify
-from services.anonymizer.profile.writer import dicom_bytes
+from services.anonymizer.profile.writer import WrittenFile, dicom_bytes, write_file
 
 __all__ = [
     "CATEGORIES",
@@ -58,6 +58,7 @@ __all__ = [
     "PseudonymStore",
     "Quarantine",
     "Rule",
+    "WrittenFile",
     "age_string",
     "anonymize",
     "anonymize_bytes",
@@ -74,4 +75,5 @@ __all__ = [
     "subject_key",
     "timepoint_label",
     "verify",
+    "write_file",
 ]

@@ -8,12 +8,16 @@ set) is emitted as tag + VR + length + its bytes, sequences are walked the same 
 element (changed, created, or needing re-encoding) goes through pydicom's own `write_data_element`.
 A data set in another encoding (big endian, deflated, or read in another one) is written by pydicom
 entirely. The file meta group is pydicom's, with the checks of `dcmwrite(enforce_file_format=True)`.
+
+`write_file` also tells where in the file the top-level Pixel Data element went, so verification
+can leave the pixel values (no text) out of its search of the written bytes.
 """
 
 from __future__ import annotations
 
 import struct
 from copy import deepcopy
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom import Dataset
@@ -39,10 +43,25 @@ _ITEM = struct.Struct("<HHL")
 ITEM_UNDEFINED = _ITEM.pack(0xFFFE, 0xE000, UNDEFINED)
 ITEM_DELIMITER = _ITEM.pack(0xFFFE, 0xE00D, 0)
 SEQUENCE_DELIMITER = _ITEM.pack(0xFFFE, 0xE0DD, 0)
+PIXEL_DATA = 0x7FE00010
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """A DICOM Part 10 file as written, and the byte range (start, end) of its top-level Pixel Data
+    element, header and value (None when the file has none or pydicom wrote it)."""
+
+    data: bytes
+    pixel_data: tuple[int, int] | None = None
 
 
 def dicom_bytes(ds: Dataset) -> bytes:
     """The dataset as a DICOM Part 10 file, in its own transfer syntax."""
+    return write_file(ds).data
+
+
+def write_file(ds: Dataset) -> WrittenFile:
+    """The dataset as a DICOM Part 10 file, in its own transfer syntax, and where its pixels are."""
     meta = getattr(ds, "file_meta", None)
     syntax: UID | None = meta.get("TransferSyntaxUID") if meta is not None else None
     encoding = _encoding_of(syntax)
@@ -53,7 +72,7 @@ def dicom_bytes(ds: Dataset) -> bytes:
         or ds.original_character_set != ds._character_set
         or any(tag >> 16 in (0, 2) for tag in ds._dict)
     ):
-        return _pydicom_bytes(ds)
+        return WrittenFile(_pydicom_bytes(ds))
     assert meta is not None and syntax is not None
     implicit = encoding[0]
     file_meta = deepcopy(meta)  # as dcmwrite(enforce_file_format=True) completes and checks it
@@ -67,7 +86,7 @@ def dicom_bytes(ds: Dataset) -> bytes:
     validate_file_meta(file_meta, enforce_standard=True)
     preamble = getattr(ds, "preamble", None) or b"\x00" * 128
     if len(preamble) != 128:
-        return _pydicom_bytes(ds)
+        return WrittenFile(_pydicom_bytes(ds))
     if "PixelData" in ds and not syntax.is_private:
         ds["PixelData"].is_undefined_length = syntax.is_compressed
     fp = DicomBytesIO()
@@ -75,8 +94,9 @@ def dicom_bytes(ds: Dataset) -> bytes:
     fp.write(preamble)
     fp.write(b"DICM")
     write_file_meta_info(fp, file_meta, enforce_standard=True)  # explicit VR, its own buffer
-    _write(fp, ds, implicit, "iso8859")
-    return bytes(fp.getvalue())
+    pixels: list[tuple[int, int]] = []
+    _write(fp, ds, implicit, "iso8859", pixels)
+    return WrittenFile(bytes(fp.getvalue()), pixels[0] if pixels else None)
 
 
 def _pydicom_bytes(ds: Dataset) -> bytes:
@@ -92,7 +112,14 @@ def _encoding_of(syntax: UID | None) -> tuple[bool, bool] | None:
     return (bool(syntax.is_implicit_VR), True)
 
 
-def _write(fp: DicomBytesIO, ds: Dataset, implicit: bool, parent_encoding: Any) -> None:
+def _write(
+    fp: DicomBytesIO,
+    ds: Dataset,
+    implicit: bool,
+    parent_encoding: Any,
+    pixels: list[tuple[int, int]] | None = None,
+) -> None:
+    """Write the elements of `ds`; `pixels` (top level only) gets the Pixel Data element's range."""
     if tuple(ds.original_encoding) != (implicit, True) or (
         ds.original_character_set != ds._character_set
     ):
@@ -105,12 +132,15 @@ def _write(fp: DicomBytesIO, ds: Dataset, implicit: bool, parent_encoding: Any) 
         if element == 0 and group > 6:
             continue  # retired group lengths are not written (PS3.5 7.2), as pydicom does
         elem = ds.get_item(tag)
+        start = fp.tell()
         if isinstance(elem, RawDataElement) and _raw_written(fp, elem, group, element, implicit):
-            continue
-        if isinstance(elem, DataElement) and elem.VR == "SQ":
+            pass
+        elif isinstance(elem, DataElement) and elem.VR == "SQ":
             _sequence(fp, elem, group, element, implicit, encoding)
-            continue
-        write_data_element(fp, elem, encoding)
+        else:
+            write_data_element(fp, elem, encoding)
+        if tag == PIXEL_DATA and pixels is not None:
+            pixels.append((start, fp.tell()))
 
 
 def _raw_written(
