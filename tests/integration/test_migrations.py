@@ -50,7 +50,12 @@ async def test_runtime_tables_made_before_the_migrations_are_completed(
         applied = await migrate_stage_schema(pool, "legacy_stage", None)
     finally:
         await pool.close()
-    assert applied == ["every_schema/001_outbox", "stage/001_runtime", "stage/002_plan_attempts"]
+    assert applied == [
+        "every_schema/001_outbox",
+        "stage/001_runtime",
+        "stage/002_plan_attempts",
+        "stage/003_upstream_open",
+    ]
 
     async def columns(table: str) -> set[str]:
         rows = await db_pool.fetch(
@@ -61,5 +66,5 @@ async def test_runtime_tables_made_before_the_migrations_are_completed(
         return {r["column_name"] for r in rows}
 
     assert "worker" in await columns("run_items")  # columns added after the tables were made
-    assert "plan_attempts" in await columns("runs")
+    assert {"plan_attempts", "upstream_open"} <= await columns("runs")
     await db_pool.execute("DROP SCHEMA legacy_stage CASCADE")
