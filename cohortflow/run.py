@@ -16,7 +16,7 @@ command run again follows the job once its service is back (a job still marked s
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import io
 import json
 import os
@@ -41,6 +41,7 @@ from shared.settings import Settings
 # The stage config models the gateway validates with: this is the one place the CLI imports them
 # from (repoint here when they move).
 from shared.stage_config import StageConfigError, validate_stage_config
+from shared.storage import write_hashed
 from shared.topics import STAGE_ORDER, Stage
 
 TERMINAL = {"completed", "failed", "cancelled"}
@@ -516,16 +517,9 @@ def _extract(chunks: Iterator[bytes], listed: Mapping[str, Mapping[str, Any]], o
                 )
             target = out / member.name
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + ".part")
-            digest = hashlib.sha256()
-            with partial.open("wb") as sink:
-                while block := source.read(1 << 20):
-                    digest.update(block)
-                    sink.write(block)
-            if row.get("sha256") and digest.hexdigest() != row["sha256"]:
-                partial.unlink()
+            blocks = iter(functools.partial(source.read, 1 << 20), b"")
+            if write_hashed(blocks, target, row.get("sha256") or None) is None:
                 raise RunError(f"{member.name}: the downloaded content differs from its SHA-256")
-            partial.replace(target)
             written.add(member.name)
     if missing := sorted(set(listed) - written):
         raise RunError(f"the export's archive lacks {len(missing)} file(s), e.g. {missing[0]}")

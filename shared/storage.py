@@ -17,7 +17,7 @@ import functools
 import hashlib
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -68,6 +68,29 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_hashed(
+    chunks: Iterable[bytes | memoryview], path: Path, expect: str | None = None
+) -> str | None:
+    """Write `chunks` to `path` through a file beside it that is renamed when complete, hashing
+    on the way; returns the SHA-256. With `expect`, content of another SHA-256 is not kept: the
+    partial file is removed and None returned. Nothing partial is left behind on an error."""
+    partial = path.with_name(path.name + ".part")
+    digest = hashlib.sha256()
+    try:
+        with partial.open("wb") as fh:
+            for chunk in chunks:
+                digest.update(chunk)
+                fh.write(chunk)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    if expect is not None and digest.hexdigest() != expect:
+        partial.unlink()
+        return None
+    partial.replace(path)
+    return digest.hexdigest()
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -205,14 +228,9 @@ class ObjectStore:
         CPU per request than minio's stat-then-get), streamed through a file beside it that is
         renamed when complete; returns the SHA-256 of what was written, hashed on the way."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".part")
-        digest = hashlib.sha256()
-        with partial.open("wb") as fh:
-            for chunk in self._chunks(key, bucket or self.bucket):
-                digest.update(chunk)
-                fh.write(chunk)
-        partial.replace(path)
-        return digest.hexdigest()
+        digest = write_hashed(self._chunks(key, bucket or self.bucket), path)
+        assert digest is not None  # nothing expected, so always written
+        return digest
 
     def _chunks(self, key: str, bucket: str) -> Iterator[bytes | memoryview]:
         if not _obstore_usable():

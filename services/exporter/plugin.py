@@ -80,7 +80,7 @@ from shared.sources import (
 )
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
 from shared.stage_config import ExportConfig, JobConfigs
-from shared.storage import ObjectStore, parse_s3_uri
+from shared.storage import ObjectStore, parse_s3_uri, write_hashed
 from shared.topics import Stage
 from shared.workers import cpu_workers
 
@@ -117,21 +117,11 @@ def copy_if_unchanged(source: LocalSource, key: str, target: Path, sha256: str) 
     """Copy the source's file `key` to `target` (hashing it on the way) when its content still has
     the catalogued `sha256`; False, with nothing written, when it is gone, unreadable, refused
     (a link out of the roots) or changed since it was ingested."""
-    partial = target.with_name(target.name + ".part")
-    digest = hashlib.sha256()
     try:
-        with source.open(key) as fh, partial.open("wb") as sink:
-            while chunk := fh.read(_COPY_CHUNK):
-                digest.update(chunk)
-                sink.write(chunk)
+        with source.open(key) as fh:
+            return write_hashed(iter(lambda: fh.read(_COPY_CHUNK), b""), target, sha256) is not None
     except (SourceError, OSError):
-        partial.unlink(missing_ok=True)
         return False
-    if digest.hexdigest() != sha256:
-        partial.unlink()
-        return False
-    partial.replace(target)
-    return True
 
 
 def catalog_stacks(
