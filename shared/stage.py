@@ -446,36 +446,18 @@ class StageRuntime:
         self, envelope: Envelope, request: StageRequested, job_id: uuid.UUID, attempts: int
     ) -> None:
         log.info("planning run", extra={"job_id": str(job_id), "stage": self.plugin.stage.value})
-        while True:
-            try:
-                planned = await self.plugin.plan(self.pool, request, job_id)
-            except Exception as exc:
-                if _servers_away(exc):  # no fault of the request: as for storing, below
-                    await self._give_plan_attempt_back(job_id, attempts)
-                    raise
-                # retried in place within the attempts, like a work item's `process`; then the
-                # run fails and the request is dead-lettered (kind `plan`: ADR 0022 replays it)
-                error = f"{type(exc).__name__}: {exc}"
-                log.warning(
-                    "planning failed",
-                    extra={"job_id": str(job_id), "attempt": attempts, "error": error},
-                    exc_info=True,
-                )
-                if attempts >= self.settings.item_max_attempts:
-                    await self._fail_run(
-                        job_id,
-                        request,
-                        f"planning failed after {attempts} attempts: {exc}",
-                        dead_letter=(envelope, error, attempts),
-                    )
-                    return
-                counted = await self._count_plan_attempt(job_id)
-                if counted is None:
-                    return  # planned or ended meanwhile
-                attempts = counted
-                await asyncio.sleep(backoff_s(attempts))
-                continue
-            break
+        outcome = await self._plan_retried(
+            envelope,
+            request,
+            request,
+            job_id,
+            attempts,
+            next_attempt=lambda _: self._count_plan_attempt(job_id),
+            away=lambda counted: self._give_plan_attempt_back(job_id, counted),
+        )
+        if outcome is None:
+            return  # gave up (the run failed), or planned or ended meanwhile
+        planned, attempts = outcome
         try:
             await self._store_plan(request, job_id, planned)
         except Exception as exc:
@@ -942,6 +924,53 @@ class StageRuntime:
             if planned is not None:
                 await self._append(request, job_id, planned, passed.closed)
 
+    async def _plan_retried(
+        self,
+        envelope: Envelope,
+        request: StageRequested,
+        failing: StageRequested,
+        job_id: uuid.UUID,
+        attempts: int,
+        next_attempt: Callable[[int], Awaitable[int | None]],
+        away: Callable[[int], Awaitable[None]],
+    ) -> tuple[list[PlannedItem], int] | None:
+        """The plugin's plan of `request`, retried in place within the attempts like a work
+        item's `process`; then the run (`failing`) fails and the message is dead-lettered (kind
+        `plan`: ADR 0022 replays it). `next_attempt` counts the next attempt (None: the run was
+        planned or ended meanwhile); `away` runs before re-raising when a server is away (no
+        fault of the request). Returns the plan and the attempts it took, or None."""
+        while True:
+            try:
+                return await self.plugin.plan(self.pool, request, job_id), attempts
+            except Exception as exc:
+                if _servers_away(exc):
+                    await away(attempts)
+                    raise
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "planning failed",
+                    extra={
+                        "job_id": str(job_id),
+                        "attempt": attempts,
+                        "error": error,
+                        "studies": len(request.study_instance_uids) + len(request.study_prefixes),
+                    },
+                    exc_info=True,
+                )
+                if attempts >= self.settings.item_max_attempts:
+                    await self._fail_run(
+                        job_id,
+                        failing,
+                        f"planning failed after {attempts} attempts: {exc}",
+                        dead_letter=(envelope, error, attempts),
+                    )
+                    return None
+                counted = await next_attempt(attempts)
+                if counted is None:
+                    return None
+                attempts = counted
+                await asyncio.sleep(backoff_s(attempts))
+
     async def _plan_passed(
         self,
         envelope: Envelope,
@@ -949,32 +978,20 @@ class StageRuntime:
         stored: StageRequested,
         job_id: uuid.UUID,
     ) -> list[PlannedItem] | None:
-        """The plan of passed studies, retried in place like a run's plan; None when it gave up
-        (the run failed, the message is dead-lettered)."""
-        attempts = 0
-        while True:
-            try:
-                return await self.plugin.plan(self.pool, request, job_id)
-            except Exception as exc:
-                if _servers_away(exc):
-                    await asyncio.sleep(backoff_s(1))
-                    raise
-                attempts += 1
-                error = f"{type(exc).__name__}: {exc}"
-                log.warning(
-                    "planning passed studies failed",
-                    extra={"job_id": str(job_id), "attempt": attempts, "error": error},
-                    exc_info=True,
-                )
-                if attempts >= self.settings.item_max_attempts:
-                    await self._fail_run(
-                        job_id,
-                        stored,
-                        f"planning failed after {attempts} attempts: {exc}",
-                        dead_letter=(envelope, error, attempts),
-                    )
-                    return None
-                await asyncio.sleep(backoff_s(attempts))
+        """The plan of passed studies, retried in place like a run's plan (attempts counted in
+        memory: the message is redelivered whole); None when it gave up (the run failed, the
+        message is dead-lettered)."""
+
+        async def one_more(attempts: int) -> int:
+            return attempts + 1
+
+        async def pause(_: int) -> None:
+            await asyncio.sleep(backoff_s(1))
+
+        outcome = await self._plan_retried(
+            envelope, request, stored, job_id, 1, next_attempt=one_more, away=pause
+        )
+        return None if outcome is None else outcome[0]
 
     async def _append(
         self, request: StageRequested, job_id: uuid.UUID, planned: list[PlannedItem], closed: bool
