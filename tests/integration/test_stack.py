@@ -373,7 +373,12 @@ def test_down_stops_the_supervisor_the_services_and_their_orphans() -> None:
             env={**os.environ, MEMBER_ENV: str(home.resolve())},
             start_new_session=True,
         )
-        members = stack_members(home.resolve())
+        # until the child has exec'd, /proc shows the parent's environment (without the mark)
+        deadline = time.monotonic() + 10
+        while orphan.pid not in (members := stack_members(home.resolve())):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert orphan.pid in members and supervisor in members
         assert status["services"]["sorter"]["pid"] in members
 
