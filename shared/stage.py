@@ -1005,9 +1005,16 @@ class StageRuntime:
             )
             if row is None or row["status"] != "running" or not row["upstream_open"]:
                 return  # ended, or closed by a redelivery of this message
+            # keys planned before are left out by a read, not by the insert's conflict check:
+            # that check waits for an item whose end is being written, whose transaction waits
+            # for this run row (locked above), a deadlock Postgres breaks by failing one of the
+            # two (a closing plan names every item planned before, those in hand too). New keys
+            # cannot race: every append to a run holds its row.
             inserted = await conn.fetch(
                 f"INSERT INTO {self.schema}.run_items (job_id, item_key)"
-                " SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING RETURNING item_key",
+                " SELECT $1, k FROM unnest($2::text[]) AS k WHERE NOT EXISTS"
+                f" (SELECT 1 FROM {self.schema}.run_items i WHERE i.job_id = $1 AND i.item_key = k)"
+                " ON CONFLICT DO NOTHING RETURNING item_key",
                 job_id,
                 [p.key for p in planned],
             )

@@ -18,7 +18,14 @@ from services.gateway.dead_letters import letter_kind
 from shared import stage as stage_module
 from shared import topics
 from shared.db import create_pool
-from shared.events import CohortRef, DeadLetter, Envelope, StageRequested, WorkItem
+from shared.events import (
+    CohortRef,
+    DeadLetter,
+    Envelope,
+    StageRequested,
+    StudiesPassed,
+    WorkItem,
+)
 from shared.settings import Settings
 from shared.stage import (
     ItemContext,
@@ -213,6 +220,56 @@ async def test_a_plan_stored_while_the_database_is_away_is_retried_without_limit
         run = await db_pool.fetchrow(f"SELECT status, items_total FROM {schema}.runs")
         assert tuple(run) == ("running", 2)
     finally:
+        await runtime.stop_heartbeats()
+        await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def test_a_closing_hand_over_does_not_wait_for_an_item_being_ended(
+    db_pool: asyncpg.Pool, stack_settings: Settings
+) -> None:
+    """A streamed run's closing `StudiesPassed` plans the items already planned again (they are
+    left out by key) while one of them may be ending. The item's end updates its row, then locks
+    the run row; the append locks the run row, then adds the new keys: were the known keys left
+    out by the insert's conflict check, it would wait for the item's transaction, which waits for
+    the run row: a deadlock, which Postgres breaks by failing one of them (ADR 0023)."""
+    runtime, schema = await _runtime(db_pool, stack_settings, ["a", "b"])
+    cohort = CohortRef(id=uuid.uuid4(), name="probe", source_path="/nowhere")
+    job_id = uuid.uuid4()
+
+    def passed(closed: bool) -> Envelope:
+        payload = StudiesPassed(
+            stage=Stage.sorting, cohort=cohort, study_instance_uids=["1.2.3"], closed=closed
+        )
+        return Envelope.wrap(payload, source="test", cohort_id=cohort.id, job_id=job_id)
+
+    opening = StageRequested(stage=Stage.sorting, cohort=cohort, streamed=True, upstream_open=True)
+    ending = await db_pool.acquire()
+    try:
+        await runtime.handle_requested(
+            Envelope.wrap(opening, source="test", cohort_id=cohort.id, job_id=job_id)
+        )
+        await runtime.handle_passed(passed(closed=False))  # items a and b, the run still open
+        async with ending.transaction():
+            # item a's end, as `_end_item` writes it: its row first, the run row next
+            await ending.execute(
+                f"UPDATE {schema}.run_items SET status = 'done' WHERE job_id = $1"
+                " AND item_key = 'a'",
+                job_id,
+            )
+            closing = asyncio.create_task(runtime.handle_passed(passed(closed=True)))
+            await asyncio.wait({closing}, timeout=5)
+            assert closing.done(), "the closing hand-over waits for item a's end"
+            await closing  # raises what it met (a DeadlockDetectedError before the fix)
+            await ending.fetchrow(
+                f"SELECT status FROM {schema}.runs WHERE job_id = $1 FOR UPDATE", job_id
+            )
+        run = await db_pool.fetchrow(
+            f"SELECT status, upstream_open, items_total FROM {schema}.runs WHERE job_id = $1",
+            job_id,
+        )
+        assert tuple(run) == ("running", False, 2)  # closed, nothing planned twice
+    finally:
+        await db_pool.release(ending)
         await runtime.stop_heartbeats()
         await db_pool.execute(f"DROP SCHEMA {schema} CASCADE")
 
