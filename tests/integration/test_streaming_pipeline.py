@@ -5,12 +5,14 @@ after the other on the whole cohort (`--stages`, no routing slip: nothing stream
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +33,100 @@ pytestmark = [
 STAGES = ["anonymization", "extraction", "sorting", "export"]
 
 
-def _run(gateway_url: str, source: Path, name: str, out: Path, *extra: str) -> dict[str, Any]:
+# every stage's schema (its runs, run_items and outbox), in slip order
+SCHEMAS = {
+    "anonymization": "anonymizer",
+    "extraction": "catalog",
+    "sorting": "sorting",
+    "export": "export",
+}
+# one `cohortflow run` of six studies takes well under a minute: a run still going after this long
+# is stuck, and the test says where (two runs and the checks stay within pytest's own timeout)
+CLI_TIMEOUT_S = 240
+
+
+async def _where_it_stands(pool: asyncpg.Pool, cohort_name: str) -> str:
+    """What a failure needs to be understood: the cohort's jobs as the gateway has them, each
+    stage's run of that job and its unfinished items, and the events not yet sent by each stage."""
+    lines = [f"cohort {cohort_name}:"]
+    jobs = await pool.fetch(
+        "SELECT j.id, j.stage, j.status, j.status_reason, j.items_total, j.items_done,"
+        " j.items_failed, j.errors::text FROM gateway.jobs j JOIN gateway.cohorts c"
+        " ON c.id = j.cohort_id WHERE c.name = $1 ORDER BY j.created_at, j.position",
+        cohort_name,
+    )
+    for j in jobs:
+        lines.append(
+            f"  job {j['stage']} {j['id']}: {j['status']} ({j['status_reason']}),"
+            f" items {j['items_done']}+{j['items_failed']} failed of {j['items_total']},"
+            f" errors {j['errors'][:500]}"
+        )
+        schema = SCHEMAS[j["stage"]]
+        run = await pool.fetchrow(
+            f"SELECT status, upstream_open, items_total, items_done, items_failed,"
+            f" errors::text, updated_at, finished_at FROM {schema}.runs WHERE job_id = $1",
+            j["id"],
+        )
+        lines.append(f"    run: {dict(run) if run is not None else None}")
+        unfinished = await pool.fetch(
+            f"SELECT item_key, status, attempts, worker, updated_at FROM {schema}.run_items"
+            " WHERE job_id = $1 AND status <> 'done' ORDER BY item_key",
+            j["id"],
+        )
+        lines += [f"    item not done: {dict(r)}" for r in unfinished[:20]]
+    for schema in ("gateway", *SCHEMAS.values()):
+        unsent = await pool.fetchval(f"SELECT count(*) FROM {schema}.outbox WHERE sent_at IS NULL")
+        lines.append(f"  {schema}: {unsent} outbox events not sent")
+    return "\n".join(lines)
+
+
+async def _explained(waiting: Awaitable[Any], pool: asyncpg.Pool, cohort_name: str) -> Any:
+    """`waiting` (an `eventually`); its failure also says where the cohort's jobs and runs stand."""
+    try:
+        return await waiting
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{await _where_it_stands(pool, cohort_name)}") from None
+
+
+async def _run(
+    pool: asyncpg.Pool, gateway_url: str, source: Path, name: str, out: Path, *extra: str
+) -> dict[str, Any]:
     env = {
         **os.environ,
         "COHORTFLOW_GATEWAY_URL": gateway_url,
         "COHORTFLOW_AUDIT_PASSWORD": "streaming-audit-password",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "cohortflow.cli", "run", str(source), "--name", name,
-         "--anonymize", "--out", str(out), "--json", *extra],
-        env=env, capture_output=True, text=True, timeout=900, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    command = [
+        sys.executable, "-m", "cohortflow.cli", "run", str(source), "--name", name,
+        "--anonymize", "--out", str(out), "--json", *extra,
+    ]  # fmt: skip
+    try:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            command,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        output = [
+            o if isinstance(o, str) else (o or b"").decode(errors="replace")
+            for o in (exc.stdout, exc.stderr)
+        ]
+        raise AssertionError(
+            f"cohortflow run {name} still going after {CLI_TIMEOUT_S} s\n"
+            + await _where_it_stands(pool, name)
+            + "\n"
+            + output[1][-3000:]
+        ) from None
+    assert done.returncode == 0, (
+        done.stdout[-3000:] + done.stderr[-3000:] + "\n" + await _where_it_stands(pool, name)
+    )
     doc: dict[str, Any] = json.loads(done.stdout)
     assert [j["stage"] for j in doc["jobs"]] == STAGES
-    assert all(j["status"] == "completed" for j in doc["jobs"]), doc["jobs"]
+    assert all(j["status"] == "completed" for j in doc["jobs"]), await _where_it_stands(pool, name)
     return doc
 
 
@@ -99,9 +180,15 @@ async def test_a_streamed_run_overlaps_the_stages_and_gives_the_same_result(
     for name in ("dcm_qa_deident", "dcm_qa_pdt2", "dcm_qa_fmap"):  # six studies
         (source / name).symlink_to(dicom_root / name / "In", target_is_directory=True)
     suffix = uuid.uuid4().hex[:6]
-    streamed = _run(gateway_url, source, f"streamed-{suffix}", tmp_path / "streamed")
-    by_hand = _run(
-        gateway_url, source, f"by-hand-{suffix}", tmp_path / "by-hand", "--stages", ",".join(STAGES)
+    streamed = await _run(db_pool, gateway_url, source, f"streamed-{suffix}", tmp_path / "streamed")
+    by_hand = await _run(
+        db_pool,
+        gateway_url,
+        source,
+        f"by-hand-{suffix}",
+        tmp_path / "by-hand",
+        "--stages",
+        ",".join(STAGES),
     )
 
     async def ends(doc: dict[str, Any]) -> tuple[list[Any], list[Any]]:
@@ -144,8 +231,9 @@ async def test_a_cancel_ends_the_open_runs_of_a_streamed_run(
     for name in ("dcm_qa_deident", "dcm_qa_fmap"):
         (source / name).symlink_to(dicom_root / name / "In", target_is_directory=True)
     async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as api:
+        cohort_name = f"cancel-streamed-{uuid.uuid4().hex[:6]}"
         body = {
-            "name": f"cancel-streamed-{uuid.uuid4().hex[:6]}",
+            "name": cohort_name,
             "source_path": str(source),
             "anonymization_enabled": True,
         }
@@ -167,8 +255,14 @@ async def test_a_cancel_ends_the_open_runs_of_a_streamed_run(
             )
 
         # the later jobs run from the start, open, while the anonymizer works
-        await eventually(open_and_waiting, timeout=60, what="every later job open")
-        assert (await job(jobs[0]))["status"] == "running"
+        await _explained(
+            eventually(open_and_waiting, timeout=60, what="every later job open"),
+            db_pool,
+            cohort_name,
+        )
+        assert (await job(jobs[0]))["status"] == "running", await _where_it_stands(
+            db_pool, cohort_name
+        )
         assert (await api.post(f"/api/jobs/{jobs[0]}/cancel")).status_code == 200
 
         async def runs_ended() -> list[str] | None:
@@ -183,5 +277,9 @@ async def test_a_cancel_ends_the_open_runs_of_a_streamed_run(
             return statuses if set(statuses) == {"cancelled"} else None
 
         # every stage's run, open ones included, ends cancelled: none is left waiting
-        await eventually(runs_ended, timeout=60, what="every stage run cancelled")
+        await _explained(
+            eventually(runs_ended, timeout=60, what="every stage run cancelled"),
+            db_pool,
+            cohort_name,
+        )
         assert [(await job(j))["status"] for j in jobs] == ["cancelled"] * 4
