@@ -55,6 +55,9 @@ async def _where_it_stands(pool: asyncpg.Pool, cohort_name: str) -> str:
         " ON c.id = j.cohort_id WHERE c.name = $1 ORDER BY j.created_at, j.position",
         cohort_name,
     )
+    if not jobs:
+        # the gateway the test talked to is not this stack's (another process on its port?)
+        lines.append("  no job of this cohort in this stack's database")
     for j in jobs:
         lines.append(
             f"  job {j['stage']} {j['id']}: {j['status']} ({j['status_reason']}),"
