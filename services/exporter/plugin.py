@@ -168,7 +168,7 @@ def _hard_link(fh: BinaryIO, real: Path, target: Path) -> bool:
 
 
 def take_if_unchanged(
-    source: LocalSource, key: str, target: Path, sha256: str
+    source: LocalSource, key: str, target: Path, sha256: str, *, link: bool = True
 ) -> SourceCopy | None:
     """Place the source's file `key` at `target` when its content still has the catalogued
     `sha256`: hard linked and hashed in place where the file system allows it, else copied and
@@ -178,7 +178,7 @@ def take_if_unchanged(
     try:
         real, fh = source.open_resolved(key)
         with fh:
-            if not _hard_link(fh, real, target):
+            if not (link and _hard_link(fh, real, target)):
                 chunks = iter(lambda: fh.read(_COPY_CHUNK), b"")
                 return SourceCopy(target) if write_hashed(chunks, target, sha256) else None
             identity = SourceCopy.of(os.fstat(fh.fileno()))  # after the link changed its ctime
@@ -264,6 +264,8 @@ class ExporterPlugin:
         self._trees: TreeCache | None = None
         self._converting: asyncio.Semaphore | None = None
         self._swept = time.monotonic()
+        # items whose linked sources changed during a conversion: their next attempt copies
+        self._copy_sources: set[tuple[uuid.UUID, str]] = set()
 
     @property
     def item_workers(self) -> int:
@@ -466,7 +468,11 @@ class ExporterPlugin:
         with tempfile.TemporaryDirectory(prefix="cohortflow-export-") as scratch:
             folder = Path(scratch)
             files, taken = await asyncio.to_thread(
-                self._fetch_sources, sources, folder / "dicom", item.cohort
+                self._fetch_sources,
+                sources,
+                folder / "dicom",
+                item.cohort,
+                (ctx.job_id, item.item_key) not in self._copy_sources,
             )
             clock.lap("sources")
             local_sop = {
@@ -496,7 +502,8 @@ class ExporterPlugin:
                 )
             clock.lap("converting")
             changed = await asyncio.to_thread(lambda: [t for t in taken if not t.unchanged()])
-            if changed:  # written while converted: the next attempt checks it again
+            if changed:  # written (or relinked) while converted: the next attempt copies
+                self._copy_sources.add((ctx.job_id, item.item_key))
                 raise RuntimeError(f"{changed[0].path}: a source file changed while converted")
             await ctx.check_cancelled()
             rows = await asyncio.to_thread(
@@ -556,13 +563,13 @@ class ExporterPlugin:
         await asyncio.to_thread(self.trees.sweep_staged)
 
     def _fetch_sources(
-        self, sources: Sequence[SourceInstance], folder: Path, cohort: CohortRef
+        self, sources: Sequence[SourceInstance], folder: Path, cohort: CohortRef, link: bool
     ) -> tuple[list[Path], list[SourceCopy]]:
         """The stack's DICOM files in a scratch folder, each checked against the catalog's
         SHA-256: an identified cohort's raw copy is taken from the cohort's source folder when
         this process may read it and the file there still has that SHA-256 (hard linked where
-        possible: the caller checks the links once it has read them; ADR 0027, ADR 0030);
-        otherwise the object is downloaded."""
+        possible and `link`: the caller checks the links once it has read them; ADR 0027,
+        ADR 0030); otherwise the object is downloaded."""
         folder.mkdir(parents=True)
         local = self._local_source(cohort)
         raw = raw_prefix(cohort.id) + "/"
@@ -572,7 +579,7 @@ class ExporterPlugin:
             path = folder / f"{index:06d}.dcm"
             if local is not None and source.sha256 and source.object_key.startswith(raw):
                 key = source.object_key[len(raw) :]
-                taken = take_if_unchanged(local, key, path, source.sha256)
+                taken = take_if_unchanged(local, key, path, source.sha256, link=link)
                 if taken is not None:
                     return path, taken
             digest = self.store.download(source.object_key, path)

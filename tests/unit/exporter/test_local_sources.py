@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
+from services.exporter.convert.stack import convert_stack, sole_folder
 from services.exporter.plugin import take_if_unchanged
 from shared.sources import LocalSource, Roots, source_key_of
 
@@ -82,3 +84,34 @@ def test_a_linked_file_written_after_its_check_is_noticed(tmp_path: Path) -> Non
     # (its ctime moves), so this counts as a change too: the item is tried again
     replacement.replace(path)
     assert target.read_bytes() == DATA and not taken.unchanged()
+
+
+def test_linked_files_are_converted_where_they_are_and_stay_unchanged(
+    tmp_path: Path, dicom_root: Path
+) -> None:
+    """The scratch folder holding exactly the stack's links is converted as it is: no second
+    link moves the sources' ctime, and the output is the one of plain copies."""
+    series = sorted((dicom_root / "dcm_qa_nih" / "In" / "20180918Si" / "mr_0003").iterdir())
+    root = tmp_path / "source"
+    root.mkdir()
+    for path in series:
+        shutil.copyfile(path, root / path.name)
+    source = LocalSource(root, roots=Roots((str(root.resolve()),), ()))
+    scratch = tmp_path / "dicom"
+    scratch.mkdir()
+    taken = []
+    for index, path in enumerate(series):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        placed = take_if_unchanged(
+            source, source_key_of(path.name.encode()), scratch / f"{index:06d}.dcm", digest
+        )
+        assert placed is not None and placed.identity is not None
+        taken.append(placed)
+    files = [t.path for t in taken]
+    assert sole_folder(files) == scratch
+    linked = convert_stack(files, tmp_path / "linked", "image", True)
+    assert all(t.unchanged() for t in taken)
+    copied = convert_stack(series, tmp_path / "copied", "image", True)
+    assert [p.read_bytes() for _, p in linked.images[0].files()] == [
+        p.read_bytes() for _, p in copied.images[0].files()
+    ]
