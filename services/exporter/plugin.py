@@ -93,6 +93,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 NOT_CLASSIFIED = "not classified (run sorting first)"
 _TRANSFER_THREADS = 8
 _COPY_CHUNK = 1 << 20
+_PUT_WHOLE = 64 << 20  # outputs up to this size are uploaded from memory
 _LISTED_MAX = 200
 _SWEEP_EVERY_S = 600.0  # how often items clear stale staged files (tree_cache)
 
@@ -465,8 +466,9 @@ class ExporterPlugin:
         await ctx.check_cancelled()
         prefix = export_prefix(cohort_id, ctx.job_id)
         clock = _Clock()
-        with tempfile.TemporaryDirectory(prefix="cohortflow-export-") as scratch:
-            folder = Path(scratch)
+        # removed in a thread: thousands of files to unlink would hold up the other items
+        folder = Path(tempfile.mkdtemp(prefix="cohortflow-export-"))
+        try:
             files, taken = await asyncio.to_thread(
                 self._fetch_sources,
                 sources,
@@ -510,6 +512,8 @@ class ExporterPlugin:
                 self._upload, exported, folder / "out", prefix, planned, local_sop, options
             )
             clock.lap("upload")
+        finally:
+            await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
         record = exported.model_copy(
             update={
                 "stack": stack,
@@ -620,7 +624,11 @@ class ExporterPlugin:
         def put(relative: PurePosixPath) -> ManifestRow:
             path = root / str(relative)
             key = f"{prefix}/{relative}"
-            digest = self.store.put_file(key, path)
+            size = path.stat().st_size
+            if size <= _PUT_WHOLE:  # read once: hashed and sent from memory, unsigned (obstore)
+                digest = self.store.put_bytes(key, path.read_bytes())
+            else:
+                digest = self.store.put_file(key, path)
             if kept_in_tree(str(relative), options):
                 self.trees.stage_file(cohort_id, path, digest)
             local = exported.sources.get(str(relative))
@@ -628,7 +636,7 @@ class ExporterPlugin:
                 path=str(relative),
                 object_key=key,
                 kind=file_kind(relative),
-                size=path.stat().st_size,
+                size=size,
                 sha256=digest,
                 series_instance_uid=planned["series_instance_uid"],
                 stack_key=planned["stack_key"],
