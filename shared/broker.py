@@ -7,10 +7,13 @@ back; handlers therefore bound their own retries and dead-letter what keeps fail
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 from typing import Any
 
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.partitioner import murmur2
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 
@@ -31,6 +34,22 @@ def make_broker(settings: Settings | None = None, service: str = "cohortflow") -
         # FastStream's records go through our one logging setup, not its own coloured format
         logger=logging.getLogger(f"cohortflow.{service}.broker"),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def partition_key(partition: int, partitions: int) -> str:
+    """A message key that the producer's partitioner (murmur2 of the key, as Kafka's Java client,
+    `make_broker` keeps aiokafka's default) sends to `partition` of a topic with `partitions`
+    partitions. For a plan that spreads its items over the partitions by its own measure of their
+    work rather than by hash (`shared.stage.spread_items`). A topic with another partition count
+    than `partitions` only gets a worse spread, never an error."""
+    if not 0 <= partition < partitions:
+        raise ValueError(f"partition {partition} of {partitions}")
+    for salt in itertools.count():
+        key = f"p{partition}.{salt}"
+        if (murmur2(key.encode()) & 0x7FFFFFFF) % partitions == partition:
+            return key
+    raise AssertionError("unreachable")
 
 
 def subscriber_kwargs(

@@ -348,13 +348,18 @@ class LocalSource:
     def open(self, key: str) -> BinaryIO:
         """The file opened for reading: never through a link swapped in after the check, and
         never blocking on a FIFO."""
-        fd = os.open(self.path(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        return self.open_resolved(key)[1]
+
+    def open_resolved(self, key: str) -> tuple[Path, BinaryIO]:
+        """`open`, with the resolved path it opened (`path`), for a caller that needs both."""
+        real = self.path(key)
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             mode = os.fstat(fd).st_mode
             if not stat.S_ISREG(mode):
                 raise SourceError(f"{key!r} is {_not_regular(mode)}")
             os.set_blocking(fd, True)
-            return os.fdopen(fd, "rb")
+            return real, os.fdopen(fd, "rb")
         except BaseException:
             os.close(fd)
             raise

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from shared import topics
+from shared.broker import partition_key
 from shared.db import (
     EVERY_SCHEMA_MIGRATIONS,
     POSTGRES_AWAY,
@@ -99,6 +100,23 @@ class PlannedItem:
     key: str
     data: dict[str, Any] = field(default_factory=dict)
     partition_key: str | None = None
+
+
+def spread_items(items: list[tuple[PlannedItem, float]], partitions: int) -> list[PlannedItem]:
+    """The items in the order to publish them, each on a partition chosen so that the
+    partitions' work (`cost`, any measure of an item's time) comes out even: longest processing
+    time first, each item onto the partition with the least work so far. A partition is worked
+    through in order by one consumer, so hashed keys can leave one consumer with a long tail
+    while the others idle; here each partition also starts with its biggest items (ADR 0030)."""
+    partitions = max(1, partitions)
+    load = [0.0] * partitions
+    spread: list[PlannedItem] = []
+    for item, cost in sorted(items, key=lambda pair: (-pair[1], pair[0].key)):
+        target = min(range(partitions), key=lambda p: (load[p], p))
+        load[target] += cost
+        item.partition_key = partition_key(target, partitions)
+        spread.append(item)
+    return spread
 
 
 @dataclass

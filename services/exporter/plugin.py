@@ -24,6 +24,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -31,8 +32,9 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 import asyncpg
 
@@ -53,6 +55,7 @@ from services.exporter.bids import (
 )
 from services.exporter.bids.entities import subject_label
 from services.exporter.convert import ConverterError
+from services.exporter.convert.dcm2niix import dcm2niix_version
 from services.exporter.convert.export import export_stack
 from services.exporter.repository import ManifestRow, SourceInstance
 from services.exporter.selection import (
@@ -78,7 +81,7 @@ from shared.sources import (
     open_source,
     raw_prefix,
 )
-from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
+from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo, spread_items
 from shared.stage_config import ExportConfig, JobConfigs
 from shared.storage import ObjectStore, parse_s3_uri, write_hashed
 from shared.topics import Stage
@@ -89,9 +92,23 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 NOT_CLASSIFIED = "not classified (run sorting first)"
 _TRANSFER_THREADS = 8
-_LISTED_MAX = 200
 _COPY_CHUNK = 1 << 20
+_PUT_WHOLE = 64 << 20  # outputs up to this size are uploaded from memory
+_LISTED_MAX = 200
 _SWEEP_EVERY_S = 600.0  # how often items clear stale staged files (tree_cache)
+
+
+class _Clock:
+    """Seconds spent in each phase of one item, for its log line."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
 
 
 def export_prefix(cohort_id: uuid.UUID, job_id: uuid.UUID) -> str:
@@ -113,15 +130,66 @@ def kept_in_tree(path: str, options: ExportOptions) -> bool:
     return validated and not path.startswith("sourcedata/")
 
 
-def copy_if_unchanged(source: LocalSource, key: str, target: Path, sha256: str) -> bool:
-    """Copy the source's file `key` to `target` (hashing it on the way) when its content still has
-    the catalogued `sha256`; False, with nothing written, when it is gone, unreadable, refused
-    (a link out of the roots) or changed since it was ingested."""
+@dataclass(frozen=True)
+class SourceCopy:
+    """A stack's file placed in the scratch folder from the source folder: a hard link to the
+    file (`identity` set: nothing copied, the reader checks `unchanged` afterwards) or a copy."""
+
+    path: Path
+    identity: tuple[int, int, int, int, int] | None = None
+
+    @staticmethod
+    def of(st: os.stat_result) -> tuple[int, int, int, int, int]:
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def unchanged(self) -> bool:
+        """Whether the linked file is as it was when its content was checked: any write since
+        changes its ctime (a copy cannot change)."""
+        if self.identity is None:
+            return True
+        try:
+            return self.of(os.stat(self.path, follow_symlinks=False)) == self.identity
+        except OSError:
+            return False
+
+
+def _hard_link(fh: BinaryIO, real: Path, target: Path) -> bool:
+    """Hard link `target` to the open file `fh` (found at `real`); False when the file system or
+    its rules do not allow it (another device, a file of another user), or `real` no longer is
+    that file."""
     try:
-        with source.open(key) as fh:
-            return write_hashed(iter(lambda: fh.read(_COPY_CHUNK), b""), target, sha256) is not None
-    except (SourceError, OSError):
+        os.link(real, target, follow_symlinks=False)
+    except OSError:
         return False
+    opened, linked = os.fstat(fh.fileno()), os.lstat(target)
+    if (opened.st_dev, opened.st_ino) != (linked.st_dev, linked.st_ino):
+        target.unlink()
+        return False
+    return True
+
+
+def take_if_unchanged(
+    source: LocalSource, key: str, target: Path, sha256: str, *, link: bool = True
+) -> SourceCopy | None:
+    """Place the source's file `key` at `target` when its content still has the catalogued
+    `sha256`: hard linked and hashed in place where the file system allows it, else copied and
+    hashed on the way; None, with nothing written, when it is gone, unreadable, refused (a link
+    out of the roots) or changed since it was ingested. A linked file is the source's inode: the
+    caller checks `SourceCopy.unchanged` once it has read it (ADR 0030)."""
+    try:
+        real, fh = source.open_resolved(key)
+        with fh:
+            if not (link and _hard_link(fh, real, target)):
+                chunks = iter(lambda: fh.read(_COPY_CHUNK), b"")
+                return SourceCopy(target) if write_hashed(chunks, target, sha256) else None
+            identity = SourceCopy.of(os.fstat(fh.fileno()))  # after the link changed its ctime
+            if hashlib.file_digest(fh, "sha256").hexdigest() == sha256:  # type: ignore[arg-type]
+                return SourceCopy(target, identity)
+            target.unlink()
+            return None
+    except (SourceError, OSError):
+        target.unlink(missing_ok=True)
+        return None
 
 
 def catalog_stacks(
@@ -156,6 +224,17 @@ def catalog_stacks(
     return by_key
 
 
+_COST_PER_ITEM = 1 << 20  # in source bytes: the converter's start, the item's round trips
+_COST_PER_INSTANCE = 16 << 10  # a file's open, parse and link
+
+
+def conversion_cost(stack: ExportStack, instances: dict[str, SourceInstance]) -> float:
+    """A stack's export work in source bytes: the converter's time grows with the pixel data it
+    reads and compresses, a little with the number of files, plus what every item costs."""
+    members = [instances[u] for u in stack.summary.sop_instance_uids if u in instances]
+    return _COST_PER_ITEM + sum(i.size + _COST_PER_INSTANCE for i in members)
+
+
 def membership_problem(stack: ExportStack, instances: dict[str, SourceInstance]) -> str | None:
     """Why the stack's DICOM cannot be fetched, if it cannot."""
     if not stack.summary.sop_instance_uids:
@@ -186,6 +265,8 @@ class ExporterPlugin:
         self._trees: TreeCache | None = None
         self._converting: asyncio.Semaphore | None = None
         self._swept = time.monotonic()
+        # items whose linked sources changed during a conversion: their next attempt copies
+        self._copy_sources: set[tuple[uuid.UUID, str]] = set()
 
     @property
     def item_workers(self) -> int:
@@ -194,6 +275,15 @@ class ExporterPlugin:
         overlap another's conversion, while `converting` keeps the conversions to the cores."""
         settings = self._settings or get_settings()
         return max(1, min(2 * cpu_workers(), settings.kafka_partitions))
+
+    def warm_up(self) -> int:
+        """What the first item would otherwise pay for, done when the service starts: the
+        converter's version (a dcm2niix run) and nibabel's import (0.25-0.5 s, for the checks of
+        converted images)."""
+        import nibabel  # noqa: F401
+
+        dcm2niix_version()
+        return 0
 
     @property
     def converting(self) -> asyncio.Semaphore:
@@ -307,18 +397,23 @@ class ExporterPlugin:
                 "unnamable": len(problems),
             },
         )
-        return [
-            PlannedItem(
-                key=stack.key,
-                data={
-                    "series": stack.summary.series_instance_uid,
-                    "stack_key": stack.summary.stack_key,
-                },
-                # by stack, not by study: a study's stacks spread over the consumers
-                partition_key=stack.key,
-            )
-            for stack in sorted(kept, key=lambda s: s.key)
-        ]
+        # by stack, not by study, and by their work: the consumers finish together (ADR 0030)
+        return spread_items(
+            [
+                (
+                    PlannedItem(
+                        key=stack.key,
+                        data={
+                            "series": stack.summary.series_instance_uid,
+                            "stack_key": stack.summary.stack_key,
+                        },
+                    ),
+                    conversion_cost(stack, instances),
+                )
+                for stack in kept
+            ],
+            (self._settings or get_settings()).kafka_partitions,
+        )
 
     async def _scope(
         self,
@@ -370,16 +465,24 @@ class ExporterPlugin:
                 return reused
         await ctx.check_cancelled()
         prefix = export_prefix(cohort_id, ctx.job_id)
-        with tempfile.TemporaryDirectory(prefix="cohortflow-export-") as scratch:
-            folder = Path(scratch)
-            files = await asyncio.to_thread(
-                self._download_sources, sources, folder / "dicom", item.cohort
+        clock = _Clock()
+        # removed in a thread: thousands of files to unlink would hold up the other items
+        folder = Path(tempfile.mkdtemp(prefix="cohortflow-export-"))
+        try:
+            files, taken = await asyncio.to_thread(
+                self._fetch_sources,
+                sources,
+                folder / "dicom",
+                item.cohort,
+                (ctx.job_id, item.item_key) not in self._copy_sources,
             )
+            clock.lap("sources")
             local_sop = {
                 str(path): s.sop_instance_uid for path, s in zip(files, sources, strict=True)
             }
             try:
                 async with self.converting:
+                    clock.lap("waiting")
                     exported = await asyncio.to_thread(
                         export_stack,
                         stack.model_copy(update={"files": files}),
@@ -399,10 +502,18 @@ class ExporterPlugin:
                 return await self._fail(
                     ctx, item, planned, f"nothing exported: {reason}", fingerprint
                 )
+            clock.lap("converting")
+            changed = await asyncio.to_thread(lambda: [t for t in taken if not t.unchanged()])
+            if changed:  # written (or relinked) while converted: the next attempt copies
+                self._copy_sources.add((ctx.job_id, item.item_key))
+                raise RuntimeError(f"{changed[0].path}: a source file changed while converted")
             await ctx.check_cancelled()
             rows = await asyncio.to_thread(
                 self._upload, exported, folder / "out", prefix, planned, local_sop, options
             )
+            clock.lap("upload")
+        finally:
+            await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
         record = exported.model_copy(
             update={
                 "stack": stack,
@@ -426,6 +537,16 @@ class ExporterPlugin:
                 tool=exported.tool,
                 tool_version=exported.tool_version,
             )
+        clock.lap("saved")
+        log.info(
+            "stack exported",
+            extra={
+                "item": item.item_key,
+                "instances": len(sources),
+                "source_mb": round(sum(s.size for s in sources) / 1e6, 1),
+                **clock.laps,
+            },
+        )
         await self._sweep_staged()
         return ItemResult(
             counts={
@@ -445,34 +566,35 @@ class ExporterPlugin:
         self._swept = now
         await asyncio.to_thread(self.trees.sweep_staged)
 
-    def _download_sources(
-        self, sources: Sequence[SourceInstance], folder: Path, cohort: CohortRef
-    ) -> list[Path]:
-        """The stack's DICOM objects on local disk, checked against the catalog's SHA-256; an
-        identified cohort's raw copy is read from the cohort's source folder instead when this
-        process may read it and the file there still has that SHA-256 (ADR 0027)."""
+    def _fetch_sources(
+        self, sources: Sequence[SourceInstance], folder: Path, cohort: CohortRef, link: bool
+    ) -> tuple[list[Path], list[SourceCopy]]:
+        """The stack's DICOM files in a scratch folder, each checked against the catalog's
+        SHA-256: an identified cohort's raw copy is taken from the cohort's source folder when
+        this process may read it and the file there still has that SHA-256 (hard linked where
+        possible and `link`: the caller checks the links once it has read them; ADR 0027,
+        ADR 0030); otherwise the object is downloaded."""
         folder.mkdir(parents=True)
         local = self._local_source(cohort)
         raw = raw_prefix(cohort.id) + "/"
 
-        def fetch(indexed: tuple[int, SourceInstance]) -> Path:
+        def fetch(indexed: tuple[int, SourceInstance]) -> tuple[Path, SourceCopy | None]:
             index, source = indexed
             path = folder / f"{index:06d}.dcm"
-            if (
-                local is not None
-                and source.sha256
-                and source.object_key.startswith(raw)
-                and copy_if_unchanged(local, source.object_key[len(raw) :], path, source.sha256)
-            ):
-                return path
+            if local is not None and source.sha256 and source.object_key.startswith(raw):
+                key = source.object_key[len(raw) :]
+                taken = take_if_unchanged(local, key, path, source.sha256, link=link)
+                if taken is not None:
+                    return path, taken
             digest = self.store.download(source.object_key, path)
             if source.sha256 and digest != source.sha256:
                 raise RuntimeError(
                     f"{source.object_key}: content differs from the catalog's SHA-256"
                 )
-            return path
+            return path, None
 
-        return _parallel(enumerate(sources), fetch)
+        fetched = _parallel(enumerate(sources), fetch)
+        return [path for path, _ in fetched], [taken for _, taken in fetched if taken is not None]
 
     def _local_source(self, cohort: CohortRef) -> LocalSource | None:
         """The cohort's source folder, when it is one this process may read (inside its data
@@ -502,7 +624,11 @@ class ExporterPlugin:
         def put(relative: PurePosixPath) -> ManifestRow:
             path = root / str(relative)
             key = f"{prefix}/{relative}"
-            digest = self.store.put_file(key, path)
+            size = path.stat().st_size
+            if size <= _PUT_WHOLE:  # read once: hashed and sent from memory, unsigned (obstore)
+                digest = self.store.put_bytes(key, path.read_bytes())
+            else:
+                digest = self.store.put_file(key, path)
             if kept_in_tree(str(relative), options):
                 self.trees.stage_file(cohort_id, path, digest)
             local = exported.sources.get(str(relative))
@@ -510,7 +636,7 @@ class ExporterPlugin:
                 path=str(relative),
                 object_key=key,
                 kind=file_kind(relative),
-                size=path.stat().st_size,
+                size=size,
                 sha256=digest,
                 series_instance_uid=planned["series_instance_uid"],
                 stack_key=planned["stack_key"],

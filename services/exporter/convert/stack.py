@@ -1,7 +1,8 @@
 """Converting one stack: dcm2niix in an isolated subprocess, dicom2nifti as the fallback.
 
 dcm2niix converts folders, so the stack's exact files are linked into a scratch folder first (hard
-links, else symlinks, else copies): other series that sit next to them on disk never leak in. Every
+links, else symlinks, else copies), unless they already are a folder's only files (the exporter's
+own scratch folder): other series that sit next to them on disk never leak in. Every
 call has its own scratch folder and its own process group, so calls can run in parallel, and a
 timeout kills the converter and everything it started.
 """
@@ -80,6 +81,20 @@ def link_inputs(files: Sequence[Path], folder: Path) -> None:
                 shutil.copyfile(source, target)
 
 
+def sole_folder(files: Sequence[Path]) -> Path | None:
+    """The folder that holds exactly `files` and nothing else, when there is one: it is converted
+    as it is, without linking every file into a scratch folder again."""
+    folders = {Path(f).parent for f in files}
+    if len(folders) != 1:
+        return None
+    folder = folders.pop()
+    try:
+        names = [entry.name for entry in os.scandir(folder)]
+    except OSError:
+        return None
+    return folder if sorted(names) == sorted(Path(f).name for f in files) else None
+
+
 def _run_fallback(
     input_dir: Path, output_dir: Path, *, compress: bool, timeout_s: float
 ) -> str | None:
@@ -156,8 +171,10 @@ def convert_stack(
     version = dcm2niix_version()
     scratch = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir))
     try:
-        inputs, produced = scratch / "in", scratch / "out"
-        link_inputs(files, inputs)
+        inputs, produced = sole_folder(files), scratch / "out"
+        if inputs is None:
+            inputs = scratch / "in"
+            link_inputs(files, inputs)
         produced.mkdir()
         outcome = run_dcm2niix(
             inputs, produced, _SCRATCH_BASE, compress=compress, timeout_s=timeout_s
