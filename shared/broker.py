@@ -8,11 +8,13 @@ back; handlers therefore bound their own retries and dead-letter what keeps fail
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiokafka.abc import ConsumerRebalanceListener
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
 
 from shared.settings import Settings, get_settings
 
@@ -33,17 +35,23 @@ def make_broker(settings: Settings | None = None, service: str = "cohortflow") -
     )
 
 
+MessageHandler = Callable[[KafkaMessage], Awaitable[None]]
+
+
 def subscriber_kwargs(
     settings: Settings | None = None,
     group: str | None = None,
     *,
     from_beginning: bool = True,
     listener: ConsumerRebalanceListener | None = None,
+    fetch_max_wait_ms: int | None = None,
 ) -> dict[str, Any]:
     """Options for `broker.subscriber(topic, **subscriber_kwargs(...))`.
 
     A group shares a topic's partitions among replicas; `group=None` gives every process all
-    messages (for broadcast topics such as job control).
+    messages (for broadcast topics such as job control). `fetch_max_wait_ms`: how long an idle
+    fetch waits (default `kafka_fetch_max_wait_ms`), i.e. how late a message can be seen; a topic
+    off the hand-over path polls less often (ADR 0031).
     """
     settings = settings or get_settings()
     options: dict[str, Any] = {
@@ -51,7 +59,7 @@ def subscriber_kwargs(
         "session_timeout_ms": settings.kafka_session_timeout_ms,
         "heartbeat_interval_ms": settings.kafka_heartbeat_interval_ms,
         "max_poll_interval_ms": settings.kafka_max_poll_interval_ms,
-        "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
+        "fetch_max_wait_ms": fetch_max_wait_ms or settings.kafka_fetch_max_wait_ms,
         "max_poll_records": 1,
     }
     if group is not None:
@@ -60,6 +68,26 @@ def subscriber_kwargs(
         if listener is not None:
             options["listener"] = listener
     return options
+
+
+def by_topic(handlers: Mapping[str, MessageHandler]) -> MessageHandler:
+    """One handler for a subscriber of several topics, passing each message to its topic's.
+
+    Each subscriber in a group is a group member: it heartbeats, and every heartbeat costs the
+    broker (the local one writes the group's state to S3 each time). Topics with little traffic
+    share one member this way (ADR 0031). Messages are still handled one at a time and committed
+    after their handler returned, per partition as before.
+    """
+    known = dict(handlers)
+
+    async def consume(message: KafkaMessage) -> None:
+        topic = str(getattr(message.raw_message, "topic", ""))
+        handle = known.get(topic)
+        if handle is None:  # the subscriber names exactly these topics; never a silent ack
+            raise LookupError(f"no handler for topic {topic!r}")
+        await handle(message)
+
+    return consume
 
 
 async def ensure_topics(settings: Settings | None = None, timeout_s: float = 60.0) -> list[str]:
