@@ -1,16 +1,18 @@
-"""The Kafka broker every service uses, and the subscriber options that make delivery safe.
+"""The Kafka broker every service uses, and the subscriptions that make delivery safe.
 
-Delivery is at least once: offsets are committed only after a handler returned (never auto-commit
-before processing). A handler that raises is nacked: the partition is rewound and the message comes
-back; handlers therefore bound their own retries and dead-letter what keeps failing (`shared.stage`).
+Delivery is at least once: a message's offset is committed only after its handler returned (never
+auto-commit before processing), and only its own partition's (ADR 0031). A handler that raises is
+nacked: the partition is rewound and the message comes back; handlers therefore bound their own
+retries and dead-letter what keeps failing (`shared.stage`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
@@ -46,7 +48,8 @@ def subscriber_kwargs(
     listener: ConsumerRebalanceListener | None = None,
     fetch_max_wait_ms: int | None = None,
 ) -> dict[str, Any]:
-    """Options for `broker.subscriber(topic, **subscriber_kwargs(...))`.
+    """Options for `broker.subscriber(topic, **subscriber_kwargs(...))`; `subscribe` is the way
+    to use them, since a group's handler must commit (`committed`).
 
     A group shares a topic's partitions among replicas; `group=None` gives every process all
     messages (for broadcast topics such as job control). `fetch_max_wait_ms`: how long an idle
@@ -64,10 +67,55 @@ def subscriber_kwargs(
     }
     if group is not None:
         options["group_id"] = group
-        options["ack_policy"] = AckPolicy.NACK_ON_ERROR
+        options["ack_policy"] = AckPolicy.MANUAL  # `committed` acks and nacks
         if listener is not None:
             options["listener"] = listener
     return options
+
+
+def committed(handle: MessageHandler) -> MessageHandler:
+    """`handle`, then the commit of its message's partition alone; a handler that raises rewinds
+    the partition to its message, which comes back.
+
+    FastStream's own ack commits the position of every partition the consumer holds, and the local
+    broker writes one object per partition per commit: 36 for each event the gateway read, 4 for
+    each item (ADR 0031). Committing one partition is what Kafka commits either way.
+    """
+
+    async def consume(message: KafkaMessage) -> None:
+        try:
+            await handle(message)
+        except BaseException:
+            await message.nack()
+            raise
+        record, consumer = message.raw_message, message.consumer
+        if isinstance(consumer, AIOKafkaConsumer) and isinstance(record, ConsumerRecord):
+            next_offset = {TopicPartition(record.topic, record.partition): record.offset + 1}
+            await consumer.commit(next_offset)
+        else:  # FastStream's in-memory test consumer: nothing to commit but the message
+            await message.ack()
+
+    return consume
+
+
+def subscribe(
+    broker: KafkaBroker,
+    topics: Sequence[str],
+    handle: MessageHandler,
+    settings: Settings,
+    group: str | None,
+    *,
+    fetch_max_wait_ms: int | None = None,
+    **extra: Any,
+) -> None:
+    """Subscribe `handle` to `topics` as one consumer (one group member, however many topics:
+    `by_topic` dispatches). In `group`: from the earliest uncommitted message, each committed after
+    its handler returned; without one (broadcast, e.g. job control) every process hears every
+    message from now on. `extra`: more subscriber options (`max_workers`)."""
+    options = subscriber_kwargs(
+        settings, group, from_beginning=group is not None, fetch_max_wait_ms=fetch_max_wait_ms
+    )
+    broker.subscriber(*topics, **options, **extra)(committed(handle) if group else handle)
 
 
 def by_topic(handlers: Mapping[str, MessageHandler]) -> MessageHandler:

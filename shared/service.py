@@ -24,7 +24,7 @@ from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
 from shared import topics
-from shared.broker import MessageHandler, by_topic, make_broker, subscriber_kwargs
+from shared.broker import MessageHandler, by_topic, make_broker, subscribe
 from shared.db import create_pool
 from shared.events import DeadLetter, Envelope, WrongPayload
 from shared.observability import configure_logging, health_router
@@ -166,12 +166,14 @@ def subscribe_stage(
     def wrap(handle: Handler) -> MessageHandler:
         return envelope_handler(broker, plugin.service, dlq, handle)
 
-    broker.subscriber(
-        topics.items(plugin.stage),
-        **subscriber_kwargs(settings, topics.consumer_group(plugin.service, "items")),
+    subscribe(
+        broker,
+        [topics.items(plugin.stage)],
+        wrap(runtime.handle_item),
+        settings,
+        topics.consumer_group(plugin.service, "items"),
         **item_consumers(plugin),
-    )(wrap(runtime.handle_item))
-
+    )
     rare: dict[str, Handler] = {
         topics.requested(plugin.stage): runtime.handle_requested,
         topics.COHORTS_DELETED: runtime.handle_cohort_deleted,
@@ -179,19 +181,21 @@ def subscribe_stage(
     own = getattr(plugin, "subscriptions", None)
     rare.update(own(runtime.pool) if own is not None else {})
     # the group keeps the name it had when it read the requests alone: their offsets stay valid
-    broker.subscriber(
-        *rare, **subscriber_kwargs(settings, topics.consumer_group(plugin.service, "requested"))
-    )(by_topic({topic: wrap(handle) for topic, handle in rare.items()}))
-
-    broker.subscriber(
-        topics.JOBS_CONTROL,
-        **subscriber_kwargs(
-            settings,
-            None,
-            from_beginning=False,
-            fetch_max_wait_ms=settings.kafka_control_fetch_max_wait_ms,
-        ),
-    )(wrap(runtime.handle_control))
+    subscribe(
+        broker,
+        list(rare),
+        by_topic({topic: wrap(handle) for topic, handle in rare.items()}),
+        settings,
+        topics.consumer_group(plugin.service, "requested"),
+    )
+    subscribe(
+        broker,
+        [topics.JOBS_CONTROL],
+        wrap(runtime.handle_control),
+        settings,
+        None,
+        fetch_max_wait_ms=settings.kafka_control_fetch_max_wait_ms,
+    )
 
 
 async def serve_stage(

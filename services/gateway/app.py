@@ -33,7 +33,8 @@ from services.gateway.outbound import WebhookDispatcher
 from services.gateway.stalls import StallWatch
 from shared import topics
 from shared.asyncapi import asyncapi_document
-from shared.broker import MessageHandler, by_topic, make_broker, subscriber_kwargs
+from shared.broker import MessageHandler, by_topic, make_broker
+from shared.broker import subscribe as subscribe_topics
 from shared.db import create_pool, migrate
 from shared.events import Envelope
 from shared.observability import HTTP_REQUESTS, configure_logging, health_router
@@ -121,9 +122,9 @@ def subscribe(
     routes: dict[str, MessageHandler] = dict.fromkeys(EVENT_TOPICS, envelopes)
     routes |= dict.fromkeys((topics.dlq(s) for s in STAGE_ORDER), on_dead_letter)
     routes[topics.STUDIES_RECEIVED] = on_study
-    broker.subscriber(
-        *routes, **subscriber_kwargs(settings, topics.consumer_group(SERVICE, "events"))
-    )(by_topic(routes))
+    subscribe_topics(
+        broker, list(routes), by_topic(routes), settings, topics.consumer_group(SERVICE, "events")
+    )
 
 
 def app_factory(settings: Settings | None = None) -> FastAPI:
