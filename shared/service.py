@@ -24,7 +24,7 @@ from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
 from shared import topics
-from shared.broker import make_broker, subscriber_kwargs
+from shared.broker import MessageHandler, by_topic, make_broker, subscribe
 from shared.db import create_pool
 from shared.events import DeadLetter, Envelope, WrongPayload
 from shared.observability import configure_logging, health_router
@@ -152,43 +152,50 @@ async def warm_up(plugin: StagePlugin) -> None:
 def subscribe_stage(
     broker: KafkaBroker, plugin: StagePlugin, runtime: StageRuntime, settings: Settings
 ) -> None:
-    """Subscribe the runtime to the stage's topics: requests and items shared by the service's
-    replicas (a consumer group each), job control heard by every replica, cohort deletions, and
-    the topics the plugin handles itself."""
+    """Subscribe the runtime to the stage's topics (ADR 0031 for why these three consumers):
+
+    - items: the service's replicas share them (a group), `item_workers` consumers per process;
+    - requests, cohort deletions and the topics the plugin handles itself (`subscriptions(pool)`:
+      topic, envelope handler; the anonymizer's retractions, ADR 0025): one consumer in one group,
+      dispatching by topic, since each of them is rare and brief;
+    - job control: heard by every replica (no group), polled less often, since a cancel is also
+      read from the database before every item.
+    """
     dlq = topics.dlq(plugin.stage)
-    subscriptions: list[tuple[str, str | None, Handler, dict[str, Any]]] = [
-        (
-            topics.requested(plugin.stage),
-            topics.consumer_group(plugin.service, "requested"),
-            runtime.handle_requested,
-            {},
-        ),
-        (
-            topics.items(plugin.stage),
-            topics.consumer_group(plugin.service, "items"),
-            runtime.handle_item,
-            item_consumers(plugin),
-        ),
-        (topics.JOBS_CONTROL, None, runtime.handle_control, {}),
-        (
-            topics.COHORTS_DELETED,
-            topics.consumer_group(plugin.service, "cohorts"),
-            runtime.handle_cohort_deleted,
-            {},
-        ),
-    ]
-    # a plugin's own topics (`subscriptions(pool)`: topic, purpose, handler), each in a group of
-    # the service's replicas, e.g. the anonymizer's retractions (ADR 0025)
+
+    def wrap(handle: Handler) -> MessageHandler:
+        return envelope_handler(broker, plugin.service, dlq, handle)
+
+    subscribe(
+        broker,
+        [topics.items(plugin.stage)],
+        wrap(runtime.handle_item),
+        settings,
+        topics.consumer_group(plugin.service, "items"),
+        **item_consumers(plugin),
+    )
+    rare: dict[str, Handler] = {
+        topics.requested(plugin.stage): runtime.handle_requested,
+        topics.COHORTS_DELETED: runtime.handle_cohort_deleted,
+    }
     own = getattr(plugin, "subscriptions", None)
-    for topic, purpose, handle in own(runtime.pool) if own is not None else []:
-        subscriptions.append((topic, topics.consumer_group(plugin.service, purpose), handle, {}))
-    for topic, group, handle, extra in subscriptions:
-        options: dict[str, Any] = subscriber_kwargs(
-            settings, group, from_beginning=group is not None
-        )
-        broker.subscriber(topic, **options, **extra)(
-            envelope_handler(broker, plugin.service, dlq, handle)
-        )
+    rare.update(own(runtime.pool) if own is not None else {})
+    # the group keeps the name it had when it read the requests alone: their offsets stay valid
+    subscribe(
+        broker,
+        list(rare),
+        by_topic({topic: wrap(handle) for topic, handle in rare.items()}),
+        settings,
+        topics.consumer_group(plugin.service, "requested"),
+    )
+    subscribe(
+        broker,
+        [topics.JOBS_CONTROL],
+        wrap(runtime.handle_control),
+        settings,
+        None,
+        fetch_max_wait_ms=settings.kafka_control_fetch_max_wait_ms,
+    )
 
 
 async def serve_stage(

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     # how long a fetch waits for new records when there are none: each stage hop (request -> plan
     # -> items -> finalize -> completion) can wait this long once
     kafka_fetch_max_wait_ms: int = 500
+    # the same for job control, off the hand-over path: a stage reads a cancel from the database
+    # too (before each item, every 0.25 s within one), so this wait delays no cancel (ADR 0031)
+    kafka_control_fetch_max_wait_ms: int = 5000
     kafka_partitions: int = 4
     kafka_replication_factor: int = 1
 

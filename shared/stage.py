@@ -174,7 +174,7 @@ class StagePlugin(Protocol):
     """A stage's own work. A plugin may also set `item_workers` (default 1): how many of its items
     one process works on at once (`shared.service.item_consumers`); its `process` must then be
     safe to run concurrently. It may also have `subscriptions(pool)`: topics it handles itself, as
-    (topic, purpose, envelope handler) (`shared.service.subscribe_stage`; the anonymizer's
+    {topic: envelope handler} (`shared.service.subscribe_stage`; the anonymizer's
     retractions, ADR 0025). A plugin that gives studies new UIDs has `scope_after(request)`: the
     study UIDs a scoped run's next stage works on. And a plugin with worker processes may have `warm_up()` (blocking),
     which the service calls in a thread once it has started, so the first item finds them up. A

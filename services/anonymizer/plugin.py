@@ -184,13 +184,13 @@ class AnonymizerPlugin:
 
     # --- retractions (ADR 0025) ------------------------------------------------------------------
 
-    def subscriptions(self, pool: asyncpg.Pool) -> list[tuple[str, str, Handler]]:
+    def subscriptions(self, pool: asyncpg.Pool) -> dict[str, Handler]:
         """Topics this service handles besides the stage's (`shared.service.subscribe_stage`)."""
 
         async def on_retraction(envelope: Envelope) -> None:
             await self.handle_retraction(pool, envelope)
 
-        return [(topics.STUDY_RETRACTIONS, "retractions", on_retraction)]
+        return {topics.STUDY_RETRACTIONS: on_retraction}
 
     async def handle_retraction(self, pool: asyncpg.Pool, envelope: Envelope) -> None:
         """A study of an anonymized cohort retracted, or available again: recorded under the

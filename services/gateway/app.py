@@ -33,7 +33,8 @@ from services.gateway.outbound import WebhookDispatcher
 from services.gateway.stalls import StallWatch
 from shared import topics
 from shared.asyncapi import asyncapi_document
-from shared.broker import make_broker, subscriber_kwargs
+from shared.broker import MessageHandler, by_topic, make_broker
+from shared.broker import subscribe as subscribe_topics
 from shared.db import create_pool, migrate
 from shared.events import Envelope
 from shared.observability import HTTP_REQUESTS, configure_logging, health_router
@@ -83,15 +84,12 @@ def _consumer(
 def subscribe(
     broker: KafkaBroker, pool_ref: Callable[[], asyncpg.Pool], settings: Settings
 ) -> None:
-    """Attach the gateway's consumers: one group each for run events, received studies and dead
-    letters."""
+    """Attach the gateway's consumer: run events, received studies and dead letters, one group
+    member dispatching by topic (ADR 0031); the group keeps the name it had for the events."""
 
     async def on_event(envelope: Envelope) -> None:
         await handlers.on_event(pool_ref(), settings, envelope)
 
-    broker.subscriber(
-        *EVENT_TOPICS, **subscriber_kwargs(settings, topics.consumer_group(SERVICE, "events"))
-    )(_consumer(on_event))
     envelopes = _consumer(on_event)
 
     async def on_study(message: KafkaMessage) -> None:
@@ -121,15 +119,12 @@ def subscribe(
 
         await _consumer(keep)(message)
 
-    broker.subscriber(
-        *(topics.dlq(s) for s in STAGE_ORDER),
-        **subscriber_kwargs(settings, topics.consumer_group(SERVICE, "dead-letters")),
-    )(on_dead_letter)
-
-    broker.subscriber(
-        topics.STUDIES_RECEIVED,
-        **subscriber_kwargs(settings, topics.consumer_group(SERVICE, "studies")),
-    )(on_study)
+    routes: dict[str, MessageHandler] = dict.fromkeys(EVENT_TOPICS, envelopes)
+    routes |= dict.fromkeys((topics.dlq(s) for s in STAGE_ORDER), on_dead_letter)
+    routes[topics.STUDIES_RECEIVED] = on_study
+    subscribe_topics(
+        broker, list(routes), by_topic(routes), settings, topics.consumer_group(SERVICE, "events")
+    )
 
 
 def app_factory(settings: Settings | None = None) -> FastAPI:

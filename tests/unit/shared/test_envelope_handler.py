@@ -141,11 +141,11 @@ class _WithOwnTopic(_Sorter):
     def __init__(self) -> None:
         self.heard: list[str] = []
 
-    def subscriptions(self, pool: object) -> list[tuple[str, str, Handler]]:
+    def subscriptions(self, pool: object) -> dict[str, Handler]:
         async def handle(envelope: Envelope) -> None:
             self.heard.append(envelope.type)
 
-        return [(topics.STUDY_RETRACTIONS, "retractions", handle)]
+        return {topics.STUDY_RETRACTIONS: handle}
 
 
 async def test_a_plugins_own_topic_reaches_its_handler_and_bad_messages_are_dead_lettered() -> None:
@@ -251,3 +251,27 @@ def test_a_plugin_with_item_workers_gets_that_many_item_consumers_and_only_there
     assert workers[topics.items(Stage.export)] == 2
     assert workers[topics.requested(Stage.export)] == 1
     assert workers[topics.JOBS_CONTROL] == 1
+
+
+def test_a_stage_service_is_three_consumers_whatever_its_topics() -> None:
+    """Items, the rare topics (requests, deletions, the plugin's own) in one group member, and
+    job control heard by every replica and polled less often (ADR 0031)."""
+    broker = KafkaBroker()
+    settings = Settings()
+    subscribe_stage(broker, _WithOwnTopic(), _Recorder(), settings)  # type: ignore[arg-type]
+    consumers = {
+        frozenset(sub.topic_names): sub  # type: ignore[attr-defined]
+        for sub in broker.subscribers
+    }
+    assert set(consumers) == {
+        frozenset({topics.items(Stage.sorting)}),
+        frozenset(
+            {topics.requested(Stage.sorting), topics.COHORTS_DELETED, topics.STUDY_RETRACTIONS}
+        ),
+        frozenset({topics.JOBS_CONTROL}),
+    }
+    control = consumers[frozenset({topics.JOBS_CONTROL})]
+    assert control.group_id is None  # type: ignore[attr-defined]
+    waits = {topic: sub._connection_args["fetch_max_wait_ms"] for topic, sub in consumers.items()}  # type: ignore[attr-defined]
+    assert waits.pop(frozenset({topics.JOBS_CONTROL})) == settings.kafka_control_fetch_max_wait_ms
+    assert set(waits.values()) == {settings.kafka_fetch_max_wait_ms}
