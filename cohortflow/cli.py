@@ -36,6 +36,7 @@ from cohortflow.run import (
     run,
 )
 from cohortflow.stack import LocalStack, StackError, StackInfo
+from cohortflow.stack.processes import pid_alive
 
 app = typer.Typer(
     name="cohortflow",
@@ -320,7 +321,7 @@ def run_command(
         if not as_json and not _all_up(local):
             console.print("starting the local stack (first time: about a minute) ...")
         # naming a folder here is what allows the local stack to read it
-        info = local.up(allow=[prepared.source])
+        info = local.up(allow=[prepared.source], probe=False)
         gateway_url = info.gateway_url
         token = info.env_vars.get("COHORTFLOW_API_TOKEN") or None
     assert gateway_url is not None
@@ -331,14 +332,16 @@ def run_command(
 
 
 def _all_up(local: LocalStack) -> bool:
-    """True when the local stack and every installed service already run (nothing to start)."""
+    """True when the local stack and every installed service already run (nothing to start):
+    their processes, as `up` decides what to start, not their health (a probe each)."""
     try:
-        info = local.status()
+        info = local.status(probe=False)
     except StackError:
         return False
     wanted = services.installed_services()
     return info.running and all(
-        name in info.services and info.services[name].healthy for name in wanted
+        name in info.services and pid_alive(info.services[name].pid, info.services[name].program)
+        for name in wanted
     )
 
 
