@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shlex
@@ -546,6 +547,10 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != DEBUG_FLAG]
     if args and args[0] in CLIENT_COMMANDS:
         adopt_local_stack()
+    # what the command made lives until the process ends: out of the cyclic collector's sight, so
+    # neither its passes during a run nor the interpreter's at exit walk it (measured: ~0.15 CPU s
+    # of every `cohortflow run`, most of it at exit)
+    gc.freeze()
     try:
         app(args=args, prog_name="cohortflow")
     except KeyboardInterrupt:
@@ -561,6 +566,8 @@ def main(argv: list[str] | None = None) -> None:
         if "--json" in args:  # a machine reading stdout gets the error too
             print(json.dumps({"error": without_frames(describe(exc)), "exit_code": code}))
         sys.exit(code)
+    finally:
+        gc.freeze()
 
 
 if __name__ == "__main__":
