@@ -62,7 +62,7 @@ class JobWatch:
         await self.stop()
         try:
             await self._listen()
-        except (OSError, asyncpg.PostgresError):
+        except Exception:  # the database away, or the pool closing with the gateway
             log.warning(
                 "cannot listen for job changes; held requests re-read every %s s", RECHECK_S
             )
