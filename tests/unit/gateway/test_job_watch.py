@@ -24,6 +24,7 @@ RUN = uuid.uuid4()
 class FakeListener:
     def __init__(self) -> None:
         self.callbacks: dict[str, Any] = {}
+        self.closed = False
 
     async def add_listener(self, channel: str, callback: Any) -> None:
         self.callbacks[channel] = callback
@@ -32,7 +33,7 @@ class FakeListener:
         self.callbacks.pop(channel, None)
 
     def is_closed(self) -> bool:
-        return False
+        return self.closed
 
     def notify(self, run_id: uuid.UUID) -> None:
         self.callbacks[CHANNEL](self, 1, CHANNEL, str(run_id))
@@ -41,8 +42,12 @@ class FakeListener:
 class FakePool:
     def __init__(self) -> None:
         self.listener = FakeListener()
+        self.acquired = 0
 
     async def acquire(self) -> FakeListener:
+        self.acquired += 1
+        if self.listener.closed:  # a new connection after the old one was lost
+            self.listener = FakeListener()
         return self.listener
 
     async def release(self, _conn: FakeListener) -> None:
@@ -114,3 +119,19 @@ async def test_without_an_etag_or_a_wait_the_answer_comes_at_once() -> None:
     await _held(watch, ["running"], etag_of("running"), 0.0)
     await _held(None, ["running"], etag_of("running"), 5.0)  # type: ignore[arg-type]
     assert time.monotonic() - started < 0.5
+
+
+async def test_a_lost_listening_connection_is_replaced_by_the_next_held_request() -> None:
+    pool = FakePool()
+    watch = JobWatch(pool)
+    await watch.start()
+    pool.listener.closed = True  # Postgres restarted
+    states = ["running"]
+    held = asyncio.create_task(_held(watch, states, etag_of("running"), 5.0))
+    await asyncio.sleep(0.05)
+    assert pool.acquired == 2 and not pool.listener.closed
+    states.append("completed")
+    pool.listener.notify(RUN)
+    answer, _ = await asyncio.wait_for(held, 0.5)
+    assert answer == "completed"
+    await watch.stop()
