@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shlex
@@ -36,6 +37,7 @@ from cohortflow.run import (
     run,
 )
 from cohortflow.stack import LocalStack, StackError, StackInfo
+from cohortflow.stack.processes import pid_alive
 
 app = typer.Typer(
     name="cohortflow",
@@ -320,7 +322,7 @@ def run_command(
         if not as_json and not _all_up(local):
             console.print("starting the local stack (first time: about a minute) ...")
         # naming a folder here is what allows the local stack to read it
-        info = local.up(allow=[prepared.source])
+        info = local.up(allow=[prepared.source], probe=False)
         gateway_url = info.gateway_url
         token = info.env_vars.get("COHORTFLOW_API_TOKEN") or None
     assert gateway_url is not None
@@ -331,14 +333,16 @@ def run_command(
 
 
 def _all_up(local: LocalStack) -> bool:
-    """True when the local stack and every installed service already run (nothing to start)."""
+    """True when the local stack and every installed service already run (nothing to start):
+    their processes, as `up` decides what to start, not their health (a probe each)."""
     try:
-        info = local.status()
+        info = local.status(probe=False)
     except StackError:
         return False
     wanted = services.installed_services()
     return info.running and all(
-        name in info.services and info.services[name].healthy for name in wanted
+        name in info.services and pid_alive(info.services[name].pid, info.services[name].program)
+        for name in wanted
     )
 
 
@@ -543,6 +547,10 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != DEBUG_FLAG]
     if args and args[0] in CLIENT_COMMANDS:
         adopt_local_stack()
+    # what the command made lives until the process ends: out of the cyclic collector's sight, so
+    # neither its passes during a run nor the interpreter's at exit walk it (measured: ~0.15 CPU s
+    # of every `cohortflow run`, most of it at exit)
+    gc.freeze()
     try:
         app(args=args, prog_name="cohortflow")
     except KeyboardInterrupt:
@@ -558,6 +566,8 @@ def main(argv: list[str] | None = None) -> None:
         if "--json" in args:  # a machine reading stdout gets the error too
             print(json.dumps({"error": without_frames(describe(exc)), "exit_code": code}))
         sys.exit(code)
+    finally:
+        gc.freeze()
 
 
 if __name__ == "__main__":

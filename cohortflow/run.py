@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -47,6 +46,8 @@ from shared.topics import STAGE_ORDER, Stage
 TERMINAL = {"completed", "failed", "cancelled"}
 STALLED = "stalled: "  # the status_reason prefix the gateway gives a job nobody works on
 STALL_GRACE_S = 60.0
+# how long the gateway may hold a request for a run's jobs until one changes (it holds at most 10 s)
+HOLD_S = 5.0
 # exit codes (README "Exit codes", `cohortflow run --help`)
 EXIT_OK = 0  # everything asked for was done
 EXIT_FAILED = 1  # a job failed or was cancelled, nothing usable came out, or a server refused
@@ -102,6 +103,8 @@ def load_config(path: Path | None) -> dict[str, dict[str, Any]]:
         text = path.expanduser().read_text()
     except OSError as exc:
         raise refused(f"cannot read the config file {path}: {exc.strerror or exc}") from exc
+    import yaml  # only for a config file: not on every run's start
+
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
@@ -350,7 +353,14 @@ class GatewayClient:
     def __init__(self, base_url: str, token: str | None = None) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=60.0)
+        # TLS only for an https gateway: loading the CA bundle costs ~0.1 s of every run's start,
+        # and a plain-HTTP one (the local stack's) never uses it (redirects are not followed)
+        self.http = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=60.0,
+            verify=self.base_url.startswith("https://"),
+        )
 
     def _check(self, response: httpx.Response, stage: str | None = None) -> Any:
         if response.status_code >= 400:
@@ -424,6 +434,19 @@ class GatewayClient:
 
     def job(self, job_id: str) -> dict[str, Any]:
         return dict(self._check(self.http.get(f"/api/jobs/{job_id}")))
+
+    def run_jobs(
+        self, run_id: str, etag: str | None = None, wait_s: float = 0.0
+    ) -> tuple[list[dict[str, Any]] | None, str | None]:
+        """(the run's jobs, their ETag); with `etag` and `wait_s` the gateway holds the answer
+        until a job changed or `wait_s` passed, then answers (None, etag) for "no change". The
+        ETag is None from a gateway that cannot hold (the caller then polls)."""
+        headers = {"If-None-Match": etag, "Prefer": f"wait={wait_s:g}"} if etag else {}
+        response = self.http.get("/api/jobs", params={"run_id": run_id}, headers=headers)
+        if response.status_code == 304:
+            return None, etag
+        jobs = self._check(response)
+        return list(jobs), response.headers.get("etag")
 
     def export_files(self, cohort_id: str, job_id: str) -> list[dict[str, Any]]:
         result = self._check(self.http.get(f"/api/cohorts/{cohort_id}/exports/{job_id}"))
@@ -567,11 +590,16 @@ def no_dicom_catalogued(jobs: Sequence[Mapping[str, Any]]) -> bool:
 def _watch(
     client: GatewayClient, jobs: list[dict[str, Any]], console: Console, options: RunOptions
 ) -> list[dict[str, Any]]:
-    """Poll the jobs until each is terminal, one progress bar per stage."""
+    """Follow the jobs until each is terminal, one progress bar per stage: the gateway holds each
+    request until a job of the run changed (`GatewayClient.run_jobs`), so an end is seen at once;
+    jobs of several runs, or a gateway that cannot hold, are asked every `poll_s`."""
     deadline = time.monotonic() + options.timeout_s
     states = {j["id"]: j for j in jobs}
     already = {j["id"] for j in jobs if _stalled(j)}
     grace_until = time.monotonic() + STALL_GRACE_S
+    runs = {j.get("run_id") for j in jobs}
+    run_id: str | None = str(runs.pop()) if len(runs) == 1 and None not in runs else None
+    etag: str | None = None
     with Progress(
         TextColumn("{task.description:<14}"),
         BarColumn(),
@@ -586,9 +614,17 @@ def _watch(
             j["id"]: progress.add_task(j["stage"], total=None, status=j["status"]) for j in jobs
         }
         while True:
-            for job_id in [i for i, j in states.items() if j["status"] not in TERMINAL]:
-                job = client.job(job_id)  # a job that ended does not change: asked once
-                states[job_id] = job
+            if run_id is not None:
+                changed, etag = client.run_jobs(run_id, etag, HOLD_S)
+                if etag is None:  # a gateway that cannot hold: ask job by job from now on
+                    run_id = None
+                for job in changed or []:
+                    if job["id"] in states:
+                        states[job["id"]] = job
+            if run_id is None:
+                for job_id in [i for i, j in states.items() if j["status"] not in TERMINAL]:
+                    states[job_id] = client.job(job_id)  # a job that ended does not change
+            for job_id, job in states.items():
                 total = job.get("items_total") or None
                 done = (job.get("items_done") or 0) + (job.get("items_failed") or 0)
                 progress.update(bars[job_id], total=total, completed=done, status=job["status"])
@@ -611,7 +647,8 @@ def _watch(
                     "timed out waiting for the jobs; they go on in the background: the same"
                     " command again follows them"
                 )
-            time.sleep(options.poll_s)
+            if run_id is None:
+                time.sleep(options.poll_s)
     return [states[j["id"]] for j in jobs]
 
 

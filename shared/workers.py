@@ -17,8 +17,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from shared.observability import configure_logging
-
 
 def cpu_workers() -> int:
     """One worker process per CPU of the machine the service runs on."""
@@ -68,6 +66,10 @@ _WORKER_GC_THRESHOLD = 10_000
 
 
 def _start_worker(service: str, service_pid: int) -> None:
+    # imported here: `process_running` is also what the command line asks of this module, and it
+    # need not load the web framework the logging module brings
+    from shared.observability import configure_logging
+
     threading.Thread(target=_exit_with, args=(service_pid,), daemon=True).start()
     configure_logging(service)
     # what exists now (modules, tables) lives as long as the worker: out of the collector's sight

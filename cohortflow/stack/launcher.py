@@ -181,6 +181,7 @@ class LocalStack:
         *,
         reconfigure: bool = False,
         allow: Iterable[Path] = (),
+        probe: bool = True,
     ) -> StackInfo:
         """Start what is not running: infra, then `services` (default: every installed service).
 
@@ -189,6 +190,8 @@ class LocalStack:
         `reconfigure`: then it is stored and the running services are restarted with it. `allow`:
         folders a run names, added to the data roots when no root covers them (services restart).
         Raises `StackError` (with the tail of its log) when a part does not become ready.
+        `probe=False`: the returned info's `healthy` flags are not measured (each service's
+        /readyz, ~0.1-0.4 s), for a caller that needs only the addresses (`cohortflow run`).
         """
         with self._locked():
             self.home.mkdir(parents=True, exist_ok=True)
@@ -225,7 +228,7 @@ class LocalStack:
                 self._save(info)
                 if info.services:
                     self._ensure_supervisor(info)
-        return self.status()
+        return self.status(probe=probe)
 
     def _running_pids(self, info: StackInfo) -> dict[str, int]:
         """The pid of each part that runs now (before an `up` starts anything)."""
@@ -277,8 +280,9 @@ class LocalStack:
             self._save(info)
         return self.status()
 
-    def status(self) -> StackInfo:
-        """The recorded stack with health measured now; raises `StackError` if never started."""
+    def status(self, probe: bool = True) -> StackInfo:
+        """The recorded stack with health measured now (`probe=False`: the services' health is not
+        asked, their `healthy` stays false); raises `StackError` if never started."""
         info = self._load()
         if info is None:
             raise StackError(f"no local stack in {self.home}: run `cohortflow stack up`")
@@ -299,7 +303,7 @@ class LocalStack:
             return alive and processes.http_ready(f"{svc.url}/readyz")
 
         # each /readyz asks its service's database and broker (~0.1 s): all at once
-        services = list(info.services.values())
+        services = list(info.services.values()) if probe else []
         with ThreadPoolExecutor(max_workers=max(1, len(services))) as probes:
             for svc, ok in zip(services, probes.map(healthy, services), strict=True):
                 svc.healthy = ok

@@ -14,9 +14,7 @@ from typing import Annotated
 
 import typer
 
-from services.anonymizer.audit import AuditPasswordError, decrypt_audit
 from shared.settings import get_settings
-from shared.storage import ObjectStore, parse_s3_uri
 
 PASSWORD_ENV = "COHORTFLOW_AUDIT_PASSWORD"
 
@@ -34,6 +32,8 @@ def audit() -> None:
 
 def read_audit(location: str) -> bytes:
     """The export's bytes: a local file, an `s3://bucket/key` URI, or a key in the audit bucket."""
+    from shared.storage import ObjectStore, parse_s3_uri
+
     path = Path(location).expanduser()
     if path.is_file():
         return path.read_bytes()
@@ -71,6 +71,9 @@ def decrypt(
     ],
 ) -> None:
     """Decrypt an audit export (password from COHORTFLOW_AUDIT_PASSWORD or the prompt)."""
+    # imported here, not with the module: every `cohortflow` command registers this one
+    from services.anonymizer.audit import AuditPasswordError, decrypt_audit
+
     try:
         data = read_audit(source)
     except (FileNotFoundError, ValueError) as exc:

@@ -28,6 +28,7 @@ from services.gateway.api import api_router, document_errors, install_error_hand
 from services.gateway.api.auth import token_middleware
 from services.gateway.api.dependencies import BrokerProbe, GatewayContext
 from services.gateway.api.limits import BodyLimit
+from services.gateway.job_watch import JobWatch
 from services.gateway.notices import NoticeError, is_kafka_cloudevent, notice_from_kafka
 from services.gateway.outbound import WebhookDispatcher
 from services.gateway.stalls import StallWatch
@@ -143,8 +144,13 @@ def app_factory(settings: Settings | None = None) -> FastAPI:
         resources["pool"] = pool
         try:
             await migrate(pool, SCHEMA, MIGRATIONS)
+            job_watch = JobWatch(pool)
             app.state.gateway = GatewayContext(
-                settings, pool, ObjectStore(settings), BrokerProbe(lambda: broker.ping(timeout=2.0))
+                settings,
+                pool,
+                ObjectStore(settings),
+                BrokerProbe(lambda: broker.ping(timeout=2.0)),
+                job_watch,
             )
             relay = OutboxRelay(pool, SCHEMA, broker, settings)
             webhooks = WebhookDispatcher(pool, settings)
@@ -155,11 +161,13 @@ def app_factory(settings: Settings | None = None) -> FastAPI:
             await webhooks.start()
             await watcher.start()
             await stalls.start()
+            await job_watch.start()
             log.info("gateway started", extra={"port": settings.gateway_port})
             try:
                 yield
             finally:
                 log.info("gateway stopping")
+                await job_watch.stop()
                 await stalls.stop()
                 await watcher.stop()
                 await webhooks.stop()

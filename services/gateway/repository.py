@@ -276,16 +276,19 @@ async def list_jobs(
     stage: str | None,
     limit: int,
     offset: int,
+    run_id: uuid.UUID | None = None,
 ) -> list[asyncpg.Record]:
     return await conn.fetch(
         "SELECT * FROM gateway.jobs WHERE ($1::uuid IS NULL OR cohort_id = $1)"
         " AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR stage = $3)"
+        " AND ($6::uuid IS NULL OR run_id = $6)"
         " ORDER BY created_at DESC, position LIMIT $4 OFFSET $5",
         cohort_id,
         status,
         stage,
         limit,
         offset,
+        run_id,
     )
 
 

@@ -17,29 +17,61 @@ bulk-loads the rows, and builds stacks per series.
     summaries = builder.summaries()                    # list[shared.catalog.StackSummary]
 """
 
-from .header_json import dataset_to_json
-from .parse import parse_instance
-from .records import (
-    CTDetail,
-    FrameRecord,
-    InstanceRecord,
-    MRDetail,
-    PETDetail,
-    Rejection,
-    SeriesRecord,
-    StudyRecord,
-    SubjectRecord,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# light (no pydicom), and imported at once: its module shares the function's name, so a lazy
+# `sniff` would be the module once something imported `.sniff`
 from .sniff import Sniff, sniff
-from .stacks import (
-    StackBuilder,
-    build_stacks,
-    format_number,
-    frame_stack_keys,
-    orientation_label,
-    stack_constants,
-    stack_key,
-)
+
+if TYPE_CHECKING:
+    from .header_json import dataset_to_json
+    from .parse import parse_instance
+    from .records import (
+        CTDetail,
+        FrameRecord,
+        InstanceRecord,
+        MRDetail,
+        PETDetail,
+        Rejection,
+        SeriesRecord,
+        StudyRecord,
+        SubjectRecord,
+    )
+    from .stacks import (
+        StackBuilder,
+        build_stacks,
+        format_number,
+        frame_stack_keys,
+        orientation_label,
+        stack_constants,
+        stack_key,
+    )
+
+# the module each other public name lives in: a name is imported on first use (PEP 562), so a
+# caller of `sniff` alone (`cohortflow run`'s check for DICOM) does not pay for pydicom and the parser
+_MODULES = {
+    "CTDetail": "records",
+    "FrameRecord": "records",
+    "InstanceRecord": "records",
+    "MRDetail": "records",
+    "PETDetail": "records",
+    "Rejection": "records",
+    "SeriesRecord": "records",
+    "StackBuilder": "stacks",
+    "StudyRecord": "records",
+    "SubjectRecord": "records",
+    "build_stacks": "stacks",
+    "dataset_to_json": "header_json",
+    "format_number": "stacks",
+    "frame_stack_keys": "stacks",
+    "orientation_label": "stacks",
+    "parse_instance": "parse",
+    "stack_constants": "stacks",
+    "stack_key": "stacks",
+}
 
 __all__ = [
     "CTDetail",
@@ -63,3 +95,13 @@ __all__ = [
     "stack_constants",
     "stack_key",
 ]
+
+
+if not TYPE_CHECKING:  # hidden from type checkers: for them the imports above are the names
+
+    def __getattr__(name: str) -> object:
+        if name not in _MODULES:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
+        globals()[name] = value
+        return value

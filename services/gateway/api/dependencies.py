@@ -12,6 +12,7 @@ import asyncpg
 from fastapi import Depends, Request
 
 from services.gateway.errors import Unavailable
+from services.gateway.job_watch import JobWatch
 from shared.settings import Settings
 from shared.storage import ObjectStore
 
@@ -49,6 +50,8 @@ class GatewayContext:
     pool: asyncpg.Pool
     store: ObjectStore
     broker: BrokerProbe = field(default_factory=lambda: BrokerProbe(_always))
+    # wakes requests held until a run's jobs change; None: such requests answer at once
+    job_watch: JobWatch | None = None
 
 
 def gateway_context(request: Request) -> GatewayContext:
