@@ -16,10 +16,12 @@ Every test here is marked `integration` (`pytest -m "not integration"` is the fa
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -48,6 +50,47 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
+# the session's stack, once started: a failing test's report says how its parts stood
+_SESSION_STACK: list[LocalStack] = []
+# per service log: the last lines kept in a failure's report, and how many of them at most
+_LOG_TAIL_LINES = 15
+_NOTABLE = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback|assigned to partitions|[Rr]ebalanc")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed integration test's report gets a section on the session stack: each part's pid,
+    whether it is alive and ready, its restarts, and the tail of each service's log. A run that
+    waited on a service that was not there, or one stuck in a consumer group, says so here
+    (CI keeps nothing else of the stack)."""
+    report = yield
+    if report.failed and call.when in ("setup", "call") and _SESSION_STACK:
+        try:
+            report.sections.append(("session stack", _stack_report(_SESSION_STACK[0])))
+        except Exception as exc:  # the report of a failure must not fail itself
+            report.sections.append(("session stack", f"not readable: {exc!r}"))
+    return report
+
+
+def _stack_report(local: LocalStack) -> str:
+    info = local.status()
+    lines = [f"{name}: pid {p.pid} healthy={p.healthy}" for name, p in sorted(info.infra.items())]
+    lines += [
+        f"{key}: pid {s.pid} healthy={s.healthy} restarts={s.restarts} ({s.last_restart})"
+        for key, s in sorted(info.services.items())
+    ]
+    lines.append(f"supervisor: pid {info.supervisor_pid}")
+    for log in sorted(local.home.joinpath("logs").glob("*.log")):
+        text = log.read_text(errors="replace").splitlines()
+        notable = [line for line in text if _NOTABLE.search(line)][-_LOG_TAIL_LINES:]
+        tail = text[-_LOG_TAIL_LINES:]
+        lines.append(f"--- {log.name}: its last warnings, errors and partition assignments")
+        lines += [line[:400] for line in notable]
+        lines.append(f"--- {log.name}: its last {len(tail)} lines")
+        lines += [line[:400] for line in tail]
+    return "\n".join(lines)
+
+
 def _requested(names: tuple[str, ...] | list[str]) -> list[str]:
     if "all" in names:
         return installed_services()
@@ -74,8 +117,10 @@ def stack() -> Iterator[LocalStack]:
             raise RuntimeError(f"local stack not healthy: {info.summary()}")
         os.environ.update(info.env())
         get_settings.cache_clear()
+        _SESSION_STACK.append(local)
         yield local
     finally:
+        _SESSION_STACK.clear()
         local.down()
         os.environ.clear()
         os.environ.update(saved)
@@ -92,7 +137,9 @@ def module_services(request: pytest.FixtureRequest) -> Iterator[list[str]]:
         yield []
         return
     local: LocalStack = request.getfixturevalue("stack")
-    already = set(local.status().services)
+    # running ones only: a service recorded but gone (killed by an earlier module, its restart
+    # still pending) is started here, or the module would run without it
+    already = {key for key, svc in local.status().services.items() if svc.healthy}
     names = _requested(marker.args or ("all",))
     started = []
     try:
