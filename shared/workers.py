@@ -9,6 +9,7 @@ Each worker logs in the service's format.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import multiprocessing
 import os
@@ -86,6 +87,7 @@ class ProcessPools:
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(preload)
         self._pools: dict[int, ProcessPoolExecutor] = {}
+        self._started: set[int] = set()  # sizes whose pool has all its processes running
         self._lock = threading.Lock()  # `warm` runs in a thread while items may arrive
 
     def get(self, workers: int) -> ProcessPoolExecutor:
@@ -99,10 +101,46 @@ class ProcessPools:
                 )
             return self._pools[workers]
 
+    async def ready(self, workers: int) -> ProcessPoolExecutor:
+        """The pool of `workers` with every process of it running: what the event loop submits to.
+
+        A pool starts a process when a task is submitted while none is idle, and a start waits for
+        the fork server's preloaded imports (seconds on a loaded machine). Submitted from the event
+        loop, that wait stopped the loop, and the service's broker heartbeats, outbox relay and job
+        heartbeats with it: its consumer group rebalanced under it and its job looked stalled. So a
+        pool is started in a thread (`start`) before the loop submits to it; a pool a dead worker
+        broke (killed, out of memory) is replaced there by a new one."""
+        with self._lock:
+            pool = self._pools.get(workers)
+            if pool is not None and workers in self._started and not _broken(pool):
+                return pool
+        return await asyncio.to_thread(self.start, workers)
+
+    def start(self, workers: int) -> ProcessPoolExecutor:
+        """Blocking: the pool of `workers`, every process started (a broken pool replaced).
+
+        Waits until the pool answered `workers` no-op tasks: a pool spawns a process for each task
+        submitted while none is idle, so all are started by then."""
+        with self._lock:
+            old = self._pools.get(workers)
+            if old is not None and _broken(old):
+                del self._pools[workers]
+                self._started.discard(workers)
+                old.shutdown(wait=False, cancel_futures=True)
+        pool = self.get(workers)
+        list(pool.map(_ready, range(workers)))
+        with self._lock:
+            self._started.add(workers)
+        return pool
+
     def warm(self, workers: int | None = None) -> int:
         """Start the pool of `workers` (default: one per CPU) now, so the first item does not pay
         the fork server's start and its preloaded imports (measured: 4-6 s on a fresh service).
-        Blocks until the pool answered `workers` no-op tasks: a pool spawns a process for each
-        task submitted while none is idle, so all are started by then. Returns the tasks answered."""
+        Returns the number of processes started."""
         size = workers or cpu_workers()
-        return len(list(self.get(size).map(_ready, range(size))))
+        return len(self.start(size)._processes or {})
+
+
+def _broken(pool: ProcessPoolExecutor) -> bool:
+    """Whether a worker of the pool died (the executor then fails every task, for good)."""
+    return bool(getattr(pool, "_broken", False))

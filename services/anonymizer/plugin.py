@@ -227,7 +227,7 @@ class AnonymizerPlugin:
         self.profile(options)  # a bad config fails here
         # the worker pool starts (once per service) and loads the profile while the plan reads
         workers = config.process_pool_workers or cpu_workers()
-        executor = self._pools.get(workers)
+        executor = await self._pools.ready(workers)
         for _ in range(workers):
             executor.submit(load_worker_profile, worker_options(options))
         cohort_id = request.cohort.id
@@ -312,10 +312,11 @@ class AnonymizerPlugin:
         # the headers are read and parsed by the worker pool (a few reads in flight in each)
         loop = asyncio.get_running_loop()
         threads = max(1, PLAN_READERS // workers)
+        executor = await self._pools.ready(workers)
         parts = await asyncio.gather(
             *(
                 loop.run_in_executor(
-                    self._pools.get(workers),
+                    executor,
                     study_heads,
                     source.location,
                     within,
@@ -414,7 +415,7 @@ class AnonymizerPlugin:
             subjects[known] = SubjectRef(subject.pseudonym, subject.date_offset_days, folder)
 
         workers = config.process_pool_workers or cpu_workers()
-        executor = self._pools.get(workers)
+        executor = await self._pools.ready(workers)
         loop = asyncio.get_running_loop()
         keys = [f[0] for f in study.files]
         job_options = worker_options(options)

@@ -224,8 +224,8 @@ class ExtractorPlugin:
         parts = max(1, min(workers, len(files)))
         size = -(-len(files) // parts)
         chunks = [files[i : i + size] for i in range(0, len(files), size)]
+        executor = await self._pools.ready(workers)
         loop = asyncio.get_running_loop()
-        executor = self._pools.get(workers)
         futures = [
             loop.run_in_executor(
                 executor,
