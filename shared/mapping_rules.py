@@ -79,9 +79,12 @@ def apply_rule(rules: RuleBook, series_description: str | None, stack_key: str,
     return result
 
 
-async def load_rules(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> RuleBook:
-    """The cohort's current rules (none when the gateway's view does not exist)."""
-    if not await relation_exists(conn, RULES_VIEW):
+async def load_rules(
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, *, view_exists: bool = False
+) -> RuleBook:
+    """The cohort's current rules (none when the gateway's view does not exist; `view_exists`:
+    the caller saw it already, so it is not looked up again)."""
+    if not view_exists and not await relation_exists(conn, RULES_VIEW):
         return {}
     rows = await conn.fetch(
         "SELECT series_description, stack_key, bids_datatype, bids_suffix, entities, excluded,"

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -30,6 +31,14 @@ def _channel(schema: str) -> str:
     return f"cohortflow_outbox_{schema}"
 
 
+# the row and the relay's wake-up (delivered at commit) in one statement: one round trip an event
+_ENQUEUE = (
+    "INSERT INTO {schema}.outbox (id, topic, key, envelope)"
+    " SELECT $1::uuid, $2::text, $3::text, $4::jsonb FROM (SELECT pg_notify($5, '')) AS wake"
+    " ON CONFLICT (id) DO NOTHING"
+)
+
+
 async def enqueue(
     conn: asyncpg.Connection,
     schema: str,
@@ -38,15 +47,25 @@ async def enqueue(
     key: str | None = None,
 ) -> None:
     """Add an event to the schema's outbox; call inside the transaction of the state change."""
-    await conn.execute(
-        f"INSERT INTO {schema}.outbox (id, topic, key, envelope) VALUES ($1, $2, $3, $4)"
-        " ON CONFLICT (id) DO NOTHING",
-        envelope.id,
-        topic,
-        key,
-        envelope.model_dump(mode="json"),
-    )
-    await conn.execute("SELECT pg_notify($1, '')", _channel(schema))
+    await enqueue_many(conn, schema, [(topic, envelope, key)])
+
+
+async def enqueue_many(
+    conn: asyncpg.Connection,
+    schema: str,
+    events: Sequence[tuple[str, Envelope, str | None]],
+) -> None:
+    """Add (topic, envelope, key) events to the schema's outbox in this order, in one batch (a
+    plan's work items); call inside the transaction of the state change."""
+    channel = _channel(schema)
+    rows = [
+        (envelope.id, topic, key, envelope.model_dump(mode="json"), channel)
+        for topic, envelope, key in events
+    ]
+    if len(rows) == 1:
+        await conn.execute(_ENQUEUE.format(schema=schema), *rows[0])
+    elif rows:
+        await conn.executemany(_ENQUEUE.format(schema=schema), rows)
 
 
 def kafka_message(envelope: dict[str, Any]) -> tuple[bytes, dict[str, str]]:

@@ -24,7 +24,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +58,7 @@ from shared.events import (
     WorkItem,
 )
 from shared.observability import ITEM_SECONDS, ITEMS_PROCESSED, RUNS_ACTIVE
-from shared.outbox import enqueue
+from shared.outbox import enqueue, enqueue_many
 from shared.retry import backoff_s
 from shared.secrets import is_sealed, seal, unseal
 from shared.settings import Settings, get_settings
@@ -397,13 +397,10 @@ class StageRuntime:
         env = self._wrap(payload, row["cohort_id"], row["job_id"])
         await enqueue(conn, self.schema, topics.JOBS_PROGRESS, env, key=str(row["job_id"]))
 
-    async def _publish_item(
-        self,
-        conn: asyncpg.Connection,
-        request: StageRequested,
-        job_id: uuid.UUID,
-        item: PlannedItem,
-    ) -> None:
+    def _item_event(
+        self, request: StageRequested, job_id: uuid.UUID, item: PlannedItem
+    ) -> tuple[str, Envelope, str | None]:
+        """(topic, envelope, key) of an item's `WorkItem` event."""
         payload = WorkItem(
             stage=self.plugin.stage,
             cohort=request.cohort,
@@ -412,12 +409,18 @@ class StageRuntime:
             data=item.data,
         )
         env = self._wrap(payload, request.cohort.id, job_id)
-        await enqueue(
-            conn,
-            self.schema,
-            topics.items(self.plugin.stage),
-            env,
-            key=item.partition_key or item.key,
+        return topics.items(self.plugin.stage), env, item.partition_key or item.key
+
+    async def _publish_items(
+        self,
+        conn: asyncpg.Connection,
+        request: StageRequested,
+        job_id: uuid.UUID,
+        items: Sequence[PlannedItem],
+    ) -> None:
+        """The items' `WorkItem` events, in one batch (a plan's round trips are per batch)."""
+        await enqueue_many(
+            conn, self.schema, [self._item_event(request, job_id, item) for item in items]
         )
 
     # --- requested ----------------------------------------------------------------------------
@@ -539,8 +542,7 @@ class StageRuntime:
             )
             if row is None:  # planned concurrently by a redelivery
                 return
-            for p in planned:
-                await self._publish_item(conn, request, job_id, p)
+            await self._publish_items(conn, request, job_id, planned)
             await self._progress(conn, row, force=True)
             if request.streamed:
                 await self._open_next(conn, request)
@@ -566,14 +568,24 @@ class StageRuntime:
             async with self._at_work():  # a finalize can take minutes too (stacks, validation)
                 await self._finalize(job_id)
             return
-        attempts = await self._count_attempt(job_id, item.item_key)
+        # the attempt counted, the run's status and the gateway's cancel read on one connection
+        # (an item's fixed cost is its round trips)
         async with self.pool.acquire() as conn:
-            run_status = await conn.fetchval(
-                f"SELECT status FROM {self.schema}.runs WHERE job_id = $1", job_id
+            started = await conn.fetchrow(
+                f"UPDATE {self.schema}.run_items i SET attempts = i.attempts + 1, updated_at = now()"
+                f" FROM {self.schema}.runs r WHERE i.job_id = $1 AND i.item_key = $2"
+                " AND i.status = 'pending' AND r.job_id = i.job_id RETURNING i.attempts, r.status",
+                job_id,
+                item.item_key,
             )
-        if attempts is None or run_status != "running":
-            return  # already done (redelivery), unknown, or the run ended
-        if await self.is_cancelled(job_id):
+            if started is None or started["status"] != "running":
+                return  # already done (redelivery), unknown, or the run ended
+            attempts: int = started["attempts"]
+            cancelled = job_id in self._cancelled
+            by_gateway = not cancelled and await self._gateway_cancelled(conn, job_id)
+        if by_gateway:
+            await self._cancel_run(job_id)
+        if cancelled or by_gateway:
             await self._end_item(job_id, item.item_key, "cancelled", ItemResult(), None)
             return
         if attempts > self.settings.item_max_attempts:
@@ -696,10 +708,14 @@ class StageRuntime:
         ITEMS_PROCESSED.labels(self.plugin.stage.value, status).inc()
         errors = [e.model_dump() for e in result.errors]
         async with self.pool.acquire() as conn, conn.transaction():
-            changed = await conn.fetchval(
-                f"UPDATE {self.schema}.run_items SET status = $3, error = $4, result = $5, worker = $6,"
-                " updated_at = now()"
-                " WHERE job_id = $1 AND item_key = $2 AND status = 'pending' RETURNING true",
+            # the item flipped from pending (else nothing: a redelivery) and its run's row locked,
+            # in that order, in one statement (an item's fixed cost is its round trips)
+            current = await conn.fetchrow(
+                f"WITH ended AS (UPDATE {self.schema}.run_items SET status = $3, error = $4,"
+                " result = $5, worker = $6, updated_at = now()"
+                " WHERE job_id = $1 AND item_key = $2 AND status = 'pending' RETURNING job_id)"
+                f" SELECT r.summary, r.errors FROM {self.schema}.runs r JOIN ended USING (job_id)"
+                " FOR UPDATE OF r",
                 job_id,
                 item_key,
                 status,
@@ -707,22 +723,24 @@ class StageRuntime:
                 {"counts": result.counts},
                 WORKER,
             )
-            if not changed:
+            if current is None:
                 return
-            current = await conn.fetchrow(
-                f"SELECT summary, errors FROM {self.schema}.runs WHERE job_id = $1 FOR UPDATE",
-                job_id,
-            )
             summary = _add_counts(current["summary"], result.counts)
             kept = (current["errors"] + errors)[:_MAX_ERRORS_KEPT]
+            # the counters, and whether a progress event is due (`_progress`'s throttle, read
+            # and moved here: the column is set to now() exactly when one is due)
             row = await conn.fetchrow(
                 f"UPDATE {self.schema}.runs SET items_done = items_done + $2, items_failed = items_failed + $3,"
-                " summary = $4, errors = $5, updated_at = now() WHERE job_id = $1 RETURNING *",
+                " summary = $4, errors = $5, updated_at = now(), last_progress_at = CASE WHEN"
+                " last_progress_at IS NULL OR last_progress_at < now() - make_interval(secs => $6)"
+                " THEN now() ELSE last_progress_at END"
+                " WHERE job_id = $1 RETURNING *, last_progress_at = now() AS progress_due",
                 job_id,
                 0 if failed else 1,
                 1 if failed else 0,
                 summary,
                 kept,
+                self.settings.progress_interval_s,
             )
             if extra_event is not None:
                 await enqueue(conn, self.schema, extra_event[0], extra_event[1], key=item_key)
@@ -730,8 +748,8 @@ class StageRuntime:
                 row["items_done"] + row["items_failed"] >= row["items_total"]
                 and not row["upstream_open"]
             )
-            if row["status"] == "running":
-                await self._progress(conn, row, force=last)
+            if row["status"] == "running" and (last or row["progress_due"]):
+                await self._progress(conn, row, force=True)
             passed = status == "done" and bool(result.studies or result.study_prefixes)
             if row["status"] == "running" and (last or passed):
                 request = _loaded_request(row["request"], self.settings)
@@ -743,8 +761,8 @@ class StageRuntime:
     async def _enqueue_finalize(
         self, conn: asyncpg.Connection, request: StageRequested, job_id: uuid.UUID
     ) -> None:
-        await self._publish_item(
-            conn, request, job_id, PlannedItem(key=FINALIZE_KEY, partition_key=str(job_id))
+        await self._publish_items(
+            conn, request, job_id, [PlannedItem(key=FINALIZE_KEY, partition_key=str(job_id))]
         )
 
     # --- finalize ---------------------------------------------------------------------------------
@@ -1045,8 +1063,7 @@ class StageRuntime:
                 len(new),
                 not closed,
             )
-            for p in new:
-                await self._publish_item(conn, request, job_id, p)
+            await self._publish_items(conn, request, job_id, new)
             last = closed and row["items_done"] + row["items_failed"] >= row["items_total"]
             await self._progress(conn, row, force=closed or bool(new))
             if last:
@@ -1181,22 +1198,40 @@ class StageRuntime:
         if job_id in self._cancelled:
             return True
         async with self.pool.acquire() as conn:
-            status = await conn.fetchval(
-                f"SELECT status FROM {self.schema}.runs WHERE job_id = $1", job_id
-            )
-            if status == "cancelled":
-                self._cancelled.add(job_id)
-                return True
             if not self._control_view:
                 self._control_view = await relation_exists(conn, "gateway.job_control_v")
-            if self._control_view:
-                cancelled = await conn.fetchval(
-                    "SELECT cancelled FROM gateway.job_control_v WHERE job_id = $1", job_id
+            if self._control_view:  # both in one round trip
+                row = await conn.fetchrow(
+                    f"SELECT (SELECT status FROM {self.schema}.runs WHERE job_id = $1) AS status,"
+                    " (SELECT cancelled FROM gateway.job_control_v WHERE job_id = $1) AS cancelled",
+                    job_id,
                 )
-                if cancelled:
-                    await self._cancel_run(job_id)
-                    return True
+                status, cancelled = row["status"], row["cancelled"]
+            else:
+                status = await conn.fetchval(
+                    f"SELECT status FROM {self.schema}.runs WHERE job_id = $1", job_id
+                )
+                cancelled = False
+        if status == "cancelled":
+            self._cancelled.add(job_id)
+            return True
+        if cancelled:
+            await self._cancel_run(job_id)
+            return True
         return False
+
+    async def _gateway_cancelled(self, conn: asyncpg.Connection, job_id: uuid.UUID) -> bool:
+        """Whether the gateway's published view says the job is cancelled (False while the
+        view does not exist)."""
+        if not self._control_view:
+            self._control_view = await relation_exists(conn, "gateway.job_control_v")
+        if not self._control_view:
+            return False
+        return bool(
+            await conn.fetchval(
+                "SELECT cancelled FROM gateway.job_control_v WHERE job_id = $1", job_id
+            )
+        )
 
     async def _insert_run(self, job_id: uuid.UUID, request: StageRequested, status: str) -> None:
         """The run's row (once: a redelivered request finds it there)."""

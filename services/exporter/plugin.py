@@ -70,6 +70,7 @@ from services.exporter.selection import (
 from services.exporter.tree_cache import TreeCache
 from services.exporter.validate import ValidatorError, run_bids_validator
 from shared.catalog import StackSummary
+from shared.db import JsonText
 from shared.events import CohortRef, ItemError, StageRequested, WorkItem
 from shared.mapping_rules import RuleBook, apply_rule, load_rules
 from shared.retractions import load_retracted
@@ -375,7 +376,8 @@ class ExporterPlugin:
                     stack.summary.series_instance_uid,
                     stack.summary.stack_key,
                     str(base) if base is not None else None,
-                    stack.model_dump(mode="json") if key not in reasons else None,
+                    # serialized by pydantic at once (a fifth of the plan's time as a dict)
+                    JsonText(stack.model_dump_json()) if key not in reasons else None,
                     sources if key not in reasons else [],
                     {k: v for k, v in classification.items() if k != "classified"},
                     reasons.get(key),

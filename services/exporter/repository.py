@@ -125,7 +125,8 @@ async def cohort_instances(
         cohort_id,
         *([] if series is None else [list(series)]),
     )
-    return {r["sop_instance_uid"]: SourceInstance(**dict(r)) for r in rows}
+    # positionally: the columns are the fields, in order (a cohort has thousands of instances)
+    return {r[0]: SourceInstance(*r) for r in rows}
 
 
 # --- the plan -----------------------------------------------------------------------------------

@@ -42,35 +42,23 @@ async def cohort_studies(
 
 
 async def study_stacks(
-    conn: asyncpg.Connection, cohort_id: uuid.UUID, study_uid: str
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, study_uid: str, rule_version: str
 ) -> list[asyncpg.Record]:
-    """A study's stacks (`summary`, `sop_instance_uids`), in series and stack order."""
+    """A study's stacks (`summary`), in series and stack order, each with what is stored of its
+    classification at `rule_version` (`classified`: a row exists; its `excluded_reason`)."""
     return list(
         await conn.fetch(
-            "SELECT summary, sop_instance_uids FROM catalog.stack_summary_v"
-            " WHERE cohort_id = $1 AND study_instance_uid = $2 ORDER BY series_instance_uid, stack_key",
+            "SELECT s.summary, c.stack_key IS NOT NULL AS classified, c.excluded_reason"
+            " FROM catalog.stack_summary_v s LEFT JOIN sorting.series_classification c"
+            " ON c.cohort_id = s.cohort_id AND c.series_instance_uid = s.series_instance_uid"
+            " AND c.stack_key = s.stack_key AND c.rule_version = $3"
+            " WHERE s.cohort_id = $1 AND s.study_instance_uid = $2"
+            " ORDER BY s.series_instance_uid, s.stack_key",
             cohort_id,
             study_uid,
+            rule_version,
         )
     )
-
-
-async def classified_at(
-    conn: asyncpg.Connection, cohort_id: uuid.UUID, study_uid: str, rule_version: str
-) -> list[tuple[str, str, str, str | None]]:
-    """(series, stack key, rule version, excluded reason) of the study's stored classifications."""
-    rows = await conn.fetch(
-        "SELECT series_instance_uid, stack_key, rule_version, excluded_reason"
-        " FROM sorting.series_classification"
-        " WHERE cohort_id = $1 AND study_instance_uid = $2 AND rule_version = $3",
-        cohort_id,
-        study_uid,
-        rule_version,
-    )
-    return [
-        (r["series_instance_uid"], r["stack_key"], r["rule_version"], r["excluded_reason"])
-        for r in rows
-    ]
 
 
 async def save_fingerprints(
@@ -79,21 +67,24 @@ async def save_fingerprints(
     version: str,
     fingerprints: Iterable[Fingerprint],
 ) -> None:
+    rows = [
+        (
+            cohort_id,
+            fp.series_instance_uid,
+            fp.stack_key,
+            version,
+            json.loads(json.dumps(fp.as_dict())),
+        )
+        for fp in fingerprints
+    ]
+    if not rows:
+        return
     await conn.executemany(
         "INSERT INTO sorting.stack_fingerprint (cohort_id, series_instance_uid, stack_key, fingerprint_version,"
         " features) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (cohort_id, series_instance_uid, stack_key)"
         " DO UPDATE SET features = EXCLUDED.features, fingerprint_version = EXCLUDED.fingerprint_version,"
         " updated_at = now()",
-        [
-            (
-                cohort_id,
-                fp.series_instance_uid,
-                fp.stack_key,
-                version,
-                json.loads(json.dumps(fp.as_dict())),
-            )
-            for fp in fingerprints
-        ],
+        rows,
     )
 
 
@@ -107,17 +98,21 @@ async def save_classifications(
 ) -> None:
     """Upsert what this run decided; a stack it did not select keeps whatever an earlier run
     decided for it (its row is written only when there is none)."""
-    await conn.executemany(
-        f"INSERT INTO sorting.series_classification ({_COLUMNS}) VALUES ({_PARAMS})"
-        " ON CONFLICT (cohort_id, series_instance_uid, stack_key, rule_version)"
-        f" DO UPDATE SET {_UPDATES}, updated_at = now()",
-        [_row(cohort_id, study_uid, c, job_id) for c in decided],
-    )
-    await conn.executemany(
-        f"INSERT INTO sorting.series_classification ({_COLUMNS}) VALUES ({_PARAMS})"
-        " ON CONFLICT (cohort_id, series_instance_uid, stack_key, rule_version) DO NOTHING",
-        [_row(cohort_id, study_uid, c, job_id) for c in unselected],
-    )
+    rows = [_row(cohort_id, study_uid, c, job_id) for c in decided]
+    if rows:  # an empty batch still costs a round trip
+        await conn.executemany(
+            f"INSERT INTO sorting.series_classification ({_COLUMNS}) VALUES ({_PARAMS})"
+            " ON CONFLICT (cohort_id, series_instance_uid, stack_key, rule_version)"
+            f" DO UPDATE SET {_UPDATES}, updated_at = now()",
+            rows,
+        )
+    kept = [_row(cohort_id, study_uid, c, job_id) for c in unselected]
+    if kept:
+        await conn.executemany(
+            f"INSERT INTO sorting.series_classification ({_COLUMNS}) VALUES ({_PARAMS})"
+            " ON CONFLICT (cohort_id, series_instance_uid, stack_key, rule_version) DO NOTHING",
+            kept,
+        )
 
 
 async def intent_counts(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> list[asyncpg.Record]:

@@ -79,11 +79,18 @@ class Target:
         return parts[1] if len(parts) >= 2 and parts[0] == DERIVATIVES.name else None
 
     def path(self, layout: Layout, run: int | None = None) -> PurePosixPath:
-        entities: dict[str, EntityValue] = dict(self.entities)
-        if run is not None:
-            entities["run"] = run
-        relative = bids_path(entities, self.suffix, datatype=self.datatype, layout=layout)
-        return relative if layout == "flat" else self.root / relative
+        return _target_path(self, layout, run)
+
+
+@lru_cache(maxsize=8192)
+def _target_path(target: Target, layout: Layout, run: int | None) -> PurePosixPath:
+    """`Target.path`, kept: a plan asks for a target's path several times (problems, series
+    splits, names), and the same targets again when the cohort is planned again."""
+    entities: dict[str, EntityValue] = dict(target.entities)
+    if run is not None:
+        entities["run"] = run
+    relative = bids_path(entities, target.suffix, datatype=target.datatype, layout=layout)
+    return relative if layout == "flat" else target.root / relative
 
 
 def stack_target(

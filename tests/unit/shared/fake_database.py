@@ -1,6 +1,6 @@
 """The stage runtime's tables in memory: a fake asyncpg pool for fast tests of `shared.stage`.
 
-It answers exactly the statements `StageRuntime` and `shared.outbox.enqueue` send to a stage's
+It answers exactly the statements `StageRuntime` and `shared.outbox.enqueue_many` send to a stage's
 schema (`runs`, `run_items`, `outbox`) and the gateway's `job_control_v`, with the semantics the
 SQL has there (conditional updates, `RETURNING`, `ON CONFLICT DO NOTHING`). Any other statement
 fails the test with the statement's text: a new query in the runtime needs its line here too,
@@ -40,8 +40,8 @@ class FakeDatabase:
             (r"^INSERT INTO {s}\.run_items", self._insert_item),
             (r"^UPDATE {s}\.runs SET status = 'running', items_total", self._start_run),
             (r"^UPDATE {s}\.run_items SET attempts = attempts \+ 1", self._count_attempt),
-            (r"^UPDATE {s}\.run_items SET status = \$3", self._end_item),
-            (r"^SELECT summary, errors FROM {s}\.runs", self._run_row),
+            (r"^UPDATE {s}\.run_items i SET attempts = i\.attempts \+ 1", self._start_item),
+            (r"^WITH ended AS \(UPDATE {s}\.run_items SET status = \$3", self._end_item_locked),
             (r"^UPDATE {s}\.runs SET items_done = items_done \+ \$2", self._count_item),
             (r"^SELECT \* FROM {s}\.runs WHERE job_id", self._run_row),
             (r"^UPDATE {s}\.runs SET status = \$2, summary = \$3", self._end_run),
@@ -54,7 +54,6 @@ class FakeDatabase:
             (r"^UPDATE {s}\.runs SET plan_attempts = plan_attempts \+ \$2", self._count_plan),
             (r"^SELECT job_id FROM {s}\.runs WHERE status IN", self._open_runs),
             (r"^INSERT INTO {s}\.outbox ", self._enqueue),
-            (r"^SELECT pg_notify", lambda *_: None),
             (
                 r"^SELECT seq, topic, key, envelope FROM {s}\.outbox WHERE sent_at IS NULL",
                 self._unsent,
@@ -62,6 +61,10 @@ class FakeDatabase:
             (r"^UPDATE {s}\.outbox SET sent_at = now\(\)", self._mark_sent),
             (r"^SELECT to_regclass", self._relation_exists),
             (r"^SELECT cancelled FROM gateway\.job_control_v", self._gateway_cancel),
+            (
+                r"^SELECT \(SELECT status FROM {s}\.runs WHERE job_id = \$1\) AS status,",
+                self._run_and_gateway,
+            ),
         ]
         self._handlers = [
             (re.compile(p.replace("{s}", re.escape(schema))), h) for p, h in statements
@@ -168,13 +171,19 @@ class FakeDatabase:
         return dict(row)
 
     def _count_item(
-        self, job_id: uuid.UUID, done: int, failed: int, summary: Row, errors: list[Row]
+        self,
+        job_id: uuid.UUID,
+        done: int,
+        failed: int,
+        summary: Row,
+        errors: list[Row],
+        interval_s: float,
     ) -> Row:
         row = self.runs[job_id]
         row["items_done"] += done
         row["items_failed"] += failed
         row.update(summary=summary, errors=errors)
-        return dict(row)
+        return {**row, "progress_due": bool(self._progress_due(job_id, interval_s))}
 
     def _end_run(self, job_id: uuid.UUID, status: str, summary: Row) -> Row | None:
         row = self.runs[job_id]
@@ -216,6 +225,18 @@ class FakeDatabase:
         item["attempts"] += 1
         return int(item["attempts"])
 
+    def _start_item(self, job_id: uuid.UUID, key: str) -> Row | None:
+        attempts = self._count_attempt(job_id, key)
+        if attempts is None:
+            return None
+        return {"attempts": attempts, "status": self.runs[job_id]["status"]}
+
+    def _end_item_locked(self, *args: Any) -> Row | None:
+        """The item ended (when pending) and its run's summary and errors read."""
+        if not self._end_item(*args):
+            return None
+        return self._run_row(args[0])
+
     def _end_item(
         self, job_id: uuid.UUID, key: str, status: str, error: str | None, result: Row, worker: str
     ) -> bool | None:
@@ -227,7 +248,9 @@ class FakeDatabase:
 
     # --- outbox and the gateway's view --------------------------------------------------------
 
-    def _enqueue(self, _id: uuid.UUID, topic: str, key: str | None, envelope: Row) -> None:
+    def _enqueue(
+        self, _id: uuid.UUID, topic: str, key: str | None, envelope: Row, _channel: str
+    ) -> None:
         self.outbox.append((topic, key, Envelope.model_validate(envelope)))
 
     def _unsent(self, limit: int) -> list[Row]:
@@ -243,6 +266,9 @@ class FakeDatabase:
 
     def _relation_exists(self, name: str) -> bool:
         return name == "gateway.job_control_v" and self.gateway_cancelled is not None
+
+    def _run_and_gateway(self, job_id: uuid.UUID) -> Row:
+        return {"status": self._run_status(job_id), "cancelled": self._gateway_cancel(job_id)}
 
     def _gateway_cancel(self, job_id: uuid.UUID) -> bool:
         return self.gateway_cancelled is not None and job_id in self.gateway_cancelled

@@ -11,7 +11,7 @@ from faststream.kafka import KafkaBroker, TestKafkaBroker
 
 from shared import topics
 from shared.events import CohortDeleted, Envelope
-from shared.outbox import OutboxRelay, enqueue
+from shared.outbox import OutboxRelay, enqueue, enqueue_many
 from shared.settings import Settings
 from tests.unit.shared.fake_database import FakeDatabase
 
@@ -44,6 +44,23 @@ async def test_the_relay_publishes_unsent_events_in_order_and_only_once() -> Non
         await _enqueue(db, [cohorts[0]])
         assert await relay.flush() == 1
     assert [e.open(CohortDeleted).cohort_id for e in received] == [*cohorts, cohorts[0]]
+
+
+async def test_a_batch_is_enqueued_in_its_order_with_its_keys() -> None:
+    db = FakeDatabase(SCHEMA)
+    envelopes = [
+        Envelope.wrap(CohortDeleted(cohort_id=uuid.uuid4()), source="gateway") for _ in range(3)
+    ]
+    async with db.pool().acquire() as conn:
+        await enqueue_many(conn, SCHEMA, [])  # nothing to write: no statement
+        await enqueue_many(
+            conn, SCHEMA, [(TOPIC, e, str(i) if i else None) for i, e in enumerate(envelopes)]
+        )
+    assert [(t, k, e.id) for t, k, e in db.outbox] == [
+        (TOPIC, None, envelopes[0].id),
+        (TOPIC, "1", envelopes[1].id),
+        (TOPIC, "2", envelopes[2].id),
+    ]
 
 
 class _AwayBroker:

@@ -185,6 +185,21 @@ async def test_a_run_fans_out_fans_in_and_requests_the_next_stage() -> None:
     assert {e.correlation_id for e in h.db.events()} == {request.correlation_id}
 
 
+async def test_progress_is_throttled_between_the_plan_and_the_last_item() -> None:
+    h = Harness(Plugin(["s1", "s2", "s3", "s4"]), settings(progress_interval_s=3600.0))
+    await h.deliver(h.request())
+    await h.drain()
+    progress = [e.payload for e in h.db.events(topics.JOBS_PROGRESS)]
+    # the plan's (forced), the first item's (none went out by the throttle yet), none for the
+    # items in between (not due), the last item's (forced), and the run's end
+    assert [(p["items_done"], p["status"]) for p in progress] == [
+        (0, "running"),
+        (1, "running"),
+        (4, "running"),
+        (4, "completed"),
+    ]
+
+
 async def test_an_empty_plan_still_finalizes_and_completes() -> None:
     h = Harness(Plugin([]))
     await h.deliver(h.request())
