@@ -30,8 +30,13 @@ import asyncpg
 from services.extractor import SCHEMA
 from services.extractor import repository as repo
 from services.extractor.catalog import InstanceRecord, StackBuilder
-from services.extractor.catalog.records import as_dict
-from services.extractor.worker import FileBatch, FileOutcome, extract_batch, open_location
+from services.extractor.worker import (
+    CatalogRows,
+    FileBatch,
+    FileOutcome,
+    extract_batch,
+    open_location,
+)
 from shared.catalog import StackSummary
 from shared.events import ItemError, StageRequested, WorkItem
 from shared.observability import FILES_PROCESSED
@@ -39,7 +44,6 @@ from shared.settings import get_settings
 from shared.sources import SourceFile, anon_prefix, raw_prefix
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
 from shared.stage_config import ExtractionConfig, JobConfigs
-from shared.subjects import catalog_subject_id
 from shared.topics import Stage
 from shared.workers import ProcessPools, cpu_workers
 
@@ -249,9 +253,9 @@ class ExtractorPlugin:
                 outcomes = await future
                 await ctx.check_cancelled()
                 for o in outcomes:
-                    if o.record is not None:
-                        studies.add(o.record.study.study_instance_uid or "")
-                        series.add(o.record.series.series_instance_uid or "")
+                    if o.rows is not None:
+                        studies.add(o.rows.study_instance_uid or "")
+                        series.add(o.rows.series_instance_uid or "")
                 part = await self._load(ctx.pool, item.cohort.id, ctx.job_id, outcomes)
                 for key, value in part.counts.items():
                     total.counts[key] = total.counts.get(key, 0) + value
@@ -276,66 +280,32 @@ class ExtractorPlugin:
         job_id: uuid.UUID,
         outcomes: list[FileOutcome],
     ) -> ItemResult:
-        catalogued = [o for o in outcomes if o.record is not None]
-        rejected = [o for o in outcomes if o.record is None]
+        catalogued = [(o, o.rows) for o in outcomes if o.rows is not None]
+        rejected = [o for o in outcomes if o.rows is None]
         subjects: dict[str, tuple[Any, ...]] = {}
         studies: dict[str, tuple[Any, ...]] = {}
         series: dict[str, tuple[Any, ...]] = {}
         instances: dict[str, tuple[Any, ...]] = {}
         details: dict[str, list[tuple[Any, ...]]] = {kind: [] for kind in repo.DETAIL_KINDS}
-        duplicates: list[FileOutcome] = []
-        for o in catalogued:
-            rec: InstanceRecord = o.record
-            uid = rec.sop_instance_uid or ""
+        duplicates: list[tuple[FileOutcome, CatalogRows]] = []
+        for o, rows in catalogued:
+            uid = rows.sop_instance_uid or ""
             if uid in instances:
-                duplicates.append(o)
+                duplicates.append((o, rows))
                 continue
-            study_uid = rec.study.study_instance_uid or ""
-            subject_id = catalog_subject_id(rec.subject.patient_id, study_uid)
-            series_uid = rec.series.series_instance_uid or ""
-            # a chunk's files mostly share one subject, study and series: their rows are built once
-            if subject_id not in subjects:
-                subjects[subject_id] = (
-                    cohort_id,
-                    subject_id,
-                    rec.subject.patient_sex,
-                    rec.subject.patient_age,
-                    as_dict(rec.subject),
-                )
-            if study_uid not in studies:
-                studies[study_uid] = (
-                    cohort_id,
-                    study_uid,
-                    subject_id,
-                    rec.study.study_date,
-                    rec.study.study_time,
-                    rec.study.accession_number,
-                    rec.study.study_description,
-                    as_dict(rec.study),
-                )
-            if series_uid not in series:
-                series[series_uid] = (
-                    cohort_id,
-                    series_uid,
-                    study_uid,
-                    subject_id,
-                    rec.series.modality,
-                    rec.series.series_number,
-                    rec.series.series_description,
-                    rec.series.protocol_name,
-                    rec.series.manufacturer,
-                    rec.series.manufacturer_model,
-                    as_dict(rec.series),
-                )
+            # a chunk's files mostly share one subject, study and series: their rows are kept once
+            if rows.subject[0] not in subjects:
+                subjects[rows.subject[0]] = (cohort_id, *rows.subject)
+            if rows.study[0] not in studies:
+                studies[rows.study[0]] = (cohort_id, *rows.study)
+            if rows.series[0] not in series:
+                series[rows.series[0]] = (cohort_id, *rows.series)
             instances[uid] = (
                 cohort_id,
                 uid,
-                series_uid,
-                study_uid,
-                rec.sop_class_uid or "",
-                rec.instance_number,
-                rec.number_of_frames or 1,
-                rec.transfer_syntax_uid,
+                rows.series[0],
+                rows.study[0],
+                *rows.instance,
                 o.key,
                 o.object_key,
                 o.sha256,
@@ -344,10 +314,8 @@ class ExtractorPlugin:
                 o.row_json,
                 o.header_json,
             )
-            for kind in repo.DETAIL_KINDS:
-                detail = getattr(rec, kind)
-                if detail is not None:
-                    details[kind].append(repo.detail_row(cohort_id, uid, kind, detail))
+            for kind, values in rows.details:
+                details[kind].append((cohort_id, uid, *values))
 
         async with pool.acquire() as conn, conn.transaction():
             await repo.prepare_staging(conn)
@@ -361,19 +329,19 @@ class ExtractorPlugin:
             )
             # a SOP instance already catalogued from another file of the cohort: this file is a
             # duplicate (recorded as such); the same file again (a redelivered item) is not
-            duplicate_ids = {id(o) for o in duplicates}
-            for o in catalogued:
-                uid = o.record.sop_instance_uid or ""
+            duplicate_ids = {id(o) for o, _ in duplicates}
+            for o, rows in catalogued:
+                uid = rows.sop_instance_uid or ""
                 if id(o) not in duplicate_ids and owners.get(uid, o.key) != o.key:
-                    duplicates.append(o)
+                    duplicates.append((o, rows))
                     duplicate_ids.add(id(o))
             reasons = [(o, o.rejection or "") for o in rejected]
             reasons += [
                 (
                     o,
-                    f"duplicate of an instance already catalogued (SOP Instance UID {o.record.sop_instance_uid})",
+                    f"duplicate of an instance already catalogued (SOP Instance UID {rows.sop_instance_uid})",
                 )
-                for o in duplicates
+                for o, rows in duplicates
             ]
             rejected_rows = [
                 (cohort_id, o.key, reason, o.size, o.sha256, job_id) for o, reason in reasons
@@ -386,9 +354,9 @@ class ExtractorPlugin:
                     o.mtime_ns,
                     o.sha256,
                     "catalogued"
-                    if o.record is not None and id(o) not in duplicate_ids
+                    if o.rows is not None and id(o) not in duplicate_ids
                     else "rejected",
-                    o.record.sop_instance_uid if o.record is not None else None,
+                    o.rows.sop_instance_uid if o.rows is not None else None,
                     job_id,
                 )
                 for o in outcomes

@@ -375,9 +375,7 @@ def _detail_columns(kind: str) -> list[str]:
     return ["cohort_id", "sop_instance_uid", *_DETAIL_COLUMNS[kind]]
 
 
-def detail_row(
-    cohort_id: uuid.UUID, sop_instance_uid: str, kind: str, detail: Any
-) -> tuple[Any, ...]:
-    """The row of `catalog.<kind>_detail` (kind: mr, ct or pet) of one instance."""
-    columns = _DETAIL_COLUMNS[kind]
-    return (cohort_id, sop_instance_uid, *[_column(getattr(detail, c, None)) for c in columns])
+def detail_values(kind: str, detail: Any) -> tuple[Any, ...]:
+    """The row of `catalog.<kind>_detail` (kind: mr, ct or pet) of one instance, after its
+    `cohort_id` and `sop_instance_uid`."""
+    return tuple(_column(getattr(detail, c, None)) for c in _DETAIL_COLUMNS[kind])

@@ -12,14 +12,17 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from services.extractor.catalog import Rejection, parse_instance, sniff
+from services.extractor.catalog import InstanceRecord, Rejection, parse_instance, sniff
+from services.extractor.catalog.records import as_dict
 from services.extractor.catalog.sniff import SNIFF_BYTES
+from services.extractor.repository import DETAIL_KINDS, detail_values
 from shared.db import JsonText, json_text
 from shared.settings import get_settings
 from shared.sources import ObjectSource, Source, open_source
 from shared.storage import process_store, sha256_file, sha256_hex
+from shared.subjects import catalog_subject_id
 
 
 @dataclass
@@ -33,6 +36,65 @@ class FileBatch:
     within: str | None = None  # the cohort's source, when `location` is a new study's folder
 
 
+class CatalogRows(NamedTuple):
+    """A catalogued file's share of the catalog's rows, each without its `cohort_id` (and the
+    instance's columns from `catalog.instance`'s `sop_class_uid` to `transfer_syntax_uid`)."""
+
+    sop_instance_uid: str | None
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    subject: tuple[Any, ...]  # catalog.subject
+    study: tuple[Any, ...]  # catalog.study
+    series: tuple[Any, ...]  # catalog.series
+    instance: tuple[Any, ...]  # catalog.instance, sop_class_uid .. transfer_syntax_uid
+    details: tuple[tuple[str, tuple[Any, ...]], ...]  # (kind, catalog.<kind>_detail after the UID)
+
+
+def catalog_rows(rec: InstanceRecord) -> CatalogRows:
+    """The rows `rec` contributes to the catalog (`services.extractor.plugin` adds the cohort)."""
+    study_uid = rec.study.study_instance_uid or ""
+    subject_id = catalog_subject_id(rec.subject.patient_id, study_uid)
+    series_uid = rec.series.series_instance_uid or ""
+    return CatalogRows(
+        rec.sop_instance_uid,
+        rec.study.study_instance_uid,
+        rec.series.series_instance_uid,
+        (subject_id, rec.subject.patient_sex, rec.subject.patient_age, as_dict(rec.subject)),
+        (
+            study_uid,
+            subject_id,
+            rec.study.study_date,
+            rec.study.study_time,
+            rec.study.accession_number,
+            rec.study.study_description,
+            as_dict(rec.study),
+        ),
+        (
+            series_uid,
+            study_uid,
+            subject_id,
+            rec.series.modality,
+            rec.series.series_number,
+            rec.series.series_description,
+            rec.series.protocol_name,
+            rec.series.manufacturer,
+            rec.series.manufacturer_model,
+            as_dict(rec.series),
+        ),
+        (
+            rec.sop_class_uid or "",
+            rec.instance_number,
+            rec.number_of_frames or 1,
+            rec.transfer_syntax_uid,
+        ),
+        tuple(
+            (kind, detail_values(kind, detail))
+            for kind in DETAIL_KINDS
+            if (detail := getattr(rec, kind)) is not None
+        ),
+    )
+
+
 @dataclass
 class FileOutcome:
     key: str
@@ -40,9 +102,10 @@ class FileOutcome:
     mtime_ns: int
     sha256: str | None = None
     object_key: str | None = None
-    # InstanceRecord when catalogued, without its header and frames: those travel back from the
-    # worker process already serialized (JSON text is far cheaper to pickle than nested dicts)
-    record: Any = None
+    # the catalog's rows of the file when catalogued: they travel back from the worker process
+    # as plain values, the record and its header already serialized (JSON text and tuples are
+    # far cheaper to pickle than the record's nested dataclasses or dicts)
+    rows: CatalogRows | None = None
     row_json: JsonText | None = None  # InstanceRecord.to_row() without the header
     header_json: JsonText | None = None  # the header as DICOM JSON
     rejection: str | None = None
@@ -140,8 +203,6 @@ def extract_batch(batch: FileBatch) -> list[FileOutcome]:
                     header = row.pop("header", None) or {}
                     outcome.row_json = json_text(row)
                     outcome.header_json = json_text(header)
-                    parsed.header = {}
-                    parsed.frames = []
-                    outcome.record = parsed
+                    outcome.rows = catalog_rows(parsed)
             outcomes.append(outcome)
     return outcomes
