@@ -294,8 +294,10 @@ class ExtractorPlugin:
                 duplicates.append((o, rows))
                 continue
             # a chunk's files mostly share one subject, study and series: their rows are kept once
-            if rows.subject[0] not in subjects:
-                subjects[rows.subject[0]] = (cohort_id, *rows.subject)
+            subject = (cohort_id, *rows.subject)
+            kept = subjects.get(rows.subject[0])
+            if kept is None or repo.subject_order(subject) < repo.subject_order(kept):
+                subjects[rows.subject[0]] = subject
             if rows.study[0] not in studies:
                 studies[rows.study[0]] = (cohort_id, *rows.study)
             if rows.series[0] not in series:

@@ -8,6 +8,7 @@ Instances, the bulk of the bytes, are copied straight into their table when they
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -52,7 +53,9 @@ async def save_catalog_rows(
     await _stage_and_merge(
         conn,
         [
-            ("catalog.subject", SUBJECT_COLUMNS, subjects, None),
+            # a subject's values differ between its studies (the age at each): the row kept is
+            # the smallest by `subject_order`, whichever item commits first
+            ("catalog.subject", SUBJECT_COLUMNS, subjects, SUBJECT_COLUMNS[2:]),
             ("catalog.study", STUDY_COLUMNS, studies, None),
             # a series that gains rows is marked for a stack rebuild (its staged rows carry the
             # column's default, true), in the merge itself: rows are locked in key order, so
@@ -205,6 +208,24 @@ async def cohort_counts(conn: asyncpg.Connection, cohort_id: uuid.UUID) -> dict[
 
 
 SUBJECT_COLUMNS = ["cohort_id", "subject_id", "patient_sex", "patient_age", "attributes"]
+
+
+def subject_order(row: Sequence[Any]) -> tuple[str, str, str]:
+    """How a subject's rows (one per study it was seen in: PatientAge differs between visits) are
+    ordered: the catalog keeps the smallest, the youngest age first, so it holds the same row
+    whatever order the items that read its files end in. `_SUBJECT_KEPT` is the same order in the
+    table; a chunk keeps its own smallest first."""
+    _, _, sex, age, attributes = row
+    return (age or "", sex or "", json.dumps(attributes, sort_keys=True, default=str))
+
+
+# `subject_order` in SQL (byte order, as Python compares strings)
+_SUBJECT_KEPT = (
+    "(COALESCE(EXCLUDED.patient_age, '') COLLATE \"C\", COALESCE(EXCLUDED.patient_sex, '')"
+    ' COLLATE "C", EXCLUDED.attributes::text COLLATE "C") < (COALESCE(catalog.subject.patient_age,'
+    " '') COLLATE \"C\", COALESCE(catalog.subject.patient_sex, '') COLLATE \"C\","
+    ' catalog.subject.attributes::text COLLATE "C")'
+)
 STUDY_COLUMNS = [
     "cohort_id",
     "study_instance_uid",
@@ -292,13 +313,17 @@ async def _stage(
     return True
 
 
-def _merge(table: str, columns: list[str], update: list[str] | None = None) -> str:
+def _merge(
+    table: str, columns: list[str], update: list[str] | None = None, when: str | None = None
+) -> str:
     """INSERT ... SELECT from the staging table. Rows whose natural key (the first two columns)
     exists are left alone, or, with `update`, get those columns from the new row (a column not
-    among `columns` takes its default, e.g. `updated_at` -> now())."""
+    among `columns` takes its default, e.g. `updated_at` -> now()), where `when` holds if given."""
     written = ", ".join([*columns, *(c for c in update or [] if c not in columns)])
     on_conflict = (
-        "DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in update)
+        "DO UPDATE SET "
+        + ", ".join(f"{c} = EXCLUDED.{c}" for c in update)
+        + (f" WHERE {when}" if when else "")
         if update
         else "DO NOTHING"
     )
@@ -315,7 +340,7 @@ async def _stage_and_merge(
     """Stage each (table, columns, rows, update) that has rows, then send their merges together
     in one round trip."""
     statements = [
-        _merge(table, columns, update)
+        _merge(table, columns, update, _SUBJECT_KEPT if table == "catalog.subject" else None)
         for table, columns, rows, update in tables
         if await _stage(conn, table, columns, rows)
     ]

@@ -1,10 +1,12 @@
 """The extractor's instance writes against the real Postgres: new rows are copied straight into
 `catalog.instance`, rows already there are left alone, and a key race with another item falls
-back to the merge (no error, no row written twice)."""
+back to the merge (no error, no row written twice). A subject seen with other values in another
+study keeps the same row whichever item is written first."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
@@ -40,12 +42,14 @@ def _instance(cohort_id: uuid.UUID, uid: str, source_key: str) -> tuple[Any, ...
 
 
 async def _save(
-    conn: asyncpg.Connection, rows: list[tuple[Any, ...]]
+    conn: asyncpg.Connection,
+    rows: list[tuple[Any, ...]],
+    subjects: list[tuple[Any, ...]] | None = None,
 ) -> tuple[int, dict[str, str]]:
     await repo.prepare_staging(conn)
     return await repo.save_catalog_rows(
         conn,
-        subjects=[],
+        subjects=subjects or [],
         studies=[],
         series=[],
         instances=rows,
@@ -112,3 +116,31 @@ async def test_a_key_race_with_another_item_takes_the_merge(
         cohort,
     )
     assert [tuple(r) for r in stored] == [("1.8.1", "a/1.dcm"), ("1.8.2", "b/2.dcm")]
+
+
+async def test_a_subject_keeps_the_same_row_whichever_study_is_written_first(
+    stack_settings: Settings, db_pool: asyncpg.Pool
+) -> None:
+    """Two visits of one subject, 7 years apart: the catalog keeps the first visit's values (the
+    youngest age) in either order of the items, where it kept whichever came first."""
+    await migrate_all(stack_settings)
+    kept = []
+    for order in ((0, 1), (1, 0)):
+        cohort = uuid.uuid4()
+        visits = [
+            (cohort, "crlab", "F", "044Y", json_text({"patient_id": "crlab", "weight": 61.0})),
+            (cohort, "crlab", "F", "051Y", json_text({"patient_id": "crlab", "weight": 64.5})),
+        ]
+        for i in order:
+            async with db_pool.acquire() as conn, conn.transaction():
+                await _save(conn, [], [visits[i]])
+        row = await db_pool.fetchrow(
+            "SELECT patient_sex, patient_age, attributes FROM catalog.subject"
+            " WHERE cohort_id = $1 AND subject_id = 'crlab'",
+            cohort,
+        )
+        assert row is not None
+        kept.append((row["patient_sex"], row["patient_age"], json.loads(row["attributes"])))
+    assert kept[0] == kept[1]
+    assert kept[0][1] == "044Y" and kept[0][2]["weight"] == 61.0
+    assert repo.subject_order(visits[0]) < repo.subject_order(visits[1])
