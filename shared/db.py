@@ -180,6 +180,15 @@ async def migrate(
     return applied
 
 
-async def relation_exists(conn: asyncpg.Connection, qualified_name: str) -> bool:
-    """Whether a table or view exists (views of other services may not be there yet)."""
-    return bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", qualified_name))
+async def relation_exists(
+    conn: asyncpg.Connection, qualified_name: str, seen: set[str] | None = None
+) -> bool:
+    """Whether a table or view exists (views of other services may not be there yet). `seen`: the
+    caller's relations found to exist before, not asked again (a relation, once there, stays; one
+    not there yet is asked again next time)."""
+    if seen is not None and qualified_name in seen:
+        return True
+    exists = bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", qualified_name))
+    if exists and seen is not None:
+        seen.add(qualified_name)
+    return exists

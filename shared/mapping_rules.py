@@ -80,11 +80,11 @@ def apply_rule(rules: RuleBook, series_description: str | None, stack_key: str,
 
 
 async def load_rules(
-    conn: asyncpg.Connection, cohort_id: uuid.UUID, *, view_exists: bool = False
+    conn: asyncpg.Connection, cohort_id: uuid.UUID, *, seen: set[str] | None = None
 ) -> RuleBook:
-    """The cohort's current rules (none when the gateway's view does not exist; `view_exists`:
-    the caller saw it already, so it is not looked up again)."""
-    if not view_exists and not await relation_exists(conn, RULES_VIEW):
+    """The cohort's current rules (none when the gateway's view does not exist; `seen`: the
+    caller's relations known to exist, `relation_exists`)."""
+    if not await relation_exists(conn, RULES_VIEW, seen):
         return {}
     rows = await conn.fetch(
         "SELECT series_description, stack_key, bids_datatype, bids_suffix, entities, excluded,"

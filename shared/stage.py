@@ -284,6 +284,19 @@ def next_request(
     )
 
 
+# the gateway's published view of each job's cancel
+_CONTROL_VIEW = "gateway.job_control_v"
+
+
+def _progress_due(interval_param: str) -> str:
+    """SQL, on a run's row: a progress event is due (none went out in the last `interval_param`
+    seconds). `_progress` and the end of an item both throttle by it."""
+    return (
+        "(last_progress_at IS NULL OR last_progress_at < now()"
+        f" - make_interval(secs => {interval_param}))"
+    )
+
+
 def _add_counts(summary: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
     merged = dict(summary)
     for k, v in counts.items():
@@ -302,7 +315,7 @@ class StageRuntime:
         self.settings = settings or get_settings()
         self.schema = plugin.schema
         self._cancelled: set[uuid.UUID] = set()
-        self._control_view = False  # the gateway's job_control_v exists (checked until it does)
+        self._relations: set[str] = set()  # the gateway's views seen to exist
         self._in_hand = 0  # items and plans being worked on now
         self._worked_since_beat = False
         self._beating: asyncio.Task[None] | None = None
@@ -377,8 +390,7 @@ class StageRuntime:
         if not force:
             due = await conn.fetchval(
                 f"UPDATE {self.schema}.runs SET last_progress_at = now() WHERE job_id = $1 AND"
-                " (last_progress_at IS NULL OR last_progress_at < now() - make_interval(secs => $2))"
-                " RETURNING true",
+                f" {_progress_due('$2')} RETURNING true",
                 row["job_id"],
                 self.settings.progress_interval_s,
             )
@@ -732,8 +744,7 @@ class StageRuntime:
             row = await conn.fetchrow(
                 f"UPDATE {self.schema}.runs SET items_done = items_done + $2, items_failed = items_failed + $3,"
                 " summary = $4, errors = $5, updated_at = now(), last_progress_at = CASE WHEN"
-                " last_progress_at IS NULL OR last_progress_at < now() - make_interval(secs => $6)"
-                " THEN now() ELSE last_progress_at END"
+                f" {_progress_due('$6')} THEN now() ELSE last_progress_at END"
                 " WHERE job_id = $1 RETURNING *, last_progress_at = now() AS progress_due",
                 job_id,
                 0 if failed else 1,
@@ -1198,12 +1209,10 @@ class StageRuntime:
         if job_id in self._cancelled:
             return True
         async with self.pool.acquire() as conn:
-            if not self._control_view:
-                self._control_view = await relation_exists(conn, "gateway.job_control_v")
-            if self._control_view:  # both in one round trip
+            if await relation_exists(conn, _CONTROL_VIEW, self._relations):  # one round trip
                 row = await conn.fetchrow(
                     f"SELECT (SELECT status FROM {self.schema}.runs WHERE job_id = $1) AS status,"
-                    " (SELECT cancelled FROM gateway.job_control_v WHERE job_id = $1) AS cancelled",
+                    f" (SELECT cancelled FROM {_CONTROL_VIEW} WHERE job_id = $1) AS cancelled",
                     job_id,
                 )
                 status, cancelled = row["status"], row["cancelled"]
@@ -1223,14 +1232,10 @@ class StageRuntime:
     async def _gateway_cancelled(self, conn: asyncpg.Connection, job_id: uuid.UUID) -> bool:
         """Whether the gateway's published view says the job is cancelled (False while the
         view does not exist)."""
-        if not self._control_view:
-            self._control_view = await relation_exists(conn, "gateway.job_control_v")
-        if not self._control_view:
+        if not await relation_exists(conn, _CONTROL_VIEW, self._relations):
             return False
         return bool(
-            await conn.fetchval(
-                "SELECT cancelled FROM gateway.job_control_v WHERE job_id = $1", job_id
-            )
+            await conn.fetchval(f"SELECT cancelled FROM {_CONTROL_VIEW} WHERE job_id = $1", job_id)
         )
 
     async def _insert_run(self, job_id: uuid.UUID, request: StageRequested, status: str) -> None:

@@ -254,8 +254,8 @@ class ExtractorPlugin:
                 await ctx.check_cancelled()
                 for o in outcomes:
                     if o.rows is not None:
-                        studies.add(o.rows.study_instance_uid or "")
-                        series.add(o.rows.series_instance_uid or "")
+                        studies.add(o.rows.study[0])
+                        series.add(o.rows.series[0])
                 part = await self._load(ctx.pool, item.cohort.id, ctx.job_id, outcomes)
                 for key, value in part.counts.items():
                     total.counts[key] = total.counts.get(key, 0) + value

@@ -55,14 +55,14 @@ async def save_catalog_rows(
         [
             # a subject's values differ between its studies (the age at each): the row kept is
             # the smallest by `subject_order`, whichever item commits first
-            ("catalog.subject", SUBJECT_COLUMNS, subjects, SUBJECT_COLUMNS[2:]),
-            ("catalog.study", STUDY_COLUMNS, studies, None),
+            ("catalog.subject", SUBJECT_COLUMNS, subjects, SUBJECT_COLUMNS[2:], _SUBJECT_KEPT),
+            ("catalog.study", STUDY_COLUMNS, studies, None, None),
             # a series that gains rows is marked for a stack rebuild (its staged rows carry the
             # column's default, true), in the merge itself: rows are locked in key order, so
             # two items merging rows of the same series at once cannot deadlock
-            ("catalog.series", SERIES_COLUMNS, series, ["stacks_dirty"]),
+            ("catalog.series", SERIES_COLUMNS, series, ["stacks_dirty"], None),
             *(
-                (f"catalog.{kind}_detail", _detail_columns(kind), rows, None)
+                (f"catalog.{kind}_detail", _detail_columns(kind), rows, None, None)
                 for kind, rows in details.items()
             ),
         ],
@@ -131,8 +131,14 @@ async def save_file_outcomes(
     await _stage_and_merge(
         conn,
         [
-            ("catalog.rejected_file", REJECTED_COLUMNS, rejected, REJECTED_COLUMNS[2:]),
-            ("catalog.source_file", SOURCE_COLUMNS, sources, [*SOURCE_COLUMNS[2:], "updated_at"]),
+            ("catalog.rejected_file", REJECTED_COLUMNS, rejected, REJECTED_COLUMNS[2:], None),
+            (
+                "catalog.source_file",
+                SOURCE_COLUMNS,
+                sources,
+                [*SOURCE_COLUMNS[2:], "updated_at"],
+                None,
+            ),
         ],
     )
 
@@ -335,13 +341,13 @@ def _merge(
 
 async def _stage_and_merge(
     conn: asyncpg.Connection,
-    tables: list[tuple[str, list[str], list[tuple[Any, ...]], list[str] | None]],
+    tables: list[tuple[str, list[str], list[tuple[Any, ...]], list[str] | None, str | None]],
 ) -> None:
-    """Stage each (table, columns, rows, update) that has rows, then send their merges together
-    in one round trip."""
+    """Stage each (table, columns, rows, update, when: `_merge`'s) that has rows, then send their
+    merges together in one round trip."""
     statements = [
-        _merge(table, columns, update, _SUBJECT_KEPT if table == "catalog.subject" else None)
-        for table, columns, rows, update in tables
+        _merge(table, columns, update, when)
+        for table, columns, rows, update, when in tables
         if await _stage(conn, table, columns, rows)
     ]
     if statements:

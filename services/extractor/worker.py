@@ -38,11 +38,10 @@ class FileBatch:
 
 class CatalogRows(NamedTuple):
     """A catalogued file's share of the catalog's rows, each without its `cohort_id` (and the
-    instance's columns from `catalog.instance`'s `sop_class_uid` to `transfer_syntax_uid`)."""
+    instance's columns from `catalog.instance`'s `sop_class_uid` to `transfer_syntax_uid`). Each
+    row starts with its natural key: `study[0]` is the study's UID, `series[0]` the series'."""
 
     sop_instance_uid: str | None
-    study_instance_uid: str | None
-    series_instance_uid: str | None
     subject: tuple[Any, ...]  # catalog.subject
     study: tuple[Any, ...]  # catalog.study
     series: tuple[Any, ...]  # catalog.series
@@ -57,8 +56,6 @@ def catalog_rows(rec: InstanceRecord) -> CatalogRows:
     series_uid = rec.series.series_instance_uid or ""
     return CatalogRows(
         rec.sop_instance_uid,
-        rec.study.study_instance_uid,
-        rec.series.series_instance_uid,
         (subject_id, rec.subject.patient_sex, rec.subject.patient_age, as_dict(rec.subject)),
         (
             study_uid,

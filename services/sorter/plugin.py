@@ -35,9 +35,7 @@ from services.sorter.rules import (
     stored_classified_keys,
 )
 from shared.catalog import StackSummary
-from shared.db import relation_exists
 from shared.events import StageRequested, WorkItem
-from shared.mapping_rules import RULES_VIEW
 from shared.mapping_rules import load_rules as load_mapping_rules
 from shared.settings import get_settings
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
@@ -56,9 +54,7 @@ class SorterPlugin:
 
     def __init__(self) -> None:
         self._configs = JobConfigs(SortingConfig)
-        self._rules_view = (
-            False  # the gateway's mapping rules view exists (looked up until it does)
-        )
+        self._relations: set[str] = set()  # the gateway's views seen to exist
 
     def warm_up(self) -> int:
         """What the first item would otherwise pay for, done when the service starts: compiling
@@ -88,10 +84,8 @@ class SorterPlugin:
         # an item's time (the classifier itself takes a millisecond or two)
         async with ctx.pool.acquire() as conn:
             rows = await repo.study_stacks(conn, cohort_id, study_uid, rules.version)
-            if not self._rules_view:
-                self._rules_view = await relation_exists(conn, RULES_VIEW)
             # a person's corrections of this cohort, as they are now
-            corrections = await load_mapping_rules(conn, cohort_id, view_exists=self._rules_view)
+            corrections = await load_mapping_rules(conn, cohort_id, seen=self._relations)
             stacks = [StackSummary.model_validate(r["summary"]) for r in rows]
             classified = stored_classified_keys(
                 (s.series_instance_uid, s.stack_key, rules.version, r["excluded_reason"])
