@@ -511,6 +511,49 @@ def open_source(
 
 RAW_ZONE = "raw"  # identified: ingested copies of the sources
 ANON_ZONE = "anon"  # de-identified: what the anonymizer wrote
+# where the catalog says a file is when it was not copied: read in place from the cohort's source
+# folder, at its key, and checked against its catalogued SHA-256 on every read (ADR 0035)
+IN_PLACE = "source:"
+
+
+def in_place_locator(key: str) -> str:
+    """The catalog's `object_key` of a file read in place from its cohort's source folder."""
+    return IN_PLACE + key
+
+
+def in_place_key(object_key: str) -> str | None:
+    """The source key of an in-place locator, None for an object of the data bucket."""
+    return object_key[len(IN_PLACE) :] if object_key.startswith(IN_PLACE) else None
+
+
+def readable_in_place(source: Source) -> bool:
+    """True when every file `source` lists can be read again, at its key, through the cohort's
+    own source folder (`open_source(cohort.source_path)`): a local cohort folder, or a new study's
+    folder inside it. A study outside the cohort's folder and an `s3://` source are copied."""
+    if isinstance(source, _StudyInside):
+        return isinstance(source._base, LocalSource)
+    return isinstance(source, LocalSource)
+
+
+def read_catalogued(
+    store: ObjectStore,
+    object_key: str,
+    sha256: str | None,
+    source_path: str,
+    settings: Settings | None = None,
+) -> bytes:
+    """A catalogued file's bytes: its object, or, for an in-place locator, the file in the cohort's
+    source folder (`source_path`), refused when it no longer has the catalogued SHA-256."""
+    key = in_place_key(object_key)
+    if key is None:
+        return store.get_bytes(object_key)
+    source = open_source(source_path, settings)
+    if not readable_in_place(source):
+        raise SourceError(f"{key}: the cohort's source {source_path} is not a local folder here")
+    data = source.read(key)
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise SourceError(f"{key}: changed since it was catalogued; run extraction again")
+    return data
 
 
 def raw_prefix(cohort_id: object) -> str:

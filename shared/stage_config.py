@@ -308,6 +308,16 @@ class ExtractionConfig(_Config):
     folder_thread_workers: int = Field(
         default=4, ge=1, le=MAX_POOL, description="Threads listing folders of the source."
     )
+    copy_sources: bool = Field(
+        default=False,
+        description=(
+            "Copy every file of a local source folder into the raw zone of object storage as it"
+            " is catalogued. Off (the default), the files are catalogued in place: later stages"
+            " read them from the folder and check each against its catalogued SHA-256, so a file"
+            " changed or removed since fails that stage's item until extraction runs again."
+            " An s3:// source, and a new study's folder outside the cohort's, are always copied."
+        ),
+    )
     batch_files: int = Field(
         default=256,
         ge=1,

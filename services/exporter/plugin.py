@@ -79,6 +79,7 @@ from shared.sources import (
     LocalSource,
     SourceError,
     check_destination,
+    in_place_key,
     open_source,
     raw_prefix,
 )
@@ -167,6 +168,10 @@ def _hard_link(fh: BinaryIO, real: Path, target: Path) -> bool:
         target.unlink()
         return False
     return True
+
+
+class SourceGone(RuntimeError):
+    """A file catalogued in place that cannot be taken as it was catalogued (ADR 0035)."""
 
 
 def take_if_unchanged(
@@ -471,13 +476,16 @@ class ExporterPlugin:
         # removed in a thread: thousands of files to unlink would hold up the other items
         folder = Path(tempfile.mkdtemp(prefix="cohortflow-export-"))
         try:
-            files, taken = await asyncio.to_thread(
-                self._fetch_sources,
-                sources,
-                folder / "dicom",
-                item.cohort,
-                (ctx.job_id, item.item_key) not in self._copy_sources,
-            )
+            try:
+                files, taken = await asyncio.to_thread(
+                    self._fetch_sources,
+                    sources,
+                    folder / "dicom",
+                    item.cohort,
+                    (ctx.job_id, item.item_key) not in self._copy_sources,
+                )
+            except SourceGone as exc:  # another attempt would find the same: the item fails
+                return await self._fail(ctx, item, planned, str(exc), fingerprint)
             clock.lap("sources")
             local_sop = {
                 str(path): s.sop_instance_uid for path, s in zip(files, sources, strict=True)
@@ -572,10 +580,11 @@ class ExporterPlugin:
         self, sources: Sequence[SourceInstance], folder: Path, cohort: CohortRef, link: bool
     ) -> tuple[list[Path], list[SourceCopy]]:
         """The stack's DICOM files in a scratch folder, each checked against the catalog's
-        SHA-256: an identified cohort's raw copy is taken from the cohort's source folder when
-        this process may read it and the file there still has that SHA-256 (hard linked where
-        possible and `link`: the caller checks the links once it has read them; ADR 0027,
-        ADR 0030); otherwise the object is downloaded."""
+        SHA-256: a file catalogued in place (ADR 0035), and an identified cohort's raw copy, are
+        taken from the cohort's source folder when this process may read it and the file there
+        still has that SHA-256 (hard linked where possible and `link`: the caller checks the links
+        once it has read them; ADR 0027, ADR 0030); otherwise a raw copy is downloaded and a file
+        catalogued in place fails the item with the reason."""
         folder.mkdir(parents=True)
         local = self._local_source(cohort)
         raw = raw_prefix(cohort.id) + "/"
@@ -583,6 +592,20 @@ class ExporterPlugin:
         def fetch(indexed: tuple[int, SourceInstance]) -> tuple[Path, SourceCopy | None]:
             index, source = indexed
             path = folder / f"{index:06d}.dcm"
+            in_place = in_place_key(source.object_key)
+            if in_place is not None:  # catalogued in place, never copied (ADR 0035)
+                if local is None:
+                    raise SourceGone(
+                        f"{in_place}: catalogued in place, but the cohort's source folder"
+                        f" {cohort.source_path} cannot be read by this service"
+                    )
+                taken = take_if_unchanged(local, in_place, path, source.sha256, link=link)
+                if taken is None:
+                    raise SourceGone(
+                        f"{in_place}: changed, removed or unreadable since it was catalogued"
+                        " (run extraction again)"
+                    )
+                return path, taken
             if local is not None and source.sha256 and source.object_key.startswith(raw):
                 key = source.object_key[len(raw) :]
                 taken = take_if_unchanged(local, key, path, source.sha256, link=link)

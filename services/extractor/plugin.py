@@ -3,7 +3,8 @@
 - plan: list the source (or the de-identified zone after anonymization), skip files already
   recorded with the same size and mtime (resume re-reads nothing catalogued), and cut the rest into
   items of files that share a folder (a study's files usually do), keyed by folder.
-- process: worker processes read, hash, ingest into the raw zone and parse; this process bulk-loads
+- process: worker processes read, hash, parse and, when asked, copy into the raw zone (a local
+  folder is catalogued in place by default, ADR 0035); this process bulk-loads
   the rows with COPY into staging tables and upserts them, so a redelivered item writes nothing twice
   (one row per SOP Instance UID within the cohort).
 - finalize: rebuild the stacks of every series that gained instances, one series at a time (memory
@@ -41,7 +42,7 @@ from shared.catalog import StackSummary
 from shared.events import ItemError, StageRequested, WorkItem
 from shared.observability import FILES_PROCESSED
 from shared.settings import get_settings
-from shared.sources import SourceFile, anon_prefix, raw_prefix
+from shared.sources import SourceFile, anon_prefix, raw_prefix, readable_in_place
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
 from shared.stage_config import ExtractionConfig, JobConfigs
 from shared.topics import Stage
@@ -107,7 +108,7 @@ class ExtractorPlugin:
     item_workers = 2
 
     def cohort_prefixes(self, cohort_id: uuid.UUID) -> list[str]:
-        """Removed with the cohort: its raw zone (the ingested copies of the source)."""
+        """Removed with the cohort: its raw zone (the copies of the source, when made)."""
         return [raw_prefix(cohort_id)]
 
     def __init__(self) -> None:
@@ -122,7 +123,8 @@ class ExtractorPlugin:
 
     @staticmethod
     def _location(request: StageRequested) -> tuple[str, str | None]:
-        """(where to read, raw-zone prefix to ingest into or None)."""
+        """(where to read, raw-zone prefix to ingest into or None). A local folder is then read in
+        place unless the job's config says `copy_sources` (`plan`)."""
         if request.input_prefix:  # de-identified zone written by the anonymizer
             return f"zone:{request.input_prefix}", None
         if request.cohort.anonymization_enabled:
@@ -138,9 +140,11 @@ class ExtractorPlugin:
         config = self._configs.read(job_id, request.config, get_settings())
         # a new study's folder is keyed within the cohort's source (studies never share a key)
         within = request.cohort.source_path if ingest is not None and request.location else None
-        entries = await asyncio.to_thread(
+        entries, in_place = await asyncio.to_thread(
             self._listing, location, request.study_prefixes, config.folder_thread_workers, within
         )
+        if in_place and not config.copy_sources:
+            ingest = None  # catalogued where it lies (ADR 0035)
         listed = [f for f in entries if f.rejected is None]
         skipped = [f for f in entries if f.rejected is not None]
         if skipped:  # links out of the roots, FIFOs, loops, ...: recorded, never read
@@ -190,16 +194,18 @@ class ExtractorPlugin:
     @staticmethod
     def _listing(
         location: str, study_prefixes: list[str], folder_workers: int, within: str | None
-    ) -> list[SourceFile]:
+    ) -> tuple[list[SourceFile], bool]:
         """The files to plan: the whole location, or only these studies' prefixes under a zone
-        (keyed as in the whole zone's listing, so the catalog is the same either way)."""
+        (keyed as in the whole zone's listing, so the catalog is the same either way); and
+        whether the cohort's source folder can read them again at their keys."""
         if not study_prefixes or not location.startswith("zone:"):
-            return list(open_location(location, folder_workers, within).list())
+            source = open_location(location, folder_workers, within)
+            return list(source.list()), readable_in_place(source)
         found: list[SourceFile] = []
         for study in study_prefixes:
             part = open_location(f"{location.rstrip('/')}/{study.strip('/')}", folder_workers)
             found += [replace(f, key=f"{study.strip('/')}/{f.key}") for f in part.list()]
-        return found
+        return found, False
 
     @staticmethod
     async def _record_skipped(

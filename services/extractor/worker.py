@@ -1,7 +1,7 @@
 """The per-file work of extraction, run in worker processes: read, hash, ingest, parse.
 
 A batch of files goes to one worker process; inside it a few threads read (and, for a cohort
-source, copy into the raw zone) while the process parses, so reading and parsing overlap and the
+source that is copied, write into the raw zone) while the process parses, so reading and parsing overlap and the
 parent process only writes the catalog. Content decides what a file is, never its name.
 """
 
@@ -20,7 +20,7 @@ from services.extractor.catalog.sniff import SNIFF_BYTES
 from services.extractor.repository import DETAIL_KINDS, detail_values
 from shared.db import JsonText, json_text
 from shared.settings import get_settings
-from shared.sources import ObjectSource, Source, open_source
+from shared.sources import ObjectSource, Source, in_place_locator, open_source
 from shared.storage import process_store, sha256_file, sha256_hex
 from shared.subjects import catalog_subject_id
 
@@ -30,7 +30,9 @@ class FileBatch:
     """Files of one work item, for one worker process."""
 
     location: str  # the cohort source (local folder or s3://) or `zone:<prefix>` of our bucket
-    ingest_prefix: str | None  # copy each file to `<ingest_prefix>/<key>` (the raw zone), or not
+    # copy each file of a cohort source to `<ingest_prefix>/<key>` (the raw zone), or catalogue it
+    # in place (`shared.sources.in_place_locator`: a local folder, ADR 0035)
+    ingest_prefix: str | None
     files: list[tuple[str, int, int]]  # (key, size, mtime_ns)
     read_threads: int = 4
     within: str | None = None  # the cohort's source, when `location` is a new study's folder
@@ -156,12 +158,15 @@ def _fetch(
     except Exception as exc:
         return None, None, None, f"unreadable: {exc}"
     object_key = _zone_key(batch.location, key)
-    if batch.ingest_prefix is not None:
-        # only content that sniffs as DICOM is copied into the raw zone: anything else is
-        # rejected here, with the sniffer's reason, and never reaches object storage
+    if object_key is None:
+        # a file of the cohort's source: only content that sniffs as DICOM is catalogued (and
+        # copied into the raw zone): anything else is rejected here, with the sniffer's reason,
+        # and never reaches object storage
         verdict = sniff(_head(content))
         if not verdict.is_dicom:
             return None, digest, None, verdict.reason
+        if batch.ingest_prefix is None:
+            return content, digest, in_place_locator(key), None
         object_key = f"{batch.ingest_prefix}/{key}"
         # no existence check first: planning already left out every file catalogued before, so
         # what reaches here is new or changed (or a crashed item's, where overwriting is right)

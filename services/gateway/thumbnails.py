@@ -35,8 +35,9 @@ def cohort_prefix(cohort_id: uuid.UUID) -> str:
 
 async def middle_instance(
     conn: asyncpg.Connection, cohort_id: uuid.UUID, series_uid: str, stack_key: str
-) -> tuple[str, int] | None:
-    """(object key, frame index) of the stack's middle image, or None when it is not catalogued."""
+) -> tuple[str, str | None, int] | None:
+    """(object key, SHA-256, frame index) of the stack's middle image, or None when it is not
+    catalogued. The key may locate a file read in place (`shared.sources.read_catalogued`)."""
     if not await relation_exists(conn, "catalog.stack_summary_v"):
         return None
     members = await conn.fetchval(
@@ -47,7 +48,7 @@ async def middle_instance(
         stack_key,
     )
     rows = await conn.fetch(
-        "SELECT object_key, n_frames FROM catalog.instance_v"
+        "SELECT object_key, sha256, n_frames FROM catalog.instance_v"
         " WHERE cohort_id = $1 AND series_instance_uid = $2"
         + (" AND sop_instance_uid = ANY($3::text[])" if members else "")
         + " ORDER BY instance_number NULLS LAST, sop_instance_uid",
@@ -58,8 +59,10 @@ async def middle_instance(
     if not rows:
         return None
     if len(rows) == 1:  # one multi-frame object: its middle frame
-        return rows[0]["object_key"], max(int(rows[0]["n_frames"] or 1), 1) // 2
-    return rows[len(rows) // 2]["object_key"], 0
+        first = rows[0]
+        return first["object_key"], first["sha256"], max(int(first["n_frames"] or 1), 1) // 2
+    middle = rows[len(rows) // 2]
+    return middle["object_key"], middle["sha256"], 0
 
 
 def render_png(dicom: bytes, frame: int = 0) -> bytes:

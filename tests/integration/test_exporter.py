@@ -464,6 +464,30 @@ async def test_redelivered_item_rewrites_the_same_files(
     )
 
 
+async def test_a_source_changed_since_it_was_catalogued_fails_its_item(
+    exported: dict[str, Any], service_pool: asyncpg.Pool, stack_settings: Settings
+) -> None:
+    """Files of a local folder are catalogued in place (ADR 0035): the export reads them there and
+    refuses one whose bytes no longer have the catalogued SHA-256, saying so."""
+    job_id = uuid.uuid4()
+    planned = await copy_plan(service_pool, exported["jobs"]["export"]["id"], job_id, "_T2w")
+    sources = [list(s) for s in planned["sources"]]
+    assert all(s[1].startswith("source:") for s in sources), sources[:2]
+    sources[0][2] = "0" * 64  # the catalog's hash of a file that was written over since
+    async with service_pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE export.planned_stack SET sources = $2 WHERE job_id = $1", job_id, sources
+        )
+    item = work_item(exported, planned, {"outputModes": ["nii.gz"], "overwrite": "overwrite"})
+    result = await ExporterPlugin(stack_settings).process(
+        item_context(service_pool, stack_settings, job_id), item
+    )
+    assert result.failed and result.counts == {"stacks_failed": 1}
+    message = result.errors[0].message
+    assert sources[0][1].removeprefix("source:") in message, message
+    assert "since it was catalogued (run extraction again)" in message, message
+
+
 async def test_a_stack_that_cannot_be_converted_fails_its_item_only(
     exported: dict[str, Any],
     service_pool: asyncpg.Pool,

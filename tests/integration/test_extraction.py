@@ -228,10 +228,9 @@ async def test_deleting_a_cohort_removes_its_catalog_and_raw_zone(
     behind. Another cohort of the same files keeps everything."""
     source = link_tree(tmp_path / "purge", {"ct": dicom_root / "dcm_qa_ct"})
     gone, kept = (create_cohort(api, f"extract-purge-{n}", source) for n in ("gone", "kept"))
-    for cohort in (gone, kept):
-        assert (
-            wait_job_blocking(api, run_extraction(api, cohort["id"])["id"])["status"] == "completed"
-        )
+    for cohort in (gone, kept):  # copied into the raw zone (ADR 0035)
+        job = run_extraction(api, cohort["id"], {"copy_sources": True})
+        assert wait_job_blocking(api, job["id"])["status"] == "completed"
     assert (await catalog_counts(db_pool, gone["id"]))["instances"] > 0
     assert any(object_store.list(f"raw/{gone['id']}/"))
 

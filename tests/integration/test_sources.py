@@ -25,6 +25,7 @@ import pydicom
 import pytest
 
 from shared.settings import BROKER_BUCKET, Settings
+from shared.sources import read_catalogued
 from shared.storage import ObjectStore
 from tests.integration.polling import wait_job_blocking
 from tests.integration.test_extraction import (
@@ -77,7 +78,7 @@ async def rejected(db_pool: asyncpg.Pool, cohort_id: str) -> dict[str, str]:
 async def catalogued(db_pool: asyncpg.Pool, cohort_id: str) -> list[asyncpg.Record]:
     return list(
         await db_pool.fetch(
-            "SELECT source_key, object_key, sop_instance_uid, header::text AS header"
+            "SELECT source_key, object_key, sha256, sop_instance_uid, header::text AS header"
             " FROM catalog.instance WHERE cohort_id = $1",
             uuid.UUID(cohort_id),
         )
@@ -101,7 +102,8 @@ async def test_a_link_to_etc_is_rejected_and_never_read(
     (source / "state").symlink_to(stack_settings.home, target_is_directory=True)
     (source / "notes.txt").write_text("not DICOM: must never be copied into the raw zone\n")
     cohort = create_cohort(api, f"src-etc-{uuid.uuid4().hex[:6]}", source)
-    job = wait_job_blocking(api, run_extraction(api, cohort["id"])["id"])
+    # copied into the raw zone (ADR 0035): what is copied is what this probe checks
+    job = wait_job_blocking(api, run_extraction(api, cohort["id"], {"copy_sources": True})["id"])
     assert job["status"] == "completed", job
 
     reasons = await rejected(db_pool, cohort["id"])
@@ -169,6 +171,7 @@ async def test_hostile_entries_are_recorded_while_the_run_goes_on(
     object_store: ObjectStore,
     tmp_path: Path,
     dicom_root: Path,
+    stack_settings: Settings,
 ) -> None:
     source = link_tree(tmp_path / "hostile", {"enh": dicom_root / "dcm_qa_enh" / "In"})
     sample = dicom_files(dicom_root / "dcm_qa_ct" / "In")[0]
@@ -194,12 +197,17 @@ async def test_hostile_entries_are_recorded_while_the_run_goes_on(
     assert reasons["fifo"] == "not a regular file: a FIFO (named pipe)"
     assert reasons["socket"] == "not a regular file: a socket"
 
-    # the odd name is catalogued under a lossless escaped key, and its raw copy is the file
+    # the odd name is catalogued in place under a lossless escaped key, which reads the file back
+    # (ADR 0035); nothing was copied into the raw zone
     key = "scan-%FF%FE-caf%E9.dcm"
     rows = {r["source_key"]: r for r in await catalogued(db_pool, cohort["id"])}
     assert key in rows, sorted(rows)
-    assert rows[key]["object_key"] == f"raw/{cohort['id']}/{key}"
-    assert object_store.get_bytes(rows[key]["object_key"]) == sample.read_bytes()
+    assert rows[key]["object_key"] == f"source:{key}"
+    read = read_catalogued(
+        object_store, rows[key]["object_key"], rows[key]["sha256"], str(source), stack_settings
+    )
+    assert read == sample.read_bytes()
+    assert not any(object_store.list(f"raw/{cohort['id']}/"))
     expected = independent_count(dicom_root / "dcm_qa_enh" / "In")["instances"] + 1
     assert len(rows) == expected
 
@@ -395,9 +403,10 @@ async def test_new_studies_with_the_same_file_names_do_not_collide(
     object_store: ObjectStore,
     tmp_path: Path,
     dicom_root: Path,
+    stack_settings: Settings,
 ) -> None:
     """Three studies announced one by one, each holding a file named IM0001 (two inside the
-    cohort's folder, one outside it): each is catalogued and copied under its own key."""
+    cohort's folder, one outside it): each is catalogued under its own key."""
     samples = [
         dicom_files(dicom_root / name / "In")[0]
         for name in ("dcm_qa_ct", "dcm_qa_enh", "dcm_qa_nih")
@@ -425,8 +434,15 @@ async def test_new_studies_with_the_same_file_names_do_not_collide(
     assert {"study-1/IM0001", "study-2/IM0001"} <= set(rows), sorted(rows)
     [outside] = [k for k in rows if k.startswith("@")]
     assert outside.endswith("/IM0001") and len(rows) == 3
+    # inside the cohort's folder catalogued in place, outside it copied (ADR 0035)
+    assert rows["study-1/IM0001"]["object_key"] == "source:study-1/IM0001"
+    assert rows[outside]["object_key"] == f"raw/{cohort['id']}/{outside}"
     for key, sample in zip(["study-1/IM0001", "study-2/IM0001", outside], samples, strict=True):
-        assert object_store.get_bytes(rows[key]["object_key"]) == sample.read_bytes()
+        row = rows[key]
+        read = read_catalogued(
+            object_store, row["object_key"], row["sha256"], str(incoming), stack_settings
+        )
+        assert read == sample.read_bytes()
     # a whole-cohort run afterwards names the inside studies' files as they were: nothing new
     job = wait_job_blocking(api, run_extraction(api, cohort["id"])["id"], timeout=120)
     assert job["status"] == "completed", job

@@ -3,10 +3,12 @@ rejected with which reason, what may be read, and which locations a cohort may n
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +18,11 @@ from shared.sources import (
     SourceError,
     check_destination,
     check_location,
+    in_place_key,
+    in_place_locator,
     open_source,
+    read_catalogued,
+    readable_in_place,
     source_key_of,
     source_name_of,
 )
@@ -215,6 +221,42 @@ def test_a_study_folder_is_keyed_within_its_cohort(tmp_path: Path) -> None:
         again.read("IM0001")
     # without a cohort to be within, a folder is its own source, as before
     assert [f.key for f in open_source(str(cohort / "s1"), env).list()] == ["IM0001"]
+
+
+def test_what_can_be_catalogued_in_place(tmp_path: Path) -> None:
+    """A cohort's folder and a study inside it are read again through the cohort's folder at
+    their keys (ADR 0035); a study outside it and an s3:// source are copied instead."""
+    root = tmp_path / "data"
+    cohort = root / "incoming"
+    (cohort / "s1").mkdir(parents=True)
+    (cohort / "s1" / "IM0001").write_bytes(b"one")
+    (root / "elsewhere").mkdir()
+    env = settings(root, s3=["s3://pacs"])
+    assert readable_in_place(open_source(str(cohort), env))
+    assert readable_in_place(open_source(str(cohort / "s1"), env, within=str(cohort)))
+    assert not readable_in_place(open_source(str(root / "elsewhere"), env, within=str(cohort)))
+    assert not readable_in_place(open_source("s3://pacs/in", env))
+
+
+def test_a_file_catalogued_in_place_is_read_only_while_unchanged(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "cohort" / "s1").mkdir(parents=True)
+    path = root / "cohort" / "s1" / "IM0001"
+    path.write_bytes(b"one")
+    env = settings(root)
+    locator = in_place_locator("s1/IM0001")
+    assert in_place_key(locator) == "s1/IM0001" and in_place_key("raw/c/s1/IM0001") is None
+    digest = hashlib.sha256(b"one").hexdigest()
+    store: Any = None  # an in-place file never touches object storage
+    assert read_catalogued(store, locator, digest, str(root / "cohort"), env) == b"one"
+    path.write_bytes(b"two")
+    with pytest.raises(SourceError, match="changed since it was catalogued"):
+        read_catalogued(store, locator, digest, str(root / "cohort"), env)
+    with pytest.raises(SourceError, match="not a local folder here"):
+        read_catalogued(store, locator, digest, "s3://pacs/in", settings(root, s3=["s3://pacs"]))
+    path.unlink()
+    with pytest.raises(OSError):
+        read_catalogued(store, locator, digest, str(root / "cohort"), env)
 
 
 @pytest.mark.parametrize(

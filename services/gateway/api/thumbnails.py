@@ -13,6 +13,7 @@ from services.gateway import repository as repo
 from services.gateway import thumbnails
 from services.gateway.api.dependencies import Context
 from services.gateway.errors import NotFound
+from shared.sources import SourceError, read_catalogued
 
 router = APIRouter(prefix="/cohorts", tags=["catalog"])
 log = logging.getLogger(__name__)
@@ -34,8 +35,9 @@ async def stack_thumbnail(
     key = thumbnails.cache_key(cohort_id, series_uid, stack_key)
     headers = {"Cache-Control": "private, max-age=3600"}
     async with ctx.pool.acquire() as conn:
-        if await repo.get_cohort(conn, cohort_id) is None:  # a deleted cohort shows nothing
-            raise NotFound(f"no cohort with id {cohort_id}")
+        cohort = await repo.get_cohort(conn, cohort_id)
+    if cohort is None:  # a deleted cohort shows nothing
+        raise NotFound(f"no cohort with id {cohort_id}")
     if await asyncio.to_thread(store.exists, key):
         data = await asyncio.to_thread(store.get_bytes, key)
         return Response(data, media_type="image/png", headers=headers)
@@ -43,8 +45,13 @@ async def stack_thumbnail(
         found = await thumbnails.middle_instance(conn, cohort_id, series_uid, stack_key)
     if found is None:
         raise NotFound("no catalogued image for this stack")
-    object_key, frame = found
-    dicom = await asyncio.to_thread(store.get_bytes, object_key)
+    object_key, sha256, frame = found
+    try:
+        dicom = await asyncio.to_thread(
+            read_catalogued, store, object_key, sha256, cohort["source_path"], ctx.settings
+        )
+    except (SourceError, OSError) as exc:  # a file catalogued in place, changed or gone since
+        raise NotFound(f"this stack's image cannot be read: {exc}") from exc
     try:
         data = await asyncio.to_thread(thumbnails.render_png, dicom, frame)
     except Exception as exc:  # undecodable pixel data, no image: no picture, not a 500
