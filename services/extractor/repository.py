@@ -86,7 +86,22 @@ async def _insert_instances(
         return 0, {}
     cohort_id = rows[0][0]
     uids = [r[1] for r in rows]
-    owners = await instance_sources(conn, cohort_id, uids)
+    known = await conn.fetch(
+        "SELECT sop_instance_uid, source_key, sha256 FROM catalog.instance"
+        " WHERE cohort_id = $1 AND sop_instance_uid = ANY($2::text[])",
+        cohort_id,
+        uids,
+    )
+    owners = {r["sop_instance_uid"]: r["source_key"] for r in known}
+    stored = {r["sop_instance_uid"]: (r["source_key"], r["sha256"]) for r in known}
+    # the same file read again with other bytes (changed in place since it was catalogued, so
+    # planned again): its instance takes the new row, and its details are written anew
+    changed = sorted(
+        (r for r in rows if (s := stored.get(r[1])) and s[0] == r[_SOURCE_KEY] and s[1] != r[_SHA]),
+        key=lambda r: r[1],
+    )
+    if changed:
+        await _replace_instances(conn, changed)
     new = sorted((r for r in rows if r[1] not in owners), key=lambda r: r[1])
     if not new:
         return 0, owners
@@ -101,6 +116,29 @@ async def _insert_instances(
         return inserted, await instance_sources(conn, cohort_id, uids)
     owners.update((r[1], r[_SOURCE_KEY]) for r in new)
     return len(new), owners
+
+
+async def _replace_instances(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Rows of instances whose own file changed: each replaces its row (where the row is still
+    that file's) and drops its details, which the chunk's merges then write from the new bytes."""
+    await _stage(conn, "catalog.instance", INSTANCE_COLUMNS, rows)
+    await conn.execute(
+        _merge(
+            "catalog.instance",
+            INSTANCE_COLUMNS,
+            INSTANCE_COLUMNS[2:],
+            "catalog.instance.source_key = EXCLUDED.source_key",
+        )
+    )
+    await conn.execute(f"TRUNCATE {_staging('catalog.instance')}")
+    deletes = [
+        f"DELETE FROM catalog.{kind}_detail"
+        " WHERE cohort_id = $1 AND sop_instance_uid = ANY($2::text[])"
+        for kind in DETAIL_KINDS
+    ]
+    # one statement: the first deletes as data-modifying CTEs of the last
+    ctes = ", ".join(f"d{i} AS ({d})" for i, d in enumerate(deletes[:-1]))
+    await conn.execute(f"WITH {ctes} {deletes[-1]}", rows[0][0], [r[1] for r in rows])
 
 
 async def _by_sop(
@@ -273,6 +311,7 @@ INSTANCE_COLUMNS = [
     "header",
 ]
 _SOURCE_KEY = INSTANCE_COLUMNS.index("source_key")
+_SHA = INSTANCE_COLUMNS.index("sha256")
 REJECTED_COLUMNS = ["cohort_id", "source_key", "reason", "size", "sha256", "job_id"]
 SOURCE_COLUMNS = [
     "cohort_id",

@@ -9,6 +9,7 @@ extractor, two replicas, a restarted broker) cost time but never data.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import tempfile
@@ -249,6 +250,42 @@ async def test_deleting_a_cohort_removes_its_catalog_and_raw_zone(
     assert runs == 0
     assert (await catalog_counts(db_pool, kept["id"]))["instances"] > 0
     assert any(object_store.list(f"raw/{kept['id']}/"))
+
+
+async def test_a_file_changed_in_place_is_catalogued_anew(
+    api: httpx.Client, tmp_path: Path, dicom_root: Path, db_pool: asyncpg.Pool
+) -> None:
+    """A file rewritten after extraction (same SOP instance, other bytes) is read again by the
+    next run and its instance takes the new bytes: the catalog's SHA-256, header and details,
+    which every in-place read is checked against (ADR 0035)."""
+    source = tmp_path / "changed"
+    source.mkdir()
+    originals = sorted(p for p in (dicom_root / "dcm_qa_pdt2" / "In").rglob("*") if p.is_file())
+    for i, path in enumerate(originals[:3]):
+        (source / f"IM{i:04d}").write_bytes(path.read_bytes())
+    cohort = create_cohort(api, f"extract-changed-{uuid.uuid4().hex[:6]}", source)
+    assert wait_job_blocking(api, run_extraction(api, cohort["id"])["id"])["status"] == "completed"
+    before = await catalog_counts(db_pool, cohort["id"])
+
+    target = source / "IM0001"
+    ds = pydicom.dcmread(target)
+    ds.RepetitionTime = 1234.5
+    ds.ImageComments = "rewritten in place"
+    ds.save_as(target)
+    os.utime(target, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new mtime, surely
+    assert wait_job_blocking(api, run_extraction(api, cohort["id"])["id"])["status"] == "completed"
+
+    row = await db_pool.fetchrow(
+        "SELECT i.sha256, i.header::text AS header, d.repetition_time, i.object_key"
+        " FROM catalog.instance i JOIN catalog.mr_detail d USING (cohort_id, sop_instance_uid)"
+        " WHERE i.cohort_id = $1 AND i.source_key = 'IM0001'",
+        uuid.UUID(cohort["id"]),
+    )
+    assert row["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
+    assert "rewritten in place" in row["header"]
+    assert row["repetition_time"] == 1234.5
+    assert row["object_key"] == "source:IM0001"
+    assert await catalog_counts(db_pool, cohort["id"]) == before  # replaced, not added
 
 
 async def test_cancel_mid_run_stops_the_work(
