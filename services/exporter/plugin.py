@@ -27,11 +27,12 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -118,9 +119,41 @@ def export_prefix(cohort_id: uuid.UUID, job_id: uuid.UUID) -> str:
     return f"export/{cohort_id}/{job_id}"
 
 
-def _parallel(work: Iterable[Any], fn: Any) -> list[Any]:
-    with ThreadPoolExecutor(max_workers=_TRANSFER_THREADS) as pool:
-        return list(pool.map(fn, work))
+_transfers: ThreadPoolExecutor | None = None
+_transfers_made = threading.Lock()
+
+
+def _transfer_threads() -> ThreadPoolExecutor:
+    """The process's transfer threads, made on first use and kept (ADR 0036)."""
+    global _transfers
+    with _transfers_made:
+        if _transfers is None:
+            _transfers = ThreadPoolExecutor(_TRANSFER_THREADS, thread_name_prefix="transfer")
+        return _transfers
+
+
+def _run_each(fn: Callable[[Any], Any], part: list[Any]) -> list[Any]:
+    return [fn(x) for x in part]
+
+
+def _parallel(work: Iterable[Any], fn: Callable[[Any], Any]) -> list[Any]:
+    """`fn` over `work`, results in order, on the process's transfer threads (one pool that
+    every item shares, not one started per call). The work goes out as one share per thread (a
+    stack's thousands of files are a few tasks, not thousands of futures); every share runs to
+    its end or its first error before the first error (in share order) is raised, so the caller
+    may then remove what they wrote into. `fn` must not call `_parallel` itself (the shares of
+    the inner call could wait behind the outer's for a thread)."""
+    items = list(work)
+    if len(items) <= 1:
+        return _run_each(fn, items)
+    shares = min(_TRANSFER_THREADS, len(items))
+    pool = _transfer_threads()
+    futures = [pool.submit(_run_each, fn, items[i::shares]) for i in range(shares)]
+    wait(futures)
+    results: list[Any] = [None] * len(items)
+    for i, future in enumerate(futures):
+        results[i::shares] = future.result()
+    return results
 
 
 def kept_in_tree(path: str, options: ExportOptions) -> bool:
