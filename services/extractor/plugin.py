@@ -46,7 +46,7 @@ from shared.sources import SourceFile, anon_prefix, raw_prefix, readable_in_plac
 from shared.stage import ItemContext, ItemResult, PlannedItem, RunInfo
 from shared.stage_config import ExtractionConfig, JobConfigs
 from shared.topics import Stage
-from shared.workers import ProcessPools, cpu_workers
+from shared.workers import ProcessPools, calm_collector, cpu_workers
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,9 @@ class ExtractorPlugin:
         self._configs = JobConfigs(ExtractionConfig)
 
     def warm_up(self) -> int:
-        """Start the default pool (the size a config without `process_pool_workers` uses)."""
+        """Start the default pool (the size a config without `process_pool_workers` uses), and
+        calm this process' collector (`calm_collector`): the service is up and imported."""
+        calm_collector()
         return self._pools.warm(cpu_workers())
 
     # --- plan -----------------------------------------------------------------------------------
@@ -302,7 +304,9 @@ class ExtractorPlugin:
             # a chunk's files mostly share one subject, study and series: their rows are kept once
             subject = (cohort_id, *rows.subject)
             kept = subjects.get(rows.subject[0])
-            if kept is None or repo.subject_order(subject) < repo.subject_order(kept):
+            if kept is None or (
+                subject != kept and repo.subject_order(subject) < repo.subject_order(kept)
+            ):
                 subjects[rows.subject[0]] = subject
             if rows.study[0] not in studies:
                 studies[rows.study[0]] = (cohort_id, *rows.study)
@@ -432,7 +436,7 @@ class ExtractorPlugin:
                     if current is not None:
                         await summarize(current, builder, lookup)
                     current, builder = r["series_instance_uid"], StackBuilder()
-                builder.add(InstanceRecord.from_row(r["record"]))
+                builder.add(InstanceRecord.from_row(repo.decoded(r["record"])))
             if current is not None:
                 await summarize(current, builder, lookup)
         async with pool.acquire() as conn, conn.transaction():

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+import orjson
 
 DETAIL_KINDS = ("mr", "ct", "pet")
 
@@ -194,7 +195,7 @@ def series_records(
     conn: asyncpg.Connection, cohort_id: uuid.UUID, series_uids: Sequence[str]
 ) -> Any:
     """The instances' records of these series, streamed in series order without their headers
-    (`async for`, inside a transaction)."""
+    (`async for`, inside a transaction); each row's `record` is JSON text (`decoded`)."""
     return conn.cursor(
         "SELECT series_instance_uid, record FROM catalog.instance"
         " WHERE cohort_id = $1 AND series_instance_uid = ANY($2::text[])"
@@ -209,7 +210,13 @@ async def instance_headers(
     conn: asyncpg.Connection, cohort_id: uuid.UUID, sop_instance_uids: Sequence[str]
 ) -> dict[str, Any]:
     """The catalogued DICOM JSON header of each of these SOP instances."""
-    return await _by_sop(conn, cohort_id, sop_instance_uids, "header")
+    found = await _by_sop(conn, cohort_id, sop_instance_uids, "header")
+    return {uid: decoded(text) for uid, text in found.items()}
+
+
+def decoded(text: str) -> Any:
+    """An instance's `record` or `header` as stored: JSON text, kept as text (migration 005)."""
+    return orjson.loads(text)
 
 
 async def replace_stacks(

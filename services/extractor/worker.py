@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,7 +18,7 @@ from services.extractor.catalog import InstanceRecord, Rejection, parse_instance
 from services.extractor.catalog.records import as_dict
 from services.extractor.catalog.sniff import SNIFF_BYTES
 from services.extractor.repository import DETAIL_KINDS, detail_values
-from shared.db import JsonText, json_text
+from shared.db import json_bytes
 from shared.settings import get_settings
 from shared.sources import ObjectSource, Source, in_place_locator, open_source
 from shared.storage import process_store, sha256_file, sha256_hex
@@ -105,10 +105,27 @@ class FileOutcome:
     # as plain values, the record and its header already serialized (JSON text and tuples are
     # far cheaper to pickle than the record's nested dataclasses or dicts)
     rows: CatalogRows | None = None
-    row_json: JsonText | None = None  # InstanceRecord.to_row() without the header
-    header_json: JsonText | None = None  # the header as DICOM JSON
+    # JSON text for the instance's text columns: a plain `str` (a `JsonText`, a str subclass,
+    # is copied again by pickle on each side)
+    row_json: str | None = None  # InstanceRecord.to_row() without the header
+    header_json: str | None = None  # the header as DICOM JSON
     rejection: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __reduce__(self) -> tuple[type[FileOutcome], tuple[Any, ...]]:
+        # pickled as its values in field order: one call to rebuild it, not a dict of state
+        return FileOutcome, tuple(getattr(self, name) for name in _OUTCOME_FIELDS)
+
+
+_OUTCOME_FIELDS = tuple(f.name for f in fields(FileOutcome))
+
+
+def _one_copy(kept: dict[str, tuple[Any, ...]], row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`row`, or the equal row kept for its key before: the files of a batch mostly share their
+    subject, study and series rows, and pickle sends an object it has sent once as a reference
+    (the outcomes' rows cost a quarter of their way back to the service before)."""
+    first = kept.setdefault(row[0], row)
+    return first if first == row else row
 
 
 def open_location(location: str, folder_workers: int = 4, within: str | None = None) -> Source:
@@ -181,6 +198,7 @@ def extract_batch(batch: FileBatch) -> list[FileOutcome]:
     """Read, hash, ingest and parse every file of the batch (in a worker process)."""
     source = open_location(batch.location, within=batch.within)
     outcomes: list[FileOutcome] = []
+    kept: tuple[dict[str, tuple[Any, ...]], ...] = ({}, {}, {})  # subject, study, series rows
     with (
         tempfile.TemporaryDirectory(prefix="cohortflow-extract-") as scratch,
         ThreadPoolExecutor(max_workers=max(1, batch.read_threads)) as readers,
@@ -203,8 +221,13 @@ def extract_batch(batch: FileBatch) -> list[FileOutcome]:
                 else:
                     row = parsed.to_row()
                     header = row.pop("header", None) or {}
-                    outcome.row_json = json_text(row)
-                    outcome.header_json = json_text(header)
-                    outcome.rows = catalog_rows(parsed)
+                    outcome.row_json = json_bytes(row).decode()
+                    outcome.header_json = json_bytes(header).decode()
+                    rows = catalog_rows(parsed)
+                    outcome.rows = rows._replace(
+                        subject=_one_copy(kept[0], rows.subject),
+                        study=_one_copy(kept[1], rows.study),
+                        series=_one_copy(kept[2], rows.series),
+                    )
             outcomes.append(outcome)
     return outcomes
