@@ -296,11 +296,19 @@ class ExtractorPlugin:
         instances: dict[str, tuple[Any, ...]] = {}
         details: dict[str, list[tuple[Any, ...]]] = {kind: [] for kind in repo.DETAIL_KINDS}
         duplicates: list[tuple[FileOutcome, CatalogRows]] = []
+        # of a chunk's files holding one instance, the one whose key sorts first is catalogued
+        # (as across items, `repo._insert_instances`): the others are its duplicates
+        best: dict[str, tuple[FileOutcome, CatalogRows]] = {}
         for o, rows in catalogued:
             uid = rows.sop_instance_uid or ""
-            if uid in instances:
+            held = best.get(uid)
+            if held is None or o.key < held[0].key:
+                if held is not None:
+                    duplicates.append(held)
+                best[uid] = (o, rows)
+            else:
                 duplicates.append((o, rows))
-                continue
+        for uid, (o, rows) in best.items():
             # a chunk's files mostly share one subject, study and series: their rows are kept once
             subject = (cohort_id, *rows.subject)
             kept = subjects.get(rows.subject[0])
@@ -349,11 +357,7 @@ class ExtractorPlugin:
                     duplicate_ids.add(id(o))
             reasons = [(o, o.rejection or "") for o in rejected]
             reasons += [
-                (
-                    o,
-                    f"duplicate of an instance already catalogued (SOP Instance UID {rows.sop_instance_uid})",
-                )
-                for o, rows in duplicates
+                (o, repo.DUPLICATE_REASON.format(rows.sop_instance_uid)) for o, rows in duplicates
             ]
             rejected_rows = [
                 (cohort_id, o.key, reason, o.size, o.sha256, job_id) for o, reason in reasons

@@ -79,56 +79,75 @@ async def _insert_instances(
 
     Their rows (the header is most of a chunk's bytes) are copied straight into the table, not
     through a staging table, which would have Postgres write, compress and read every header one
-    more time. Rows already there (a redelivered item, the same object in another file) are left
-    out first; should another item insert one of the rest meanwhile, the copy fails on the key and
-    the chunk goes through the merge instead, which leaves existing rows alone. Rows go in key
-    order, as the merges do, so two chunks waiting on each other's keys cannot deadlock."""
+    more time. Rows already there (a redelivered item) are left out first. Of two files holding
+    the same instance, the one whose key sorts first (bytewise) is catalogued and the other is
+    the duplicate, whichever item commits first: a row from a file that sorts before the
+    catalogued one takes the instance over (`_replace_instances`), as does a file changed in
+    place since it was catalogued. Should another item insert one of the new rows meanwhile, the
+    copy fails on the key and the rows are looked at again. Rows go in key order, as the merges
+    do, so two chunks waiting on each other's keys cannot deadlock."""
     if not rows:
         return 0, {}
     cohort_id = rows[0][0]
     uids = [r[1] for r in rows]
-    known = await conn.fetch(
-        "SELECT sop_instance_uid, source_key, sha256 FROM catalog.instance"
-        " WHERE cohort_id = $1 AND sop_instance_uid = ANY($2::text[])",
-        cohort_id,
-        uids,
-    )
-    owners = {r["sop_instance_uid"]: r["source_key"] for r in known}
-    stored = {r["sop_instance_uid"]: (r["source_key"], r["sha256"]) for r in known}
-    # the same file read again with other bytes (changed in place since it was catalogued, so
-    # planned again): its instance takes the new row, and its details are written anew
-    changed = sorted(
-        (r for r in rows if (s := stored.get(r[1])) and s[0] == r[_SOURCE_KEY] and s[1] != r[_SHA]),
-        key=lambda r: r[1],
-    )
-    if changed:
-        await _replace_instances(conn, changed)
-    new = sorted((r for r in rows if r[1] not in owners), key=lambda r: r[1])
-    if not new:
-        return 0, owners
-    try:
-        async with conn.transaction():  # a savepoint: the merge below runs when it rolls back
-            await conn.copy_records_to_table(
-                "instance", schema_name="catalog", records=new, columns=INSTANCE_COLUMNS
-            )
-    except asyncpg.UniqueViolationError:
-        await _stage(conn, "catalog.instance", INSTANCE_COLUMNS, new)
-        inserted = _count(await conn.execute(_merge("catalog.instance", INSTANCE_COLUMNS)))
-        return inserted, await instance_sources(conn, cohort_id, uids)
-    owners.update((r[1], r[_SOURCE_KEY]) for r in new)
-    return len(new), owners
+    for _ in range(3):
+        known = await conn.fetch(
+            "SELECT sop_instance_uid, source_key, sha256, size FROM catalog.instance"
+            " WHERE cohort_id = $1 AND sop_instance_uid = ANY($2::text[])",
+            cohort_id,
+            uids,
+        )
+        stored = {r["sop_instance_uid"]: tuple(r)[1:] for r in known}
+        replacing = sorted(
+            (r for r in rows if (k := stored.get(r[1])) and _replaces(r, k)), key=lambda r: r[1]
+        )
+        if replacing:
+            await _replace_instances(conn, replacing, stored)
+            owners = await instance_sources(conn, cohort_id, uids)
+        else:
+            owners = {r["sop_instance_uid"]: r["source_key"] for r in known}
+        new = sorted((r for r in rows if r[1] not in owners), key=lambda r: r[1])
+        if not new:
+            return 0, owners
+        try:
+            async with conn.transaction():  # a savepoint: rolled back, the rows are looked at again
+                await conn.copy_records_to_table(
+                    "instance", schema_name="catalog", records=new, columns=INSTANCE_COLUMNS
+                )
+        except asyncpg.UniqueViolationError:
+            continue  # another item inserted some of them (and committed): its rows are seen now
+        owners.update((r[1], r[_SOURCE_KEY]) for r in new)
+        return len(new), owners
+    # still racing after three looks: the merge leaves what others wrote alone
+    await _stage(conn, "catalog.instance", INSTANCE_COLUMNS, new)
+    inserted = _count(await conn.execute(_merge("catalog.instance", INSTANCE_COLUMNS)))
+    return inserted, await instance_sources(conn, cohort_id, uids)
 
 
-async def _replace_instances(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
-    """Rows of instances whose own file changed: each replaces its row (where the row is still
-    that file's) and drops its details, which the chunk's merges then write from the new bytes."""
+def _replaces(row: tuple[Any, ...], stored: tuple[Any, ...]) -> bool:
+    """True when `row` is to replace the catalogued instance (`stored`: source key, SHA-256,
+    size): its file sorts before the catalogued one, or is that file with other bytes."""
+    key, stored_key = row[_SOURCE_KEY], stored[0]
+    return bool(key < stored_key or (key == stored_key and row[_SHA] != stored[1]))
+
+
+DUPLICATE_REASON = "duplicate of an instance already catalogued (SOP Instance UID {})"
+
+
+async def _replace_instances(
+    conn: asyncpg.Connection, rows: list[tuple[Any, ...]], stored: dict[str, tuple[Any, ...]]
+) -> None:
+    """Rows that replace their instance's (`_replaces`): each takes the row where the catalogued
+    file still sorts after or is its own, its details are dropped (the chunk's merges write them
+    from the new bytes), and a file it took the instance from is recorded as the duplicate."""
+    cohort_id = rows[0][0]
     await _stage(conn, "catalog.instance", INSTANCE_COLUMNS, rows)
     await conn.execute(
         _merge(
             "catalog.instance",
             INSTANCE_COLUMNS,
             INSTANCE_COLUMNS[2:],
-            "catalog.instance.source_key = EXCLUDED.source_key",
+            'catalog.instance.source_key COLLATE "C" >= EXCLUDED.source_key COLLATE "C"',
         )
     )
     await conn.execute(f"TRUNCATE {_staging('catalog.instance')}")
@@ -139,7 +158,31 @@ async def _replace_instances(conn: asyncpg.Connection, rows: list[tuple[Any, ...
     ]
     # one statement: the first deletes as data-modifying CTEs of the last
     ctes = ", ".join(f"d{i} AS ({d})" for i, d in enumerate(deletes[:-1]))
-    await conn.execute(f"WITH {ctes} {deletes[-1]}", rows[0][0], [r[1] for r in rows])
+    await conn.execute(f"WITH {ctes} {deletes[-1]}", cohort_id, [r[1] for r in rows])
+    now = await instance_sources(conn, cohort_id, [r[1] for r in rows])
+    displaced = [
+        (
+            cohort_id,
+            stored[r[1]][0],
+            DUPLICATE_REASON.format(r[1]),
+            stored[r[1]][2],
+            stored[r[1]][1],
+            r[_JOB],
+        )
+        for r in rows
+        if stored[r[1]][0] != r[_SOURCE_KEY] and now.get(r[1]) == r[_SOURCE_KEY]
+    ]
+    if displaced:
+        await _stage_and_merge(
+            conn,
+            [("catalog.rejected_file", REJECTED_COLUMNS, displaced, REJECTED_COLUMNS[2:], None)],
+        )
+        await conn.execute(
+            "UPDATE catalog.source_file SET status = 'rejected', updated_at = now()"
+            " WHERE cohort_id = $1 AND source_key = ANY($2::text[])",
+            cohort_id,
+            [d[1] for d in displaced],
+        )
 
 
 async def _by_sop(
@@ -319,6 +362,7 @@ INSTANCE_COLUMNS = [
 ]
 _SOURCE_KEY = INSTANCE_COLUMNS.index("source_key")
 _SHA = INSTANCE_COLUMNS.index("sha256")
+_JOB = INSTANCE_COLUMNS.index("job_id")
 REJECTED_COLUMNS = ["cohort_id", "source_key", "reason", "size", "sha256", "job_id"]
 SOURCE_COLUMNS = [
     "cohort_id",

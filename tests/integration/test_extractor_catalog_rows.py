@@ -82,6 +82,43 @@ async def test_new_rows_are_copied_and_existing_ones_kept(
     assert stored[0]["header"] == str(rows[0][-1])
 
 
+async def test_of_two_files_with_one_instance_the_first_key_is_catalogued(
+    stack_settings: Settings, db_pool: asyncpg.Pool
+) -> None:
+    """Two copies of one instance in two items: whichever item commits first, the file whose key
+    sorts first is catalogued and the other is recorded as its duplicate."""
+    await migrate_all(stack_settings)
+    results = []
+    for order in (("b/0.dcm", "a/0.dcm"), ("a/0.dcm", "b/0.dcm")):
+        cohort = uuid.uuid4()
+        for key in order:
+            async with db_pool.acquire() as conn, conn.transaction():
+                _, owners = await _save(conn, [_instance(cohort, "1.7.0", key)])
+                if owners["1.7.0"] == key:  # as `ExtractorPlugin._load` records its files
+                    source = (cohort, key, 100, 1, "0" * 64, "catalogued", "1.7.0", None)
+                    await repo.save_file_outcomes(conn, [], [source])
+                else:
+                    reason = repo.DUPLICATE_REASON.format("1.7.0")
+                    rejected = (cohort, key, reason, 100, "0" * 64, None)
+                    source = (cohort, key, 100, 1, "0" * 64, "rejected", "1.7.0", None)
+                    await repo.save_file_outcomes(conn, [rejected], [source])
+        rows = await db_pool.fetch(
+            "SELECT i.source_key, i.object_key, r.source_key AS rejected,"
+            " (SELECT array_agg(source_key || ':' || status ORDER BY source_key)"
+            "  FROM catalog.source_file f WHERE f.cohort_id = $1) AS files"
+            " FROM catalog.instance i LEFT JOIN catalog.rejected_file r USING (cohort_id)"
+            " WHERE i.cohort_id = $1",
+            cohort,
+        )
+        results.append([tuple(r) for r in rows])
+    expected = ("a/0.dcm", "b/0.dcm", ["a/0.dcm:catalogued", "b/0.dcm:rejected"])
+    for found in results:
+        assert len(found) == 1
+        key, object_key, rejected, files = found[0]
+        assert (key, rejected, files) == expected
+        assert object_key.endswith("/a/0.dcm")
+
+
 async def test_a_key_race_with_another_item_takes_the_merge(
     stack_settings: Settings, db_pool: asyncpg.Pool
 ) -> None:
