@@ -51,6 +51,10 @@ class SorterPlugin:
     stage = Stage.sorting
     service = "sorter"
     schema = SCHEMA
+    # two studies in hand at once: an item is mostly round trips to Postgres and the broker (its
+    # classification takes a millisecond or two), so a second consumer overlaps them; studies
+    # share no rows, so their order does not matter
+    item_workers = 2
 
     def __init__(self) -> None:
         self._configs = JobConfigs(SortingConfig)
