@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,13 @@ class Profile:
     safe_private: dict[tuple[int, str], SafeBlock]
     codes: tuple[str, ...]  # CID 7050 codes actually applied
     method: tuple[str, ...]  # DeidentificationMethod values (LO: 64 characters each)
+
+    @cached_property
+    def collected_first(self) -> tuple[int, ...]:
+        """The tags whose original values are gathered before the walk (`engine._prepare_matcher`):
+        identifying attributes the profile does not keep, in the table's order. Worked out once
+        per profile, not per file."""
+        return tuple(t for t, r in self.rules.items() if r.identifying and r.action != "K")
 
     def rule_for(self, tag: int) -> Rule | None:
         """The rule of a public tag (including 50xx/60xx repeating groups), None when not listed."""

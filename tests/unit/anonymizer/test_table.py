@@ -112,3 +112,13 @@ def test_timepoint_label_options() -> None:
     assert not options_of({}).timepoint_labels
     with pytest.raises(StageConfigError, match="timepoint_step_months"):
         options_of({"study_dates.timepoint_step_months": 0})
+
+
+@pytest.mark.parametrize("options", [ProfileOptions(), ProfileOptions(shift_dates=True)])
+def test_collected_first_are_the_identifying_rules_not_kept(options: ProfileOptions) -> None:
+    """What the walk gathers before it starts: worked out once per profile, in the table's order."""
+    profile = load_profile(options)
+    expected = [t for t, r in profile.rules.items() if r.identifying and r.action != "K"]
+    assert list(profile.collected_first) == expected
+    assert 0x00100010 in profile.collected_first  # PatientName
+    assert profile.collected_first is profile.collected_first  # computed once

@@ -61,3 +61,16 @@ def test_other_encodings_are_written_by_pydicom(dicom_root: Path, syntax: str) -
         ds.Rows,
         ds.Modality,
     )
+
+
+def test_a_deferred_value_is_read_and_written(dicom_root: Path) -> None:
+    """A value pydicom left on disk (`defer_size`) is read when written, as `get_item` reads it:
+    the output equals that of the same file read whole."""
+    path = max(sample(dicom_root)[:20], key=lambda p: p.stat().st_size)
+    whole = dicom_bytes(pydicom.dcmread(path, force=True))
+    deferred = pydicom.dcmread(path, force=True, defer_size=256)
+    assert any(
+        isinstance(e, pydicom.dataelem.RawDataElement) and e.value is None
+        for e in deferred._dict.values()
+    )
+    assert dicom_bytes(deferred) == whole
